@@ -1,0 +1,4 @@
+//! controld: the control processor.
+
+pub mod config;
+pub mod maglev;

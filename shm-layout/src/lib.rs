@@ -1,0 +1,4 @@
+//! The shared-memory ABI of switchyard.
+
+
+pub mod shm;

@@ -1,0 +1,236 @@
+//! POSIX shared-memory objects: create, open, map, unlink.
+//!
+//! This is the only place that turns a name under `/dev/shm` into a mapping.
+//! Everything above it works on a [`Mapping`], a fixed-size byte region whose
+//! base address is stable for the life of the value.
+
+use std::ffi::CString;
+use std::fs::File;
+use std::os::fd::OwnedFd;
+
+use memmap2::{MmapOptions, MmapRaw};
+use nix::fcntl::OFlag;
+use nix::sys::mman::{shm_open, shm_unlink};
+use nix::sys::stat::Mode;
+
+/// Errors from creating, opening or mapping a shared-memory object.
+#[derive(Debug, thiserror::Error)]
+pub enum ShmError {
+    #[error("shared-memory name {0:?} is invalid: it must be 1..=200 characters of [A-Za-z0-9._-]")]
+    BadName(String),
+    #[error("shared-memory object /dev/shm/{name} already exists (is another instance running? remove it with `rm /dev/shm/{name}` if not)")]
+    Exists { name: String },
+    #[error("shared-memory object /dev/shm/{name} does not exist")]
+    NotFound { name: String },
+    #[error("shared-memory object /dev/shm/{name}: {op}: {source}")]
+    Os {
+        name: String,
+        op: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("shared-memory object /dev/shm/{name} is {actual} bytes, expected at least {expected}")]
+    TooSmall {
+        name: String,
+        actual: u64,
+        expected: u64,
+    },
+}
+
+/// A shared-memory mapping. Read-write unless opened with [`Access::ReadOnly`].
+///
+/// The mapping is `MAP_SHARED`; its base address never moves while the value
+/// lives. Raw access goes through [`Mapping::as_ptr`]; typed access is built on
+/// top of it by the region and vnic modules.
+pub struct Mapping {
+    raw: MmapRaw,
+    name: String,
+    writable: bool,
+}
+
+/// How a mapping may be used.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Access {
+    ReadWrite,
+    ReadOnly,
+}
+
+fn check_name(name: &str) -> Result<CString, ShmError> {
+    let ok = !name.is_empty()
+        && name.len() <= 200
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'_' || b == b'-');
+    if !ok {
+        return Err(ShmError::BadName(name.to_string()));
+    }
+    CString::new(format!("/{name}")).map_err(|_| ShmError::BadName(name.to_string()))
+}
+
+fn os(name: &str, op: &'static str, e: impl Into<std::io::Error>) -> ShmError {
+    ShmError::Os {
+        name: name.to_string(),
+        op,
+        source: e.into(),
+    }
+}
+
+impl Mapping {
+    /// Creates a new object of `len` bytes with mode 0600, zero-filled, and maps it
+    /// read-write. Fails with [`ShmError::Exists`] if the name is taken.
+    pub fn create(name: &str, len: usize) -> Result<Self, ShmError> {
+        let cname = check_name(name)?;
+        let fd: OwnedFd = shm_open(
+            cname.as_c_str(),
+            OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_RDWR,
+            Mode::S_IRUSR | Mode::S_IWUSR,
+        )
+        .map_err(|e| match e {
+            nix::errno::Errno::EEXIST => ShmError::Exists {
+                name: name.to_string(),
+            },
+            e => os(name, "shm_open(O_CREAT|O_EXCL)", e),
+        })?;
+        let file = File::from(fd);
+        let mapped = file
+            .set_len(len as u64)
+            .map_err(|e| os(name, "ftruncate", e))
+            .and_then(|()| {
+                MmapOptions::new()
+                    .len(len)
+                    .map_raw(&file)
+                    .map_err(|e| os(name, "mmap", e))
+            });
+        match mapped {
+            Ok(raw) => Ok(Self {
+                raw,
+                name: name.to_string(),
+                writable: true,
+            }),
+            Err(e) => {
+                let _ = shm_unlink(cname.as_c_str());
+                Err(e)
+            }
+        }
+    }
+
+    /// Opens an existing object and maps all of it. `min_len` guards against a
+    /// truncated or foreign object before any byte is interpreted.
+    pub fn open(name: &str, access: Access, min_len: usize) -> Result<Self, ShmError> {
+        let cname = check_name(name)?;
+        let flags = match access {
+            Access::ReadWrite => OFlag::O_RDWR,
+            Access::ReadOnly => OFlag::O_RDONLY,
+        };
+        let fd: OwnedFd = shm_open(cname.as_c_str(), flags, Mode::empty()).map_err(|e| match e {
+            nix::errno::Errno::ENOENT => ShmError::NotFound {
+                name: name.to_string(),
+            },
+            e => os(name, "shm_open", e),
+        })?;
+        let file = File::from(fd);
+        let actual = file.metadata().map_err(|e| os(name, "fstat", e))?.len();
+        if actual < min_len as u64 || actual == 0 {
+            return Err(ShmError::TooSmall {
+                name: name.to_string(),
+                actual,
+                expected: min_len.max(1) as u64,
+            });
+        }
+        let len = usize::try_from(actual).map_err(|_| ShmError::TooSmall {
+            name: name.to_string(),
+            actual,
+            expected: min_len as u64,
+        })?;
+        let raw = match access {
+            Access::ReadWrite => MmapOptions::new().len(len).map_raw(&file),
+            Access::ReadOnly => MmapOptions::new().len(len).map_raw_read_only(&file),
+        }
+        .map_err(|e| os(name, "mmap", e))?;
+        Ok(Self {
+            raw,
+            name: name.to_string(),
+            writable: access == Access::ReadWrite,
+        })
+    }
+
+    /// Removes the name; existing mappings stay valid until dropped.
+    pub fn unlink(name: &str) -> Result<(), ShmError> {
+        let cname = check_name(name)?;
+        shm_unlink(cname.as_c_str()).map_err(|e| match e {
+            nix::errno::Errno::ENOENT => ShmError::NotFound {
+                name: name.to_string(),
+            },
+            e => os(name, "shm_unlink", e),
+        })
+    }
+
+    /// Whether an object of that name exists.
+    pub fn exists(name: &str) -> bool {
+        std::path::Path::new("/dev/shm").join(name).exists()
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub fn len(&self) -> usize {
+        self.raw.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.raw.len() == 0
+    }
+
+    pub fn is_writable(&self) -> bool {
+        self.writable
+    }
+
+    /// Base address of the mapping. Page aligned. Writing through it is only
+    /// allowed when [`Mapping::is_writable`]; the typed layers check that.
+    pub fn as_ptr(&self) -> *mut u8 {
+        self.raw.as_mut_ptr()
+    }
+
+    /// Locks the mapping in memory (best effort for the data path).
+    pub fn lock(&self) -> std::io::Result<()> {
+        self.raw.lock()
+    }
+}
+
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn unique(tag: &str) -> String {
+        format!("switchyard-test-{tag}-{}", std::process::id())
+    }
+
+    #[test]
+    fn create_open_unlink() {
+        let name = unique("shm");
+        let m = Mapping::create(&name, 8192).unwrap();
+        // SAFETY: fresh 8 KiB mapping, in bounds.
+        unsafe { m.as_ptr().add(100).write(7) };
+        assert!(matches!(Mapping::create(&name, 8192), Err(ShmError::Exists { .. })));
+        let r = Mapping::open(&name, Access::ReadOnly, 8192).unwrap();
+        // SAFETY: same object, in bounds.
+        assert_eq!(unsafe { r.as_ptr().add(100).read() }, 7);
+        assert!(matches!(
+            Mapping::open(&name, Access::ReadOnly, 16384),
+            Err(ShmError::TooSmall { .. })
+        ));
+        Mapping::unlink(&name).unwrap();
+        assert!(matches!(
+            Mapping::open(&name, Access::ReadOnly, 1),
+            Err(ShmError::NotFound { .. })
+        ));
+    }
+
+    #[test]
+    fn bad_names_are_refused() {
+        assert!(matches!(Mapping::create("a/b", 10), Err(ShmError::BadName(_))));
+        assert!(matches!(Mapping::create("", 10), Err(ShmError::BadName(_))));
+    }
+}

@@ -1,0 +1,4 @@
+//! switchd: the switching processor. The packet filter is pure functions over
+//! byte slices and table views; the engine moves bursts between ports and it.
+
+pub mod wire;
