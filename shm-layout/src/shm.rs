@@ -18,7 +18,9 @@ use nix::sys::stat::Mode;
 pub enum ShmError {
     #[error("shared-memory name {0:?} is invalid: it must be 1..=200 characters of [A-Za-z0-9._-]")]
     BadName(String),
-    #[error("shared-memory object /dev/shm/{name} already exists (is another instance running? remove it with `rm /dev/shm/{name}` if not)")]
+    #[error(
+        "shared-memory object /dev/shm/{name} already exists (is another instance running? remove it with `rm /dev/shm/{name}` if not)"
+    )]
     Exists { name: String },
     #[error("shared-memory object /dev/shm/{name} does not exist")]
     NotFound { name: String },
@@ -122,12 +124,13 @@ impl Mapping {
             Access::ReadWrite => OFlag::O_RDWR,
             Access::ReadOnly => OFlag::O_RDONLY,
         };
-        let fd: OwnedFd = shm_open(cname.as_c_str(), flags, Mode::empty()).map_err(|e| match e {
-            nix::errno::Errno::ENOENT => ShmError::NotFound {
-                name: name.to_string(),
-            },
-            e => os(name, "shm_open", e),
-        })?;
+        let fd: OwnedFd =
+            shm_open(cname.as_c_str(), flags, Mode::empty()).map_err(|e| match e {
+                nix::errno::Errno::ENOENT => ShmError::NotFound {
+                    name: name.to_string(),
+                },
+                e => os(name, "shm_open", e),
+            })?;
         let file = File::from(fd);
         let actual = file.metadata().map_err(|e| os(name, "fstat", e))?.len();
         if actual < min_len as u64 || actual == 0 {
@@ -198,7 +201,6 @@ impl Mapping {
     }
 }
 
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -213,7 +215,10 @@ mod tests {
         let m = Mapping::create(&name, 8192).unwrap();
         // SAFETY: fresh 8 KiB mapping, in bounds.
         unsafe { m.as_ptr().add(100).write(7) };
-        assert!(matches!(Mapping::create(&name, 8192), Err(ShmError::Exists { .. })));
+        assert!(matches!(
+            Mapping::create(&name, 8192),
+            Err(ShmError::Exists { .. })
+        ));
         let r = Mapping::open(&name, Access::ReadOnly, 8192).unwrap();
         // SAFETY: same object, in bounds.
         assert_eq!(unsafe { r.as_ptr().add(100).read() }, 7);
@@ -230,7 +235,10 @@ mod tests {
 
     #[test]
     fn bad_names_are_refused() {
-        assert!(matches!(Mapping::create("a/b", 10), Err(ShmError::BadName(_))));
+        assert!(matches!(
+            Mapping::create("a/b", 10),
+            Err(ShmError::BadName(_))
+        ));
         assert!(matches!(Mapping::create("", 10), Err(ShmError::BadName(_))));
     }
 }

@@ -1,0 +1,202 @@
+//! The configuration slot: what controld publishes for the switches.
+//!
+//! A slot is written by the publisher only while no switch reads it (see
+//! `publish.rs`); switches read it without locks for the length of a burst.
+//! Records are plain `#[repr(C)]` data with explicit padding. Addresses are
+//! IPv4 in host byte order (`u32::from(Ipv4Addr)`).
+
+use core::mem::{align_of, offset_of, size_of};
+use core::sync::atomic::AtomicU64;
+
+use crate::fingerprint::Fingerprint;
+use crate::fp_type;
+
+/// Ports a configuration can describe.
+pub const MAX_PORTS: usize = 16;
+/// Switch names a configuration can describe (switch slots are sized by capacity).
+pub const NAME_LEN: usize = 32;
+
+pub const PROTO_TCP: u8 = 6;
+pub const PROTO_UDP: u8 = 17;
+
+/// Forwarding modes (`ServiceRec::mode`).
+pub const MODE_NAT: u8 = 0;
+pub const MODE_DR: u8 = 1;
+pub const MODE_TUNNEL: u8 = 2;
+
+/// Schedulers (`ServiceRec::scheduler`).
+pub const SCHED_MAGLEV: u8 = 0;
+
+/// Slot header. `stamp` is the seqlock word of the slot: 0 while the
+/// publisher writes, the slot's generation once complete.
+#[repr(C, align(64))]
+#[derive(Debug)]
+pub struct ConfigHeader {
+    pub stamp: AtomicU64,
+    pub checksum: u64,
+    pub n_services: u32,
+    pub n_backends: u32,
+    pub n_ports: u32,
+    /// Maglev table size (prime) used by every service table in this slot.
+    pub maglev_m: u32,
+    pub tcp_syn_ms: u32,
+    pub tcp_established_ms: u32,
+    pub tcp_fin_ms: u32,
+    pub udp_ms: u32,
+    pub ports: [PortRec; MAX_PORTS],
+}
+
+/// One NIC port as the configuration knows it. Its index in
+/// `ConfigHeader::ports` is the port id used by routes and switches.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct PortRec {
+    pub mac: [u8; 6],
+    pub driver: u8,
+    pub _pad: u8,
+    pub name: [u8; 16],
+}
+
+/// One service (VIP, port, protocol).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ServiceRec {
+    pub vip: u32,
+    pub port: u16,
+    pub proto: u8,
+    pub mode: u8,
+    pub scheduler: u8,
+    pub flags: u8,
+    pub _pad: [u8; 2],
+    /// This service's backends are `backends[backend_start..backend_start+backend_count]`.
+    pub backend_start: u32,
+    pub backend_count: u32,
+    /// Lookup table entries are `maglev[table_start..table_start+table_len]`;
+    /// each entry is an index relative to `backend_start`. `table_len == 0`
+    /// means no backend is eligible.
+    pub table_start: u32,
+    pub table_len: u32,
+    pub _pad1: u32,
+    pub name: [u8; NAME_LEN],
+}
+
+/// One backend of a service.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct BackendRec {
+    /// Stable identity: index into the backend counters; never reused while
+    /// a connection may reference it.
+    pub id: u32,
+    pub ip: u32,
+    pub port: u16,
+    pub flags: u16,
+    pub weight: u32,
+    pub service: u32,
+    pub _pad: u32,
+    pub name: [u8; NAME_LEN],
+}
+
+/// `BackendRec::flags`: weight 0 — no new connections.
+pub const BACKEND_DRAINED: u16 = 1;
+
+const _: () = {
+    assert!(size_of::<PortRec>() == 24);
+    assert!(size_of::<ServiceRec>() == 64);
+    assert!(size_of::<BackendRec>() == 56);
+    assert!(offset_of!(ConfigHeader, ports) == 48);
+    assert!(size_of::<ConfigHeader>() == 448);
+    assert!(align_of::<ConfigHeader>() == 64);
+    assert!(offset_of!(ServiceRec, name) == 32);
+    assert!(offset_of!(BackendRec, name) == 24);
+};
+
+pub(crate) const fn fingerprint(fp: Fingerprint) -> Fingerprint {
+    let fp = fp_type!(
+        fp,
+        ConfigHeader,
+        stamp,
+        checksum,
+        n_services,
+        n_backends,
+        n_ports,
+        maglev_m,
+        tcp_syn_ms,
+        tcp_established_ms,
+        tcp_fin_ms,
+        udp_ms,
+        ports
+    );
+    let fp = fp_type!(fp, PortRec, mac, driver, name);
+    let fp = fp_type!(
+        fp,
+        ServiceRec,
+        vip,
+        port,
+        proto,
+        mode,
+        scheduler,
+        flags,
+        backend_start,
+        backend_count,
+        table_start,
+        table_len,
+        name
+    );
+    fp_type!(fp, BackendRec, id, ip, port, flags, weight, service, name)
+}
+
+/// A read view of one configuration slot.
+#[derive(Clone, Copy, Debug)]
+pub struct ConfigView<'a> {
+    pub header: &'a ConfigHeader,
+    pub services: &'a [ServiceRec],
+    pub backends: &'a [BackendRec],
+    /// The whole Maglev area of the slot; index with a service's table range.
+    pub maglev: &'a [u16],
+}
+
+impl<'a> ConfigView<'a> {
+    /// Services actually published (bounded by capacity even if the count lies).
+    #[inline]
+    pub fn services(&self) -> &'a [ServiceRec] {
+        let n = (self.header.n_services as usize).min(self.services.len());
+        &self.services[..n]
+    }
+
+    #[inline]
+    pub fn backends(&self) -> &'a [BackendRec] {
+        let n = (self.header.n_backends as usize).min(self.backends.len());
+        &self.backends[..n]
+    }
+
+    #[inline]
+    pub fn ports(&self) -> &'a [PortRec] {
+        let n = (self.header.n_ports as usize).min(MAX_PORTS);
+        &self.header.ports[..n]
+    }
+
+    /// The backends of a service, empty if its range is out of bounds.
+    #[inline]
+    pub fn service_backends(&self, s: &ServiceRec) -> &'a [BackendRec] {
+        let start = s.backend_start as usize;
+        let end = start.saturating_add(s.backend_count as usize);
+        self.backends().get(start..end).unwrap_or(&[])
+    }
+
+    /// The Maglev table of a service, empty if none or out of bounds.
+    #[inline]
+    pub fn service_table(&self, s: &ServiceRec) -> &'a [u16] {
+        let start = s.table_start as usize;
+        let end = start.saturating_add(s.table_len as usize);
+        self.maglev.get(start..end).unwrap_or(&[])
+    }
+}
+
+/// A write view of one configuration slot (publisher only).
+#[derive(Debug)]
+pub struct ConfigSlotMut<'a> {
+    pub header: &'a mut ConfigHeader,
+    pub services: &'a mut [ServiceRec],
+    pub backends: &'a mut [BackendRec],
+    pub maglev: &'a mut [u16],
+}

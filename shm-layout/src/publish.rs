@@ -1,0 +1,323 @@
+//! A/B publication of the configuration and routing tables (DESIGN.md §2).
+//!
+//! Writer (controld, the single writer of both tables):
+//! 1. wait until every live switch acknowledges the current generation
+//!    (`seen_* == generation`), so no switch still reads the inactive slot;
+//!    a switch that does not within the deadline is excluded and reported;
+//! 2. write the inactive slot: stamp 0 first, then contents and checksum,
+//!    then the new generation as its stamp (Release);
+//! 3. store `active` = that slot, then `generation` (both SeqCst).
+//!
+//! Reader (switchd), per burst: [`Region::begin_read`] loads `active` (SeqCst)
+//! and the slot's stamp (Acquire); at the end [`Region::end_read`] re-checks
+//! the stamp after an Acquire fence (a seqlock: a changed stamp means the
+//! burst saw a slot being rewritten, which the protocol prevents for every
+//! switch that acknowledges in time) and stores the stamp as its
+//! acknowledgement (Release).
+//!
+//! A switch marks itself RUNNING (SeqCst) before its first `begin_read`, so a
+//! writer that did not see it RUNNING published before the switch's first
+//! load of `active`, and the switch reads the newest slot.
+
+use core::sync::atomic::{Ordering, fence};
+use std::time::{Duration, Instant};
+
+use crate::config_slot::ConfigSlotMut;
+use crate::header::{PubWords, Section};
+use crate::region::Region;
+use crate::routing_slot::RoutingSlotMut;
+use crate::switch_slot::SwitchSlot;
+
+/// Which published table.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Table {
+    Config,
+    Routing,
+}
+
+impl Table {
+    fn seen(self, s: &SwitchSlot) -> u64 {
+        match self {
+            Table::Config => s.seen_config.load(Ordering::Acquire),
+            Table::Routing => s.seen_routing.load(Ordering::Acquire),
+        }
+    }
+
+    fn section(self, ab: usize) -> Section {
+        match (self, ab & 1) {
+            (Table::Config, 0) => Section::ConfigA,
+            (Table::Config, _) => Section::ConfigB,
+            (Table::Routing, 0) => Section::RoutingA,
+            (Table::Routing, _) => Section::RoutingB,
+        }
+    }
+}
+
+/// A switch the writer stopped waiting for.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Excluded {
+    pub switch: usize,
+    pub pid: u32,
+    pub seen: u64,
+}
+
+/// What a publication did.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PublishReport {
+    pub generation: u64,
+    pub slot: usize,
+    pub waited: Duration,
+    pub excluded: Vec<Excluded>,
+}
+
+/// A reader's hold on one slot for one burst.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ReadToken {
+    pub slot: usize,
+    pub stamp: u64,
+}
+
+impl Region {
+    pub fn pub_words(&self, t: Table) -> &PubWords {
+        match t {
+            Table::Config => &self.header().config,
+            Table::Routing => &self.header().routing,
+        }
+    }
+
+    /// Current generation of a table (0 = never published).
+    pub fn generation(&self, t: Table) -> u64 {
+        self.pub_words(t).generation.load(Ordering::Acquire)
+    }
+
+    fn stamp_of(&self, t: Table, ab: usize) -> &core::sync::atomic::AtomicU64 {
+        match t {
+            Table::Config => &self.config_view(ab).header.stamp,
+            Table::Routing => &self.routing_view(ab).header.stamp,
+        }
+    }
+
+    /// Reader: start of a burst.
+    #[inline]
+    pub fn begin_read(&self, t: Table) -> ReadToken {
+        let slot = self.pub_words(t).active.load(Ordering::SeqCst) as usize & 1;
+        let stamp = self.stamp_of(t, slot).load(Ordering::Acquire);
+        ReadToken { slot, stamp }
+    }
+
+    /// Reader: end of a burst. Returns false if the slot changed under the
+    /// burst (torn). Acknowledges the generation read into `me`.
+    #[inline]
+    pub fn end_read(&self, t: Table, tok: ReadToken, me: &SwitchSlot) -> bool {
+        fence(Ordering::Acquire);
+        let now = self.stamp_of(t, tok.slot).load(Ordering::Relaxed);
+        let ok = now == tok.stamp;
+        let seen = match t {
+            Table::Config => &me.seen_config,
+            Table::Routing => &me.seen_routing,
+        };
+        seen.store(tok.stamp, Ordering::Release);
+        ok
+    }
+
+    /// Writer: waits for acknowledgements (at most `ack_timeout`), fills the
+    /// inactive configuration slot with `fill`, and makes it active.
+    pub fn publish_config(
+        &self,
+        ack_timeout: Duration,
+        fill: impl FnOnce(&mut ConfigSlotMut<'_>),
+    ) -> PublishReport {
+        self.publish(Table::Config, ack_timeout, |ab| {
+            // SAFETY: we are the single publisher (controld holds the only
+            // writable Region that publishes), and `publish` calls us only for
+            // the inactive slot after every live switch acknowledged.
+            let mut slot = unsafe { self.config_slot_mut(ab) };
+            fill(&mut slot);
+        })
+    }
+
+    /// Writer: as [`Region::publish_config`] for the routing table.
+    pub fn publish_routing(
+        &self,
+        ack_timeout: Duration,
+        fill: impl FnOnce(&mut RoutingSlotMut<'_>),
+    ) -> PublishReport {
+        self.publish(Table::Routing, ack_timeout, |ab| {
+            // SAFETY: as in `publish_config`.
+            let mut slot = unsafe { self.routing_slot_mut(ab) };
+            fill(&mut slot);
+        })
+    }
+
+    /// Switches that are live and have not acknowledged `g`.
+    pub fn pending_acks(&self, t: Table, g: u64) -> Vec<usize> {
+        self.switch_slots()
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| s.is_live() && t.seen(s) != g)
+            .map(|(i, _)| i)
+            .collect()
+    }
+
+    fn publish(&self, t: Table, ack_timeout: Duration, write: impl FnOnce(usize)) -> PublishReport {
+        let words = self.pub_words(t);
+        let g = words.generation.load(Ordering::SeqCst);
+        let start = Instant::now();
+        let mut excluded = Vec::new();
+        let mut nap = Duration::from_micros(20);
+        loop {
+            let pending = self.pending_acks(t, g);
+            if pending.is_empty() {
+                break;
+            }
+            if start.elapsed() >= ack_timeout {
+                for i in pending {
+                    let s = &self.switch_slots()[i];
+                    excluded.push(Excluded {
+                        switch: i,
+                        pid: s.pid.load(Ordering::Relaxed),
+                        seen: t.seen(s),
+                    });
+                }
+                words
+                    .excluded
+                    .fetch_add(excluded.len() as u64, Ordering::Relaxed);
+                break;
+            }
+            std::thread::sleep(nap);
+            nap = (nap * 2).min(Duration::from_millis(1));
+        }
+        let waited = start.elapsed();
+        let active = words.active.load(Ordering::SeqCst) as usize & 1;
+        let slot = if g == 0 { 0 } else { active ^ 1 };
+        let stamp = self.stamp_of(t, slot);
+        stamp.store(0, Ordering::Relaxed);
+        // Make the zero stamp visible before any content store.
+        fence(Ordering::Release);
+        write(slot);
+        let sum = self.slot_checksum(t.section(slot));
+        self.write_checksum(t, slot, sum);
+        stamp.store(g + 1, Ordering::Release);
+        words.active.store(slot as u32, Ordering::SeqCst);
+        words.generation.store(g + 1, Ordering::SeqCst);
+        PublishReport {
+            generation: g + 1,
+            slot,
+            waited,
+            excluded,
+        }
+    }
+
+    fn write_checksum(&self, t: Table, ab: usize, sum: u64) {
+        match t {
+            // SAFETY: still inside `publish`, which owns the inactive slot.
+            Table::Config => unsafe { self.config_slot_mut(ab) }.header.checksum = sum,
+            // SAFETY: as above.
+            Table::Routing => unsafe { self.routing_slot_mut(ab) }.header.checksum = sum,
+        }
+    }
+
+    /// Whether a slot's stored checksum matches its contents (inspection).
+    pub fn verify_slot(&self, t: Table, ab: usize) -> bool {
+        let stored = match t {
+            Table::Config => self.config_view(ab).header.checksum,
+            Table::Routing => self.routing_view(ab).header.checksum,
+        };
+        stored == self.slot_checksum(t.section(ab))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::region::tests::temp;
+    use crate::switch_slot::SW_RUNNING;
+    use std::sync::atomic::AtomicBool;
+
+    #[test]
+    fn first_publication_is_generation_one() {
+        let t = temp("pub1");
+        let r = &t.0;
+        assert_eq!(r.generation(Table::Config), 0);
+        let rep = r.publish_config(Duration::from_millis(100), |s| {
+            s.header.n_services = 3;
+        });
+        assert_eq!(rep.generation, 1);
+        assert!(rep.excluded.is_empty());
+        let tok = r.begin_read(Table::Config);
+        assert_eq!(tok.stamp, 1);
+        assert_eq!(r.config_view(tok.slot).header.n_services, 3);
+        assert!(r.verify_slot(Table::Config, tok.slot));
+    }
+
+    /// A reader thread that acknowledges like a switch, checking each burst
+    /// sees a consistent slot (every word equals the generation stamp).
+    #[test]
+    fn readers_never_see_a_torn_slot() {
+        let t = temp("pubtorn");
+        let r = &t.0;
+        let me = &r.switch_slots()[0];
+        me.pid.store(std::process::id(), Ordering::Relaxed);
+        me.state.store(SW_RUNNING, Ordering::SeqCst);
+        let stop = AtomicBool::new(false);
+        let torn = std::sync::atomic::AtomicU64::new(0);
+        let bursts = std::sync::atomic::AtomicU64::new(0);
+        std::thread::scope(|sc| {
+            sc.spawn(|| {
+                while !stop.load(Ordering::Relaxed) {
+                    let tok = r.begin_read(Table::Config);
+                    let v = r.config_view(tok.slot);
+                    if tok.stamp != 0 {
+                        let want = tok.stamp as u32;
+                        let bad =
+                            v.services.iter().any(|s| s.vip != want) || v.header.n_backends != want;
+                        if bad {
+                            torn.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                    if !r.end_read(Table::Config, tok, me) {
+                        torn.fetch_add(1, Ordering::Relaxed);
+                    }
+                    bursts.fetch_add(1, Ordering::Relaxed);
+                }
+            });
+            for _ in 0..300 {
+                let g = r.generation(Table::Config) + 1;
+                let rep = r.publish_config(Duration::from_secs(5), |s| {
+                    for svc in s.services.iter_mut() {
+                        svc.vip = g as u32;
+                    }
+                    s.header.n_backends = g as u32;
+                });
+                assert!(rep.excluded.is_empty());
+            }
+            stop.store(true, Ordering::Relaxed);
+        });
+        assert_eq!(torn.load(Ordering::Relaxed), 0);
+        assert!(bursts.load(Ordering::Relaxed) > 0);
+        assert_eq!(r.generation(Table::Config), 300);
+    }
+
+    #[test]
+    fn stalled_switch_is_excluded_and_reported() {
+        let t = temp("pubstall");
+        let r = &t.0;
+        r.publish_config(Duration::from_millis(10), |_| {});
+        let s = &r.switch_slots()[2];
+        s.pid.store(std::process::id(), Ordering::Relaxed);
+        s.state.store(SW_RUNNING, Ordering::SeqCst);
+        // Never acknowledges generation 1.
+        let rep = r.publish_config(Duration::from_millis(30), |_| {});
+        assert_eq!(rep.generation, 2);
+        assert_eq!(rep.excluded.len(), 1);
+        assert_eq!(rep.excluded[0].switch, 2);
+        assert_eq!(
+            r.pub_words(Table::Config).excluded.load(Ordering::Relaxed),
+            1
+        );
+        // A dead pid is not waited for at all.
+        s.pid.store(u32::MAX / 2 - 7, Ordering::Relaxed);
+        let rep = r.publish_config(Duration::from_secs(10), |_| {});
+        assert!(rep.excluded.is_empty());
+    }
+}
