@@ -145,6 +145,17 @@ pub(crate) const fn fingerprint(fp: Fingerprint) -> Fingerprint {
     fp_type!(fp, BackendRec, id, ip, port, flags, weight, service, name)
 }
 
+impl ConfigHeader {
+    pub fn timeouts(&self) -> crate::conntrack::Timeouts {
+        crate::conntrack::Timeouts {
+            tcp_syn_ms: self.tcp_syn_ms,
+            tcp_established_ms: self.tcp_established_ms,
+            tcp_fin_ms: self.tcp_fin_ms,
+            udp_ms: self.udp_ms,
+        }
+    }
+}
+
 /// A read view of one configuration slot.
 #[derive(Clone, Copy, Debug)]
 pub struct ConfigView<'a> {

@@ -46,6 +46,41 @@ pub const STATE_ESTABLISHED: u32 = 2;
 pub const STATE_CLOSING: u32 = 3;
 pub const STATE_ACTIVE: u32 = 4;
 
+/// Idle timeouts per state, in milliseconds (from the configuration slot).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Timeouts {
+    pub tcp_syn_ms: u32,
+    pub tcp_established_ms: u32,
+    pub tcp_fin_ms: u32,
+    pub udp_ms: u32,
+}
+
+impl Timeouts {
+    /// The idle timeout of an entry of `proto` in `state`.
+    #[inline]
+    pub fn for_state(&self, proto: u8, state: u32) -> u32 {
+        if proto == crate::config_slot::PROTO_UDP {
+            return self.udp_ms;
+        }
+        match state {
+            STATE_SYN => self.tcp_syn_ms,
+            STATE_CLOSING => self.tcp_fin_ms,
+            _ => self.tcp_established_ms,
+        }
+    }
+}
+
+impl ConnSlot {
+    /// Whether a forward slot's connection has been idle past its timeout.
+    #[inline]
+    pub fn expired(&self, now_ms: u32, t: &Timeouts) -> bool {
+        let proto = (self.words[0].load(Ordering::Relaxed) >> 48) as u8;
+        let state = self.tcp_state.load(Ordering::Relaxed);
+        let age = now_ms.wrapping_sub(self.last_seen.load(Ordering::Relaxed));
+        age > t.for_state(proto, state)
+    }
+}
+
 /// `Conn::flags`: created from a mid-connection packet (no SYN seen).
 pub const CONN_MIDFLOW: u8 = 1;
 

@@ -1,0 +1,388 @@
+//! shmdump: read-only inspection of a live or abandoned switchyard region.
+
+use std::net::Ipv4Addr;
+use std::process::ExitCode;
+use std::sync::atomic::Ordering;
+
+use clap::Parser;
+use serde_json::{Value, json};
+use shm_layout::config_slot::{MODE_DR, MODE_NAT, MODE_TUNNEL, PROTO_TCP, PROTO_UDP};
+use shm_layout::conntrack::{
+    KIND_EMPTY, KIND_FWD, KIND_REPLY, KIND_TOMB, STATE_ACTIVE, STATE_CLOSING, STATE_ESTABLISHED, STATE_SYN,
+};
+use shm_layout::header::{REGION_INIT, REGION_READY, REGION_STOPPING};
+use shm_layout::switch_slot::{Counter, SW_EMPTY, SW_RUNNING, SW_STARTING, SW_STOPPED};
+use shm_layout::time::{mono_ns, pid_alive};
+use shm_layout::{Access, FINGERPRINT, Region, Table, names};
+
+#[derive(Parser, Debug)]
+#[command(version, about = "Inspect a switchyard shared-memory region (read-only)")]
+struct Args {
+    /// Instance name (region /dev/shm/switchyard.<instance>).
+    #[arg(long, short = 'i', default_value = "demo")]
+    instance: String,
+    /// Print JSON instead of tables.
+    #[arg(long)]
+    json: bool,
+    /// List connections (otherwise only counted).
+    #[arg(long)]
+    conns: bool,
+    /// Only connections to this VIP.
+    #[arg(long)]
+    vip: Option<Ipv4Addr>,
+    /// Only connections from this client address.
+    #[arg(long)]
+    client: Option<Ipv4Addr>,
+    /// Only connections to this backend address.
+    #[arg(long)]
+    backend: Option<Ipv4Addr>,
+    /// At most this many connections listed.
+    #[arg(long, default_value_t = 100)]
+    limit: usize,
+}
+
+fn ip(x: u32) -> String {
+    Ipv4Addr::from(x).to_string()
+}
+
+fn mac(m: [u8; 6]) -> String {
+    m.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":")
+}
+
+fn proto(p: u8) -> &'static str {
+    match p {
+        PROTO_TCP => "tcp",
+        PROTO_UDP => "udp",
+        _ => "?",
+    }
+}
+
+fn mode(m: u8) -> &'static str {
+    match m {
+        MODE_NAT => "nat",
+        MODE_DR => "dr",
+        MODE_TUNNEL => "tunnel",
+        _ => "?",
+    }
+}
+
+fn tcp_state(s: u32) -> &'static str {
+    match s {
+        STATE_SYN => "syn",
+        STATE_ESTABLISHED => "established",
+        STATE_CLOSING => "closing",
+        STATE_ACTIVE => "active",
+        _ => "?",
+    }
+}
+
+fn collect(r: &Region, a: &Args) -> Value {
+    let h = r.header();
+    let now = mono_ns();
+    let controld_pid = h.controld_pid.load(Ordering::Relaxed);
+    let state = match h.state.load(Ordering::Acquire) {
+        REGION_INIT => "init",
+        REGION_READY => "ready",
+        REGION_STOPPING => "stopping",
+        _ => "?",
+    };
+    let header = json!({
+        "name": r.name(),
+        "instance": names::get(&h.instance),
+        "layout_version": h.version,
+        "fingerprint": format!("{:#018x}", h.fingerprint),
+        "bytes": h.total_len,
+        "state": state,
+        "controld_pid": controld_pid,
+        "controld_alive": pid_alive(controld_pid),
+        "abandoned": !pid_alive(controld_pid),
+        "age_s": (now.saturating_sub(h.created_ns)) / 1_000_000_000,
+        "capacities": {
+            "services": h.caps.services, "backends": h.caps.backends, "backend_ids": h.caps.backend_ids,
+            "connections": h.caps.conn_slots, "routes": h.caps.routes, "neighbours": h.caps.neighbours,
+            "switches": h.caps.switches, "maglev_m": h.caps.maglev_m, "ring_slots": h.caps.ring_slots,
+        },
+    });
+
+    let ctok = r.begin_read(Table::Config);
+    let cfg = r.config_view(ctok.slot);
+    let cw = r.pub_words(Table::Config);
+    let counters = r.backend_counters();
+    let services: Vec<Value> = cfg
+        .services()
+        .iter()
+        .map(|s| {
+            let table = cfg.service_table(s);
+            let mut share = vec![0usize; s.backend_count as usize];
+            for &e in table {
+                if let Some(c) = share.get_mut(e as usize) {
+                    *c += 1;
+                }
+            }
+            let backends: Vec<Value> = cfg
+                .service_backends(s)
+                .iter()
+                .enumerate()
+                .map(|(i, b)| {
+                    let c = counters.get(b.id as usize);
+                    json!({
+                        "name": names::get(&b.name), "id": b.id, "address": ip(b.ip), "port": b.port,
+                        "weight": b.weight,
+                        "table_entries": share[i],
+                        "table_share": if table.is_empty() { 0.0 } else { share[i] as f64 / table.len() as f64 },
+                        "active_conns": c.map(|c| c.active.load(Ordering::Relaxed)).unwrap_or(0),
+                        "total_conns": c.map(|c| c.total.load(Ordering::Relaxed)).unwrap_or(0),
+                    })
+                })
+                .collect();
+            json!({
+                "name": names::get(&s.name), "vip": ip(s.vip), "port": s.port, "protocol": proto(s.proto),
+                "mode": mode(s.mode), "scheduler": "maglev", "table_size": table.len(), "backends": backends,
+            })
+        })
+        .collect();
+    let ports: Vec<Value> = cfg
+        .ports()
+        .iter()
+        .enumerate()
+        .map(|(i, p)| json!({"id": i, "name": names::get(&p.name), "mac": mac(p.mac)}))
+        .collect();
+    let config = json!({
+        "generation": cw.generation.load(Ordering::Acquire),
+        "active_slot": if ctok.slot == 0 { "A" } else { "B" },
+        "checksum_ok": r.verify_slot(Table::Config, ctok.slot),
+        "excluded_switches_total": cw.excluded.load(Ordering::Relaxed),
+        "timeouts_ms": {
+            "tcp_syn": cfg.header.tcp_syn_ms, "tcp_established": cfg.header.tcp_established_ms,
+            "tcp_fin": cfg.header.tcp_fin_ms, "udp": cfg.header.udp_ms,
+        },
+        "ports": ports,
+        "services": services,
+    });
+
+    let rtok = r.begin_read(Table::Routing);
+    let rt = r.routing_view(rtok.slot);
+    let routing = json!({
+        "generation": r.pub_words(Table::Routing).generation.load(Ordering::Acquire),
+        "active_slot": if rtok.slot == 0 { "A" } else { "B" },
+        "checksum_ok": r.verify_slot(Table::Routing, rtok.slot),
+        "routes": rt.routes().iter().map(|x| json!({
+            "prefix": format!("{}/{}", ip(x.prefix), x.len), "port": x.port,
+            "via": if x.via == 0 { Value::Null } else { json!(ip(x.via)) },
+        })).collect::<Vec<_>>(),
+        "neighbours": rt.neighbours().iter().map(|n| json!({
+            "address": ip(n.ip), "mac": mac(n.mac), "port": n.port, "valid": n.state == 1,
+        })).collect::<Vec<_>>(),
+    });
+
+    let switches: Vec<Value> = r
+        .switch_slots()
+        .iter()
+        .enumerate()
+        .map(|(i, s)| {
+            let pid = s.pid.load(Ordering::Relaxed);
+            let st = match s.state.load(Ordering::Acquire) {
+                SW_EMPTY => "empty",
+                SW_STARTING => "starting",
+                SW_RUNNING => "running",
+                SW_STOPPED => "stopped",
+                _ => "?",
+            };
+            let hb = s.heartbeat_ns.load(Ordering::Relaxed);
+            let mut counters = serde_json::Map::new();
+            for c in Counter::ALL {
+                counters.insert(c.name().to_string(), json!(s.counter(*c)));
+            }
+            json!({
+                "index": i, "pid": pid, "alive": pid_alive(pid), "cpu": s.cpu.load(Ordering::Relaxed),
+                "state": st, "restarts": s.restarts.load(Ordering::Relaxed),
+                "heartbeat_age_ms": if hb == 0 { Value::Null } else { json!(now.saturating_sub(hb) / 1_000_000) },
+                "seen_config": s.seen_config.load(Ordering::Acquire),
+                "seen_routing": s.seen_routing.load(Ordering::Acquire),
+                "counters": counters,
+            })
+        })
+        .collect();
+
+    let ct = r.conntrack();
+    let now_ms = r.now_ms();
+    let timeouts = cfg.header.timeouts();
+    let (mut fwd, mut reply, mut tomb, mut busy, mut expired) = (0u64, 0u64, 0u64, 0u64, 0u64);
+    let mut list = Vec::new();
+    for idx in 0..ct.capacity() as u32 {
+        if ct.holder(idx).is_some() {
+            busy += 1;
+            continue;
+        }
+        let Some(snap) = ct.snapshot(idx) else { continue };
+        match snap.kind() {
+            KIND_EMPTY => {}
+            KIND_REPLY => reply += 1,
+            KIND_TOMB => tomb += 1,
+            KIND_FWD => {
+                fwd += 1;
+                let slot = ct.slot(idx);
+                let dead = slot.expired(now_ms, &timeouts);
+                expired += dead as u64;
+                let c = snap.conn().expect("forward slot");
+                let keep = a.conns
+                    && list.len() < a.limit
+                    && a.vip.is_none_or(|v| u32::from(v) == c.vip)
+                    && a.client.is_none_or(|v| u32::from(v) == c.client_ip)
+                    && a.backend.is_none_or(|v| u32::from(v) == c.backend_ip);
+                if keep {
+                    list.push(json!({
+                        "slot": idx, "protocol": proto(c.proto), "mode": mode(c.mode),
+                        "client": format!("{}:{}", ip(c.client_ip), c.client_port),
+                        "vip": format!("{}:{}", ip(c.vip), c.vip_port),
+                        "backend": format!("{}:{}", ip(c.backend_ip), c.backend_port),
+                        "backend_id": c.backend_id,
+                        "state": tcp_state(slot.tcp_state.load(Ordering::Relaxed)),
+                        "midflow": c.flags & shm_layout::conntrack::CONN_MIDFLOW != 0,
+                        "idle_ms": now_ms.wrapping_sub(slot.last_seen.load(Ordering::Relaxed)),
+                        "expired": dead,
+                        "packets": slot.packets.load(Ordering::Relaxed),
+                        "bytes": slot.bytes.load(Ordering::Relaxed),
+                    }));
+                }
+            }
+            _ => {}
+        }
+    }
+    let conns = json!({
+        "slots": ct.capacity(), "connections": fwd, "reply_slots": reply, "tombstones": tomb,
+        "busy_slots": busy, "expired_not_collected": expired, "list": list,
+    });
+    json!({"header": header, "config": config, "routing": routing, "switches": switches, "connections": conns})
+}
+
+fn print_text(v: &Value, a: &Args) {
+    let h = &v["header"];
+    println!(
+        "region {}  instance {}  layout v{} fingerprint {}  {} MiB  state {}  controld pid {} ({})",
+        h["name"].as_str().unwrap_or(""),
+        h["instance"].as_str().unwrap_or(""),
+        h["layout_version"],
+        h["fingerprint"].as_str().unwrap_or(""),
+        h["bytes"].as_u64().unwrap_or(0) >> 20,
+        h["state"].as_str().unwrap_or(""),
+        h["controld_pid"],
+        if h["controld_alive"].as_bool() == Some(true) { "alive" } else { "ABANDONED" },
+    );
+    let c = &v["config"];
+    println!(
+        "config generation {} (slot {}, checksum {})  routing generation {} (slot {}, checksum {})  excluded switches {}",
+        c["generation"],
+        c["active_slot"].as_str().unwrap_or(""),
+        if c["checksum_ok"].as_bool() == Some(true) { "ok" } else { "MISMATCH" },
+        v["routing"]["generation"],
+        v["routing"]["active_slot"].as_str().unwrap_or(""),
+        if v["routing"]["checksum_ok"].as_bool() == Some(true) { "ok" } else { "MISMATCH" },
+        c["excluded_switches_total"],
+    );
+    println!();
+    println!("{:<14} {:<22} {:<5} {:<6}  {:<12} {:<22} {:>6} {:>8} {:>9} {:>10}", "SERVICE", "VIP", "PROTO", "MODE", "BACKEND", "ADDRESS", "WEIGHT", "SHARE%", "ACTIVE", "TOTAL");
+    for s in c["services"].as_array().into_iter().flatten() {
+        println!(
+            "{:<14} {:<22} {:<5} {:<6}",
+            s["name"].as_str().unwrap_or(""),
+            format!("{}:{}", s["vip"].as_str().unwrap_or(""), s["port"]),
+            s["protocol"].as_str().unwrap_or(""),
+            s["mode"].as_str().unwrap_or(""),
+        );
+        for b in s["backends"].as_array().into_iter().flatten() {
+            println!(
+                "{:<50} {:<12} {:<22} {:>6} {:>8.2} {:>9} {:>10}",
+                "",
+                b["name"].as_str().unwrap_or(""),
+                format!("{}:{}", b["address"].as_str().unwrap_or(""), b["port"]),
+                b["weight"],
+                b["table_share"].as_f64().unwrap_or(0.0) * 100.0,
+                b["active_conns"],
+                b["total_conns"],
+            );
+        }
+    }
+    println!();
+    println!("ROUTES");
+    for rt in v["routing"]["routes"].as_array().into_iter().flatten() {
+        println!("  {:<20} port {} via {}", rt["prefix"].as_str().unwrap_or(""), rt["port"], rt["via"]);
+    }
+    println!("NEIGHBOURS");
+    for n in v["routing"]["neighbours"].as_array().into_iter().flatten() {
+        println!("  {:<16} {} port {}", n["address"].as_str().unwrap_or(""), n["mac"].as_str().unwrap_or(""), n["port"]);
+    }
+    println!();
+    println!("{:<3} {:>8} {:<6} {:>3} {:<9} {:>8} {:>6} {:>6} {:>12} {:>12} {:>10} {:>10}", "SW", "PID", "ALIVE", "CPU", "STATE", "HB_MS", "CFG", "RT", "RX", "TX", "NEW", "DROPS");
+    for s in v["switches"].as_array().into_iter().flatten() {
+        if s["state"] == "empty" {
+            continue;
+        }
+        let k = &s["counters"];
+        let drops: u64 = k
+            .as_object()
+            .into_iter()
+            .flatten()
+            .filter(|(n, _)| n.starts_with("drop_"))
+            .map(|(_, v)| v.as_u64().unwrap_or(0))
+            .sum();
+        println!(
+            "{:<3} {:>8} {:<6} {:>3} {:<9} {:>8} {:>6} {:>6} {:>12} {:>12} {:>10} {:>10}",
+            s["index"], s["pid"], s["alive"], s["cpu"], s["state"].as_str().unwrap_or(""), s["heartbeat_age_ms"],
+            s["seen_config"], s["seen_routing"], k["rx_packets"], k["tx_packets"], k["conn_new"], drops,
+        );
+        let nonzero: Vec<String> = k
+            .as_object()
+            .into_iter()
+            .flatten()
+            .filter(|(n, _)| n.starts_with("drop_") || *n == "rst_sent" || *n == "arp_replies" || *n == "conn_midflow" || *n == "torn_bursts")
+            .filter(|(_, v)| v.as_u64().unwrap_or(0) > 0)
+            .map(|(n, v)| format!("{n}={v}"))
+            .collect();
+        if !nonzero.is_empty() {
+            println!("    {}", nonzero.join(" "));
+        }
+    }
+    let ct = &v["connections"];
+    println!();
+    println!(
+        "CONNECTIONS {} in {} slots (reply slots {}, tombstones {}, busy {}, expired awaiting GC {})",
+        ct["connections"], ct["slots"], ct["reply_slots"], ct["tombstones"], ct["busy_slots"], ct["expired_not_collected"]
+    );
+    if a.conns {
+        println!("{:<5} {:<22} {:<22} {:<22} {:<12} {:>8} {:>10}", "PROTO", "CLIENT", "VIP", "BACKEND", "STATE", "IDLE_MS", "PACKETS");
+        for c in ct["list"].as_array().into_iter().flatten() {
+            println!(
+                "{:<5} {:<22} {:<22} {:<22} {:<12} {:>8} {:>10}",
+                c["protocol"].as_str().unwrap_or(""),
+                c["client"].as_str().unwrap_or(""),
+                c["vip"].as_str().unwrap_or(""),
+                c["backend"].as_str().unwrap_or(""),
+                c["state"].as_str().unwrap_or(""),
+                c["idle_ms"],
+                c["packets"],
+            );
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    let a = Args::parse();
+    let r = match Region::attach(&a.instance, Access::ReadOnly) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("shmdump: {e}");
+            if matches!(e, shm_layout::RegionError::Fingerprint { .. }) {
+                eprintln!("shmdump: this shmdump's fingerprint is {FINGERPRINT:#018x}");
+            }
+            return ExitCode::from(2);
+        }
+    };
+    let v = collect(&r, &a);
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&v).expect("json"));
+    } else {
+        print_text(&v, &a);
+    }
+    ExitCode::SUCCESS
+}
