@@ -1,1 +1,6 @@
-//! placeholder
+//! Library side of the switchyard tools: the traffic model that lbgen and
+//! the integration tests share (the wire end of the virtual NICs).
+
+pub mod frames;
+pub mod gen;
+pub mod topo;

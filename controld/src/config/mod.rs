@@ -1,0 +1,374 @@
+//! The configuration file (TOML): schema, parsing and validation. Pure: only
+//! [`load`] touches the file system.
+//!
+//! [`parse`] reads the text with serde into raw tables that deny unknown
+//! keys (toml's message then names the key and its line), and `validate`
+//! turns them into a typed [`Config`] or the first rule broken. Every error
+//! names the thing, the value and the rule, e.g.
+//! `service "web": backend "web3": weight 70000 exceeds 65535`.
+//!
+//! The keys, their defaults and their rules are documented on the typed
+//! fields below; `packaging/examples/demo.toml` is a complete file.
+
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+
+mod raw;
+mod validate;
+
+#[cfg(test)]
+mod tests;
+
+/// Default of `limits.services`.
+pub const DEFAULT_SERVICES: u32 = 16;
+/// Default of `limits.backends`.
+pub const DEFAULT_BACKENDS: u32 = 1024;
+/// Default of `limits.connections`.
+pub const DEFAULT_CONNECTIONS: u32 = 1 << 20;
+/// Default of `limits.routes`.
+pub const DEFAULT_ROUTES: u32 = 256;
+/// Default of `limits.neighbours`.
+pub const DEFAULT_NEIGHBOURS: u32 = 256;
+/// Default and largest `limits.maglev_table_size`.
+pub const DEFAULT_MAGLEV_TABLE_SIZE: u32 = 65537;
+/// Smallest `limits.maglev_table_size`.
+pub const MIN_MAGLEV_TABLE_SIZE: u32 = 251;
+/// Largest timeout in seconds (a week; the region keeps milliseconds in a `u32`).
+pub const MAX_TIMEOUT: u32 = 7 * 24 * 3600;
+/// Default of `[[port]] ring_size`.
+pub const DEFAULT_RING_SIZE: u32 = 1024;
+/// Default of `[[switch]] burst`.
+pub const DEFAULT_BURST: u32 = 32;
+/// Default of `[[service.backend]] weight`.
+pub const DEFAULT_WEIGHT: u32 = 1;
+/// Largest backend weight.
+pub const MAX_WEIGHT: u32 = 65535;
+/// Ports a configuration may define (the size of the region's port table).
+pub const MAX_PORTS: usize = shm_layout::config_slot::MAX_PORTS;
+
+/// Why a configuration was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("{}: cannot read: {source}", path.display())]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The text is not TOML or does not fit the schema (unknown key, missing
+    /// key, wrong type). toml's message names the key and its line.
+    #[error("{0}")]
+    Syntax(#[from] toml::de::Error),
+    /// A value breaks a rule; the message names the thing, the value and the rule.
+    #[error("{0}")]
+    Invalid(String),
+    /// An error in the file `path` (what [`load`] returns).
+    #[error("{}: {source}", path.display())]
+    File {
+        path: PathBuf,
+        #[source]
+        source: Box<ConfigError>,
+    },
+}
+
+/// A validated configuration.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    /// `instance` (required): names this appliance instance, 1 to 32
+    /// characters from `A-Z a-z 0-9 _ -`. Its region is
+    /// `/dev/shm/switchyard.<instance>`.
+    pub instance: String,
+    /// `[limits]`.
+    pub limits: Limits,
+    /// `[timeouts]`.
+    pub timeouts: Timeouts,
+    /// `[publish]`.
+    pub publish: Publish,
+    /// `[[port]]`, in file order; other items refer to a port by its index here.
+    /// At least one, at most [`MAX_PORTS`].
+    pub ports: Vec<Port>,
+    /// `[[switch]]`, in file order; at least one.
+    pub switches: Vec<Switch>,
+    /// `[[service]]`, in file order; at least one, at most `limits.services`.
+    pub services: Vec<Service>,
+    /// `[[route]]`, in file order; at most `limits.routes`.
+    pub routes: Vec<Route>,
+    /// `[[neighbour]]`, in file order; at most `limits.neighbours`.
+    pub neighbours: Vec<Neighbour>,
+}
+
+/// `[limits]`: capacities fixed when the region is created; a reload may
+/// not change them. Every key is optional.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Limits {
+    /// `services` (default 16): most services, `1..=4096`.
+    pub services: u32,
+    /// `backends` (default 1024): most backends over all services, `1..=65535`.
+    pub backends: u32,
+    /// `connections` (default 1048576): connection-table slots, a power of
+    /// two in `1024..=2^26`.
+    pub connections: u32,
+    /// `routes` (default 256): most routes, `1..=65535`.
+    pub routes: u32,
+    /// `neighbours` (default 256): most neighbours, `1..=65535`.
+    pub neighbours: u32,
+    /// `maglev_table_size` (default 65537): entries of each service's Maglev
+    /// table; a prime in `251..=65537`. A service may have at most this many
+    /// backends (for an even spread it should be at least 100 times the
+    /// number of backends of the largest service).
+    pub maglev_table_size: u32,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            services: DEFAULT_SERVICES,
+            backends: DEFAULT_BACKENDS,
+            connections: DEFAULT_CONNECTIONS,
+            routes: DEFAULT_ROUTES,
+            neighbours: DEFAULT_NEIGHBOURS,
+            maglev_table_size: DEFAULT_MAGLEV_TABLE_SIZE,
+        }
+    }
+}
+
+/// `[timeouts]`: idle timeouts of connection-table entries, in seconds,
+/// each in `1..=604800` (a week). Every key is optional.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Timeouts {
+    /// `tcp_syn` (default 10): a TCP connection whose handshake has not completed.
+    pub tcp_syn: u32,
+    /// `tcp_established` (default 900): an established TCP connection.
+    pub tcp_established: u32,
+    /// `tcp_fin` (default 30): a TCP connection after a FIN or RST.
+    pub tcp_fin: u32,
+    /// `udp` (default 60): a UDP flow.
+    pub udp: u32,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Timeouts {
+            tcp_syn: 10,
+            tcp_established: 900,
+            tcp_fin: 30,
+            udp: 60,
+        }
+    }
+}
+
+/// `[publish]`: how configuration generations are handed to the switches.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Publish {
+    /// `ack_timeout_ms` (default 500): how long the publisher waits for the
+    /// switches to acknowledge a generation before it excludes a stalled
+    /// one, `10..=60000`.
+    pub ack_timeout_ms: u32,
+}
+
+impl Default for Publish {
+    fn default() -> Self {
+        Publish { ack_timeout_ms: 500 }
+    }
+}
+
+/// `[[port]]`: a NIC port.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Port {
+    /// `name` (required): unique, 1 to 15 characters from `A-Z a-z 0-9 _ -`.
+    pub name: String,
+    /// `driver` (required): `"vnic"` (`"afpacket"` is not supported yet).
+    pub driver: Driver,
+    /// `mac` (required for vnic): the port's address, `"02:00:00:00:00:01"`
+    /// style; unique among ports, unicast and not all-zero.
+    pub mac: [u8; 6],
+    /// `ring_size` (default 1024): vnic descriptors per ring, a power of two
+    /// in `64..=32768`.
+    pub ring_size: u32,
+}
+
+/// `[[port]] driver`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Driver {
+    /// `"vnic"`: a shared-memory virtual NIC (test bed and benchmarks).
+    Vnic,
+}
+
+/// `[[switch]]`: one switchd process.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Switch {
+    /// `name` (required): unique, 1 to 32 characters from `A-Z a-z 0-9 _ -`.
+    pub name: String,
+    /// `cpu` (required): the CPU the switch is pinned to, `0..=1023`; two
+    /// switches may not share a CPU.
+    pub cpu: usize,
+    /// `ports` (required): the ports this switch serves, as indexes into
+    /// [`Config::ports`]; at least one, each a defined port, no duplicates.
+    pub ports: Vec<usize>,
+    /// The same ports by name, as written in the file.
+    pub port_names: Vec<String>,
+    /// `idle` (default `"adaptive"`): what the switch does when no frame arrives.
+    pub idle: Idle,
+    /// `burst` (default 32): frames per receive burst, `1..=256`.
+    pub burst: u32,
+}
+
+/// `[[switch]] idle`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Idle {
+    /// `"busy"`: poll without pause (lowest latency, a full CPU).
+    Busy,
+    /// `"adaptive"`: back off to short sleeps while idle.
+    Adaptive,
+}
+
+/// `[[service]]`: a virtual service (VIP, port, protocol).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Service {
+    /// `name` (required): unique, 1 to 32 characters from `A-Z a-z 0-9 _ -`.
+    pub name: String,
+    /// `vip` (required): the virtual IPv4 address; unicast, and not the
+    /// address of any backend. `(vip, port, protocol)` is unique over services.
+    pub vip: Ipv4Addr,
+    /// `port` (required): `1..=65535`.
+    pub port: u16,
+    /// `protocol` (required): `"tcp"` or `"udp"`.
+    pub protocol: Protocol,
+    /// `mode` (default `"nat"`): how packets reach a backend.
+    pub mode: Mode,
+    /// `scheduler` (default `"maglev"`): how a backend is chosen.
+    pub scheduler: Scheduler,
+    /// `[[service.backend]]`, in file order; may be empty (the service then
+    /// drops new connections). At most `limits.maglev_table_size`.
+    pub backends: Vec<Backend>,
+}
+
+/// `[[service]] protocol`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Protocol {
+    /// `"tcp"`.
+    Tcp,
+    /// `"udp"`.
+    Udp,
+}
+
+impl Protocol {
+    /// The IP protocol number (6 or 17).
+    pub fn number(&self) -> u8 {
+        match self {
+            Protocol::Tcp => 6,
+            Protocol::Udp => 17,
+        }
+    }
+
+    /// The name used in the file.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Protocol::Tcp => "tcp",
+            Protocol::Udp => "udp",
+        }
+    }
+}
+
+/// `[[service]] mode`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// `"nat"`: destination address and port are rewritten; replies return
+    /// through the switch.
+    Nat,
+    /// `"dr"`: direct routing, only the MAC changes; backends own the VIP and
+    /// reply directly, so a backend cannot listen on another port.
+    Dr,
+    /// `"tunnel"`: IP-in-IP to the backend, which decapsulates and replies
+    /// directly; the inner packet is unchanged, so neither can it change ports.
+    Tunnel,
+}
+
+impl Mode {
+    /// The name used in the file.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Mode::Nat => "nat",
+            Mode::Dr => "dr",
+            Mode::Tunnel => "tunnel",
+        }
+    }
+}
+
+/// `[[service]] scheduler`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scheduler {
+    /// `"maglev"`: weighted Maglev consistent hashing (see [`crate::maglev`]).
+    Maglev,
+}
+
+/// `[[service.backend]]`: a real server of a service.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Backend {
+    /// `name` (required): unique within its service, 1 to 32 characters from
+    /// `A-Z a-z 0-9 _ -`.
+    pub name: String,
+    /// `address` (required): unicast IPv4 address, not a VIP. `(address,
+    /// port)` is unique within the service.
+    pub address: Ipv4Addr,
+    /// `port` (default: the service's port): `1..=65535`; with mode `"dr"`
+    /// or `"tunnel"` it must equal the service's port.
+    pub port: u16,
+    /// `weight` (default 1): share of new connections, `0..=65535`; 0 drains
+    /// the backend (no new connections, existing ones continue).
+    pub weight: u32,
+}
+
+/// `[[route]]`: a static route.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Route {
+    /// `prefix` (required), the address part of a CIDR `"a.b.c.d/len"`; the
+    /// host bits must be zero. `(prefix, prefix_len)` is unique over routes.
+    pub prefix: Ipv4Addr,
+    /// The length part of `prefix`, `0..=32`.
+    pub prefix_len: u8,
+    /// `port` (required): the egress port, as an index into [`Config::ports`].
+    pub port: usize,
+    /// The egress port by name, as written in the file.
+    pub port_name: String,
+    /// `via` (optional): the gateway; absent means the destination is on the link.
+    pub via: Option<Ipv4Addr>,
+}
+
+/// `[[neighbour]]`: a static neighbour (ARP) entry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Neighbour {
+    /// `address` (required): IPv4 address, unique over neighbours.
+    pub address: Ipv4Addr,
+    /// `mac` (required): its MAC address, unicast and not all-zero.
+    pub mac: [u8; 6],
+    /// `port` (required): the port it is reached on, as an index into [`Config::ports`].
+    pub port: usize,
+    /// The port by name, as written in the file.
+    pub port_name: String,
+}
+
+/// Parses and validates a configuration text.
+pub fn parse(text: &str) -> Result<Config, ConfigError> {
+    let raw: raw::RawConfig = toml::from_str(text)?;
+    validate::validate(raw).map_err(ConfigError::Invalid)
+}
+
+/// Reads, parses and validates the file `path`; the error names the file.
+pub fn load(path: &Path) -> Result<Config, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    parse(&text).map_err(|e| ConfigError::File {
+        path: path.to_path_buf(),
+        source: Box::new(e),
+    })
+}
+
+/// Formats a MAC address as `02:00:00:00:00:01`.
+pub fn format_mac(mac: &[u8; 6]) -> String {
+    let [a, b, c, d, e, f] = *mac;
+    format!("{a:02x}:{b:02x}:{c:02x}:{d:02x}:{e:02x}:{f:02x}")
+}

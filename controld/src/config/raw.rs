@@ -1,0 +1,169 @@
+//! The file as serde reads it: every table denies unknown keys, so a
+//! misspelt key is an error naming the key and its line. Integers are read
+//! as `i64` and enumerations as strings so that `validate` can report a bad
+//! value together with the thing it belongs to and the rule it breaks.
+//! The meaning, default and rule of each key are documented on the typed
+//! field of the same name in [`super`].
+
+use serde::Deserialize;
+
+/// The whole file.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawConfig {
+    /// `instance`: see [`super::Config::instance`].
+    pub instance: String,
+    /// `[limits]`: see [`super::Limits`].
+    #[serde(default)]
+    pub limits: RawLimits,
+    /// `[timeouts]`: see [`super::Timeouts`].
+    #[serde(default)]
+    pub timeouts: RawTimeouts,
+    /// `[publish]`: see [`super::Publish`].
+    #[serde(default)]
+    pub publish: RawPublish,
+    /// `[[port]]`: see [`super::Port`].
+    #[serde(default)]
+    pub port: Vec<RawPort>,
+    /// `[[switch]]`: see [`super::Switch`].
+    #[serde(default)]
+    pub switch: Vec<RawSwitch>,
+    /// `[[service]]`: see [`super::Service`].
+    #[serde(default)]
+    pub service: Vec<RawService>,
+    /// `[[route]]`: see [`super::Route`].
+    #[serde(default)]
+    pub route: Vec<RawRoute>,
+    /// `[[neighbour]]`: see [`super::Neighbour`].
+    #[serde(default)]
+    pub neighbour: Vec<RawNeighbour>,
+}
+
+/// `[limits]`; every key optional.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawLimits {
+    /// `services`: see [`super::Limits::services`].
+    pub services: Option<i64>,
+    /// `backends`: see [`super::Limits::backends`].
+    pub backends: Option<i64>,
+    /// `connections`: see [`super::Limits::connections`].
+    pub connections: Option<i64>,
+    /// `routes`: see [`super::Limits::routes`].
+    pub routes: Option<i64>,
+    /// `neighbours`: see [`super::Limits::neighbours`].
+    pub neighbours: Option<i64>,
+    /// `maglev_table_size`: see [`super::Limits::maglev_table_size`].
+    pub maglev_table_size: Option<i64>,
+}
+
+/// `[timeouts]`; every key optional, in seconds.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawTimeouts {
+    /// `tcp_syn`: see [`super::Timeouts::tcp_syn`].
+    pub tcp_syn: Option<i64>,
+    /// `tcp_established`: see [`super::Timeouts::tcp_established`].
+    pub tcp_established: Option<i64>,
+    /// `tcp_fin`: see [`super::Timeouts::tcp_fin`].
+    pub tcp_fin: Option<i64>,
+    /// `udp`: see [`super::Timeouts::udp`].
+    pub udp: Option<i64>,
+}
+
+/// `[publish]`; every key optional.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawPublish {
+    /// `ack_timeout_ms`: see [`super::Publish::ack_timeout_ms`].
+    pub ack_timeout_ms: Option<i64>,
+}
+
+/// One `[[port]]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawPort {
+    /// `name` (required): see [`super::Port::name`].
+    pub name: String,
+    /// `driver` (required): see [`super::Port::driver`].
+    pub driver: String,
+    /// `mac` (required for vnic): see [`super::Port::mac`].
+    pub mac: Option<String>,
+    /// `ring_size`: see [`super::Port::ring_size`].
+    pub ring_size: Option<i64>,
+}
+
+/// One `[[switch]]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawSwitch {
+    /// `name` (required): see [`super::Switch::name`].
+    pub name: String,
+    /// `cpu` (required): see [`super::Switch::cpu`].
+    pub cpu: i64,
+    /// `ports` (required): see [`super::Switch::ports`].
+    pub ports: Vec<String>,
+    /// `idle`: see [`super::Switch::idle`].
+    pub idle: Option<String>,
+    /// `burst`: see [`super::Switch::burst`].
+    pub burst: Option<i64>,
+}
+
+/// One `[[service]]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawService {
+    /// `name` (required): see [`super::Service::name`].
+    pub name: String,
+    /// `vip` (required): see [`super::Service::vip`].
+    pub vip: String,
+    /// `port` (required): see [`super::Service::port`].
+    pub port: i64,
+    /// `protocol` (required): see [`super::Service::protocol`].
+    pub protocol: String,
+    /// `mode`: see [`super::Service::mode`].
+    pub mode: Option<String>,
+    /// `scheduler`: see [`super::Service::scheduler`].
+    pub scheduler: Option<String>,
+    /// `[[service.backend]]`: see [`super::Backend`].
+    #[serde(default)]
+    pub backend: Vec<RawBackend>,
+}
+
+/// One `[[service.backend]]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawBackend {
+    /// `name` (required): see [`super::Backend::name`].
+    pub name: String,
+    /// `address` (required): see [`super::Backend::address`].
+    pub address: String,
+    /// `port`: see [`super::Backend::port`].
+    pub port: Option<i64>,
+    /// `weight`: see [`super::Backend::weight`].
+    pub weight: Option<i64>,
+}
+
+/// One `[[route]]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawRoute {
+    /// `prefix` (required): see [`super::Route::prefix`].
+    pub prefix: String,
+    /// `port` (required): see [`super::Route::port`].
+    pub port: String,
+    /// `via`: see [`super::Route::via`].
+    pub via: Option<String>,
+}
+
+/// One `[[neighbour]]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawNeighbour {
+    /// `address` (required): see [`super::Neighbour::address`].
+    pub address: String,
+    /// `mac` (required): see [`super::Neighbour::mac`].
+    pub mac: String,
+    /// `port` (required): see [`super::Neighbour::port`].
+    pub port: String,
+}

@@ -1,0 +1,515 @@
+//! Raw tables to a typed [`Config`]: every rule of the schema, checked in
+//! file order; the first rule broken is returned as a message that names
+//! the thing, the value and the rule.
+
+use std::collections::HashMap;
+use std::net::Ipv4Addr;
+
+use super::raw::{
+    RawBackend, RawConfig, RawLimits, RawNeighbour, RawPort, RawPublish, RawRoute, RawService,
+    RawSwitch, RawTimeouts,
+};
+use super::*;
+
+type R<T> = Result<T, String>;
+
+pub(super) fn validate(raw: RawConfig) -> R<Config> {
+    check_name("instance", &raw.instance, 32)?;
+    let limits = limits(&raw.limits)?;
+    let timeouts = timeouts(&raw.timeouts)?;
+    let publish = publish(&raw.publish)?;
+
+    if raw.port.is_empty() {
+        return Err("no [[port]] is defined (at least one is required)".into());
+    }
+    if raw.port.len() > MAX_PORTS {
+        return Err(format!(
+            "too many ports: {} are defined, at most {MAX_PORTS} are supported",
+            raw.port.len()
+        ));
+    }
+    let mut ports: Vec<Port> = Vec::with_capacity(raw.port.len());
+    for p in &raw.port {
+        let port = port(p)?;
+        if ports.iter().any(|q| q.name == port.name) {
+            return Err(format!("port {:?} is defined twice", port.name));
+        }
+        if let Some(q) = ports.iter().find(|q| q.mac == port.mac) {
+            return Err(format!(
+                "port {:?}: mac {} is already used by port {:?}",
+                port.name,
+                format_mac(&port.mac),
+                q.name
+            ));
+        }
+        ports.push(port);
+    }
+
+    if raw.switch.is_empty() {
+        return Err("no [[switch]] is defined (at least one is required)".into());
+    }
+    let mut switches: Vec<Switch> = Vec::with_capacity(raw.switch.len());
+    for s in &raw.switch {
+        let sw = switch(s, &ports)?;
+        if switches.iter().any(|t| t.name == sw.name) {
+            return Err(format!("switch {:?} is defined twice", sw.name));
+        }
+        if let Some(t) = switches.iter().find(|t| t.cpu == sw.cpu) {
+            return Err(format!(
+                "switch {:?}: cpu {} is already used by switch {:?} (two switches may not share a CPU)",
+                sw.name, sw.cpu, t.name
+            ));
+        }
+        switches.push(sw);
+    }
+
+    if raw.service.is_empty() {
+        return Err("no [[service]] is defined (at least one is required)".into());
+    }
+    if raw.service.len() > limits.services as usize {
+        return Err(format!(
+            "too many services: {} are defined, limits.services is {}",
+            raw.service.len(),
+            limits.services
+        ));
+    }
+    let mut services: Vec<Service> = Vec::with_capacity(raw.service.len());
+    for s in &raw.service {
+        let svc = service(s, &limits)?;
+        if services.iter().any(|t| t.name == svc.name) {
+            return Err(format!("service {:?} is defined twice", svc.name));
+        }
+        if let Some(t) = services
+            .iter()
+            .find(|t| (t.vip, t.port, t.protocol) == (svc.vip, svc.port, svc.protocol))
+        {
+            return Err(format!(
+                "service {:?}: {}:{} {} is already served by service {:?}",
+                svc.name,
+                svc.vip,
+                svc.port,
+                svc.protocol.as_str(),
+                t.name
+            ));
+        }
+        services.push(svc);
+    }
+    let total: usize = services.iter().map(|s| s.backends.len()).sum();
+    if total > limits.backends as usize {
+        return Err(format!(
+            "too many backends: {total} are defined over all services, limits.backends is {}",
+            limits.backends
+        ));
+    }
+    let vips: HashMap<Ipv4Addr, &str> = services
+        .iter()
+        .rev()
+        .map(|s| (s.vip, s.name.as_str()))
+        .collect();
+    for s in &services {
+        for b in &s.backends {
+            if let Some(owner) = vips.get(&b.address) {
+                return Err(format!(
+                    "service {:?}: backend {:?}: address {} is the VIP of service {:?} (a backend cannot be a VIP)",
+                    s.name, b.name, b.address, owner
+                ));
+            }
+        }
+    }
+
+    if raw.route.len() > limits.routes as usize {
+        return Err(format!(
+            "too many routes: {} are defined, limits.routes is {}",
+            raw.route.len(),
+            limits.routes
+        ));
+    }
+    let mut routes: Vec<Route> = Vec::with_capacity(raw.route.len());
+    for r in &raw.route {
+        let route = route(r, &ports)?;
+        if routes
+            .iter()
+            .any(|q| (q.prefix, q.prefix_len) == (route.prefix, route.prefix_len))
+        {
+            return Err(format!(
+                "route \"{}/{}\" is defined twice",
+                route.prefix, route.prefix_len
+            ));
+        }
+        routes.push(route);
+    }
+
+    if raw.neighbour.len() > limits.neighbours as usize {
+        return Err(format!(
+            "too many neighbours: {} are defined, limits.neighbours is {}",
+            raw.neighbour.len(),
+            limits.neighbours
+        ));
+    }
+    let mut neighbours: Vec<Neighbour> = Vec::with_capacity(raw.neighbour.len());
+    for n in &raw.neighbour {
+        let neigh = neighbour(n, &ports)?;
+        if neighbours.iter().any(|m| m.address == neigh.address) {
+            return Err(format!("neighbour {:?} is defined twice", n.address));
+        }
+        neighbours.push(neigh);
+    }
+
+    Ok(Config {
+        instance: raw.instance,
+        limits,
+        timeouts,
+        publish,
+        ports,
+        switches,
+        services,
+        routes,
+        neighbours,
+    })
+}
+
+fn limits(raw: &RawLimits) -> R<Limits> {
+    let d = Limits::default();
+    let ctx = "limits: ";
+    let services = int(ctx, "services", raw.services, d.services, 1, 4096)?;
+    let backends = int(ctx, "backends", raw.backends, d.backends, 1, 65535)?;
+    let connections = int(ctx, "connections", raw.connections, d.connections, 1024, 1 << 26)?;
+    if !connections.is_power_of_two() {
+        return Err(format!(
+            "{ctx}connections {connections} is not a power of two (e.g. {})",
+            connections.next_power_of_two()
+        ));
+    }
+    let routes = int(ctx, "routes", raw.routes, d.routes, 1, 65535)?;
+    let neighbours = int(ctx, "neighbours", raw.neighbours, d.neighbours, 1, 65535)?;
+    let maglev_table_size = int(
+        ctx,
+        "maglev_table_size",
+        raw.maglev_table_size,
+        d.maglev_table_size,
+        MIN_MAGLEV_TABLE_SIZE as i64,
+        DEFAULT_MAGLEV_TABLE_SIZE as i64,
+    )?;
+    if !is_prime(maglev_table_size) {
+        let below = (MIN_MAGLEV_TABLE_SIZE..maglev_table_size).rev().find(|&n| is_prime(n));
+        let above = (maglev_table_size..=DEFAULT_MAGLEV_TABLE_SIZE).find(|&n| is_prime(n));
+        let near: Vec<String> = below.into_iter().chain(above).map(|n| n.to_string()).collect();
+        return Err(format!(
+            "{ctx}maglev_table_size {maglev_table_size} is not prime (nearest primes: {})",
+            near.join(", ")
+        ));
+    }
+    Ok(Limits {
+        services,
+        backends,
+        connections,
+        routes,
+        neighbours,
+        maglev_table_size,
+    })
+}
+
+fn timeouts(raw: &RawTimeouts) -> R<Timeouts> {
+    let d = Timeouts::default();
+    let ctx = "timeouts: ";
+    let max = MAX_TIMEOUT as i64;
+    Ok(Timeouts {
+        tcp_syn: int(ctx, "tcp_syn", raw.tcp_syn, d.tcp_syn, 1, max)?,
+        tcp_established: int(ctx, "tcp_established", raw.tcp_established, d.tcp_established, 1, max)?,
+        tcp_fin: int(ctx, "tcp_fin", raw.tcp_fin, d.tcp_fin, 1, max)?,
+        udp: int(ctx, "udp", raw.udp, d.udp, 1, max)?,
+    })
+}
+
+fn publish(raw: &RawPublish) -> R<Publish> {
+    let d = Publish::default();
+    Ok(Publish {
+        ack_timeout_ms: int("publish: ", "ack_timeout_ms", raw.ack_timeout_ms, d.ack_timeout_ms, 10, 60000)?,
+    })
+}
+
+fn port(raw: &RawPort) -> R<Port> {
+    check_name("port", &raw.name, 15)?;
+    let ctx = format!("port {:?}: ", raw.name);
+    let driver = match raw.driver.as_str() {
+        "vnic" => Driver::Vnic,
+        "afpacket" => {
+            return Err(format!("{ctx}driver \"afpacket\" is not supported yet (supported: vnic)"));
+        }
+        other => return Err(format!("{ctx}driver {other:?} is unknown (supported: vnic)")),
+    };
+    let mac = match (&raw.mac, driver) {
+        (Some(m), _) => mac(&ctx, m)?,
+        (None, Driver::Vnic) => return Err(format!("{ctx}mac is required for driver \"vnic\"")),
+    };
+    let ring_size = int(&ctx, "ring_size", raw.ring_size, DEFAULT_RING_SIZE, 64, 32768)?;
+    if !ring_size.is_power_of_two() {
+        return Err(format!(
+            "{ctx}ring_size {ring_size} is not a power of two (e.g. {})",
+            ring_size.next_power_of_two()
+        ));
+    }
+    Ok(Port {
+        name: raw.name.clone(),
+        driver,
+        mac,
+        ring_size,
+    })
+}
+
+fn switch(raw: &RawSwitch, ports: &[Port]) -> R<Switch> {
+    check_name("switch", &raw.name, 32)?;
+    let ctx = format!("switch {:?}: ", raw.name);
+    let cpu = int(&ctx, "cpu", Some(raw.cpu), 0, 0, 1023)?;
+    if raw.ports.is_empty() {
+        return Err(format!("{ctx}ports is empty (at least one port is required)"));
+    }
+    let mut indexes = Vec::with_capacity(raw.ports.len());
+    for (i, name) in raw.ports.iter().enumerate() {
+        if raw.ports[..i].contains(name) {
+            return Err(format!("{ctx}port {name:?} is listed twice"));
+        }
+        indexes.push(port_ref(&ctx, name, ports)?);
+    }
+    let idle = match raw.idle.as_deref() {
+        None | Some("adaptive") => Idle::Adaptive,
+        Some("busy") => Idle::Busy,
+        Some(other) => {
+            return Err(format!("{ctx}idle {other:?} is not supported (supported: busy, adaptive)"));
+        }
+    };
+    Ok(Switch {
+        name: raw.name.clone(),
+        cpu,
+        ports: indexes,
+        port_names: raw.ports.clone(),
+        idle,
+        burst: int(&ctx, "burst", raw.burst, DEFAULT_BURST, 1, 256)?,
+    })
+}
+
+fn service(raw: &RawService, limits: &Limits) -> R<Service> {
+    check_name("service", &raw.name, 32)?;
+    let ctx = format!("service {:?}: ", raw.name);
+    let vip = unicast(&ctx, "vip", &raw.vip)?;
+    let port: u16 = int(&ctx, "port", Some(raw.port), 0, 1, 65535)?;
+    let protocol = match raw.protocol.as_str() {
+        "tcp" => Protocol::Tcp,
+        "udp" => Protocol::Udp,
+        other => {
+            return Err(format!("{ctx}protocol {other:?} is not supported (supported: tcp, udp)"));
+        }
+    };
+    let mode = match raw.mode.as_deref() {
+        None | Some("nat") => Mode::Nat,
+        Some("dr") => Mode::Dr,
+        Some("tunnel") => Mode::Tunnel,
+        Some(other) => {
+            return Err(format!("{ctx}mode {other:?} is not supported (supported: nat, dr, tunnel)"));
+        }
+    };
+    let scheduler = match raw.scheduler.as_deref() {
+        None | Some("maglev") => Scheduler::Maglev,
+        Some(other) => {
+            return Err(format!("{ctx}scheduler {other:?} is not supported (supported: maglev)"));
+        }
+    };
+    if raw.backend.len() > limits.maglev_table_size as usize {
+        return Err(format!(
+            "{ctx}{} backends exceed limits.maglev_table_size {} (each backend needs table entries)",
+            raw.backend.len(),
+            limits.maglev_table_size
+        ));
+    }
+    let mut backends: Vec<Backend> = Vec::with_capacity(raw.backend.len());
+    for b in &raw.backend {
+        let be = backend(&ctx, b, port, mode)?;
+        if backends.iter().any(|c| c.name == be.name) {
+            return Err(format!("{ctx}backend {:?} is defined twice", be.name));
+        }
+        if let Some(c) = backends
+            .iter()
+            .find(|c| (c.address, c.port) == (be.address, be.port))
+        {
+            return Err(format!(
+                "{ctx}backend {:?}: {}:{} is already used by backend {:?}",
+                be.name, be.address, be.port, c.name
+            ));
+        }
+        backends.push(be);
+    }
+    Ok(Service {
+        name: raw.name.clone(),
+        vip,
+        port,
+        protocol,
+        mode,
+        scheduler,
+        backends,
+    })
+}
+
+fn backend(service_ctx: &str, raw: &RawBackend, service_port: u16, mode: Mode) -> R<Backend> {
+    check_name(&format!("{service_ctx}backend"), &raw.name, 32)?;
+    let ctx = format!("{service_ctx}backend {:?}: ", raw.name);
+    let address = unicast(&ctx, "address", &raw.address)?;
+    let port: u16 = int(&ctx, "port", raw.port, service_port, 1, 65535)?;
+    if port != service_port && mode != Mode::Nat {
+        return Err(format!(
+            "{ctx}port {port} differs from the service port {service_port} (mode {:?} cannot change ports)",
+            mode.as_str()
+        ));
+    }
+    Ok(Backend {
+        name: raw.name.clone(),
+        address,
+        port,
+        weight: int(&ctx, "weight", raw.weight, DEFAULT_WEIGHT, 0, MAX_WEIGHT as i64)?,
+    })
+}
+
+fn route(raw: &RawRoute, ports: &[Port]) -> R<Route> {
+    let ctx = format!("route {:?}: ", raw.prefix);
+    let bad = || {
+        format!(
+            "{ctx}prefix {:?} is not an IPv4 prefix (expected an address and a length 0..=32 like 198.19.0.0/16)",
+            raw.prefix
+        )
+    };
+    let (addr, len) = raw.prefix.split_once('/').ok_or_else(bad)?;
+    let addr: Ipv4Addr = addr.parse().map_err(|_| bad())?;
+    if len.is_empty() || len.len() > 2 || !len.bytes().all(|c| c.is_ascii_digit()) {
+        return Err(bad());
+    }
+    let prefix_len: u8 = len.parse().map_err(|_| bad())?;
+    if prefix_len > 32 {
+        return Err(bad());
+    }
+    let mask = u32::MAX.checked_shl(32 - u32::from(prefix_len)).unwrap_or(0);
+    let network = Ipv4Addr::from(u32::from(addr) & mask);
+    if network != addr {
+        return Err(format!(
+            "{ctx}host bits are set (the prefix of {addr} with length {prefix_len} is {network}/{prefix_len})"
+        ));
+    }
+    let port = port_ref(&ctx, &raw.port, ports)?;
+    let via = match &raw.via {
+        None => None,
+        Some(v) => Some(unicast(&ctx, "via", v)?),
+    };
+    Ok(Route {
+        prefix: addr,
+        prefix_len,
+        port,
+        port_name: raw.port.clone(),
+        via,
+    })
+}
+
+fn neighbour(raw: &RawNeighbour, ports: &[Port]) -> R<Neighbour> {
+    let ctx = format!("neighbour {:?}: ", raw.address);
+    Ok(Neighbour {
+        address: unicast(&ctx, "address", &raw.address)?,
+        mac: mac(&ctx, &raw.mac)?,
+        port: port_ref(&ctx, &raw.port, ports)?,
+        port_name: raw.port.clone(),
+    })
+}
+
+/// An integer key: `value` (or `default` when absent) must lie in `lo..=hi`.
+fn int<T>(ctx: &str, key: &str, value: Option<i64>, default: T, lo: i64, hi: i64) -> R<T>
+where
+    T: TryFrom<i64>,
+{
+    let Some(v) = value else {
+        return Ok(default);
+    };
+    if v < lo {
+        return Err(format!("{ctx}{key} {v} is less than {lo}"));
+    }
+    if v > hi {
+        return Err(format!("{ctx}{key} {v} exceeds {hi}"));
+    }
+    T::try_from(v).map_err(|_| format!("{ctx}{key} {v} is out of range"))
+}
+
+/// A name: 1 to `max` characters from `A-Z a-z 0-9 _ -`.
+fn check_name(what: &str, name: &str, max: usize) -> R<()> {
+    let ok = !name.is_empty()
+        && name.len() <= max
+        && name.bytes().all(|c| c.is_ascii_alphanumeric() || c == b'_' || c == b'-');
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "{what} name {name:?} is not valid (expected 1 to {max} characters from A-Z a-z 0-9 _ -)"
+        ))
+    }
+}
+
+/// A reference to a port by name, resolved to its index.
+fn port_ref(ctx: &str, name: &str, ports: &[Port]) -> R<usize> {
+    ports.iter().position(|p| p.name == name).ok_or_else(|| {
+        let defined: Vec<&str> = ports.iter().map(|p| p.name.as_str()).collect();
+        format!(
+            "{ctx}port {name:?} is not defined (defined ports: {})",
+            defined.join(", ")
+        )
+    })
+}
+
+/// A unicast IPv4 host address.
+fn unicast(ctx: &str, key: &str, text: &str) -> R<Ipv4Addr> {
+    let a: Ipv4Addr = text
+        .parse()
+        .map_err(|_| format!("{ctx}{key} {text:?} is not an IPv4 address (expected like 198.18.0.10)"))?;
+    if a.is_unspecified() || a.is_broadcast() || a.is_multicast() {
+        return Err(format!(
+            "{ctx}{key} {a} is not a unicast address (0.0.0.0, 255.255.255.255 and 224.0.0.0/4 are not allowed)"
+        ));
+    }
+    Ok(a)
+}
+
+/// A unicast, non-zero MAC address written as six `:`-separated hex octets.
+fn mac(ctx: &str, text: &str) -> R<[u8; 6]> {
+    let bad = || {
+        format!("{ctx}mac {text:?} is not a MAC address (expected six hex octets like 02:00:00:00:00:01)")
+    };
+    let mut mac = [0u8; 6];
+    let mut parts = text.split(':');
+    for byte in mac.iter_mut() {
+        let p = parts.next().ok_or_else(bad)?;
+        if p.len() != 2 || !p.bytes().all(|c| c.is_ascii_hexdigit()) {
+            return Err(bad());
+        }
+        *byte = u8::from_str_radix(p, 16).map_err(|_| bad())?;
+    }
+    if parts.next().is_some() {
+        return Err(bad());
+    }
+    if mac == [0; 6] {
+        return Err(format!("{ctx}mac {text:?} is the all-zero address (a unicast MAC is required)"));
+    }
+    if mac[0] & 1 != 0 {
+        return Err(format!(
+            "{ctx}mac {text:?} is a multicast address (the low bit of the first octet is set; a unicast MAC is required)"
+        ));
+    }
+    Ok(mac)
+}
+
+/// Trial division; `n` is at most 65537 here.
+fn is_prime(n: u32) -> bool {
+    if n < 2 {
+        return false;
+    }
+    let mut d = 2u32;
+    while d.saturating_mul(d) <= n {
+        if n % d == 0 {
+            return false;
+        }
+        d += 1;
+    }
+    true
+}

@@ -1,0 +1,115 @@
+//! Stable backend ids.
+//!
+//! A backend keeps its id across configuration generations for as long as
+//! it is configured, and after it leaves, for as long as connections may
+//! still reference it (its active count in the region is non-zero). Ids
+//! index the shared backend counters, so reusing one early would misattribute
+//! connections.
+
+use std::collections::HashMap;
+use std::net::Ipv4Addr;
+
+/// What identifies a backend across reloads: its service's (VIP, port,
+/// protocol) and its own address and port.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct BackendIdentity {
+    pub vip: Ipv4Addr,
+    pub vport: u16,
+    pub proto: u8,
+    pub addr: Ipv4Addr,
+    pub port: u16,
+}
+
+#[derive(Debug)]
+pub struct IdAllocator {
+    capacity: u32,
+    live: HashMap<BackendIdentity, u32>,
+    /// Ids of backends no longer configured, waiting for their connections to end.
+    retired: Vec<u32>,
+    free: Vec<u32>,
+}
+
+impl IdAllocator {
+    pub fn new(capacity: u32) -> Self {
+        Self {
+            capacity,
+            live: HashMap::new(),
+            retired: Vec::new(),
+            free: (0..capacity).rev().collect(),
+        }
+    }
+
+    /// Assigns ids for a new configuration's backends: existing identities
+    /// keep theirs, new ones get fresh ids, departed ones are retired.
+    pub fn assign(&mut self, wanted: &[BackendIdentity]) -> Result<Vec<u32>, String> {
+        // Work on a copy so a failed assignment changes nothing.
+        let mut free = self.free.clone();
+        let mut next: HashMap<BackendIdentity, u32> = HashMap::new();
+        let mut out = Vec::with_capacity(wanted.len());
+        for w in wanted {
+            let id = match self.live.get(w).or_else(|| next.get(w)) {
+                Some(&id) => id,
+                // A returning backend simply gets a fresh id.
+                None => free.pop().ok_or_else(|| {
+                    format!(
+                        "no free backend id: all {} ids are in use or still referenced by connections",
+                        self.capacity
+                    )
+                })?,
+            };
+            next.insert(*w, id);
+            out.push(id);
+        }
+        for (ident, id) in self.live.drain() {
+            if !next.contains_key(&ident) {
+                self.retired.push(id);
+            }
+        }
+        self.live = next;
+        self.free = free;
+        Ok(out)
+    }
+
+    /// Frees retired ids whose active connection count is zero.
+    pub fn release_idle(&mut self, active: impl Fn(u32) -> u32) -> usize {
+        let before = self.retired.len();
+        let (idle, busy): (Vec<u32>, Vec<u32>) = self.retired.drain(..).partition(|&id| active(id) == 0);
+        self.retired = busy;
+        self.free.extend(idle);
+        before - self.retired.len()
+    }
+
+    pub fn retired(&self) -> &[u32] {
+        &self.retired
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ident(last: u8) -> BackendIdentity {
+        BackendIdentity {
+            vip: Ipv4Addr::new(198, 18, 0, 10),
+            vport: 80,
+            proto: 6,
+            addr: Ipv4Addr::new(198, 19, 1, last),
+            port: 8080,
+        }
+    }
+
+    #[test]
+    fn ids_are_stable_and_not_reused_while_referenced() {
+        let mut a = IdAllocator::new(4);
+        let first = a.assign(&[ident(1), ident(2), ident(3)]).unwrap();
+        let second = a.assign(&[ident(3), ident(1)]).unwrap();
+        assert_eq!(second, vec![first[2], first[0]]);
+        assert_eq!(a.retired(), &[first[1]]);
+        // ident(2)'s id still has connections: a newcomer must not get it.
+        let third = a.assign(&[ident(3), ident(1), ident(4)]).unwrap();
+        assert!(!third.contains(&first[1]));
+        assert_eq!(a.release_idle(|id| if id == first[1] { 1 } else { 0 }), 0);
+        assert_eq!(a.release_idle(|_| 0), 1);
+        assert!(a.assign(&[ident(3), ident(1), ident(4), ident(5), ident(6)]).is_err());
+    }
+}

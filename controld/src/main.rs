@@ -1,0 +1,337 @@
+//! controld: the control processor of a switchyard instance.
+//!
+//! `controld --config FILE --check` validates a configuration and exits.
+//! `controld --config FILE` creates the region and the virtual NICs,
+//! publishes the configuration and routing tables, starts and supervises one
+//! switchd per `[[switch]]`, re-reads the file on SIGHUP, and on SIGTERM
+//! stops the switches and removes everything it created.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use clap::Parser;
+use controld::config::{self, Config};
+use controld::gc::Gc;
+use controld::ids::IdAllocator;
+use controld::supervisor::{Supervisor, SwitchSpec};
+use controld::{events, master, publisher};
+use shm_layout::header::REGION_STOPPING;
+use shm_layout::{Access, Capacities, Mapping, Region, RegionError, region_name};
+
+#[derive(Parser, Debug)]
+#[command(version, about = "switchyard control processor")]
+struct Args {
+    /// Configuration file (TOML).
+    #[arg(long, short = 'c', default_value = "/etc/switchyard/switchyard.toml")]
+    config: PathBuf,
+    /// Validate the configuration and exit (0 = valid).
+    #[arg(long)]
+    check: bool,
+    /// Path of the switchd binary (default: next to controld).
+    #[arg(long)]
+    switchd: Option<PathBuf>,
+    /// Write controld's pid to this file.
+    #[arg(long)]
+    pidfile: Option<PathBuf>,
+}
+
+fn main() {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    let args = Args::parse();
+    let code = match run(&args) {
+        Ok(()) => 0,
+        Err(e) => {
+            eprintln!("controld: {e:#}");
+            1
+        }
+    };
+    std::process::exit(code);
+}
+
+fn online_cpus() -> usize {
+    std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+}
+
+/// Checks that only need this machine (not expressible in the file alone).
+fn check_machine(cfg: &Config) -> Result<()> {
+    let n = online_cpus();
+    // SAFETY: sysconf has no memory-safety preconditions.
+    let configured = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_CONF) }.max(1) as usize;
+    for s in &cfg.switches {
+        if s.cpu >= configured.max(n) {
+            bail!(
+                "switch {:?}: cpu {} does not exist on this machine (CPUs 0..={})",
+                s.name,
+                s.cpu,
+                configured.max(n) - 1
+            );
+        }
+    }
+    Ok(())
+}
+
+fn capacities(cfg: &Config) -> Capacities {
+    Capacities {
+        services: cfg.limits.services,
+        backends: cfg.limits.backends,
+        backend_ids: cfg.limits.backends.saturating_mul(4),
+        conn_slots: cfg.limits.connections,
+        routes: cfg.limits.routes,
+        neighbours: cfg.limits.neighbours,
+        switches: cfg.switches.len() as u32,
+        maglev_m: cfg.limits.maglev_table_size,
+        ring_slots: 4096,
+        _pad: 0,
+    }
+}
+
+fn vnic_name(instance: &str, switch: &str) -> String {
+    format!("switchyard.{instance}.vnic.{switch}")
+}
+
+/// Settings that shape the region or the processes: a reload may not change them.
+fn restart_only_changes(old: &Config, new: &Config) -> Vec<&'static str> {
+    let mut v = Vec::new();
+    if old.instance != new.instance {
+        v.push("instance");
+    }
+    if old.limits != new.limits {
+        v.push("limits");
+    }
+    if old.ports != new.ports {
+        v.push("port");
+    }
+    if old.switches != new.switches {
+        v.push("switch");
+    }
+    v
+}
+
+/// Creates the region, taking over a stale one whose controld is gone.
+fn create_region(cfg: &Config) -> Result<Region> {
+    let name = region_name(&cfg.instance);
+    if Mapping::exists(&name) {
+        match Region::attach(&cfg.instance, Access::ReadOnly) {
+            Ok(r) => {
+                let pid = r.header().controld_pid.load(Ordering::Relaxed);
+                if shm_layout::time::pid_alive(pid) && pid != std::process::id() {
+                    bail!("instance {:?} is already running (controld pid {pid})", cfg.instance);
+                }
+                log::warn!("removing stale region /dev/shm/{name} left by controld pid {pid}");
+            }
+            Err(RegionError::Fingerprint { found, .. }) => {
+                log::warn!(
+                    "removing stale region /dev/shm/{name} from a different build (fingerprint {found:#018x})"
+                );
+            }
+            Err(e) => log::warn!("removing unreadable region /dev/shm/{name}: {e}"),
+        }
+        Mapping::unlink(&name)?;
+    }
+    Ok(Region::create(&cfg.instance, capacities(cfg))?)
+}
+
+fn create_vnics(cfg: &Config) -> Result<Vec<String>> {
+    let mut made = Vec::new();
+    for s in &cfg.switches {
+        let name = vnic_name(&cfg.instance, &s.name);
+        if Mapping::exists(&name) {
+            Mapping::unlink(&name)?;
+        }
+        let ports: Vec<netdrv::vnic::PortSpec> = s
+            .ports
+            .iter()
+            .map(|&p| netdrv::vnic::PortSpec {
+                name: cfg.ports[p].name.clone(),
+                mac: cfg.ports[p].mac,
+            })
+            .collect();
+        let ring = s.ports.iter().map(|&p| cfg.ports[p].ring_size).max().unwrap_or(1024);
+        let frames = ports.len() as u32 * 2 * ring + 256 + 4 * s.burst;
+        netdrv::vnic::create(&name, &ports, ring, frames)
+            .with_context(|| format!("creating vnic {name}"))?;
+        made.push(name);
+    }
+    Ok(made)
+}
+
+/// Removes what this controld created, on every exit path.
+struct Cleanup {
+    names: Vec<String>,
+}
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        for n in &self.names {
+            let _ = Mapping::unlink(n);
+        }
+    }
+}
+
+struct State {
+    cfg: Config,
+    ids: IdAllocator,
+    timeouts: shm_layout::conntrack::Timeouts,
+}
+
+fn publish_all(region: &Region, st: &mut State, cfg: Config) -> Result<(u64, u64)> {
+    let snap = master::config_snapshot(&cfg, &mut st.ids).map_err(anyhow::Error::msg)?;
+    let rsnap = master::routing_snapshot(&cfg);
+    publisher::check_fits(region, &snap).map_err(anyhow::Error::msg)?;
+    let ack = Duration::from_millis(cfg.publish.ack_timeout_ms as u64);
+    let rep = publisher::publish_config(region, &snap, ack).map_err(anyhow::Error::msg)?;
+    for e in &rep.excluded {
+        log::error!(
+            "switch {} (pid {}) did not acknowledge configuration generation {} within {ack:?}: excluded",
+            e.switch,
+            e.pid,
+            rep.generation - 1
+        );
+    }
+    let rrep = publisher::publish_routing(region, &rsnap, ack).map_err(anyhow::Error::msg)?;
+    st.timeouts = shm_layout::conntrack::Timeouts {
+        tcp_syn_ms: snap.tcp_syn_ms,
+        tcp_established_ms: snap.tcp_established_ms,
+        tcp_fin_ms: snap.tcp_fin_ms,
+        udp_ms: snap.udp_ms,
+    };
+    st.cfg = cfg;
+    Ok((rep.generation, rrep.generation))
+}
+
+fn reload(region: &Region, st: &mut State, path: &Path) {
+    let new = match config::load(path) {
+        Ok(c) => c,
+        Err(e) => {
+            log::error!("reload refused, running configuration kept: {e}");
+            return;
+        }
+    };
+    let changed = restart_only_changes(&st.cfg, &new);
+    if !changed.is_empty() {
+        log::error!(
+            "reload refused, running configuration kept: [{}] changed, which needs a restart",
+            changed.join("], [")
+        );
+        return;
+    }
+    match publish_all(region, st, new) {
+        Ok((c, r)) => log::info!("reloaded {}: configuration generation {c}, routing generation {r}", path.display()),
+        Err(e) => log::error!("reload refused, running configuration kept: {e:#}"),
+    }
+}
+
+fn run(args: &Args) -> Result<()> {
+    let cfg = config::load(&args.config).map_err(|e| anyhow::anyhow!("{e}"))?;
+    check_machine(&cfg).with_context(|| format!("{}", args.config.display()))?;
+    if args.check {
+        // Build the snapshot too: it catches what only the master knows.
+        let mut ids = IdAllocator::new(cfg.limits.backends.saturating_mul(4));
+        master::config_snapshot(&cfg, &mut ids)
+            .map_err(|e| anyhow::anyhow!("{}: {e}", args.config.display()))?;
+        let backends: usize = cfg.services.iter().map(|s| s.backends.len()).sum();
+        println!(
+            "{}: OK ({} services, {} backends, {} switches, {} ports)",
+            args.config.display(),
+            cfg.services.len(),
+            backends,
+            cfg.switches.len(),
+            cfg.ports.len()
+        );
+        return Ok(());
+    }
+    let switchd = match &args.switchd {
+        Some(p) => p.clone(),
+        None => std::env::current_exe()?.with_file_name("switchd"),
+    };
+    if !switchd.exists() {
+        bail!("switchd binary not found at {} (use --switchd PATH)", switchd.display());
+    }
+
+    let term = Arc::new(AtomicBool::new(false));
+    let hup = Arc::new(AtomicBool::new(false));
+    for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
+        signal_hook::flag::register(sig, Arc::clone(&term))?;
+    }
+    signal_hook::flag::register(signal_hook::consts::SIGHUP, Arc::clone(&hup))?;
+
+    let region = create_region(&cfg)?;
+    let mut cleanup = Cleanup {
+        names: vec![region.name().to_string()],
+    };
+    cleanup.names.extend(create_vnics(&cfg)?);
+    if let Some(p) = &args.pidfile {
+        std::fs::write(p, format!("{}\n", std::process::id()))
+            .with_context(|| format!("writing pid file {}", p.display()))?;
+    }
+
+    let mut st = State {
+        ids: IdAllocator::new(region.caps().backend_ids),
+        cfg: cfg.clone(),
+        timeouts: shm_layout::conntrack::Timeouts {
+            tcp_syn_ms: 0,
+            tcp_established_ms: 0,
+            tcp_fin_ms: 0,
+            udp_ms: 0,
+        },
+    };
+    let (cg, rg) = publish_all(&region, &mut st, cfg.clone())?;
+    log::info!(
+        "instance {:?}: region /dev/shm/{} ({} MiB), configuration generation {cg}, routing generation {rg}",
+        cfg.instance,
+        region.name(),
+        region.header().total_len >> 20
+    );
+
+    let specs = cfg
+        .switches
+        .iter()
+        .enumerate()
+        .map(|(i, s)| SwitchSpec {
+            index: i,
+            name: s.name.clone(),
+            cpu: s.cpu,
+            idle: match s.idle {
+                config::Idle::Busy => "busy",
+                config::Idle::Adaptive => "adaptive",
+            },
+            burst: s.burst as usize,
+            vnic: vnic_name(&cfg.instance, &s.name),
+        })
+        .collect();
+    let mut sup = Supervisor::new(switchd, &cfg.instance, specs);
+    sup.start_all(&region)?;
+
+    let mut gc = Gc::default();
+    let mut ev = events::EventDrain::default();
+    let gc_per_tick = (region.caps().conn_slots / 32).clamp(1024, 1 << 16);
+    let mut last_release = Instant::now();
+    while !term.load(Ordering::Relaxed) {
+        if hup.swap(false, Ordering::Relaxed) {
+            reload(&region, &mut st, &args.config);
+        }
+        sup.poll(&region);
+        gc.step(&region, &st.timeouts, gc_per_tick);
+        ev.drain(&region);
+        if last_release.elapsed() > Duration::from_secs(1) {
+            let counters = region.backend_counters();
+            st.ids.release_idle(|id| {
+                counters.get(id as usize).map(|c| c.active.load(Ordering::Relaxed)).unwrap_or(0)
+            });
+            last_release = Instant::now();
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    log::info!("stopping: terminating switches");
+    region.header().state.store(REGION_STOPPING, Ordering::SeqCst);
+    sup.stop_all(&region, Duration::from_secs(3));
+    if let Some(p) = &args.pidfile {
+        let _ = std::fs::remove_file(p);
+    }
+    drop(cleanup);
+    log::info!("stopped; region and virtual NICs removed");
+    Ok(())
+}

@@ -1,0 +1,80 @@
+//! The publisher: the single writer of the configuration and routing slots.
+//! It only copies a snapshot into the inactive slot; the protocol lives in
+//! `shm_layout::publish`.
+
+use std::time::Duration;
+
+use shm_layout::config_slot::MAX_PORTS;
+use shm_layout::{PublishReport, Region};
+
+use crate::master::{ConfigSnapshot, RoutingSnapshot};
+
+/// Whether a snapshot fits the region's capacities (checked before publishing,
+/// so a too-large configuration is refused, never truncated).
+pub fn check_fits(region: &Region, snap: &ConfigSnapshot) -> Result<(), String> {
+    let caps = region.caps();
+    if snap.services.len() > caps.services as usize {
+        return Err(format!("{} services exceed the region's capacity of {}", snap.services.len(), caps.services));
+    }
+    if snap.backends.len() > caps.backends as usize {
+        return Err(format!("{} backends exceed the region's capacity of {}", snap.backends.len(), caps.backends));
+    }
+    if snap.ports.len() > MAX_PORTS {
+        return Err(format!("{} ports exceed the maximum of {MAX_PORTS}", snap.ports.len()));
+    }
+    if snap.maglev_m != caps.maglev_m {
+        return Err(format!(
+            "maglev_table_size {} differs from the region's {} (changing it needs a restart)",
+            snap.maglev_m, caps.maglev_m
+        ));
+    }
+    Ok(())
+}
+
+pub fn publish_config(region: &Region, snap: &ConfigSnapshot, ack_timeout: Duration) -> Result<PublishReport, String> {
+    check_fits(region, snap)?;
+    let m = snap.maglev_m as usize;
+    Ok(region.publish_config(ack_timeout, |slot| {
+        let h = &mut *slot.header;
+        h.n_services = snap.services.len() as u32;
+        h.n_backends = snap.backends.len() as u32;
+        h.n_ports = snap.ports.len() as u32;
+        h.maglev_m = snap.maglev_m;
+        h.tcp_syn_ms = snap.tcp_syn_ms;
+        h.tcp_established_ms = snap.tcp_established_ms;
+        h.tcp_fin_ms = snap.tcp_fin_ms;
+        h.udp_ms = snap.udp_ms;
+        h.ports = Default::default();
+        h.ports[..snap.ports.len()].copy_from_slice(&snap.ports);
+        slot.services.fill(Default::default());
+        slot.services[..snap.services.len()].copy_from_slice(&snap.services);
+        slot.backends.fill(Default::default());
+        slot.backends[..snap.backends.len()].copy_from_slice(&snap.backends);
+        for (i, t) in snap.tables.iter().enumerate() {
+            let area = &mut slot.maglev[i * m..(i + 1) * m];
+            area[..t.len()].copy_from_slice(t);
+            area[t.len()..].fill(0);
+        }
+    }))
+}
+
+pub fn publish_routing(region: &Region, snap: &RoutingSnapshot, ack_timeout: Duration) -> Result<PublishReport, String> {
+    let caps = region.caps();
+    if snap.routes.len() > caps.routes as usize || snap.neighbours.len() > caps.neighbours as usize {
+        return Err(format!(
+            "{} routes / {} neighbours exceed the region's capacity of {} / {}",
+            snap.routes.len(),
+            snap.neighbours.len(),
+            caps.routes,
+            caps.neighbours
+        ));
+    }
+    Ok(region.publish_routing(ack_timeout, |slot| {
+        slot.header.n_routes = snap.routes.len() as u32;
+        slot.header.n_neighbours = snap.neighbours.len() as u32;
+        slot.routes.fill(Default::default());
+        slot.routes[..snap.routes.len()].copy_from_slice(&snap.routes);
+        slot.neighbours.fill(Default::default());
+        slot.neighbours[..snap.neighbours.len()].copy_from_slice(&snap.neighbours);
+    }))
+}

@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# The whole test suite: installs what a fresh machine lacks, builds the
+# binaries the multi-process tests start, and runs every test.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+missing=()
+command -v pkill >/dev/null 2>&1 || missing+=(procps)
+if [ ${#missing[@]} -gt 0 ]; then
+    if [ "$(id -u)" = 0 ]; then
+        apt-get update -qq && apt-get install -y -qq "${missing[@]}"
+    else
+        echo "missing packages: ${missing[*]} (install them as root)" >&2
+        exit 1
+    fi
+fi
+
+cargo build --release --workspace --bins
+# Multi-process tests start real daemons pinned to CPUs; one test at a time
+# keeps them from starving each other on a small machine.
+cargo test --release --workspace -- --test-threads=1

@@ -1,0 +1,206 @@
+//! The packet engine: the poll loop. Moves bursts between the NIC and the
+//! filter; updates heartbeat, acknowledgements and counters once per loop.
+
+use core::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use netdrv::{Frame, Nic};
+use shm_layout::config_slot::MAX_PORTS;
+use shm_layout::publish::Table;
+use shm_layout::region::{Region, ms_since};
+use shm_layout::switch_slot::{Counter, N_COUNTERS, SW_RUNNING, SwitchSlot};
+use shm_layout::time::mono_ns;
+
+use crate::filter::{self, Ctx, Verdict};
+
+/// How the loop waits when there is no traffic.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Idle {
+    /// Spin forever: lowest latency, owns the CPU.
+    Busy,
+    /// Spin for a while, then sleep with growing naps (10 µs .. 500 µs).
+    Adaptive,
+}
+
+/// Engine settings.
+#[derive(Clone, Copy, Debug)]
+pub struct Settings {
+    pub switch_index: usize,
+    pub burst: usize,
+    pub idle: Idle,
+}
+
+/// Which global port each of the NIC's local ports is, and back.
+#[derive(Clone, Debug, Default)]
+pub struct PortMap {
+    /// local -> global id
+    pub global: Vec<u32>,
+    /// global id -> local
+    pub local: [Option<u8>; MAX_PORTS],
+    /// global id -> MAC (only for ports this switch serves)
+    pub mac: [Option<[u8; 6]>; MAX_PORTS],
+}
+
+impl PortMap {
+    /// Matches the NIC's port names against the configuration's ports.
+    pub fn build(names: &[String], macs: &[[u8; 6]], cfg_ports: &[(String, [u8; 6])]) -> Result<Self, String> {
+        let mut m = PortMap::default();
+        for (local, name) in names.iter().enumerate() {
+            let Some(g) = cfg_ports.iter().position(|(n, _)| n == name) else {
+                return Err(format!(
+                    "NIC port {name:?} is not in the published configuration (ports: {})",
+                    cfg_ports.iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>().join(", ")
+                ));
+            };
+            m.global.push(g as u32);
+            m.local[g] = Some(local as u8);
+            m.mac[g] = Some(macs[local]);
+        }
+        Ok(m)
+    }
+}
+
+const SPINS_BEFORE_SLEEP: u32 = 256;
+const MIN_NAP: Duration = Duration::from_micros(10);
+const MAX_NAP: Duration = Duration::from_micros(500);
+
+/// Runs the poll loop until `stop` is set.
+pub fn run<N: Nic>(
+    region: &Region,
+    nic: &mut N,
+    ports: &dyn Fn(&Region) -> Result<PortMap, String>,
+    settings: Settings,
+    stop: &AtomicBool,
+) -> Result<(), String> {
+    let me: &SwitchSlot = &region.switch_slots()[settings.switch_index];
+    let pid = std::process::id();
+    let epoch = region.header().created_ns;
+    let backends = region.backend_counters();
+    let ct = region.conntrack();
+    let events = region.ring(settings.switch_index);
+    let mut counters = [0u64; N_COUNTERS];
+    for (c, w) in counters.iter_mut().zip(&me.counters) {
+        *c = w.load(Ordering::Relaxed);
+    }
+    let burst = settings.burst.clamp(1, 256);
+    let mut frames = [Frame { buf: 0, len: 0 }; 256];
+    let mut port_map: Option<(u64, PortMap)> = None;
+    let mut empty_loops = 0u32;
+    let mut nap = MIN_NAP;
+
+    me.pid.store(pid, Ordering::Relaxed);
+    me.started_ns.store(mono_ns(), Ordering::Relaxed);
+    // Before the first read of `active` (see publish.rs).
+    me.state.store(SW_RUNNING, Ordering::SeqCst);
+
+    while !stop.load(Ordering::Relaxed) {
+        let now = mono_ns();
+        me.heartbeat_ns.store(now, Ordering::Relaxed);
+        let ctok = region.begin_read(Table::Config);
+        let rtok = region.begin_read(Table::Routing);
+        let mut moved = 0usize;
+
+        if ctok.stamp == 0 {
+            // Nothing published yet: receive and drop, so rings keep moving.
+            for local in 0..nic.port_count() {
+                let n = nic.rx_burst(local, &mut frames[..burst]);
+                for f in &frames[..n] {
+                    nic.free(*f);
+                }
+                counters[Counter::DropNoConfig as usize] += n as u64;
+                moved += n;
+            }
+        } else {
+            if port_map.as_ref().is_none_or(|(g, _)| *g != ctok.stamp) {
+                port_map = Some((ctok.stamp, ports(region)?));
+            }
+            let map = &port_map.as_ref().expect("set above").1;
+            let port_mac = |g: u32| map.mac.get(g as usize).copied().flatten();
+            let cfg = region.config_view(ctok.slot);
+            let mut ctx = Ctx {
+                timeouts: cfg.header.timeouts(),
+                cfg,
+                rt: region.routing_view(rtok.slot),
+                ct,
+                backends,
+                events: Some(events),
+                now_ms: ms_since(epoch, now),
+                pid,
+                counters: &mut counters,
+            };
+            for local in 0..nic.port_count() {
+                let n = nic.rx_burst(local, &mut frames[..burst]);
+                if n == 0 {
+                    continue;
+                }
+                moved += n;
+                let in_port = map.global[local];
+                let mut tx_dirty = [false; MAX_PORTS];
+                for f in &frames[..n] {
+                    ctx.counters[Counter::RxPackets as usize] += 1;
+                    ctx.counters[Counter::RxBytes as usize] += f.len as u64;
+                    let buf = nic.buf_mut(*f);
+                    match filter::process(buf, f.len as usize, in_port, &port_mac, &mut ctx) {
+                        Verdict::Tx { port, len } => {
+                            let Some(out) = map.local.get(port as usize).copied().flatten() else {
+                                ctx.counters[Counter::DropEgressPort as usize] += 1;
+                                nic.free(*f);
+                                continue;
+                            };
+                            let out_frame = Frame { buf: f.buf, len: len as u16 };
+                            match nic.tx(out as usize, out_frame) {
+                                Ok(()) => {
+                                    ctx.counters[Counter::TxPackets as usize] += 1;
+                                    ctx.counters[Counter::TxBytes as usize] += len as u64;
+                                    tx_dirty[out as usize] = true;
+                                }
+                                Err(back) => {
+                                    ctx.counters[Counter::DropTxFull as usize] += 1;
+                                    nic.free(back);
+                                }
+                            }
+                        }
+                        Verdict::Drop => nic.free(*f),
+                    }
+                }
+                for (p, dirty) in tx_dirty.iter().enumerate() {
+                    if *dirty {
+                        nic.flush(p);
+                    }
+                }
+            }
+        }
+        nic.reclaim();
+        if !region.end_read(Table::Config, ctok, me) {
+            counters[Counter::TornBursts as usize] += 1;
+        }
+        region.end_read(Table::Routing, rtok, me);
+        counters[Counter::Loops as usize] += 1;
+
+        if moved == 0 && settings.idle == Idle::Adaptive {
+            empty_loops += 1;
+            if empty_loops > SPINS_BEFORE_SLEEP {
+                counters[Counter::IdleSleeps as usize] += 1;
+                publish_counters(me, &counters);
+                std::thread::sleep(nap);
+                nap = (nap * 2).min(MAX_NAP);
+                continue;
+            }
+        } else {
+            empty_loops = 0;
+            nap = MIN_NAP;
+        }
+        if moved > 0 || counters[Counter::Loops as usize] % 64 == 0 {
+            publish_counters(me, &counters);
+        }
+    }
+    publish_counters(me, &counters);
+    Ok(())
+}
+
+#[inline]
+fn publish_counters(me: &SwitchSlot, counters: &[u64; N_COUNTERS]) {
+    for (w, c) in me.counters.iter().zip(counters) {
+        w.store(*c, Ordering::Relaxed);
+    }
+}

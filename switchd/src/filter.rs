@@ -1,0 +1,473 @@
+//! The packet filter: one frame in, one verdict out.
+//!
+//! Pure over the frame bytes and the table views in [`Ctx`]; it performs no
+//! I/O, no allocation and no system call. The engine calls it per frame and
+//! acts on the [`Verdict`]. See DESIGN.md §3 for the decision list; the
+//! code below follows it step by step.
+
+use core::sync::atomic::Ordering;
+
+use shm_layout::config_slot::{
+    BackendRec, ConfigView, MODE_NAT, PROTO_TCP, PROTO_UDP, ServiceRec,
+};
+use shm_layout::conntrack::{
+    CONN_MIDFLOW, Conn, ConnSlot, ConnTable, Direction, FlowKey, Hit, InsertError, STATE_ACTIVE,
+    STATE_CLOSING, STATE_ESTABLISHED, STATE_SYN, Timeouts,
+};
+use shm_layout::ring::{Ring, midflow_event};
+use shm_layout::routing_slot::{NoRoute, RoutingView};
+use shm_layout::switch_slot::{BackendCounters, Counter, N_COUNTERS};
+
+use crate::hash::table_index;
+use crate::wire::{self, checksum, tcp};
+
+/// What to do with a frame.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Verdict {
+    /// Transmit `len` bytes on global port `port`.
+    Tx { port: u32, len: usize },
+    /// Drop it; the reason was counted.
+    Drop,
+}
+
+/// Everything the filter reads and writes besides the frame.
+pub struct Ctx<'a> {
+    pub cfg: ConfigView<'a>,
+    pub rt: RoutingView<'a>,
+    pub ct: ConnTable<'a>,
+    pub backends: &'a [BackendCounters],
+    pub events: Option<Ring<'a>>,
+    pub timeouts: Timeouts,
+    pub now_ms: u32,
+    pub pid: u32,
+    /// Local counters, published by the engine once per loop.
+    pub counters: &'a mut [u64; N_COUNTERS],
+}
+
+impl core::fmt::Debug for Ctx<'_> {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("Ctx").field("now_ms", &self.now_ms).finish_non_exhaustive()
+    }
+}
+
+impl Ctx<'_> {
+    #[inline]
+    fn count(&mut self, c: Counter) {
+        self.counters[c as usize] += 1;
+    }
+
+    #[inline]
+    fn drop(&mut self, c: Counter) -> Verdict {
+        self.count(c);
+        Verdict::Drop
+    }
+
+    #[inline]
+    fn expired(&self, slot: &ConnSlot) -> bool {
+        slot.expired(self.now_ms, &self.timeouts)
+    }
+}
+
+/// Parsed facts about an IPv4 TCP/UDP packet that the decision needs.
+#[derive(Clone, Copy, Debug)]
+struct L4 {
+    key: FlowKey,
+    /// TCP flags (0 for UDP).
+    flags: u8,
+    /// Offset of the L4 header in the frame.
+    l4_off: usize,
+    /// Frame length as the IP header says (Ethernet padding excluded).
+    frame_len: usize,
+    ip_len: u16,
+}
+
+/// Runs the filter on one frame received on global port `in_port`.
+/// `port_mac(p)` gives the MAC of global port `p` (`None` if this switch
+/// does not serve it).
+#[inline]
+pub fn process(
+    frame: &mut [u8],
+    len: usize,
+    in_port: u32,
+    port_mac: &impl Fn(u32) -> Option<[u8; 6]>,
+    ctx: &mut Ctx<'_>,
+) -> Verdict {
+    let frame_len = len.min(frame.len());
+    let Ok(eth) = wire::EthernetFrame::new_checked(&frame[..frame_len]) else {
+        return ctx.drop(Counter::DropMalformed);
+    };
+    match eth.ethertype() {
+        wire::ETHERTYPE_IPV4 => {}
+        wire::ETHERTYPE_ARP => return arp(frame, frame_len, in_port, port_mac, ctx),
+        _ => return ctx.drop(Counter::DropNonIp),
+    }
+    let l4 = match parse_ip(&frame[..frame_len], ctx) {
+        Ok(l4) => l4,
+        Err(v) => return v,
+    };
+    if is_vip(&ctx.cfg, l4.key.dst_ip) {
+        to_vip(frame, &l4, in_port, port_mac, ctx)
+    } else {
+        from_backend(frame, &l4, port_mac, ctx)
+    }
+}
+
+fn parse_ip(frame: &[u8], ctx: &mut Ctx<'_>) -> Result<L4, Verdict> {
+    const ETH: usize = wire::ETHERNET_HEADER_LEN;
+    let Ok(ip) = wire::Ipv4Packet::new_checked(&frame[ETH..]) else {
+        return Err(ctx.drop(Counter::DropMalformed));
+    };
+    if !ip.verify_checksum() {
+        return Err(ctx.drop(Counter::DropMalformed));
+    }
+    if ip.is_fragment() {
+        return Err(ctx.drop(Counter::DropFragment));
+    }
+    let proto = ip.protocol();
+    let hl = ip.header_len();
+    let total = ip.total_len() as usize;
+    let l4_off = ETH + hl;
+    let l4 = &frame[l4_off..ETH + total];
+    let (src_port, dst_port, flags) = match proto {
+        PROTO_TCP => match wire::TcpSegment::new_checked(l4) {
+            Ok(t) => (t.src_port(), t.dst_port(), t.flags()),
+            Err(_) => return Err(ctx.drop(Counter::DropMalformed)),
+        },
+        PROTO_UDP => match wire::UdpDatagram::new_checked(l4) {
+            Ok(u) => (u.src_port(), u.dst_port(), 0),
+            Err(_) => return Err(ctx.drop(Counter::DropMalformed)),
+        },
+        _ => return Err(ctx.drop(Counter::DropNotOurs)),
+    };
+    Ok(L4 {
+        key: FlowKey {
+            proto,
+            src_ip: u32::from_be_bytes(ip.src_addr()),
+            dst_ip: u32::from_be_bytes(ip.dst_addr()),
+            src_port,
+            dst_port,
+        },
+        flags,
+        l4_off,
+        frame_len: ETH + total,
+        ip_len: total as u16,
+    })
+}
+
+#[inline]
+fn is_vip(cfg: &ConfigView<'_>, ip: u32) -> bool {
+    cfg.services().iter().any(|s| s.vip == ip)
+}
+
+#[inline]
+fn find_service<'a>(cfg: &ConfigView<'a>, k: &FlowKey) -> Option<(usize, &'a ServiceRec)> {
+    cfg.services()
+        .iter()
+        .enumerate()
+        .find(|(_, s)| s.vip == k.dst_ip && s.port == k.dst_port && s.proto == k.proto)
+}
+
+fn arp(
+    frame: &mut [u8],
+    len: usize,
+    in_port: u32,
+    port_mac: &impl Fn(u32) -> Option<[u8; 6]>,
+    ctx: &mut Ctx<'_>,
+) -> Verdict {
+    const ETH: usize = wire::ETHERNET_HEADER_LEN;
+    let Ok(arp) = wire::ArpPacket::new_checked(&frame[ETH..len]) else {
+        return ctx.drop(Counter::DropMalformed);
+    };
+    if arp.operation() != wire::ARP_REQUEST
+        || !is_vip(&ctx.cfg, u32::from_be_bytes(arp.target_protocol_addr()))
+    {
+        return ctx.drop(Counter::DropNotOurs);
+    }
+    let Some(mac) = port_mac(in_port) else {
+        return ctx.drop(Counter::DropEgressPort);
+    };
+    match wire::arp_reply_in_place(&mut frame[..len], mac) {
+        Ok(n) => {
+            ctx.count(Counter::ArpReplies);
+            Verdict::Tx { port: in_port, len: n }
+        }
+        Err(_) => ctx.drop(Counter::DropMalformed),
+    }
+}
+
+/// Client -> VIP.
+fn to_vip(
+    frame: &mut [u8],
+    l4: &L4,
+    in_port: u32,
+    port_mac: &impl Fn(u32) -> Option<[u8; 6]>,
+    ctx: &mut Ctx<'_>,
+) -> Verdict {
+    let is_tcp = l4.key.proto == PROTO_TCP;
+    let syn = is_tcp && l4.flags & tcp::SYN != 0 && l4.flags & tcp::ACK == 0;
+    let rst = is_tcp && l4.flags & tcp::RST != 0;
+    if let Some(hit) = ctx.ct.lookup(&l4.key).filter(|h| h.dir == Direction::Forward) {
+        let slot = ctx.ct.slot(hit.idx);
+        if !ctx.expired(slot) {
+            ctx.count(Counter::FwdHit);
+            touch(slot, l4, ctx.now_ms, Direction::Forward);
+            return forward(frame, l4, &hit.conn, port_mac, ctx);
+        }
+    }
+    let Some((svc_idx, svc)) = find_service(&ctx.cfg, &l4.key) else {
+        if !is_tcp {
+            return ctx.drop(Counter::DropNoServiceUdp);
+        }
+        if rst {
+            return ctx.drop(Counter::DropTcpNoEntry);
+        }
+        return match wire::tcp_rst_in_place(frame, l4.frame_len) {
+            Ok(n) => {
+                ctx.count(Counter::RstSent);
+                Verdict::Tx { port: in_port, len: n }
+            }
+            Err(_) => ctx.drop(Counter::DropMalformed),
+        };
+    };
+    let Some(backend) = schedule(&ctx.cfg, svc, &l4.key) else {
+        return ctx.drop(Counter::DropNoBackend);
+    };
+    let conn = Conn {
+        proto: l4.key.proto,
+        mode: svc.mode,
+        flags: if is_tcp && !syn { CONN_MIDFLOW } else { 0 },
+        backend_id: backend.id,
+        client_ip: l4.key.src_ip,
+        client_port: l4.key.src_port,
+        vip: l4.key.dst_ip,
+        vip_port: l4.key.dst_port,
+        backend_ip: backend.ip,
+        backend_port: backend.port,
+        service: svc_idx as u16,
+        created_ms: ctx.now_ms,
+    };
+    if rst {
+        // Never create state for a RST; send it where the connection lives.
+        ctx.count(Counter::DropTcpNoEntry);
+        return forward(frame, l4, &conn, port_mac, ctx);
+    }
+    let state = match (is_tcp, syn) {
+        (false, _) => STATE_ACTIVE,
+        (true, true) => STATE_SYN,
+        (true, false) => STATE_ESTABLISHED,
+    };
+    let conn = match insert(&conn, state, ctx) {
+        Ok(c) => c,
+        Err(v) => return v,
+    };
+    if conn.flags & CONN_MIDFLOW != 0 {
+        ctx.count(Counter::ConnMidflow);
+        if let Some(r) = &ctx.events {
+            r.push(midflow_event(&conn, ctx.now_ms));
+        }
+    } else {
+        ctx.count(Counter::ConnNew);
+    }
+    forward(frame, l4, &conn, port_mac, ctx)
+}
+
+/// Inserts a new connection; on a race with another switch inserting the
+/// same flow, uses the winner's entry.
+fn insert(conn: &Conn, state: u32, ctx: &mut Ctx<'_>) -> Result<Conn, Verdict> {
+    let with_reply = conn.mode == MODE_NAT;
+    let res = {
+        let c = &*ctx;
+        c.ct.insert(conn, with_reply, c.now_ms, state, c.pid, |s| c.expired(s))
+    };
+    match res {
+        Ok(ins) => {
+            if let Some(b) = ctx.backends.get(conn.backend_id as usize) {
+                b.active.fetch_add(1, Ordering::Relaxed);
+                b.total.fetch_add(1, Ordering::Relaxed);
+            }
+            for id in ins.evicted_backends.into_iter().flatten() {
+                if let Some(b) = ctx.backends.get(id as usize) {
+                    let _ = b.active.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| v.checked_sub(1));
+                }
+            }
+            Ok(*conn)
+        }
+        Err(InsertError::Exists(idx)) => match ctx.ct.snapshot(idx).and_then(|s| s.conn()) {
+            Some(c) => Ok(c),
+            None => Ok(*conn),
+        },
+        Err(InsertError::Full | InsertError::ReplyConflict) => Err(ctx.drop(Counter::DropTableFull)),
+    }
+}
+
+/// Weighted Maglev: the table entry the flow hashes to.
+#[inline]
+fn schedule<'a>(cfg: &ConfigView<'a>, svc: &ServiceRec, key: &FlowKey) -> Option<&'a BackendRec> {
+    let table = cfg.service_table(svc);
+    if table.is_empty() {
+        return None;
+    }
+    let local = table[table_index(key, table.len())] as usize;
+    cfg.service_backends(svc).get(local)
+}
+
+/// Backend -> client (NAT replies).
+fn from_backend(
+    frame: &mut [u8],
+    l4: &L4,
+    port_mac: &impl Fn(u32) -> Option<[u8; 6]>,
+    ctx: &mut Ctx<'_>,
+) -> Verdict {
+    let Some(hit) = ctx.ct.lookup(&l4.key).filter(|h| h.dir == Direction::Reply) else {
+        return ctx.drop(Counter::DropNotOurs);
+    };
+    let slot = ctx.ct.slot(hit.idx);
+    if ctx.expired(slot) {
+        return ctx.drop(Counter::DropNotOurs);
+    }
+    ctx.count(Counter::ReplyHit);
+    touch(slot, l4, ctx.now_ms, Direction::Reply);
+    reverse(frame, l4, &hit, port_mac, ctx)
+}
+
+/// Refreshes an entry's time, TCP state and counters.
+#[inline]
+fn touch(slot: &ConnSlot, l4: &L4, now_ms: u32, dir: Direction) {
+    if slot.last_seen.load(Ordering::Relaxed) != now_ms {
+        slot.last_seen.store(now_ms, Ordering::Relaxed);
+    }
+    if l4.key.proto == PROTO_TCP {
+        let cur = slot.tcp_state.load(Ordering::Relaxed);
+        let next = if l4.flags & (tcp::FIN | tcp::RST) != 0 {
+            STATE_CLOSING
+        } else if cur == STATE_SYN && dir == Direction::Reply && l4.flags & (tcp::SYN | tcp::ACK) == tcp::SYN | tcp::ACK {
+            STATE_ESTABLISHED
+        } else if cur == STATE_SYN && dir == Direction::Forward && l4.flags & tcp::ACK != 0 && l4.flags & tcp::SYN == 0 {
+            // Client's ACK of the handshake (DR/tunnel never see the SYN-ACK).
+            STATE_ESTABLISHED
+        } else {
+            cur
+        };
+        if next != cur {
+            slot.tcp_state.store(next, Ordering::Relaxed);
+        }
+    }
+    // Approximate under concurrent updates by two switches: plain
+    // load + store, no locked read-modify-write on the hot path.
+    slot.packets.store(slot.packets.load(Ordering::Relaxed) + 1, Ordering::Relaxed);
+    slot.bytes.store(slot.bytes.load(Ordering::Relaxed) + l4.ip_len as u64, Ordering::Relaxed);
+}
+
+/// Client -> backend: rewrite per the connection's mode, then route.
+fn forward(
+    frame: &mut [u8],
+    l4: &L4,
+    conn: &Conn,
+    port_mac: &impl Fn(u32) -> Option<[u8; 6]>,
+    ctx: &mut Ctx<'_>,
+) -> Verdict {
+    if conn.mode == MODE_NAT {
+        rewrite_addr_port(frame, l4, Field::Dst, conn.backend_ip, conn.backend_port);
+    }
+    egress(frame, l4, conn.backend_ip, port_mac, ctx)
+}
+
+/// Backend -> client: restore the VIP as source, then route.
+fn reverse(
+    frame: &mut [u8],
+    l4: &L4,
+    hit: &Hit,
+    port_mac: &impl Fn(u32) -> Option<[u8; 6]>,
+    ctx: &mut Ctx<'_>,
+) -> Verdict {
+    rewrite_addr_port(frame, l4, Field::Src, hit.conn.vip, hit.conn.vip_port);
+    egress(frame, l4, hit.conn.client_ip, port_mac, ctx)
+}
+
+#[derive(Clone, Copy)]
+enum Field {
+    Src,
+    Dst,
+}
+
+/// Rewrites one address and port with incremental checksum updates
+/// (RFC 1624) of the IPv4 header and the TCP/UDP checksum.
+#[inline]
+fn rewrite_addr_port(frame: &mut [u8], l4: &L4, which: Field, ip: u32, port: u16) {
+    const ETH: usize = wire::ETHERNET_HEADER_LEN;
+    let (old_ip, old_port) = match which {
+        Field::Src => (l4.key.src_ip, l4.key.src_port),
+        Field::Dst => (l4.key.dst_ip, l4.key.dst_port),
+    };
+    {
+        let mut ipv4 = wire::Ipv4Packet::new_unchecked(&mut frame[ETH..l4.frame_len]);
+        let c = checksum::update_u32(ipv4.checksum(), old_ip, ip);
+        match which {
+            Field::Src => ipv4.set_src_addr(ip.to_be_bytes()),
+            Field::Dst => ipv4.set_dst_addr(ip.to_be_bytes()),
+        }
+        ipv4.set_checksum(c);
+    }
+    let seg = &mut frame[l4.l4_off..l4.frame_len];
+    if l4.key.proto == PROTO_TCP {
+        let mut t = wire::TcpSegment::new_unchecked(seg);
+        let c = checksum::update_u32(t.checksum(), old_ip, ip);
+        let c = checksum::update_u16(c, old_port, port);
+        match which {
+            Field::Src => t.set_src_port(port),
+            Field::Dst => t.set_dst_port(port),
+        }
+        t.set_checksum(c);
+    } else {
+        let mut u = wire::UdpDatagram::new_unchecked(seg);
+        let old = u.checksum();
+        match which {
+            Field::Src => u.set_src_port(port),
+            Field::Dst => u.set_dst_port(port),
+        }
+        if old != 0 {
+            let c = checksum::update_u32(old, old_ip, ip);
+            let c = checksum::update_u16(c, old_port, port);
+            u.set_checksum(if c == 0 { 0xffff } else { c });
+        }
+    }
+}
+
+/// Decrements TTL, finds the next hop toward `route_to`, writes the MACs.
+#[inline]
+fn egress(
+    frame: &mut [u8],
+    l4: &L4,
+    route_to: u32,
+    port_mac: &impl Fn(u32) -> Option<[u8; 6]>,
+    ctx: &mut Ctx<'_>,
+) -> Verdict {
+    const ETH: usize = wire::ETHERNET_HEADER_LEN;
+    {
+        let mut ipv4 = wire::Ipv4Packet::new_unchecked(&mut frame[ETH..l4.frame_len]);
+        let ttl = ipv4.ttl();
+        if ttl <= 1 {
+            return ctx.drop(Counter::DropTtl);
+        }
+        // TTL is the high byte of the 16-bit word it shares with protocol.
+        let proto = ipv4.protocol() as u16;
+        let c = checksum::update_u16(ipv4.checksum(), (ttl as u16) << 8 | proto, ((ttl - 1) as u16) << 8 | proto);
+        ipv4.set_ttl(ttl - 1);
+        ipv4.set_checksum(c);
+    }
+    let hop = match ctx.rt.next_hop(route_to) {
+        Ok(h) => h,
+        Err(NoRoute::NoRoute) => return ctx.drop(Counter::DropNoRoute),
+        Err(NoRoute::NoNeighbour) => return ctx.drop(Counter::DropNoNeighbour),
+    };
+    let Some(src) = port_mac(hop.port) else {
+        return ctx.drop(Counter::DropEgressPort);
+    };
+    let mut eth = wire::EthernetFrame::new_unchecked(&mut frame[..l4.frame_len]);
+    eth.set_dst_addr(hop.mac);
+    eth.set_src_addr(src);
+    Verdict::Tx {
+        port: hop.port,
+        len: l4.frame_len,
+    }
+}

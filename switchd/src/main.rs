@@ -1,0 +1,146 @@
+//! switchd: one switching process, pinned to its CPU, polling its ports.
+//! Started by controld; see `switchd --help`.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use clap::Parser;
+use netdrv::Nic;
+use shm_layout::config_slot::MAX_PORTS;
+use shm_layout::names;
+use shm_layout::switch_slot::SW_STOPPED;
+use shm_layout::{Access, Region, RegionError};
+use switchd::engine::{self, Idle, PortMap, Settings};
+
+#[derive(Parser, Debug)]
+#[command(version, about = "switchyard switching processor (started by controld)")]
+struct Args {
+    /// Instance name: the region is /dev/shm/switchyard.<instance>.
+    #[arg(long)]
+    instance: String,
+    /// This switch's index (its slot in the region).
+    #[arg(long)]
+    switch: usize,
+    /// Shared-memory name of this switch's virtual NIC.
+    #[arg(long)]
+    vnic: String,
+    /// CPU to pin to.
+    #[arg(long)]
+    cpu: Option<usize>,
+    /// Idle policy: busy or adaptive.
+    #[arg(long, default_value = "adaptive")]
+    idle: String,
+    /// Frames per receive burst.
+    #[arg(long, default_value_t = 32)]
+    burst: usize,
+    /// Lock all memory (mlockall).
+    #[arg(long)]
+    mlock: bool,
+}
+
+static STOP: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_signal(_: libc::c_int) {
+    STOP.store(true, Ordering::Relaxed);
+}
+
+fn install_signals() {
+    for sig in [libc::SIGTERM, libc::SIGINT] {
+        // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
+        unsafe { libc::signal(sig, on_signal as *const () as libc::sighandler_t) };
+    }
+}
+
+fn pin(cpu: usize) -> Result<()> {
+    // SAFETY: cpu_set_t is plain data; CPU_ZERO/CPU_SET write within it, and
+    // sched_setaffinity reads it through a valid pointer of the right size.
+    let r = unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_ZERO(&mut set);
+        libc::CPU_SET(cpu, &mut set);
+        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set)
+    };
+    if r != 0 {
+        bail!("cannot pin to CPU {cpu}: {}", std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+fn attach(instance: &str) -> Result<Region> {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        match Region::attach(instance, Access::ReadWrite) {
+            Err(RegionError::NotReady { .. }) if Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(10))
+            }
+            r => return r.with_context(|| format!("switchd: attaching to instance {instance:?}")),
+        }
+    }
+}
+
+fn main() -> Result<()> {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    let args = Args::parse();
+    let idle = match args.idle.as_str() {
+        "busy" => Idle::Busy,
+        "adaptive" => Idle::Adaptive,
+        other => bail!("--idle {other:?}: expected busy or adaptive"),
+    };
+    install_signals();
+    let region = attach(&args.instance)?;
+    if args.switch >= region.switch_slots().len() {
+        bail!(
+            "--switch {} is out of range: the region has {} switch slots",
+            args.switch,
+            region.switch_slots().len()
+        );
+    }
+    let mut nic = netdrv::vnic::VnicHost::attach(&args.vnic)
+        .with_context(|| format!("switchd: attaching to vnic {:?}", args.vnic))?;
+    if let Some(cpu) = args.cpu {
+        pin(cpu)?;
+        log::info!("switch {} pinned to CPU {cpu}", args.switch);
+    }
+    if args.mlock {
+        // SAFETY: mlockall has no memory-safety preconditions.
+        if unsafe { libc::mlockall(libc::MCL_CURRENT | libc::MCL_FUTURE) } != 0 {
+            log::warn!("mlockall failed: {} (continuing unlocked)", std::io::Error::last_os_error());
+        }
+    }
+    log::info!(
+        "switch {} (pid {}) polling {} port(s), idle {:?}, burst {}; interrupts cannot be masked from user space, so this CPU may still take some",
+        args.switch,
+        std::process::id(),
+        nic.port_count(),
+        idle,
+        args.burst
+    );
+    let names: Vec<String> = (0..nic.port_count()).map(|p| nic.port_name(p).to_string()).collect();
+    let macs: Vec<[u8; 6]> = (0..nic.port_count()).map(|p| nic.port_mac(p)).collect();
+    let ports = move |r: &Region| -> Result<PortMap, String> {
+        let tok = r.begin_read(shm_layout::Table::Config);
+        let cfg = r.config_view(tok.slot);
+        let cfg_ports: Vec<(String, [u8; 6])> = cfg
+            .ports()
+            .iter()
+            .take(MAX_PORTS)
+            .map(|p| (names::get(&p.name).to_string(), p.mac))
+            .collect();
+        PortMap::build(&names, &macs, &cfg_ports)
+    };
+    let settings = Settings {
+        switch_index: args.switch,
+        burst: args.burst,
+        idle,
+    };
+    let res = engine::run(&region, &mut nic, &ports, settings, &STOP);
+    region.switch_slots()[args.switch].state.store(SW_STOPPED, Ordering::SeqCst);
+    match res {
+        Ok(()) => {
+            log::info!("switch {} stopped", args.switch);
+            Ok(())
+        }
+        Err(e) => bail!("switch {}: {e}", args.switch),
+    }
+}
