@@ -87,13 +87,14 @@ fn permutation(key: u64, m: usize) -> (usize, usize) {
     (offset as usize, skip as usize)
 }
 
-fn is_prime(n: usize) -> bool {
+/// Whether `n` is prime (trial division; meant for table sizes).
+pub fn is_prime(n: usize) -> bool {
     if n < 2 {
         return false;
     }
-    let mut d = 2;
-    while d * d <= n {
-        if n % d == 0 {
+    let mut d = 2usize;
+    while d.saturating_mul(d) <= n {
+        if n.is_multiple_of(d) {
             return false;
         }
         d += 1;
@@ -130,7 +131,11 @@ pub fn build(backends: &[(u64, u32)], m: usize, out: &mut Vec<u16>) -> Result<()
         return Err(MaglevError::TooManyBackends(backends.len()));
     }
     out.clear();
-    let max_weight = backends.iter().map(|&(_, w)| u64::from(w)).max().unwrap_or(0);
+    let max_weight = backends
+        .iter()
+        .map(|&(_, w)| u64::from(w))
+        .max()
+        .unwrap_or(0);
     if max_weight == 0 {
         return Ok(());
     }
@@ -172,7 +177,10 @@ pub fn build(backends: &[(u64, u32)], m: usize, out: &mut Vec<u16>) -> Result<()
         filled += 1;
         c.taken += 1;
         // k·W ≤ 65537·(2^32 − 1) < 2^49: no overflow.
-        heap.push(Reverse((((c.taken + 1) * max_weight).div_ceil(c.weight), i)));
+        heap.push(Reverse((
+            ((c.taken + 1) * max_weight).div_ceil(c.weight),
+            i,
+        )));
     }
     Ok(())
 }
@@ -207,20 +215,29 @@ mod tests {
     fn disruption(n: usize, removed: usize) -> f64 {
         let all: Vec<(u64, u32)> = (0..n as u32).map(|i| (key(i), 1)).collect();
         let before = table(&all, M);
-        let rest: Vec<(u64, u32)> =
-            all.iter().enumerate().filter(|&(i, _)| i != removed).map(|(_, &b)| b).collect();
+        let rest: Vec<(u64, u32)> = all
+            .iter()
+            .enumerate()
+            .filter(|&(i, _)| i != removed)
+            .map(|(_, &b)| b)
+            .collect();
         let after = table(&rest, M);
         let moved = before
             .iter()
             .zip(&after)
-            .filter(|&(&b, &a)| usize::from(b) != removed && rest[usize::from(a)].0 != all[usize::from(b)].0)
+            .filter(|&(&b, &a)| {
+                usize::from(b) != removed && rest[usize::from(a)].0 != all[usize::from(b)].0
+            })
             .count();
         moved as f64 / M as f64
     }
 
     #[test]
     fn backend_key_is_address_and_port() {
-        assert_eq!(backend_key(Ipv4Addr::new(198, 19, 1, 1), 8080), 0xc613_0101_1f90);
+        assert_eq!(
+            backend_key(Ipv4Addr::new(198, 19, 1, 1), 8080),
+            0xc613_0101_1f90
+        );
         assert_ne!(
             backend_key(Ipv4Addr::new(198, 19, 1, 1), 8080),
             backend_key(Ipv4Addr::new(198, 19, 1, 1), 8081)
@@ -231,15 +248,30 @@ mod tests {
     fn refuses_bad_sizes_and_counts() {
         let b = [(key(0), 1)];
         let mut out = vec![7u16; 3];
-        assert_eq!(build(&b, 65536, &mut out), Err(MaglevError::NotPrime(65536)));
+        assert_eq!(
+            build(&b, 65536, &mut out),
+            Err(MaglevError::NotPrime(65536))
+        );
         assert_eq!(build(&b, 0, &mut out), Err(MaglevError::NotPrime(0)));
         assert_eq!(build(&b, 1, &mut out), Err(MaglevError::NotPrime(1)));
-        assert_eq!(build(&b, 65539, &mut out), Err(MaglevError::TooLarge(65539)));
-        assert_eq!(build(&b, usize::MAX, &mut out), Err(MaglevError::TooLarge(usize::MAX)));
+        assert_eq!(
+            build(&b, 65539, &mut out),
+            Err(MaglevError::TooLarge(65539))
+        );
+        assert_eq!(
+            build(&b, usize::MAX, &mut out),
+            Err(MaglevError::TooLarge(usize::MAX))
+        );
         let many = vec![(1u64, 1u32); MAX_BACKENDS + 1];
-        assert_eq!(build(&many, 251, &mut out), Err(MaglevError::TooManyBackends(65536)));
+        assert_eq!(
+            build(&many, 251, &mut out),
+            Err(MaglevError::TooManyBackends(65536))
+        );
         assert_eq!(out, [7, 7, 7], "a refused build leaves out untouched");
-        assert_eq!(MaglevError::NotPrime(65536).to_string(), "table size 65536 is not prime");
+        assert_eq!(
+            MaglevError::NotPrime(65536).to_string(),
+            "table size 65536 is not prime"
+        );
     }
 
     #[test]
@@ -276,7 +308,10 @@ mod tests {
         for (i, &n) in c.iter().enumerate() {
             let share = n as f64 / M as f64;
             let want = (i + 1) as f64 / 6.0;
-            assert!((share - want).abs() < 0.005, "backend {i}: {share} vs {want}");
+            assert!(
+                (share - want).abs() < 0.005,
+                "backend {i}: {share} vs {want}"
+            );
         }
     }
 
@@ -322,11 +357,19 @@ mod tests {
             let d: Vec<f64> = (0..n).map(|r| disruption(n, r)).collect();
             let max = d.iter().cloned().fold(0.0, f64::max);
             let mean = d.iter().sum::<f64>() / n as f64;
-            println!("disruption n={n}: mean {:.4}% max {:.4}% (bound {:.4}%)", mean * 100.0, max * 100.0, (1.0 / n as f64 + 0.01) * 100.0);
+            println!(
+                "disruption n={n}: mean {:.4}% max {:.4}% (bound {:.4}%)",
+                mean * 100.0,
+                max * 100.0,
+                (1.0 / n as f64 + 0.01) * 100.0
+            );
         }
         let b: Vec<(u64, u32)> = (1..=3).map(|i| (key(i), i)).collect();
         let c = counts(&table(&b, M), 3);
-        println!("1:2:3 shares: {:?}", c.iter().map(|&x| x as f64 / M as f64).collect::<Vec<_>>());
+        println!(
+            "1:2:3 shares: {:?}",
+            c.iter().map(|&x| x as f64 / M as f64).collect::<Vec<_>>()
+        );
         println!("golden: {:?}", table(&b, 13));
     }
 

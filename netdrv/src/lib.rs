@@ -1,1 +1,49 @@
-//! placeholder
+//! NIC ports behind one trait. `vnic` is a virtual NIC in shared memory
+//! (the embedded default); `afpacket` and `afxdp` come later.
+
+pub mod vnic;
+
+/// A received or to-be-sent frame: a buffer handle owned by the host side.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Frame {
+    pub buf: u32,
+    pub len: u16,
+}
+
+/// The ports one switch serves, sharing one buffer space: forwarding a frame
+/// from one port to another of the same Nic moves the handle, never the bytes.
+pub trait Nic {
+    fn port_count(&self) -> usize;
+    fn port_mac(&self, port: usize) -> [u8; 6];
+    fn port_name(&self, port: usize) -> &str;
+    /// Bytes per buffer.
+    fn frame_capacity(&self) -> usize;
+    /// Takes up to `out.len()` received frames from `port`; they become host-owned.
+    fn rx_burst(&mut self, port: usize, out: &mut [Frame]) -> usize;
+    /// The whole buffer of a host-owned frame; bytes `0..len` are the frame.
+    fn buf_mut(&mut self, f: Frame) -> &mut [u8];
+    /// Queues a host-owned frame for transmission on `port`; `Err(f)` when the
+    /// TX ring is full (the caller then frees it).
+    fn tx(&mut self, port: usize, f: Frame) -> Result<(), Frame>;
+    /// Makes queued transmissions visible to the other side.
+    fn flush(&mut self, port: usize);
+    /// Returns a host-owned frame's buffer to the pool.
+    fn free(&mut self, f: Frame);
+    /// Reclaims buffers of completed transmissions.
+    fn reclaim(&mut self);
+}
+
+/// Errors of the port backends.
+#[derive(Debug, thiserror::Error)]
+pub enum NetdrvError {
+    #[error(transparent)]
+    Shm(#[from] shm_layout::ShmError),
+    #[error("{name}: not a vnic (magic {found:#018x})")]
+    BadMagic { name: String, found: u64 },
+    #[error("{name}: vnic layout fingerprint {found:#018x}, this program expects {expected:#018x}")]
+    Fingerprint { name: String, expected: u64, found: u64 },
+    #[error("{name}: {what}")]
+    Invalid { name: String, what: String },
+    #[error("{name}: the {side} side is already attached by live pid {pid}")]
+    Busy { name: String, side: &'static str, pid: u32 },
+}

@@ -50,6 +50,16 @@ pub struct Mapping {
     writable: bool,
 }
 
+impl std::fmt::Debug for Mapping {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Mapping")
+            .field("name", &self.name)
+            .field("len", &self.raw.len())
+            .field("writable", &self.writable)
+            .finish()
+    }
+}
+
 /// How a mapping may be used.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Access {

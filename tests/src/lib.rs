@@ -208,12 +208,12 @@ impl Appliance {
     }
 
     /// Waits until the configuration generation exceeds `gen`.
-    pub fn wait_generation_above(&self, gen: u64, limit: Duration) -> u64 {
+    pub fn wait_generation_above(&self, above: u64, limit: Duration) -> u64 {
         let deadline = Instant::now() + limit;
         let r = self.region();
         loop {
             let g = r.generation(Table::Config);
-            if g > gen {
+            if g > above {
                 return g;
             }
             assert!(Instant::now() < deadline, "generation stayed at {g} for {limit:?}:\n{}", self.log());

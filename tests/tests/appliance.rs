@@ -7,13 +7,13 @@ use std::time::Duration;
 use etherparse::{Ethernet2Header, Ipv4Header, TcpHeader};
 use switchyard_tests::{Appliance, Cfg, Wire, counter_sum, render, shmdump_json, unique};
 use tools::frames::{self, Spec, TcpFlags};
-use tools::gen::{GenConfig, Generator};
+use tools::traffic::{GenConfig, Generator};
 
 const CLIENT_GW: [u8; 6] = [2, 0, 0, 0, 2, 1];
 const CLIENT_PORT_MAC: [u8; 6] = [2, 0, 0, 0, 0, 1];
 const VIP: [u8; 4] = [198, 18, 0, 10];
 
-fn gen(instance: &str, service: &str, flows: u64, data: u32) -> GenConfig {
+fn traffic(instance: &str, service: &str, flows: u64, data: u32) -> GenConfig {
     GenConfig {
         instance: instance.to_string(),
         services: vec![service.to_string()],
@@ -33,7 +33,7 @@ fn gen(instance: &str, service: &str, flows: u64, data: u32) -> GenConfig {
 fn nat_rewrite_affinity_and_weighted_distribution() {
     let inst = unique("dist");
     let app = Appliance::start(&inst, &render(&inst, &Cfg::default()));
-    let rep = Generator::new(gen(&inst, "web", 30_000, 1)).unwrap().run();
+    let rep = Generator::new(traffic(&inst, "web", 30_000, 1)).unwrap().run();
     assert!(rep.clean(), "{rep:#?}");
     assert_eq!(rep.flows_completed, 30_000);
     assert_eq!((rep.bad_frames, rep.affinity_violations, rep.unexpected_frames), (0, 0, 0));

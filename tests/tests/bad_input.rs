@@ -7,7 +7,7 @@ use std::time::Duration;
 use shm_layout::Table;
 use switchyard_tests::{Appliance, Cfg, Wire, bin, counter_sum, render, shmdump_json, switch_pids, unique};
 use tools::frames::{self, Spec, TcpFlags};
-use tools::gen::{GenConfig, Generator};
+use tools::traffic::{GenConfig, Generator};
 
 fn check(config: &str) -> (bool, String) {
     let dir = std::env::temp_dir().join(unique("check"));
@@ -51,7 +51,7 @@ fn invalid_reload_keeps_the_running_configuration() {
     let good = render(&inst, &Cfg::default());
     let app = Appliance::start(&inst, &good);
     let region = app.region();
-    let gen = region.generation(Table::Config);
+    let before = region.generation(Table::Config);
     app.reload_with(&good.replace("weight = 2", "weight = -2"));
     // controld handles SIGHUP within one loop tick; give it many.
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
@@ -59,7 +59,7 @@ fn invalid_reload_keeps_the_running_configuration() {
         assert!(std::time::Instant::now() < deadline, "no refusal logged:\n{}", app.log());
         std::thread::sleep(Duration::from_millis(20));
     }
-    assert_eq!(region.generation(Table::Config), gen, "invalid file never replaces the running config");
+    assert_eq!(region.generation(Table::Config), before, "invalid file never replaces the running config");
     assert!(app.log().contains("weight"), "{}", app.log());
     // A restart-only change is refused too.
     app.reload_with(&good.replace("connections = 262144", "connections = 524288"));
@@ -68,7 +68,7 @@ fn invalid_reload_keeps_the_running_configuration() {
         assert!(std::time::Instant::now() < deadline, "{}", app.log());
         std::thread::sleep(Duration::from_millis(20));
     }
-    assert_eq!(region.generation(Table::Config), gen);
+    assert_eq!(region.generation(Table::Config), before);
     // The appliance still forwards.
     let rep = Generator::new(GenConfig {
         instance: inst.clone(),

@@ -4,7 +4,7 @@
 use std::time::{Duration, Instant};
 
 use switchyard_tests::{Appliance, Cfg, render, shmdump_json, switch_pids, unique};
-use tools::gen::{GenConfig, Generator};
+use tools::traffic::{GenConfig, Generator};
 
 #[test]
 fn killed_switch_restarts_and_connections_keep_their_backends() {

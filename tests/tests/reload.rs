@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use shm_layout::Table;
 use switchyard_tests::{Appliance, B, Cfg, counter_sum, render, shmdump_json, unique};
-use tools::gen::{GenConfig, Generator};
+use tools::traffic::{GenConfig, Generator};
 
 fn variant(i: usize) -> Cfg {
     let all = [

@@ -58,7 +58,7 @@ pub enum ConfigError {
     },
     /// The text is not TOML or does not fit the schema (unknown key, missing
     /// key, wrong type). toml's message names the key and its line.
-    #[error("{0}")]
+    #[error("{}", .0.to_string().trim_end())]
     Syntax(#[from] toml::de::Error),
     /// A value breaks a rule; the message names the thing, the value and the rule.
     #[error("{0}")]
@@ -169,7 +169,9 @@ pub struct Publish {
 
 impl Default for Publish {
     fn default() -> Self {
-        Publish { ack_timeout_ms: 500 }
+        Publish {
+            ack_timeout_ms: 500,
+        }
     }
 }
 

@@ -1,1 +1,954 @@
-//! Tests
+//! Tests of parsing and validation: every rule has a test asserting the
+//! exact message.
+
+use super::*;
+
+/// A small valid file; tests append to it or replace parts of it.
+const BASE: &str = r#"
+instance = "t"
+
+[[port]]
+name = "client"
+driver = "vnic"
+mac = "02:00:00:00:00:01"
+
+[[port]]
+name = "backend"
+driver = "vnic"
+mac = "02:00:00:00:00:02"
+
+[[switch]]
+name = "sw0"
+cpu = 1
+ports = ["client", "backend"]
+
+[[service]]
+name = "web"
+vip = "198.18.0.10"
+port = 80
+protocol = "tcp"
+
+  [[service.backend]]
+  name = "web1"
+  address = "198.19.1.1"
+  port = 8080
+"#;
+
+fn err(text: &str) -> String {
+    match parse(text) {
+        Ok(c) => panic!("accepted: {c:?}"),
+        Err(e) => e.to_string(),
+    }
+}
+
+/// `BASE` with `from` replaced by `to` (which must occur exactly once).
+fn with(from: &str, to: &str) -> String {
+    assert_eq!(BASE.matches(from).count(), 1, "{from:?}");
+    BASE.replacen(from, to, 1)
+}
+
+/// `BASE` followed by `more`.
+fn plus(more: &str) -> String {
+    format!("{BASE}\n{more}")
+}
+
+/// `BASE` with `table` (e.g. `[limits]` lines) inserted before the ports.
+fn head(table: &str) -> String {
+    with(
+        "\n[[port]]\nname = \"client\"",
+        &format!("\n{table}\n[[port]]\nname = \"client\""),
+    )
+}
+
+fn example(name: &str) -> Config {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../packaging/examples")
+        .join(name);
+    load(&path).unwrap_or_else(|e| panic!("{e}"))
+}
+
+fn ip(a: u8, b: u8, c: u8, d: u8) -> Ipv4Addr {
+    Ipv4Addr::new(a, b, c, d)
+}
+
+#[test]
+fn demo_example_parses_with_all_fields() {
+    let c = example("demo.toml");
+    let want = Config {
+        instance: "demo".into(),
+        limits: Limits {
+            services: 16,
+            backends: 1024,
+            connections: 1 << 20,
+            routes: 256,
+            neighbours: 256,
+            maglev_table_size: 65537,
+        },
+        timeouts: Timeouts {
+            tcp_syn: 10,
+            tcp_established: 900,
+            tcp_fin: 30,
+            udp: 60,
+        },
+        publish: Publish {
+            ack_timeout_ms: 500,
+        },
+        ports: vec![
+            Port {
+                name: "client".into(),
+                driver: Driver::Vnic,
+                mac: [2, 0, 0, 0, 0, 1],
+                ring_size: 1024,
+            },
+            Port {
+                name: "backend".into(),
+                driver: Driver::Vnic,
+                mac: [2, 0, 0, 0, 0, 2],
+                ring_size: 1024,
+            },
+        ],
+        switches: vec![Switch {
+            name: "sw0".into(),
+            cpu: 1,
+            ports: vec![0, 1],
+            port_names: vec!["client".into(), "backend".into()],
+            idle: Idle::Adaptive,
+            burst: 32,
+        }],
+        services: vec![
+            Service {
+                name: "web".into(),
+                vip: ip(198, 18, 0, 10),
+                port: 80,
+                protocol: Protocol::Tcp,
+                mode: Mode::Nat,
+                scheduler: Scheduler::Maglev,
+                backends: (1..=3)
+                    .map(|i| Backend {
+                        name: format!("web{i}"),
+                        address: ip(198, 19, 1, i),
+                        port: 8080,
+                        weight: u32::from(i),
+                    })
+                    .collect(),
+            },
+            Service {
+                name: "dns".into(),
+                vip: ip(198, 18, 0, 10),
+                port: 53,
+                protocol: Protocol::Udp,
+                mode: Mode::Nat,
+                scheduler: Scheduler::Maglev,
+                backends: (1..=2)
+                    .map(|i| Backend {
+                        name: format!("dns{i}"),
+                        address: ip(198, 19, 1, i),
+                        port: 5353,
+                        weight: 1,
+                    })
+                    .collect(),
+            },
+        ],
+        routes: vec![
+            Route {
+                prefix: ip(198, 19, 1, 0),
+                prefix_len: 24,
+                port: 1,
+                port_name: "backend".into(),
+                via: None,
+            },
+            Route {
+                prefix: ip(198, 18, 100, 0),
+                prefix_len: 24,
+                port: 0,
+                port_name: "client".into(),
+                via: Some(ip(198, 18, 0, 1)),
+            },
+        ],
+        neighbours: vec![
+            Neighbour {
+                address: ip(198, 19, 1, 1),
+                mac: [2, 0, 0, 0, 1, 1],
+                port: 1,
+                port_name: "backend".into(),
+            },
+            Neighbour {
+                address: ip(198, 19, 1, 2),
+                mac: [2, 0, 0, 0, 1, 2],
+                port: 1,
+                port_name: "backend".into(),
+            },
+            Neighbour {
+                address: ip(198, 19, 1, 3),
+                mac: [2, 0, 0, 0, 1, 3],
+                port: 1,
+                port_name: "backend".into(),
+            },
+            Neighbour {
+                address: ip(198, 18, 0, 1),
+                mac: [2, 0, 0, 0, 2, 1],
+                port: 0,
+                port_name: "client".into(),
+            },
+        ],
+    };
+    assert_eq!(c, want);
+    assert_eq!(c.services[1].protocol.number(), 17);
+    assert_eq!(c.services[0].protocol.number(), 6);
+}
+
+#[test]
+fn two_switches_example_parses() {
+    let c = example("two-switches.toml");
+    let demo = example("demo.toml");
+    assert_eq!(c.instance, "two-switches");
+    let cpus: Vec<usize> = c.switches.iter().map(|s| s.cpu).collect();
+    assert_eq!(cpus, [0, 1]);
+    assert!(c.switches.iter().all(|s| s.ports == [0, 1]));
+    assert_eq!(
+        (&c.services, &c.routes, &c.neighbours),
+        (&demo.services, &demo.routes, &demo.neighbours)
+    );
+}
+
+#[test]
+fn defaults_apply() {
+    let c = parse(BASE).unwrap();
+    assert_eq!(c.limits, Limits::default());
+    assert_eq!(c.limits.connections, 1_048_576);
+    assert_eq!(c.limits.maglev_table_size, 65537);
+    assert_eq!(c.timeouts, Timeouts::default());
+    assert_eq!(c.timeouts.tcp_established, 900);
+    assert_eq!(c.publish.ack_timeout_ms, 500);
+    assert_eq!(c.ports[0].ring_size, 1024);
+    assert_eq!(c.switches[0].idle, Idle::Adaptive);
+    assert_eq!(c.switches[0].burst, 32);
+    let s = &c.services[0];
+    assert_eq!((s.mode, s.scheduler), (Mode::Nat, Scheduler::Maglev));
+    assert_eq!(s.backends[0].weight, 1);
+    assert!(c.routes.is_empty() && c.neighbours.is_empty());
+    // Backend port defaults to the service port.
+    let c = parse(&with("  port = 8080\n", "")).unwrap();
+    assert_eq!(c.services[0].backends[0].port, 80);
+}
+
+#[test]
+fn accepted_edge_values() {
+    let c = parse(&head(
+        "[limits]\nconnections = 67108864\nmaglev_table_size = 251\n[timeouts]\nudp = 604800\n[publish]\nack_timeout_ms = 10",
+    ))
+    .unwrap();
+    assert_eq!(c.limits.connections, 1 << 26);
+    assert_eq!(c.limits.maglev_table_size, 251);
+    assert_eq!(c.timeouts.udp, 604_800);
+    assert_eq!(c.publish.ack_timeout_ms, 10);
+    let c = parse(&with("port = 8080", "port = 8080\n  weight = 0")).unwrap();
+    assert_eq!(c.services[0].backends[0].weight, 0);
+    let c = parse(&with("cpu = 1", "cpu = 1023\nidle = \"busy\"\nburst = 256")).unwrap();
+    assert_eq!(
+        (c.switches[0].cpu, c.switches[0].idle, c.switches[0].burst),
+        (1023, Idle::Busy, 256)
+    );
+    let c = parse(&plus(
+        "[[route]]\nprefix = \"0.0.0.0/0\"\nport = \"client\"\nvia = \"198.18.0.1\"",
+    ))
+    .unwrap();
+    assert_eq!(
+        (c.routes[0].prefix, c.routes[0].prefix_len),
+        (ip(0, 0, 0, 0), 0)
+    );
+    let c = parse(&plus(
+        "[[route]]\nprefix = \"198.19.1.1/32\"\nport = \"backend\"",
+    ))
+    .unwrap();
+    assert_eq!((c.routes[0].prefix_len, c.routes[0].port), (32, 1));
+    let c = parse(&with(
+        "mac = \"02:00:00:00:00:02\"",
+        "mac = \"0A:bC:00:00:00:02\"",
+    ))
+    .unwrap();
+    assert_eq!(c.ports[1].mac, [0x0a, 0xbc, 0, 0, 0, 2]);
+    // A service without backends is valid (it has no eligible backend).
+    let c = parse(BASE.split("  [[service.backend]]").next().unwrap()).unwrap();
+    assert!(c.services[0].backends.is_empty());
+    // Tunnel and dr services keep the service port.
+    let c = parse(
+        &with(
+            "protocol = \"tcp\"",
+            "protocol = \"tcp\"\nmode = \"tunnel\"",
+        )
+        .replace("port = 8080", "port = 80"),
+    )
+    .unwrap();
+    assert_eq!(c.services[0].mode, Mode::Tunnel);
+}
+
+#[test]
+fn load_names_the_file() {
+    let dir = std::env::temp_dir().join(format!("switchyard-config-test-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("bad.toml");
+    std::fs::write(
+        &path,
+        BASE.replace("port = 8080", "port = 8080\n  weight = 70000"),
+    )
+    .unwrap();
+    let e = load(&path).unwrap_err().to_string();
+    assert_eq!(
+        e,
+        format!(
+            "{}: service \"web\": backend \"web1\": weight 70000 exceeds 65535",
+            path.display()
+        )
+    );
+    let missing = dir.join("missing.toml");
+    let e = load(&missing).unwrap_err().to_string();
+    assert_eq!(
+        e,
+        format!(
+            "{}: cannot read: No such file or directory (os error 2)",
+            missing.display()
+        )
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+// ---- the schema (toml's messages) ----
+
+#[test]
+fn unknown_key_at_top_level() {
+    assert_eq!(
+        err(&format!("colour = 1\n{BASE}")),
+        "TOML parse error at line 1, column 1\n  |\n1 | colour = 1\n  | ^^^^^^\n\
+         unknown field `colour`, expected one of `instance`, `limits`, `timeouts`, `publish`, \
+         `port`, `switch`, `service`, `route`, `neighbour`"
+    );
+}
+
+#[test]
+fn unknown_key_in_backend() {
+    assert_eq!(
+        err(&with("  port = 8080\n", "  port = 8080\n  wieght = 2\n")),
+        "TOML parse error at line 29, column 3\n   |\n29 |   wieght = 2\n   |   ^^^^^^\n\
+         unknown field `wieght`, expected one of `name`, `address`, `port`, `weight`"
+    );
+}
+
+#[test]
+fn unknown_key_in_limits() {
+    assert_eq!(
+        err(&head("[limits]\nconnection = 1024")),
+        "TOML parse error at line 5, column 1\n  |\n5 | connection = 1024\n  | ^^^^^^^^^^\n\
+         unknown field `connection`, expected one of `services`, `backends`, `connections`, \
+         `routes`, `neighbours`, `maglev_table_size`"
+    );
+}
+
+#[test]
+fn missing_instance() {
+    assert_eq!(
+        err(&with("instance = \"t\"\n", "")),
+        "TOML parse error at line 1, column 1\n  |\n1 | \n  | ^\nmissing field `instance`"
+    );
+}
+
+#[test]
+fn wrong_type() {
+    assert_eq!(
+        err(&with("port = 80\n", "port = \"80\"\n")),
+        "TOML parse error at line 22, column 8\n   |\n22 | port = \"80\"\n   |        ^^^^\n\
+         invalid type: string \"80\", expected i64"
+    );
+}
+
+// ---- instance and sections ----
+
+#[test]
+fn instance_name_rule() {
+    assert_eq!(
+        err(&with("instance = \"t\"", "instance = \"a/b\"")),
+        "instance name \"a/b\" is not valid (expected 1 to 32 characters from A-Z a-z 0-9 _ -)"
+    );
+    assert_eq!(
+        err(&with(
+            "instance = \"t\"",
+            &format!("instance = \"{}\"", "x".repeat(33))
+        )),
+        format!(
+            "instance name \"{}\" is not valid (expected 1 to 32 characters from A-Z a-z 0-9 _ -)",
+            "x".repeat(33)
+        )
+    );
+}
+
+#[test]
+fn at_least_one_port_switch_service() {
+    assert_eq!(
+        err("instance = \"t\""),
+        "no [[port]] is defined (at least one is required)"
+    );
+    let ports_only = BASE.split("[[switch]]").next().unwrap();
+    assert_eq!(
+        err(ports_only),
+        "no [[switch]] is defined (at least one is required)"
+    );
+    let no_service = BASE.split("[[service]]").next().unwrap();
+    assert_eq!(
+        err(no_service),
+        "no [[service]] is defined (at least one is required)"
+    );
+}
+
+// ---- limits, timeouts, publish ----
+
+#[test]
+fn limits_ranges() {
+    assert_eq!(
+        err(&head("[limits]\nservices = 0")),
+        "limits: services 0 is less than 1"
+    );
+    assert_eq!(
+        err(&head("[limits]\nservices = 4097")),
+        "limits: services 4097 exceeds 4096"
+    );
+    assert_eq!(
+        err(&head("[limits]\nbackends = 65536")),
+        "limits: backends 65536 exceeds 65535"
+    );
+    assert_eq!(
+        err(&head("[limits]\nconnections = 512")),
+        "limits: connections 512 is less than 1024"
+    );
+    assert_eq!(
+        err(&head("[limits]\nconnections = 134217728")),
+        "limits: connections 134217728 exceeds 67108864"
+    );
+    assert_eq!(
+        err(&head("[limits]\nroutes = -1")),
+        "limits: routes -1 is less than 1"
+    );
+    assert_eq!(
+        err(&head("[limits]\nneighbours = 70000")),
+        "limits: neighbours 70000 exceeds 65535"
+    );
+}
+
+#[test]
+fn connections_power_of_two() {
+    assert_eq!(
+        err(&head("[limits]\nconnections = 1000000")),
+        "limits: connections 1000000 is not a power of two (e.g. 1048576)"
+    );
+}
+
+#[test]
+fn maglev_table_size_prime_and_range() {
+    assert_eq!(
+        err(&head("[limits]\nmaglev_table_size = 65536")),
+        "limits: maglev_table_size 65536 is not prime (nearest primes: 65521, 65537)"
+    );
+    assert_eq!(
+        err(&head("[limits]\nmaglev_table_size = 252")),
+        "limits: maglev_table_size 252 is not prime (nearest primes: 251, 257)"
+    );
+    assert_eq!(
+        err(&head("[limits]\nmaglev_table_size = 65539")),
+        "limits: maglev_table_size 65539 exceeds 65537"
+    );
+    assert_eq!(
+        err(&head("[limits]\nmaglev_table_size = 241")),
+        "limits: maglev_table_size 241 is less than 251"
+    );
+}
+
+#[test]
+fn timeouts_and_publish_ranges() {
+    assert_eq!(
+        err(&head("[timeouts]\ntcp_syn = 0")),
+        "timeouts: tcp_syn 0 is less than 1"
+    );
+    assert_eq!(
+        err(&head("[timeouts]\ntcp_established = 604801")),
+        "timeouts: tcp_established 604801 exceeds 604800"
+    );
+    assert_eq!(
+        err(&head("[publish]\nack_timeout_ms = 9")),
+        "publish: ack_timeout_ms 9 is less than 10"
+    );
+    assert_eq!(
+        err(&head("[publish]\nack_timeout_ms = 60001")),
+        "publish: ack_timeout_ms 60001 exceeds 60000"
+    );
+}
+
+#[test]
+fn too_many_services_for_limits() {
+    let text = head("[limits]\nservices = 1")
+        + "\n[[service]]\nname = \"web2\"\nvip = \"198.18.0.11\"\nport = 80\nprotocol = \"tcp\"\n";
+    assert_eq!(
+        err(&text),
+        "too many services: 2 are defined, limits.services is 1"
+    );
+}
+
+#[test]
+fn too_many_backends_for_limits() {
+    let text = head("[limits]\nbackends = 1")
+        + "\n  [[service.backend]]\n  name = \"web2\"\n  address = \"198.19.1.2\"\n";
+    assert_eq!(
+        err(&text),
+        "too many backends: 2 are defined over all services, limits.backends is 1"
+    );
+}
+
+#[test]
+fn too_many_routes_and_neighbours_for_limits() {
+    let routes = "[[route]]\nprefix = \"10.0.0.0/8\"\nport = \"backend\"\n[[route]]\nprefix = \"10.0.0.0/16\"\nport = \"backend\"\n";
+    let text = head("[limits]\nroutes = 1") + "\n" + routes;
+    assert_eq!(
+        err(&text),
+        "too many routes: 2 are defined, limits.routes is 1"
+    );
+    let neighbours = "[[neighbour]]\naddress = \"10.0.0.1\"\nmac = \"02:00:00:00:01:01\"\nport = \"backend\"\n\
+                      [[neighbour]]\naddress = \"10.0.0.2\"\nmac = \"02:00:00:00:01:02\"\nport = \"backend\"\n";
+    let text = head("[limits]\nneighbours = 1") + "\n" + neighbours;
+    assert_eq!(
+        err(&text),
+        "too many neighbours: 2 are defined, limits.neighbours is 1"
+    );
+}
+
+// ---- ports ----
+
+#[test]
+fn port_name_rule_and_duplicates() {
+    assert_eq!(
+        err(&with("name = \"client\"", "name = \"client-port-0123\"")),
+        "port name \"client-port-0123\" is not valid (expected 1 to 15 characters from A-Z a-z 0-9 _ -)"
+    );
+    assert_eq!(
+        err(&with("name = \"backend\"", "name = \"client\"")),
+        "port \"client\" is defined twice"
+    );
+}
+
+#[test]
+fn bad_mac() {
+    let e = err(&with(
+        "mac = \"02:00:00:00:00:01\"",
+        "mac = \"02:00:zz:00:00:01\"",
+    ));
+    assert_eq!(
+        e,
+        "port \"client\": mac \"02:00:zz:00:00:01\" is not a MAC address (expected six hex octets like 02:00:00:00:00:01)"
+    );
+    for bad in [
+        "02:00:00:00:00",
+        "02:00:00:00:00:01:03",
+        "02-00-00-00-00-01",
+        "2:0:0:0:0:1",
+        "+2:00:00:00:00:01",
+        "",
+    ] {
+        assert_eq!(
+            err(&with(
+                "mac = \"02:00:00:00:00:01\"",
+                &format!("mac = \"{bad}\"")
+            )),
+            format!(
+                "port \"client\": mac \"{bad}\" is not a MAC address (expected six hex octets like 02:00:00:00:00:01)"
+            )
+        );
+    }
+}
+
+#[test]
+fn multicast_and_zero_mac() {
+    assert_eq!(
+        err(&with(
+            "mac = \"02:00:00:00:00:01\"",
+            "mac = \"01:00:5e:00:00:01\""
+        )),
+        "port \"client\": mac \"01:00:5e:00:00:01\" is a multicast address (the low bit of the first octet is set; a unicast MAC is required)"
+    );
+    assert_eq!(
+        err(&with(
+            "mac = \"02:00:00:00:00:01\"",
+            "mac = \"00:00:00:00:00:00\""
+        )),
+        "port \"client\": mac \"00:00:00:00:00:00\" is the all-zero address (a unicast MAC is required)"
+    );
+}
+
+#[test]
+fn duplicate_mac() {
+    assert_eq!(
+        err(&with(
+            "mac = \"02:00:00:00:00:02\"",
+            "mac = \"02:00:00:00:00:01\""
+        )),
+        "port \"backend\": mac 02:00:00:00:00:01 is already used by port \"client\""
+    );
+}
+
+#[test]
+fn port_driver_and_mac_required() {
+    let first = "driver = \"vnic\"\nmac = \"02:00:00:00:00:01\"";
+    assert_eq!(
+        err(&with(first, "driver = \"afpacket\"")),
+        "port \"client\": driver \"afpacket\" is not supported yet (supported: vnic)"
+    );
+    assert_eq!(
+        err(&with(
+            first,
+            "driver = \"dpdk\"\nmac = \"02:00:00:00:00:01\""
+        )),
+        "port \"client\": driver \"dpdk\" is unknown (supported: vnic)"
+    );
+    assert_eq!(
+        err(&with(first, "driver = \"vnic\"")),
+        "port \"client\": mac is required for driver \"vnic\""
+    );
+}
+
+#[test]
+fn ring_size_rule() {
+    let m = "mac = \"02:00:00:00:00:01\"";
+    assert_eq!(
+        err(&with(m, &format!("{m}\nring_size = 1000"))),
+        "port \"client\": ring_size 1000 is not a power of two (e.g. 1024)"
+    );
+    assert_eq!(
+        err(&with(m, &format!("{m}\nring_size = 32"))),
+        "port \"client\": ring_size 32 is less than 64"
+    );
+    assert_eq!(
+        err(&with(m, &format!("{m}\nring_size = 65536"))),
+        "port \"client\": ring_size 65536 exceeds 32768"
+    );
+}
+
+#[test]
+fn too_many_ports() {
+    let mut text = String::from(BASE);
+    for i in 3..=17 {
+        text += &format!(
+            "[[port]]\nname = \"p{i}\"\ndriver = \"vnic\"\nmac = \"02:00:00:00:10:{i:02x}\"\n"
+        );
+    }
+    assert_eq!(
+        err(&text),
+        "too many ports: 17 are defined, at most 16 are supported"
+    );
+}
+
+// ---- switches ----
+
+#[test]
+fn undefined_port_in_switch() {
+    let text = plus("[[switch]]\nname = \"sw1\"\ncpu = 2\nports = [\"foo\"]");
+    assert_eq!(
+        err(&text),
+        "switch \"sw1\": port \"foo\" is not defined (defined ports: client, backend)"
+    );
+}
+
+#[test]
+fn shared_cpu() {
+    let text = plus("[[switch]]\nname = \"sw1\"\ncpu = 1\nports = [\"client\"]");
+    assert_eq!(
+        err(&text),
+        "switch \"sw1\": cpu 1 is already used by switch \"sw0\" (two switches may not share a CPU)"
+    );
+}
+
+#[test]
+fn switch_rules() {
+    assert_eq!(
+        err(&plus(
+            "[[switch]]\nname = \"sw0\"\ncpu = 2\nports = [\"client\"]"
+        )),
+        "switch \"sw0\" is defined twice"
+    );
+    assert_eq!(
+        err(&with("ports = [\"client\", \"backend\"]", "ports = []")),
+        "switch \"sw0\": ports is empty (at least one port is required)"
+    );
+    assert_eq!(
+        err(&with(
+            "ports = [\"client\", \"backend\"]",
+            "ports = [\"client\", \"client\"]"
+        )),
+        "switch \"sw0\": port \"client\" is listed twice"
+    );
+    assert_eq!(
+        err(&with("cpu = 1", "cpu = 1024")),
+        "switch \"sw0\": cpu 1024 exceeds 1023"
+    );
+    assert_eq!(
+        err(&with("cpu = 1", "cpu = -1")),
+        "switch \"sw0\": cpu -1 is less than 0"
+    );
+    assert_eq!(
+        err(&with("cpu = 1", "cpu = 1\nburst = 0")),
+        "switch \"sw0\": burst 0 is less than 1"
+    );
+    assert_eq!(
+        err(&with("cpu = 1", "cpu = 1\nburst = 257")),
+        "switch \"sw0\": burst 257 exceeds 256"
+    );
+    assert_eq!(
+        err(&with("cpu = 1", "cpu = 1\nidle = \"sleepy\"")),
+        "switch \"sw0\": idle \"sleepy\" is not supported (supported: busy, adaptive)"
+    );
+    assert_eq!(
+        err(&with("name = \"sw0\"", "name = \"sw 0\"")),
+        "switch name \"sw 0\" is not valid (expected 1 to 32 characters from A-Z a-z 0-9 _ -)"
+    );
+}
+
+// ---- services and backends ----
+
+const WEB2: &str =
+    "\n[[service]]\nname = \"web2\"\nvip = \"198.18.0.10\"\nport = 80\nprotocol = \"tcp\"\n";
+
+#[test]
+fn duplicate_service_name() {
+    assert_eq!(
+        err(&plus(&WEB2.replace("web2", "web"))),
+        "service \"web\" is defined twice"
+    );
+}
+
+#[test]
+fn duplicate_vip_port_protocol() {
+    assert_eq!(
+        err(&plus(WEB2)),
+        "service \"web2\": 198.18.0.10:80 tcp is already served by service \"web\""
+    );
+    // Another protocol or port is a different service.
+    parse(&plus(&WEB2.replace("tcp", "udp"))).unwrap();
+    parse(&plus(&WEB2.replace("port = 80", "port = 81"))).unwrap();
+}
+
+#[test]
+fn service_rules() {
+    assert_eq!(
+        err(&with("vip = \"198.18.0.10\"", "vip = \"198.18.0\"")),
+        "service \"web\": vip \"198.18.0\" is not an IPv4 address (expected like 198.18.0.10)"
+    );
+    assert_eq!(
+        err(&with("vip = \"198.18.0.10\"", "vip = \"224.0.0.1\"")),
+        "service \"web\": vip 224.0.0.1 is not a unicast address (0.0.0.0, 255.255.255.255 and 224.0.0.0/4 are not allowed)"
+    );
+    assert_eq!(
+        err(&with("port = 80\n", "port = 0\n")),
+        "service \"web\": port 0 is less than 1"
+    );
+    assert_eq!(
+        err(&with("port = 80\n", "port = 65536\n")),
+        "service \"web\": port 65536 exceeds 65535"
+    );
+    assert_eq!(
+        err(&with("protocol = \"tcp\"", "protocol = \"sctp\"")),
+        "service \"web\": protocol \"sctp\" is not supported (supported: tcp, udp)"
+    );
+    assert_eq!(
+        err(&with(
+            "protocol = \"tcp\"",
+            "protocol = \"tcp\"\nmode = \"fullnat\""
+        )),
+        "service \"web\": mode \"fullnat\" is not supported (supported: nat, dr, tunnel)"
+    );
+    assert_eq!(
+        err(&with(
+            "protocol = \"tcp\"",
+            "protocol = \"tcp\"\nscheduler = \"wlc\""
+        )),
+        "service \"web\": scheduler \"wlc\" is not supported (supported: maglev)"
+    );
+}
+
+#[test]
+fn weight_too_large() {
+    let text = plus(
+        "  [[service.backend]]\n  name = \"web2\"\n  address = \"198.19.1.2\"\n\
+         \n  [[service.backend]]\n  name = \"web3\"\n  address = \"198.19.1.3\"\n  weight = 70000\n",
+    );
+    assert_eq!(
+        err(&text),
+        "service \"web\": backend \"web3\": weight 70000 exceeds 65535"
+    );
+    assert_eq!(
+        err(&with("port = 8080", "port = 8080\n  weight = -1")),
+        "service \"web\": backend \"web1\": weight -1 is less than 0"
+    );
+}
+
+#[test]
+fn dr_cannot_change_ports() {
+    assert_eq!(
+        err(&with(
+            "protocol = \"tcp\"",
+            "protocol = \"tcp\"\nmode = \"dr\""
+        )),
+        "service \"web\": backend \"web1\": port 8080 differs from the service port 80 (mode \"dr\" cannot change ports)"
+    );
+    assert_eq!(
+        err(&with(
+            "protocol = \"tcp\"",
+            "protocol = \"tcp\"\nmode = \"tunnel\""
+        )),
+        "service \"web\": backend \"web1\": port 8080 differs from the service port 80 (mode \"tunnel\" cannot change ports)"
+    );
+    let c = parse(
+        &with("protocol = \"tcp\"", "protocol = \"tcp\"\nmode = \"dr\"")
+            .replace("  port = 8080\n", ""),
+    )
+    .unwrap();
+    assert_eq!(
+        (c.services[0].mode, c.services[0].backends[0].port),
+        (Mode::Dr, 80)
+    );
+}
+
+#[test]
+fn backend_duplicates() {
+    let same_name = "  [[service.backend]]\n  name = \"web1\"\n  address = \"198.19.1.2\"\n";
+    assert_eq!(
+        err(&plus(same_name)),
+        "service \"web\": backend \"web1\" is defined twice"
+    );
+    let same_addr =
+        "  [[service.backend]]\n  name = \"web2\"\n  address = \"198.19.1.1\"\n  port = 8080\n";
+    assert_eq!(
+        err(&plus(same_addr)),
+        "service \"web\": backend \"web2\": 198.19.1.1:8080 is already used by backend \"web1\""
+    );
+    // Same address on another port is another backend.
+    parse(&plus(&same_addr.replace("8080", "8081"))).unwrap();
+}
+
+#[test]
+fn backend_rules() {
+    assert_eq!(
+        err(&with(
+            "address = \"198.19.1.1\"",
+            "address = \"198.19.1.256\""
+        )),
+        "service \"web\": backend \"web1\": address \"198.19.1.256\" is not an IPv4 address (expected like 198.18.0.10)"
+    );
+    assert_eq!(
+        err(&with("address = \"198.19.1.1\"", "address = \"0.0.0.0\"")),
+        "service \"web\": backend \"web1\": address 0.0.0.0 is not a unicast address (0.0.0.0, 255.255.255.255 and 224.0.0.0/4 are not allowed)"
+    );
+    assert_eq!(
+        err(&with("name = \"web1\"", "name = \"\"")),
+        "service \"web\": backend name \"\" is not valid (expected 1 to 32 characters from A-Z a-z 0-9 _ -)"
+    );
+}
+
+#[test]
+fn vip_is_not_a_backend() {
+    let other =
+        "\n[[service]]\nname = \"dns\"\nvip = \"198.19.1.1\"\nport = 53\nprotocol = \"udp\"\n";
+    assert_eq!(
+        err(&plus(other)),
+        "service \"web\": backend \"web1\": address 198.19.1.1 is the VIP of service \"dns\" (a backend cannot be a VIP)"
+    );
+}
+
+#[test]
+fn more_backends_than_table_entries() {
+    let mut text = head("[limits]\nmaglev_table_size = 251");
+    for i in 2..=252 {
+        text += &format!(
+            "  [[service.backend]]\n  name = \"b{i}\"\n  address = \"10.1.{}.{}\"\n",
+            i / 256,
+            i % 256
+        );
+    }
+    assert_eq!(
+        err(&text),
+        "service \"web\": 252 backends exceed limits.maglev_table_size 251 (each backend needs table entries)"
+    );
+}
+
+// ---- routes and neighbours ----
+
+#[test]
+fn prefix_with_host_bits() {
+    assert_eq!(
+        err(&plus(
+            "[[route]]\nprefix = \"198.19.1.0/16\"\nport = \"backend\""
+        )),
+        "route \"198.19.1.0/16\": host bits are set (the prefix of 198.19.1.0 with length 16 is 198.19.0.0/16)"
+    );
+}
+
+#[test]
+fn bad_prefix() {
+    for bad in [
+        "198.19.0.0",
+        "198.19.0.0/33",
+        "198.19.0.0/",
+        "198.19.0.0/+8",
+        "198.19.0/16",
+        "198.19.0.0/016",
+    ] {
+        assert_eq!(
+            err(&plus(&format!(
+                "[[route]]\nprefix = \"{bad}\"\nport = \"backend\""
+            ))),
+            format!(
+                "route \"{bad}\": prefix \"{bad}\" is not an IPv4 prefix (expected an address and a length 0..=32 like 198.19.0.0/16)"
+            )
+        );
+    }
+}
+
+#[test]
+fn route_rules() {
+    assert_eq!(
+        err(&plus("[[route]]\nprefix = \"10.0.0.0/8\"\nport = \"wan\"")),
+        "route \"10.0.0.0/8\": port \"wan\" is not defined (defined ports: client, backend)"
+    );
+    assert_eq!(
+        err(&plus(
+            "[[route]]\nprefix = \"10.0.0.0/8\"\nport = \"client\"\nvia = \"10.0.0.300\""
+        )),
+        "route \"10.0.0.0/8\": via \"10.0.0.300\" is not an IPv4 address (expected like 198.18.0.10)"
+    );
+    assert_eq!(
+        err(&plus(
+            "[[route]]\nprefix = \"10.0.0.0/8\"\nport = \"client\"\n[[route]]\nprefix = \"10.0.0.0/8\"\nport = \"backend\""
+        )),
+        "route \"10.0.0.0/8\" is defined twice"
+    );
+}
+
+#[test]
+fn neighbour_rules() {
+    let n = |addr: &str, mac: &str, port: &str| {
+        format!("[[neighbour]]\naddress = \"{addr}\"\nmac = \"{mac}\"\nport = \"{port}\"\n")
+    };
+    assert_eq!(
+        err(&plus(
+            &(n("198.19.1.1", "02:00:00:00:01:01", "backend")
+                + &n("198.19.1.1", "02:00:00:00:01:02", "backend"))
+        )),
+        "neighbour \"198.19.1.1\" is defined twice"
+    );
+    assert_eq!(
+        err(&plus(&n("198.19.1.1", "02:00:00:00:01:01", "lan"))),
+        "neighbour \"198.19.1.1\": port \"lan\" is not defined (defined ports: client, backend)"
+    );
+    assert_eq!(
+        err(&plus(&n("198.19.1.1", "ff:ff:ff:ff:ff:ff", "backend"))),
+        "neighbour \"198.19.1.1\": mac \"ff:ff:ff:ff:ff:ff\" is a multicast address (the low bit of the first octet is set; a unicast MAC is required)"
+    );
+    assert_eq!(
+        err(&plus(&n("198.19.1", "02:00:00:00:01:01", "backend"))),
+        "neighbour \"198.19.1\": address \"198.19.1\" is not an IPv4 address (expected like 198.18.0.10)"
+    );
+}

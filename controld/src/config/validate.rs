@@ -173,7 +173,14 @@ fn limits(raw: &RawLimits) -> R<Limits> {
     let ctx = "limits: ";
     let services = int(ctx, "services", raw.services, d.services, 1, 4096)?;
     let backends = int(ctx, "backends", raw.backends, d.backends, 1, 65535)?;
-    let connections = int(ctx, "connections", raw.connections, d.connections, 1024, 1 << 26)?;
+    let connections = int(
+        ctx,
+        "connections",
+        raw.connections,
+        d.connections,
+        1024,
+        1 << 26,
+    )?;
     if !connections.is_power_of_two() {
         return Err(format!(
             "{ctx}connections {connections} is not a power of two (e.g. {})",
@@ -191,9 +198,15 @@ fn limits(raw: &RawLimits) -> R<Limits> {
         DEFAULT_MAGLEV_TABLE_SIZE as i64,
     )?;
     if !is_prime(maglev_table_size) {
-        let below = (MIN_MAGLEV_TABLE_SIZE..maglev_table_size).rev().find(|&n| is_prime(n));
+        let below = (MIN_MAGLEV_TABLE_SIZE..maglev_table_size)
+            .rev()
+            .find(|&n| is_prime(n));
         let above = (maglev_table_size..=DEFAULT_MAGLEV_TABLE_SIZE).find(|&n| is_prime(n));
-        let near: Vec<String> = below.into_iter().chain(above).map(|n| n.to_string()).collect();
+        let near: Vec<String> = below
+            .into_iter()
+            .chain(above)
+            .map(|n| n.to_string())
+            .collect();
         return Err(format!(
             "{ctx}maglev_table_size {maglev_table_size} is not prime (nearest primes: {})",
             near.join(", ")
@@ -215,7 +228,14 @@ fn timeouts(raw: &RawTimeouts) -> R<Timeouts> {
     let max = MAX_TIMEOUT as i64;
     Ok(Timeouts {
         tcp_syn: int(ctx, "tcp_syn", raw.tcp_syn, d.tcp_syn, 1, max)?,
-        tcp_established: int(ctx, "tcp_established", raw.tcp_established, d.tcp_established, 1, max)?,
+        tcp_established: int(
+            ctx,
+            "tcp_established",
+            raw.tcp_established,
+            d.tcp_established,
+            1,
+            max,
+        )?,
         tcp_fin: int(ctx, "tcp_fin", raw.tcp_fin, d.tcp_fin, 1, max)?,
         udp: int(ctx, "udp", raw.udp, d.udp, 1, max)?,
     })
@@ -224,7 +244,14 @@ fn timeouts(raw: &RawTimeouts) -> R<Timeouts> {
 fn publish(raw: &RawPublish) -> R<Publish> {
     let d = Publish::default();
     Ok(Publish {
-        ack_timeout_ms: int("publish: ", "ack_timeout_ms", raw.ack_timeout_ms, d.ack_timeout_ms, 10, 60000)?,
+        ack_timeout_ms: int(
+            "publish: ",
+            "ack_timeout_ms",
+            raw.ack_timeout_ms,
+            d.ack_timeout_ms,
+            10,
+            60000,
+        )?,
     })
 }
 
@@ -234,15 +261,28 @@ fn port(raw: &RawPort) -> R<Port> {
     let driver = match raw.driver.as_str() {
         "vnic" => Driver::Vnic,
         "afpacket" => {
-            return Err(format!("{ctx}driver \"afpacket\" is not supported yet (supported: vnic)"));
+            return Err(format!(
+                "{ctx}driver \"afpacket\" is not supported yet (supported: vnic)"
+            ));
         }
-        other => return Err(format!("{ctx}driver {other:?} is unknown (supported: vnic)")),
+        other => {
+            return Err(format!(
+                "{ctx}driver {other:?} is unknown (supported: vnic)"
+            ));
+        }
     };
     let mac = match (&raw.mac, driver) {
         (Some(m), _) => mac(&ctx, m)?,
         (None, Driver::Vnic) => return Err(format!("{ctx}mac is required for driver \"vnic\"")),
     };
-    let ring_size = int(&ctx, "ring_size", raw.ring_size, DEFAULT_RING_SIZE, 64, 32768)?;
+    let ring_size = int(
+        &ctx,
+        "ring_size",
+        raw.ring_size,
+        DEFAULT_RING_SIZE,
+        64,
+        32768,
+    )?;
     if !ring_size.is_power_of_two() {
         return Err(format!(
             "{ctx}ring_size {ring_size} is not a power of two (e.g. {})",
@@ -262,7 +302,9 @@ fn switch(raw: &RawSwitch, ports: &[Port]) -> R<Switch> {
     let ctx = format!("switch {:?}: ", raw.name);
     let cpu = int(&ctx, "cpu", Some(raw.cpu), 0, 0, 1023)?;
     if raw.ports.is_empty() {
-        return Err(format!("{ctx}ports is empty (at least one port is required)"));
+        return Err(format!(
+            "{ctx}ports is empty (at least one port is required)"
+        ));
     }
     let mut indexes = Vec::with_capacity(raw.ports.len());
     for (i, name) in raw.ports.iter().enumerate() {
@@ -275,7 +317,9 @@ fn switch(raw: &RawSwitch, ports: &[Port]) -> R<Switch> {
         None | Some("adaptive") => Idle::Adaptive,
         Some("busy") => Idle::Busy,
         Some(other) => {
-            return Err(format!("{ctx}idle {other:?} is not supported (supported: busy, adaptive)"));
+            return Err(format!(
+                "{ctx}idle {other:?} is not supported (supported: busy, adaptive)"
+            ));
         }
     };
     Ok(Switch {
@@ -297,7 +341,9 @@ fn service(raw: &RawService, limits: &Limits) -> R<Service> {
         "tcp" => Protocol::Tcp,
         "udp" => Protocol::Udp,
         other => {
-            return Err(format!("{ctx}protocol {other:?} is not supported (supported: tcp, udp)"));
+            return Err(format!(
+                "{ctx}protocol {other:?} is not supported (supported: tcp, udp)"
+            ));
         }
     };
     let mode = match raw.mode.as_deref() {
@@ -305,13 +351,17 @@ fn service(raw: &RawService, limits: &Limits) -> R<Service> {
         Some("dr") => Mode::Dr,
         Some("tunnel") => Mode::Tunnel,
         Some(other) => {
-            return Err(format!("{ctx}mode {other:?} is not supported (supported: nat, dr, tunnel)"));
+            return Err(format!(
+                "{ctx}mode {other:?} is not supported (supported: nat, dr, tunnel)"
+            ));
         }
     };
     let scheduler = match raw.scheduler.as_deref() {
         None | Some("maglev") => Scheduler::Maglev,
         Some(other) => {
-            return Err(format!("{ctx}scheduler {other:?} is not supported (supported: maglev)"));
+            return Err(format!(
+                "{ctx}scheduler {other:?} is not supported (supported: maglev)"
+            ));
         }
     };
     if raw.backend.len() > limits.maglev_table_size as usize {
@@ -364,7 +414,14 @@ fn backend(service_ctx: &str, raw: &RawBackend, service_port: u16, mode: Mode) -
         name: raw.name.clone(),
         address,
         port,
-        weight: int(&ctx, "weight", raw.weight, DEFAULT_WEIGHT, 0, MAX_WEIGHT as i64)?,
+        weight: int(
+            &ctx,
+            "weight",
+            raw.weight,
+            DEFAULT_WEIGHT,
+            0,
+            MAX_WEIGHT as i64,
+        )?,
     })
 }
 
@@ -385,7 +442,9 @@ fn route(raw: &RawRoute, ports: &[Port]) -> R<Route> {
     if prefix_len > 32 {
         return Err(bad());
     }
-    let mask = u32::MAX.checked_shl(32 - u32::from(prefix_len)).unwrap_or(0);
+    let mask = u32::MAX
+        .checked_shl(32 - u32::from(prefix_len))
+        .unwrap_or(0);
     let network = Ipv4Addr::from(u32::from(addr) & mask);
     if network != addr {
         return Err(format!(
@@ -437,7 +496,9 @@ where
 fn check_name(what: &str, name: &str, max: usize) -> R<()> {
     let ok = !name.is_empty()
         && name.len() <= max
-        && name.bytes().all(|c| c.is_ascii_alphanumeric() || c == b'_' || c == b'-');
+        && name
+            .bytes()
+            .all(|c| c.is_ascii_alphanumeric() || c == b'_' || c == b'-');
     if ok {
         Ok(())
     } else {
@@ -460,9 +521,9 @@ fn port_ref(ctx: &str, name: &str, ports: &[Port]) -> R<usize> {
 
 /// A unicast IPv4 host address.
 fn unicast(ctx: &str, key: &str, text: &str) -> R<Ipv4Addr> {
-    let a: Ipv4Addr = text
-        .parse()
-        .map_err(|_| format!("{ctx}{key} {text:?} is not an IPv4 address (expected like 198.18.0.10)"))?;
+    let a: Ipv4Addr = text.parse().map_err(|_| {
+        format!("{ctx}{key} {text:?} is not an IPv4 address (expected like 198.18.0.10)")
+    })?;
     if a.is_unspecified() || a.is_broadcast() || a.is_multicast() {
         return Err(format!(
             "{ctx}{key} {a} is not a unicast address (0.0.0.0, 255.255.255.255 and 224.0.0.0/4 are not allowed)"
@@ -474,7 +535,9 @@ fn unicast(ctx: &str, key: &str, text: &str) -> R<Ipv4Addr> {
 /// A unicast, non-zero MAC address written as six `:`-separated hex octets.
 fn mac(ctx: &str, text: &str) -> R<[u8; 6]> {
     let bad = || {
-        format!("{ctx}mac {text:?} is not a MAC address (expected six hex octets like 02:00:00:00:00:01)")
+        format!(
+            "{ctx}mac {text:?} is not a MAC address (expected six hex octets like 02:00:00:00:00:01)"
+        )
     };
     let mut mac = [0u8; 6];
     let mut parts = text.split(':');
@@ -489,7 +552,9 @@ fn mac(ctx: &str, text: &str) -> R<[u8; 6]> {
         return Err(bad());
     }
     if mac == [0; 6] {
-        return Err(format!("{ctx}mac {text:?} is the all-zero address (a unicast MAC is required)"));
+        return Err(format!(
+            "{ctx}mac {text:?} is the all-zero address (a unicast MAC is required)"
+        ));
     }
     if mac[0] & 1 != 0 {
         return Err(format!(
@@ -499,17 +564,6 @@ fn mac(ctx: &str, text: &str) -> R<[u8; 6]> {
     Ok(mac)
 }
 
-/// Trial division; `n` is at most 65537 here.
 fn is_prime(n: u32) -> bool {
-    if n < 2 {
-        return false;
-    }
-    let mut d = 2u32;
-    while d.saturating_mul(d) <= n {
-        if n % d == 0 {
-            return false;
-        }
-        d += 1;
-    }
-    true
+    crate::maglev::is_prime(n as usize)
 }

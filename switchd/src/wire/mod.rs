@@ -1,1 +1,61 @@
-//! Packet views (placeholder).
+//! Packet views over byte buffers, after smoltcp's `wire` module.
+//!
+//! A view wraps a buffer (`T: AsRef<[u8]>` to read, `AsMut<[u8]>` to write).
+//! `new_checked` validates lengths once; after it succeeds no accessor
+//! panics. Field offsets are named constants in each file. No allocation.
+
+pub mod arp;
+pub mod checksum;
+pub mod ethernet;
+pub mod ipv4;
+pub mod reply;
+pub mod tcp;
+pub mod udp;
+
+pub use arp::{ARP_REPLY, ARP_REQUEST, ArpPacket};
+pub use ethernet::{ETHERNET_HEADER_LEN, ETHERTYPE_ARP, ETHERTYPE_IPV4, EthernetFrame};
+pub use ipv4::Ipv4Packet;
+pub use reply::{arp_reply_in_place, tcp_rst_in_place};
+pub use tcp::TcpSegment;
+pub use udp::UdpDatagram;
+
+/// Why a buffer is not a valid packet.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum WireError {
+    #[error("buffer too short for the header")]
+    Truncated,
+    #[error("IP version is not 4")]
+    BadVersion,
+    #[error("IPv4 header length below 20 bytes or beyond the buffer")]
+    BadIhl,
+    #[error("IPv4 total length smaller than the header or larger than the buffer")]
+    BadTotalLength,
+    #[error("TCP data offset below 5 words or beyond the segment")]
+    BadDataOffset,
+    #[error("UDP length below 8 or beyond the datagram")]
+    BadUdpLength,
+    #[error("not an Ethernet/IPv4 ARP packet")]
+    BadArp,
+    #[error("refusing to answer a RST")]
+    WouldAnswerRst,
+}
+
+#[inline]
+pub(crate) fn be16(b: &[u8], at: usize) -> u16 {
+    u16::from_be_bytes([b[at], b[at + 1]])
+}
+
+#[inline]
+pub(crate) fn be32(b: &[u8], at: usize) -> u32 {
+    u32::from_be_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
+}
+
+#[inline]
+pub(crate) fn put16(b: &mut [u8], at: usize, v: u16) {
+    b[at..at + 2].copy_from_slice(&v.to_be_bytes());
+}
+
+#[inline]
+pub(crate) fn put32(b: &mut [u8], at: usize, v: u32) {
+    b[at..at + 4].copy_from_slice(&v.to_be_bytes());
+}

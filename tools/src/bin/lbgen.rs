@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::Parser;
-use tools::gen::{GenConfig, Generator, Report};
+use tools::traffic::{GenConfig, Generator, Report};
 use tools::topo::parse_prefix;
 
 #[derive(Parser, Debug)]

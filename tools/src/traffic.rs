@@ -377,8 +377,8 @@ impl Generator {
     }
 
     fn refresh_topology(&mut self) {
-        let gen = self.region.generation(shm_layout::Table::Config);
-        if gen != self.topo.config_generation {
+        let g = self.region.generation(shm_layout::Table::Config);
+        if g != self.topo.config_generation {
             let t = Topology::read(&self.region);
             for (i, s) in t.services.iter().enumerate() {
                 if let Some(k) = self.known_backends.get_mut(i) {
