@@ -76,8 +76,10 @@ impl ConnSlot {
     pub fn expired(&self, now_ms: u32, t: &Timeouts) -> bool {
         let proto = (self.words[0].load(Ordering::Relaxed) >> 48) as u8;
         let state = self.tcp_state.load(Ordering::Relaxed);
-        let age = now_ms.wrapping_sub(self.last_seen.load(Ordering::Relaxed));
-        age > t.for_state(proto, state)
+        // Signed age: another switch may have stored a `last_seen` slightly
+        // newer than our `now_ms` (each switch reads the clock once per loop).
+        let age = now_ms.wrapping_sub(self.last_seen.load(Ordering::Relaxed)) as i32;
+        age > 0 && age as u32 > t.for_state(proto, state)
     }
 }
 
