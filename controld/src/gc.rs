@@ -42,32 +42,36 @@ impl Gc {
                 }
                 continue;
             }
-            let Some(snap) = ct.snapshot(idx) else { continue };
+            let Some(snap) = ct.snapshot(idx) else {
+                continue;
+            };
             match snap.kind() {
-                KIND_FWD => {
-                    if ct.slot(idx).expired(now, timeouts) && ct.remove(idx, &snap, pid) {
-                        st.expired += 1;
-                        let id = snap.conn().map(|c| c.backend_id).unwrap_or(u32::MAX);
-                        if let Some(b) = region.backend_counters().get(id as usize) {
-                            let _ = b.active.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| v.checked_sub(1));
-                        }
+                KIND_FWD if ct.slot(idx).expired(now, timeouts) && ct.remove(idx, &snap, pid) => {
+                    st.expired += 1;
+                    let id = snap.conn().map(|c| c.backend_id).unwrap_or(u32::MAX);
+                    if let Some(b) = region.backend_counters().get(id as usize) {
+                        let _ = b
+                            .active
+                            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| {
+                                v.checked_sub(1)
+                            });
                     }
                 }
                 KIND_REPLY => {
                     let (rkey, fwd) = snap.reply().expect("reply slot");
-                    let live = ct
-                        .snapshot(fwd)
-                        .and_then(|s| s.conn())
-                        .is_some_and(|c| c.reply_key() == rkey && !ct.slot(fwd).expired(now, timeouts));
+                    // A busy target may be an insert in progress (the reply slot
+                    // is published first): leave it for the next sweep.
+                    let live = match ct.snapshot(fwd) {
+                        None => true,
+                        Some(s) => s.conn().is_some_and(|c| {
+                            c.reply_key() == rkey && !ct.slot(fwd).expired(now, timeouts)
+                        }),
+                    };
                     if !live && ct.remove(idx, &snap, pid) {
                         st.orphans += 1;
                     }
                 }
-                KIND_TOMB => {
-                    if ct.compact(idx, pid) {
-                        st.compacted += 1;
-                    }
-                }
+                KIND_TOMB if ct.compact(idx, pid) => st.compacted += 1,
                 _ => {}
             }
         }

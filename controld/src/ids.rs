@@ -73,7 +73,8 @@ impl IdAllocator {
     /// Frees retired ids whose active connection count is zero.
     pub fn release_idle(&mut self, active: impl Fn(u32) -> u32) -> usize {
         let before = self.retired.len();
-        let (idle, busy): (Vec<u32>, Vec<u32>) = self.retired.drain(..).partition(|&id| active(id) == 0);
+        let (idle, busy): (Vec<u32>, Vec<u32>) =
+            self.retired.drain(..).partition(|&id| active(id) == 0);
         self.retired = busy;
         self.free.extend(idle);
         before - self.retired.len()
@@ -110,6 +111,9 @@ mod tests {
         assert!(!third.contains(&first[1]));
         assert_eq!(a.release_idle(|id| if id == first[1] { 1 } else { 0 }), 0);
         assert_eq!(a.release_idle(|_| 0), 1);
-        assert!(a.assign(&[ident(3), ident(1), ident(4), ident(5), ident(6)]).is_err());
+        assert!(
+            a.assign(&[ident(3), ident(1), ident(4), ident(5), ident(6)])
+                .is_err()
+        );
     }
 }

@@ -52,7 +52,9 @@ fn main() {
 }
 
 fn online_cpus() -> usize {
-    std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+    std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
 }
 
 /// Checks that only need this machine (not expressible in the file alone).
@@ -78,7 +80,9 @@ fn capacities(cfg: &Config) -> Capacities {
         services: cfg.limits.services,
         backends: cfg.limits.backends,
         backend_ids: cfg.limits.backends.saturating_mul(4),
-        conn_slots: cfg.limits.connections,
+        // Two slots per NAT connection (forward and reply) at no more than half
+        // load keeps every probe sequence short: four slots per connection.
+        conn_slots: cfg.limits.connections.saturating_mul(4).next_power_of_two(),
         routes: cfg.limits.routes,
         neighbours: cfg.limits.neighbours,
         switches: cfg.switches.len() as u32,
@@ -118,7 +122,10 @@ fn create_region(cfg: &Config) -> Result<Region> {
             Ok(r) => {
                 let pid = r.header().controld_pid.load(Ordering::Relaxed);
                 if shm_layout::time::pid_alive(pid) && pid != std::process::id() {
-                    bail!("instance {:?} is already running (controld pid {pid})", cfg.instance);
+                    bail!(
+                        "instance {:?} is already running (controld pid {pid})",
+                        cfg.instance
+                    );
                 }
                 log::warn!("removing stale region /dev/shm/{name} left by controld pid {pid}");
             }
@@ -149,7 +156,12 @@ fn create_vnics(cfg: &Config) -> Result<Vec<String>> {
                 mac: cfg.ports[p].mac,
             })
             .collect();
-        let ring = s.ports.iter().map(|&p| cfg.ports[p].ring_size).max().unwrap_or(1024);
+        let ring = s
+            .ports
+            .iter()
+            .map(|&p| cfg.ports[p].ring_size)
+            .max()
+            .unwrap_or(1024);
         let frames = ports.len() as u32 * 2 * ring + 256 + 4 * s.burst;
         netdrv::vnic::create(&name, &ports, ring, frames)
             .with_context(|| format!("creating vnic {name}"))?;
@@ -219,7 +231,10 @@ fn reload(region: &Region, st: &mut State, path: &Path) {
         return;
     }
     match publish_all(region, st, new) {
-        Ok((c, r)) => log::info!("reloaded {}: configuration generation {c}, routing generation {r}", path.display()),
+        Ok((c, r)) => log::info!(
+            "reloaded {}: configuration generation {c}, routing generation {r}",
+            path.display()
+        ),
         Err(e) => log::error!("reload refused, running configuration kept: {e:#}"),
     }
 }
@@ -248,7 +263,10 @@ fn run(args: &Args) -> Result<()> {
         None => std::env::current_exe()?.with_file_name("switchd"),
     };
     if !switchd.exists() {
-        bail!("switchd binary not found at {} (use --switchd PATH)", switchd.display());
+        bail!(
+            "switchd binary not found at {} (use --switchd PATH)",
+            switchd.display()
+        );
     }
 
     let term = Arc::new(AtomicBool::new(false));
@@ -319,14 +337,20 @@ fn run(args: &Args) -> Result<()> {
         if last_release.elapsed() > Duration::from_secs(1) {
             let counters = region.backend_counters();
             st.ids.release_idle(|id| {
-                counters.get(id as usize).map(|c| c.active.load(Ordering::Relaxed)).unwrap_or(0)
+                counters
+                    .get(id as usize)
+                    .map(|c| c.active.load(Ordering::Relaxed))
+                    .unwrap_or(0)
             });
             last_release = Instant::now();
         }
         std::thread::sleep(Duration::from_millis(20));
     }
     log::info!("stopping: terminating switches");
-    region.header().state.store(REGION_STOPPING, Ordering::SeqCst);
+    region
+        .header()
+        .state
+        .store(REGION_STOPPING, Ordering::SeqCst);
     sup.stop_all(&region, Duration::from_secs(3));
     if let Some(p) = &args.pidfile {
         let _ = std::fs::remove_file(p);

@@ -14,13 +14,24 @@ use crate::master::{ConfigSnapshot, RoutingSnapshot};
 pub fn check_fits(region: &Region, snap: &ConfigSnapshot) -> Result<(), String> {
     let caps = region.caps();
     if snap.services.len() > caps.services as usize {
-        return Err(format!("{} services exceed the region's capacity of {}", snap.services.len(), caps.services));
+        return Err(format!(
+            "{} services exceed the region's capacity of {}",
+            snap.services.len(),
+            caps.services
+        ));
     }
     if snap.backends.len() > caps.backends as usize {
-        return Err(format!("{} backends exceed the region's capacity of {}", snap.backends.len(), caps.backends));
+        return Err(format!(
+            "{} backends exceed the region's capacity of {}",
+            snap.backends.len(),
+            caps.backends
+        ));
     }
     if snap.ports.len() > MAX_PORTS {
-        return Err(format!("{} ports exceed the maximum of {MAX_PORTS}", snap.ports.len()));
+        return Err(format!(
+            "{} ports exceed the maximum of {MAX_PORTS}",
+            snap.ports.len()
+        ));
     }
     if snap.maglev_m != caps.maglev_m {
         return Err(format!(
@@ -31,7 +42,11 @@ pub fn check_fits(region: &Region, snap: &ConfigSnapshot) -> Result<(), String> 
     Ok(())
 }
 
-pub fn publish_config(region: &Region, snap: &ConfigSnapshot, ack_timeout: Duration) -> Result<PublishReport, String> {
+pub fn publish_config(
+    region: &Region,
+    snap: &ConfigSnapshot,
+    ack_timeout: Duration,
+) -> Result<PublishReport, String> {
     check_fits(region, snap)?;
     let m = snap.maglev_m as usize;
     Ok(region.publish_config(ack_timeout, |slot| {
@@ -58,9 +73,14 @@ pub fn publish_config(region: &Region, snap: &ConfigSnapshot, ack_timeout: Durat
     }))
 }
 
-pub fn publish_routing(region: &Region, snap: &RoutingSnapshot, ack_timeout: Duration) -> Result<PublishReport, String> {
+pub fn publish_routing(
+    region: &Region,
+    snap: &RoutingSnapshot,
+    ack_timeout: Duration,
+) -> Result<PublishReport, String> {
     let caps = region.caps();
-    if snap.routes.len() > caps.routes as usize || snap.neighbours.len() > caps.neighbours as usize {
+    if snap.routes.len() > caps.routes as usize || snap.neighbours.len() > caps.neighbours as usize
+    {
         return Err(format!(
             "{} routes / {} neighbours exceed the region's capacity of {} / {}",
             snap.routes.len(),

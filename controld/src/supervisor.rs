@@ -86,7 +86,13 @@ impl Supervisor {
         if !p.recent_starts.is_empty() {
             slot.restarts.fetch_add(1, Ordering::Relaxed);
         }
-        log::info!("switch {} ({}) started: pid {} on CPU {}", s.index, s.name, child.id(), s.cpu);
+        log::info!(
+            "switch {} ({}) started: pid {} on CPU {}",
+            s.index,
+            s.name,
+            child.id(),
+            s.cpu
+        );
         p.recent_starts.push(Instant::now());
         p.child = Some(child);
         Ok(())
@@ -109,7 +115,10 @@ impl Supervisor {
             if let Some(child) = self.procs[i].child.as_mut() {
                 match child.try_wait() {
                     Ok(Some(status)) => {
-                        log::warn!("switch {idx} (pid {}) exited: {status}; restarting", child.id());
+                        log::warn!(
+                            "switch {idx} (pid {}) exited: {status}; restarting",
+                            child.id()
+                        );
                         slot.state.store(SW_STOPPED, Ordering::SeqCst);
                         self.procs[i].child = None;
                     }
@@ -135,7 +144,8 @@ impl Supervisor {
                 if p.not_before.is_some_and(|t| now < t) {
                     continue;
                 }
-                p.recent_starts.retain(|t| now.duration_since(*t) < CRASH_WINDOW);
+                p.recent_starts
+                    .retain(|t| now.duration_since(*t) < CRASH_WINDOW);
                 if p.recent_starts.len() >= CRASH_BURST && p.not_before.is_none() {
                     log::error!(
                         "switch {idx} crashed {} times in {:?}: next start in {:?}",
@@ -165,12 +175,17 @@ impl Supervisor {
         }
         let deadline = Instant::now() + grace;
         for p in &mut self.procs {
-            let Some(mut c) = p.child.take() else { continue };
+            let Some(mut c) = p.child.take() else {
+                continue;
+            };
             loop {
                 match c.try_wait() {
                     Ok(Some(_)) | Err(_) => break,
                     Ok(None) if Instant::now() >= deadline => {
-                        log::warn!("switch {} did not stop in {grace:?}: killing it", p.spec.index);
+                        log::warn!(
+                            "switch {} did not stop in {grace:?}: killing it",
+                            p.spec.index
+                        );
                         let _ = c.kill();
                         let _ = c.wait();
                         break;
@@ -178,7 +193,9 @@ impl Supervisor {
                     Ok(None) => std::thread::sleep(Duration::from_millis(10)),
                 }
             }
-            region.switch_slots()[p.spec.index].state.store(SW_STOPPED, Ordering::SeqCst);
+            region.switch_slots()[p.spec.index]
+                .state
+                .store(SW_STOPPED, Ordering::SeqCst);
         }
     }
 

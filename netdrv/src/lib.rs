@@ -41,9 +41,17 @@ pub enum NetdrvError {
     #[error("{name}: not a vnic (magic {found:#018x})")]
     BadMagic { name: String, found: u64 },
     #[error("{name}: vnic layout fingerprint {found:#018x}, this program expects {expected:#018x}")]
-    Fingerprint { name: String, expected: u64, found: u64 },
+    Fingerprint {
+        name: String,
+        expected: u64,
+        found: u64,
+    },
     #[error("{name}: {what}")]
     Invalid { name: String, what: String },
     #[error("{name}: the {side} side is already attached by live pid {pid}")]
-    Busy { name: String, side: &'static str, pid: u32 },
+    Busy {
+        name: String,
+        side: &'static str,
+        pid: u32,
+    },
 }

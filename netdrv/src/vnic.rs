@@ -33,7 +33,7 @@ use shm_layout::shm::{Access, Mapping};
 use shm_layout::time::pid_alive;
 use shm_layout::{fp_type, names};
 
-use crate::{Frame, Nic, NetdrvError};
+use crate::{Frame, NetdrvError, Nic};
 
 pub const MAGIC: u64 = u64::from_le_bytes(*b"SYVNIC01");
 pub const VERSION: u32 = 1;
@@ -91,15 +91,34 @@ const _: () = {
     assert!(size_of::<WireIndex>() == 64);
     assert!(size_of::<PortInfo>() == 24);
     assert!(offset_of!(VnicHeader, host_pid) == 56 + 24 * MAX_PORTS);
-    assert!(size_of::<VnicHeader>() % 64 == 0);
+    assert!(size_of::<VnicHeader>().is_multiple_of(64));
 };
 
 pub const FINGERPRINT: u64 = {
-    let fp = Fingerprint::new().mix(VERSION as usize).mix(FRAME_SIZE).mix(MAX_PORTS);
+    let fp = Fingerprint::new()
+        .mix(VERSION as usize)
+        .mix(FRAME_SIZE)
+        .mix(MAX_PORTS);
     let fp = fp_type!(fp, Desc, buf, meta);
     let fp = fp_type!(fp, WireIndex, next);
     let fp = fp_type!(fp, PortInfo, mac, name);
-    fp_type!(fp, VnicHeader, magic, version, n_ports, fingerprint, ring_size, n_frames, frame_size, rings_offset, pool_offset, ports, host_pid, wire_pid).value()
+    fp_type!(
+        fp,
+        VnicHeader,
+        magic,
+        version,
+        n_ports,
+        fingerprint,
+        ring_size,
+        n_frames,
+        frame_size,
+        rings_offset,
+        pool_offset,
+        ports,
+        host_pid,
+        wire_pid
+    )
+    .value()
 };
 
 /// A port of a vnic being created.
@@ -123,13 +142,26 @@ fn layout(n_ports: usize, ring_size: u32, n_frames: u32) -> (usize, usize, usize
 }
 
 /// Creates a vnic. `n_frames` must cover every descriptor plus host slack.
-pub fn create(name: &str, ports: &[PortSpec], ring_size: u32, n_frames: u32) -> Result<(), NetdrvError> {
-    let invalid = |what: String| NetdrvError::Invalid { name: name.to_string(), what };
+pub fn create(
+    name: &str,
+    ports: &[PortSpec],
+    ring_size: u32,
+    n_frames: u32,
+) -> Result<(), NetdrvError> {
+    let invalid = |what: String| NetdrvError::Invalid {
+        name: name.to_string(),
+        what,
+    };
     if ports.is_empty() || ports.len() > MAX_PORTS {
-        return Err(invalid(format!("{} ports; a vnic has 1..={MAX_PORTS}", ports.len())));
+        return Err(invalid(format!(
+            "{} ports; a vnic has 1..={MAX_PORTS}",
+            ports.len()
+        )));
     }
     if !ring_size.is_power_of_two() || !(64..=32768).contains(&ring_size) {
-        return Err(invalid(format!("ring size {ring_size} must be a power of two in 64..=32768")));
+        return Err(invalid(format!(
+            "ring size {ring_size} must be a power of two in 64..=32768"
+        )));
     }
     let need = ports.len() as u32 * 2 * ring_size + 256;
     if n_frames < need {
@@ -197,7 +229,10 @@ impl Device {
         // SAFETY: at least header-sized and page aligned.
         let h = unsafe { &*(map.as_ptr() as *const VnicHeader) };
         if h.magic != MAGIC {
-            return Err(NetdrvError::BadMagic { name: name.into(), found: h.magic });
+            return Err(NetdrvError::BadMagic {
+                name: name.into(),
+                found: h.magic,
+            });
         }
         if h.fingerprint != FINGERPRINT || h.version != VERSION {
             return Err(NetdrvError::Fingerprint {
@@ -214,7 +249,10 @@ impl Device {
             && pool as u64 == h.pool_offset
             && total <= map.len();
         if !ok {
-            return Err(NetdrvError::Invalid { name: name.into(), what: "corrupt header".into() });
+            return Err(NetdrvError::Invalid {
+                name: name.into(),
+                what: "corrupt header".into(),
+            });
         }
         Ok(Self { map, rings, pool })
     }
@@ -254,9 +292,16 @@ impl Device {
         loop {
             let cur = word.load(Ordering::Acquire);
             if cur != 0 && cur != me && pid_alive(cur) {
-                return Err(NetdrvError::Busy { name: name.into(), side, pid: cur });
+                return Err(NetdrvError::Busy {
+                    name: name.into(),
+                    side,
+                    pid: cur,
+                });
             }
-            if word.compare_exchange(cur, me, Ordering::AcqRel, Ordering::Acquire).is_ok() {
+            if word
+                .compare_exchange(cur, me, Ordering::AcqRel, Ordering::Acquire)
+                .is_ok()
+            {
                 return Ok(());
             }
         }
@@ -363,7 +408,10 @@ impl VnicHost {
                 }
             }
         }
-        host.free = (0..used.len() as u32).rev().filter(|&b| !used[b as usize]).collect();
+        host.free = (0..used.len() as u32)
+            .rev()
+            .filter(|&b| !used[b as usize])
+            .collect();
         for (p, i) in unposted {
             let Some(b) = host.free.pop() else { break };
             let d = &host.dev.ring(p, false).descs[i as usize];
@@ -380,7 +428,9 @@ impl VnicHost {
         let h = self.dev.header();
         let mut seen = vec![0u8; h.n_frames as usize];
         let mut note = |b: u32, what: &str| -> Result<(), String> {
-            let s = seen.get_mut(b as usize).ok_or(format!("{what}: buffer {b} out of range"))?;
+            let s = seen
+                .get_mut(b as usize)
+                .ok_or(format!("{what}: buffer {b} out of range"))?;
             *s += 1;
             if *s > 1 {
                 return Err(format!("{what}: buffer {b} referenced twice"));
@@ -460,7 +510,10 @@ impl Nic for VnicHost {
                 break;
             }
             let Some(fresh) = self.free.pop() else { break };
-            out[n] = Frame { buf: b, len: (meta & LEN_MASK) as u16 };
+            out[n] = Frame {
+                buf: b,
+                len: (meta & LEN_MASK) as u16,
+            };
             d.buf.store(fresh, Ordering::Relaxed);
             d.meta.store(OWN_NIC, Ordering::Release);
             self.rx_next[port] = self.rx_next[port].wrapping_add(1);
@@ -542,7 +595,13 @@ impl VnicWire {
         let dev = Device::open(name)?;
         dev.claim(&dev.header().wire_pid, "wire", name)?;
         let mask = dev.header().ring_size - 1;
-        Ok(Self { dev, mask, injected: 0, ring_full: 0, collected: 0 })
+        Ok(Self {
+            dev,
+            mask,
+            injected: 0,
+            ring_full: 0,
+            collected: 0,
+        })
     }
 
     pub fn port_count(&self) -> usize {
@@ -561,7 +620,9 @@ impl VnicWire {
     /// is full or the frame does not fit a buffer.
     #[inline]
     pub fn inject(&mut self, port: usize, frame: &[u8]) -> bool {
-        self.inject_with(port, frame.len(), |b| b[..frame.len()].copy_from_slice(frame))
+        self.inject_with(port, frame.len(), |b| {
+            b[..frame.len()].copy_from_slice(frame)
+        })
     }
 
     /// Like `inject`, filling the buffer in place.

@@ -481,10 +481,14 @@ impl<'a> ConnTable<'a> {
                     }
                     KIND_REPLY => {
                         let (rkey, fwd) = (reply_key_of(&snap.words), snap.words[0] as u32);
-                        let target_live = self
-                            .snapshot(fwd)
-                            .and_then(|t| t.conn())
-                            .is_some_and(|c| c.reply_key() == rkey && !expired(self.slot(fwd)));
+                        // A busy target may be an insert in progress (reply
+                        // slots are published first): treat it as live.
+                        let target_live = match self.snapshot(fwd) {
+                            None => true,
+                            Some(t) => t
+                                .conn()
+                                .is_some_and(|c| c.reply_key() == rkey && !expired(self.slot(fwd))),
+                        };
                         if !target_live {
                             cand.get_or_insert((idx, snap.lock, None));
                         } else if want == KIND_REPLY && rkey == *key {

@@ -324,7 +324,7 @@ impl Region {
         let sec = self.sections[s as usize];
         let end = offset + (count * size_of::<T>()) as u64;
         assert!(end <= sec.len, "view out of section bounds");
-        assert!((sec.offset + offset) % core::mem::align_of::<T>() as u64 == 0);
+        assert!((sec.offset + offset).is_multiple_of(core::mem::align_of::<T>() as u64));
         // SAFETY: offset + len is within the section, which is within the
         // mapping (checked against the mapping length at attach/create).
         unsafe { self.map.as_ptr().add((sec.offset + offset) as usize) as *mut T }

@@ -43,13 +43,21 @@ pub struct PortMap {
 
 impl PortMap {
     /// Matches the NIC's port names against the configuration's ports.
-    pub fn build(names: &[String], macs: &[[u8; 6]], cfg_ports: &[(String, [u8; 6])]) -> Result<Self, String> {
+    pub fn build(
+        names: &[String],
+        macs: &[[u8; 6]],
+        cfg_ports: &[(String, [u8; 6])],
+    ) -> Result<Self, String> {
         let mut m = PortMap::default();
         for (local, name) in names.iter().enumerate() {
             let Some(g) = cfg_ports.iter().position(|(n, _)| n == name) else {
                 return Err(format!(
                     "NIC port {name:?} is not in the published configuration (ports: {})",
-                    cfg_ports.iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>().join(", ")
+                    cfg_ports
+                        .iter()
+                        .map(|(n, _)| n.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
                 ));
             };
             m.global.push(g as u32);
@@ -147,7 +155,10 @@ pub fn run<N: Nic>(
                                 nic.free(*f);
                                 continue;
                             };
-                            let out_frame = Frame { buf: f.buf, len: len as u16 };
+                            let out_frame = Frame {
+                                buf: f.buf,
+                                len: len as u16,
+                            };
                             match nic.tx(out as usize, out_frame) {
                                 Ok(()) => {
                                     ctx.counters[Counter::TxPackets as usize] += 1;

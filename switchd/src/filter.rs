@@ -7,9 +7,7 @@
 
 use core::sync::atomic::Ordering;
 
-use shm_layout::config_slot::{
-    BackendRec, ConfigView, MODE_NAT, PROTO_TCP, PROTO_UDP, ServiceRec,
-};
+use shm_layout::config_slot::{BackendRec, ConfigView, MODE_NAT, PROTO_TCP, PROTO_UDP, ServiceRec};
 use shm_layout::conntrack::{
     CONN_MIDFLOW, Conn, ConnSlot, ConnTable, Direction, FlowKey, Hit, InsertError, STATE_ACTIVE,
     STATE_CLOSING, STATE_ESTABLISHED, STATE_SYN, Timeouts,
@@ -46,7 +44,9 @@ pub struct Ctx<'a> {
 
 impl core::fmt::Debug for Ctx<'_> {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
-        f.debug_struct("Ctx").field("now_ms", &self.now_ms).finish_non_exhaustive()
+        f.debug_struct("Ctx")
+            .field("now_ms", &self.now_ms)
+            .finish_non_exhaustive()
     }
 }
 
@@ -189,7 +189,10 @@ fn arp(
     match wire::arp_reply_in_place(&mut frame[..len], mac) {
         Ok(n) => {
             ctx.count(Counter::ArpReplies);
-            Verdict::Tx { port: in_port, len: n }
+            Verdict::Tx {
+                port: in_port,
+                len: n,
+            }
         }
         Err(_) => ctx.drop(Counter::DropMalformed),
     }
@@ -206,7 +209,11 @@ fn to_vip(
     let is_tcp = l4.key.proto == PROTO_TCP;
     let syn = is_tcp && l4.flags & tcp::SYN != 0 && l4.flags & tcp::ACK == 0;
     let rst = is_tcp && l4.flags & tcp::RST != 0;
-    if let Some(hit) = ctx.ct.lookup(&l4.key).filter(|h| h.dir == Direction::Forward) {
+    if let Some(hit) = ctx
+        .ct
+        .lookup(&l4.key)
+        .filter(|h| h.dir == Direction::Forward)
+    {
         let slot = ctx.ct.slot(hit.idx);
         if !ctx.expired(slot) {
             ctx.count(Counter::FwdHit);
@@ -224,7 +231,10 @@ fn to_vip(
         return match wire::tcp_rst_in_place(frame, l4.frame_len) {
             Ok(n) => {
                 ctx.count(Counter::RstSent);
-                Verdict::Tx { port: in_port, len: n }
+                Verdict::Tx {
+                    port: in_port,
+                    len: n,
+                }
             }
             Err(_) => ctx.drop(Counter::DropMalformed),
         };
@@ -287,7 +297,9 @@ fn insert(conn: &Conn, state: u32, ctx: &mut Ctx<'_>) -> Result<Conn, Verdict> {
             }
             for id in ins.evicted_backends.into_iter().flatten() {
                 if let Some(b) = ctx.backends.get(id as usize) {
-                    let _ = b.active.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| v.checked_sub(1));
+                    let _ = b
+                        .active
+                        .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| v.checked_sub(1));
                 }
             }
             Ok(*conn)
@@ -296,7 +308,9 @@ fn insert(conn: &Conn, state: u32, ctx: &mut Ctx<'_>) -> Result<Conn, Verdict> {
             Some(c) => Ok(c),
             None => Ok(*conn),
         },
-        Err(InsertError::Full | InsertError::ReplyConflict) => Err(ctx.drop(Counter::DropTableFull)),
+        Err(InsertError::Full | InsertError::ReplyConflict) => {
+            Err(ctx.drop(Counter::DropTableFull))
+        }
     }
 }
 
@@ -340,9 +354,16 @@ fn touch(slot: &ConnSlot, l4: &L4, now_ms: u32, dir: Direction) {
         let cur = slot.tcp_state.load(Ordering::Relaxed);
         let next = if l4.flags & (tcp::FIN | tcp::RST) != 0 {
             STATE_CLOSING
-        } else if cur == STATE_SYN && dir == Direction::Reply && l4.flags & (tcp::SYN | tcp::ACK) == tcp::SYN | tcp::ACK {
+        } else if cur == STATE_SYN
+            && dir == Direction::Reply
+            && l4.flags & (tcp::SYN | tcp::ACK) == tcp::SYN | tcp::ACK
+        {
             STATE_ESTABLISHED
-        } else if cur == STATE_SYN && dir == Direction::Forward && l4.flags & tcp::ACK != 0 && l4.flags & tcp::SYN == 0 {
+        } else if cur == STATE_SYN
+            && dir == Direction::Forward
+            && l4.flags & tcp::ACK != 0
+            && l4.flags & tcp::SYN == 0
+        {
             // Client's ACK of the handshake (DR/tunnel never see the SYN-ACK).
             STATE_ESTABLISHED
         } else {
@@ -354,8 +375,12 @@ fn touch(slot: &ConnSlot, l4: &L4, now_ms: u32, dir: Direction) {
     }
     // Approximate under concurrent updates by two switches: plain
     // load + store, no locked read-modify-write on the hot path.
-    slot.packets.store(slot.packets.load(Ordering::Relaxed) + 1, Ordering::Relaxed);
-    slot.bytes.store(slot.bytes.load(Ordering::Relaxed) + l4.ip_len as u64, Ordering::Relaxed);
+    slot.packets
+        .store(slot.packets.load(Ordering::Relaxed) + 1, Ordering::Relaxed);
+    slot.bytes.store(
+        slot.bytes.load(Ordering::Relaxed) + l4.ip_len as u64,
+        Ordering::Relaxed,
+    );
 }
 
 /// Client -> backend: rewrite per the connection's mode, then route.
@@ -451,7 +476,11 @@ fn egress(
         }
         // TTL is the high byte of the 16-bit word it shares with protocol.
         let proto = ipv4.protocol() as u16;
-        let c = checksum::update_u16(ipv4.checksum(), (ttl as u16) << 8 | proto, ((ttl - 1) as u16) << 8 | proto);
+        let c = checksum::update_u16(
+            ipv4.checksum(),
+            (ttl as u16) << 8 | proto,
+            ((ttl - 1) as u16) << 8 | proto,
+        );
         ipv4.set_ttl(ttl - 1);
         ipv4.set_checksum(c);
     }

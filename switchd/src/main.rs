@@ -14,7 +14,10 @@ use shm_layout::{Access, Region, RegionError};
 use switchd::engine::{self, Idle, PortMap, Settings};
 
 #[derive(Parser, Debug)]
-#[command(version, about = "switchyard switching processor (started by controld)")]
+#[command(
+    version,
+    about = "switchyard switching processor (started by controld)"
+)]
 struct Args {
     /// Instance name: the region is /dev/shm/switchyard.<instance>.
     #[arg(long)]
@@ -62,7 +65,10 @@ fn pin(cpu: usize) -> Result<()> {
         libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set)
     };
     if r != 0 {
-        bail!("cannot pin to CPU {cpu}: {}", std::io::Error::last_os_error());
+        bail!(
+            "cannot pin to CPU {cpu}: {}",
+            std::io::Error::last_os_error()
+        );
     }
     Ok(())
 }
@@ -105,7 +111,10 @@ fn main() -> Result<()> {
     if args.mlock {
         // SAFETY: mlockall has no memory-safety preconditions.
         if unsafe { libc::mlockall(libc::MCL_CURRENT | libc::MCL_FUTURE) } != 0 {
-            log::warn!("mlockall failed: {} (continuing unlocked)", std::io::Error::last_os_error());
+            log::warn!(
+                "mlockall failed: {} (continuing unlocked)",
+                std::io::Error::last_os_error()
+            );
         }
     }
     log::info!(
@@ -116,7 +125,9 @@ fn main() -> Result<()> {
         idle,
         args.burst
     );
-    let names: Vec<String> = (0..nic.port_count()).map(|p| nic.port_name(p).to_string()).collect();
+    let names: Vec<String> = (0..nic.port_count())
+        .map(|p| nic.port_name(p).to_string())
+        .collect();
     let macs: Vec<[u8; 6]> = (0..nic.port_count()).map(|p| nic.port_mac(p)).collect();
     let ports = move |r: &Region| -> Result<PortMap, String> {
         let tok = r.begin_read(shm_layout::Table::Config);
@@ -135,7 +146,9 @@ fn main() -> Result<()> {
         idle,
     };
     let res = engine::run(&region, &mut nic, &ports, settings, &STOP);
-    region.switch_slots()[args.switch].state.store(SW_STOPPED, Ordering::SeqCst);
+    region.switch_slots()[args.switch]
+        .state
+        .store(SW_STOPPED, Ordering::SeqCst);
     match res {
         Ok(()) => {
             log::info!("switch {} stopped", args.switch);

@@ -18,7 +18,10 @@ pub fn bin_dir() -> PathBuf {
     }
     // target/<profile>/deps/<test-binary> -> target/<profile>
     let exe = std::env::current_exe().expect("current_exe");
-    exe.parent().and_then(Path::parent).expect("target dir").to_path_buf()
+    exe.parent()
+        .and_then(Path::parent)
+        .expect("target dir")
+        .to_path_buf()
 }
 
 pub fn bin(name: &str) -> PathBuf {
@@ -35,7 +38,11 @@ pub fn bin(name: &str) -> PathBuf {
 pub fn unique(tag: &str) -> String {
     use std::sync::atomic::AtomicU32;
     static N: AtomicU32 = AtomicU32::new(0);
-    format!("t{}-{tag}-{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed))
+    format!(
+        "t{}-{tag}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    )
 }
 
 /// A backend in a generated config.
@@ -60,13 +67,33 @@ impl Default for Cfg {
         Self {
             switches: 1,
             web: vec![
-                B { name: "web1", last_octet: 1, weight: 1 },
-                B { name: "web2", last_octet: 2, weight: 2 },
-                B { name: "web3", last_octet: 3, weight: 3 },
+                B {
+                    name: "web1",
+                    last_octet: 1,
+                    weight: 1,
+                },
+                B {
+                    name: "web2",
+                    last_octet: 2,
+                    weight: 2,
+                },
+                B {
+                    name: "web3",
+                    last_octet: 3,
+                    weight: 3,
+                },
             ],
             dns: vec![
-                B { name: "dns1", last_octet: 1, weight: 1 },
-                B { name: "dns2", last_octet: 2, weight: 1 },
+                B {
+                    name: "dns1",
+                    last_octet: 1,
+                    weight: 1,
+                },
+                B {
+                    name: "dns2",
+                    last_octet: 2,
+                    weight: 1,
+                },
             ],
             connections: 1 << 18,
         }
@@ -76,9 +103,11 @@ impl Default for Cfg {
 /// Renders a vnic configuration: client port and backend port, static
 /// routes and neighbours for backends 198.19.1.1..=8, switches on CPU 0..n.
 pub fn render(instance: &str, c: &Cfg) -> String {
-    let cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    let cpus = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
     let mut s = format!(
-        "instance = \"{instance}\"\n\n[limits]\nconnections = {}\nmaglev_table_size = 65537\n\n[publish]\nack_timeout_ms = 2000\n\n",
+        "instance = \"{instance}\"\n\n[limits]\nconnections = {}\nmaglev_table_size = 65537\n\n[timeouts]\ntcp_fin = 2\nudp = 5\n\n[publish]\nack_timeout_ms = 2000\n\n",
         c.connections
     );
     s += "[[port]]\nname = \"client\"\ndriver = \"vnic\"\nmac = \"02:00:00:00:00:01\"\n\n";
@@ -111,7 +140,9 @@ pub fn render(instance: &str, c: &Cfg) -> String {
     s += "[[route]]\nprefix = \"198.18.100.0/24\"\nport = \"client\"\nvia = \"198.18.0.1\"\n\n";
     s += "[[neighbour]]\naddress = \"198.18.0.1\"\nmac = \"02:00:00:00:02:01\"\nport = \"client\"\n\n";
     for i in 1..=8 {
-        s += &format!("[[neighbour]]\naddress = \"198.19.1.{i}\"\nmac = \"02:00:00:00:01:{i:02x}\"\nport = \"backend\"\n\n");
+        s += &format!(
+            "[[neighbour]]\naddress = \"198.19.1.{i}\"\nmac = \"02:00:00:00:01:{i:02x}\"\nport = \"backend\"\n\n"
+        );
     }
     s
 }
@@ -177,13 +208,18 @@ impl Appliance {
                 let n = r.caps().switches as usize;
                 let ready = g > 0
                     && r.switch_slots()[..n].iter().all(|s| {
-                        s.state.load(Ordering::SeqCst) == SW_RUNNING && s.seen_config.load(Ordering::Acquire) == g
+                        s.state.load(Ordering::SeqCst) == SW_RUNNING
+                            && s.seen_config.load(Ordering::Acquire) == g
                     });
                 if ready {
                     return;
                 }
             }
-            assert!(Instant::now() < deadline, "appliance not ready after {limit:?}:\n{}", self.log());
+            assert!(
+                Instant::now() < deadline,
+                "appliance not ready after {limit:?}:\n{}",
+                self.log()
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -216,7 +252,11 @@ impl Appliance {
             if g > above {
                 return g;
             }
-            assert!(Instant::now() < deadline, "generation stayed at {g} for {limit:?}:\n{}", self.log());
+            assert!(
+                Instant::now() < deadline,
+                "generation stayed at {g} for {limit:?}:\n{}",
+                self.log()
+            );
             std::thread::sleep(Duration::from_millis(5));
         }
     }
@@ -245,7 +285,12 @@ impl Drop for Appliance {
         self.stop();
         // Anything left (a switch orphaned by a failure) is killed by instance name.
         let _ = Command::new("pkill")
-            .args(["-KILL", "-f", "--", &format!("--instance {} ", self.instance)])
+            .args([
+                "-KILL",
+                "-f",
+                "--",
+                &format!("--instance {} ", self.instance),
+            ])
             .status();
         if let Ok(rd) = std::fs::read_dir("/dev/shm") {
             let prefix = format!("switchyard.{}", self.instance);
@@ -267,7 +312,10 @@ impl Drop for Appliance {
 /// Pids of running switchd processes of an instance, by switch index.
 pub fn switch_pids(r: &Region) -> Vec<u32> {
     let n = r.caps().switches as usize;
-    r.switch_slots()[..n].iter().map(|s| s.pid.load(Ordering::Relaxed)).collect()
+    r.switch_slots()[..n]
+        .iter()
+        .map(|s| s.pid.load(Ordering::Relaxed))
+        .collect()
 }
 
 /// Runs shmdump --json on an instance and parses it.
@@ -277,7 +325,11 @@ pub fn shmdump_json(instance: &str, extra: &[&str]) -> serde_json::Value {
         .args(extra)
         .output()
         .expect("run shmdump");
-    assert!(out.status.success(), "shmdump failed: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "shmdump failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     serde_json::from_slice(&out.stdout).expect("shmdump json")
 }
 
@@ -293,7 +345,9 @@ impl Wire {
             .into_iter()
             .map(|n| {
                 let w = netdrv::vnic::VnicWire::attach(&n).expect("attach wire");
-                let names = (0..w.port_count()).map(|p| w.port_name(p).to_string()).collect();
+                let names = (0..w.port_count())
+                    .map(|p| w.port_name(p).to_string())
+                    .collect();
                 (w, names)
             })
             .collect();
@@ -325,7 +379,9 @@ impl Wire {
 
 /// Reads one switch counter by name from shmdump's JSON.
 pub fn counter(dump: &serde_json::Value, switch: usize, name: &str) -> u64 {
-    dump["switches"][switch]["counters"][name].as_u64().unwrap_or_else(|| panic!("no counter {name}"))
+    dump["switches"][switch]["counters"][name]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no counter {name}"))
 }
 
 /// Sums a counter over all switches.

@@ -33,18 +33,34 @@ fn traffic(instance: &str, service: &str, flows: u64, data: u32) -> GenConfig {
 fn nat_rewrite_affinity_and_weighted_distribution() {
     let inst = unique("dist");
     let app = Appliance::start(&inst, &render(&inst, &Cfg::default()));
-    let rep = Generator::new(traffic(&inst, "web", 30_000, 1)).unwrap().run();
+    let rep = Generator::new(traffic(&inst, "web", 30_000, 1))
+        .unwrap()
+        .run();
     assert!(rep.clean(), "{rep:#?}");
     assert_eq!(rep.flows_completed, 30_000);
-    assert_eq!((rep.bad_frames, rep.affinity_violations, rep.unexpected_frames), (0, 0, 0));
+    assert_eq!(
+        (
+            rep.bad_frames,
+            rep.affinity_violations,
+            rep.unexpected_frames
+        ),
+        (0, 0, 0)
+    );
     // SYN, SYN-ACK, data, data reply, FIN: five checked frames per flow.
     assert_eq!(rep.packets_received - rep.duplicate_frames, 5 * 30_000);
     let split = &rep.per_backend["web"];
     let total: u64 = split.values().sum();
-    for (backend, weight) in [("198.19.1.1:8080", 1.0), ("198.19.1.2:8080", 2.0), ("198.19.1.3:8080", 3.0)] {
+    for (backend, weight) in [
+        ("198.19.1.1:8080", 1.0),
+        ("198.19.1.2:8080", 2.0),
+        ("198.19.1.3:8080", 3.0),
+    ] {
         let share = split[backend] as f64 / total as f64 * 100.0;
         let want = weight / 6.0 * 100.0;
-        assert!((share - want).abs() <= 2.0, "{backend}: {share:.2}% vs {want:.2}% ({split:?})");
+        assert!(
+            (share - want).abs() <= 2.0,
+            "{backend}: {share:.2}% vs {want:.2}% ({split:?})"
+        );
     }
     let dump = shmdump_json(&inst, &[]);
     assert_eq!(counter_sum(&dump, "conn_new"), 30_000);
@@ -59,7 +75,17 @@ fn udp_service_round_trips_via_lbgen_binary() {
     let inst = unique("udp");
     let app = Appliance::start(&inst, &render(&inst, &Cfg::default()));
     let out = std::process::Command::new(switchyard_tests::bin("lbgen"))
-        .args(["--instance", &inst, "--service", "dns", "--flows", "2000", "--data-packets", "3", "--json"])
+        .args([
+            "--instance",
+            &inst,
+            "--service",
+            "dns",
+            "--flows",
+            "2000",
+            "--data-packets",
+            "3",
+            "--json",
+        ])
         .output()
         .unwrap();
     let rep: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
@@ -134,7 +160,10 @@ fn vip_port_without_service_gets_rst_never_for_rst_udp_dropped() {
         &mut udp,
     );
     wire.send("client", &udp);
-    assert!(wire.recv(1, Duration::from_millis(500)).is_empty(), "no answer to RST or UDP");
+    assert!(
+        wire.recv(1, Duration::from_millis(500)).is_empty(),
+        "no answer to RST or UDP"
+    );
     let dump = shmdump_json(&inst, &[]);
     assert_eq!(counter_sum(&dump, "rst_sent"), 1);
     assert_eq!(counter_sum(&dump, "drop_tcp_no_entry"), 1);
@@ -214,7 +243,10 @@ fn midflow_packet_without_entry_follows_maglev() {
         .collect();
     first.sort();
     second.sort();
-    assert_eq!(first, second, "every mid-connection packet went where its SYN went");
+    assert_eq!(
+        first, second,
+        "every mid-connection packet went where its SYN went"
+    );
     let dump = shmdump_json(&inst, &["--conns"]);
     assert_eq!(counter_sum(&dump, "conn_midflow"), 20);
     let list = dump["connections"]["list"].as_array().unwrap();

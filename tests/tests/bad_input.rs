@@ -5,7 +5,9 @@ use std::process::Command;
 use std::time::Duration;
 
 use shm_layout::Table;
-use switchyard_tests::{Appliance, Cfg, Wire, bin, counter_sum, render, shmdump_json, switch_pids, unique};
+use switchyard_tests::{
+    Appliance, Cfg, Wire, bin, counter_sum, render, shmdump_json, switch_pids, unique,
+};
 use tools::frames::{self, Spec, TcpFlags};
 use tools::traffic::{GenConfig, Generator};
 
@@ -14,9 +16,15 @@ fn check(config: &str) -> (bool, String) {
     std::fs::create_dir_all(&dir).unwrap();
     let path = dir.join("c.toml");
     std::fs::write(&path, config).unwrap();
-    let out = Command::new(bin("controld")).arg("--config").arg(&path).arg("--check").output().unwrap();
+    let out = Command::new(bin("controld"))
+        .arg("--config")
+        .arg(&path)
+        .arg("--check")
+        .output()
+        .unwrap();
     let _ = std::fs::remove_dir_all(&dir);
-    let text = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
     (out.status.success(), text)
 }
 
@@ -30,13 +38,17 @@ fn check_accepts_valid_and_names_the_problem_in_invalid_configs() {
 
     let (ok, text) = check(&good.replace("weight = 3", "weight = 70000"));
     assert!(!ok);
-    assert!(text.contains("web3") && text.contains("70000") && text.contains("65535"), "{text}");
+    assert!(
+        text.contains("web3") && text.contains("70000") && text.contains("65535"),
+        "{text}"
+    );
 
     let (ok, text) = check(&good.replace("[[route]]", "[[route]]\ncolour = \"blue\""));
     assert!(!ok);
     assert!(text.contains("colour"), "{text}");
 
-    let (ok, text) = check(&good.replace("mac = \"02:00:00:00:00:02\"", "mac = \"02:00:zz:00:00:02\""));
+    let (ok, text) =
+        check(&good.replace("mac = \"02:00:00:00:00:02\"", "mac = \"02:00:zz:00:00:02\""));
     assert!(!ok);
     assert!(text.contains("02:00:zz:00:00:02"), "{text}");
 
@@ -56,10 +68,18 @@ fn invalid_reload_keeps_the_running_configuration() {
     // controld handles SIGHUP within one loop tick; give it many.
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     while !app.log().contains("reload refused") {
-        assert!(std::time::Instant::now() < deadline, "no refusal logged:\n{}", app.log());
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no refusal logged:\n{}",
+            app.log()
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
-    assert_eq!(region.generation(Table::Config), before, "invalid file never replaces the running config");
+    assert_eq!(
+        region.generation(Table::Config),
+        before,
+        "invalid file never replaces the running config"
+    );
     assert!(app.log().contains("weight"), "{}", app.log());
     // A restart-only change is refused too.
     app.reload_with(&good.replace("connections = 262144", "connections = 524288"));
@@ -115,12 +135,21 @@ fn region_with_another_fingerprint_is_refused_by_switchd_and_shmdump() {
         .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
-    assert!(err.contains("0xdeadbeef00000001") && err.contains(&ours), "{err}");
+    assert!(
+        err.contains("0xdeadbeef00000001") && err.contains(&ours),
+        "{err}"
+    );
 
-    let out = Command::new(bin("shmdump")).args(["--instance", &inst]).output().unwrap();
+    let out = Command::new(bin("shmdump"))
+        .args(["--instance", &inst])
+        .output()
+        .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2));
-    assert!(err.contains("0xdeadbeef00000001") && err.contains(&ours), "{err}");
+    assert!(
+        err.contains("0xdeadbeef00000001") && err.contains(&ours),
+        "{err}"
+    );
 }
 
 const GW: [u8; 6] = [2, 0, 0, 0, 2, 1];
@@ -134,7 +163,11 @@ fn good_syn(port: u16) -> Vec<u8> {
             dst_mac: PORT,
             src: ([198, 18, 100, 3], port),
             dst: ([198, 18, 0, 10], 80),
-            tcp: Some(TcpFlags { syn: true, seq: 9, ..Default::default() }),
+            tcp: Some(TcpFlags {
+                syn: true,
+                seq: 9,
+                ..Default::default()
+            }),
             ttl: 64,
             ident: 0,
             payload_len: 0,
@@ -205,7 +238,10 @@ fn malformed_frames_are_dropped_and_counted_never_a_crash() {
     for (_, f) in &bad {
         wire.send("client", f);
     }
-    assert!(wire.recv(1, Duration::from_millis(500)).is_empty(), "nothing forwarded");
+    assert!(
+        wire.recv(1, Duration::from_millis(500)).is_empty(),
+        "nothing forwarded"
+    );
     let dump = shmdump_json(&inst, &[]);
     assert_eq!(counter_sum(&dump, "drop_malformed"), malformed);
     assert_eq!(counter_sum(&dump, "drop_fragment"), 1);

@@ -1,7 +1,7 @@
 //! Building and checking test frames with etherparse, an independent parser:
 //! nothing here shares code with switchd's own packet views.
 
-use etherparse::{Ethernet2Header, EtherType, IpNumber, Ipv4Header, TcpHeader, UdpHeader};
+use etherparse::{EtherType, Ethernet2Header, IpNumber, Ipv4Header, TcpHeader, UdpHeader};
 
 /// A frame to build.
 #[derive(Clone, Debug)]
@@ -31,7 +31,9 @@ pub struct TcpFlags {
 /// Writes the frame into `out` (cleared first).
 pub fn build(s: &Spec, out: &mut Vec<u8>) {
     out.clear();
-    let payload: Vec<u8> = (0..s.payload_len).map(|i| (i as u8) ^ (s.ident as u8)).collect();
+    let payload: Vec<u8> = (0..s.payload_len)
+        .map(|i| (i as u8) ^ (s.ident as u8))
+        .collect();
     let eth = Ethernet2Header {
         source: s.src_mac,
         destination: s.dst_mac,
@@ -41,8 +43,13 @@ pub fn build(s: &Spec, out: &mut Vec<u8>) {
         Some(_) => TcpHeader::MIN_LEN,
         None => UdpHeader::LEN,
     } + payload.len();
-    let proto = if s.tcp.is_some() { IpNumber::TCP } else { IpNumber::UDP };
-    let mut ip = Ipv4Header::new(l4_len as u16, s.ttl, proto, s.src.0, s.dst.0).expect("ipv4 header");
+    let proto = if s.tcp.is_some() {
+        IpNumber::TCP
+    } else {
+        IpNumber::UDP
+    };
+    let mut ip =
+        Ipv4Header::new(l4_len as u16, s.ttl, proto, s.src.0, s.dst.0).expect("ipv4 header");
     ip.identification = s.ident;
     ip.dont_fragment = true;
     eth.write(out).expect("vec write");
@@ -60,7 +67,8 @@ pub fn build(s: &Spec, out: &mut Vec<u8>) {
             t.write(out).expect("vec write");
         }
         None => {
-            let u = UdpHeader::with_ipv4_checksum(s.src.1, s.dst.1, &ip, &payload).expect("udp header");
+            let u =
+                UdpHeader::with_ipv4_checksum(s.src.1, s.dst.1, &ip, &payload).expect("udp header");
             u.write(out).expect("vec write");
         }
     }
@@ -98,7 +106,10 @@ pub fn parse_checked(frame: &[u8]) -> Result<Parsed, String> {
     }
     let l4_len = ip.payload_len().map_err(|e| format!("ipv4 length: {e}"))? as usize;
     if rest.len() < l4_len {
-        return Err(format!("ipv4 says {l4_len} payload bytes, frame has {}", rest.len()));
+        return Err(format!(
+            "ipv4 says {l4_len} payload bytes, frame has {}",
+            rest.len()
+        ));
     }
     let l4 = &rest[..l4_len];
     let base = Parsed {
@@ -115,9 +126,14 @@ pub fn parse_checked(frame: &[u8]) -> Result<Parsed, String> {
     match ip.protocol {
         IpNumber::TCP => {
             let (t, payload) = TcpHeader::from_slice(l4).map_err(|e| format!("tcp: {e}"))?;
-            let want = t.calc_checksum_ipv4(&ip, payload).map_err(|e| format!("tcp: {e}"))?;
+            let want = t
+                .calc_checksum_ipv4(&ip, payload)
+                .map_err(|e| format!("tcp: {e}"))?;
             if t.checksum != want {
-                return Err(format!("tcp checksum {:#06x}, correct is {want:#06x}", t.checksum));
+                return Err(format!(
+                    "tcp checksum {:#06x}, correct is {want:#06x}",
+                    t.checksum
+                ));
             }
             Ok(Parsed {
                 src: (ip.source, t.source_port),
@@ -138,9 +154,14 @@ pub fn parse_checked(frame: &[u8]) -> Result<Parsed, String> {
         IpNumber::UDP => {
             let (u, payload) = UdpHeader::from_slice(l4).map_err(|e| format!("udp: {e}"))?;
             if u.checksum != 0 {
-                let want = u.calc_checksum_ipv4(&ip, payload).map_err(|e| format!("udp: {e}"))?;
+                let want = u
+                    .calc_checksum_ipv4(&ip, payload)
+                    .map_err(|e| format!("udp: {e}"))?;
                 if u.checksum != want {
-                    return Err(format!("udp checksum {:#06x}, correct is {want:#06x}", u.checksum));
+                    return Err(format!(
+                        "udp checksum {:#06x}, correct is {want:#06x}",
+                        u.checksum
+                    ));
                 }
             }
             Ok(Parsed {
@@ -177,7 +198,10 @@ mod tests {
         let mut v = Vec::new();
         build(&s, &mut v);
         let p = parse_checked(&v).unwrap();
-        assert_eq!((p.src, p.dst, p.ttl, p.ident, p.payload_len), (s.src, s.dst, 64, 3, 10));
+        assert_eq!(
+            (p.src, p.dst, p.ttl, p.ident, p.payload_len),
+            (s.src, s.dst, 64, 3, 10)
+        );
         assert!(p.tcp.unwrap().syn);
         v[30] ^= 1; // corrupt the destination address
         assert!(parse_checked(&v).unwrap_err().contains("checksum"));

@@ -2,5 +2,5 @@
 //! the integration tests share (the wire end of the virtual NICs).
 
 pub mod frames;
-pub mod traffic;
 pub mod topo;
+pub mod traffic;

@@ -81,9 +81,10 @@ impl Topology {
 
     /// Backend whose neighbour MAC is `mac` (DR identifies backends by MAC).
     pub fn backend_by_mac(&self, svc: &ServiceInfo, mac: [u8; 6]) -> Option<([u8; 4], u16)> {
-        svc.backends.iter().copied().find(|(ip, _)| {
-            self.next_hop(*ip).is_some_and(|(_, m)| m == mac)
-        })
+        svc.backends
+            .iter()
+            .copied()
+            .find(|(ip, _)| self.next_hop(*ip).is_some_and(|(_, m)| m == mac))
     }
 }
 
@@ -98,19 +99,24 @@ pub fn vnic_names(instance: &str) -> Result<Vec<String>> {
         .collect();
     v.sort();
     if v.is_empty() {
-        bail!("instance {instance:?} has no virtual NICs (/dev/shm/{prefix}*): is controld running?");
+        bail!(
+            "instance {instance:?} has no virtual NICs (/dev/shm/{prefix}*): is controld running?"
+        );
     }
     Ok(v)
 }
 
 /// Attaches read-only to an instance's region.
 pub fn attach(instance: &str) -> Result<Region> {
-    Region::attach(instance, Access::ReadOnly).with_context(|| format!("attaching to instance {instance:?}"))
+    Region::attach(instance, Access::ReadOnly)
+        .with_context(|| format!("attaching to instance {instance:?}"))
 }
 
 /// Parses "a.b.c.d/len".
 pub fn parse_prefix(s: &str) -> Result<([u8; 4], u8)> {
-    let (a, l) = s.split_once('/').context("prefix must look like 198.18.100.0/24")?;
+    let (a, l) = s
+        .split_once('/')
+        .context("prefix must look like 198.18.100.0/24")?;
     let a: Ipv4Addr = a.parse().context("prefix address")?;
     let l: u8 = l.parse().context("prefix length")?;
     if l > 32 {

@@ -148,7 +148,8 @@ impl Wires {
         let mut nics = Vec::new();
         let mut global = Vec::new();
         for name in topo::vnic_names(instance)? {
-            let w = VnicWire::attach(&name).with_context(|| format!("attaching to {name} as the wire"))?;
+            let w = VnicWire::attach(&name)
+                .with_context(|| format!("attaching to {name} as the wire"))?;
             let mut g = Vec::new();
             for p in 0..w.port_count() {
                 let pname = w.port_name(p).to_string();
@@ -156,7 +157,9 @@ impl Wires {
                     .ports
                     .iter()
                     .position(|(n, _)| *n == pname)
-                    .with_context(|| format!("{name}: port {pname:?} is not in the configuration"))?;
+                    .with_context(|| {
+                        format!("{name}: port {pname:?} is not in the configuration")
+                    })?;
                 g.push(id as u32);
             }
             nics.push(w);
@@ -171,7 +174,9 @@ impl Wires {
 
     /// Queues (NICs) that serve a global port.
     fn queues_for(&self, global: u32) -> Vec<usize> {
-        (0..self.nics.len()).filter(|&n| self.local(n, global).is_some()).collect()
+        (0..self.nics.len())
+            .filter(|&n| self.local(n, global).is_some())
+            .collect()
     }
 }
 
@@ -199,7 +204,10 @@ impl Generator {
         let region = topo::attach(&cfg.instance)?;
         let topo = Topology::read(&region);
         if topo.config_generation == 0 {
-            bail!("instance {:?} has no published configuration yet", cfg.instance);
+            bail!(
+                "instance {:?} has no published configuration yet",
+                cfg.instance
+            );
         }
         let wires = Wires::attach(&cfg.instance, &topo)?;
         let services: Vec<usize> = if cfg.services.is_empty() {
@@ -208,12 +216,19 @@ impl Generator {
             cfg.services
                 .iter()
                 .map(|n| {
-                    topo.services.iter().position(|s| &s.name == n).with_context(|| {
-                        format!(
-                            "service {n:?} is not configured (services: {})",
-                            topo.services.iter().map(|s| s.name.as_str()).collect::<Vec<_>>().join(", ")
-                        )
-                    })
+                    topo.services
+                        .iter()
+                        .position(|s| &s.name == n)
+                        .with_context(|| {
+                            format!(
+                                "service {n:?} is not configured (services: {})",
+                                topo.services
+                                    .iter()
+                                    .map(|s| s.name.as_str())
+                                    .collect::<Vec<_>>()
+                                    .join(", ")
+                            )
+                        })
                 })
                 .collect::<Result<_>>()?
         };
@@ -221,9 +236,9 @@ impl Generator {
             bail!("no service to send to");
         }
         let probe = client_addr(&cfg, 0).0;
-        let (client_port, client_gw_mac) = topo
-            .next_hop(probe)
-            .with_context(|| format!("the appliance has no route/neighbour toward clients like {probe:?}"))?;
+        let (client_port, client_gw_mac) = topo.next_hop(probe).with_context(|| {
+            format!("the appliance has no route/neighbour toward clients like {probe:?}")
+        })?;
         let client_queues = wires.queues_for(client_port);
         if client_queues.is_empty() {
             bail!("no virtual NIC serves the client-side port {client_port}");
@@ -265,11 +280,25 @@ impl Generator {
     fn step_kind(svc: &ServiceInfo, step: u16, steps: u16) -> (Dir, Option<TcpFlags>, bool) {
         let tcp = svc.proto == PROTO_TCP;
         if !tcp {
-            let dir = if svc.dr || step % 2 == 0 { Dir::ToVip } else { Dir::ToClient };
+            let dir = if svc.dr || step.is_multiple_of(2) {
+                Dir::ToVip
+            } else {
+                Dir::ToClient
+            };
             return (dir, None, true);
         }
         let last = step + 1 == steps;
-        let f = |syn, ack, fin, psh| Some(TcpFlags { syn, ack, fin, psh, seq: 1000 + step as u32, ack_no: 1, rst: false });
+        let f = |syn, ack, fin, psh| {
+            Some(TcpFlags {
+                syn,
+                ack,
+                fin,
+                psh,
+                seq: 1000 + step as u32,
+                ack_no: 1,
+                rst: false,
+            })
+        };
         if step == 0 {
             return (Dir::ToVip, f(true, false, false, false), false);
         }
@@ -282,7 +311,11 @@ impl Generator {
         if step == 1 {
             return (Dir::ToClient, f(true, true, false, false), false);
         }
-        let dir = if step % 2 == 0 { Dir::ToVip } else { Dir::ToClient };
+        let dir = if step.is_multiple_of(2) {
+            Dir::ToVip
+        } else {
+            Dir::ToClient
+        };
         (dir, f(false, true, false, true), true)
     }
 
@@ -403,7 +436,8 @@ impl Generator {
             Ok(p) => p,
             Err(e) => {
                 self.report.bad_frames += 1;
-                self.report.error(format!("bad frame out of port {port}: {e}"));
+                self.report
+                    .error(format!("bad frame out of port {port}: {e}"));
                 return;
             }
         };
@@ -417,7 +451,10 @@ impl Generator {
         };
         let Some(&fi) = self.by_client.get(&client) else {
             self.report.unexpected_frames += 1;
-            self.report.error(format!("frame for no flow: {:?} -> {:?} out of port {port}", p.src, p.dst));
+            self.report.error(format!(
+                "frame for no flow: {:?} -> {:?} out of port {port}",
+                p.src, p.dst
+            ));
             return;
         };
         let step = self.flows[fi].step;
@@ -427,14 +464,18 @@ impl Generator {
         }
         if p.ident > step {
             self.report.bad_frames += 1;
-            self.report.error(format!("flow {client:?}: frame of step {} while at step {step}", p.ident));
+            self.report.error(format!(
+                "flow {client:?}: frame of step {} while at step {step}",
+                p.ident
+            ));
             return;
         }
         let svc = self.svc(&self.flows[fi]).clone();
         let (want_dir, _, _) = Self::step_kind(&svc, step, self.flows[fi].steps);
         if let Err(e) = self.check(fi, &svc, port, &p, dir, want_dir) {
             self.report.bad_frames += 1;
-            self.report.error(format!("flow {client:?} step {step}: {e}"));
+            self.report
+                .error(format!("flow {client:?} step {step}: {e}"));
             return;
         }
         let f = &mut self.flows[fi];
@@ -456,7 +497,15 @@ impl Generator {
         }
     }
 
-    fn check(&mut self, fi: usize, svc: &ServiceInfo, port: u32, p: &frames::Parsed, dir: Dir, want: Dir) -> Result<(), String> {
+    fn check(
+        &mut self,
+        fi: usize,
+        svc: &ServiceInfo,
+        port: u32,
+        p: &frames::Parsed,
+        dir: Dir,
+        want: Dir,
+    ) -> Result<(), String> {
         if dir != want {
             return Err(format!("expected a frame {want:?}, got one {dir:?}"));
         }
@@ -472,41 +521,70 @@ impl Generator {
                     }
                     self.topo
                         .backend_by_mac(svc, p.dst_mac)
-                        .or_else(|| f.backend)
-                        .ok_or_else(|| format!("DR frame to MAC {:02x?}, which is no backend's", p.dst_mac))?
+                        .or(f.backend)
+                        .ok_or_else(|| {
+                            format!("DR frame to MAC {:02x?}, which is no backend's", p.dst_mac)
+                        })?
                 } else {
                     p.dst
                 };
                 match f.backend {
                     None => {
                         if !self.known_backends[f.svc].contains(&(bip, bport)) {
-                            return Err(format!("sent to {bip:?}:{bport}, which is not a backend of {}", svc.name));
+                            // A reload may have added it since our last look.
+                            self.refresh_topology();
+                        }
+                        let f = &self.flows[fi];
+                        if !self.known_backends[f.svc].contains(&(bip, bport)) {
+                            return Err(format!(
+                                "sent to {bip:?}:{bport}, which is not a backend of {}",
+                                svc.name
+                            ));
                         }
                         self.flows[fi].backend = Some((bip, bport));
                     }
                     Some(b) if b != (bip, bport) => {
                         self.report.affinity_violations += 1;
-                        return Err(format!("affinity: flow was on {b:?}, this packet went to {:?}", (bip, bport)));
+                        return Err(format!(
+                            "affinity: flow was on {b:?}, this packet went to {:?}",
+                            (bip, bport)
+                        ));
                     }
                     Some(_) => {}
                 }
-                let (eport, emac) = self.topo.next_hop(bip).ok_or("no next hop for the backend")?;
-                if port != eport || p.dst_mac != emac || p.src_mac != self.topo.ports[eport as usize].1 {
+                let (eport, emac) = self
+                    .topo
+                    .next_hop(bip)
+                    .ok_or("no next hop for the backend")?;
+                if port != eport
+                    || p.dst_mac != emac
+                    || p.src_mac != self.topo.ports[eport as usize].1
+                {
                     return Err(format!(
                         "left through port {port} dst MAC {:02x?} src MAC {:02x?}; expected port {eport} dst {emac:02x?} src {:02x?}",
                         p.dst_mac, p.src_mac, self.topo.ports[eport as usize].1
                     ));
                 }
                 if p.src != self.flows[fi].client {
-                    return Err(format!("source {:?} is not the client {:?}", p.src, self.flows[fi].client));
+                    return Err(format!(
+                        "source {:?} is not the client {:?}",
+                        p.src, self.flows[fi].client
+                    ));
                 }
             }
             Dir::ToClient => {
                 if p.src != (svc.vip, svc.port) {
-                    return Err(format!("reply from {:?}, expected the VIP {:?}", p.src, (svc.vip, svc.port)));
+                    return Err(format!(
+                        "reply from {:?}, expected the VIP {:?}",
+                        p.src,
+                        (svc.vip, svc.port)
+                    ));
                 }
                 if port != self.client_port || p.dst_mac != self.client_gw_mac {
-                    return Err(format!("reply left through port {port} to MAC {:02x?}", p.dst_mac));
+                    return Err(format!(
+                        "reply left through port {port} to MAC {:02x?}",
+                        p.dst_mac
+                    ));
                 }
             }
         }
@@ -579,7 +657,8 @@ impl Generator {
         loop {
             let elapsed = start.elapsed();
             let may_start = self.may_start(next, elapsed);
-            while may_start && self.by_client.len() < self.cfg.concurrency && next < self.cfg.flows {
+            while may_start && self.by_client.len() < self.cfg.concurrency && next < self.cfg.flows
+            {
                 self.start_flow(next);
                 next += 1;
             }
@@ -596,7 +675,10 @@ impl Generator {
             if elapsed > self.cfg.time_limit {
                 let left = self.by_client.len() as u64;
                 self.report.flows_failed += left;
-                self.report.error(format!("time limit {:?} reached with {left} flows unfinished", self.cfg.time_limit));
+                self.report.error(format!(
+                    "time limit {:?} reached with {left} flows unfinished",
+                    self.cfg.time_limit
+                ));
                 break;
             }
             if got == 0 {
@@ -605,7 +687,8 @@ impl Generator {
         }
         let el = start.elapsed().as_secs_f64();
         self.report.elapsed_s = el;
-        self.report.pps = (self.report.packets_sent + self.report.packets_received) as f64 / el.max(1e-9);
+        self.report.pps =
+            (self.report.packets_sent + self.report.packets_received) as f64 / el.max(1e-9);
         self.report
     }
 }
@@ -631,6 +714,7 @@ pub fn client_addr(cfg: &GenConfig, n: u64) -> ([u8; 4], u16) {
     let k = n.wrapping_add(cfg.seed.wrapping_mul(1_000_003));
     let host = 1 + (k % hosts) as u32;
     let port = 1024 + ((k / hosts) % 64_000) as u16;
-    let base = u32::from_be_bytes(cfg.client_net.0) & shm_layout::routing_slot::mask(cfg.client_net.1);
+    let base =
+        u32::from_be_bytes(cfg.client_net.0) & shm_layout::routing_slot::mask(cfg.client_net.1);
     ((base + host).to_be_bytes(), port)
 }

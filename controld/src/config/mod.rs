@@ -106,8 +106,9 @@ pub struct Limits {
     pub services: u32,
     /// `backends` (default 1024): most backends over all services, `1..=65535`.
     pub backends: u32,
-    /// `connections` (default 1048576): connection-table slots, a power of
-    /// two in `1024..=2^26`.
+    /// `connections` (default 1048576): connections the table is sized
+    /// for, a power of two in `1024..=2^26`. The region gets four 64-byte
+    /// slots per connection (a NAT connection uses two, at most half full).
     pub connections: u32,
     /// `routes` (default 256): most routes, `1..=65535`.
     pub routes: u32,

@@ -19,7 +19,11 @@ pub fn arp_reply_in_place(frame: &mut [u8], our_mac: [u8; 6]) -> Result<usize, W
         if a.operation() != ARP_REQUEST {
             return Err(WireError::BadArp);
         }
-        (a.sender_hardware_addr(), a.sender_protocol_addr(), a.target_protocol_addr())
+        (
+            a.sender_hardware_addr(),
+            a.sender_protocol_addr(),
+            a.target_protocol_addr(),
+        )
     };
     let mut eth = EthernetFrame::new_unchecked(&mut frame[..ETH]);
     eth.set_dst_addr(requester_mac);
@@ -125,8 +129,12 @@ mod tests {
 
     fn parse(f: &[u8]) -> (etherparse::Ipv4Header, etherparse::TcpHeader) {
         let p = SlicedPacket::from_ethernet(f).unwrap();
-        let Some(etherparse::NetSlice::Ipv4(ip)) = p.net else { panic!() };
-        let Some(TransportSlice::Tcp(t)) = p.transport else { panic!() };
+        let Some(etherparse::NetSlice::Ipv4(ip)) = p.net else {
+            panic!()
+        };
+        let Some(TransportSlice::Tcp(t)) = p.transport else {
+            panic!()
+        };
         let iph = ip.header().to_header();
         let th = t.to_header();
         assert_eq!(iph.header_checksum, iph.calc_header_checksum());
@@ -140,7 +148,10 @@ mod tests {
         let len = f.len();
         assert_eq!(tcp_rst_in_place(&mut f, len), Ok(54));
         let (ip, t) = parse(&f[..54]);
-        assert_eq!((ip.source, ip.destination), ([198, 18, 0, 10], [198, 18, 100, 1]));
+        assert_eq!(
+            (ip.source, ip.destination),
+            ([198, 18, 0, 10], [198, 18, 100, 1])
+        );
         assert_eq!((t.source_port, t.destination_port), (81, 40000));
         assert!(t.rst && t.ack && !t.syn);
         assert_eq!((t.sequence_number, t.acknowledgment_number), (0, 1001));
@@ -167,7 +178,10 @@ mod tests {
             .write(&mut v, &[])
             .unwrap();
         let len = v.len();
-        assert_eq!(tcp_rst_in_place(&mut v, len), Err(WireError::WouldAnswerRst));
+        assert_eq!(
+            tcp_rst_in_place(&mut v, len),
+            Err(WireError::WouldAnswerRst)
+        );
     }
 
     #[test]

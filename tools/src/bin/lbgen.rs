@@ -6,8 +6,8 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::Parser;
-use tools::traffic::{GenConfig, Generator, Report};
 use tools::topo::parse_prefix;
+use tools::traffic::{GenConfig, Generator, Report};
 
 #[derive(Parser, Debug)]
 #[command(version, about = "switchyard traffic generator (vnic wire side)")]
@@ -50,18 +50,34 @@ struct Args {
 fn print(r: &Report) {
     println!(
         "flows: {} started, {} completed, {} failed   frames: {} sent, {} received, {} resent",
-        r.flows_started, r.flows_completed, r.flows_failed, r.packets_sent, r.packets_received, r.retransmits
+        r.flows_started,
+        r.flows_completed,
+        r.flows_failed,
+        r.packets_sent,
+        r.packets_received,
+        r.retransmits
     );
     println!(
         "checks: {} bad, {} unexpected, {} duplicate, {} affinity violations, {} RST   ring full: {}",
-        r.bad_frames, r.unexpected_frames, r.duplicate_frames, r.affinity_violations, r.rst_received, r.ring_full
+        r.bad_frames,
+        r.unexpected_frames,
+        r.duplicate_frames,
+        r.affinity_violations,
+        r.rst_received,
+        r.ring_full
     );
-    println!("throughput: {:.0} frames/s over {:.2} s (sent + received)", r.pps, r.elapsed_s);
+    println!(
+        "throughput: {:.0} frames/s over {:.2} s (sent + received)",
+        r.pps, r.elapsed_s
+    );
     for (svc, backends) in &r.per_backend {
         let total: u64 = backends.values().sum();
         println!("service {svc}: {total} flows");
         for (b, n) in backends {
-            println!("  {b:<22} {n:>8}  {:>6.2}%", *n as f64 * 100.0 / total.max(1) as f64);
+            println!(
+                "  {b:<22} {n:>8}  {:>6.2}%",
+                *n as f64 * 100.0 / total.max(1) as f64
+            );
         }
     }
     for e in &r.errors {
@@ -104,5 +120,9 @@ fn main() -> ExitCode {
     } else {
         print(&r);
     }
-    if r.clean() { ExitCode::SUCCESS } else { ExitCode::from(1) }
+    if r.clean() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    }
 }

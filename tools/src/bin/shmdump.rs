@@ -8,7 +8,8 @@ use clap::Parser;
 use serde_json::{Value, json};
 use shm_layout::config_slot::{MODE_DR, MODE_NAT, MODE_TUNNEL, PROTO_TCP, PROTO_UDP};
 use shm_layout::conntrack::{
-    KIND_EMPTY, KIND_FWD, KIND_REPLY, KIND_TOMB, STATE_ACTIVE, STATE_CLOSING, STATE_ESTABLISHED, STATE_SYN,
+    KIND_EMPTY, KIND_FWD, KIND_REPLY, KIND_TOMB, STATE_ACTIVE, STATE_CLOSING, STATE_ESTABLISHED,
+    STATE_SYN,
 };
 use shm_layout::header::{REGION_INIT, REGION_READY, REGION_STOPPING};
 use shm_layout::switch_slot::{Counter, SW_EMPTY, SW_RUNNING, SW_STARTING, SW_STOPPED};
@@ -16,7 +17,10 @@ use shm_layout::time::{mono_ns, pid_alive};
 use shm_layout::{Access, FINGERPRINT, Region, Table, names};
 
 #[derive(Parser, Debug)]
-#[command(version, about = "Inspect a switchyard shared-memory region (read-only)")]
+#[command(
+    version,
+    about = "Inspect a switchyard shared-memory region (read-only)"
+)]
 struct Args {
     /// Instance name (region /dev/shm/switchyard.<instance>).
     #[arg(long, short = 'i', default_value = "demo")]
@@ -46,7 +50,10 @@ fn ip(x: u32) -> String {
 }
 
 fn mac(m: [u8; 6]) -> String {
-    m.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":")
+    m.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
 }
 
 fn proto(p: u8) -> &'static str {
@@ -214,7 +221,9 @@ fn collect(r: &Region, a: &Args) -> Value {
             busy += 1;
             continue;
         }
-        let Some(snap) = ct.snapshot(idx) else { continue };
+        let Some(snap) = ct.snapshot(idx) else {
+            continue;
+        };
         match snap.kind() {
             KIND_EMPTY => {}
             KIND_REPLY => reply += 1,
@@ -267,21 +276,45 @@ fn print_text(v: &Value, a: &Args) {
         h["bytes"].as_u64().unwrap_or(0) >> 20,
         h["state"].as_str().unwrap_or(""),
         h["controld_pid"],
-        if h["controld_alive"].as_bool() == Some(true) { "alive" } else { "ABANDONED" },
+        if h["controld_alive"].as_bool() == Some(true) {
+            "alive"
+        } else {
+            "ABANDONED"
+        },
     );
     let c = &v["config"];
     println!(
         "config generation {} (slot {}, checksum {})  routing generation {} (slot {}, checksum {})  excluded switches {}",
         c["generation"],
         c["active_slot"].as_str().unwrap_or(""),
-        if c["checksum_ok"].as_bool() == Some(true) { "ok" } else { "MISMATCH" },
+        if c["checksum_ok"].as_bool() == Some(true) {
+            "ok"
+        } else {
+            "MISMATCH"
+        },
         v["routing"]["generation"],
         v["routing"]["active_slot"].as_str().unwrap_or(""),
-        if v["routing"]["checksum_ok"].as_bool() == Some(true) { "ok" } else { "MISMATCH" },
+        if v["routing"]["checksum_ok"].as_bool() == Some(true) {
+            "ok"
+        } else {
+            "MISMATCH"
+        },
         c["excluded_switches_total"],
     );
     println!();
-    println!("{:<14} {:<22} {:<5} {:<6}  {:<12} {:<22} {:>6} {:>8} {:>9} {:>10}", "SERVICE", "VIP", "PROTO", "MODE", "BACKEND", "ADDRESS", "WEIGHT", "SHARE%", "ACTIVE", "TOTAL");
+    println!(
+        "{:<14} {:<22} {:<5} {:<6}  {:<12} {:<22} {:>6} {:>8} {:>9} {:>10}",
+        "SERVICE",
+        "VIP",
+        "PROTO",
+        "MODE",
+        "BACKEND",
+        "ADDRESS",
+        "WEIGHT",
+        "SHARE%",
+        "ACTIVE",
+        "TOTAL"
+    );
     for s in c["services"].as_array().into_iter().flatten() {
         println!(
             "{:<14} {:<22} {:<5} {:<6}",
@@ -306,14 +339,27 @@ fn print_text(v: &Value, a: &Args) {
     println!();
     println!("ROUTES");
     for rt in v["routing"]["routes"].as_array().into_iter().flatten() {
-        println!("  {:<20} port {} via {}", rt["prefix"].as_str().unwrap_or(""), rt["port"], rt["via"]);
+        println!(
+            "  {:<20} port {} via {}",
+            rt["prefix"].as_str().unwrap_or(""),
+            rt["port"],
+            rt["via"]
+        );
     }
     println!("NEIGHBOURS");
     for n in v["routing"]["neighbours"].as_array().into_iter().flatten() {
-        println!("  {:<16} {} port {}", n["address"].as_str().unwrap_or(""), n["mac"].as_str().unwrap_or(""), n["port"]);
+        println!(
+            "  {:<16} {} port {}",
+            n["address"].as_str().unwrap_or(""),
+            n["mac"].as_str().unwrap_or(""),
+            n["port"]
+        );
     }
     println!();
-    println!("{:<3} {:>8} {:<6} {:>3} {:<9} {:>8} {:>6} {:>6} {:>12} {:>12} {:>10} {:>10}", "SW", "PID", "ALIVE", "CPU", "STATE", "HB_MS", "CFG", "RT", "RX", "TX", "NEW", "DROPS");
+    println!(
+        "{:<3} {:>8} {:<6} {:>3} {:<9} {:>8} {:>6} {:>6} {:>12} {:>12} {:>10} {:>10}",
+        "SW", "PID", "ALIVE", "CPU", "STATE", "HB_MS", "CFG", "RT", "RX", "TX", "NEW", "DROPS"
+    );
     for s in v["switches"].as_array().into_iter().flatten() {
         if s["state"] == "empty" {
             continue;
@@ -328,14 +374,30 @@ fn print_text(v: &Value, a: &Args) {
             .sum();
         println!(
             "{:<3} {:>8} {:<6} {:>3} {:<9} {:>8} {:>6} {:>6} {:>12} {:>12} {:>10} {:>10}",
-            s["index"], s["pid"], s["alive"], s["cpu"], s["state"].as_str().unwrap_or(""), s["heartbeat_age_ms"],
-            s["seen_config"], s["seen_routing"], k["rx_packets"], k["tx_packets"], k["conn_new"], drops,
+            s["index"],
+            s["pid"],
+            s["alive"],
+            s["cpu"],
+            s["state"].as_str().unwrap_or(""),
+            s["heartbeat_age_ms"],
+            s["seen_config"],
+            s["seen_routing"],
+            k["rx_packets"],
+            k["tx_packets"],
+            k["conn_new"],
+            drops,
         );
         let nonzero: Vec<String> = k
             .as_object()
             .into_iter()
             .flatten()
-            .filter(|(n, _)| n.starts_with("drop_") || *n == "rst_sent" || *n == "arp_replies" || *n == "conn_midflow" || *n == "torn_bursts")
+            .filter(|(n, _)| {
+                n.starts_with("drop_")
+                    || *n == "rst_sent"
+                    || *n == "arp_replies"
+                    || *n == "conn_midflow"
+                    || *n == "torn_bursts"
+            })
             .filter(|(_, v)| v.as_u64().unwrap_or(0) > 0)
             .map(|(n, v)| format!("{n}={v}"))
             .collect();
@@ -347,10 +409,18 @@ fn print_text(v: &Value, a: &Args) {
     println!();
     println!(
         "CONNECTIONS {} in {} slots (reply slots {}, tombstones {}, busy {}, expired awaiting GC {})",
-        ct["connections"], ct["slots"], ct["reply_slots"], ct["tombstones"], ct["busy_slots"], ct["expired_not_collected"]
+        ct["connections"],
+        ct["slots"],
+        ct["reply_slots"],
+        ct["tombstones"],
+        ct["busy_slots"],
+        ct["expired_not_collected"]
     );
     if a.conns {
-        println!("{:<5} {:<22} {:<22} {:<22} {:<12} {:>8} {:>10}", "PROTO", "CLIENT", "VIP", "BACKEND", "STATE", "IDLE_MS", "PACKETS");
+        println!(
+            "{:<5} {:<22} {:<22} {:<22} {:<12} {:>8} {:>10}",
+            "PROTO", "CLIENT", "VIP", "BACKEND", "STATE", "IDLE_MS", "PACKETS"
+        );
         for c in ct["list"].as_array().into_iter().flatten() {
             println!(
                 "{:<5} {:<22} {:<22} {:<22} {:<12} {:>8} {:>10}",
