@@ -265,6 +265,19 @@ fn collect(r: &Region, a: &Args) -> Value {
     json!({"header": header, "config": config, "routing": routing, "switches": switches, "connections": conns})
 }
 
+/// A JSON value as plain text (strings unquoted, null as "-").
+fn t(v: &Value) -> String {
+    match v {
+        Value::String(s) => s.clone(),
+        Value::Null => "-".into(),
+        Value::Number(n) => match n.as_f64() {
+            Some(f) if n.is_f64() => format!("{f:.2}"),
+            _ => n.to_string(),
+        },
+        other => other.to_string(),
+    }
+}
+
 fn print_text(v: &Value, a: &Args) {
     let h = &v["header"];
     println!(
@@ -329,10 +342,10 @@ fn print_text(v: &Value, a: &Args) {
                 "",
                 b["name"].as_str().unwrap_or(""),
                 format!("{}:{}", b["address"].as_str().unwrap_or(""), b["port"]),
-                b["weight"],
+                t(&b["weight"]),
                 b["table_share"].as_f64().unwrap_or(0.0) * 100.0,
-                b["active_conns"],
-                b["total_conns"],
+                t(&b["active_conns"]),
+                t(&b["total_conns"]),
             );
         }
     }
@@ -342,8 +355,8 @@ fn print_text(v: &Value, a: &Args) {
         println!(
             "  {:<20} port {} via {}",
             rt["prefix"].as_str().unwrap_or(""),
-            rt["port"],
-            rt["via"]
+            t(&rt["port"]),
+            t(&rt["via"])
         );
     }
     println!("NEIGHBOURS");
@@ -352,7 +365,7 @@ fn print_text(v: &Value, a: &Args) {
             "  {:<16} {} port {}",
             n["address"].as_str().unwrap_or(""),
             n["mac"].as_str().unwrap_or(""),
-            n["port"]
+            t(&n["port"])
         );
     }
     println!();
@@ -374,17 +387,17 @@ fn print_text(v: &Value, a: &Args) {
             .sum();
         println!(
             "{:<3} {:>8} {:<6} {:>3} {:<9} {:>8} {:>6} {:>6} {:>12} {:>12} {:>10} {:>10}",
-            s["index"],
-            s["pid"],
-            s["alive"],
-            s["cpu"],
+            t(&s["index"]),
+            t(&s["pid"]),
+            t(&s["alive"]),
+            t(&s["cpu"]),
             s["state"].as_str().unwrap_or(""),
-            s["heartbeat_age_ms"],
-            s["seen_config"],
-            s["seen_routing"],
-            k["rx_packets"],
-            k["tx_packets"],
-            k["conn_new"],
+            t(&s["heartbeat_age_ms"]),
+            t(&s["seen_config"]),
+            t(&s["seen_routing"]),
+            t(&k["rx_packets"]),
+            t(&k["tx_packets"]),
+            t(&k["conn_new"]),
             drops,
         );
         let nonzero: Vec<String> = k
@@ -429,8 +442,8 @@ fn print_text(v: &Value, a: &Args) {
                 c["vip"].as_str().unwrap_or(""),
                 c["backend"].as_str().unwrap_or(""),
                 c["state"].as_str().unwrap_or(""),
-                c["idle_ms"],
-                c["packets"],
+                t(&c["idle_ms"]),
+                t(&c["packets"]),
             );
         }
     }
