@@ -8,99 +8,11 @@ use std::time::{Duration, Instant};
 
 use criterion::{Criterion, criterion_group, criterion_main};
 use etherparse::PacketBuilder;
-use shm_layout::config_slot::{MODE_NAT, PROTO_TCP};
-use shm_layout::routing_slot::NEIGH_VALID;
+use shm_layout::Region;
 use shm_layout::switch_slot::N_COUNTERS;
-use shm_layout::{Capacities, Mapping, Region, Table, region_name};
-use switchd::filter::{self, Ctx, Verdict};
+use switchd::filter::{self, Verdict};
 
-const VIP: u32 = 0xc612_000a;
-
-struct Bench {
-    region: Region,
-    name: String,
-}
-
-impl Drop for Bench {
-    fn drop(&mut self) {
-        let _ = Mapping::unlink(&self.name);
-    }
-}
-
-fn setup() -> Bench {
-    let inst = format!("bench-filter-{}", std::process::id());
-    let caps = Capacities {
-        conn_slots: 1 << 20,
-        maglev_m: 65537,
-        ..Capacities::default()
-    };
-    let region = Region::create(&inst, caps).unwrap();
-    region.publish_config(Duration::from_millis(10), |s| {
-        s.header.n_services = 1;
-        s.header.n_backends = 3;
-        s.header.n_ports = 2;
-        s.header.maglev_m = 65537;
-        s.header.tcp_syn_ms = 10_000;
-        s.header.tcp_established_ms = 900_000;
-        s.header.tcp_fin_ms = 30_000;
-        s.header.udp_ms = 60_000;
-        s.header.ports[0].mac = [2, 0, 0, 0, 0, 1];
-        s.header.ports[1].mac = [2, 0, 0, 0, 0, 2];
-        let svc = &mut s.services[0];
-        svc.vip = VIP;
-        svc.port = 80;
-        svc.proto = PROTO_TCP;
-        svc.mode = MODE_NAT;
-        svc.backend_count = 3;
-        svc.table_len = 65537;
-        for i in 0..3 {
-            let b = &mut s.backends[i];
-            b.id = i as u32;
-            b.ip = 0xc613_0101 + i as u32;
-            b.port = 8080;
-            b.weight = 1;
-        }
-        for (i, e) in s.maglev[..65537].iter_mut().enumerate() {
-            *e = (i % 3) as u16;
-        }
-    });
-    region.publish_routing(Duration::from_millis(10), |s| {
-        s.header.n_routes = 2;
-        s.header.n_neighbours = 4;
-        s.routes[0] = shm_layout::routing_slot::RouteRec {
-            prefix: 0xc613_0100,
-            len: 24,
-            port: 1,
-            via: 0,
-            ..Default::default()
-        };
-        s.routes[1] = shm_layout::routing_slot::RouteRec {
-            prefix: 0xc612_6400,
-            len: 24,
-            port: 0,
-            via: 0xc612_0001,
-            ..Default::default()
-        };
-        let mut n = [
-            (0xc612_0001u32, 0u32),
-            (0xc613_0101, 1),
-            (0xc613_0102, 1),
-            (0xc613_0103, 1),
-        ];
-        n.sort();
-        for (i, (ip, port)) in n.iter().enumerate() {
-            s.neighbours[i] = shm_layout::routing_slot::NeighbourRec {
-                ip: *ip,
-                port: *port,
-                mac: [2, 0, 0, 0, 1, i as u8],
-                state: NEIGH_VALID,
-                _pad: 0,
-            };
-        }
-    });
-    let name = region_name(&inst);
-    Bench { region, name }
-}
+use switchd::fixture::{Fixture, VIP};
 
 fn frame(client_port: u16, syn: bool, payload: usize) -> Vec<u8> {
     let b = PacketBuilder::ethernet2([2, 0, 0, 0, 2, 1], [2, 0, 0, 0, 0, 1])
@@ -112,26 +24,12 @@ fn frame(client_port: u16, syn: bool, payload: usize) -> Vec<u8> {
     v
 }
 
-fn run(b: &Bench, c: &mut Criterion) {
-    let r = &b.region;
+fn run(fx: &Fixture, c: &mut Criterion) {
+    let r = &fx.region;
+    let macs = switchd::fixture::port_mac;
     let mut counters = [0u64; N_COUNTERS];
-    let macs = |p: u32| -> Option<[u8; 6]> { Some([2, 0, 0, 0, 0, p as u8 + 1]) };
-    let ctx = |counters: &mut [u64; N_COUNTERS]| -> Ctx<'_> {
-        let ct = r.begin_read(Table::Config);
-        let rt = r.begin_read(Table::Routing);
-        let cfg = r.config_view(ct.slot);
-        Ctx {
-            timeouts: cfg.header.timeouts(),
-            cfg,
-            rt: r.routing_view(rt.slot),
-            ct: r.conntrack(),
-            backends: r.backend_counters(),
-            events: None,
-            now_ms: r.now_ms(),
-            pid: std::process::id(),
-            counters: scratch_counters(counters),
-        }
-    };
+    let mut counters2 = [0u64; N_COUNTERS];
+    let mut counters3 = [0u64; N_COUNTERS];
 
     // Established: 1024 flows set up by their SYNs, then data packets.
     let flows = 1024u16;
@@ -139,7 +37,7 @@ fn run(b: &Bench, c: &mut Criterion) {
     for p in 0..flows {
         let f = frame(10_000 + p, true, 0);
         buf[..f.len()].copy_from_slice(&f);
-        let mut cx = ctx(&mut counters);
+        let mut cx = fx.ctx(&mut counters);
         assert!(matches!(
             filter::process(&mut buf, f.len(), 0, &macs, &mut cx),
             Verdict::Tx { port: 1, .. }
@@ -157,7 +55,7 @@ fn run(b: &Bench, c: &mut Criterion) {
         })
     });
     g.bench_function("established_nat_64B", |bch| {
-        let mut cx = ctx(&mut counters);
+        let mut cx = fx.ctx(&mut counters2);
         let mut i = 0usize;
         bch.iter(|| {
             let t = &templates[i % templates.len()];
@@ -186,7 +84,7 @@ fn run(b: &Bench, c: &mut Criterion) {
                     })
                     .collect();
                 next = next.wrapping_add(chunk as u32);
-                let mut cx = ctx(&mut counters);
+                let mut cx = fx.ctx(&mut counters3);
                 let t0 = Instant::now();
                 for s in &syns {
                     buf[..s.len()].copy_from_slice(s);
@@ -231,14 +129,9 @@ fn clear_table(r: &Region) {
     }
 }
 
-/// A counters array for one Ctx (leaked: a few hundred bytes per bench).
-fn scratch_counters(c: &mut [u64; N_COUNTERS]) -> &'static mut [u64; N_COUNTERS] {
-    Box::leak(Box::new(*c))
-}
-
 fn benches(c: &mut Criterion) {
-    let b = setup();
-    run(&b, c);
+    let fx = Fixture::new("bench", 1 << 20);
+    run(&fx, c);
 }
 
 criterion_group! {

@@ -3,5 +3,6 @@
 
 pub mod engine;
 pub mod filter;
+pub mod fixture;
 pub mod hash;
 pub mod wire;

@@ -1,0 +1,128 @@
+//! A region with one published NAT service, for the filter's unit tests and
+//! benchmarks (no controld needed): VIP 198.18.0.10:80/tcp with backends
+//! 198.19.1.1-3:8080, clients in 198.18.100.0/24 via 198.18.0.1 on port 0,
+//! backends on port 1.
+
+use std::time::Duration;
+
+use shm_layout::config_slot::{MODE_NAT, PROTO_TCP};
+use shm_layout::routing_slot::{NEIGH_VALID, NeighbourRec, RouteRec};
+use shm_layout::switch_slot::N_COUNTERS;
+use shm_layout::{Capacities, Mapping, Region, Table, region_name};
+
+use crate::filter::Ctx;
+
+pub const VIP: u32 = 0xc612_000a;
+pub const CLIENT_GW_MAC: [u8; 6] = [2, 0, 0, 0, 2, 1];
+
+/// Port MACs of the fixture: port p has 02:00:00:00:00:(p+1).
+pub fn port_mac(p: u32) -> Option<[u8; 6]> {
+    (p < 2).then_some([2, 0, 0, 0, 0, p as u8 + 1])
+}
+
+/// The region; removed on drop.
+#[derive(Debug)]
+pub struct Fixture {
+    pub region: Region,
+    name: String,
+}
+
+impl Drop for Fixture {
+    fn drop(&mut self) {
+        let _ = Mapping::unlink(&self.name);
+    }
+}
+
+impl Fixture {
+    pub fn new(tag: &str, conn_slots: u32) -> Self {
+        let inst = format!("fixture-{tag}-{}", std::process::id());
+        let caps = Capacities {
+            conn_slots,
+            maglev_m: 65537,
+            ..Capacities::default()
+        };
+        let region = Region::create(&inst, caps).expect("create fixture region");
+        region.publish_config(Duration::from_millis(10), |s| {
+            let h = &mut *s.header;
+            h.n_services = 1;
+            h.n_backends = 3;
+            h.n_ports = 2;
+            h.maglev_m = 65537;
+            h.tcp_syn_ms = 10_000;
+            h.tcp_established_ms = 900_000;
+            h.tcp_fin_ms = 30_000;
+            h.udp_ms = 60_000;
+            h.ports[0].mac = [2, 0, 0, 0, 0, 1];
+            h.ports[1].mac = [2, 0, 0, 0, 0, 2];
+            let svc = &mut s.services[0];
+            svc.vip = VIP;
+            svc.port = 80;
+            svc.proto = PROTO_TCP;
+            svc.mode = MODE_NAT;
+            svc.backend_count = 3;
+            svc.table_len = 65537;
+            for (i, b) in s.backends[..3].iter_mut().enumerate() {
+                b.id = i as u32;
+                b.ip = 0xc613_0101 + i as u32;
+                b.port = 8080;
+                b.weight = 1;
+            }
+            for (i, e) in s.maglev[..65537].iter_mut().enumerate() {
+                *e = (i % 3) as u16;
+            }
+        });
+        region.publish_routing(Duration::from_millis(10), |s| {
+            s.header.n_routes = 2;
+            s.header.n_neighbours = 4;
+            s.routes[0] = RouteRec {
+                prefix: 0xc613_0100,
+                len: 24,
+                port: 1,
+                ..Default::default()
+            };
+            s.routes[1] = RouteRec {
+                prefix: 0xc612_6400,
+                len: 24,
+                port: 0,
+                via: 0xc612_0001,
+                ..Default::default()
+            };
+            let n = [
+                (0xc612_0001u32, 0u32, CLIENT_GW_MAC),
+                (0xc613_0101, 1, [2, 0, 0, 0, 1, 1]),
+                (0xc613_0102, 1, [2, 0, 0, 0, 1, 2]),
+                (0xc613_0103, 1, [2, 0, 0, 0, 1, 3]),
+            ];
+            for (i, (ip, port, mac)) in n.iter().enumerate() {
+                s.neighbours[i] = NeighbourRec {
+                    ip: *ip,
+                    port: *port,
+                    mac: *mac,
+                    state: NEIGH_VALID,
+                    _pad: 0,
+                };
+            }
+        });
+        Self {
+            region,
+            name: region_name(&inst),
+        }
+    }
+
+    /// A filter context over the active slots.
+    pub fn ctx<'a>(&'a self, counters: &'a mut [u64; N_COUNTERS]) -> Ctx<'a> {
+        let r = &self.region;
+        let cfg = r.config_view(r.begin_read(Table::Config).slot);
+        Ctx {
+            timeouts: cfg.header.timeouts(),
+            cfg,
+            rt: r.routing_view(r.begin_read(Table::Routing).slot),
+            ct: r.conntrack(),
+            backends: r.backend_counters(),
+            events: None,
+            now_ms: r.now_ms(),
+            pid: std::process::id(),
+            counters,
+        }
+    }
+}
