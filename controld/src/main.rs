@@ -128,6 +128,7 @@ fn create_region(cfg: &Config) -> Result<Region> {
                     );
                 }
                 log::warn!("removing stale region /dev/shm/{name} left by controld pid {pid}");
+                stop_orphaned_switches(&r);
             }
             Err(RegionError::Fingerprint { found, .. }) => {
                 log::warn!(
@@ -139,6 +140,32 @@ fn create_region(cfg: &Config) -> Result<Region> {
         Mapping::unlink(&name)?;
     }
     Ok(Region::create(&cfg.instance, capacities(cfg))?)
+}
+
+/// Switches of a dead controld keep forwarding on their own (the data path
+/// survives a control-plane crash); a new controld that takes over the
+/// instance stops them before it replaces their region.
+fn stop_orphaned_switches(r: &Region) {
+    let pids: Vec<u32> = r
+        .switch_slots()
+        .iter()
+        .map(|s| s.pid.load(Ordering::Relaxed))
+        .filter(|&p| p != 0 && shm_layout::time::pid_alive(p))
+        .collect();
+    for &p in &pids {
+        log::warn!("stopping orphaned switchd pid {p} of the previous controld");
+        // SAFETY: kill(2) has no memory-safety preconditions.
+        unsafe { libc::kill(p as libc::pid_t, libc::SIGTERM) };
+    }
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while pids.iter().any(|&p| shm_layout::time::pid_alive(p)) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    for &p in pids.iter().filter(|&&p| shm_layout::time::pid_alive(p)) {
+        log::warn!("orphaned switchd pid {p} ignored SIGTERM: killing it");
+        // SAFETY: as above.
+        unsafe { libc::kill(p as libc::pid_t, libc::SIGKILL) };
+    }
 }
 
 fn create_vnics(cfg: &Config) -> Result<Vec<String>> {

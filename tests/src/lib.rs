@@ -154,6 +154,7 @@ pub struct Appliance {
     pub controld: Option<Child>,
     pub log_path: PathBuf,
     dir: PathBuf,
+    armed: bool,
 }
 
 impl Appliance {
@@ -180,6 +181,7 @@ impl Appliance {
             controld: Some(child),
             log_path,
             dir,
+            armed: true,
         };
         a.wait_ready(Duration::from_secs(20));
         a
@@ -203,7 +205,11 @@ impl Appliance {
             {
                 panic!("controld exited early ({st}):\n{}", self.log());
             }
-            if let Ok(r) = Region::attach(&self.instance, Access::ReadOnly) {
+            let me = self.controld.as_ref().map(|c| c.id()).unwrap_or(0);
+            // Only our controld's region counts (a stale one may still exist).
+            if let Ok(r) = Region::attach(&self.instance, Access::ReadOnly)
+                && r.header().controld_pid.load(Ordering::Relaxed) == me
+            {
                 let g = r.generation(Table::Config);
                 let n = r.caps().switches as usize;
                 let ready = g > 0
@@ -280,8 +286,20 @@ impl Appliance {
     }
 }
 
+impl Appliance {
+    /// Gives up ownership of the instance without stopping anything (for
+    /// tests that leave processes behind on purpose and clean up otherwise).
+    pub fn disarm(mut self) {
+        self.armed = false;
+    }
+}
+
 impl Drop for Appliance {
     fn drop(&mut self) {
+        if !self.armed {
+            let _ = std::fs::remove_dir_all(&self.dir);
+            return;
+        }
         self.stop();
         // Anything left (a switch orphaned by a failure) is killed by instance name.
         let _ = Command::new("pkill")

@@ -99,3 +99,54 @@ fn killed_switch_restarts_and_connections_keep_their_backends() {
     );
     drop(app);
 }
+
+/// controld killed with SIGKILL: the switches keep forwarding on the
+/// abandoned region (which shmdump reports as abandoned), and a new controld
+/// takes the instance over, stopping the orphans and starting fresh switches.
+#[test]
+fn killed_controld_leaves_a_working_data_path_and_a_clean_takeover() {
+    let inst = unique("ctlkill");
+    let cfg = render(&inst, &Cfg::default());
+    let mut app = Appliance::start(&inst, &cfg);
+    let old_switch = switch_pids(&app.region())[0];
+    let mut controld = app.controld.take().unwrap();
+    controld.kill().unwrap();
+    controld.wait().unwrap();
+    let dump = shmdump_json(&inst, &[]);
+    assert_eq!(dump["header"]["abandoned"], true);
+    assert_eq!(dump["switches"][0]["alive"], true);
+    let run = |seed| {
+        Generator::new(GenConfig {
+            instance: inst.clone(),
+            services: vec!["web".into()],
+            flows: 500,
+            seed,
+            time_limit: Duration::from_secs(20),
+            ..GenConfig::default()
+        })
+        .unwrap()
+        .run()
+    };
+    let rep = run(1);
+    assert!(rep.clean(), "orphaned switch still forwards: {rep:#?}");
+    // A new controld takes over (the new guard cleans up everything).
+    app.disarm();
+    let app = Appliance::start(&inst, &cfg);
+    // It exits on the SIGTERM the new controld sent (allow it to finish dying).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while shm_layout::time::pid_alive(old_switch) {
+        assert!(
+            Instant::now() < deadline,
+            "orphaned switch {old_switch} still alive"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert!(app.log().contains("orphaned switchd"), "{}", app.log());
+    let rep = run(2);
+    assert!(
+        rep.clean(),
+        "{rep:#?}\n{:#}",
+        shmdump_json(&inst, &[])["switches"][0]
+    );
+    drop(app);
+}
