@@ -345,6 +345,10 @@ fn run(args: &Args) -> Result<()> {
             },
             burst: s.burst as usize,
             vnic: vnic_name(&cfg.instance, &s.name),
+            engine: match s.engine {
+                config::Engine::Filter => "filter",
+                config::Engine::Null => "null",
+            },
         })
         .collect();
     let mut sup = Supervisor::new(switchd, &cfg.instance, specs);

@@ -20,6 +20,8 @@ pub struct SwitchSpec {
     pub idle: &'static str,
     pub burst: usize,
     pub vnic: String,
+    /// "filter" or "null".
+    pub engine: &'static str,
 }
 
 #[derive(Debug)]
@@ -77,6 +79,8 @@ impl Supervisor {
             .arg(s.idle)
             .arg("--burst")
             .arg(s.burst.to_string())
+            .arg("--engine")
+            .arg(s.engine)
             .spawn()?;
         let slot = &region.switch_slots()[s.index];
         slot.cpu.store(s.cpu as u32, Ordering::Relaxed);

@@ -108,8 +108,11 @@ impl Mapping {
             .set_len(len as u64)
             .map_err(|e| os(name, "ftruncate", e))
             .and_then(|()| {
+                // Pre-fault every page: the data path must not take page
+                // faults on its first touch of a connection slot.
                 MmapOptions::new()
                     .len(len)
+                    .populate()
                     .map_raw(&file)
                     .map_err(|e| os(name, "mmap", e))
             });
@@ -156,7 +159,9 @@ impl Mapping {
             expected: min_len as u64,
         })?;
         let raw = match access {
-            Access::ReadWrite => MmapOptions::new().len(len).map_raw(&file),
+            // Writers (switchd, the wire side) map with MAP_POPULATE so the
+            // page tables are built at attach, not on the data path.
+            Access::ReadWrite => MmapOptions::new().len(len).populate().map_raw(&file),
             Access::ReadOnly => MmapOptions::new().len(len).map_raw_read_only(&file),
         }
         .map_err(|e| os(name, "mmap", e))?;

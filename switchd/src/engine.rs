@@ -28,6 +28,8 @@ pub struct Settings {
     pub switch_index: usize,
     pub burst: usize,
     pub idle: Idle,
+    /// Null forwarder: every received frame goes out the next port untouched.
+    pub null: bool,
 }
 
 /// Which global port each of the NIC's local ports is, and back.
@@ -108,7 +110,9 @@ pub fn run<N: Nic>(
         let rtok = region.begin_read(Table::Routing);
         let mut moved = 0usize;
 
-        if ctok.stamp == 0 {
+        if settings.null {
+            moved += null_forward(nic, &mut frames[..burst], &mut counters);
+        } else if ctok.stamp == 0 {
             // Nothing published yet: receive and drop, so rings keep moving.
             for local in 0..nic.port_count() {
                 let n = nic.rx_burst(local, &mut frames[..burst]);
@@ -207,6 +211,35 @@ pub fn run<N: Nic>(
     }
     publish_counters(me, &counters);
     Ok(())
+}
+
+/// Descriptor handover only: RX of port p to TX of port p+1 (mod n).
+fn null_forward<N: Nic>(
+    nic: &mut N,
+    frames: &mut [Frame],
+    counters: &mut [u64; N_COUNTERS],
+) -> usize {
+    let ports = nic.port_count();
+    let mut moved = 0;
+    for local in 0..ports {
+        let n = nic.rx_burst(local, frames);
+        let out = (local + 1) % ports;
+        for f in &frames[..n] {
+            match nic.tx(out, *f) {
+                Ok(()) => counters[Counter::TxPackets as usize] += 1,
+                Err(back) => {
+                    counters[Counter::DropTxFull as usize] += 1;
+                    nic.free(back);
+                }
+            }
+        }
+        if n > 0 {
+            nic.flush(out);
+        }
+        counters[Counter::RxPackets as usize] += n as u64;
+        moved += n;
+    }
+    moved
 }
 
 #[inline]

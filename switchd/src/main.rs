@@ -37,6 +37,9 @@ struct Args {
     /// Frames per receive burst.
     #[arg(long, default_value_t = 32)]
     burst: usize,
+    /// filter (the load balancer) or null (descriptor handover only: a benchmark ceiling).
+    #[arg(long, default_value = "filter")]
+    engine: String,
     /// Lock all memory (mlockall).
     #[arg(long)]
     mlock: bool,
@@ -93,6 +96,11 @@ fn main() -> Result<()> {
         "adaptive" => Idle::Adaptive,
         other => bail!("--idle {other:?}: expected busy or adaptive"),
     };
+    let null = match args.engine.as_str() {
+        "filter" => false,
+        "null" => true,
+        other => bail!("--engine {other:?}: expected filter or null"),
+    };
     install_signals();
     let region = attach(&args.instance)?;
     if args.switch >= region.switch_slots().len() {
@@ -144,6 +152,7 @@ fn main() -> Result<()> {
         switch_index: args.switch,
         burst: args.burst,
         idle,
+        null,
     };
     let res = engine::run(&region, &mut nic, &ports, settings, &STOP);
     region.switch_slots()[args.switch]

@@ -215,6 +215,18 @@ pub struct Switch {
     pub idle: Idle,
     /// `burst` (default 32): frames per receive burst, `1..=256`.
     pub burst: u32,
+    /// `engine` (default `"filter"`): what the switch does with a frame.
+    pub engine: Engine,
+}
+
+/// `[[switch]] engine`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Engine {
+    /// `"filter"`: the load balancer (the packet filter).
+    Filter,
+    /// `"null"`: hand every received descriptor to the next port's TX ring
+    /// untouched; a benchmark ceiling, never for production.
+    Null,
 }
 
 /// `[[switch]] idle`.

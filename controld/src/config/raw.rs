@@ -107,6 +107,8 @@ pub(super) struct RawSwitch {
     pub idle: Option<String>,
     /// `burst`: see [`super::Switch::burst`].
     pub burst: Option<i64>,
+    /// `engine`: see [`super::Switch::engine`].
+    pub engine: Option<String>,
 }
 
 /// One `[[service]]`.

@@ -114,6 +114,7 @@ fn demo_example_parses_with_all_fields() {
             port_names: vec!["client".into(), "backend".into()],
             idle: Idle::Adaptive,
             burst: 32,
+            engine: Engine::Filter,
         }],
         services: vec![
             Service {
@@ -950,5 +951,21 @@ fn neighbour_rules() {
     assert_eq!(
         err(&plus(&n("198.19.1", "02:00:00:00:01:01", "backend"))),
         "neighbour \"198.19.1\": address \"198.19.1\" is not an IPv4 address (expected like 198.18.0.10)"
+    );
+}
+
+#[test]
+fn switch_engine_null_and_unknown() {
+    let base = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../packaging/examples/demo.toml"
+    ))
+    .unwrap();
+    let null = base.replace("burst = 32", "burst = 32\nengine = \"null\"");
+    assert_eq!(parse(&null).unwrap().switches[0].engine, Engine::Null);
+    let bad = base.replace("burst = 32", "burst = 32\nengine = \"turbo\"");
+    assert_eq!(
+        parse(&bad).unwrap_err().to_string(),
+        "switch \"sw0\": engine \"turbo\" is not supported (supported: filter, null)"
     );
 }

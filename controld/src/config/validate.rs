@@ -322,6 +322,15 @@ fn switch(raw: &RawSwitch, ports: &[Port]) -> R<Switch> {
             ));
         }
     };
+    let engine = match raw.engine.as_deref() {
+        None | Some("filter") => Engine::Filter,
+        Some("null") => Engine::Null,
+        Some(other) => {
+            return Err(format!(
+                "{ctx}engine {other:?} is not supported (supported: filter, null)"
+            ));
+        }
+    };
     Ok(Switch {
         name: raw.name.clone(),
         cpu,
@@ -329,6 +338,7 @@ fn switch(raw: &RawSwitch, ports: &[Port]) -> R<Switch> {
         port_names: raw.ports.clone(),
         idle,
         burst: int(&ctx, "burst", raw.burst, DEFAULT_BURST, 1, 256)?,
+        engine,
     })
 }
 

@@ -6,11 +6,54 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::Parser;
+use tools::bench::BenchConfig;
 use tools::topo::parse_prefix;
 use tools::traffic::{GenConfig, Generator, Report};
 
 #[derive(Parser, Debug)]
-#[command(version, about = "switchyard traffic generator (vnic wire side)")]
+#[command(
+    version,
+    about = "switchyard traffic generator (vnic wire side)",
+    args_conflicts_with_subcommands = true
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Option<Cmd>,
+    #[command(flatten)]
+    run: Args,
+}
+
+#[derive(clap::Subcommand, Debug)]
+enum Cmd {
+    /// Per-core forwarding rate against its own ceiling: starts its own
+    /// appliances (null forwarder, then the filter), pins itself and the
+    /// switch to two CPUs, and reports medians.
+    Bench(BenchArgs),
+}
+
+#[derive(clap::Args, Debug)]
+struct BenchArgs {
+    /// A short smoke run (one repetition, 0.2 s per measurement).
+    #[arg(long)]
+    quick: bool,
+    /// Repetitions (medians are reported).
+    #[arg(long)]
+    runs: Option<usize>,
+    /// Seconds per measurement.
+    #[arg(long)]
+    seconds: Option<f64>,
+    /// CPU for lbgen.
+    #[arg(long, default_value_t = 0)]
+    gen_cpu: usize,
+    /// CPU for the switch.
+    #[arg(long, default_value_t = 1)]
+    switch_cpu: usize,
+    /// One JSON object per frame size.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(clap::Args, Debug)]
 struct Args {
     /// Instance to drive.
     #[arg(long, short = 'i', default_value = "demo")]
@@ -85,8 +128,52 @@ fn print(r: &Report) {
     }
 }
 
+fn bench(b: BenchArgs) -> ExitCode {
+    let mut cfg = if b.quick {
+        BenchConfig::quick()
+    } else {
+        BenchConfig::full()
+    };
+    if let Some(r) = b.runs {
+        cfg.runs = r.max(1);
+    }
+    if let Some(s) = b.seconds {
+        cfg.duration = Duration::from_secs_f64(s.max(0.05));
+    }
+    cfg.gen_cpu = b.gen_cpu;
+    cfg.switch_cpu = b.switch_cpu;
+    let res = match tools::bench::run(&cfg) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("lbgen bench: {e:#}");
+            return ExitCode::from(2);
+        }
+    };
+    for r in &res {
+        if b.json {
+            println!("{}", serde_json::to_string(r).expect("json"));
+        } else {
+            println!(
+                "{:>5} B frames: ceiling {:>6.2} Mpps | established NAT {:>6.2} Mpps ({:>4.0}% of ceiling) | new flows {:>6.2} Mpps | mix 9:1 {:>6.2} Mpps   (medians of {})",
+                r.frame_bytes,
+                r.ceiling_mpps,
+                r.established_mpps,
+                r.ratio_to_ceiling * 100.0,
+                r.new_flow_mpps,
+                r.mix_mpps,
+                r.runs
+            );
+        }
+    }
+    ExitCode::SUCCESS
+}
+
 fn main() -> ExitCode {
-    let a = Args::parse();
+    let cli = Cli::parse();
+    if let Some(Cmd::Bench(b)) = cli.cmd {
+        return bench(b);
+    }
+    let a = cli.run;
     let client_net = match parse_prefix(&a.clients) {
         Ok(p) => p,
         Err(e) => {

@@ -1,0 +1,33 @@
+//! `lbgen bench --quick` still works: it starts its appliances, moves
+//! frames in every scenario and reports the documented JSON keys. (Rates are
+//! not asserted: timing belongs to the benchmark, not to tests.)
+
+use switchyard_tests::bin;
+
+#[test]
+fn lbgen_bench_quick_reports_every_scenario() {
+    let out = std::process::Command::new(bin("lbgen"))
+        .args(["bench", "--quick", "--json"])
+        .env("RUST_LOG", "warn")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}\n{}", String::from_utf8_lossy(&out.stderr));
+    let rows: Vec<serde_json::Value> = text.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(rows.len(), 2);
+    assert_eq!(rows[0]["frame_bytes"], 64);
+    assert_eq!(rows[1]["frame_bytes"], 1500);
+    for r in &rows {
+        for k in ["ceiling_mpps", "established_mpps", "new_flow_mpps", "mix_mpps", "ratio_to_ceiling"] {
+            assert!(r[k].as_f64().unwrap() > 0.0, "{k} moved no frame: {r}");
+        }
+        assert_eq!(r["runs"], 1);
+    }
+    let left: Vec<String> = std::fs::read_dir("/dev/shm")
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().to_string())
+        .filter(|n| n.starts_with("switchyard.bench-"))
+        .collect();
+    assert!(left.is_empty(), "bench left {left:?}");
+}

@@ -1,0 +1,216 @@
+//! A running appliance for tests and benchmarks: a real controld (which
+//! starts real switchd processes) on virtual NICs, stopped and cleaned up —
+//! processes, region, NICs — when dropped, even on a panic.
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use shm_layout::switch_slot::SW_RUNNING;
+use shm_layout::{Access, Region, Table};
+
+/// Directory holding the workspace's built binaries.
+pub fn bin_dir() -> PathBuf {
+    if let Ok(d) = std::env::var("SWITCHYARD_BIN_DIR") {
+        return PathBuf::from(d);
+    }
+    // Next to the running program (lbgen), or target/<profile> for a test
+    // binary in target/<profile>/deps.
+    let exe = std::env::current_exe().expect("current_exe");
+    let dir = exe.parent().expect("exe dir");
+    if dir.join("controld").exists() {
+        return dir.to_path_buf();
+    }
+    dir.parent().unwrap_or(dir).to_path_buf()
+}
+
+pub fn bin(name: &str) -> PathBuf {
+    let p = bin_dir().join(name);
+    assert!(
+        p.exists(),
+        "{} is not built: run `cargo build --workspace --bins` with the same profile first (or set SWITCHYARD_BIN_DIR)",
+        p.display()
+    );
+    p
+}
+
+/// A running appliance: controld and its switches. Stopped and cleaned on drop.
+pub struct Appliance {
+    pub instance: String,
+    pub config_path: PathBuf,
+    pub controld: Option<Child>,
+    pub log_path: PathBuf,
+    dir: PathBuf,
+    armed: bool,
+}
+
+impl Appliance {
+    /// Writes the config and starts controld; waits until every switch runs
+    /// and acknowledged the first generation.
+    pub fn start(instance: &str, config: &str) -> Self {
+        let dir = std::env::temp_dir().join(format!("switchyard-test-{instance}"));
+        std::fs::create_dir_all(&dir).unwrap();
+        let config_path = dir.join("switchyard.toml");
+        std::fs::write(&config_path, config).unwrap();
+        let log_path = dir.join("controld.log");
+        let log = std::fs::File::create(&log_path).unwrap();
+        let child = Command::new(bin("controld"))
+            .arg("--config")
+            .arg(&config_path)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::from(log.try_clone().unwrap()))
+            .stderr(Stdio::from(log))
+            .spawn()
+            .expect("spawn controld");
+        let mut a = Appliance {
+            instance: instance.to_string(),
+            config_path,
+            controld: Some(child),
+            log_path,
+            dir,
+            armed: true,
+        };
+        a.wait_ready(Duration::from_secs(20));
+        a
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+
+    pub fn region(&self) -> Region {
+        Region::attach(&self.instance, Access::ReadOnly).expect("attach region")
+    }
+
+    /// Waits until the region exists, has a configuration, and every
+    /// configured switch is RUNNING and acknowledged it.
+    pub fn wait_ready(&mut self, limit: Duration) {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(c) = self.controld.as_mut()
+                && let Ok(Some(st)) = c.try_wait()
+            {
+                panic!("controld exited early ({st}):\n{}", self.log());
+            }
+            let me = self.controld.as_ref().map(|c| c.id()).unwrap_or(0);
+            // Only our controld's region counts (a stale one may still exist).
+            if let Ok(r) = Region::attach(&self.instance, Access::ReadOnly)
+                && r.header().controld_pid.load(Ordering::Relaxed) == me
+            {
+                let g = r.generation(Table::Config);
+                let n = r.caps().switches as usize;
+                let ready = g > 0
+                    && r.switch_slots()[..n].iter().all(|s| {
+                        s.state.load(Ordering::SeqCst) == SW_RUNNING
+                            && s.seen_config.load(Ordering::Acquire) == g
+                    });
+                if ready {
+                    return;
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "appliance not ready after {limit:?}:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn controld_pid(&self) -> u32 {
+        self.controld.as_ref().expect("running").id()
+    }
+
+    /// Sends a signal to controld.
+    pub fn signal(&self, sig: i32) {
+        // SAFETY: kill(2) on our own child.
+        unsafe { libc::kill(self.controld_pid() as i32, sig) };
+    }
+
+    /// Replaces the config file and sends SIGHUP; returns the generation
+    /// before the reload.
+    pub fn reload_with(&self, config: &str) -> u64 {
+        let before = self.region().generation(Table::Config);
+        std::fs::write(&self.config_path, config).unwrap();
+        self.signal(libc::SIGHUP);
+        before
+    }
+
+    /// Waits until the configuration generation exceeds `gen`.
+    pub fn wait_generation_above(&self, above: u64, limit: Duration) -> u64 {
+        let deadline = Instant::now() + limit;
+        let r = self.region();
+        loop {
+            let g = r.generation(Table::Config);
+            if g > above {
+                return g;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "generation stayed at {g} for {limit:?}:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// Stops controld with SIGTERM and waits for it (bounded).
+    pub fn stop(&mut self) -> Option<std::process::ExitStatus> {
+        let mut c = self.controld.take()?;
+        // SAFETY: kill(2) on our own child.
+        unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Ok(Some(st)) = c.try_wait() {
+                return Some(st);
+            }
+            if Instant::now() > deadline {
+                let _ = c.kill();
+                return c.wait().ok();
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+impl Appliance {
+    /// Gives up ownership of the instance without stopping anything (for
+    /// tests that leave processes behind on purpose and clean up otherwise).
+    pub fn disarm(mut self) {
+        self.armed = false;
+    }
+}
+
+impl Drop for Appliance {
+    fn drop(&mut self) {
+        if !self.armed {
+            let _ = std::fs::remove_dir_all(&self.dir);
+            return;
+        }
+        self.stop();
+        // Anything left (a switch orphaned by a failure) is killed by instance name.
+        let _ = Command::new("pkill")
+            .args([
+                "-KILL",
+                "-f",
+                "--",
+                &format!("--instance {} ", self.instance),
+            ])
+            .status();
+        if let Ok(rd) = std::fs::read_dir("/dev/shm") {
+            let prefix = format!("switchyard.{}", self.instance);
+            for e in rd.flatten() {
+                let n = e.file_name().to_string_lossy().to_string();
+                if n == prefix || n.starts_with(&format!("{prefix}.")) {
+                    let _ = std::fs::remove_file(e.path());
+                }
+            }
+        }
+        if !std::thread::panicking() {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        } else {
+            eprintln!("controld log kept in {}", self.log_path.display());
+        }
+    }
+}

@@ -1,0 +1,336 @@
+//! `lbgen bench`: per-core forwarding rate on vnic rings, measured side by
+//! side in one run: a null forwarder (descriptor handover only: the ceiling
+//! of these rings on this machine), established NAT flows, new connections
+//! (SYN + table insert), and a mix (9 established : 1 new), for each frame
+//! size, repeated; medians reported.
+//!
+//! lbgen pins itself to one CPU and the appliance's single switch (idle
+//! policy `busy`) to another. The generator keeps the switch's RX ring full
+//! and counts frames leaving the other port.
+
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use netdrv::vnic::VnicWire;
+use serde::Serialize;
+
+use crate::appliance::Appliance;
+use crate::frames::{self, Spec, TcpFlags};
+
+#[derive(Clone, Debug)]
+pub struct BenchConfig {
+    pub runs: usize,
+    pub duration: Duration,
+    pub frame_sizes: Vec<usize>,
+    pub gen_cpu: usize,
+    pub switch_cpu: usize,
+    /// Established flows cycled through.
+    pub flows: usize,
+}
+
+impl BenchConfig {
+    pub fn full() -> Self {
+        Self {
+            runs: 5,
+            duration: Duration::from_secs(1),
+            frame_sizes: vec![64, 1500],
+            gen_cpu: 0,
+            switch_cpu: 1,
+            flows: 4096,
+        }
+    }
+
+    pub fn quick() -> Self {
+        Self {
+            runs: 1,
+            duration: Duration::from_millis(200),
+            flows: 512,
+            ..Self::full()
+        }
+    }
+}
+
+/// One frame size's results (rates in millions of frames per second).
+#[derive(Clone, Debug, Serialize)]
+pub struct SizeResult {
+    pub frame_bytes: usize,
+    pub ceiling_mpps: f64,
+    pub established_mpps: f64,
+    pub new_flow_mpps: f64,
+    pub mix_mpps: f64,
+    /// established over ceiling, same run
+    pub ratio_to_ceiling: f64,
+    pub runs: usize,
+    pub samples: Samples,
+}
+
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Samples {
+    pub ceiling: Vec<f64>,
+    pub established: Vec<f64>,
+    pub new_flow: Vec<f64>,
+    pub mix: Vec<f64>,
+}
+
+const VIP: [u8; 4] = [198, 18, 0, 10];
+const GW: [u8; 6] = [2, 0, 0, 0, 2, 1];
+const PORT0: [u8; 6] = [2, 0, 0, 0, 0, 1];
+
+fn config(instance: &str, engine: &str, cpu: usize) -> String {
+    let mut s = format!(
+        "instance = \"{instance}\"\n[limits]\nconnections = 1048576\n[timeouts]\ntcp_syn = 1\ntcp_fin = 1\n\n\
+         [[port]]\nname = \"client\"\ndriver = \"vnic\"\nmac = \"02:00:00:00:00:01\"\nring_size = 1024\n\n\
+         [[port]]\nname = \"backend\"\ndriver = \"vnic\"\nmac = \"02:00:00:00:00:02\"\nring_size = 1024\n\n\
+         [[switch]]\nname = \"sw0\"\ncpu = {cpu}\nports = [\"client\", \"backend\"]\nidle = \"busy\"\nburst = 32\nengine = \"{engine}\"\n\n\
+         [[service]]\nname = \"web\"\nvip = \"198.18.0.10\"\nport = 80\nprotocol = \"tcp\"\nmode = \"nat\"\n"
+    );
+    for i in 1..=3 {
+        s += &format!(
+            "  [[service.backend]]\n  name = \"web{i}\"\n  address = \"198.19.1.{i}\"\n  port = 8080\n"
+        );
+    }
+    s += "[[route]]\nprefix = \"198.19.1.0/24\"\nport = \"backend\"\n[[route]]\nprefix = \"198.18.96.0/19\"\nport = \"client\"\nvia = \"198.18.0.1\"\n";
+    s +=
+        "[[neighbour]]\naddress = \"198.18.0.1\"\nmac = \"02:00:00:00:02:01\"\nport = \"client\"\n";
+    for i in 1..=3 {
+        s += &format!(
+            "[[neighbour]]\naddress = \"198.19.1.{i}\"\nmac = \"02:00:00:00:01:0{i}\"\nport = \"backend\"\n"
+        );
+    }
+    s
+}
+
+fn pin(cpu: usize) {
+    // SAFETY: cpu_set_t is plain data; sched_setaffinity reads it.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
+    }
+}
+
+/// A client TCP frame of exactly `size` bytes from client (ip, port).
+fn client_frame(size: usize, ip: [u8; 4], port: u16, syn: bool) -> Vec<u8> {
+    let mut v = Vec::new();
+    frames::build(
+        &Spec {
+            src_mac: GW,
+            dst_mac: PORT0,
+            src: (ip, port),
+            dst: (VIP, 80),
+            tcp: Some(TcpFlags {
+                syn,
+                ack: !syn,
+                seq: 1,
+                ack_no: u32::from(!syn),
+                ..Default::default()
+            }),
+            ttl: 64,
+            ident: 0,
+            payload_len: size.saturating_sub(54),
+        },
+        &mut v,
+    );
+    v
+}
+
+fn client_ip(n: u32) -> [u8; 4] {
+    // 198.18.96.0/19: 8190 hosts.
+    let host = 1 + (n % 8190);
+    (u32::from_be_bytes([198, 18, 96, 0]) + host).to_be_bytes()
+}
+
+/// Rewrites a SYN template's source address/port (and IPv4 checksum) in place.
+fn patch_new_flow(buf: &mut [u8], n: u32) {
+    let ip = client_ip(n / 60_000);
+    buf[26..30].copy_from_slice(&ip);
+    buf[34..36].copy_from_slice(&(1024 + (n % 60_000) as u16).to_be_bytes());
+    buf[24] = 0;
+    buf[25] = 0;
+    let mut s = 0u32;
+    for c in buf[14..34].chunks_exact(2) {
+        s += u16::from_be_bytes([c[0], c[1]]) as u32;
+    }
+    while s > 0xffff {
+        s = (s & 0xffff) + (s >> 16);
+    }
+    buf[24..26].copy_from_slice(&(!(s as u16)).to_be_bytes());
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Load {
+    Established,
+    NewFlows,
+    Mix,
+}
+
+/// Keeps the RX ring full for `dur`; returns frames per second leaving `out`.
+/// The frames one measurement sends.
+struct Traffic<'a> {
+    templates: &'a [Vec<u8>],
+    syn: &'a [u8],
+    load: Load,
+}
+
+fn pump(
+    wire: &mut VnicWire,
+    inp: usize,
+    out: usize,
+    dur: Duration,
+    tr: &Traffic<'_>,
+    next_new: &mut u32,
+) -> f64 {
+    let mut got = 0u64;
+    let mut i = 0usize;
+    let start = Instant::now();
+    let (templates, syn, load) = (tr.templates, tr.syn, tr.load);
+    let len = syn.len();
+    loop {
+        for _ in 0..64 {
+            let new = match load {
+                Load::Established => false,
+                Load::NewFlows => true,
+                Load::Mix => i % 10 == 9,
+            };
+            let ok = if new {
+                let n = *next_new;
+                wire.inject_with(inp, len, |b| {
+                    b[..len].copy_from_slice(syn);
+                    patch_new_flow(b, n);
+                })
+            } else {
+                let t = &templates[i % templates.len()];
+                wire.inject_with(inp, t.len(), |b| b[..t.len()].copy_from_slice(t))
+            };
+            if !ok {
+                break;
+            }
+            if new {
+                *next_new = next_new.wrapping_add(1);
+            }
+            i += 1;
+        }
+        got += wire.collect(out, 256, |_| {}) as u64;
+        if start.elapsed() >= dur {
+            break;
+        }
+    }
+    let el = start.elapsed().as_secs_f64();
+    // Drain what is still in flight (not counted).
+    let t = Instant::now();
+    while t.elapsed() < Duration::from_millis(20) {
+        wire.collect(out, 256, |_| {});
+    }
+    got as f64 / el
+}
+
+fn median(v: &[f64]) -> f64 {
+    let mut s = v.to_vec();
+    s.sort_by(|a, b| a.partial_cmp(b).expect("no NaN"));
+    if s.is_empty() {
+        return 0.0;
+    }
+    if s.len() % 2 == 1 {
+        s[s.len() / 2]
+    } else {
+        (s[s.len() / 2 - 1] + s[s.len() / 2]) / 2.0
+    }
+}
+
+fn wire_for(app: &Appliance) -> Result<(VnicWire, usize, usize)> {
+    let name = format!("switchyard.{}.vnic.sw0", app.instance);
+    let w = VnicWire::attach(&name).with_context(|| format!("attaching to {name}"))?;
+    let inp = (0..w.port_count())
+        .position(|p| w.port_name(p) == "client")
+        .context("client port")?;
+    let out = (0..w.port_count())
+        .position(|p| w.port_name(p) == "backend")
+        .context("backend port")?;
+    Ok((w, inp, out))
+}
+
+/// Runs the whole benchmark.
+pub fn run(cfg: &BenchConfig) -> Result<Vec<SizeResult>> {
+    let cpus = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
+    if cfg.gen_cpu >= cpus || cfg.switch_cpu >= cpus || cfg.gen_cpu == cfg.switch_cpu {
+        bail!(
+            "need two distinct CPUs (generator {}, switch {}) among {cpus}",
+            cfg.gen_cpu,
+            cfg.switch_cpu
+        );
+    }
+    pin(cfg.gen_cpu);
+    let mut samples: Vec<Samples> = vec![Samples::default(); cfg.frame_sizes.len()];
+    let pid = std::process::id();
+    for (engine, loads) in [
+        ("null", &[Load::Established][..]),
+        (
+            "filter",
+            &[Load::Established, Load::NewFlows, Load::Mix][..],
+        ),
+    ] {
+        let inst = format!("bench-{pid}-{engine}");
+        let app = Appliance::start(&inst, &config(&inst, engine, cfg.switch_cpu));
+        let (mut wire, inp, out) = wire_for(&app)?;
+        let mut next_new = 0u32;
+        for (si, &size) in cfg.frame_sizes.iter().enumerate() {
+            // Established flows: their SYNs first, untimed.
+            let templates: Vec<Vec<u8>> = (0..cfg.flows as u32)
+                .map(|n| client_frame(size, client_ip(n), 40_000 + (n / 8190) as u16, false))
+                .collect();
+            if engine == "filter" {
+                for n in 0..cfg.flows as u32 {
+                    let s = client_frame(64, client_ip(n), 40_000 + (n / 8190) as u16, true);
+                    while !wire.inject(inp, &s) {
+                        wire.collect(out, 256, |_| {});
+                    }
+                }
+                let t = Instant::now();
+                while t.elapsed() < Duration::from_millis(50) {
+                    wire.collect(out, 256, |_| {});
+                }
+            }
+            let syn = client_frame(size, client_ip(0), 1024, true);
+            for _ in 0..cfg.runs {
+                for &load in loads {
+                    let tr = Traffic {
+                        templates: &templates,
+                        syn: &syn,
+                        load,
+                    };
+                    let rate = pump(&mut wire, inp, out, cfg.duration, &tr, &mut next_new) / 1e6;
+                    let s = &mut samples[si];
+                    match (engine, load) {
+                        ("null", _) => s.ceiling.push(rate),
+                        (_, Load::Established) => s.established.push(rate),
+                        (_, Load::NewFlows) => s.new_flow.push(rate),
+                        (_, Load::Mix) => s.mix.push(rate),
+                    }
+                }
+            }
+        }
+        drop(wire);
+        drop(app);
+    }
+    Ok(cfg
+        .frame_sizes
+        .iter()
+        .zip(samples)
+        .map(|(&frame_bytes, s)| {
+            let ceiling = median(&s.ceiling);
+            let est = median(&s.established);
+            SizeResult {
+                frame_bytes,
+                ceiling_mpps: ceiling,
+                established_mpps: est,
+                new_flow_mpps: median(&s.new_flow),
+                mix_mpps: median(&s.mix),
+                ratio_to_ceiling: if ceiling > 0.0 { est / ceiling } else { 0.0 },
+                runs: cfg.runs,
+                samples: s,
+            }
+        })
+        .collect())
+}
