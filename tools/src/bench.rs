@@ -249,6 +249,20 @@ fn wire_for(app: &Appliance) -> Result<(VnicWire, usize, usize)> {
     Ok((w, inp, out))
 }
 
+/// Opens the established flows with their SYNs (untimed).
+fn establish(wire: &mut VnicWire, inp: usize, out: usize, flows: usize) {
+    for n in 0..flows as u32 {
+        let s = client_frame(64, client_ip(n), 40_000 + (n / 8190) as u16, true);
+        while !wire.inject(inp, &s) {
+            wire.collect(out, 256, |_| {});
+        }
+    }
+    let t = Instant::now();
+    while t.elapsed() < Duration::from_millis(50) {
+        wire.collect(out, 256, |_| {});
+    }
+}
+
 /// Runs the whole benchmark.
 pub fn run(cfg: &BenchConfig) -> Result<Vec<SizeResult>> {
     let cpus = std::thread::available_parallelism()
@@ -264,55 +278,40 @@ pub fn run(cfg: &BenchConfig) -> Result<Vec<SizeResult>> {
     pin(cfg.gen_cpu);
     let mut samples: Vec<Samples> = vec![Samples::default(); cfg.frame_sizes.len()];
     let pid = std::process::id();
-    for (engine, loads) in [
-        ("null", &[Load::Established][..]),
-        (
-            "filter",
-            &[Load::Established, Load::NewFlows, Load::Mix][..],
-        ),
-    ] {
-        let inst = format!("bench-{pid}-{engine}");
-        let app = Appliance::start(&inst, &config(&inst, engine, cfg.switch_cpu));
-        let (mut wire, inp, out) = wire_for(&app)?;
-        let mut next_new = 0u32;
-        for (si, &size) in cfg.frame_sizes.iter().enumerate() {
-            // Established flows: their SYNs first, untimed.
-            let templates: Vec<Vec<u8>> = (0..cfg.flows as u32)
-                .map(|n| client_frame(size, client_ip(n), 40_000 + (n / 8190) as u16, false))
-                .collect();
-            if engine == "filter" {
-                for n in 0..cfg.flows as u32 {
-                    let s = client_frame(64, client_ip(n), 40_000 + (n / 8190) as u16, true);
-                    while !wire.inject(inp, &s) {
-                        wire.collect(out, 256, |_| {});
-                    }
+    let scenarios = [("null", Load::Established), ("filter", Load::Established), ("filter", Load::NewFlows), ("filter", Load::Mix)];
+    for (si, &size) in cfg.frame_sizes.iter().enumerate() {
+        let templates: Vec<Vec<u8>> = (0..cfg.flows as u32)
+            .map(|n| client_frame(size, client_ip(n), 40_000 + (n / 8190) as u16, false))
+            .collect();
+        let syn = client_frame(size, client_ip(0), 1024, true);
+        for run in 0..cfg.runs {
+            // Every measurement starts from a freshly started appliance, so
+            // one scenario's table state never leaks into the next.
+            for (k, &(engine, load)) in scenarios.iter().enumerate() {
+                let inst = format!("bench-{pid}-{size}-{run}-{k}");
+                let app = Appliance::start(&inst, &config(&inst, engine, cfg.switch_cpu));
+                let (mut wire, inp, out) = wire_for(&app)?;
+                if engine == "filter" {
+                    establish(&mut wire, inp, out, cfg.flows);
                 }
-                let t = Instant::now();
-                while t.elapsed() < Duration::from_millis(50) {
-                    wire.collect(out, 256, |_| {});
+                let tr = Traffic {
+                    templates: &templates,
+                    syn: &syn,
+                    load,
+                };
+                let mut next_new = 0u32;
+                let rate = pump(&mut wire, inp, out, cfg.duration, &tr, &mut next_new) / 1e6;
+                let s = &mut samples[si];
+                match (engine, load) {
+                    ("null", _) => s.ceiling.push(rate),
+                    (_, Load::Established) => s.established.push(rate),
+                    (_, Load::NewFlows) => s.new_flow.push(rate),
+                    (_, Load::Mix) => s.mix.push(rate),
                 }
-            }
-            let syn = client_frame(size, client_ip(0), 1024, true);
-            for _ in 0..cfg.runs {
-                for &load in loads {
-                    let tr = Traffic {
-                        templates: &templates,
-                        syn: &syn,
-                        load,
-                    };
-                    let rate = pump(&mut wire, inp, out, cfg.duration, &tr, &mut next_new) / 1e6;
-                    let s = &mut samples[si];
-                    match (engine, load) {
-                        ("null", _) => s.ceiling.push(rate),
-                        (_, Load::Established) => s.established.push(rate),
-                        (_, Load::NewFlows) => s.new_flow.push(rate),
-                        (_, Load::Mix) => s.mix.push(rate),
-                    }
-                }
+                drop(wire);
+                drop(app);
             }
         }
-        drop(wire);
-        drop(app);
     }
     Ok(cfg
         .frame_sizes
