@@ -342,6 +342,21 @@ impl<'a> ConnTable<'a> {
         key.hash(self.seed) as usize & self.mask
     }
 
+    /// Starts loading the home slot of `key` into the cache, so a lookup a
+    /// few packets later does not stall on memory. Never faults.
+    #[inline]
+    pub fn prefetch(&self, key: &FlowKey) {
+        let p = &self.slots[self.home(key)] as *const ConnSlot as *const i8;
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: a prefetch is a hint with no architectural effect; the
+        // address is a valid slot in the mapping anyway.
+        unsafe {
+            core::arch::x86_64::_mm_prefetch(p, core::arch::x86_64::_MM_HINT_T0)
+        };
+        #[cfg(not(target_arch = "x86_64"))]
+        let _ = p;
+    }
+
     /// Seqlock snapshot of a slot; `None` if a writer holds it.
     #[inline]
     pub fn snapshot(&self, idx: u32) -> Option<Snapshot> {

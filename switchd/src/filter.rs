@@ -112,6 +112,32 @@ pub fn process(
     }
 }
 
+/// Prefetches the connection slot a frame will look up (first pass over a
+/// burst). Reads only what it bounds-checks; malformed frames are skipped
+/// here and judged by [`process`].
+#[inline]
+pub fn prefetch(frame: &[u8], ct: &ConnTable<'_>) {
+    const ETH: usize = wire::ETHERNET_HEADER_LEN;
+    if frame.len() < ETH + 24 || frame[12..14] != [0x08, 0x00] || frame[ETH] >> 4 != 4 {
+        return;
+    }
+    let hl = (frame[ETH] & 0xf) as usize * 4;
+    let proto = frame[ETH + 9];
+    if (proto != PROTO_TCP && proto != PROTO_UDP) || frame.len() < ETH + hl + 4 {
+        return;
+    }
+    let ip =
+        |at: usize| u32::from_be_bytes([frame[at], frame[at + 1], frame[at + 2], frame[at + 3]]);
+    let port = |at: usize| u16::from_be_bytes([frame[at], frame[at + 1]]);
+    ct.prefetch(&FlowKey {
+        proto,
+        src_ip: ip(ETH + 12),
+        dst_ip: ip(ETH + 16),
+        src_port: port(ETH + hl),
+        dst_port: port(ETH + hl + 2),
+    });
+}
+
 fn parse_ip(frame: &[u8], ctx: &mut Ctx<'_>) -> Result<L4, Verdict> {
     const ETH: usize = wire::ETHERNET_HEADER_LEN;
     let Ok(ip) = wire::Ipv4Packet::new_checked(&frame[ETH..]) else {
@@ -565,6 +591,7 @@ mod tests {
                 let mut buf = vec![0u8; 2048];
                 buf[..bytes.len()].copy_from_slice(&bytes);
                 let mut ctx = fx.ctx(&mut c);
+                prefetch(&buf[..bytes.len()], &ctx.ct);
                 let _ = process(&mut buf, bytes.len() + extra, 0, &port_mac, &mut ctx);
             });
         }

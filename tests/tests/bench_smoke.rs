@@ -12,13 +12,26 @@ fn lbgen_bench_quick_reports_every_scenario() {
         .output()
         .unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{text}\n{}", String::from_utf8_lossy(&out.stderr));
-    let rows: Vec<serde_json::Value> = text.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert!(
+        out.status.success(),
+        "{text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let rows: Vec<serde_json::Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
     assert_eq!(rows.len(), 2);
     assert_eq!(rows[0]["frame_bytes"], 64);
     assert_eq!(rows[1]["frame_bytes"], 1500);
     for r in &rows {
-        for k in ["ceiling_mpps", "established_mpps", "new_flow_mpps", "mix_mpps", "ratio_to_ceiling"] {
+        for k in [
+            "ceiling_mpps",
+            "established_mpps",
+            "new_flow_mpps",
+            "mix_mpps",
+            "ratio_to_ceiling",
+        ] {
             assert!(r[k].as_f64().unwrap() > 0.0, "{k} moved no frame: {r}");
         }
         assert_eq!(r["runs"], 1);

@@ -278,7 +278,12 @@ pub fn run(cfg: &BenchConfig) -> Result<Vec<SizeResult>> {
     pin(cfg.gen_cpu);
     let mut samples: Vec<Samples> = vec![Samples::default(); cfg.frame_sizes.len()];
     let pid = std::process::id();
-    let scenarios = [("null", Load::Established), ("filter", Load::Established), ("filter", Load::NewFlows), ("filter", Load::Mix)];
+    let scenarios = [
+        ("null", Load::Established),
+        ("filter", Load::Established),
+        ("filter", Load::NewFlows),
+        ("filter", Load::Mix),
+    ];
     for (si, &size) in cfg.frame_sizes.iter().enumerate() {
         let templates: Vec<Vec<u8>> = (0..cfg.flows as u32)
             .map(|n| client_frame(size, client_ip(n), 40_000 + (n / 8190) as u16, false))
