@@ -1,0 +1,181 @@
+//! testbackend: a tiny HTTP/1.1 and UDP echo server that says which backend
+//! answered, for tests and demos.
+//!
+//! HTTP: `GET /` answers `<name>\n`; `GET /bytes/N` answers N bytes of a
+//! fixed pattern (byte i is `i % 251`), for integrity-checked downloads;
+//! `GET /health` answers `ok\n`. Keep-alive unless the client says close.
+//! UDP: every datagram is answered with `<name> <datagram>`.
+//! On start it prints one line: `testbackend <name> http=<addr> udp=<addr>`.
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use clap::Parser;
+
+#[derive(Parser, Debug)]
+#[command(version, about = "HTTP/1.1 and UDP echo server that names itself")]
+struct Args {
+    /// The name it answers with.
+    #[arg(long)]
+    name: String,
+    /// HTTP listen address (port 0 picks one).
+    #[arg(long)]
+    http: Option<SocketAddr>,
+    /// UDP listen address (port 0 picks one).
+    #[arg(long)]
+    udp: Option<SocketAddr>,
+}
+
+/// Largest `/bytes/N` served (1 GiB).
+const MAX_BYTES: u64 = 1 << 30;
+
+fn pattern_chunk() -> Vec<u8> {
+    // 251 is prime, so the pattern never lines up with power-of-two chunks.
+    (0..64 * 251).map(|i| (i % 251) as u8).collect()
+}
+
+fn respond(out: &mut TcpStream, status: &str, body_len: u64, close: bool) -> std::io::Result<()> {
+    write!(
+        out,
+        "HTTP/1.1 {status}\r\nContent-Length: {body_len}\r\nContent-Type: text/plain\r\nConnection: {}\r\n\r\n",
+        if close { "close" } else { "keep-alive" }
+    )
+}
+
+fn serve(stream: TcpStream, name: Arc<String>, chunk: Arc<Vec<u8>>) -> std::io::Result<()> {
+    let _ = stream.set_nodelay(true);
+    let mut out = stream.try_clone()?;
+    let mut reader = BufReader::new(stream);
+    loop {
+        let mut line = String::new();
+        if reader.read_line(&mut line)? == 0 {
+            return Ok(());
+        }
+        let mut parts = line.split_whitespace();
+        let (method, path, version) = (
+            parts.next().unwrap_or(""),
+            parts.next().unwrap_or(""),
+            parts.next().unwrap_or(""),
+        );
+        let mut close = version == "HTTP/1.0";
+        loop {
+            let mut h = String::new();
+            if reader.read_line(&mut h)? == 0 {
+                return Ok(());
+            }
+            let h = h.trim_end();
+            if h.is_empty() {
+                break;
+            }
+            if let Some((k, v)) = h.split_once(':')
+                && k.trim().eq_ignore_ascii_case("connection")
+            {
+                close = v.trim().eq_ignore_ascii_case("close");
+            }
+        }
+        if method != "GET" && method != "HEAD" {
+            let body = b"only GET and HEAD\n";
+            respond(&mut out, "405 Method Not Allowed", body.len() as u64, true)?;
+            out.write_all(body)?;
+            return Ok(());
+        }
+        let head = method == "HEAD";
+        if let Some(n) = path.strip_prefix("/bytes/") {
+            match n.parse::<u64>() {
+                Ok(n) if n <= MAX_BYTES => {
+                    respond(&mut out, "200 OK", n, close)?;
+                    let mut left = if head { 0 } else { n };
+                    while left > 0 {
+                        let k = left.min(chunk.len() as u64) as usize;
+                        out.write_all(&chunk[..k])?;
+                        left -= k as u64;
+                    }
+                }
+                _ => {
+                    let body = format!("bad size {n:?} (0..={MAX_BYTES})\n");
+                    respond(&mut out, "400 Bad Request", body.len() as u64, close)?;
+                    out.write_all(body.as_bytes())?;
+                }
+            }
+        } else {
+            let body = if path == "/health" {
+                "ok\n".to_string()
+            } else {
+                format!("{name}\n")
+            };
+            respond(&mut out, "200 OK", body.len() as u64, close)?;
+            if !head {
+                out.write_all(body.as_bytes())?;
+            }
+        }
+        out.flush()?;
+        if close {
+            return Ok(());
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    let a = Args::parse();
+    if a.http.is_none() && a.udp.is_none() {
+        eprintln!("testbackend: give --http ADDR, --udp ADDR or both");
+        return ExitCode::from(2);
+    }
+    let name = Arc::new(a.name);
+    let mut line = format!("testbackend {name}");
+    let http = match a.http.map(TcpListener::bind).transpose() {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("testbackend: --http {:?}: {e}", a.http);
+            return ExitCode::from(1);
+        }
+    };
+    let udp = match a.udp.map(UdpSocket::bind).transpose() {
+        Ok(u) => u,
+        Err(e) => {
+            eprintln!("testbackend: --udp {:?}: {e}", a.udp);
+            return ExitCode::from(1);
+        }
+    };
+    if let Some(l) = &http {
+        line += &format!(" http={}", l.local_addr().expect("bound"));
+    }
+    if let Some(u) = &udp {
+        line += &format!(" udp={}", u.local_addr().expect("bound"));
+    }
+    println!("{line}");
+    let _ = std::io::stdout().flush();
+    if let Some(u) = udp {
+        let name = Arc::clone(&name);
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 65536];
+            let prefix = format!("{name} ");
+            loop {
+                let Ok((n, from)) = u.recv_from(&mut buf) else {
+                    continue;
+                };
+                let mut reply = Vec::with_capacity(prefix.len() + n);
+                reply.extend_from_slice(prefix.as_bytes());
+                reply.extend_from_slice(&buf[..n]);
+                let _ = u.send_to(&reply, from);
+            }
+        });
+    }
+    let chunk = Arc::new(pattern_chunk());
+    match http {
+        Some(l) => {
+            for s in l.incoming().flatten() {
+                let (name, chunk) = (Arc::clone(&name), Arc::clone(&chunk));
+                std::thread::spawn(move || {
+                    let _ = serve(s, name, chunk);
+                });
+            }
+        }
+        None => loop {
+            std::thread::park();
+        },
+    }
+    ExitCode::SUCCESS
+}
