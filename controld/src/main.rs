@@ -308,11 +308,6 @@ fn run(args: &Args) -> Result<()> {
         names: vec![region.name().to_string()],
     };
     cleanup.names.extend(create_vnics(&cfg)?);
-    if let Some(p) = &args.pidfile {
-        std::fs::write(p, format!("{}\n", std::process::id()))
-            .with_context(|| format!("writing pid file {}", p.display()))?;
-    }
-
     let mut st = State {
         ids: IdAllocator::new(region.caps().backend_ids),
         cfg: cfg.clone(),
@@ -353,6 +348,14 @@ fn run(args: &Args) -> Result<()> {
         .collect();
     let mut sup = Supervisor::new(switchd, &cfg.instance, specs);
     sup.start_all(&region)?;
+    if let Some(p) = &args.pidfile {
+        // Written once the configuration is published and the switches are
+        // started, atomically, so a reader never sees a partial pid.
+        let tmp = p.with_extension("tmp");
+        std::fs::write(&tmp, format!("{}\n", std::process::id()))
+            .and_then(|()| std::fs::rename(&tmp, p))
+            .with_context(|| format!("writing pid file {}", p.display()))?;
+    }
 
     let mut gc = Gc::default();
     let mut ev = events::EventDrain::default();
