@@ -3,6 +3,8 @@
 //! instance name, and always clean up — processes, region and NICs — even
 //! when a test fails.
 
+pub mod netns;
+
 pub use tools::appliance::{Appliance, bin, bin_dir};
 
 use std::process::Command;
