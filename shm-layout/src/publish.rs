@@ -111,7 +111,10 @@ impl Region {
     pub fn end_read(&self, t: Table, tok: ReadToken, me: &SwitchSlot) -> bool {
         fence(Ordering::Acquire);
         let now = self.stamp_of(t, tok.slot).load(Ordering::Relaxed);
-        let ok = now == tok.stamp;
+        // Stamp 0 means nothing was published when the burst began, so the
+        // reader used no slot content (the first publication may fill the
+        // slot it pointed at meanwhile): nothing to tear.
+        let ok = tok.stamp == 0 || now == tok.stamp;
         let seen = match t {
             Table::Config => &me.seen_config,
             Table::Routing => &me.seen_routing,
