@@ -1,6 +1,7 @@
 //! NIC ports behind one trait. `vnic` is a virtual NIC in shared memory
 //! (the embedded default); `afpacket` and `afxdp` come later.
 
+pub mod afpacket;
 pub mod vnic;
 
 /// A received or to-be-sent frame: a buffer handle owned by the host side.

@@ -57,3 +57,165 @@ fn bed_routes_curl_from_client_to_each_backend_and_cleans_up() {
     }
     assert!(Bed::existing(&id).is_empty(), "namespaces removed on drop");
 }
+
+/// The afpacket port forwards frames between two real interfaces through
+/// its mmap rings: frames sent into veth a0 come out of veth a1 byte for
+/// byte, in order.
+#[test]
+fn afpacket_forwards_between_veths_byte_for_byte() {
+    use netdrv::Nic;
+    use netdrv::afpacket::{AfPacket, PortOptions};
+    use std::process::Command;
+
+    struct Ns(String);
+    impl Drop for Ns {
+        fn drop(&mut self) {
+            let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
+        }
+    }
+    let ns = Ns(format!("syafp{}", std::process::id()));
+    let ip = |args: &[&str]| {
+        let st = Command::new("ip")
+            .args(["netns", "exec", &ns.0])
+            .args(args)
+            .status()
+            .unwrap();
+        assert!(st.success(), "{args:?}");
+    };
+    assert!(
+        Command::new("ip")
+            .args(["netns", "add", &ns.0])
+            .status()
+            .unwrap()
+            .success()
+    );
+    ip(&["sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=1"]);
+    ip(&["sysctl", "-qw", "net.ipv6.conf.default.disable_ipv6=1"]);
+    for k in 0..2 {
+        ip(&[
+            "ip",
+            "link",
+            "add",
+            &format!("a{k}"),
+            "type",
+            "veth",
+            "peer",
+            "name",
+            &format!("b{k}"),
+        ]);
+        ip(&["ip", "link", "set", &format!("a{k}"), "up"]);
+        ip(&["ip", "link", "set", &format!("b{k}"), "up"]);
+    }
+    let path = format!("/var/run/netns/{}", ns.0);
+    let moved = std::thread::spawn(move || {
+        // Enter the namespace on this thread only.
+        let f = std::fs::File::open(&path).unwrap();
+        use std::os::fd::AsRawFd;
+        // SAFETY: setns with a valid namespace fd affects only this thread.
+        assert_eq!(unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) }, 0);
+        let opts = |n: &str| PortOptions {
+            ifname: n.into(),
+            slots: 256,
+            promiscuous: true,
+            fanout: None,
+        };
+        let mut nic = AfPacket::open(&[opts("a0"), opts("a1")]).unwrap();
+        assert_ne!(nic.port_mac(0), [0; 6]);
+        assert_ne!(nic.port_mac(0), nic.port_mac(1));
+        assert_eq!((nic.port_name(0), nic.port_name(1)), ("a0", "a1"));
+        let raw = |ifname: &str| -> i32 {
+            // SAFETY: plain socket/bind calls with valid arguments.
+            unsafe {
+                let fd = libc::socket(
+                    libc::AF_PACKET,
+                    libc::SOCK_RAW,
+                    (libc::ETH_P_ALL as u16).to_be() as i32,
+                );
+                assert!(fd >= 0);
+                let mut sll: libc::sockaddr_ll = std::mem::zeroed();
+                sll.sll_family = libc::AF_PACKET as u16;
+                sll.sll_protocol = (libc::ETH_P_ALL as u16).to_be();
+                let c = std::ffi::CString::new(ifname).unwrap();
+                sll.sll_ifindex = libc::if_nametoindex(c.as_ptr()) as i32;
+                assert_eq!(
+                    libc::bind(
+                        fd,
+                        (&sll as *const libc::sockaddr_ll).cast(),
+                        std::mem::size_of::<libc::sockaddr_ll>() as u32
+                    ),
+                    0
+                );
+                let tv = libc::timeval {
+                    tv_sec: 0,
+                    tv_usec: 200_000,
+                };
+                libc::setsockopt(
+                    fd,
+                    libc::SOL_SOCKET,
+                    libc::SO_RCVTIMEO,
+                    (&tv as *const libc::timeval).cast(),
+                    std::mem::size_of::<libc::timeval>() as u32,
+                );
+                fd
+            }
+        };
+        let (tx_fd, rx_fd) = (raw("b0"), raw("b1"));
+        let frame = |k: u32| -> Vec<u8> {
+            let mut f = vec![0x02, 0, 0, 0, 0, 0xb1, 0x02, 0, 0, 0, 0, 0xb0, 0x88, 0xb5];
+            f.extend_from_slice(&k.to_be_bytes());
+            f.resize(60 + (k as usize % 900), (k % 251) as u8);
+            f
+        };
+        let n = 200u32;
+        let mut got = Vec::new();
+        let mut frames = [netdrv::Frame { buf: 0, len: 0 }; 32];
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        let mut sent = 0u32;
+        while got.len() < n as usize && std::time::Instant::now() < deadline {
+            if sent < n {
+                let f = frame(sent);
+                // SAFETY: send of a valid buffer on our raw socket.
+                let r = unsafe { libc::send(tx_fd, f.as_ptr().cast(), f.len(), 0) };
+                assert_eq!(r as usize, f.len());
+                sent += 1;
+            }
+            let k = nic.rx_burst(0, &mut frames);
+            for f in &frames[..k] {
+                let is_ours = nic.buf_mut(*f)[12..14] == [0x88, 0xb5];
+                if is_ours {
+                    nic.tx(1, *f).unwrap();
+                } else {
+                    nic.free(*f);
+                }
+            }
+            nic.flush(1);
+            let mut buf = [0u8; 2048];
+            loop {
+                // SAFETY: recv into a live buffer; MSG_DONTWAIT never blocks.
+                let r = unsafe {
+                    libc::recv(
+                        rx_fd,
+                        buf.as_mut_ptr().cast(),
+                        buf.len(),
+                        libc::MSG_DONTWAIT,
+                    )
+                };
+                if r <= 0 {
+                    break;
+                }
+                if buf[12..14] == [0x88, 0xb5] {
+                    got.push(buf[..r as usize].to_vec());
+                }
+            }
+        }
+        // SAFETY: closing our fds.
+        unsafe {
+            libc::close(tx_fd);
+            libc::close(rx_fd);
+        }
+        (0..n).map(frame).collect::<Vec<_>>() == got
+    })
+    .join()
+    .unwrap();
+    assert!(moved, "every frame out of a1 identical and in order");
+}

@@ -1,0 +1,348 @@
+//! afpacket: NIC ports on real Linux interfaces through PACKET_MMAP
+//! (TPACKET_V2) RX and TX rings, with qdisc bypass, optional promiscuous
+//! mode and an optional fanout group so several switches share one
+//! interface.
+//!
+//! Buffer model: a received frame stays in its RX ring slot while the
+//! switch works on it (no copy); transmitting it copies it into a TX ring
+//! slot of the egress port and returns the RX slot to the kernel. The
+//! kernel still sees its own copy of every frame (management, health
+//! checks); the switch forwards only what its filter claims.
+//!
+//! `Frame::buf` encodes `port << 24 | rx slot`.
+
+use core::sync::atomic::{AtomicU32, Ordering, fence};
+use std::ffi::CString;
+
+use crate::{Frame, NetdrvError, Nic};
+
+/// Slot size of both rings.
+pub const FRAME_SIZE: usize = 2048;
+const BLOCK_SIZE: usize = 4096;
+/// Offset of frame data in a TX slot: TPACKET_ALIGN(sizeof(tpacket2_hdr)).
+const TX_DATA: usize = 32;
+
+/// Options for one port.
+#[derive(Clone, Debug)]
+pub struct PortOptions {
+    pub ifname: String,
+    /// Slots per ring (each ring is `slots * 2 KiB`).
+    pub slots: usize,
+    pub promiscuous: bool,
+    /// PACKET_FANOUT group id (hash mode) shared by the switches of one interface.
+    pub fanout: Option<u16>,
+}
+
+#[derive(Debug)]
+struct Port {
+    fd: libc::c_int,
+    map: *mut u8,
+    map_len: usize,
+    slots: usize,
+    rx_next: usize,
+    tx_next: usize,
+    tx_dirty: bool,
+    mac: [u8; 6],
+    name: String,
+}
+
+/// The AF_PACKET ports one switch serves.
+#[derive(Debug)]
+pub struct AfPacket {
+    ports: Vec<Port>,
+}
+
+fn os(ifname: &str, what: &str) -> NetdrvError {
+    NetdrvError::Invalid {
+        name: ifname.to_string(),
+        what: format!("{what}: {}", std::io::Error::last_os_error()),
+    }
+}
+
+fn setopt<T>(fd: libc::c_int, level: libc::c_int, opt: libc::c_int, v: &T) -> libc::c_int {
+    // SAFETY: `v` points to a live T of the size we pass.
+    unsafe {
+        libc::setsockopt(
+            fd,
+            level,
+            opt,
+            (v as *const T).cast(),
+            size_of::<T>() as libc::socklen_t,
+        )
+    }
+}
+
+impl Port {
+    fn open(o: &PortOptions) -> Result<Self, NetdrvError> {
+        let name = &o.ifname;
+        if !o.slots.is_power_of_two() || o.slots < 64 {
+            return Err(NetdrvError::Invalid {
+                name: name.clone(),
+                what: format!("{} ring slots: need a power of two >= 64", o.slots),
+            });
+        }
+        let cname = CString::new(name.as_str()).map_err(|_| NetdrvError::Invalid {
+            name: name.clone(),
+            what: "bad interface name".into(),
+        })?;
+        // SAFETY: plain libc call with a valid C string.
+        let ifindex = unsafe { libc::if_nametoindex(cname.as_ptr()) };
+        if ifindex == 0 {
+            return Err(os(name, "no such interface"));
+        }
+        let proto = (libc::ETH_P_ALL as u16).to_be();
+        // SAFETY: plain socket(2).
+        let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, proto as libc::c_int) };
+        if fd < 0 {
+            return Err(os(name, "socket(AF_PACKET)"));
+        }
+        let mut port = Port {
+            fd,
+            map: core::ptr::null_mut(),
+            map_len: 0,
+            slots: o.slots,
+            rx_next: 0,
+            tx_next: 0,
+            tx_dirty: false,
+            mac: [0; 6],
+            name: name.clone(),
+        };
+        let version: libc::c_int = libc::tpacket_versions::TPACKET_V2 as libc::c_int;
+        if setopt(fd, libc::SOL_PACKET, libc::PACKET_VERSION, &version) != 0 {
+            return Err(os(name, "PACKET_VERSION TPACKET_V2"));
+        }
+        let one: libc::c_int = 1;
+        if setopt(fd, libc::SOL_PACKET, libc::PACKET_QDISC_BYPASS, &one) != 0 {
+            return Err(os(name, "PACKET_QDISC_BYPASS"));
+        }
+        let req = libc::tpacket_req {
+            tp_block_size: BLOCK_SIZE as u32,
+            tp_block_nr: (o.slots * FRAME_SIZE / BLOCK_SIZE) as u32,
+            tp_frame_size: FRAME_SIZE as u32,
+            tp_frame_nr: o.slots as u32,
+        };
+        if setopt(fd, libc::SOL_PACKET, libc::PACKET_RX_RING, &req) != 0 {
+            return Err(os(name, "PACKET_RX_RING"));
+        }
+        if setopt(fd, libc::SOL_PACKET, libc::PACKET_TX_RING, &req) != 0 {
+            return Err(os(name, "PACKET_TX_RING"));
+        }
+        port.map_len = 2 * o.slots * FRAME_SIZE;
+        // SAFETY: mmap of the socket's rings, length as configured above.
+        let map = unsafe {
+            libc::mmap(
+                core::ptr::null_mut(),
+                port.map_len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED | libc::MAP_POPULATE,
+                fd,
+                0,
+            )
+        };
+        if map == libc::MAP_FAILED {
+            return Err(os(name, "mmap of the packet rings"));
+        }
+        port.map = map.cast();
+        // SAFETY: sockaddr_ll is plain data; zeroed is valid.
+        let mut sll: libc::sockaddr_ll = unsafe { core::mem::zeroed() };
+        sll.sll_family = libc::AF_PACKET as u16;
+        sll.sll_protocol = proto;
+        sll.sll_ifindex = ifindex as i32;
+        // SAFETY: bind with a valid sockaddr_ll of the stated size.
+        if unsafe {
+            libc::bind(
+                fd,
+                (&sll as *const libc::sockaddr_ll).cast(),
+                size_of::<libc::sockaddr_ll>() as u32,
+            )
+        } != 0
+        {
+            return Err(os(name, "bind"));
+        }
+        if o.promiscuous {
+            // SAFETY: packet_mreq is plain data; zeroed is valid.
+            let mut mr: libc::packet_mreq = unsafe { core::mem::zeroed() };
+            mr.mr_ifindex = ifindex as i32;
+            mr.mr_type = libc::PACKET_MR_PROMISC as u16;
+            if setopt(fd, libc::SOL_PACKET, libc::PACKET_ADD_MEMBERSHIP, &mr) != 0 {
+                return Err(os(name, "PACKET_ADD_MEMBERSHIP promiscuous"));
+            }
+        }
+        if let Some(g) = o.fanout {
+            let arg: libc::c_int =
+                (g as libc::c_int) | ((libc::PACKET_FANOUT_HASH as libc::c_int) << 16);
+            if setopt(fd, libc::SOL_PACKET, libc::PACKET_FANOUT, &arg) != 0 {
+                return Err(os(name, "PACKET_FANOUT"));
+            }
+        }
+        port.mac = mac_of(fd, name)?;
+        Ok(port)
+    }
+
+    fn slot(&self, tx: bool, i: usize) -> *mut u8 {
+        let base = if tx { self.slots * FRAME_SIZE } else { 0 };
+        // SAFETY: i < slots (callers mask), inside the mapping.
+        unsafe { self.map.add(base + (i & (self.slots - 1)) * FRAME_SIZE) }
+    }
+
+    fn status(&self, tx: bool, i: usize) -> &AtomicU32 {
+        // SAFETY: tp_status is the first, 4-byte-aligned word of every slot;
+        // the kernel and we hand slots over through it.
+        unsafe { &*(self.slot(tx, i) as *const AtomicU32) }
+    }
+
+    fn rx_hdr(&self, i: usize) -> (usize, usize) {
+        let p = self.slot(false, i);
+        // SAFETY: a user-owned RX slot starts with a tpacket2_hdr.
+        let h = unsafe { &*(p as *const libc::tpacket2_hdr) };
+        (h.tp_mac as usize, h.tp_snaplen as usize)
+    }
+}
+
+impl Drop for Port {
+    fn drop(&mut self) {
+        if !self.map.is_null() {
+            // SAFETY: unmapping exactly what we mapped.
+            unsafe { libc::munmap(self.map.cast(), self.map_len) };
+        }
+        // SAFETY: closing our own fd.
+        unsafe { libc::close(self.fd) };
+    }
+}
+
+/// The interface's MAC, asked through the socket (so it answers for the
+/// socket's network namespace, unlike /sys of the caller's mount).
+fn mac_of(fd: libc::c_int, ifname: &str) -> Result<[u8; 6], NetdrvError> {
+    // SAFETY: ifreq is plain data; zeroed is valid. The name fits (checked).
+    let mut ifr: libc::ifreq = unsafe { core::mem::zeroed() };
+    if ifname.len() >= ifr.ifr_name.len() {
+        return Err(NetdrvError::Invalid {
+            name: ifname.into(),
+            what: "interface name too long".into(),
+        });
+    }
+    for (d, s) in ifr.ifr_name.iter_mut().zip(ifname.bytes()) {
+        *d = s as libc::c_char;
+    }
+    // SAFETY: SIOCGIFHWADDR fills ifr.ifr_ifru with a sockaddr.
+    if unsafe { libc::ioctl(fd, libc::SIOCGIFHWADDR, &mut ifr) } != 0 {
+        return Err(os(ifname, "SIOCGIFHWADDR"));
+    }
+    // SAFETY: the ioctl wrote a sockaddr into the union.
+    let sa = unsafe { ifr.ifr_ifru.ifru_hwaddr };
+    let mut mac = [0u8; 6];
+    for (m, b) in mac.iter_mut().zip(sa.sa_data.iter()) {
+        *m = *b as u8;
+    }
+    Ok(mac)
+}
+
+impl AfPacket {
+    pub fn open(ports: &[PortOptions]) -> Result<Self, NetdrvError> {
+        let ports = ports
+            .iter()
+            .map(Port::open)
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Self { ports })
+    }
+
+    fn decode(f: Frame) -> (usize, usize) {
+        ((f.buf >> 24) as usize, (f.buf & 0xff_ffff) as usize)
+    }
+}
+
+impl Nic for AfPacket {
+    fn port_count(&self) -> usize {
+        self.ports.len()
+    }
+
+    fn port_mac(&self, port: usize) -> [u8; 6] {
+        self.ports[port].mac
+    }
+
+    fn port_name(&self, port: usize) -> &str {
+        &self.ports[port].name
+    }
+
+    fn frame_capacity(&self) -> usize {
+        FRAME_SIZE - 64
+    }
+
+    fn rx_burst(&mut self, port: usize, out: &mut [Frame]) -> usize {
+        let p = &mut self.ports[port];
+        let mut n = 0;
+        while n < out.len() {
+            let i = p.rx_next & (p.slots - 1);
+            if p.status(false, i).load(Ordering::Acquire) & libc::TP_STATUS_USER == 0 {
+                break;
+            }
+            let (_, snap) = p.rx_hdr(i);
+            out[n] = Frame {
+                buf: ((port as u32) << 24) | i as u32,
+                len: snap.min(FRAME_SIZE) as u16,
+            };
+            p.rx_next = p.rx_next.wrapping_add(1);
+            n += 1;
+        }
+        n
+    }
+
+    fn buf_mut(&mut self, f: Frame) -> &mut [u8] {
+        let (port, i) = Self::decode(f);
+        let p = &self.ports[port];
+        let (mac_off, _) = p.rx_hdr(i);
+        let off = mac_off.min(FRAME_SIZE);
+        // SAFETY: the slot is user-owned until we release it; its data area
+        // runs from tp_mac to the end of the slot.
+        unsafe { core::slice::from_raw_parts_mut(p.slot(false, i).add(off), FRAME_SIZE - off) }
+    }
+
+    fn tx(&mut self, port: usize, f: Frame) -> Result<(), Frame> {
+        let (src_port, src_i) = Self::decode(f);
+        let len = f.len as usize;
+        let (mac_off, _) = self.ports[src_port].rx_hdr(src_i);
+        let src = self.ports[src_port].slot(false, src_i);
+        let out = &mut self.ports[port];
+        let i = out.tx_next & (out.slots - 1);
+        let st = out.status(true, i).load(Ordering::Acquire);
+        if st != libc::TP_STATUS_AVAILABLE && st != libc::TP_STATUS_WRONG_FORMAT {
+            return Err(f);
+        }
+        if len > FRAME_SIZE - TX_DATA {
+            return Err(f);
+        }
+        let dst = out.slot(true, i);
+        // SAFETY: the TX slot is ours (AVAILABLE); source and destination are
+        // different rings; lengths are bounded by the slot size.
+        unsafe {
+            core::ptr::copy_nonoverlapping(src.add(mac_off), dst.add(TX_DATA), len);
+            let h = &mut *(dst as *mut libc::tpacket2_hdr);
+            h.tp_len = len as u32;
+        }
+        fence(Ordering::Release);
+        out.status(true, i)
+            .store(libc::TP_STATUS_SEND_REQUEST, Ordering::Release);
+        out.tx_next = out.tx_next.wrapping_add(1);
+        out.tx_dirty = true;
+        self.free(f);
+        Ok(())
+    }
+
+    fn flush(&mut self, port: usize) {
+        let p = &mut self.ports[port];
+        if p.tx_dirty {
+            // SAFETY: a zero-length send kicks the TX ring; no buffer is read.
+            unsafe { libc::send(p.fd, core::ptr::null(), 0, libc::MSG_DONTWAIT) };
+            p.tx_dirty = false;
+        }
+    }
+
+    fn free(&mut self, f: Frame) {
+        let (port, i) = Self::decode(f);
+        self.ports[port]
+            .status(false, i)
+            .store(libc::TP_STATUS_KERNEL, Ordering::Release);
+    }
+
+    fn reclaim(&mut self) {}
+}
