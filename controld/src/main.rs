@@ -170,7 +170,11 @@ fn stop_orphaned_switches(r: &Region) {
 
 fn create_vnics(cfg: &Config) -> Result<Vec<String>> {
     let mut made = Vec::new();
-    for s in &cfg.switches {
+    for s in cfg
+        .switches
+        .iter()
+        .filter(|s| cfg.ports[s.ports[0]].driver == config::Driver::Vnic)
+    {
         let name = vnic_name(&cfg.instance, &s.name);
         if Mapping::exists(&name) {
             Mapping::unlink(&name)?;
@@ -195,6 +199,58 @@ fn create_vnics(cfg: &Config) -> Result<Vec<String>> {
         made.push(name);
     }
     Ok(made)
+}
+
+/// The switchd arguments that name its NIC: a vnic object, or afpacket
+/// ports as `name=interface` with a fanout group per interface (so several
+/// switches can share one).
+fn nic_args(cfg: &Config, s: &config::Switch) -> Vec<String> {
+    if cfg.ports[s.ports[0]].driver == config::Driver::Vnic {
+        return vec!["--vnic".into(), vnic_name(&cfg.instance, &s.name)];
+    }
+    let mut v = Vec::new();
+    for &p in &s.ports {
+        let port = &cfg.ports[p];
+        v.push("--afpacket".into());
+        v.push(format!(
+            "{}={}:{}:{}:{}",
+            port.name,
+            port.interface.as_deref().unwrap_or(""),
+            port.ring_size,
+            u8::from(port.promiscuous),
+            0x5300 + p
+        ));
+    }
+    v
+}
+
+/// Reads an interface's MAC from sysfs (controld's network namespace).
+fn interface_mac(ifname: &str) -> Result<[u8; 6]> {
+    let text = std::fs::read_to_string(format!("/sys/class/net/{ifname}/address"))
+        .with_context(|| format!("interface {ifname:?} not found in this network namespace"))?;
+    let mut mac = [0u8; 6];
+    let parts: Vec<&str> = text.trim().split(':').collect();
+    if parts.len() != 6 {
+        bail!("interface {ifname:?} has no Ethernet address ({text:?})");
+    }
+    for (m, p) in mac.iter_mut().zip(parts) {
+        *m = u8::from_str_radix(p, 16)
+            .with_context(|| format!("interface {ifname:?}: MAC {text:?}"))?;
+    }
+    Ok(mac)
+}
+
+/// Fills in the MACs of afpacket ports from their interfaces.
+fn resolve_interfaces(cfg: &mut Config) -> Result<()> {
+    for p in cfg
+        .ports
+        .iter_mut()
+        .filter(|p| p.driver == config::Driver::Afpacket)
+    {
+        let ifname = p.interface.clone().unwrap_or_default();
+        p.mac = interface_mac(&ifname).with_context(|| format!("port {:?}", p.name))?;
+    }
+    Ok(())
 }
 
 /// Removes what this controld created, on every exit path.
@@ -242,13 +298,17 @@ fn publish_all(region: &Region, st: &mut State, cfg: Config) -> Result<(u64, u64
 }
 
 fn reload(region: &Region, st: &mut State, path: &Path) {
-    let new = match config::load(path) {
+    let mut new = match config::load(path) {
         Ok(c) => c,
         Err(e) => {
             log::error!("reload refused, running configuration kept: {e}");
             return;
         }
     };
+    if let Err(e) = resolve_interfaces(&mut new) {
+        log::error!("reload refused, running configuration kept: {e:#}");
+        return;
+    }
     let changed = restart_only_changes(&st.cfg, &new);
     if !changed.is_empty() {
         log::error!(
@@ -267,7 +327,8 @@ fn reload(region: &Region, st: &mut State, path: &Path) {
 }
 
 fn run(args: &Args) -> Result<()> {
-    let cfg = config::load(&args.config).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let mut cfg = config::load(&args.config).map_err(|e| anyhow::anyhow!("{e}"))?;
+    resolve_interfaces(&mut cfg).with_context(|| format!("{}", args.config.display()))?;
     check_machine(&cfg).with_context(|| format!("{}", args.config.display()))?;
     if args.check {
         // Build the snapshot too: it catches what only the master knows.
@@ -339,7 +400,7 @@ fn run(args: &Args) -> Result<()> {
                 config::Idle::Adaptive => "adaptive",
             },
             burst: s.burst as usize,
-            vnic: vnic_name(&cfg.instance, &s.name),
+            nic: nic_args(&cfg, s),
             engine: match s.engine {
                 config::Engine::Filter => "filter",
                 config::Engine::Null => "null",

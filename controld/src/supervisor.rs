@@ -19,7 +19,8 @@ pub struct SwitchSpec {
     pub cpu: usize,
     pub idle: &'static str,
     pub burst: usize,
-    pub vnic: String,
+    /// Arguments naming the switch's NIC (`--vnic NAME` or `--afpacket ...`).
+    pub nic: Vec<String>,
     /// "filter" or "null".
     pub engine: &'static str,
 }
@@ -71,8 +72,7 @@ impl Supervisor {
             .arg(&self.instance)
             .arg("--switch")
             .arg(s.index.to_string())
-            .arg("--vnic")
-            .arg(&s.vnic)
+            .args(&s.nic)
             .arg("--cpu")
             .arg(s.cpu.to_string())
             .arg("--idle")

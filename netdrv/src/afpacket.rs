@@ -25,6 +25,8 @@ const TX_DATA: usize = 32;
 /// Options for one port.
 #[derive(Clone, Debug)]
 pub struct PortOptions {
+    /// The port's name in the configuration (what `port_name` answers).
+    pub name: String,
     pub ifname: String,
     /// Slots per ring (each ring is `slots * 2 KiB`).
     pub slots: usize,
@@ -82,7 +84,7 @@ impl Port {
             });
         }
         let cname = CString::new(name.as_str()).map_err(|_| NetdrvError::Invalid {
-            name: name.clone(),
+            name: o.name.clone(),
             what: "bad interface name".into(),
         })?;
         // SAFETY: plain libc call with a valid C string.
@@ -105,7 +107,7 @@ impl Port {
             tx_next: 0,
             tx_dirty: false,
             mac: [0; 6],
-            name: name.clone(),
+            name: o.name.clone(),
         };
         let version: libc::c_int = libc::tpacket_versions::TPACKET_V2 as libc::c_int;
         if setopt(fd, libc::SOL_PACKET, libc::PACKET_VERSION, &version) != 0 {
@@ -115,6 +117,9 @@ impl Port {
         if setopt(fd, libc::SOL_PACKET, libc::PACKET_QDISC_BYPASS, &one) != 0 {
             return Err(os(name, "PACKET_QDISC_BYPASS"));
         }
+        // Our own transmissions (and the kernel's) need not come back up the
+        // RX ring (Linux >= 4.20; older kernels just show them, harmlessly).
+        let _ = setopt(fd, libc::SOL_PACKET, libc::PACKET_IGNORE_OUTGOING, &one);
         let req = libc::tpacket_req {
             tp_block_size: BLOCK_SIZE as u32,
             tp_block_nr: (o.slots * FRAME_SIZE / BLOCK_SIZE) as u32,
@@ -210,6 +215,51 @@ impl Drop for Port {
     }
 }
 
+/// Completes the TCP/UDP checksum of an IPv4 frame whose checksum was left
+/// to offload (TP_STATUS_CSUMNOTREADY: sent by a local stack over a veth or
+/// similar, the field holds only the pseudo-header sum). The NIC would have
+/// filled it in; we do it here, so the rest of the data path sees complete
+/// frames and can update checksums incrementally.
+fn complete_checksum(f: &mut [u8]) {
+    if f.len() < 34 || f[12..14] != [0x08, 0x00] || f[14] >> 4 != 4 {
+        return;
+    }
+    let hl = (f[14] & 0xf) as usize * 4;
+    let total = u16::from_be_bytes([f[16], f[17]]) as usize;
+    let proto = f[23];
+    let (l4, end) = (14 + hl, 14 + total);
+    let at = match proto {
+        6 => 16,
+        17 => 6,
+        _ => return,
+    };
+    if hl < 20 || end > f.len() || l4 + at + 2 > end {
+        return;
+    }
+    f[l4 + at] = 0;
+    f[l4 + at + 1] = 0;
+    let mut sum: u64 = 0;
+    for c in f[26..34].chunks_exact(2) {
+        sum += u16::from_be_bytes([c[0], c[1]]) as u64;
+    }
+    sum += proto as u64 + (end - l4) as u64;
+    let mut chunks = f[l4..end].chunks_exact(2);
+    for c in &mut chunks {
+        sum += u16::from_be_bytes([c[0], c[1]]) as u64;
+    }
+    if let [b] = chunks.remainder() {
+        sum += (*b as u64) << 8;
+    }
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    let mut c = !(sum as u16);
+    if proto == 17 && c == 0 {
+        c = 0xffff;
+    }
+    f[l4 + at..l4 + at + 2].copy_from_slice(&c.to_be_bytes());
+}
+
 /// The interface's MAC, asked through the socket (so it answers for the
 /// socket's network namespace, unlike /sys of the caller's mount).
 fn mac_of(fd: libc::c_int, ifname: &str) -> Result<[u8; 6], NetdrvError> {
@@ -276,7 +326,17 @@ impl Nic for AfPacket {
             if p.status(false, i).load(Ordering::Acquire) & libc::TP_STATUS_USER == 0 {
                 break;
             }
-            let (_, snap) = p.rx_hdr(i);
+            let (mac_off, snap) = p.rx_hdr(i);
+            if p.status(false, i).load(Ordering::Relaxed) & libc::TP_STATUS_CSUMNOTREADY != 0 {
+                let off = mac_off.min(FRAME_SIZE);
+                let end = (off + snap).min(FRAME_SIZE);
+                // SAFETY: the slot is user-owned (TP_STATUS_USER seen above);
+                // off..end lies inside it.
+                let data = unsafe {
+                    core::slice::from_raw_parts_mut(p.slot(false, i).add(off), end - off)
+                };
+                complete_checksum(data);
+            }
             out[n] = Frame {
                 buf: ((port as u32) << 24) | i as u32,
                 len: snap.min(FRAME_SIZE) as u16,

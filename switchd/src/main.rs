@@ -26,8 +26,11 @@ struct Args {
     #[arg(long)]
     switch: usize,
     /// Shared-memory name of this switch's virtual NIC.
+    #[arg(long, conflicts_with = "afpacket")]
+    vnic: Option<String>,
+    /// An AF_PACKET port: NAME=INTERFACE:SLOTS:PROMISC(0|1):FANOUT_GROUP (repeatable).
     #[arg(long)]
-    vnic: String,
+    afpacket: Vec<String>,
     /// CPU to pin to.
     #[arg(long)]
     cpu: Option<usize>,
@@ -88,6 +91,52 @@ fn attach(instance: &str) -> Result<Region> {
     }
 }
 
+fn parse_afpacket(a: &str) -> Result<netdrv::afpacket::PortOptions> {
+    let bad = || {
+        anyhow::anyhow!("--afpacket {a:?}: expected NAME=INTERFACE:SLOTS:PROMISC(0|1):FANOUT_GROUP")
+    };
+    let (name, rest) = a.split_once('=').ok_or_else(bad)?;
+    let f: Vec<&str> = rest.split(':').collect();
+    if f.len() != 4 {
+        return Err(bad());
+    }
+    Ok(netdrv::afpacket::PortOptions {
+        name: name.to_string(),
+        ifname: f[0].to_string(),
+        slots: f[1].parse().map_err(|_| bad())?,
+        promiscuous: f[2] == "1",
+        fanout: Some(f[3].parse().map_err(|_| bad())?),
+    })
+}
+
+/// Runs the engine over any NIC.
+fn serve<N: Nic>(region: &Region, nic: &mut N, settings: Settings) -> Result<(), String> {
+    log::info!(
+        "switch {} (pid {}) polling {} port(s), idle {:?}, burst {}; interrupts cannot be masked from user space, so this CPU may still take some",
+        settings.switch_index,
+        std::process::id(),
+        nic.port_count(),
+        settings.idle,
+        settings.burst
+    );
+    let names: Vec<String> = (0..nic.port_count())
+        .map(|p| nic.port_name(p).to_string())
+        .collect();
+    let macs: Vec<[u8; 6]> = (0..nic.port_count()).map(|p| nic.port_mac(p)).collect();
+    let ports = move |r: &Region| -> Result<PortMap, String> {
+        let tok = r.begin_read(shm_layout::Table::Config);
+        let cfg = r.config_view(tok.slot);
+        let cfg_ports: Vec<(String, [u8; 6])> = cfg
+            .ports()
+            .iter()
+            .take(MAX_PORTS)
+            .map(|p| (names::get(&p.name).to_string(), p.mac))
+            .collect();
+        PortMap::build(&names, &macs, &cfg_ports)
+    };
+    engine::run(region, nic, &ports, settings, &STOP)
+}
+
 fn main() -> Result<()> {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
     let args = Args::parse();
@@ -110,8 +159,6 @@ fn main() -> Result<()> {
             region.switch_slots().len()
         );
     }
-    let mut nic = netdrv::vnic::VnicHost::attach(&args.vnic)
-        .with_context(|| format!("switchd: attaching to vnic {:?}", args.vnic))?;
     if let Some(cpu) = args.cpu {
         pin(cpu)?;
         log::info!("switch {} pinned to CPU {cpu}", args.switch);
@@ -125,36 +172,30 @@ fn main() -> Result<()> {
             );
         }
     }
-    log::info!(
-        "switch {} (pid {}) polling {} port(s), idle {:?}, burst {}; interrupts cannot be masked from user space, so this CPU may still take some",
-        args.switch,
-        std::process::id(),
-        nic.port_count(),
-        idle,
-        args.burst
-    );
-    let names: Vec<String> = (0..nic.port_count())
-        .map(|p| nic.port_name(p).to_string())
-        .collect();
-    let macs: Vec<[u8; 6]> = (0..nic.port_count()).map(|p| nic.port_mac(p)).collect();
-    let ports = move |r: &Region| -> Result<PortMap, String> {
-        let tok = r.begin_read(shm_layout::Table::Config);
-        let cfg = r.config_view(tok.slot);
-        let cfg_ports: Vec<(String, [u8; 6])> = cfg
-            .ports()
-            .iter()
-            .take(MAX_PORTS)
-            .map(|p| (names::get(&p.name).to_string(), p.mac))
-            .collect();
-        PortMap::build(&names, &macs, &cfg_ports)
-    };
     let settings = Settings {
         switch_index: args.switch,
         burst: args.burst,
         idle,
         null,
     };
-    let res = engine::run(&region, &mut nic, &ports, settings, &STOP);
+    let res = match (&args.vnic, args.afpacket.is_empty()) {
+        (Some(name), true) => {
+            let mut nic = netdrv::vnic::VnicHost::attach(name)
+                .with_context(|| format!("switchd: attaching to vnic {name:?}"))?;
+            serve(&region, &mut nic, settings)
+        }
+        (None, false) => {
+            let opts = args
+                .afpacket
+                .iter()
+                .map(|a| parse_afpacket(a))
+                .collect::<Result<Vec<_>>>()?;
+            let mut nic = netdrv::afpacket::AfPacket::open(&opts)
+                .context("switchd: opening AF_PACKET ports")?;
+            serve(&region, &mut nic, settings)
+        }
+        _ => bail!("give either --vnic NAME or one or more --afpacket NAME=IF:SLOTS:PROMISC:GROUP"),
+    };
     region.switch_slots()[args.switch]
         .state
         .store(SW_STOPPED, Ordering::SeqCst);

@@ -114,6 +114,7 @@ fn afpacket_forwards_between_veths_byte_for_byte() {
         // SAFETY: setns with a valid namespace fd affects only this thread.
         assert_eq!(unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) }, 0);
         let opts = |n: &str| PortOptions {
+            name: n.into(),
             ifname: n.into(),
             slots: 256,
             promiscuous: true,
@@ -218,4 +219,94 @@ fn afpacket_forwards_between_veths_byte_for_byte() {
     .join()
     .unwrap();
     assert!(moved, "every frame out of a1 identical and in order");
+}
+
+/// NAT end to end on real interfaces: controld and switchd in the
+/// appliance namespace on AF_PACKET ports, testbackend servers in the
+/// backend namespaces, curl in the client namespace. The appliance kernel
+/// does not forward (ip_forward=0): every answer came through switchyard.
+#[test]
+fn curl_through_switchyard_nat_on_afpacket_reaches_every_backend() {
+    use switchyard_tests::{Appliance, unique};
+    let mut bed = Bed::build();
+    bed.exec("lb", &["sysctl", "-qw", "net.ipv4.ip_forward=0"])
+        .unwrap();
+    let tb = bin("testbackend");
+    let mac = |role: &str, ifname: &str| -> String {
+        let out = bed
+            .exec(role, &["cat", &format!("/sys/class/net/{ifname}/address")])
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    };
+    let client_mac = mac("cl", "c0");
+    let backend_macs: Vec<String> = (1..=3).map(|i| mac(&format!("b{i}"), "e0")).collect();
+    for (i, addr) in BACKEND_ADDRS.iter().enumerate() {
+        let name = format!("backend{}", i + 1);
+        let child = bed.spawn(
+            &format!("b{}", i + 1),
+            &[
+                tb.to_str().unwrap(),
+                "--name",
+                &name,
+                "--http",
+                &format!("{addr}:8080"),
+            ],
+        );
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+    }
+    let inst = unique("afnat");
+    let cpus = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
+    let mut cfg = format!(
+        "instance = \"{inst}\"\n[limits]\nconnections = 65536\n\n\
+         [[port]]\nname = \"client\"\ndriver = \"afpacket\"\ninterface = \"l0\"\n\n\
+         [[port]]\nname = \"backend\"\ndriver = \"afpacket\"\ninterface = \"br0\"\n\n\
+         [[switch]]\nname = \"sw0\"\ncpu = {}\nports = [\"client\", \"backend\"]\nidle = \"adaptive\"\n\n\
+         [[service]]\nname = \"web\"\nvip = \"198.18.0.10\"\nport = 80\nprotocol = \"tcp\"\nmode = \"nat\"\n",
+        cpus - 1
+    );
+    for (i, addr) in BACKEND_ADDRS.iter().enumerate() {
+        cfg += &format!(
+            "  [[service.backend]]\n  name = \"backend{}\"\n  address = \"{addr}\"\n  port = 8080\n",
+            i + 1
+        );
+    }
+    cfg += "[[route]]\nprefix = \"198.19.0.0/24\"\nport = \"backend\"\n[[route]]\nprefix = \"198.18.1.0/24\"\nport = \"client\"\n";
+    cfg += &format!(
+        "[[neighbour]]\naddress = \"198.18.1.2\"\nmac = \"{client_mac}\"\nport = \"client\"\n"
+    );
+    for (addr, m) in BACKEND_ADDRS.iter().zip(&backend_macs) {
+        cfg += &format!("[[neighbour]]\naddress = \"{addr}\"\nmac = \"{m}\"\nport = \"backend\"\n");
+    }
+    let ns = bed.ns("lb");
+    let app = Appliance::start_in(Some(&ns), &inst, &cfg);
+    let mut seen = std::collections::BTreeMap::new();
+    for _ in 0..30 {
+        let out = bed
+            .exec(
+                "cl",
+                &["curl", "-sS", "--max-time", "5", "http://198.18.0.10/"],
+            )
+            .unwrap_or_else(|e| {
+                let c = &switchyard_tests::shmdump_json(&inst, &[])["switches"][0]["counters"];
+                let nonzero: Vec<_> = c
+                    .as_object()
+                    .unwrap()
+                    .iter()
+                    .filter(|(_, v)| **v != 0)
+                    .collect();
+                panic!("{e}\ncounters: {nonzero:?}\ncontrold log:\n{}", app.log())
+            });
+        *seen
+            .entry(String::from_utf8_lossy(&out.stdout).to_string())
+            .or_insert(0) += 1;
+    }
+    assert_eq!(seen.values().sum::<u32>(), 30);
+    assert!(seen.keys().all(|k| k.starts_with("backend")), "{seen:?}");
+    assert_eq!(seen.len(), 3, "all three backends answered: {seen:?}");
+    drop(app);
 }

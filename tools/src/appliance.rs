@@ -49,13 +49,27 @@ impl Appliance {
     /// Writes the config and starts controld; waits until every switch runs
     /// and acknowledged the first generation.
     pub fn start(instance: &str, config: &str) -> Self {
+        Self::start_in(None, instance, config)
+    }
+
+    /// Like [`Appliance::start`], with controld (and so its switches) in a
+    /// network namespace (`ip netns exec NS controld ...`: same pid).
+    pub fn start_in(netns: Option<&str>, instance: &str, config: &str) -> Self {
         let dir = std::env::temp_dir().join(format!("switchyard-test-{instance}"));
         std::fs::create_dir_all(&dir).unwrap();
         let config_path = dir.join("switchyard.toml");
         std::fs::write(&config_path, config).unwrap();
         let log_path = dir.join("controld.log");
         let log = std::fs::File::create(&log_path).unwrap();
-        let child = Command::new(bin("controld"))
+        let mut cmd = match netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns]).arg(bin("controld"));
+                c
+            }
+            None => Command::new(bin("controld")),
+        };
+        let child = cmd
             .arg("--config")
             .arg(&config_path)
             .env("RUST_LOG", "info")

@@ -181,14 +181,19 @@ impl Default for Publish {
 pub struct Port {
     /// `name` (required): unique, 1 to 15 characters from `A-Z a-z 0-9 _ -`.
     pub name: String,
-    /// `driver` (required): `"vnic"` (`"afpacket"` is not supported yet).
+    /// `driver` (required): `"vnic"` or `"afpacket"`.
     pub driver: Driver,
     /// `mac` (required for vnic): the port's address, `"02:00:00:00:00:01"`
     /// style; unique among ports, unicast and not all-zero.
     pub mac: [u8; 6],
-    /// `ring_size` (default 1024): vnic descriptors per ring, a power of two
-    /// in `64..=32768`.
+    /// `ring_size` (default 1024): descriptors (vnic) or slots (afpacket)
+    /// per ring, a power of two in `64..=32768`.
     pub ring_size: u32,
+    /// `interface` (required for afpacket, refused for vnic): the Linux
+    /// interface, in controld's network namespace. Its own MAC is used.
+    pub interface: Option<String>,
+    /// `promiscuous` (default true, afpacket): receive frames for any MAC.
+    pub promiscuous: bool,
 }
 
 /// `[[port]] driver`.
@@ -196,6 +201,8 @@ pub struct Port {
 pub enum Driver {
     /// `"vnic"`: a shared-memory virtual NIC (test bed and benchmarks).
     Vnic,
+    /// `"afpacket"`: PACKET_MMAP rings on a real interface.
+    Afpacket,
 }
 
 /// `[[switch]]`: one switchd process.

@@ -91,6 +91,10 @@ pub(super) struct RawPort {
     pub mac: Option<String>,
     /// `ring_size`: see [`super::Port::ring_size`].
     pub ring_size: Option<i64>,
+    /// `interface`: see [`super::Port::interface`].
+    pub interface: Option<String>,
+    /// `promiscuous`: see [`super::Port::promiscuous`].
+    pub promiscuous: Option<bool>,
 }
 
 /// One `[[switch]]`.

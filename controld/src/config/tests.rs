@@ -99,12 +99,16 @@ fn demo_example_parses_with_all_fields() {
                 driver: Driver::Vnic,
                 mac: [2, 0, 0, 0, 0, 1],
                 ring_size: 1024,
+                interface: None,
+                promiscuous: true,
             },
             Port {
                 name: "backend".into(),
                 driver: Driver::Vnic,
                 mac: [2, 0, 0, 0, 0, 2],
                 ring_size: 1024,
+                interface: None,
+                promiscuous: true,
             },
         ],
         switches: vec![Switch {
@@ -597,14 +601,14 @@ fn port_driver_and_mac_required() {
     let first = "driver = \"vnic\"\nmac = \"02:00:00:00:00:01\"";
     assert_eq!(
         err(&with(first, "driver = \"afpacket\"")),
-        "port \"client\": driver \"afpacket\" is not supported yet (supported: vnic)"
+        "port \"client\": interface is required for driver \"afpacket\""
     );
     assert_eq!(
         err(&with(
             first,
             "driver = \"dpdk\"\nmac = \"02:00:00:00:00:01\""
         )),
-        "port \"client\": driver \"dpdk\" is unknown (supported: vnic)"
+        "port \"client\": driver \"dpdk\" is unknown (supported: vnic, afpacket)"
     );
     assert_eq!(
         err(&with(first, "driver = \"vnic\"")),

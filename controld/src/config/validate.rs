@@ -34,7 +34,10 @@ pub(super) fn validate(raw: RawConfig) -> R<Config> {
         if ports.iter().any(|q| q.name == port.name) {
             return Err(format!("port {:?} is defined twice", port.name));
         }
-        if let Some(q) = ports.iter().find(|q| q.mac == port.mac) {
+        if let Some(q) = ports
+            .iter()
+            .find(|q| q.driver == Driver::Vnic && q.mac == port.mac)
+        {
             return Err(format!(
                 "port {:?}: mac {} is already used by port {:?}",
                 port.name,
@@ -260,20 +263,41 @@ fn port(raw: &RawPort) -> R<Port> {
     let ctx = format!("port {:?}: ", raw.name);
     let driver = match raw.driver.as_str() {
         "vnic" => Driver::Vnic,
-        "afpacket" => {
-            return Err(format!(
-                "{ctx}driver \"afpacket\" is not supported yet (supported: vnic)"
-            ));
-        }
+        "afpacket" => Driver::Afpacket,
         other => {
             return Err(format!(
-                "{ctx}driver {other:?} is unknown (supported: vnic)"
+                "{ctx}driver {other:?} is unknown (supported: vnic, afpacket)"
             ));
         }
     };
     let mac = match (&raw.mac, driver) {
+        (Some(_), Driver::Afpacket) => {
+            return Err(format!(
+                "{ctx}mac is not set for driver \"afpacket\" (the interface's own MAC is used)"
+            ));
+        }
         (Some(m), _) => mac(&ctx, m)?,
         (None, Driver::Vnic) => return Err(format!("{ctx}mac is required for driver \"vnic\"")),
+        (None, Driver::Afpacket) => [0; 6],
+    };
+    let interface = match (&raw.interface, driver) {
+        (Some(i), Driver::Afpacket) => {
+            if i.is_empty() || i.len() > 15 || i.contains('/') || i.contains(char::is_whitespace) {
+                return Err(format!(
+                    "{ctx}interface {i:?} is not an interface name (1 to 15 characters, no '/' or spaces)"
+                ));
+            }
+            Some(i.clone())
+        }
+        (None, Driver::Afpacket) => {
+            return Err(format!(
+                "{ctx}interface is required for driver \"afpacket\""
+            ));
+        }
+        (Some(_), Driver::Vnic) => {
+            return Err(format!("{ctx}interface is only for driver \"afpacket\""));
+        }
+        (None, Driver::Vnic) => None,
     };
     let ring_size = int(
         &ctx,
@@ -294,6 +318,8 @@ fn port(raw: &RawPort) -> R<Port> {
         driver,
         mac,
         ring_size,
+        interface,
+        promiscuous: raw.promiscuous.unwrap_or(true),
     })
 }
 
@@ -312,6 +338,16 @@ fn switch(raw: &RawSwitch, ports: &[Port]) -> R<Switch> {
             return Err(format!("{ctx}port {name:?} is listed twice"));
         }
         indexes.push(port_ref(&ctx, name, ports)?);
+    }
+    if let Some(&first) = indexes.first()
+        && let Some(&other) = indexes
+            .iter()
+            .find(|&&i| ports[i].driver != ports[first].driver)
+    {
+        return Err(format!(
+            "{ctx}ports {:?} and {:?} use different drivers (one switch drives one kind of NIC)",
+            ports[first].name, ports[other].name
+        ));
     }
     let idle = match raw.idle.as_deref() {
         None | Some("adaptive") => Idle::Adaptive,
