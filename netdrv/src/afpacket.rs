@@ -52,6 +52,9 @@ struct Port {
 #[derive(Debug)]
 pub struct AfPacket {
     ports: Vec<Port>,
+    /// Frames dropped on receive because they exceeded a ring slot (GRO/GSO
+    /// super-frames: turn those offloads off on switchyard's interfaces).
+    pub truncated: u64,
 }
 
 fn os(ifname: &str, what: &str) -> NetdrvError {
@@ -293,7 +296,10 @@ impl AfPacket {
             .iter()
             .map(Port::open)
             .collect::<Result<Vec<_>, _>>()?;
-        Ok(Self { ports })
+        Ok(Self {
+            ports,
+            truncated: 0,
+        })
     }
 
     fn decode(f: Frame) -> (usize, usize) {
@@ -327,6 +333,17 @@ impl Nic for AfPacket {
                 break;
             }
             let (mac_off, snap) = p.rx_hdr(i);
+            // SAFETY: user-owned slot, starts with a tpacket2_hdr.
+            let wire_len =
+                unsafe { (*(p.slot(false, i) as *const libc::tpacket2_hdr)).tp_len } as usize;
+            if wire_len > snap {
+                // Never forward a truncated frame: give the slot back.
+                p.status(false, i)
+                    .store(libc::TP_STATUS_KERNEL, Ordering::Release);
+                p.rx_next = p.rx_next.wrapping_add(1);
+                self.truncated += 1;
+                continue;
+            }
             if p.status(false, i).load(Ordering::Relaxed) & libc::TP_STATUS_CSUMNOTREADY != 0 {
                 let off = mac_off.min(FRAME_SIZE);
                 let end = (off + snap).min(FRAME_SIZE);

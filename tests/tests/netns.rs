@@ -275,6 +275,13 @@ fn curl_through_switchyard_nat_on_afpacket_reaches_every_backend() {
             i + 1
         );
     }
+    cfg += "[[service]]\nname = \"dns\"\nvip = \"198.18.0.10\"\nport = 53\nprotocol = \"udp\"\nmode = \"nat\"\n";
+    for (i, addr) in BACKEND_ADDRS.iter().enumerate() {
+        cfg += &format!(
+            "  [[service.backend]]\n  name = \"dns{}\"\n  address = \"{addr}\"\n  port = 5353\n",
+            i + 1
+        );
+    }
     cfg += "[[route]]\nprefix = \"198.19.0.0/24\"\nport = \"backend\"\n[[route]]\nprefix = \"198.18.1.0/24\"\nport = \"client\"\n";
     cfg += &format!(
         "[[neighbour]]\naddress = \"198.18.1.2\"\nmac = \"{client_mac}\"\nport = \"client\"\n"
@@ -308,5 +315,23 @@ fn curl_through_switchyard_nat_on_afpacket_reaches_every_backend() {
     assert_eq!(seen.values().sum::<u32>(), 30);
     assert!(seen.keys().all(|k| k.starts_with("backend")), "{seen:?}");
     assert_eq!(seen.len(), 3, "all three backends answered: {seen:?}");
+
+    // A VIP port with no service is refused at once (RST), not timed out.
+    let t0 = std::time::Instant::now();
+    let err = bed
+        .exec(
+            "cl",
+            &["curl", "-sS", "--max-time", "5", "http://198.18.0.10:81/"],
+        )
+        .unwrap_err();
+    assert!(
+        err.contains("(7)") || err.to_lowercase().contains("refused"),
+        "{err}"
+    );
+    assert!(
+        t0.elapsed() < std::time::Duration::from_secs(4),
+        "refused, not timed out: {err}"
+    );
+
     drop(app);
 }
