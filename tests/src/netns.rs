@@ -196,8 +196,26 @@ impl Bed {
                     APPLIANCE_BACKEND_ADDR,
                 ],
             )?;
+            self.offloads_off(&role, "e0")?;
+            self.offloads_off("lb", &outer)?;
         }
+        self.offloads_off("cl", "c0")?;
+        self.offloads_off("lb", "l0")?;
+        self.offloads_off("lb", "br0")?;
         Ok(())
+    }
+
+    /// Segmentation and receive offloads off: a packet switch sees wire-sized
+    /// frames (GRO/GSO would hand AF_PACKET 64 KiB super-frames), and
+    /// checksums are complete on the wire, as with a physical NIC.
+    fn offloads_off(&self, role: &str, dev: &str) -> Result<(), String> {
+        self.exec(
+            role,
+            &[
+                "ethtool", "-K", dev, "tso", "off", "gso", "off", "gro", "off", "tx", "off",
+            ],
+        )
+        .map(|_| ())
     }
 
     /// Runs a command in a namespace and waits for it.

@@ -250,6 +250,8 @@ fn curl_through_switchyard_nat_on_afpacket_reaches_every_backend() {
                 &name,
                 "--http",
                 &format!("{addr}:8080"),
+                "--udp",
+                &format!("{addr}:5353"),
             ],
         );
         let mut line = String::new();
@@ -333,5 +335,37 @@ fn curl_through_switchyard_nat_on_afpacket_reaches_every_backend() {
         "refused, not timed out: {err}"
     );
 
+    // 100 MB through the VIP arrive intact.
+    let file = std::env::temp_dir().join(format!("switchyard-dl-{inst}"));
+    bed.exec(
+        "cl",
+        &[
+            "curl",
+            "-sS",
+            "--max-time",
+            "120",
+            "-o",
+            file.to_str().unwrap(),
+            "http://198.18.0.10/bytes/104857600",
+        ],
+    )
+    .unwrap();
+    let body = std::fs::read(&file).unwrap();
+    let _ = std::fs::remove_file(&file);
+    assert_eq!(body.len(), 104_857_600);
+    assert!(
+        body.iter().enumerate().all(|(i, &b)| b == (i % 251) as u8),
+        "download corrupted"
+    );
+
+    // UDP round trip through the VIP (python3's socket module as the client).
+    let py = "import socket; s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.settimeout(5); \
+              s.sendto(b'hello', ('198.18.0.10', 53)); d, a = s.recvfrom(100); print(a[0], a[1], d.decode())";
+    let out = bed.exec("cl", &["python3", "-c", py]).unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        text.starts_with("198.18.0.10 53 backend") && text.trim_end().ends_with(" hello"),
+        "{text}"
+    );
     drop(app);
 }
