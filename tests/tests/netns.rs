@@ -273,7 +273,8 @@ fn curl_through_switchyard_nat_on_afpacket_reaches_every_backend() {
     );
     for (i, addr) in BACKEND_ADDRS.iter().enumerate() {
         cfg += &format!(
-            "  [[service.backend]]\n  name = \"backend{}\"\n  address = \"{addr}\"\n  port = 8080\n",
+            "  [[service.backend]]\n  name = \"backend{}\"\n  address = \"{addr}\"\n  port = 8080\n  weight = {}\n",
+            i + 1,
             i + 1
         );
     }
@@ -294,7 +295,7 @@ fn curl_through_switchyard_nat_on_afpacket_reaches_every_backend() {
     let ns = bed.ns("lb");
     let app = Appliance::start_in(Some(&ns), &inst, &cfg);
     let mut seen = std::collections::BTreeMap::new();
-    for _ in 0..30 {
+    for _ in 0..300 {
         let out = bed
             .exec(
                 "cl",
@@ -314,9 +315,44 @@ fn curl_through_switchyard_nat_on_afpacket_reaches_every_backend() {
             .entry(String::from_utf8_lossy(&out.stdout).to_string())
             .or_insert(0) += 1;
     }
-    assert_eq!(seen.values().sum::<u32>(), 30);
-    assert!(seen.keys().all(|k| k.starts_with("backend")), "{seen:?}");
-    assert_eq!(seen.len(), 3, "all three backends answered: {seen:?}");
+    // 300 requests all answered; weights 1:2:3, each backend's share within
+    // 10 percentage points of its weight share (over 3 standard deviations
+    // of a 300-sample binomial).
+    assert_eq!(seen.values().sum::<u32>(), 300);
+    for (i, w) in [1.0, 2.0, 3.0].iter().enumerate() {
+        let n = *seen.get(&format!("backend{}\n", i + 1)).unwrap_or(&0) as f64;
+        let share = n / 300.0 * 100.0;
+        let want = w / 6.0 * 100.0;
+        assert!(
+            (share - want).abs() <= 10.0,
+            "backend{}: {share:.1}% vs {want:.1}% ({seen:?})",
+            i + 1
+        );
+    }
+
+    // wrk: 5 s, 64 connections, no socket errors.
+    let out = bed
+        .exec(
+            "cl",
+            &[
+                "wrk",
+                "-t",
+                "2",
+                "-c",
+                "64",
+                "-d",
+                "5s",
+                "http://198.18.0.10/",
+            ],
+        )
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(text.contains("Requests/sec"), "{text}");
+    assert!(
+        !text.contains("Socket errors") && !text.contains("Non-2xx"),
+        "{text}"
+    );
+    eprintln!("wrk through switchyard NAT (afpacket):\n{text}");
 
     // A VIP port with no service is refused at once (RST), not timed out.
     let t0 = std::time::Instant::now();
