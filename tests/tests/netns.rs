@@ -221,45 +221,48 @@ fn afpacket_forwards_between_veths_byte_for_byte() {
     assert!(moved, "every frame out of a1 identical and in order");
 }
 
-/// NAT end to end on real interfaces: controld and switchd in the
-/// appliance namespace on AF_PACKET ports, testbackend servers in the
-/// backend namespaces, curl in the client namespace. The appliance kernel
-/// does not forward (ip_forward=0): every answer came through switchyard.
-#[test]
-fn curl_through_switchyard_nat_on_afpacket_reaches_every_backend() {
-    use switchyard_tests::{Appliance, unique};
-    let mut bed = Bed::build();
-    bed.exec("lb", &["sysctl", "-qw", "net.ipv4.ip_forward=0"])
-        .unwrap();
+/// Starts testbackend servers ("backend1".."backend3") in the backend
+/// namespaces: HTTP on `http_bind(addr)` and UDP echo on addr:5353.
+fn start_backends(bed: &mut Bed, http_bind: impl Fn(&str) -> String) {
     let tb = bin("testbackend");
+    for (i, addr) in BACKEND_ADDRS.iter().enumerate() {
+        let name = format!("backend{}", i + 1);
+        let http = http_bind(addr);
+        let udp = format!("{addr}:5353");
+        let args = [
+            tb.to_str().unwrap(),
+            "--name",
+            &name,
+            "--http",
+            &http,
+            "--udp",
+            &udp,
+        ];
+        let child = bed.spawn(&format!("b{}", i + 1), &args);
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        assert!(line.starts_with(&format!("testbackend {name}")), "{line}");
+    }
+}
+
+/// Starts controld (and its switch) in the appliance namespace on AF_PACKET
+/// ports l0 (client side) and br0 (backend side), with service "web"
+/// (VIP 198.18.0.10:80, weights 1:2:3 to backends on `backend_port`) in
+/// `mode`, and for NAT a UDP service "dns" (VIP:53 -> 5353).
+fn afpacket_appliance(
+    bed: &Bed,
+    mode: &str,
+    backend_port: u16,
+) -> (String, switchyard_tests::Appliance) {
     let mac = |role: &str, ifname: &str| -> String {
         let out = bed
             .exec(role, &["cat", &format!("/sys/class/net/{ifname}/address")])
             .unwrap();
         String::from_utf8_lossy(&out.stdout).trim().to_string()
     };
-    let client_mac = mac("cl", "c0");
-    let backend_macs: Vec<String> = (1..=3).map(|i| mac(&format!("b{i}"), "e0")).collect();
-    for (i, addr) in BACKEND_ADDRS.iter().enumerate() {
-        let name = format!("backend{}", i + 1);
-        let child = bed.spawn(
-            &format!("b{}", i + 1),
-            &[
-                tb.to_str().unwrap(),
-                "--name",
-                &name,
-                "--http",
-                &format!("{addr}:8080"),
-                "--udp",
-                &format!("{addr}:5353"),
-            ],
-        );
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
-    }
-    let inst = unique("afnat");
+    let inst = switchyard_tests::unique(&format!("af{mode}"));
     let cpus = std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(1);
@@ -268,32 +271,42 @@ fn curl_through_switchyard_nat_on_afpacket_reaches_every_backend() {
          [[port]]\nname = \"client\"\ndriver = \"afpacket\"\ninterface = \"l0\"\n\n\
          [[port]]\nname = \"backend\"\ndriver = \"afpacket\"\ninterface = \"br0\"\n\n\
          [[switch]]\nname = \"sw0\"\ncpu = {}\nports = [\"client\", \"backend\"]\nidle = \"adaptive\"\n\n\
-         [[service]]\nname = \"web\"\nvip = \"198.18.0.10\"\nport = 80\nprotocol = \"tcp\"\nmode = \"nat\"\n",
+         [[service]]\nname = \"web\"\nvip = \"198.18.0.10\"\nport = 80\nprotocol = \"tcp\"\nmode = \"{mode}\"\n",
         cpus - 1
     );
     for (i, addr) in BACKEND_ADDRS.iter().enumerate() {
         cfg += &format!(
-            "  [[service.backend]]\n  name = \"backend{}\"\n  address = \"{addr}\"\n  port = 8080\n  weight = {}\n",
+            "  [[service.backend]]\n  name = \"backend{}\"\n  address = \"{addr}\"\n  port = {backend_port}\n  weight = {}\n",
             i + 1,
             i + 1
         );
     }
-    cfg += "[[service]]\nname = \"dns\"\nvip = \"198.18.0.10\"\nport = 53\nprotocol = \"udp\"\nmode = \"nat\"\n";
-    for (i, addr) in BACKEND_ADDRS.iter().enumerate() {
-        cfg += &format!(
-            "  [[service.backend]]\n  name = \"dns{}\"\n  address = \"{addr}\"\n  port = 5353\n",
-            i + 1
-        );
+    if mode == "nat" {
+        cfg += "[[service]]\nname = \"dns\"\nvip = \"198.18.0.10\"\nport = 53\nprotocol = \"udp\"\nmode = \"nat\"\n";
+        for (i, addr) in BACKEND_ADDRS.iter().enumerate() {
+            cfg += &format!(
+                "  [[service.backend]]\n  name = \"dns{}\"\n  address = \"{addr}\"\n  port = 5353\n",
+                i + 1
+            );
+        }
     }
     cfg += "[[route]]\nprefix = \"198.19.0.0/24\"\nport = \"backend\"\n[[route]]\nprefix = \"198.18.1.0/24\"\nport = \"client\"\n";
     cfg += &format!(
-        "[[neighbour]]\naddress = \"198.18.1.2\"\nmac = \"{client_mac}\"\nport = \"client\"\n"
+        "[[neighbour]]\naddress = \"198.18.1.2\"\nmac = \"{}\"\nport = \"client\"\n",
+        mac("cl", "c0")
     );
-    for (addr, m) in BACKEND_ADDRS.iter().zip(&backend_macs) {
+    for (i, addr) in BACKEND_ADDRS.iter().enumerate() {
+        let m = mac(&format!("b{}", i + 1), "e0");
         cfg += &format!("[[neighbour]]\naddress = \"{addr}\"\nmac = \"{m}\"\nport = \"backend\"\n");
     }
-    let ns = bed.ns("lb");
-    let app = Appliance::start_in(Some(&ns), &inst, &cfg);
+    let app = switchyard_tests::Appliance::start_in(Some(&bed.ns("lb")), &inst, &cfg);
+    (inst, app)
+}
+
+/// 300 curl requests to the VIP all succeed and split 1:2:3 within 10
+/// percentage points (over 3 standard deviations of a 300-sample binomial);
+/// then wrk for 5 s with 64 connections reports no socket error.
+fn curl_split_and_wrk(bed: &Bed, inst: &str, app: &switchyard_tests::Appliance, mode: &str) {
     let mut seen = std::collections::BTreeMap::new();
     for _ in 0..300 {
         let out = bed
@@ -302,7 +315,7 @@ fn curl_through_switchyard_nat_on_afpacket_reaches_every_backend() {
                 &["curl", "-sS", "--max-time", "5", "http://198.18.0.10/"],
             )
             .unwrap_or_else(|e| {
-                let c = &switchyard_tests::shmdump_json(&inst, &[])["switches"][0]["counters"];
+                let c = &switchyard_tests::shmdump_json(inst, &[])["switches"][0]["counters"];
                 let nonzero: Vec<_> = c
                     .as_object()
                     .unwrap()
@@ -313,11 +326,8 @@ fn curl_through_switchyard_nat_on_afpacket_reaches_every_backend() {
             });
         *seen
             .entry(String::from_utf8_lossy(&out.stdout).to_string())
-            .or_insert(0) += 1;
+            .or_insert(0u32) += 1;
     }
-    // 300 requests all answered; weights 1:2:3, each backend's share within
-    // 10 percentage points of its weight share (over 3 standard deviations
-    // of a 300-sample binomial).
     assert_eq!(seen.values().sum::<u32>(), 300);
     for (i, w) in [1.0, 2.0, 3.0].iter().enumerate() {
         let n = *seen.get(&format!("backend{}\n", i + 1)).unwrap_or(&0) as f64;
@@ -329,8 +339,6 @@ fn curl_through_switchyard_nat_on_afpacket_reaches_every_backend() {
             i + 1
         );
     }
-
-    // wrk: 5 s, 64 connections, no socket errors.
     let out = bed
         .exec(
             "cl",
@@ -352,7 +360,22 @@ fn curl_through_switchyard_nat_on_afpacket_reaches_every_backend() {
         !text.contains("Socket errors") && !text.contains("Non-2xx"),
         "{text}"
     );
-    eprintln!("wrk through switchyard NAT (afpacket):\n{text}");
+    eprintln!("wrk through switchyard {mode} (afpacket):\n{text}");
+}
+
+/// NAT end to end on real interfaces: controld and switchd in the
+/// appliance namespace on AF_PACKET ports, testbackend servers in the
+/// backend namespaces, curl and wrk in the client namespace. The appliance
+/// kernel does not forward (ip_forward=0): every answer came through
+/// switchyard.
+#[test]
+fn curl_through_switchyard_nat_on_afpacket_reaches_every_backend() {
+    let mut bed = Bed::build();
+    bed.exec("lb", &["sysctl", "-qw", "net.ipv4.ip_forward=0"])
+        .unwrap();
+    start_backends(&mut bed, |addr| format!("{addr}:8080"));
+    let (inst, app) = afpacket_appliance(&bed, "nat", 8080);
+    curl_split_and_wrk(&bed, &inst, &app, "nat");
 
     // A VIP port with no service is refused at once (RST), not timed out.
     let t0 = std::time::Instant::now();
@@ -402,6 +425,41 @@ fn curl_through_switchyard_nat_on_afpacket_reaches_every_backend() {
     assert!(
         text.starts_with("198.18.0.10 53 backend") && text.trim_end().ends_with(" hello"),
         "{text}"
+    );
+    drop(app);
+}
+
+/// Direct routing end to end: the switch rewrites only MACs; backends own
+/// the VIP on lo (arp_ignore/arp_announce set) and answer the client
+/// directly, their replies routed by the appliance namespace's kernel (which
+/// blackholes the VIP itself, so it never answers or bounces client->VIP
+/// traffic: only switchyard forwards that).
+#[test]
+fn curl_through_switchyard_dr_on_afpacket_reaches_every_backend() {
+    let mut bed = Bed::build();
+    bed.exec("lb", &["sysctl", "-qw", "net.ipv4.ip_forward=1"])
+        .unwrap();
+    bed.exec("lb", &["ip", "route", "add", "blackhole", "198.18.0.0/24"])
+        .unwrap();
+    for i in 1..=3 {
+        let role = format!("b{i}");
+        bed.exec(&role, &["ip", "addr", "add", "198.18.0.10/32", "dev", "lo"])
+            .unwrap();
+        bed.exec(&role, &["sysctl", "-qw", "net.ipv4.conf.all.arp_ignore=1"])
+            .unwrap();
+        bed.exec(
+            &role,
+            &["sysctl", "-qw", "net.ipv4.conf.all.arp_announce=2"],
+        )
+        .unwrap();
+    }
+    start_backends(&mut bed, |_| "0.0.0.0:80".to_string());
+    let (inst, app) = afpacket_appliance(&bed, "dr", 80);
+    curl_split_and_wrk(&bed, &inst, &app, "dr");
+    let dump = switchyard_tests::shmdump_json(&inst, &[]);
+    assert_eq!(
+        dump["switches"][0]["counters"]["reply_hit"], 0,
+        "DR replies bypass the switch"
     );
     drop(app);
 }
