@@ -14,6 +14,7 @@
 //! The client routes 198.18.0.0/16 (the VIPs) and the backend net via the
 //! appliance; backends default-route via 198.19.0.1.
 
+use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 
@@ -253,6 +254,121 @@ impl Bed {
             .map(str::to_string)
             .collect()
     }
+}
+
+/// Prepares the bed for a forwarding mode and starts the backends; returns
+/// the backend port the service must use.
+/// - `nat`: the appliance kernel does not forward; backends listen on :8080.
+/// - `dr`: backends own the VIP on lo (arp_ignore/arp_announce) and listen on
+///   :80; the appliance kernel routes their replies to the client and
+///   blackholes the VIP, so only switchyard forwards client->VIP traffic.
+pub fn prepare(bed: &mut Bed, mode: &str) -> u16 {
+    match mode {
+        "dr" => {
+            bed.exec("lb", &["sysctl", "-qw", "net.ipv4.ip_forward=1"])
+                .unwrap();
+            bed.exec("lb", &["ip", "route", "add", "blackhole", "198.18.0.0/24"])
+                .unwrap();
+            for i in 1..=3 {
+                let role = format!("b{i}");
+                bed.exec(&role, &["ip", "addr", "add", "198.18.0.10/32", "dev", "lo"])
+                    .unwrap();
+                bed.exec(&role, &["sysctl", "-qw", "net.ipv4.conf.all.arp_ignore=1"])
+                    .unwrap();
+                bed.exec(
+                    &role,
+                    &["sysctl", "-qw", "net.ipv4.conf.all.arp_announce=2"],
+                )
+                .unwrap();
+            }
+            start_backends(bed, |_| "0.0.0.0:80".to_string());
+            80
+        }
+        _ => {
+            bed.exec("lb", &["sysctl", "-qw", "net.ipv4.ip_forward=0"])
+                .unwrap();
+            start_backends(bed, |addr| format!("{addr}:8080"));
+            8080
+        }
+    }
+}
+
+/// Starts testbackend servers ("backend1".."backend3") in the backend
+/// namespaces: HTTP on `http_bind(addr)` and UDP echo on addr:5353.
+pub fn start_backends(bed: &mut Bed, http_bind: impl Fn(&str) -> String) {
+    let tb = crate::bin("testbackend");
+    for (i, addr) in BACKEND_ADDRS.iter().enumerate() {
+        let name = format!("backend{}", i + 1);
+        let http = http_bind(addr);
+        let udp = format!("{addr}:5353");
+        let args = [
+            tb.to_str().unwrap(),
+            "--name",
+            &name,
+            "--http",
+            &http,
+            "--udp",
+            &udp,
+        ];
+        let child = bed.spawn(&format!("b{}", i + 1), &args);
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        assert!(line.starts_with(&format!("testbackend {name}")), "{line}");
+    }
+}
+
+/// Starts controld (and its switch) in the appliance namespace on AF_PACKET
+/// ports l0 (client side) and br0 (backend side), with service "web"
+/// (VIP 198.18.0.10:80, weights 1:2:3 to backends on `backend_port`) in
+/// `mode`, and for NAT a UDP service "dns" (VIP:53 -> 5353).
+pub fn afpacket_appliance(bed: &Bed, mode: &str, backend_port: u16) -> (String, crate::Appliance) {
+    let mac = |role: &str, ifname: &str| -> String {
+        let out = bed
+            .exec(role, &["cat", &format!("/sys/class/net/{ifname}/address")])
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    };
+    let inst = crate::unique(&format!("af{mode}"));
+    let cpus = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
+    let mut cfg = format!(
+        "instance = \"{inst}\"\n[limits]\nconnections = 65536\n\n\
+         [[port]]\nname = \"client\"\ndriver = \"afpacket\"\ninterface = \"l0\"\n\n\
+         [[port]]\nname = \"backend\"\ndriver = \"afpacket\"\ninterface = \"br0\"\n\n\
+         [[switch]]\nname = \"sw0\"\ncpu = {}\nports = [\"client\", \"backend\"]\nidle = \"adaptive\"\n\n\
+         [[service]]\nname = \"web\"\nvip = \"198.18.0.10\"\nport = 80\nprotocol = \"tcp\"\nmode = \"{mode}\"\n",
+        cpus - 1
+    );
+    for (i, addr) in BACKEND_ADDRS.iter().enumerate() {
+        cfg += &format!(
+            "  [[service.backend]]\n  name = \"backend{}\"\n  address = \"{addr}\"\n  port = {backend_port}\n  weight = {}\n",
+            i + 1,
+            i + 1
+        );
+    }
+    if mode == "nat" {
+        cfg += "[[service]]\nname = \"dns\"\nvip = \"198.18.0.10\"\nport = 53\nprotocol = \"udp\"\nmode = \"nat\"\n";
+        for (i, addr) in BACKEND_ADDRS.iter().enumerate() {
+            cfg += &format!(
+                "  [[service.backend]]\n  name = \"dns{}\"\n  address = \"{addr}\"\n  port = 5353\n",
+                i + 1
+            );
+        }
+    }
+    cfg += "[[route]]\nprefix = \"198.19.0.0/24\"\nport = \"backend\"\n[[route]]\nprefix = \"198.18.1.0/24\"\nport = \"client\"\n";
+    cfg += &format!(
+        "[[neighbour]]\naddress = \"198.18.1.2\"\nmac = \"{}\"\nport = \"client\"\n",
+        mac("cl", "c0")
+    );
+    for (i, addr) in BACKEND_ADDRS.iter().enumerate() {
+        let m = mac(&format!("b{}", i + 1), "e0");
+        cfg += &format!("[[neighbour]]\naddress = \"{addr}\"\nmac = \"{m}\"\nport = \"backend\"\n");
+    }
+    let app = crate::Appliance::start_in(Some(&bed.ns("lb")), &inst, &cfg);
+    (inst, app)
 }
 
 impl Drop for Bed {

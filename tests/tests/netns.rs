@@ -221,88 +221,6 @@ fn afpacket_forwards_between_veths_byte_for_byte() {
     assert!(moved, "every frame out of a1 identical and in order");
 }
 
-/// Starts testbackend servers ("backend1".."backend3") in the backend
-/// namespaces: HTTP on `http_bind(addr)` and UDP echo on addr:5353.
-fn start_backends(bed: &mut Bed, http_bind: impl Fn(&str) -> String) {
-    let tb = bin("testbackend");
-    for (i, addr) in BACKEND_ADDRS.iter().enumerate() {
-        let name = format!("backend{}", i + 1);
-        let http = http_bind(addr);
-        let udp = format!("{addr}:5353");
-        let args = [
-            tb.to_str().unwrap(),
-            "--name",
-            &name,
-            "--http",
-            &http,
-            "--udp",
-            &udp,
-        ];
-        let child = bed.spawn(&format!("b{}", i + 1), &args);
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
-        assert!(line.starts_with(&format!("testbackend {name}")), "{line}");
-    }
-}
-
-/// Starts controld (and its switch) in the appliance namespace on AF_PACKET
-/// ports l0 (client side) and br0 (backend side), with service "web"
-/// (VIP 198.18.0.10:80, weights 1:2:3 to backends on `backend_port`) in
-/// `mode`, and for NAT a UDP service "dns" (VIP:53 -> 5353).
-fn afpacket_appliance(
-    bed: &Bed,
-    mode: &str,
-    backend_port: u16,
-) -> (String, switchyard_tests::Appliance) {
-    let mac = |role: &str, ifname: &str| -> String {
-        let out = bed
-            .exec(role, &["cat", &format!("/sys/class/net/{ifname}/address")])
-            .unwrap();
-        String::from_utf8_lossy(&out.stdout).trim().to_string()
-    };
-    let inst = switchyard_tests::unique(&format!("af{mode}"));
-    let cpus = std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(1);
-    let mut cfg = format!(
-        "instance = \"{inst}\"\n[limits]\nconnections = 65536\n\n\
-         [[port]]\nname = \"client\"\ndriver = \"afpacket\"\ninterface = \"l0\"\n\n\
-         [[port]]\nname = \"backend\"\ndriver = \"afpacket\"\ninterface = \"br0\"\n\n\
-         [[switch]]\nname = \"sw0\"\ncpu = {}\nports = [\"client\", \"backend\"]\nidle = \"adaptive\"\n\n\
-         [[service]]\nname = \"web\"\nvip = \"198.18.0.10\"\nport = 80\nprotocol = \"tcp\"\nmode = \"{mode}\"\n",
-        cpus - 1
-    );
-    for (i, addr) in BACKEND_ADDRS.iter().enumerate() {
-        cfg += &format!(
-            "  [[service.backend]]\n  name = \"backend{}\"\n  address = \"{addr}\"\n  port = {backend_port}\n  weight = {}\n",
-            i + 1,
-            i + 1
-        );
-    }
-    if mode == "nat" {
-        cfg += "[[service]]\nname = \"dns\"\nvip = \"198.18.0.10\"\nport = 53\nprotocol = \"udp\"\nmode = \"nat\"\n";
-        for (i, addr) in BACKEND_ADDRS.iter().enumerate() {
-            cfg += &format!(
-                "  [[service.backend]]\n  name = \"dns{}\"\n  address = \"{addr}\"\n  port = 5353\n",
-                i + 1
-            );
-        }
-    }
-    cfg += "[[route]]\nprefix = \"198.19.0.0/24\"\nport = \"backend\"\n[[route]]\nprefix = \"198.18.1.0/24\"\nport = \"client\"\n";
-    cfg += &format!(
-        "[[neighbour]]\naddress = \"198.18.1.2\"\nmac = \"{}\"\nport = \"client\"\n",
-        mac("cl", "c0")
-    );
-    for (i, addr) in BACKEND_ADDRS.iter().enumerate() {
-        let m = mac(&format!("b{}", i + 1), "e0");
-        cfg += &format!("[[neighbour]]\naddress = \"{addr}\"\nmac = \"{m}\"\nport = \"backend\"\n");
-    }
-    let app = switchyard_tests::Appliance::start_in(Some(&bed.ns("lb")), &inst, &cfg);
-    (inst, app)
-}
-
 /// 300 curl requests to the VIP all succeed and split 1:2:3 within 10
 /// percentage points (over 3 standard deviations of a 300-sample binomial);
 /// then wrk for 5 s with 64 connections reports no socket error.
@@ -371,10 +289,8 @@ fn curl_split_and_wrk(bed: &Bed, inst: &str, app: &switchyard_tests::Appliance, 
 #[test]
 fn curl_through_switchyard_nat_on_afpacket_reaches_every_backend() {
     let mut bed = Bed::build();
-    bed.exec("lb", &["sysctl", "-qw", "net.ipv4.ip_forward=0"])
-        .unwrap();
-    start_backends(&mut bed, |addr| format!("{addr}:8080"));
-    let (inst, app) = afpacket_appliance(&bed, "nat", 8080);
+    let port = switchyard_tests::netns::prepare(&mut bed, "nat");
+    let (inst, app) = switchyard_tests::netns::afpacket_appliance(&bed, "nat", port);
     curl_split_and_wrk(&bed, &inst, &app, "nat");
 
     // A VIP port with no service is refused at once (RST), not timed out.
@@ -437,24 +353,8 @@ fn curl_through_switchyard_nat_on_afpacket_reaches_every_backend() {
 #[test]
 fn curl_through_switchyard_dr_on_afpacket_reaches_every_backend() {
     let mut bed = Bed::build();
-    bed.exec("lb", &["sysctl", "-qw", "net.ipv4.ip_forward=1"])
-        .unwrap();
-    bed.exec("lb", &["ip", "route", "add", "blackhole", "198.18.0.0/24"])
-        .unwrap();
-    for i in 1..=3 {
-        let role = format!("b{i}");
-        bed.exec(&role, &["ip", "addr", "add", "198.18.0.10/32", "dev", "lo"])
-            .unwrap();
-        bed.exec(&role, &["sysctl", "-qw", "net.ipv4.conf.all.arp_ignore=1"])
-            .unwrap();
-        bed.exec(
-            &role,
-            &["sysctl", "-qw", "net.ipv4.conf.all.arp_announce=2"],
-        )
-        .unwrap();
-    }
-    start_backends(&mut bed, |_| "0.0.0.0:80".to_string());
-    let (inst, app) = afpacket_appliance(&bed, "dr", 80);
+    let port = switchyard_tests::netns::prepare(&mut bed, "dr");
+    let (inst, app) = switchyard_tests::netns::afpacket_appliance(&bed, "dr", port);
     curl_split_and_wrk(&bed, &inst, &app, "dr");
     let dump = switchyard_tests::shmdump_json(&inst, &[]);
     assert_eq!(
