@@ -363,3 +363,76 @@ fn curl_through_switchyard_dr_on_afpacket_reaches_every_backend() {
     );
     drop(app);
 }
+
+/// The init script, run inside the appliance namespace, starts the
+/// AF_PACKET appliance (traffic flows through it), reports status, reloads
+/// and stops it, leaving nothing behind.
+#[test]
+fn init_script_drives_the_afpacket_appliance_in_a_namespace() {
+    let mut bed = Bed::build();
+    let port = switchyard_tests::netns::prepare(&mut bed, "nat");
+    // Build the config the helper would, but run controld through the script.
+    let (inst, app) = switchyard_tests::netns::afpacket_appliance(&bed, "nat", port);
+    let cfg = std::fs::read_to_string(&app.config_path).unwrap();
+    drop(app);
+    let dir = std::env::temp_dir().join(format!("switchyard-initns-{inst}"));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("switchyard.toml"), &cfg).unwrap();
+    let script = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../packaging/init.d/switchyard"
+    );
+    let run = |cmd: &str| -> (i32, String) {
+        let out = std::process::Command::new("ip")
+            .args(["netns", "exec", &bed.ns("lb"), "sh", script, cmd])
+            .env("SWITCHYARD_CONFIG", dir.join("switchyard.toml"))
+            .env("SWITCHYARD_PIDFILE", dir.join("switchyard.pid"))
+            .env("SWITCHYARD_LOG", dir.join("switchyard.log"))
+            .env("SWITCHYARD_BIN", switchyard_tests::bin_dir())
+            .output()
+            .unwrap();
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).to_string()
+                + &String::from_utf8_lossy(&out.stderr),
+        )
+    };
+    struct Stop<'a>(&'a dyn Fn(&str) -> (i32, String));
+    impl Drop for Stop<'_> {
+        fn drop(&mut self) {
+            let _ = (self.0)("stop");
+        }
+    }
+    let _stop = Stop(&run);
+    assert_eq!(run("status").0, 3);
+    let (code, text) = run("start");
+    assert_eq!(code, 0, "{text}");
+    assert_eq!(run("status").0, 0);
+    let out = bed
+        .exec(
+            "cl",
+            &["curl", "-sS", "--max-time", "5", "http://198.18.0.10/"],
+        )
+        .unwrap();
+    assert!(String::from_utf8_lossy(&out.stdout).starts_with("backend"));
+    let region = shm_layout::Region::attach(&inst, shm_layout::Access::ReadOnly).unwrap();
+    let before = region.generation(shm_layout::Table::Config);
+    std::fs::write(
+        dir.join("switchyard.toml"),
+        cfg.replace("weight = 3", "weight = 5"),
+    )
+    .unwrap();
+    let (code, text) = run("reload");
+    assert_eq!(code, 0, "{text}");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while region.generation(shm_layout::Table::Config) == before {
+        assert!(std::time::Instant::now() < deadline, "reload not published");
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    drop(region);
+    let (code, text) = run("stop");
+    assert_eq!(code, 0, "{text}");
+    assert_eq!(run("status").0, 3);
+    assert!(!std::path::Path::new(&format!("/dev/shm/switchyard.{inst}")).exists());
+    let _ = std::fs::remove_dir_all(&dir);
+}
