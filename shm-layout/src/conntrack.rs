@@ -519,17 +519,23 @@ impl<'a> ConnTable<'a> {
             let Some((idx, lock, evicted)) = cand else {
                 return Err(InsertError::Full);
             };
-            let held = (((lock & SEQ_MASK) + 1) & SEQ_MASK) | ((pid as u64) << 32);
-            if self
-                .slot(idx)
-                .lock
-                .compare_exchange(lock, held, Ordering::Acquire, Ordering::Relaxed)
-                .is_ok()
-            {
+            if let Some(held) = self.hold(idx, lock, 1, pid) {
                 return Ok((idx, held, evicted));
             }
         }
         Err(InsertError::Full)
+    }
+
+    /// Takes a slot whose lock word is exactly `seen` by compare-and-swap,
+    /// advancing the sequence by `step` (1 from even to odd; 2 to take over
+    /// an odd word) and tagging it with our pid. `None` if the word changed.
+    fn hold(&self, idx: u32, seen: u64, step: u64, pid: u32) -> Option<u64> {
+        let held = (((seen & SEQ_MASK) + step) & SEQ_MASK) | ((pid as u64) << 32);
+        self.slot(idx)
+            .lock
+            .compare_exchange(seen, held, Ordering::Acquire, Ordering::Relaxed)
+            .ok()
+            .map(|_| held)
     }
 
     /// Writes the key words of a slot we hold and releases it.
@@ -551,15 +557,9 @@ impl<'a> ConnTable<'a> {
         if busy(snap.lock) {
             return false;
         }
-        let held = (((snap.lock & SEQ_MASK) + 1) & SEQ_MASK) | ((pid as u64) << 32);
-        if self
-            .slot(idx)
-            .lock
-            .compare_exchange(snap.lock, held, Ordering::Acquire, Ordering::Relaxed)
-            .is_err()
-        {
+        let Some(held) = self.hold(idx, snap.lock, 1, pid) else {
             return false;
-        }
+        };
         self.publish(idx, held, &[(KIND_TOMB as u64) << 56, 0, 0, 0]);
         true
     }
@@ -574,15 +574,9 @@ impl<'a> ConnTable<'a> {
         if me.kind() != KIND_TOMB || next.kind() != KIND_EMPTY {
             return false;
         }
-        let held = (((me.lock & SEQ_MASK) + 1) & SEQ_MASK) | ((pid as u64) << 32);
-        if self
-            .slot(idx)
-            .lock
-            .compare_exchange(me.lock, held, Ordering::Acquire, Ordering::Relaxed)
-            .is_err()
-        {
+        let Some(held) = self.hold(idx, me.lock, 1, pid) else {
             return false;
-        }
+        };
         // Re-check the successor while holding this slot: an insert may have
         // filled it meanwhile, and then our tombstone must stay.
         let still_empty = self
@@ -610,13 +604,9 @@ impl<'a> ConnTable<'a> {
             return false;
         }
         // Keep it odd (held) but with a new sequence and our pid.
-        let held = (((lock & SEQ_MASK) + 2) & SEQ_MASK) | ((pid as u64) << 32);
-        if s.lock
-            .compare_exchange(lock, held, Ordering::Acquire, Ordering::Relaxed)
-            .is_err()
-        {
+        let Some(held) = self.hold(idx, lock, 2, pid) else {
             return false;
-        }
+        };
         self.publish(idx, held, &[(KIND_TOMB as u64) << 56, 0, 0, 0]);
         true
     }
