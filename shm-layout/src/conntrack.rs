@@ -225,17 +225,10 @@ fn encode_reply(key: &FlowKey, fwd: u32) -> [u64; 4] {
     ]
 }
 
-fn reply_key_of(w: &[u64; 4]) -> FlowKey {
-    FlowKey {
-        proto: (w[0] >> 48) as u8,
-        src_ip: (w[1] >> 32) as u32,
-        dst_ip: w[1] as u32,
-        src_port: (w[2] >> 48) as u16,
-        dst_port: (w[2] >> 32) as u16,
-    }
-}
-
-fn forward_key_of(w: &[u64; 4]) -> FlowKey {
+/// The key a slot is found by. Forward and reply slots store their key in
+/// the same words (proto in w0, addresses in w1, ports in w2), so one
+/// decoder serves both.
+fn key_of(w: &[u64; 4]) -> FlowKey {
     FlowKey {
         proto: (w[0] >> 48) as u8,
         src_ip: (w[1] >> 32) as u32,
@@ -298,7 +291,7 @@ impl Snapshot {
 
     /// For a reply slot: its key and the forward slot it points to.
     pub fn reply(&self) -> Option<(FlowKey, u32)> {
-        (self.kind() == KIND_REPLY).then(|| (reply_key_of(&self.words), self.words[0] as u32))
+        (self.kind() == KIND_REPLY).then(|| (key_of(&self.words), self.words[0] as u32))
     }
 }
 
@@ -394,14 +387,14 @@ impl<'a> ConnTable<'a> {
             };
             match snap.kind() {
                 KIND_EMPTY => return None,
-                KIND_FWD if forward_key_of(&snap.words) == *key => {
+                KIND_FWD if key_of(&snap.words) == *key => {
                     return Some(Hit {
                         idx,
                         dir: Direction::Forward,
                         conn: Conn::decode(&snap.words),
                     });
                 }
-                KIND_REPLY if reply_key_of(&snap.words) == *key => {
+                KIND_REPLY if key_of(&snap.words) == *key => {
                     let fwd = snap.words[0] as u32;
                     if let Some(conn) = self.forward_entry(fwd).filter(|c| c.reply_key() == *key) {
                         return Some(Hit {
@@ -498,7 +491,7 @@ impl<'a> ConnTable<'a> {
                         }
                     }
                     KIND_REPLY => {
-                        let (rkey, fwd) = (reply_key_of(&snap.words), snap.words[0] as u32);
+                        let (rkey, fwd) = (key_of(&snap.words), snap.words[0] as u32);
                         // A busy target may be an insert in progress (reply
                         // slots are published first): treat it as live.
                         let target_live = match self.snapshot(fwd) {
