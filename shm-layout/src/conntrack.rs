@@ -781,13 +781,19 @@ mod tests {
             let _stop = StopOnDrop(&stop);
             let reader = sc.spawn(|| {
                 let mut seen = 0u64;
-                while !stop.load(Ordering::Relaxed) {
+                // Scan while the writers run, and once more after they
+                // stopped (so a reader scheduled late still checks all).
+                loop {
+                    let last = stop.load(Ordering::Acquire);
                     for idx in 0..ct.capacity() as u32 {
                         if let Some(c) = ct.snapshot(idx).and_then(|s| s.conn()) {
                             let i = ((c.client_ip - 0xc612_6400) << 16) | c.client_port as u32;
                             assert_eq!(c, conn(i), "torn entry at {idx}");
                             seen += 1;
                         }
+                    }
+                    if last {
+                        break;
                     }
                 }
                 seen
@@ -808,8 +814,8 @@ mod tests {
             for w in writers {
                 w.join().unwrap();
             }
-            stop.store(true, Ordering::Relaxed);
-            assert!(reader.join().unwrap() > 0);
+            stop.store(true, Ordering::Release);
+            assert!(reader.join().unwrap() >= 600, "the last scan sees every entry");
         });
         for i in 0..600 {
             assert_eq!(ct.lookup(&conn(i).reply_key()).unwrap().conn, conn(i));
