@@ -240,7 +240,16 @@ fn interface_mac(ifname: &str) -> Result<[u8; 6]> {
     Ok(mac)
 }
 
-/// Fills in the MACs of afpacket ports from their interfaces.
+/// Reads an interface's MTU from sysfs (controld's network namespace).
+fn interface_mtu(ifname: &str) -> Result<u32> {
+    let text = std::fs::read_to_string(format!("/sys/class/net/{ifname}/mtu"))
+        .with_context(|| format!("interface {ifname:?} not found in this network namespace"))?;
+    text.trim()
+        .parse()
+        .with_context(|| format!("interface {ifname:?}: MTU {text:?}"))
+}
+
+/// Fills in the MACs and MTUs of afpacket ports from their interfaces.
 fn resolve_interfaces(cfg: &mut Config) -> Result<()> {
     for p in cfg
         .ports
@@ -249,6 +258,7 @@ fn resolve_interfaces(cfg: &mut Config) -> Result<()> {
     {
         let ifname = p.interface.clone().unwrap_or_default();
         p.mac = interface_mac(&ifname).with_context(|| format!("port {:?}", p.name))?;
+        p.mtu = interface_mtu(&ifname).with_context(|| format!("port {:?}", p.name))?;
     }
     Ok(())
 }

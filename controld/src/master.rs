@@ -25,6 +25,8 @@ pub struct ConfigSnapshot {
     pub tcp_established_ms: u32,
     pub tcp_fin_ms: u32,
     pub udp_ms: u32,
+    /// Outer source of IP-in-IP packets (0: no tunnel service).
+    pub tunnel_src: u32,
 }
 
 /// Everything published in one routing generation.
@@ -51,12 +53,6 @@ pub fn config_snapshot(cfg: &Config, ids: &mut IdAllocator) -> Result<ConfigSnap
             });
         }
     }
-    if let Some(s) = cfg.services.iter().find(|s| s.mode == Mode::Tunnel) {
-        return Err(format!(
-            "service {:?}: mode \"tunnel\" is not implemented in the data path yet (use nat or dr)",
-            s.name
-        ));
-    }
     let assigned = ids.assign(&identities)?;
     let mut snap = ConfigSnapshot {
         maglev_m: m,
@@ -64,11 +60,13 @@ pub fn config_snapshot(cfg: &Config, ids: &mut IdAllocator) -> Result<ConfigSnap
         tcp_established_ms: cfg.timeouts.tcp_established.saturating_mul(1000),
         tcp_fin_ms: cfg.timeouts.tcp_fin.saturating_mul(1000),
         udp_ms: cfg.timeouts.udp.saturating_mul(1000),
+        tunnel_src: cfg.tunnel.source.map_or(0, u32::from),
         ..Default::default()
     };
     for p in &cfg.ports {
         let mut rec = PortRec {
             mac: p.mac,
+            mtu: p.mtu.min(u16::MAX as u32) as u16,
             ..Default::default()
         };
         names::set(&mut rec.name, &p.name);

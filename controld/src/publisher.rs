@@ -59,6 +59,7 @@ pub fn publish_config(
         h.tcp_established_ms = snap.tcp_established_ms;
         h.tcp_fin_ms = snap.tcp_fin_ms;
         h.udp_ms = snap.udp_ms;
+        h.tunnel_src = snap.tunnel_src;
         h.ports = Default::default();
         h.ports[..snap.ports.len()].copy_from_slice(&snap.ports);
         slot.services.fill(Default::default());

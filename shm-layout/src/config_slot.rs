@@ -43,6 +43,9 @@ pub struct ConfigHeader {
     pub tcp_established_ms: u32,
     pub tcp_fin_ms: u32,
     pub udp_ms: u32,
+    /// Outer source address of IP-in-IP packets (`[tunnel] source`; 0 = none).
+    pub tunnel_src: u32,
+    pub _pad: u32,
     pub ports: [PortRec; MAX_PORTS],
 }
 
@@ -54,6 +57,9 @@ pub struct PortRec {
     pub mac: [u8; 6],
     pub driver: u8,
     pub _pad: u8,
+    /// Largest IPv4 packet the port may send (its interface MTU).
+    pub mtu: u16,
+    pub _pad1: [u8; 6],
     pub name: [u8; 16],
 }
 
@@ -100,11 +106,11 @@ pub struct BackendRec {
 pub const BACKEND_DRAINED: u16 = 1;
 
 const _: () = {
-    assert!(size_of::<PortRec>() == 24);
+    assert!(size_of::<PortRec>() == 32);
     assert!(size_of::<ServiceRec>() == 64);
     assert!(size_of::<BackendRec>() == 56);
-    assert!(offset_of!(ConfigHeader, ports) == 48);
-    assert!(size_of::<ConfigHeader>() == 448);
+    assert!(offset_of!(ConfigHeader, ports) == 56);
+    assert!(size_of::<ConfigHeader>() == 576);
     assert!(align_of::<ConfigHeader>() == 64);
     assert!(offset_of!(ServiceRec, name) == 32);
     assert!(offset_of!(BackendRec, name) == 24);
@@ -124,9 +130,10 @@ pub(crate) const fn fingerprint(fp: Fingerprint) -> Fingerprint {
         tcp_established_ms,
         tcp_fin_ms,
         udp_ms,
+        tunnel_src,
         ports
     );
-    let fp = fp_type!(fp, PortRec, mac, driver, name);
+    let fp = fp_type!(fp, PortRec, mac, driver, mtu, name);
     let fp = fp_type!(
         fp,
         ServiceRec,

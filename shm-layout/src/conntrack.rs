@@ -815,7 +815,10 @@ mod tests {
                 w.join().unwrap();
             }
             stop.store(true, Ordering::Release);
-            assert!(reader.join().unwrap() >= 600, "the last scan sees every entry");
+            assert!(
+                reader.join().unwrap() >= 600,
+                "the last scan sees every entry"
+            );
         });
         for i in 0..600 {
             assert_eq!(ct.lookup(&conn(i).reply_key()).unwrap().conn, conn(i));

@@ -64,12 +64,14 @@ counters! {
     Loops = 24, "loops", "poll loop iterations";
     IdleSleeps = 25, "idle_sleeps", "times the adaptive idle policy slept";
     DropTcpNoEntry = 26, "drop_tcp_no_entry", "TCP RST or non-SYN packets to a VIP that could not be matched";
+    IcmpFragNeeded = 27, "icmp_frag_needed", "ICMP fragmentation-needed sent to a client whose DF packet would exceed the egress MTU once encapsulated";
+    DropTooBig = 28, "drop_too_big", "packets that would exceed the egress MTU once encapsulated and may not get an ICMP answer (no DF, or no room)";
 }
 
 /// Number of counter words per switch (room to grow without a layout change).
-pub const N_COUNTERS: usize = 32;
+pub const N_COUNTERS: usize = 64;
 
-const _: () = assert!((Counter::DropTcpNoEntry as usize) < N_COUNTERS);
+const _: () = assert!((Counter::DropTooBig as usize) < N_COUNTERS);
 
 /// One switch's slot. Two cache lines of identity and liveness, then counters.
 #[repr(C, align(64))]

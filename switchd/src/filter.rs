@@ -7,7 +7,9 @@
 
 use core::sync::atomic::Ordering;
 
-use shm_layout::config_slot::{BackendRec, ConfigView, MODE_NAT, PROTO_TCP, PROTO_UDP, ServiceRec};
+use shm_layout::config_slot::{
+    BackendRec, ConfigView, MODE_NAT, MODE_TUNNEL, PROTO_TCP, PROTO_UDP, ServiceRec,
+};
 use shm_layout::conntrack::{
     CONN_MIDFLOW, Conn, ConnSlot, ConnTable, Direction, FlowKey, Hit, InsertError, STATE_ACTIVE,
     STATE_CLOSING, STATE_ESTABLISHED, STATE_SYN, Timeouts,
@@ -17,7 +19,7 @@ use shm_layout::routing_slot::{NoRoute, RoutingView};
 use shm_layout::switch_slot::{BackendCounters, Counter, N_COUNTERS};
 
 use crate::hash::table_index;
-use crate::wire::{self, checksum, tcp};
+use crate::wire::{self, checksum, ipip, tcp};
 
 /// What to do with a frame.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -244,7 +246,7 @@ fn to_vip(
         if !ctx.expired(slot) {
             ctx.count(Counter::FwdHit);
             touch(slot, l4, ctx.now_ms, Direction::Forward);
-            return forward(frame, l4, &hit.conn, port_mac, ctx);
+            return forward(frame, l4, &hit.conn, in_port, port_mac, ctx);
         }
     }
     let Some((svc_idx, svc)) = find_service(&ctx.cfg, &l4.key) else {
@@ -285,7 +287,7 @@ fn to_vip(
     if rst {
         // Never create state for a RST; send it where the connection lives.
         ctx.count(Counter::DropTcpNoEntry);
-        return forward(frame, l4, &conn, port_mac, ctx);
+        return forward(frame, l4, &conn, in_port, port_mac, ctx);
     }
     let state = match (is_tcp, syn) {
         (false, _) => STATE_ACTIVE,
@@ -304,7 +306,7 @@ fn to_vip(
     } else {
         ctx.count(Counter::ConnNew);
     }
-    forward(frame, l4, &conn, port_mac, ctx)
+    forward(frame, l4, &conn, in_port, port_mac, ctx)
 }
 
 /// Inserts a new connection; on a race with another switch inserting the
@@ -414,13 +416,19 @@ fn forward(
     frame: &mut [u8],
     l4: &L4,
     conn: &Conn,
+    in_port: u32,
     port_mac: &impl Fn(u32) -> Option<[u8; 6]>,
     ctx: &mut Ctx<'_>,
 ) -> Verdict {
-    if conn.mode == MODE_NAT {
-        rewrite_addr_port(frame, l4, Field::Dst, conn.backend_ip, conn.backend_port);
+    match conn.mode {
+        MODE_NAT => {
+            rewrite_addr_port(frame, l4, Field::Dst, conn.backend_ip, conn.backend_port);
+            egress(frame, l4.frame_len, conn.backend_ip, port_mac, ctx)
+        }
+        MODE_TUNNEL => tunnel(frame, l4, conn.backend_ip, in_port, port_mac, ctx),
+        // Direct routing: only the MACs change.
+        _ => egress(frame, l4.frame_len, conn.backend_ip, port_mac, ctx),
     }
-    egress(frame, l4, conn.backend_ip, port_mac, ctx)
 }
 
 /// Backend -> client: restore the VIP as source, then route.
@@ -432,8 +440,61 @@ fn reverse(
     ctx: &mut Ctx<'_>,
 ) -> Verdict {
     rewrite_addr_port(frame, l4, Field::Src, hit.conn.vip, hit.conn.vip_port);
-    egress(frame, l4, hit.conn.client_ip, port_mac, ctx)
+    egress(frame, l4.frame_len, hit.conn.client_ip, port_mac, ctx)
 }
+
+/// IP-in-IP to the backend: route to it, check that the encapsulated packet
+/// fits the egress port's MTU, decrement the inner TTL, prepend the outer
+/// header (`[tunnel] source` -> backend). A packet that would not fit is
+/// answered with ICMP fragmentation-needed when it carries DF (the client
+/// then lowers its path MTU toward the VIP), else dropped.
+fn tunnel(
+    frame: &mut [u8],
+    l4: &L4,
+    backend_ip: u32,
+    in_port: u32,
+    port_mac: &impl Fn(u32) -> Option<[u8; 6]>,
+    ctx: &mut Ctx<'_>,
+) -> Verdict {
+    const ETH: usize = wire::ETHERNET_HEADER_LEN;
+    let (port, dst_mac, src_mac) = match next_hop(backend_ip, port_mac, ctx) {
+        Ok(h) => h,
+        Err(v) => return v,
+    };
+    let mtu = ctx.cfg.ports().get(port as usize).map_or(0, |p| p.mtu) as usize;
+    let mtu = if mtu == 0 { DEFAULT_MTU } else { mtu };
+    if l4.ip_len as usize + ipip::OVERHEAD > mtu {
+        let df = wire::Ipv4Packet::new_unchecked(&frame[ETH..l4.frame_len]).dont_fragment();
+        if !df {
+            return ctx.drop(Counter::DropTooBig);
+        }
+        let inner_mtu = (mtu - ipip::OVERHEAD) as u16;
+        return match wire::icmp_frag_needed_in_place(frame, l4.frame_len, inner_mtu) {
+            Ok(n) => {
+                ctx.count(Counter::IcmpFragNeeded);
+                Verdict::Tx {
+                    port: in_port,
+                    len: n,
+                }
+            }
+            Err(_) => ctx.drop(Counter::DropTooBig),
+        };
+    }
+    if let Err(v) = decrement_ttl(frame, l4.frame_len, ctx) {
+        return v;
+    }
+    let src = ctx.cfg.header.tunnel_src.to_be_bytes();
+    match ipip::encapsulate_in_place(frame, l4.frame_len, src, backend_ip.to_be_bytes()) {
+        Ok(n) => {
+            set_macs(frame, dst_mac, src_mac);
+            Verdict::Tx { port, len: n }
+        }
+        Err(_) => ctx.drop(Counter::DropTooBig),
+    }
+}
+
+/// MTU assumed for a port the configuration gives none.
+const DEFAULT_MTU: usize = 1500;
 
 #[derive(Clone, Copy)]
 enum Field {
@@ -484,53 +545,81 @@ fn rewrite_addr_port(frame: &mut [u8], l4: &L4, which: Field, ip: u32, port: u16
     }
 }
 
+/// Decrements the TTL of the IPv4 header after the Ethernet header
+/// (incremental checksum); drops and counts an expiring packet.
+#[inline]
+fn decrement_ttl(frame: &mut [u8], frame_len: usize, ctx: &mut Ctx<'_>) -> Result<(), Verdict> {
+    const ETH: usize = wire::ETHERNET_HEADER_LEN;
+    let mut ipv4 = wire::Ipv4Packet::new_unchecked(&mut frame[ETH..frame_len]);
+    let ttl = ipv4.ttl();
+    if ttl <= 1 {
+        return Err(ctx.drop(Counter::DropTtl));
+    }
+    // TTL is the high byte of the 16-bit word it shares with protocol.
+    let proto = ipv4.protocol() as u16;
+    let c = checksum::update_u16(
+        ipv4.checksum(),
+        (ttl as u16) << 8 | proto,
+        ((ttl - 1) as u16) << 8 | proto,
+    );
+    ipv4.set_ttl(ttl - 1);
+    ipv4.set_checksum(c);
+    Ok(())
+}
+
+/// The egress port toward `route_to`, the next hop's MAC and the port's MAC.
+#[inline]
+fn next_hop(
+    route_to: u32,
+    port_mac: &impl Fn(u32) -> Option<[u8; 6]>,
+    ctx: &mut Ctx<'_>,
+) -> Result<(u32, [u8; 6], [u8; 6]), Verdict> {
+    let hop = match ctx.rt.next_hop(route_to) {
+        Ok(h) => h,
+        Err(NoRoute::NoRoute) => return Err(ctx.drop(Counter::DropNoRoute)),
+        Err(NoRoute::NoNeighbour) => return Err(ctx.drop(Counter::DropNoNeighbour)),
+    };
+    let Some(src) = port_mac(hop.port) else {
+        return Err(ctx.drop(Counter::DropEgressPort));
+    };
+    Ok((hop.port, hop.mac, src))
+}
+
+#[inline]
+fn set_macs(frame: &mut [u8], dst: [u8; 6], src: [u8; 6]) {
+    let mut eth = wire::EthernetFrame::new_unchecked(&mut frame[..wire::ETHERNET_HEADER_LEN]);
+    eth.set_dst_addr(dst);
+    eth.set_src_addr(src);
+}
+
 /// Decrements TTL, finds the next hop toward `route_to`, writes the MACs.
 #[inline]
 fn egress(
     frame: &mut [u8],
-    l4: &L4,
+    frame_len: usize,
     route_to: u32,
     port_mac: &impl Fn(u32) -> Option<[u8; 6]>,
     ctx: &mut Ctx<'_>,
 ) -> Verdict {
-    const ETH: usize = wire::ETHERNET_HEADER_LEN;
-    {
-        let mut ipv4 = wire::Ipv4Packet::new_unchecked(&mut frame[ETH..l4.frame_len]);
-        let ttl = ipv4.ttl();
-        if ttl <= 1 {
-            return ctx.drop(Counter::DropTtl);
-        }
-        // TTL is the high byte of the 16-bit word it shares with protocol.
-        let proto = ipv4.protocol() as u16;
-        let c = checksum::update_u16(
-            ipv4.checksum(),
-            (ttl as u16) << 8 | proto,
-            ((ttl - 1) as u16) << 8 | proto,
-        );
-        ipv4.set_ttl(ttl - 1);
-        ipv4.set_checksum(c);
+    if let Err(v) = decrement_ttl(frame, frame_len, ctx) {
+        return v;
     }
-    let hop = match ctx.rt.next_hop(route_to) {
-        Ok(h) => h,
-        Err(NoRoute::NoRoute) => return ctx.drop(Counter::DropNoRoute),
-        Err(NoRoute::NoNeighbour) => return ctx.drop(Counter::DropNoNeighbour),
-    };
-    let Some(src) = port_mac(hop.port) else {
-        return ctx.drop(Counter::DropEgressPort);
-    };
-    let mut eth = wire::EthernetFrame::new_unchecked(&mut frame[..l4.frame_len]);
-    eth.set_dst_addr(hop.mac);
-    eth.set_src_addr(src);
-    Verdict::Tx {
-        port: hop.port,
-        len: l4.frame_len,
+    match next_hop(route_to, port_mac, ctx) {
+        Ok((port, dst, src)) => {
+            set_macs(frame, dst, src);
+            Verdict::Tx {
+                port,
+                len: frame_len,
+            }
+        }
+        Err(v) => v,
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::fixture::{CLIENT_GW_MAC, Fixture, VIP, port_mac};
+    use crate::fixture::{CLIENT_GW_MAC, Fixture, TUNNEL_SRC, VIP, port_mac};
     use etherparse::PacketBuilder;
     use proptest::prelude::*;
 
@@ -578,6 +667,100 @@ mod tests {
         assert_eq!(&iph.destination[..3], &[198, 19, 1]);
         assert_eq!(t.destination_port(), 8080);
         assert_eq!(c[Counter::ConnNew as usize], 1);
+    }
+
+    /// A TCP segment to the tunnel service (VIP:443) with `payload` bytes.
+    fn to_tunnel(client_port: u16, syn: bool, df: bool, payload: usize) -> Vec<u8> {
+        let mut b = PacketBuilder::ethernet2(CLIENT_GW_MAC, [2, 0, 0, 0, 0, 1])
+            .ipv4([198, 18, 100, 1], VIP.to_be_bytes(), 64)
+            .tcp(client_port, 443, 1, 1000);
+        b = if syn { b.syn() } else { b.ack(7) };
+        let mut v = Vec::new();
+        b.write(&mut v, &vec![0x5a; payload]).unwrap();
+        if !df {
+            v[14 + 6] &= !0x40;
+            let c = {
+                let h = etherparse::Ipv4HeaderSlice::from_slice(&v[14..]).unwrap();
+                h.to_header().calc_header_checksum()
+            };
+            v[14 + 10..14 + 12].copy_from_slice(&c.to_be_bytes());
+        }
+        v
+    }
+
+    #[test]
+    fn tunnel_encapsulates_the_unchanged_packet_toward_its_backend() {
+        let fx = Fixture::new("unit-tun", 1 << 12);
+        let mut c = [0u64; N_COUNTERS];
+        let frame = to_tunnel(40_001, true, true, 0);
+        let (v, buf) = run(&fx, &mut c, &frame);
+        let Verdict::Tx { port: 1, len } = v else {
+            panic!("{v:?}")
+        };
+        assert_eq!(len, frame.len() + 20);
+        let outer = etherparse::Ipv4HeaderSlice::from_slice(&buf[14..len]).unwrap();
+        let o = outer.to_header();
+        assert_eq!(o.header_checksum, o.calc_header_checksum());
+        assert_eq!(o.protocol, etherparse::IpNumber::IPV4);
+        assert_eq!(o.source, TUNNEL_SRC.to_be_bytes());
+        assert_eq!(&o.destination[..3], &[198, 19, 1]);
+        let backend_mac = [2, 0, 0, 0, 1, o.destination[3]];
+        assert_eq!(&buf[..12], &[backend_mac, [2, 0, 0, 0, 0, 2]].concat()[..]);
+        // Inner: VIP and port unchanged, TTL decremented, checksums valid.
+        let p = etherparse::SlicedPacket::from_ip(&buf[34..len]).unwrap();
+        let Some(etherparse::NetSlice::Ipv4(ip)) = p.net else {
+            panic!()
+        };
+        let Some(etherparse::TransportSlice::Tcp(t)) = p.transport else {
+            panic!()
+        };
+        let iph = ip.header().to_header();
+        assert_eq!(iph.header_checksum, iph.calc_header_checksum());
+        assert_eq!(iph.destination, VIP.to_be_bytes());
+        assert_eq!(iph.time_to_live, 63);
+        assert_eq!(t.destination_port(), 443);
+        assert_eq!(&buf[34 + 20..len], &frame[14 + 20..]);
+        assert_eq!(c[Counter::ConnNew as usize], 1);
+        // The connection has no reply slot (replies bypass the switch) and
+        // its next packet goes to the same backend.
+        let (v2, buf2) = run(&fx, &mut c, &to_tunnel(40_001, false, true, 10));
+        assert!(matches!(v2, Verdict::Tx { port: 1, .. }));
+        assert_eq!(buf2[30..34], o.destination);
+        assert_eq!(c[Counter::FwdHit as usize], 1);
+    }
+
+    #[test]
+    fn tunnel_answers_an_oversized_df_packet_with_frag_needed() {
+        let fx = Fixture::new("unit-tunmtu", 1 << 12);
+        let mut c = [0u64; N_COUNTERS];
+        // 1500-byte IP packet: 1520 once encapsulated, over the MTU.
+        let frame = to_tunnel(40_002, false, true, 1460);
+        assert_eq!(frame.len(), 14 + 1500);
+        let (v, buf) = run(&fx, &mut c, &frame);
+        let Verdict::Tx { port: 0, len } = v else {
+            panic!("{v:?}")
+        };
+        let p = etherparse::SlicedPacket::from_ethernet(&buf[..len]).unwrap();
+        let Some(etherparse::TransportSlice::Icmpv4(icmp)) = p.transport else {
+            panic!("{:?}", p.transport)
+        };
+        assert_eq!(
+            icmp.icmp_type(),
+            etherparse::Icmpv4Type::DestinationUnreachable(
+                etherparse::icmpv4::DestUnreachableHeader::FragmentationNeeded {
+                    next_hop_mtu: 1480
+                }
+            )
+        );
+        assert_eq!(&buf[..6], &CLIENT_GW_MAC);
+        assert_eq!(c[Counter::IcmpFragNeeded as usize], 1);
+        // Exactly at the limit passes; without DF an oversized one is dropped.
+        let (v, _) = run(&fx, &mut c, &to_tunnel(40_003, false, true, 1440));
+        assert!(matches!(v, Verdict::Tx { port: 1, len } if len == 14 + 1500));
+        let (v, _) = run(&fx, &mut c, &to_tunnel(40_004, false, false, 1460));
+        assert_eq!(v, Verdict::Drop);
+        assert_eq!(c[Counter::DropTooBig as usize], 1);
+        assert_eq!(c[Counter::IcmpFragNeeded as usize], 1);
     }
 
     proptest! {

@@ -1,11 +1,12 @@
-//! A region with one published NAT service, for the filter's unit tests and
-//! benchmarks (no controld needed): VIP 198.18.0.10:80/tcp with backends
-//! 198.19.1.1-3:8080, clients in 198.18.100.0/24 via 198.18.0.1 on port 0,
-//! backends on port 1.
+//! A region with published services, for the filter's unit tests and
+//! benchmarks (no controld needed): VIP 198.18.0.10:80/tcp in NAT mode with
+//! backends 198.19.1.1-3:8080, and 198.18.0.10:443/tcp in tunnel mode (from
+//! 198.19.1.254) to the same backends' :443; clients in 198.18.100.0/24 via
+//! 198.18.0.1 on port 0, backends on port 1; both ports' MTU 1500.
 
 use std::time::Duration;
 
-use shm_layout::config_slot::{MODE_NAT, PROTO_TCP};
+use shm_layout::config_slot::{MODE_NAT, MODE_TUNNEL, PROTO_TCP};
 use shm_layout::routing_slot::{NEIGH_VALID, NeighbourRec, RouteRec};
 use shm_layout::switch_slot::N_COUNTERS;
 use shm_layout::{Capacities, Mapping, Region, Table, region_name};
@@ -13,6 +14,8 @@ use shm_layout::{Capacities, Mapping, Region, Table, region_name};
 use crate::filter::Ctx;
 
 pub const VIP: u32 = 0xc612_000a;
+/// Outer source address of the tunnel service.
+pub const TUNNEL_SRC: u32 = 0xc613_01fe;
 pub const CLIENT_GW_MAC: [u8; 6] = [2, 0, 0, 0, 2, 1];
 
 /// Port MACs of the fixture: port p has 02:00:00:00:00:(p+1).
@@ -44,8 +47,8 @@ impl Fixture {
         let region = Region::create(&inst, caps).expect("create fixture region");
         region.publish_config(Duration::from_millis(10), |s| {
             let h = &mut *s.header;
-            h.n_services = 1;
-            h.n_backends = 3;
+            h.n_services = 2;
+            h.n_backends = 6;
             h.n_ports = 2;
             h.maglev_m = 65537;
             h.tcp_syn_ms = 10_000;
@@ -54,6 +57,9 @@ impl Fixture {
             h.udp_ms = 60_000;
             h.ports[0].mac = [2, 0, 0, 0, 0, 1];
             h.ports[1].mac = [2, 0, 0, 0, 0, 2];
+            h.ports[0].mtu = 1500;
+            h.ports[1].mtu = 1500;
+            h.tunnel_src = TUNNEL_SRC;
             let svc = &mut s.services[0];
             svc.vip = VIP;
             svc.port = 80;
@@ -61,14 +67,24 @@ impl Fixture {
             svc.mode = MODE_NAT;
             svc.backend_count = 3;
             svc.table_len = 65537;
-            for (i, b) in s.backends[..3].iter_mut().enumerate() {
+            let tun = &mut s.services[1];
+            tun.vip = VIP;
+            tun.port = 443;
+            tun.proto = PROTO_TCP;
+            tun.mode = MODE_TUNNEL;
+            tun.backend_start = 3;
+            tun.backend_count = 3;
+            tun.table_start = 65537;
+            tun.table_len = 65537;
+            for (i, b) in s.backends[..6].iter_mut().enumerate() {
                 b.id = i as u32;
-                b.ip = 0xc613_0101 + i as u32;
-                b.port = 8080;
+                b.ip = 0xc613_0101 + (i % 3) as u32;
+                b.port = if i < 3 { 8080 } else { 443 };
                 b.weight = 1;
+                b.service = (i / 3) as u32;
             }
-            for (i, e) in s.maglev[..65537].iter_mut().enumerate() {
-                *e = (i % 3) as u16;
+            for (i, e) in s.maglev[..2 * 65537].iter_mut().enumerate() {
+                *e = (i % 65537 % 3) as u16;
             }
         });
         region.publish_routing(Duration::from_millis(10), |s| {

@@ -85,6 +85,8 @@ pub struct Config {
     pub timeouts: Timeouts,
     /// `[publish]`.
     pub publish: Publish,
+    /// `[tunnel]`.
+    pub tunnel: Tunnel,
     /// `[[port]]`, in file order; other items refer to a port by its index here.
     /// At least one, at most [`MAX_PORTS`].
     pub ports: Vec<Port>,
@@ -176,6 +178,18 @@ impl Default for Publish {
     }
 }
 
+/// `[tunnel]`: IP-in-IP encapsulation (services with mode `"tunnel"`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Tunnel {
+    /// `source` (required when a service uses mode `"tunnel"`): the outer
+    /// source address of encapsulated packets, a unicast IPv4 address of the
+    /// appliance that the backends accept tunnelled packets from; not a VIP.
+    pub source: Option<Ipv4Addr>,
+}
+
+/// Default of `[[port]] mtu` for vnic ports.
+pub const DEFAULT_MTU: u32 = 1500;
+
 /// `[[port]]`: a NIC port.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Port {
@@ -194,6 +208,10 @@ pub struct Port {
     pub interface: Option<String>,
     /// `promiscuous` (default true, afpacket): receive frames for any MAC.
     pub promiscuous: bool,
+    /// `mtu` (vnic, default 1500, `576..=9000`): the largest IPv4 packet the
+    /// port sends; refused for afpacket, whose interface's MTU is used.
+    /// Only tunnel mode grows packets, so only it consults the MTU.
+    pub mtu: u32,
 }
 
 /// `[[port]] driver`.

@@ -22,6 +22,9 @@ pub(super) struct RawConfig {
     /// `[publish]`: see [`super::Publish`].
     #[serde(default)]
     pub publish: RawPublish,
+    /// `[tunnel]`: see [`super::Tunnel`].
+    #[serde(default)]
+    pub tunnel: RawTunnel,
     /// `[[port]]`: see [`super::Port`].
     #[serde(default)]
     pub port: Vec<RawPort>,
@@ -79,6 +82,14 @@ pub(super) struct RawPublish {
     pub ack_timeout_ms: Option<i64>,
 }
 
+/// `[tunnel]`; every key optional.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawTunnel {
+    /// `source`: see [`super::Tunnel::source`].
+    pub source: Option<String>,
+}
+
 /// One `[[port]]`.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -95,6 +106,8 @@ pub(super) struct RawPort {
     pub interface: Option<String>,
     /// `promiscuous`: see [`super::Port::promiscuous`].
     pub promiscuous: Option<bool>,
+    /// `mtu`: see [`super::Port::mtu`].
+    pub mtu: Option<i64>,
 }
 
 /// One `[[switch]]`.

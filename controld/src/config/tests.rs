@@ -93,6 +93,7 @@ fn demo_example_parses_with_all_fields() {
         publish: Publish {
             ack_timeout_ms: 500,
         },
+        tunnel: Tunnel::default(),
         ports: vec![
             Port {
                 name: "client".into(),
@@ -101,6 +102,7 @@ fn demo_example_parses_with_all_fields() {
                 ring_size: 1024,
                 interface: None,
                 promiscuous: true,
+                mtu: 1500,
             },
             Port {
                 name: "backend".into(),
@@ -109,6 +111,7 @@ fn demo_example_parses_with_all_fields() {
                 ring_size: 1024,
                 interface: None,
                 promiscuous: true,
+                mtu: 1500,
             },
         ],
         switches: vec![Switch {
@@ -277,15 +280,81 @@ fn accepted_edge_values() {
     let c = parse(BASE.split("  [[service.backend]]").next().unwrap()).unwrap();
     assert!(c.services[0].backends.is_empty());
     // Tunnel and dr services keep the service port.
-    let c = parse(
-        &with(
-            "protocol = \"tcp\"",
-            "protocol = \"tcp\"\nmode = \"tunnel\"",
-        )
-        .replace("port = 8080", "port = 80"),
+    let tunnel = with(
+        "protocol = \"tcp\"",
+        "protocol = \"tcp\"\nmode = \"tunnel\"",
     )
-    .unwrap();
+    .replace("port = 8080", "port = 80")
+    .replacen(
+        "[[port]]",
+        "[tunnel]\nsource = \"198.19.0.1\"\n\n[[port]]",
+        1,
+    );
+    let c = parse(&tunnel).unwrap();
     assert_eq!(c.services[0].mode, Mode::Tunnel);
+    assert_eq!(c.tunnel.source, Some(ip(198, 19, 0, 1)));
+    // A vnic port's MTU.
+    let c = parse(&with(
+        "mac = \"02:00:00:00:00:02\"",
+        "mac = \"02:00:00:00:00:02\"\nmtu = 9000",
+    ))
+    .unwrap();
+    assert_eq!((c.ports[0].mtu, c.ports[1].mtu), (1500, 9000));
+}
+
+#[test]
+fn tunnel_needs_a_source_that_is_not_a_vip() {
+    let tunnel = with(
+        "protocol = \"tcp\"",
+        "protocol = \"tcp\"\nmode = \"tunnel\"",
+    )
+    .replace("port = 8080", "port = 80");
+    assert_eq!(
+        err(&tunnel),
+        "service \"web\": mode \"tunnel\" needs [tunnel] source (the outer source address of IP-in-IP packets)"
+    );
+    let src = |a: &str| {
+        tunnel.replacen(
+            "[[port]]",
+            &format!("[tunnel]\nsource = \"{a}\"\n\n[[port]]"),
+            1,
+        )
+    };
+    assert_eq!(
+        err(&src("198.18.0.10")),
+        "tunnel: source 198.18.0.10 is the VIP of service \"web\" (use an address of the appliance)"
+    );
+    assert_eq!(
+        err(&src("224.0.0.1")),
+        "tunnel: source 224.0.0.1 is not a unicast address (0.0.0.0, 255.255.255.255 and 224.0.0.0/4 are not allowed)"
+    );
+    assert!(
+        err(&tunnel.replacen("[[port]]", "[tunnel]\nsorce = \"1.2.3.4\"\n\n[[port]]", 1))
+            .contains("unknown field `sorce`")
+    );
+}
+
+#[test]
+fn port_mtu_is_bounded_and_vnic_only() {
+    assert_eq!(
+        err(&with(
+            "mac = \"02:00:00:00:00:02\"",
+            "mac = \"02:00:00:00:00:02\"\nmtu = 100",
+        )),
+        "port \"backend\": mtu 100 is less than 576"
+    );
+    assert_eq!(
+        err(&with(
+            "mac = \"02:00:00:00:00:02\"",
+            "mac = \"02:00:00:00:00:02\"\nmtu = 65000",
+        )),
+        "port \"backend\": mtu 65000 exceeds 9000"
+    );
+    let af = "[[port]]\nname = \"wire\"\ndriver = \"afpacket\"\ninterface = \"eth9\"\nmtu = 1500\n";
+    assert_eq!(
+        err(&plus(af)),
+        "port \"wire\": mtu is not set for driver \"afpacket\" (the interface's own MTU is used)"
+    );
 }
 
 #[test]
@@ -325,7 +394,7 @@ fn unknown_key_at_top_level() {
     assert_eq!(
         err(&format!("colour = 1\n{BASE}")),
         "TOML parse error at line 1, column 1\n  |\n1 | colour = 1\n  | ^^^^^^\n\
-         unknown field `colour`, expected one of `instance`, `limits`, `timeouts`, `publish`, \
+         unknown field `colour`, expected one of `instance`, `limits`, `timeouts`, `publish`, `tunnel`, \
          `port`, `switch`, `service`, `route`, `neighbour`"
     );
 }

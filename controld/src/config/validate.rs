@@ -18,6 +18,14 @@ pub(super) fn validate(raw: RawConfig) -> R<Config> {
     let limits = limits(&raw.limits)?;
     let timeouts = timeouts(&raw.timeouts)?;
     let publish = publish(&raw.publish)?;
+    let tunnel = Tunnel {
+        source: raw
+            .tunnel
+            .source
+            .as_deref()
+            .map(|t| unicast("tunnel: ", "source", t))
+            .transpose()?,
+    };
 
     if raw.port.is_empty() {
         return Err("no [[port]] is defined (at least one is required)".into());
@@ -97,6 +105,20 @@ pub(super) fn validate(raw: RawConfig) -> R<Config> {
         }
         services.push(svc);
     }
+    if let Some(s) = services.iter().find(|s| s.mode == Mode::Tunnel)
+        && tunnel.source.is_none()
+    {
+        return Err(format!(
+            "service {:?}: mode \"tunnel\" needs [tunnel] source (the outer source address of IP-in-IP packets)",
+            s.name
+        ));
+    }
+    if let Some(s) = services.iter().find(|s| Some(s.vip) == tunnel.source) {
+        return Err(format!(
+            "tunnel: source {} is the VIP of service {:?} (use an address of the appliance)",
+            s.vip, s.name
+        ));
+    }
     let total: usize = services.iter().map(|s| s.backends.len()).sum();
     if total > limits.backends as usize {
         return Err(format!(
@@ -163,6 +185,7 @@ pub(super) fn validate(raw: RawConfig) -> R<Config> {
         limits,
         timeouts,
         publish,
+        tunnel,
         ports,
         switches,
         services,
@@ -313,6 +336,14 @@ fn port(raw: &RawPort) -> R<Port> {
             ring_size.next_power_of_two()
         ));
     }
+    let mtu = match (raw.mtu, driver) {
+        (Some(_), Driver::Afpacket) => {
+            return Err(format!(
+                "{ctx}mtu is not set for driver \"afpacket\" (the interface's own MTU is used)"
+            ));
+        }
+        (m, _) => int(&ctx, "mtu", m, DEFAULT_MTU, 576, 9000)?,
+    };
     Ok(Port {
         name: raw.name.clone(),
         driver,
@@ -320,6 +351,7 @@ fn port(raw: &RawPort) -> R<Port> {
         ring_size,
         interface,
         promiscuous: raw.promiscuous.unwrap_or(true),
+        mtu,
     })
 }
 

@@ -15,6 +15,7 @@ mod field {
 }
 
 pub const MIN_HEADER_LEN: usize = 20;
+const FLAG_DF: u16 = 0x4000;
 const FLAG_MF: u16 = 0x2000;
 const FRAG_OFFSET_MASK: u16 = 0x1fff;
 
@@ -72,6 +73,12 @@ impl<T: AsRef<[u8]>> Ipv4Packet<T> {
     pub fn is_fragment(&self) -> bool {
         let f = be16(self.buf.as_ref(), field::FLAGS_FRAG);
         f & FLAG_MF != 0 || f & FRAG_OFFSET_MASK != 0
+    }
+
+    /// Don't-fragment set.
+    #[inline]
+    pub fn dont_fragment(&self) -> bool {
+        be16(self.buf.as_ref(), field::FLAGS_FRAG) & FLAG_DF != 0
     }
 
     #[inline]

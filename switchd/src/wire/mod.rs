@@ -7,6 +7,7 @@
 pub mod arp;
 pub mod checksum;
 pub mod ethernet;
+pub mod ipip;
 pub mod ipv4;
 pub mod reply;
 pub mod tcp;
@@ -15,7 +16,7 @@ pub mod udp;
 pub use arp::{ARP_REPLY, ARP_REQUEST, ArpPacket};
 pub use ethernet::{ETHERNET_HEADER_LEN, ETHERTYPE_ARP, ETHERTYPE_IPV4, EthernetFrame};
 pub use ipv4::Ipv4Packet;
-pub use reply::{arp_reply_in_place, tcp_rst_in_place};
+pub use reply::{arp_reply_in_place, icmp_frag_needed_in_place, tcp_rst_in_place};
 pub use tcp::TcpSegment;
 pub use udp::UdpDatagram;
 
@@ -38,6 +39,8 @@ pub enum WireError {
     BadArp,
     #[error("refusing to answer a RST")]
     WouldAnswerRst,
+    #[error("the buffer has no room for the bytes to add")]
+    NoRoom,
 }
 
 #[inline]

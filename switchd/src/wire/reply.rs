@@ -1,5 +1,6 @@
 //! Answers built in place in the received frame's buffer: ARP replies for
-//! VIPs and TCP RSTs for VIP ports without a service.
+//! VIPs, TCP RSTs for VIP ports without a service, and ICMP
+//! fragmentation-needed for packets too big to encapsulate.
 
 use super::arp::{ARP_LEN, ARP_REPLY, ARP_REQUEST, ArpPacket};
 use super::ethernet::{ETHERNET_HEADER_LEN as ETH, ETHERTYPE_ARP, ETHERTYPE_IPV4, EthernetFrame};
@@ -104,6 +105,68 @@ pub fn tcp_rst_in_place(frame: &mut [u8], len: usize) -> Result<usize, WireError
     Ok(ETH + 40)
 }
 
+/// ICMP type "destination unreachable" and its code "fragmentation needed
+/// and DF set" (RFC 792, RFC 1191).
+pub const ICMP_UNREACHABLE: u8 = 3;
+pub const ICMP_FRAG_NEEDED: u8 = 4;
+
+/// Turns a received Ethernet/IPv4 packet (`len` bytes) into the ICMP
+/// fragmentation-needed message that answers it (RFC 1191): from its
+/// destination (the VIP) to its source, quoting its IP header and the first
+/// 8 bytes of its payload, announcing `mtu` as the next-hop MTU. MACs are
+/// swapped; the caller routes the answer. Returns the answer's length.
+pub fn icmp_frag_needed_in_place(
+    frame: &mut [u8],
+    len: usize,
+    mtu: u16,
+) -> Result<usize, WireError> {
+    let len = len.min(frame.len());
+    let (src, dst, hl, total) = {
+        let ip = Ipv4Packet::new_checked(&frame[ETH.min(len)..len])?;
+        (
+            ip.src_addr(),
+            ip.dst_addr(),
+            ip.header_len(),
+            ip.total_len() as usize,
+        )
+    };
+    let quote = (hl + 8).min(total);
+    let out_len = ETH + 28 + quote;
+    if out_len > frame.len() {
+        return Err(WireError::NoRoom);
+    }
+    frame.copy_within(ETH..ETH + quote, ETH + 28);
+    {
+        let mut eth = EthernetFrame::new_unchecked(&mut frame[..ETH]);
+        let (d, s) = (eth.dst_addr(), eth.src_addr());
+        eth.set_dst_addr(s);
+        eth.set_src_addr(d);
+        eth.set_ethertype(ETHERTYPE_IPV4);
+    }
+    let ip = &mut frame[ETH..ETH + 20];
+    ip[0] = 0x45;
+    ip[1] = 0xc0; // internetwork control
+    put16(ip, 2, (28 + quote) as u16);
+    put16(ip, 4, 0);
+    put16(ip, 6, 0);
+    ip[8] = 64;
+    ip[9] = 1;
+    put16(ip, 10, 0);
+    ip[12..16].copy_from_slice(&dst);
+    ip[16..20].copy_from_slice(&src);
+    let c = checksum::ipv4_header(ip);
+    put16(ip, 10, c);
+    let icmp = &mut frame[ETH + 20..out_len];
+    icmp[0] = ICMP_UNREACHABLE;
+    icmp[1] = ICMP_FRAG_NEEDED;
+    put16(icmp, 2, 0);
+    put16(icmp, 4, 0);
+    put16(icmp, 6, mtu);
+    let c = !checksum::fold(checksum::sum(icmp, 0));
+    put16(icmp, 2, c);
+    Ok(out_len)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -182,6 +245,40 @@ mod tests {
             tcp_rst_in_place(&mut v, len),
             Err(WireError::WouldAnswerRst)
         );
+    }
+
+    #[test]
+    fn frag_needed_quotes_the_packet_and_names_the_mtu() {
+        let mut f = segment(false, Some(5), false, &[0xab; 1400]);
+        let orig = f.clone();
+        let len = f.len();
+        let n = icmp_frag_needed_in_place(&mut f, len, 1480).unwrap();
+        assert_eq!(n, 14 + 20 + 8 + 20 + 8);
+        let p = SlicedPacket::from_ethernet(&f[..n]).unwrap();
+        let Some(etherparse::NetSlice::Ipv4(ip)) = p.net else {
+            panic!()
+        };
+        let iph = ip.header().to_header();
+        assert_eq!(iph.header_checksum, iph.calc_header_checksum());
+        assert_eq!(
+            (iph.source, iph.destination),
+            ([198, 18, 0, 10], [198, 18, 100, 1])
+        );
+        let Some(TransportSlice::Icmpv4(icmp)) = p.transport else {
+            panic!("{:?}", p.transport)
+        };
+        assert_eq!(
+            icmp.icmp_type(),
+            etherparse::Icmpv4Type::DestinationUnreachable(
+                etherparse::icmpv4::DestUnreachableHeader::FragmentationNeeded {
+                    next_hop_mtu: 1480
+                }
+            )
+        );
+        let want = etherparse::Icmpv4Header::with_checksum(icmp.icmp_type(), icmp.payload());
+        assert_eq!(icmp.checksum(), want.checksum);
+        assert_eq!(icmp.payload(), &orig[14..14 + 28]);
+        assert_eq!(&f[0..6], &orig[6..12]);
     }
 
     #[test]
