@@ -256,23 +256,33 @@ impl Bed {
     }
 }
 
+/// The VIP of the test services.
+pub const VIP: &str = "198.18.0.10";
+
 /// Prepares the bed for a forwarding mode and starts the backends; returns
-/// the backend port the service must use.
-/// - `nat`: the appliance kernel does not forward; backends listen on :8080.
-/// - `dr`: backends own the VIP on lo (arp_ignore/arp_announce) and listen on
-///   :80; the appliance kernel routes their replies to the client and
-///   blackholes the VIP, so only switchyard forwards client->VIP traffic.
+/// the backend port the web service must use.
+/// - `nat`: the appliance kernel does not forward; backends listen on
+///   :8080 (HTTP) and :5353 (UDP) of their own address.
+/// - `dr`: backends own the VIP on lo (arp_ignore/arp_announce) and listen
+///   on VIP:80 and VIP:53; the appliance kernel routes their replies to the
+///   client and blackholes the VIP, so only switchyard forwards client->VIP
+///   traffic.
+/// - `tunnel`: as `dr`, and each backend runs `ipip-decap` (this kernel has
+///   no ipip device) to take the inner packet out of IP-in-IP.
 pub fn prepare(bed: &mut Bed, mode: &str) -> u16 {
     match mode {
-        "dr" => {
+        "dr" | "tunnel" => {
             bed.exec("lb", &["sysctl", "-qw", "net.ipv4.ip_forward=1"])
                 .unwrap();
             bed.exec("lb", &["ip", "route", "add", "blackhole", "198.18.0.0/24"])
                 .unwrap();
             for i in 1..=3 {
                 let role = format!("b{i}");
-                bed.exec(&role, &["ip", "addr", "add", "198.18.0.10/32", "dev", "lo"])
-                    .unwrap();
+                bed.exec(
+                    &role,
+                    &["ip", "addr", "add", &format!("{VIP}/32"), "dev", "lo"],
+                )
+                .unwrap();
                 bed.exec(&role, &["sysctl", "-qw", "net.ipv4.conf.all.arp_ignore=1"])
                     .unwrap();
                 bed.exec(
@@ -280,27 +290,52 @@ pub fn prepare(bed: &mut Bed, mode: &str) -> u16 {
                     &["sysctl", "-qw", "net.ipv4.conf.all.arp_announce=2"],
                 )
                 .unwrap();
+                if mode == "tunnel" {
+                    start_decap(bed, &role);
+                }
             }
-            start_backends(bed, |_| "0.0.0.0:80".to_string());
+            start_backends(bed, |_| format!("{VIP}:80"), |_| format!("{VIP}:53"));
             80
         }
         _ => {
             bed.exec("lb", &["sysctl", "-qw", "net.ipv4.ip_forward=0"])
                 .unwrap();
-            start_backends(bed, |addr| format!("{addr}:8080"));
+            start_backends(
+                bed,
+                |addr| format!("{addr}:8080"),
+                |addr| format!("{addr}:5353"),
+            );
             8080
         }
     }
 }
 
+/// Starts `ipip-decap` in a backend namespace and waits until it receives.
+fn start_decap(bed: &mut Bed, role: &str) {
+    let decap = crate::bin("ipip-decap");
+    let child = bed.spawn(role, &[decap.to_str().unwrap(), "--lifetime", "600"]);
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    assert!(
+        line.starts_with("ipip-decap ready"),
+        "ipip-decap in {role}: {line:?}"
+    );
+}
+
 /// Starts testbackend servers ("backend1".."backend3") in the backend
-/// namespaces: HTTP on `http_bind(addr)` and UDP echo on addr:5353.
-pub fn start_backends(bed: &mut Bed, http_bind: impl Fn(&str) -> String) {
+/// namespaces: HTTP on `http_bind(addr)` and UDP echo on `udp_bind(addr)`.
+pub fn start_backends(
+    bed: &mut Bed,
+    http_bind: impl Fn(&str) -> String,
+    udp_bind: impl Fn(&str) -> String,
+) {
     let tb = crate::bin("testbackend");
     for (i, addr) in BACKEND_ADDRS.iter().enumerate() {
         let name = format!("backend{}", i + 1);
         let http = http_bind(addr);
-        let udp = format!("{addr}:5353");
+        let udp = udp_bind(addr);
         let args = [
             tb.to_str().unwrap(),
             "--name",
@@ -321,8 +356,9 @@ pub fn start_backends(bed: &mut Bed, http_bind: impl Fn(&str) -> String) {
 
 /// Starts controld (and its switch) in the appliance namespace on AF_PACKET
 /// ports l0 (client side) and br0 (backend side), with service "web"
-/// (VIP 198.18.0.10:80, weights 1:2:3 to backends on `backend_port`) in
-/// `mode`, and for NAT a UDP service "dns" (VIP:53 -> 5353).
+/// (VIP 198.18.0.10:80, weights 1:2:3 to backends on `backend_port`) and a
+/// UDP service "dns" (VIP:53 to backends on :5353 for NAT, :53 otherwise),
+/// both in `mode`; tunnels start at the appliance's br0 address.
 pub fn afpacket_appliance(bed: &Bed, mode: &str, backend_port: u16) -> (String, crate::Appliance) {
     let mac = |role: &str, ifname: &str| -> String {
         let out = bed
@@ -349,14 +385,18 @@ pub fn afpacket_appliance(bed: &Bed, mode: &str, backend_port: u16) -> (String, 
             i + 1
         );
     }
-    if mode == "nat" {
-        cfg += "[[service]]\nname = \"dns\"\nvip = \"198.18.0.10\"\nport = 53\nprotocol = \"udp\"\nmode = \"nat\"\n";
-        for (i, addr) in BACKEND_ADDRS.iter().enumerate() {
-            cfg += &format!(
-                "  [[service.backend]]\n  name = \"dns{}\"\n  address = \"{addr}\"\n  port = 5353\n",
-                i + 1
-            );
-        }
+    let udp_port = if mode == "nat" { 5353 } else { 53 };
+    cfg += &format!(
+        "[[service]]\nname = \"dns\"\nvip = \"{VIP}\"\nport = 53\nprotocol = \"udp\"\nmode = \"{mode}\"\n"
+    );
+    for (i, addr) in BACKEND_ADDRS.iter().enumerate() {
+        cfg += &format!(
+            "  [[service.backend]]\n  name = \"dns{}\"\n  address = \"{addr}\"\n  port = {udp_port}\n",
+            i + 1
+        );
+    }
+    if mode == "tunnel" {
+        cfg += &format!("[tunnel]\nsource = \"{APPLIANCE_BACKEND_ADDR}\"\n");
     }
     cfg += "[[route]]\nprefix = \"198.19.0.0/24\"\nport = \"backend\"\n[[route]]\nprefix = \"198.18.1.0/24\"\nport = \"client\"\n";
     cfg += &format!(

@@ -92,3 +92,27 @@ fn keeps_connections_alive_and_echoes_udp() {
     let n = u.recv(&mut buf).unwrap();
     assert_eq!(&buf[..n], b"web8 ping");
 }
+
+#[test]
+fn checks_uploads_byte_for_byte() {
+    let b = start("web9");
+    let dir = std::env::temp_dir().join(format!("switchyard-upload-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("body");
+    let mut body: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+    std::fs::write(&file, &body).unwrap();
+    let post = |path: &std::path::Path| {
+        let out = Command::new("curl")
+            .args(["-sS", "--max-time", "20", "--data-binary"])
+            .arg(format!("@{}", path.display()))
+            .arg(format!("http://{}/upload", b.http))
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).to_string()
+    };
+    assert_eq!(post(&file), "300000 intact\n");
+    body[123_457] ^= 1;
+    std::fs::write(&file, &body).unwrap();
+    assert_eq!(post(&file), "300000 corrupt at 123457\n");
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -1,6 +1,6 @@
 //! The namespace demo: real clients and servers through switchyard on
 //! AF_PACKET ports, in namespaces it creates and removes.
-//! `netns-demo [nat|dr|compare]` (root; needs iproute2, ethtool, curl, wrk).
+//! `netns-demo [nat|dr|tunnel|compare]` (root; needs iproute2, ethtool, curl, wrk).
 //! `compare` runs wrk directly to one backend (kernel routing, no
 //! switchyard), through NAT and through DR, in one run, and prints a table.
 
@@ -65,7 +65,11 @@ fn compare() {
         let mut bed = Bed::build();
         bed.exec("lb", &["sysctl", "-qw", "net.ipv4.ip_forward=1"])
             .unwrap();
-        switchyard_tests::netns::start_backends(&mut bed, |a| format!("{a}:8080"));
+        switchyard_tests::netns::start_backends(
+            &mut bed,
+            |a| format!("{a}:8080"),
+            |a| format!("{a}:5353"),
+        );
         let (rps, lat, _) = wrk(&bed, &format!("http://{}:8080/", BACKEND_ADDRS[0]));
         rows.push(("direct to one backend (kernel routing)", rps, lat));
     }
@@ -96,10 +100,10 @@ fn compare() {
 fn main() {
     let mode = std::env::args().nth(1).unwrap_or_else(|| "nat".into());
     match mode.as_str() {
-        "nat" | "dr" => demo(&mode),
+        "nat" | "dr" | "tunnel" => demo(&mode),
         "compare" => compare(),
         _ => {
-            eprintln!("usage: netns-demo [nat|dr|compare]");
+            eprintln!("usage: netns-demo [nat|dr|tunnel|compare]");
             std::process::exit(2);
         }
     }

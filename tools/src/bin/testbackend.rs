@@ -3,7 +3,10 @@
 //!
 //! HTTP: `GET /` answers `<name>\n`; `GET /bytes/N` answers N bytes of a
 //! fixed pattern (byte i is `i % 251`), for integrity-checked downloads;
-//! `GET /health` answers `ok\n`. Keep-alive unless the client says close.
+//! `GET /health` answers `ok\n`; `POST /upload` reads a body of
+//! Content-Length bytes of that same pattern and answers `<n> intact\n` or
+//! `<n> corrupt at <offset>\n`, for integrity-checked uploads. Keep-alive
+//! unless the client says close.
 //! UDP: every datagram is answered with `<name> <datagram>`.
 //! On start it prints one line: `testbackend <name> http=<addr> udp=<addr>`.
 
@@ -60,6 +63,7 @@ fn serve(stream: TcpStream, name: Arc<String>, chunk: Arc<Vec<u8>>) -> std::io::
             parts.next().unwrap_or(""),
         );
         let mut close = version == "HTTP/1.0";
+        let mut content_length = 0u64;
         loop {
             let mut h = String::new();
             if reader.read_line(&mut h)? == 0 {
@@ -69,11 +73,26 @@ fn serve(stream: TcpStream, name: Arc<String>, chunk: Arc<Vec<u8>>) -> std::io::
             if h.is_empty() {
                 break;
             }
-            if let Some((k, v)) = h.split_once(':')
-                && k.trim().eq_ignore_ascii_case("connection")
-            {
-                close = v.trim().eq_ignore_ascii_case("close");
+            if let Some((k, v)) = h.split_once(':') {
+                if k.trim().eq_ignore_ascii_case("connection") {
+                    close = v.trim().eq_ignore_ascii_case("close");
+                } else if k.trim().eq_ignore_ascii_case("content-length") {
+                    content_length = v.trim().parse().unwrap_or(0);
+                }
             }
+        }
+        if method == "POST" && path == "/upload" && content_length <= MAX_BYTES {
+            let body = format!(
+                "{content_length} {}\n",
+                check_upload(&mut reader, content_length)?
+            );
+            respond(&mut out, "200 OK", body.len() as u64, close)?;
+            out.write_all(body.as_bytes())?;
+            out.flush()?;
+            if close {
+                return Ok(());
+            }
+            continue;
         }
         if method != "GET" && method != "HEAD" {
             let body = b"only GET and HEAD\n";
@@ -115,6 +134,26 @@ fn serve(stream: TcpStream, name: Arc<String>, chunk: Arc<Vec<u8>>) -> std::io::
             return Ok(());
         }
     }
+}
+
+/// Reads `n` body bytes and checks them against the pattern (byte i is
+/// `i % 251`): "intact" or "corrupt at <first bad offset>".
+fn check_upload(reader: &mut impl std::io::Read, n: u64) -> std::io::Result<String> {
+    let mut buf = vec![0u8; 64 * 1024];
+    let (mut at, mut bad) = (0u64, None);
+    while at < n {
+        let want = (n - at).min(buf.len() as u64) as usize;
+        reader.read_exact(&mut buf[..want])?;
+        if bad.is_none() {
+            bad = buf[..want]
+                .iter()
+                .enumerate()
+                .find(|(i, b)| **b != ((at + *i as u64) % 251) as u8)
+                .map(|(i, _)| at + i as u64);
+        }
+        at += want as u64;
+    }
+    Ok(bad.map_or("intact".to_string(), |i| format!("corrupt at {i}")))
 }
 
 fn main() -> ExitCode {
