@@ -1,29 +1,96 @@
 //! The namespace demo: real clients and servers through switchyard on
 //! AF_PACKET ports, in namespaces it creates and removes.
-//! `netns-demo [nat|dr|tunnel|compare]` (root; needs iproute2, ethtool, curl, wrk).
-//! `compare` runs wrk directly to one backend (kernel routing, no
-//! switchyard), through NAT and through DR, in one run, and prints a table.
+//! `netns-demo [nat|dr|tunnel|compare]` (root; needs iproute2, ethtool,
+//! curl, wrk; `compare` also haproxy).
+//!
+//! `compare` measures, in one run on one machine, wrk from the client
+//! namespace directly to one backend (kernel routing, no load balancer),
+//! through switchyard in nat, dr and tunnel mode, and through HAProxy
+//! (`mode tcp`, roundrobin with the same 1:2:3 weights) running in the
+//! appliance namespace; each for keep-alive connections and for short
+//! connections (one request each), and prints requests/s, p50 and p99 and
+//! the ratio to direct as a Markdown table.
 
-use switchyard_tests::netns::{BACKEND_ADDRS, Bed, afpacket_appliance, prepare};
+use switchyard_tests::netns::{
+    APPLIANCE_CLIENT_ADDR, BACKEND_ADDRS, Bed, afpacket_appliance, prepare,
+};
 
-/// Runs wrk in the client namespace; returns (requests/s, mean latency, text).
-fn wrk(bed: &Bed, url: &str) -> (f64, String, String) {
-    let text = match bed.exec("cl", &["wrk", "-t", "2", "-c", "64", "-d", "5s", url]) {
+/// One wrk measurement.
+#[derive(Clone, Debug, Default)]
+struct Wrk {
+    rps: f64,
+    p50: String,
+    p99: String,
+    errors: bool,
+    text: String,
+}
+
+/// Runs wrk (2 threads, 64 connections, `secs` seconds, latency
+/// distribution) in the client namespace.
+fn wrk(bed: &Bed, url: &str, close: bool, secs: u32) -> Wrk {
+    let d = format!("{secs}s");
+    let mut args = vec!["wrk", "-t", "2", "-c", "64", "-d", &d, "--latency"];
+    if close {
+        args.extend(["-H", "Connection: close"]);
+    }
+    args.push(url);
+    let text = match bed.exec("cl", &args) {
         Ok(o) => String::from_utf8_lossy(&o.stdout).to_string(),
-        Err(e) => return (0.0, "-".into(), e),
+        Err(e) => {
+            return Wrk {
+                errors: true,
+                text: e,
+                ..Default::default()
+            };
+        }
     };
-    let rps = text
-        .lines()
-        .find_map(|l| l.strip_prefix("Requests/sec:"))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or(0.0);
-    let lat = text
-        .lines()
-        .find(|l| l.trim_start().starts_with("Latency"))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .unwrap_or("-")
-        .to_string();
-    (rps, lat, text)
+    let field = |prefix: &str| {
+        text.lines()
+            .find_map(|l| l.trim_start().strip_prefix(prefix))
+            .map(|v| v.trim().to_string())
+            .unwrap_or_else(|| "-".into())
+    };
+    Wrk {
+        rps: field("Requests/sec:").parse().unwrap_or(0.0),
+        p50: field("50%"),
+        p99: field("99%"),
+        errors: text.contains("Socket errors") || text.contains("Non-2xx"),
+        text,
+    }
+}
+
+/// HAProxy in the appliance namespace: `mode tcp` on the appliance's
+/// client-side address, roundrobin over the backends' :8080 with weights
+/// 1:2:3 (the switchyard services' weights).
+fn haproxy(bed: &mut Bed, dir: &std::path::Path) -> String {
+    let mut cfg = format!(
+        "global\n  maxconn 4096\ndefaults\n  mode tcp\n  timeout connect 5s\n  timeout client 30s\n  timeout server 30s\n\
+         frontend web\n  bind {APPLIANCE_CLIENT_ADDR}:80\n  default_backend pool\nbackend pool\n  balance roundrobin\n"
+    );
+    for (i, addr) in BACKEND_ADDRS.iter().enumerate() {
+        cfg += &format!("  server backend{} {addr}:8080 weight {}\n", i + 1, i + 1);
+    }
+    let path = dir.join("haproxy.cfg");
+    std::fs::write(&path, cfg).expect("writing haproxy.cfg");
+    bed.spawn("lb", &["haproxy", "-db", "-f", path.to_str().unwrap()]);
+    // Wait (bounded) until it accepts.
+    for _ in 0..50 {
+        let ok = bed.exec(
+            "cl",
+            &[
+                "curl",
+                "-sS",
+                "--max-time",
+                "1",
+                &format!("http://{APPLIANCE_CLIENT_ADDR}/"),
+            ],
+        );
+        if ok.is_ok() {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    format!("http://{APPLIANCE_CLIENT_ADDR}/")
 }
 
 fn demo(mode: &str) {
@@ -46,7 +113,7 @@ fn demo(mode: &str) {
         }
     }
     println!("== wrk -t2 -c64 -d5s through the VIP:");
-    print!("{}", wrk(&bed, "http://198.18.0.10/").2);
+    print!("{}", wrk(&bed, "http://198.18.0.10/", false, 5).text);
     println!("== shmdump");
     let out = std::process::Command::new(switchyard_tests::bin("shmdump"))
         .args(["--instance", &inst])
@@ -59,41 +126,74 @@ fn demo(mode: &str) {
     println!("== stopped; namespaces, processes and shared memory removed");
 }
 
-fn compare() {
-    let mut rows = Vec::new();
-    {
+fn compare(secs: u32) {
+    let dir = std::env::temp_dir().join(format!("switchyard-compare-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let paths = [
+        ("direct to one backend (kernel routing)", "direct"),
+        ("switchyard nat (afpacket)", "nat"),
+        ("switchyard dr (afpacket)", "dr"),
+        ("switchyard tunnel (afpacket)", "tunnel"),
+        ("HAProxy 2.x mode tcp (same namespace)", "haproxy"),
+    ];
+    let mut rows: Vec<(&str, Wrk, Wrk)> = Vec::new();
+    for (label, path) in paths {
+        eprintln!("== {label}");
         let mut bed = Bed::build();
-        bed.exec("lb", &["sysctl", "-qw", "net.ipv4.ip_forward=1"])
-            .unwrap();
-        switchyard_tests::netns::start_backends(
-            &mut bed,
-            |a| format!("{a}:8080"),
-            |a| format!("{a}:5353"),
-        );
-        let (rps, lat, _) = wrk(&bed, &format!("http://{}:8080/", BACKEND_ADDRS[0]));
-        rows.push(("direct to one backend (kernel routing)", rps, lat));
-    }
-    for mode in ["nat", "dr"] {
-        let mut bed = Bed::build();
-        let port = prepare(&mut bed, mode);
-        let (_inst, app) = afpacket_appliance(&bed, mode, port);
-        let (rps, lat, _) = wrk(&bed, "http://198.18.0.10/");
-        rows.push((
-            if mode == "nat" {
-                "switchyard nat (afpacket)"
-            } else {
-                "switchyard dr (afpacket)"
-            },
-            rps,
-            lat,
-        ));
+        let mut app = None;
+        let url = match path {
+            "direct" => {
+                bed.exec("lb", &["sysctl", "-qw", "net.ipv4.ip_forward=1"])
+                    .unwrap();
+                switchyard_tests::netns::start_backends(
+                    &mut bed,
+                    |a| format!("{a}:8080"),
+                    |a| format!("{a}:5353"),
+                );
+                format!("http://{}:8080/", BACKEND_ADDRS[0])
+            }
+            "haproxy" => {
+                prepare(&mut bed, "nat");
+                haproxy(&mut bed, &dir)
+            }
+            mode => {
+                let port = prepare(&mut bed, mode);
+                app = Some(afpacket_appliance(&bed, mode, port).1);
+                "http://198.18.0.10/".to_string()
+            }
+        };
+        let keep = wrk(&bed, &url, false, secs);
+        let short = wrk(&bed, &url, true, secs);
+        for w in [&keep, &short] {
+            if w.errors {
+                eprintln!("{}", w.text);
+            }
+        }
+        rows.push((label, keep, short));
         drop(app);
     }
-    let base = rows[0].1.max(1.0);
-    println!("| path | requests/s | mean latency | ratio to direct |");
-    println!("|---|---|---|---|");
-    for (name, rps, lat) in &rows {
-        println!("| {name} | {rps:.0} | {lat} | {:.2} |", rps / base);
+    let _ = std::fs::remove_dir_all(&dir);
+    println!(
+        "wrk -t2 -c64 -d{secs}s --latency from the client namespace; short = one request per connection\n"
+    );
+    println!(
+        "| path | keep-alive req/s | p50 | p99 | ratio | short req/s | p50 | p99 | ratio | errors |"
+    );
+    println!("|---|---|---|---|---|---|---|---|---|---|");
+    let (k0, s0) = (rows[0].1.rps.max(1.0), rows[0].2.rps.max(1.0));
+    for (label, k, s) in &rows {
+        println!(
+            "| {label} | {:.0} | {} | {} | {:.2} | {:.0} | {} | {} | {:.2} | {} |",
+            k.rps,
+            k.p50,
+            k.p99,
+            k.rps / k0,
+            s.rps,
+            s.p50,
+            s.p99,
+            s.rps / s0,
+            if k.errors || s.errors { "yes" } else { "none" }
+        );
     }
 }
 
@@ -101,9 +201,14 @@ fn main() {
     let mode = std::env::args().nth(1).unwrap_or_else(|| "nat".into());
     match mode.as_str() {
         "nat" | "dr" | "tunnel" => demo(&mode),
-        "compare" => compare(),
+        "compare" => compare(
+            std::env::args()
+                .nth(2)
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(5),
+        ),
         _ => {
-            eprintln!("usage: netns-demo [nat|dr|tunnel|compare]");
+            eprintln!("usage: netns-demo [nat|dr|tunnel|compare [SECONDS]]");
             std::process::exit(2);
         }
     }
