@@ -422,4 +422,26 @@ impl Nic for AfPacket {
     }
 
     fn reclaim(&mut self) {}
+
+    /// Sleeps in ppoll(2) on every port's socket: the first frame to arrive
+    /// wakes the switch at once instead of at the end of its nap.
+    fn idle_wait(&mut self, max: core::time::Duration) {
+        let mut fds = [libc::pollfd {
+            fd: -1,
+            events: 0,
+            revents: 0,
+        }; 16];
+        let n = self.ports.len().min(fds.len());
+        for (f, p) in fds.iter_mut().zip(&self.ports) {
+            f.fd = p.fd;
+            f.events = libc::POLLIN;
+        }
+        let ts = libc::timespec {
+            tv_sec: max.as_secs() as libc::time_t,
+            tv_nsec: max.subsec_nanos() as libc::c_long,
+        };
+        // SAFETY: `fds[..n]` are initialised pollfds of our open sockets;
+        // ppoll only writes their `revents`.
+        unsafe { libc::ppoll(fds.as_mut_ptr(), n as libc::nfds_t, &ts, core::ptr::null()) };
+    }
 }

@@ -32,6 +32,13 @@ pub trait Nic {
     fn free(&mut self, f: Frame);
     /// Reclaims buffers of completed transmissions.
     fn reclaim(&mut self);
+    /// Waits at most `max` for a frame to arrive on any port (the idle
+    /// policy's nap). Returns early when the backend can be woken by the
+    /// kernel (afpacket polls its sockets); a shared-memory ring cannot
+    /// signal, so the default just sleeps.
+    fn idle_wait(&mut self, max: core::time::Duration) {
+        std::thread::sleep(max);
+    }
 }
 
 /// Errors of the port backends.

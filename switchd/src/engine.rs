@@ -18,7 +18,9 @@ use crate::filter::{self, Ctx, Verdict};
 pub enum Idle {
     /// Spin forever: lowest latency, owns the CPU.
     Busy,
-    /// Spin for a while, then sleep with growing naps (10 µs .. 500 µs).
+    /// Spin for a while, then sleep with growing naps (10 µs .. 500 µs);
+    /// a NIC that the kernel can signal (afpacket) ends the nap as soon as
+    /// a frame arrives.
     Adaptive,
 }
 
@@ -203,7 +205,7 @@ pub fn run<N: Nic>(
             if empty_loops > SPINS_BEFORE_SLEEP {
                 counters[Counter::IdleSleeps as usize] += 1;
                 publish_counters(me, &counters);
-                std::thread::sleep(nap);
+                nic.idle_wait(nap);
                 nap = (nap * 2).min(MAX_NAP);
                 continue;
             }
