@@ -140,38 +140,56 @@ pub fn prefetch(frame: &[u8], ct: &ConnTable<'_>) {
     });
 }
 
+/// Validates the IPv4 and TCP/UDP headers (the same rules as the `wire`
+/// views' checked constructors, read straight from fixed-size header
+/// arrays so the compiler drops every bounds check after the first) and
+/// returns the facts the decision needs.
+#[inline]
 fn parse_ip(frame: &[u8], ctx: &mut Ctx<'_>) -> Result<L4, Verdict> {
     const ETH: usize = wire::ETHERNET_HEADER_LEN;
-    let Ok(ip) = wire::Ipv4Packet::new_checked(&frame[ETH..]) else {
+    let be16 = |b: &[u8], at: usize| u16::from_be_bytes([b[at], b[at + 1]]);
+    let Some(h) = frame.get(ETH..).and_then(|b| b.first_chunk::<20>()) else {
         return Err(ctx.drop(Counter::DropMalformed));
     };
-    if !ip.verify_checksum() {
+    let hl = (h[0] & 0xf) as usize * 4;
+    let total = be16(h, 2) as usize;
+    if h[0] >> 4 != 4 || hl < 20 || total < hl || ETH + total > frame.len() {
         return Err(ctx.drop(Counter::DropMalformed));
     }
-    if ip.is_fragment() {
+    let sum = if hl == 20 {
+        checksum::sum(h, 0)
+    } else {
+        checksum::sum(&frame[ETH..ETH + hl], 0)
+    };
+    if checksum::fold(sum) != 0xffff {
+        return Err(ctx.drop(Counter::DropMalformed));
+    }
+    if be16(h, 6) & 0x3fff != 0 {
         return Err(ctx.drop(Counter::DropFragment));
     }
-    let proto = ip.protocol();
-    let hl = ip.header_len();
-    let total = ip.total_len() as usize;
+    let proto = h[9];
     let l4_off = ETH + hl;
     let l4 = &frame[l4_off..ETH + total];
     let (src_port, dst_port, flags) = match proto {
-        PROTO_TCP => match wire::TcpSegment::new_checked(l4) {
-            Ok(t) => (t.src_port(), t.dst_port(), t.flags()),
-            Err(_) => return Err(ctx.drop(Counter::DropMalformed)),
+        PROTO_TCP => match l4.first_chunk::<20>() {
+            Some(t) if (t[12] >> 4) as usize * 4 >= 20 && (t[12] >> 4) as usize * 4 <= l4.len() => {
+                (be16(t, 0), be16(t, 2), t[13])
+            }
+            _ => return Err(ctx.drop(Counter::DropMalformed)),
         },
-        PROTO_UDP => match wire::UdpDatagram::new_checked(l4) {
-            Ok(u) => (u.src_port(), u.dst_port(), 0),
-            Err(_) => return Err(ctx.drop(Counter::DropMalformed)),
+        PROTO_UDP => match l4.first_chunk::<8>() {
+            Some(u) if be16(u, 4) as usize >= 8 && be16(u, 4) as usize <= l4.len() => {
+                (be16(u, 0), be16(u, 2), 0)
+            }
+            _ => return Err(ctx.drop(Counter::DropMalformed)),
         },
         _ => return Err(ctx.drop(Counter::DropNotOurs)),
     };
     Ok(L4 {
         key: FlowKey {
             proto,
-            src_ip: u32::from_be_bytes(ip.src_addr()),
-            dst_ip: u32::from_be_bytes(ip.dst_addr()),
+            src_ip: u32::from_be_bytes([h[12], h[13], h[14], h[15]]),
+            dst_ip: u32::from_be_bytes([h[16], h[17], h[18], h[19]]),
             src_port,
             dst_port,
         },
@@ -480,7 +498,7 @@ fn tunnel(
             Err(_) => ctx.drop(Counter::DropTooBig),
         };
     }
-    if let Err(v) = decrement_ttl(frame, l4.frame_len, ctx) {
+    if let Err(v) = decrement_ttl(frame, ctx) {
         return v;
     }
     let src = ctx.cfg.header.tunnel_src.to_be_bytes();
@@ -503,7 +521,8 @@ enum Field {
 }
 
 /// Rewrites one address and port with incremental checksum updates
-/// (RFC 1624) of the IPv4 header and the TCP/UDP checksum.
+/// (RFC 1624) of the IPv4 header and the TCP/UDP checksum. `parse_ip`
+/// validated both headers, so the fixed-size views below always exist.
 #[inline]
 fn rewrite_addr_port(frame: &mut [u8], l4: &L4, which: Field, ip: u32, port: u16) {
     const ETH: usize = wire::ETHERNET_HEADER_LEN;
@@ -511,59 +530,58 @@ fn rewrite_addr_port(frame: &mut [u8], l4: &L4, which: Field, ip: u32, port: u16
         Field::Src => (l4.key.src_ip, l4.key.src_port),
         Field::Dst => (l4.key.dst_ip, l4.key.dst_port),
     };
-    {
-        let mut ipv4 = wire::Ipv4Packet::new_unchecked(&mut frame[ETH..l4.frame_len]);
-        let c = checksum::update_u32(ipv4.checksum(), old_ip, ip);
-        match which {
-            Field::Src => ipv4.set_src_addr(ip.to_be_bytes()),
-            Field::Dst => ipv4.set_dst_addr(ip.to_be_bytes()),
-        }
-        ipv4.set_checksum(c);
+    let (addr_at, port_at) = match which {
+        Field::Src => (12, 0),
+        Field::Dst => (16, 2),
+    };
+    if let Some(h) = frame.get_mut(ETH..).and_then(|b| b.first_chunk_mut::<20>()) {
+        let c = checksum::update_u32(u16::from_be_bytes([h[10], h[11]]), old_ip, ip);
+        h[addr_at..addr_at + 4].copy_from_slice(&ip.to_be_bytes());
+        h[10..12].copy_from_slice(&c.to_be_bytes());
     }
-    let seg = &mut frame[l4.l4_off..l4.frame_len];
-    if l4.key.proto == PROTO_TCP {
-        let mut t = wire::TcpSegment::new_unchecked(seg);
-        let c = checksum::update_u32(t.checksum(), old_ip, ip);
-        let c = checksum::update_u16(c, old_port, port);
-        match which {
-            Field::Src => t.set_src_port(port),
-            Field::Dst => t.set_dst_port(port),
-        }
-        t.set_checksum(c);
+    let (csum_at, min) = if l4.key.proto == PROTO_TCP {
+        (16, 20)
     } else {
-        let mut u = wire::UdpDatagram::new_unchecked(seg);
-        let old = u.checksum();
-        match which {
-            Field::Src => u.set_src_port(port),
-            Field::Dst => u.set_dst_port(port),
-        }
-        if old != 0 {
-            let c = checksum::update_u32(old, old_ip, ip);
-            let c = checksum::update_u16(c, old_port, port);
-            u.set_checksum(if c == 0 { 0xffff } else { c });
-        }
+        (6, 8)
+    };
+    let Some(t) = frame.get_mut(l4.l4_off..l4.l4_off + min) else {
+        return;
+    };
+    t[port_at..port_at + 2].copy_from_slice(&port.to_be_bytes());
+    let old = u16::from_be_bytes([t[csum_at], t[csum_at + 1]]);
+    if l4.key.proto == PROTO_UDP && old == 0 {
+        return; // UDP without checksum stays without
     }
+    let c = checksum::update_u32(old, old_ip, ip);
+    let c = checksum::update_u16(c, old_port, port);
+    let c = if l4.key.proto == PROTO_UDP && c == 0 {
+        0xffff
+    } else {
+        c
+    };
+    t[csum_at..csum_at + 2].copy_from_slice(&c.to_be_bytes());
 }
 
 /// Decrements the TTL of the IPv4 header after the Ethernet header
 /// (incremental checksum); drops and counts an expiring packet.
 #[inline]
-fn decrement_ttl(frame: &mut [u8], frame_len: usize, ctx: &mut Ctx<'_>) -> Result<(), Verdict> {
+fn decrement_ttl(frame: &mut [u8], ctx: &mut Ctx<'_>) -> Result<(), Verdict> {
     const ETH: usize = wire::ETHERNET_HEADER_LEN;
-    let mut ipv4 = wire::Ipv4Packet::new_unchecked(&mut frame[ETH..frame_len]);
-    let ttl = ipv4.ttl();
+    let Some(h) = frame.get_mut(ETH..).and_then(|b| b.first_chunk_mut::<20>()) else {
+        return Err(ctx.drop(Counter::DropMalformed));
+    };
+    let ttl = h[8];
     if ttl <= 1 {
         return Err(ctx.drop(Counter::DropTtl));
     }
     // TTL is the high byte of the 16-bit word it shares with protocol.
-    let proto = ipv4.protocol() as u16;
     let c = checksum::update_u16(
-        ipv4.checksum(),
-        (ttl as u16) << 8 | proto,
-        ((ttl - 1) as u16) << 8 | proto,
+        u16::from_be_bytes([h[10], h[11]]),
+        u16::from_be_bytes([ttl, h[9]]),
+        u16::from_be_bytes([ttl - 1, h[9]]),
     );
-    ipv4.set_ttl(ttl - 1);
-    ipv4.set_checksum(c);
+    h[8] = ttl - 1;
+    h[10..12].copy_from_slice(&c.to_be_bytes());
     Ok(())
 }
 
@@ -601,7 +619,7 @@ fn egress(
     port_mac: &impl Fn(u32) -> Option<[u8; 6]>,
     ctx: &mut Ctx<'_>,
 ) -> Verdict {
-    if let Err(v) = decrement_ttl(frame, frame_len, ctx) {
+    if let Err(v) = decrement_ttl(frame, ctx) {
         return v;
     }
     match next_hop(route_to, port_mac, ctx) {
