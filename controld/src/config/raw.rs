@@ -22,6 +22,9 @@ pub(super) struct RawConfig {
     /// `[publish]`: see [`super::Publish`].
     #[serde(default)]
     pub publish: RawPublish,
+    /// `[routing]`: see [`super::Routing`].
+    #[serde(default)]
+    pub routing: RawRouting,
     /// `[[port]]`: see [`super::Port`].
     #[serde(default)]
     pub port: Vec<RawPort>,
@@ -77,6 +80,16 @@ pub(super) struct RawTimeouts {
 pub(super) struct RawPublish {
     /// `ack_timeout_ms`: see [`super::Publish::ack_timeout_ms`].
     pub ack_timeout_ms: Option<i64>,
+}
+
+/// `[routing]`; every key optional.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawRouting {
+    /// `mirror`: see [`super::Routing::mirror`].
+    pub mirror: Option<bool>,
+    /// `resolve`: see [`super::Routing::resolve`].
+    pub resolve: Option<bool>,
 }
 
 /// One `[[port]]`.
