@@ -322,14 +322,9 @@ pub fn start_backends(bed: &mut Bed, http_bind: impl Fn(&str) -> String) {
 /// Starts controld (and its switch) in the appliance namespace on AF_PACKET
 /// ports l0 (client side) and br0 (backend side), with service "web"
 /// (VIP 198.18.0.10:80, weights 1:2:3 to backends on `backend_port`) in
-/// `mode`, and for NAT a UDP service "dns" (VIP:53 -> 5353).
+/// `mode`, and for NAT a UDP service "dns" (VIP:53 -> 5353). Routing comes
+/// from the kernel mirror alone.
 pub fn afpacket_appliance(bed: &Bed, mode: &str, backend_port: u16) -> (String, crate::Appliance) {
-    let mac = |role: &str, ifname: &str| -> String {
-        let out = bed
-            .exec(role, &["cat", &format!("/sys/class/net/{ifname}/address")])
-            .unwrap();
-        String::from_utf8_lossy(&out.stdout).trim().to_string()
-    };
     let inst = crate::unique(&format!("af{mode}"));
     let cpus = std::thread::available_parallelism()
         .map(|n| n.get())
@@ -358,15 +353,9 @@ pub fn afpacket_appliance(bed: &Bed, mode: &str, backend_port: u16) -> (String, 
             );
         }
     }
-    cfg += "[[route]]\nprefix = \"198.19.0.0/24\"\nport = \"backend\"\n[[route]]\nprefix = \"198.18.1.0/24\"\nport = \"client\"\n";
-    cfg += &format!(
-        "[[neighbour]]\naddress = \"198.18.1.2\"\nmac = \"{}\"\nport = \"client\"\n",
-        mac("cl", "c0")
-    );
-    for (i, addr) in BACKEND_ADDRS.iter().enumerate() {
-        let m = mac(&format!("b{}", i + 1), "e0");
-        cfg += &format!("[[neighbour]]\naddress = \"{addr}\"\nmac = \"{m}\"\nport = \"backend\"\n");
-    }
+    // No [[route]] or [[neighbour]]: controld mirrors the namespace's
+    // routes and neighbours (on by default with afpacket ports) and has the
+    // kernel resolve the backends.
     let app = crate::Appliance::start_in(Some(&bed.ns("lb")), &inst, &cfg);
     (inst, app)
 }
