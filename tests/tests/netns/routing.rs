@@ -200,3 +200,45 @@ fn static_entries_win_over_mirrored_ones_across_reloads() {
     assert!(t.1.contains(&b1), "{t:?}");
     drop(app);
 }
+
+/// More kernel routes on switch interfaces than `[limits] routes`: the
+/// longest prefixes are published, the rest left out with a logged error,
+/// and controld keeps running and following changes.
+#[test]
+fn over_capacity_publishes_the_longest_prefixes_and_keeps_running() {
+    let bed = Bed::build();
+    let (inst, app) = switchyard_tests::netns::afpacket_appliance(&bed, "nat", 8080);
+    let cfg = std::fs::read_to_string(&app.config_path).unwrap();
+    drop(app);
+    let cfg = cfg.replacen(
+        "connections = 65536\n",
+        "connections = 65536\nroutes = 3\n",
+        1,
+    );
+    let app = Appliance::start_in(Some(&bed.ns("lb")), &inst, &cfg);
+    lb(&bed, "ip route add 198.18.0.0/16 via 198.19.0.11");
+    lb(&bed, "ip route add 198.18.7.0/25 via 198.19.0.11");
+    let t = wait_for(&app, "the /25", |t| {
+        t.0.contains(&route("198.18.7.0/25", 1, "198.19.0.11"))
+    });
+    assert_eq!(
+        t.0,
+        vec![
+            route("198.18.1.0/24", 0, "-"),
+            route("198.18.7.0/25", 1, "198.19.0.11"),
+            route("198.19.0.0/24", 1, "-"),
+        ]
+    );
+    assert!(
+        app.log().contains("1 routes left out (limits.routes 3)"),
+        "{}",
+        app.log()
+    );
+    // Room again: the /16 is published.
+    lb(&bed, "ip route del 198.18.7.0/25");
+    let t = wait_for(&app, "the /16", |t| {
+        t.0.contains(&route("198.18.0.0/16", 1, "198.19.0.11"))
+    });
+    assert_eq!(t.0.len(), 3);
+    drop(app);
+}
