@@ -436,6 +436,22 @@ fn run(args: &Args) -> Result<()> {
         region.header().total_len >> 20
     );
 
+    if st.mirror.is_some() {
+        let ifs: Vec<&str> = cfg
+            .ports
+            .iter()
+            .filter_map(|p| p.interface.as_deref())
+            .collect();
+        log::info!(
+            "routing: mirroring the kernel's IPv4 routes and neighbours on {}{}",
+            ifs.join(", "),
+            if cfg.routing.resolve {
+                "; missing next hops are resolved"
+            } else {
+                ""
+            }
+        );
+    }
     let specs = cfg
         .switches
         .iter()
