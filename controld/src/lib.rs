@@ -1,6 +1,7 @@
 //! controld: the control processor. Pure parts (config, master, maglev,
-//! ids) are separate from the parts that touch the region or processes
-//! (publisher, supervisor, gc, events).
+//! ids, routing's table and mirror logic) are separate from the parts that
+//! touch the region, processes or sockets (publisher, supervisor, gc,
+//! events, routing::netlink).
 
 pub mod config;
 pub mod events;
@@ -9,4 +10,5 @@ pub mod ids;
 pub mod maglev;
 pub mod master;
 pub mod publisher;
+pub mod routing;
 pub mod supervisor;

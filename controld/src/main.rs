@@ -16,6 +16,7 @@ use clap::Parser;
 use controld::config::{self, Config};
 use controld::gc::Gc;
 use controld::ids::IdAllocator;
+use controld::routing::{Mirror, Netlink};
 use controld::supervisor::{Supervisor, SwitchSpec};
 use controld::{events, master, publisher};
 use shm_layout::header::REGION_STOPPING;
@@ -280,23 +281,36 @@ struct State {
     cfg: Config,
     ids: IdAllocator,
     timeouts: shm_layout::conntrack::Timeouts,
+    /// The kernel routing mirror, while `[routing] mirror` is on.
+    mirror: Option<Mirror<Netlink>>,
+}
+
+fn open_mirror() -> Result<Mirror<Netlink>> {
+    let nl = Netlink::open().context("routing mirror: opening rtnetlink sockets")?;
+    Mirror::new(nl).context("routing mirror: reading the kernel's routes and neighbours")
 }
 
 fn publish_all(region: &Region, st: &mut State, cfg: Config) -> Result<(u64, u64)> {
     let snap = master::config_snapshot(&cfg, &mut st.ids).map_err(anyhow::Error::msg)?;
-    let rsnap = master::routing_snapshot(&cfg);
     publisher::check_fits(region, &snap).map_err(anyhow::Error::msg)?;
+    let opened = match (&st.mirror, cfg.routing.mirror) {
+        (None, true) => Some(open_mirror()?),
+        _ => None,
+    };
+    if opened.is_some() {
+        st.mirror = opened;
+    } else if !cfg.routing.mirror {
+        st.mirror = None;
+    }
+    let rsnap = match &mut st.mirror {
+        Some(m) => m.snapshot(&cfg, Instant::now()),
+        None => master::routing_snapshot(&cfg),
+    };
     let ack = Duration::from_millis(cfg.publish.ack_timeout_ms as u64);
     let rep = publisher::publish_config(region, &snap, ack).map_err(anyhow::Error::msg)?;
-    for e in &rep.excluded {
-        log::error!(
-            "switch {} (pid {}) did not acknowledge configuration generation {} within {ack:?}: excluded",
-            e.switch,
-            e.pid,
-            rep.generation - 1
-        );
-    }
+    log_excluded(&rep, "configuration", ack);
     let rrep = publisher::publish_routing(region, &rsnap, ack).map_err(anyhow::Error::msg)?;
+    log_excluded(&rrep, "routing", ack);
     st.timeouts = shm_layout::conntrack::Timeouts {
         tcp_syn_ms: snap.tcp_syn_ms,
         tcp_established_ms: snap.tcp_established_ms,
@@ -305,6 +319,40 @@ fn publish_all(region: &Region, st: &mut State, cfg: Config) -> Result<(u64, u64
     };
     st.cfg = cfg;
     Ok((rep.generation, rrep.generation))
+}
+
+fn log_excluded(rep: &shm_layout::PublishReport, table: &str, ack: Duration) {
+    for e in &rep.excluded {
+        log::error!(
+            "switch {} (pid {}) did not acknowledge {table} generation {} within {ack:?}: excluded",
+            e.switch,
+            e.pid,
+            rep.generation - 1
+        );
+    }
+}
+
+/// Publishes the mirror's snapshot when the kernel's tables changed it.
+fn poll_mirror(region: &Region, st: &mut State) {
+    let Some(m) = st.mirror.as_mut() else {
+        return;
+    };
+    let Some(snap) = m.poll(&st.cfg, Instant::now()) else {
+        return;
+    };
+    let ack = Duration::from_millis(st.cfg.publish.ack_timeout_ms as u64);
+    match publisher::publish_routing(region, &snap, ack) {
+        Ok(rep) => {
+            log_excluded(&rep, "routing", ack);
+            log::info!(
+                "routing generation {}: {} routes, {} neighbours (kernel tables changed)",
+                rep.generation,
+                snap.routes.len(),
+                snap.neighbours.len()
+            );
+        }
+        Err(e) => log::error!("routing: publishing the mirrored tables failed: {e}"),
+    }
 }
 
 fn reload(region: &Region, st: &mut State, path: &Path) {
@@ -388,6 +436,7 @@ fn run(args: &Args) -> Result<()> {
             tcp_fin_ms: 0,
             udp_ms: 0,
         },
+        mirror: None,
     };
     let (cg, rg) = publish_all(&region, &mut st, cfg.clone())?;
     log::info!(
@@ -397,6 +446,22 @@ fn run(args: &Args) -> Result<()> {
         region.header().total_len >> 20
     );
 
+    if st.mirror.is_some() {
+        let ifs: Vec<&str> = cfg
+            .ports
+            .iter()
+            .filter_map(|p| p.interface.as_deref())
+            .collect();
+        log::info!(
+            "routing: mirroring the kernel's IPv4 routes and neighbours on {}{}",
+            ifs.join(", "),
+            if cfg.routing.resolve {
+                "; missing next hops are resolved"
+            } else {
+                ""
+            }
+        );
+    }
     let specs = cfg
         .switches
         .iter()
@@ -438,6 +503,7 @@ fn run(args: &Args) -> Result<()> {
             reload(&region, &mut st, &args.config);
         }
         sup.poll(&region);
+        poll_mirror(&region, &mut st);
         gc.step(&region, &st.timeouts, gc_per_tick);
         ev.drain(&region);
         if last_release.elapsed() > Duration::from_secs(1) {

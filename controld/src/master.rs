@@ -6,7 +6,7 @@ use shm_layout::config_slot::{
     BACKEND_DRAINED, BackendRec, MODE_DR, MODE_NAT, MODE_TUNNEL, PortRec, SCHED_MAGLEV, ServiceRec,
 };
 use shm_layout::names;
-use shm_layout::routing_slot::{NEIGH_VALID, NeighbourRec, RouteRec};
+use shm_layout::routing_slot::{NeighbourRec, RouteRec};
 
 use crate::config::{Config, Mode, Scheduler};
 use crate::ids::{BackendIdentity, IdAllocator};
@@ -118,31 +118,8 @@ pub fn config_snapshot(cfg: &Config, ids: &mut IdAllocator) -> Result<ConfigSnap
     Ok(snap)
 }
 
-/// Builds the routing snapshot from static routes and neighbours.
+/// Builds the routing snapshot from static routes and neighbours alone
+/// (see [`crate::routing::table::build`] for the merge with the kernel's).
 pub fn routing_snapshot(cfg: &Config) -> RoutingSnapshot {
-    let mut routes: Vec<RouteRec> = cfg
-        .routes
-        .iter()
-        .map(|r| RouteRec {
-            prefix: u32::from(r.prefix),
-            len: r.prefix_len,
-            port: r.port as u32,
-            via: r.via.map(u32::from).unwrap_or(0),
-            ..Default::default()
-        })
-        .collect();
-    routes.sort_by(|a, b| b.len.cmp(&a.len).then(a.prefix.cmp(&b.prefix)));
-    let mut neighbours: Vec<NeighbourRec> = cfg
-        .neighbours
-        .iter()
-        .map(|n| NeighbourRec {
-            ip: u32::from(n.address),
-            port: n.port as u32,
-            mac: n.mac,
-            state: NEIGH_VALID,
-            ..Default::default()
-        })
-        .collect();
-    neighbours.sort_by_key(|n| n.ip);
-    RoutingSnapshot { routes, neighbours }
+    crate::routing::table::build(cfg, &Default::default()).snapshot
 }

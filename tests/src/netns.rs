@@ -358,14 +358,9 @@ pub fn start_backends(
 /// ports l0 (client side) and br0 (backend side), with service "web"
 /// (VIP 198.18.0.10:80, weights 1:2:3 to backends on `backend_port`) and a
 /// UDP service "dns" (VIP:53 to backends on :5353 for NAT, :53 otherwise),
-/// both in `mode`; tunnels start at the appliance's br0 address.
+/// both in `mode`; tunnels start at the appliance's br0 address. Routing
+/// comes from the kernel mirror alone.
 pub fn afpacket_appliance(bed: &Bed, mode: &str, backend_port: u16) -> (String, crate::Appliance) {
-    let mac = |role: &str, ifname: &str| -> String {
-        let out = bed
-            .exec(role, &["cat", &format!("/sys/class/net/{ifname}/address")])
-            .unwrap();
-        String::from_utf8_lossy(&out.stdout).trim().to_string()
-    };
     let inst = crate::unique(&format!("af{mode}"));
     let cpus = std::thread::available_parallelism()
         .map(|n| n.get())
@@ -398,15 +393,9 @@ pub fn afpacket_appliance(bed: &Bed, mode: &str, backend_port: u16) -> (String, 
     if mode == "tunnel" {
         cfg += &format!("[tunnel]\nsource = \"{APPLIANCE_BACKEND_ADDR}\"\n");
     }
-    cfg += "[[route]]\nprefix = \"198.19.0.0/24\"\nport = \"backend\"\n[[route]]\nprefix = \"198.18.1.0/24\"\nport = \"client\"\n";
-    cfg += &format!(
-        "[[neighbour]]\naddress = \"198.18.1.2\"\nmac = \"{}\"\nport = \"client\"\n",
-        mac("cl", "c0")
-    );
-    for (i, addr) in BACKEND_ADDRS.iter().enumerate() {
-        let m = mac(&format!("b{}", i + 1), "e0");
-        cfg += &format!("[[neighbour]]\naddress = \"{addr}\"\nmac = \"{m}\"\nport = \"backend\"\n");
-    }
+    // No [[route]] or [[neighbour]]: controld mirrors the namespace's
+    // routes and neighbours (on by default with afpacket ports) and has the
+    // kernel resolve the backends.
     let app = crate::Appliance::start_in(Some(&bed.ns("lb")), &inst, &cfg);
     (inst, app)
 }

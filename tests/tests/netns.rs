@@ -2,6 +2,9 @@
 //! addressing, cleanup) with the kernel routing between client and
 //! backends; issue 3 puts switchyard on the appliance's interfaces.
 
+#[path = "netns/routing.rs"]
+mod routing;
+
 use std::io::{BufRead, BufReader};
 
 use switchyard_tests::bin;

@@ -87,6 +87,8 @@ pub struct Config {
     pub publish: Publish,
     /// `[tunnel]`.
     pub tunnel: Tunnel,
+    /// `[routing]`.
+    pub routing: Routing,
     /// `[[port]]`, in file order; other items refer to a port by its index here.
     /// At least one, at most [`MAX_PORTS`].
     pub ports: Vec<Port>,
@@ -189,6 +191,24 @@ pub struct Tunnel {
 
 /// Default of `[[port]] mtu` for vnic ports.
 pub const DEFAULT_MTU: u32 = 1500;
+
+/// `[routing]`: where the routing slot's routes and neighbours come from
+/// besides `[[route]]` and `[[neighbour]]` (which always apply and take
+/// precedence). Every key is optional; a reload may change them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Routing {
+    /// `mirror` (default: true when any port uses driver `"afpacket"`,
+    /// else false): mirror the kernel's IPv4 routes (main table) and
+    /// neighbours of controld's network namespace that leave through an
+    /// afpacket port's interface, and keep them current. Requires an
+    /// afpacket port.
+    pub mirror: bool,
+    /// `resolve` (default: the value of `mirror`): ask the kernel to
+    /// resolve (ARP) next hops that have no known MAC (route gateways and
+    /// backends reached through an afpacket port), retrying with back-off,
+    /// and refresh stale ones. Requires `mirror`.
+    pub resolve: bool,
+}
 
 /// `[[port]]`: a NIC port.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -25,6 +25,9 @@ pub(super) struct RawConfig {
     /// `[tunnel]`: see [`super::Tunnel`].
     #[serde(default)]
     pub tunnel: RawTunnel,
+    /// `[routing]`: see [`super::Routing`].
+    #[serde(default)]
+    pub routing: RawRouting,
     /// `[[port]]`: see [`super::Port`].
     #[serde(default)]
     pub port: Vec<RawPort>,
@@ -88,6 +91,16 @@ pub(super) struct RawPublish {
 pub(super) struct RawTunnel {
     /// `source`: see [`super::Tunnel::source`].
     pub source: Option<String>,
+}
+
+/// `[routing]`; every key optional.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawRouting {
+    /// `mirror`: see [`super::Routing::mirror`].
+    pub mirror: Option<bool>,
+    /// `resolve`: see [`super::Routing::resolve`].
+    pub resolve: Option<bool>,
 }
 
 /// One `[[port]]`.

@@ -94,6 +94,10 @@ fn demo_example_parses_with_all_fields() {
             ack_timeout_ms: 500,
         },
         tunnel: Tunnel::default(),
+        routing: Routing {
+            mirror: false,
+            resolve: false,
+        },
         ports: vec![
             Port {
                 name: "client".into(),
@@ -235,6 +239,13 @@ fn defaults_apply() {
     assert_eq!((s.mode, s.scheduler), (Mode::Nat, Scheduler::Maglev));
     assert_eq!(s.backends[0].weight, 1);
     assert!(c.routes.is_empty() && c.neighbours.is_empty());
+    assert_eq!(
+        c.routing,
+        Routing {
+            mirror: false,
+            resolve: false
+        }
+    );
     // Backend port defaults to the service port.
     let c = parse(&with("  port = 8080\n", "")).unwrap();
     assert_eq!(c.services[0].backends[0].port, 80);
@@ -395,7 +406,7 @@ fn unknown_key_at_top_level() {
         err(&format!("colour = 1\n{BASE}")),
         "TOML parse error at line 1, column 1\n  |\n1 | colour = 1\n  | ^^^^^^\n\
          unknown field `colour`, expected one of `instance`, `limits`, `timeouts`, `publish`, `tunnel`, \
-         `port`, `switch`, `service`, `route`, `neighbour`"
+         `routing`, `port`, `switch`, `service`, `route`, `neighbour`"
     );
 }
 
@@ -1040,5 +1051,89 @@ fn switch_engine_null_and_unknown() {
     assert_eq!(
         parse(&bad).unwrap_err().to_string(),
         "switch \"sw0\": engine \"turbo\" is not supported (supported: filter, null)"
+    );
+}
+
+// ---- [routing] ----
+
+/// `BASE` with both ports on AF_PACKET (interfaces l0 and l1).
+fn afpacket_base() -> String {
+    with(
+        "driver = \"vnic\"\nmac = \"02:00:00:00:00:01\"",
+        "driver = \"afpacket\"\ninterface = \"l0\"",
+    )
+    .replace(
+        "driver = \"vnic\"\nmac = \"02:00:00:00:00:02\"",
+        "driver = \"afpacket\"\ninterface = \"l1\"",
+    )
+}
+
+#[test]
+fn routing_defaults_follow_the_drivers() {
+    let c = parse(&afpacket_base()).unwrap();
+    assert_eq!(
+        c.routing,
+        Routing {
+            mirror: true,
+            resolve: true
+        }
+    );
+    let c = parse(&afpacket_base().replace(
+        "\n[[port]]\nname = \"client\"",
+        "\n[routing]\nresolve = false\n[[port]]\nname = \"client\"",
+    ))
+    .unwrap();
+    assert_eq!(
+        c.routing,
+        Routing {
+            mirror: true,
+            resolve: false
+        }
+    );
+    let c = parse(&afpacket_base().replace(
+        "\n[[port]]\nname = \"client\"",
+        "\n[routing]\nmirror = false\n[[port]]\nname = \"client\"",
+    ))
+    .unwrap();
+    assert_eq!(
+        c.routing,
+        Routing {
+            mirror: false,
+            resolve: false
+        }
+    );
+}
+
+#[test]
+fn routing_rules() {
+    assert_eq!(
+        err(&head("[routing]\nmirror = true")),
+        "routing: mirror true needs a [[port]] with driver \"afpacket\" (the mirror reads the kernel's routes and neighbours of afpacket interfaces; vnic ports use [[route]] and [[neighbour]])"
+    );
+    assert_eq!(
+        err(&head("[routing]\nresolve = true")),
+        "routing: resolve true needs mirror true (resolved neighbours reach the switches through the mirror)"
+    );
+    let text = afpacket_base().replace(
+        "\n[[port]]\nname = \"client\"",
+        "\n[routing]\nmirror = false\nresolve = true\n[[port]]\nname = \"client\"",
+    );
+    assert_eq!(
+        err(&text),
+        "routing: resolve true needs mirror true (resolved neighbours reach the switches through the mirror)"
+    );
+}
+
+#[test]
+fn routing_unknown_key_and_wrong_type() {
+    assert_eq!(
+        err(&head("[routing]\nmirrors = true")),
+        "TOML parse error at line 5, column 1\n  |\n5 | mirrors = true\n  | ^^^^^^^\n\
+         unknown field `mirrors`, expected `mirror` or `resolve`"
+    );
+    assert_eq!(
+        err(&head("[routing]\nmirror = \"yes\"")),
+        "TOML parse error at line 5, column 10\n  |\n5 | mirror = \"yes\"\n  |          ^^^^^\n\
+         invalid type: string \"yes\", expected a boolean"
     );
 }

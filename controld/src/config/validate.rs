@@ -6,8 +6,8 @@ use std::collections::HashMap;
 use std::net::Ipv4Addr;
 
 use super::raw::{
-    RawBackend, RawConfig, RawLimits, RawNeighbour, RawPort, RawPublish, RawRoute, RawService,
-    RawSwitch, RawTimeouts,
+    RawBackend, RawConfig, RawLimits, RawNeighbour, RawPort, RawPublish, RawRoute, RawRouting,
+    RawService, RawSwitch, RawTimeouts,
 };
 use super::*;
 
@@ -55,6 +55,8 @@ pub(super) fn validate(raw: RawConfig) -> R<Config> {
         }
         ports.push(port);
     }
+
+    let routing = routing(&raw.routing, &ports)?;
 
     if raw.switch.is_empty() {
         return Err("no [[switch]] is defined (at least one is required)".into());
@@ -186,6 +188,7 @@ pub(super) fn validate(raw: RawConfig) -> R<Config> {
         timeouts,
         publish,
         tunnel,
+        routing,
         ports,
         switches,
         services,
@@ -279,6 +282,25 @@ fn publish(raw: &RawPublish) -> R<Publish> {
             60000,
         )?,
     })
+}
+
+fn routing(raw: &RawRouting, ports: &[Port]) -> R<Routing> {
+    let afpacket = ports.iter().any(|p| p.driver == Driver::Afpacket);
+    let mirror = raw.mirror.unwrap_or(afpacket);
+    if mirror && !afpacket {
+        return Err(
+            "routing: mirror true needs a [[port]] with driver \"afpacket\" (the mirror reads the kernel's routes and neighbours of afpacket interfaces; vnic ports use [[route]] and [[neighbour]])"
+                .into(),
+        );
+    }
+    let resolve = raw.resolve.unwrap_or(mirror);
+    if resolve && !mirror {
+        return Err(
+            "routing: resolve true needs mirror true (resolved neighbours reach the switches through the mirror)"
+                .into(),
+        );
+    }
+    Ok(Routing { mirror, resolve })
 }
 
 fn port(raw: &RawPort) -> R<Port> {
