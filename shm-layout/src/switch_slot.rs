@@ -64,12 +64,14 @@ counters! {
     Loops = 24, "loops", "poll loop iterations";
     IdleSleeps = 25, "idle_sleeps", "times the adaptive idle policy slept";
     DropTcpNoEntry = 26, "drop_tcp_no_entry", "TCP RST or non-SYN packets to a VIP that could not be matched";
+    DownMoved = 27, "down_moved", "flows moved off a DOWN backend (UDP flows and TCP SYNs, policies reschedule and reset)";
+    DownRst = 28, "down_rst", "RSTs sent to clients of established TCP connections to a DOWN backend (policy reset)";
 }
 
 /// Number of counter words per switch (room to grow without a layout change).
 pub const N_COUNTERS: usize = 32;
 
-const _: () = assert!((Counter::DropTcpNoEntry as usize) < N_COUNTERS);
+const _: () = assert!((Counter::DownRst as usize) < N_COUNTERS);
 
 /// One switch's slot. Two cache lines of identity and liveness, then counters.
 #[repr(C, align(64))]
