@@ -15,6 +15,7 @@ use anyhow::{Context, Result, bail};
 use clap::Parser;
 use controld::config::{self, Config};
 use controld::gc::Gc;
+use controld::health::Monitor;
 use controld::ids::IdAllocator;
 use controld::supervisor::{Supervisor, SwitchSpec};
 use controld::{events, master, publisher};
@@ -270,11 +271,16 @@ struct State {
     cfg: Config,
     ids: IdAllocator,
     timeouts: shm_layout::conntrack::Timeouts,
+    health: Monitor,
+    /// A health change is not published yet (a failed publication is retried).
+    health_dirty: bool,
 }
 
-fn publish_all(region: &Region, st: &mut State, cfg: Config) -> Result<(u64, u64)> {
-    let snap = master::config_snapshot(&cfg, &mut st.ids).map_err(anyhow::Error::msg)?;
-    let rsnap = master::routing_snapshot(&cfg);
+/// Publishes the configuration `cfg` with the backends' current health.
+fn publish_config(region: &Region, st: &mut State, cfg: &Config) -> Result<u64> {
+    let health = &st.health;
+    let snap = master::config_snapshot(cfg, &mut st.ids, |b| health.is_down(b))
+        .map_err(anyhow::Error::msg)?;
     publisher::check_fits(region, &snap).map_err(anyhow::Error::msg)?;
     let ack = Duration::from_millis(cfg.publish.ack_timeout_ms as u64);
     let rep = publisher::publish_config(region, &snap, ack).map_err(anyhow::Error::msg)?;
@@ -286,15 +292,33 @@ fn publish_all(region: &Region, st: &mut State, cfg: Config) -> Result<(u64, u64
             rep.generation - 1
         );
     }
-    let rrep = publisher::publish_routing(region, &rsnap, ack).map_err(anyhow::Error::msg)?;
+    st.health_dirty = false;
     st.timeouts = shm_layout::conntrack::Timeouts {
         tcp_syn_ms: snap.tcp_syn_ms,
         tcp_established_ms: snap.tcp_established_ms,
         tcp_fin_ms: snap.tcp_fin_ms,
         udp_ms: snap.udp_ms,
     };
+    Ok(rep.generation)
+}
+
+/// Publishes configuration and routing of `cfg` and makes it the running
+/// configuration; on failure the running one (and its health checks) stay.
+fn publish_all(region: &Region, st: &mut State, cfg: Config) -> Result<(u64, u64)> {
+    st.health.configure(&cfg, Instant::now());
+    let res = publish_config(region, st, &cfg).and_then(|g| {
+        let rsnap = master::routing_snapshot(&cfg);
+        let ack = Duration::from_millis(cfg.publish.ack_timeout_ms as u64);
+        let rrep = publisher::publish_routing(region, &rsnap, ack).map_err(anyhow::Error::msg)?;
+        Ok((g, rrep.generation))
+    });
+    if res.is_err() {
+        let running = st.cfg.clone();
+        st.health.configure(&running, Instant::now());
+    }
+    let (g, rg) = res?;
     st.cfg = cfg;
-    Ok((rep.generation, rrep.generation))
+    Ok((g, rg))
 }
 
 fn reload(region: &Region, st: &mut State, path: &Path) {
@@ -333,7 +357,7 @@ fn run(args: &Args) -> Result<()> {
     if args.check {
         // Build the snapshot too: it catches what only the master knows.
         let mut ids = IdAllocator::new(cfg.limits.backends.saturating_mul(4));
-        master::config_snapshot(&cfg, &mut ids)
+        master::config_snapshot(&cfg, &mut ids, |_| false)
             .map_err(|e| anyhow::anyhow!("{}: {e}", args.config.display()))?;
         let backends: usize = cfg.services.iter().map(|s| s.backends.len()).sum();
         println!(
@@ -378,8 +402,16 @@ fn run(args: &Args) -> Result<()> {
             tcp_fin_ms: 0,
             udp_ms: 0,
         },
+        health: Monitor::new(),
+        health_dirty: false,
     };
     let (cg, rg) = publish_all(&region, &mut st, cfg.clone())?;
+    if !st.health.is_empty() {
+        log::info!(
+            "health: checking {} backends (each starts UP until a check fails)",
+            st.health.len()
+        );
+    }
     log::info!(
         "instance {:?}: region /dev/shm/{} ({} MiB), configuration generation {cg}, routing generation {rg}",
         cfg.instance,
@@ -423,11 +455,27 @@ fn run(args: &Args) -> Result<()> {
     // A full sweep every ~128 ticks (2.5 s): expiry to the second, little CPU.
     let gc_per_tick = (region.caps().conn_slots / 128).clamp(1024, 1 << 15);
     let mut last_release = Instant::now();
+    let mut last_publish_error = None;
     while !term.load(Ordering::Relaxed) {
         if hup.swap(false, Ordering::Relaxed) {
             reload(&region, &mut st, &args.config);
         }
         sup.poll(&region);
+        if !st.health.poll(Instant::now()).is_empty() {
+            st.health_dirty = true;
+        }
+        if st.health_dirty {
+            // Within this tick of the deciding result: out of (or back in)
+            // the tables one publication later.
+            let cfg = st.cfg.clone();
+            if let Err(e) = publish_config(&region, &mut st, &cfg)
+                && last_publish_error
+                    .is_none_or(|t: Instant| t.elapsed() >= Duration::from_secs(10))
+            {
+                log::error!("publishing a health change failed (retried every tick): {e:#}");
+                last_publish_error = Some(Instant::now());
+            }
+        }
         gc.step(&region, &st.timeouts, gc_per_tick);
         ev.drain(&region);
         if last_release.elapsed() > Duration::from_secs(1) {
