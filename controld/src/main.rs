@@ -343,8 +343,9 @@ fn reload(region: &Region, st: &mut State, path: &Path) {
     }
     match publish_all(region, st, new) {
         Ok((c, r)) => log::info!(
-            "reloaded {}: configuration generation {c}, routing generation {r}",
-            path.display()
+            "reloaded {}: configuration generation {c}, routing generation {r}, {} backends health-checked",
+            path.display(),
+            st.health.len()
         ),
         Err(e) => log::error!("reload refused, running configuration kept: {e:#}"),
     }

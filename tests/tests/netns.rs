@@ -2,6 +2,9 @@
 //! addressing, cleanup) with the kernel routing between client and
 //! backends; issue 3 puts switchyard on the appliance's interfaces.
 
+#[path = "netns/health.rs"]
+mod health;
+
 use std::io::{BufRead, BufReader};
 
 use switchyard_tests::bin;
