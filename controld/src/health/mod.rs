@@ -37,7 +37,7 @@
 //!
 //! Probes block (std sockets with timeouts), so they never run on
 //! controld's main loop: [`Monitor`] hands due checks to a small pool of
-//! threads (grown on demand, at most [`monitor::MAX_WORKERS`]) over a
+//! threads (grown on demand, at most [`MAX_WORKERS`]) over a
 //! channel and collects their results over another, without blocking. At
 //! most one check per backend is in flight. Probes use controld's network
 //! namespace and the kernel's stack, not the switches.
