@@ -1,11 +1,12 @@
 //! controld: the control processor. Pure parts (config, master, maglev,
-//! ids, routing's table and mirror logic) are separate from the parts that
-//! touch the region, processes or sockets (publisher, supervisor, gc,
-//! events, routing::netlink).
+//! ids, routing's table and mirror logic, the health hysteresis) are
+//! separate from the parts that touch the region, processes or sockets
+//! (publisher, supervisor, gc, events, routing::netlink, health probes).
 
 pub mod config;
 pub mod events;
 pub mod gc;
+pub mod health;
 pub mod ids;
 pub mod maglev;
 pub mod master;

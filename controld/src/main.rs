@@ -15,6 +15,7 @@ use anyhow::{Context, Result, bail};
 use clap::Parser;
 use controld::config::{self, Config};
 use controld::gc::Gc;
+use controld::health::Monitor;
 use controld::ids::IdAllocator;
 use controld::routing::{Mirror, Netlink};
 use controld::supervisor::{Supervisor, SwitchSpec};
@@ -283,6 +284,9 @@ struct State {
     timeouts: shm_layout::conntrack::Timeouts,
     /// The kernel routing mirror, while `[routing] mirror` is on.
     mirror: Option<Mirror<Netlink>>,
+    health: Monitor,
+    /// A health change is not published yet (a failed publication is retried).
+    health_dirty: bool,
 }
 
 fn open_mirror() -> Result<Mirror<Netlink>> {
@@ -290,35 +294,56 @@ fn open_mirror() -> Result<Mirror<Netlink>> {
     Mirror::new(nl).context("routing mirror: reading the kernel's routes and neighbours")
 }
 
-fn publish_all(region: &Region, st: &mut State, cfg: Config) -> Result<(u64, u64)> {
-    let snap = master::config_snapshot(&cfg, &mut st.ids).map_err(anyhow::Error::msg)?;
+/// Publishes the configuration `cfg` with the backends' current health.
+fn publish_config(region: &Region, st: &mut State, cfg: &Config) -> Result<u64> {
+    let health = &st.health;
+    let snap = master::config_snapshot(cfg, &mut st.ids, |b| health.is_down(b))
+        .map_err(anyhow::Error::msg)?;
     publisher::check_fits(region, &snap).map_err(anyhow::Error::msg)?;
-    let opened = match (&st.mirror, cfg.routing.mirror) {
-        (None, true) => Some(open_mirror()?),
-        _ => None,
-    };
-    if opened.is_some() {
-        st.mirror = opened;
-    } else if !cfg.routing.mirror {
-        st.mirror = None;
-    }
-    let rsnap = match &mut st.mirror {
-        Some(m) => m.snapshot(&cfg, Instant::now()),
-        None => master::routing_snapshot(&cfg),
-    };
     let ack = Duration::from_millis(cfg.publish.ack_timeout_ms as u64);
     let rep = publisher::publish_config(region, &snap, ack).map_err(anyhow::Error::msg)?;
     log_excluded(&rep, "configuration", ack);
-    let rrep = publisher::publish_routing(region, &rsnap, ack).map_err(anyhow::Error::msg)?;
-    log_excluded(&rrep, "routing", ack);
+    st.health_dirty = false;
     st.timeouts = shm_layout::conntrack::Timeouts {
         tcp_syn_ms: snap.tcp_syn_ms,
         tcp_established_ms: snap.tcp_established_ms,
         tcp_fin_ms: snap.tcp_fin_ms,
         udp_ms: snap.udp_ms,
     };
+    Ok(rep.generation)
+}
+
+/// Publishes the routing of `cfg`: the kernel mirror's snapshot (opening
+/// or closing the mirror as `[routing] mirror` says) or the static tables.
+fn publish_routing(region: &Region, st: &mut State, cfg: &Config) -> Result<u64> {
+    if cfg.routing.mirror && st.mirror.is_none() {
+        st.mirror = Some(open_mirror()?);
+    } else if !cfg.routing.mirror {
+        st.mirror = None;
+    }
+    let rsnap = match &mut st.mirror {
+        Some(m) => m.snapshot(cfg, Instant::now()),
+        None => master::routing_snapshot(cfg),
+    };
+    let ack = Duration::from_millis(cfg.publish.ack_timeout_ms as u64);
+    let rrep = publisher::publish_routing(region, &rsnap, ack).map_err(anyhow::Error::msg)?;
+    log_excluded(&rrep, "routing", ack);
+    Ok(rrep.generation)
+}
+
+/// Publishes configuration and routing of `cfg` and makes it the running
+/// configuration; on failure the running one (and its health checks) stay.
+fn publish_all(region: &Region, st: &mut State, cfg: Config) -> Result<(u64, u64)> {
+    st.health.configure(&cfg, Instant::now());
+    let res =
+        publish_config(region, st, &cfg).and_then(|g| Ok((g, publish_routing(region, st, &cfg)?)));
+    if res.is_err() {
+        let running = st.cfg.clone();
+        st.health.configure(&running, Instant::now());
+    }
+    let (g, rg) = res?;
     st.cfg = cfg;
-    Ok((rep.generation, rrep.generation))
+    Ok((g, rg))
 }
 
 fn log_excluded(rep: &shm_layout::PublishReport, table: &str, ack: Duration) {
@@ -377,8 +402,9 @@ fn reload(region: &Region, st: &mut State, path: &Path) {
     }
     match publish_all(region, st, new) {
         Ok((c, r)) => log::info!(
-            "reloaded {}: configuration generation {c}, routing generation {r}",
-            path.display()
+            "reloaded {}: configuration generation {c}, routing generation {r}, {} backends health-checked",
+            path.display(),
+            st.health.len()
         ),
         Err(e) => log::error!("reload refused, running configuration kept: {e:#}"),
     }
@@ -391,7 +417,7 @@ fn run(args: &Args) -> Result<()> {
     if args.check {
         // Build the snapshot too: it catches what only the master knows.
         let mut ids = IdAllocator::new(cfg.limits.backends.saturating_mul(4));
-        master::config_snapshot(&cfg, &mut ids)
+        master::config_snapshot(&cfg, &mut ids, |_| false)
             .map_err(|e| anyhow::anyhow!("{}: {e}", args.config.display()))?;
         let backends: usize = cfg.services.iter().map(|s| s.backends.len()).sum();
         println!(
@@ -437,8 +463,16 @@ fn run(args: &Args) -> Result<()> {
             udp_ms: 0,
         },
         mirror: None,
+        health: Monitor::new(),
+        health_dirty: false,
     };
     let (cg, rg) = publish_all(&region, &mut st, cfg.clone())?;
+    if !st.health.is_empty() {
+        log::info!(
+            "health: checking {} backends (each starts UP until a check fails)",
+            st.health.len()
+        );
+    }
     log::info!(
         "instance {:?}: region /dev/shm/{} ({} MiB), configuration generation {cg}, routing generation {rg}",
         cfg.instance,
@@ -498,12 +532,28 @@ fn run(args: &Args) -> Result<()> {
     // A full sweep every ~128 ticks (2.5 s): expiry to the second, little CPU.
     let gc_per_tick = (region.caps().conn_slots / 128).clamp(1024, 1 << 15);
     let mut last_release = Instant::now();
+    let mut last_publish_error = None;
     while !term.load(Ordering::Relaxed) {
         if hup.swap(false, Ordering::Relaxed) {
             reload(&region, &mut st, &args.config);
         }
         sup.poll(&region);
         poll_mirror(&region, &mut st);
+        if !st.health.poll(Instant::now()).is_empty() {
+            st.health_dirty = true;
+        }
+        if st.health_dirty {
+            // Within this tick of the deciding result: out of (or back in)
+            // the tables one publication later.
+            let cfg = st.cfg.clone();
+            if let Err(e) = publish_config(&region, &mut st, &cfg)
+                && last_publish_error
+                    .is_none_or(|t: Instant| t.elapsed() >= Duration::from_secs(10))
+            {
+                log::error!("publishing a health change failed (retried every tick): {e:#}");
+                last_publish_error = Some(Instant::now());
+            }
+        }
         gc.step(&region, &st.timeouts, gc_per_tick);
         ev.drain(&region);
         if last_release.elapsed() > Duration::from_secs(1) {

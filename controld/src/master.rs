@@ -1,14 +1,17 @@
-//! The master: turns a validated configuration into a snapshot of what the
-//! switches need (service and backend records with stable ids, Maglev
-//! tables, ports, timeouts, routes and neighbours). Pure: no I/O.
+//! The master: turns a validated configuration and the backends' health
+//! into a snapshot of what the switches need (service and backend records
+//! with stable ids, Maglev tables over the eligible backends, the policy
+//! for DOWN backends' connections, ports, timeouts, routes and
+//! neighbours). Pure: no I/O.
 
 use shm_layout::config_slot::{
-    BACKEND_DRAINED, BackendRec, MODE_DR, MODE_NAT, MODE_TUNNEL, PortRec, SCHED_MAGLEV, ServiceRec,
+    BACKEND_CHECKED, BACKEND_DOWN, BACKEND_DRAINED, BackendRec, MODE_DR, MODE_NAT, MODE_TUNNEL,
+    ON_DOWN_KEEP, ON_DOWN_RESCHEDULE, ON_DOWN_RESET, PortRec, SCHED_MAGLEV, ServiceRec,
 };
 use shm_layout::names;
 use shm_layout::routing_slot::{NeighbourRec, RouteRec};
 
-use crate::config::{Config, Mode, Scheduler};
+use crate::config::{Config, Mode, OnDown, Scheduler};
 use crate::ids::{BackendIdentity, IdAllocator};
 use crate::maglev;
 
@@ -19,6 +22,9 @@ pub struct ConfigSnapshot {
     pub backends: Vec<BackendRec>,
     /// One table per service (empty when no backend is eligible).
     pub tables: Vec<Vec<u16>>,
+    /// `(backend id, ON_DOWN_* action)` of DOWN backends whose service does
+    /// not keep their connections (every other id's action is keep).
+    pub down_actions: Vec<(u32, u8)>,
     pub ports: Vec<PortRec>,
     pub maglev_m: u32,
     pub tcp_syn_ms: u32,
@@ -39,7 +45,14 @@ pub struct RoutingSnapshot {
 }
 
 /// Builds the configuration snapshot, assigning backend ids with `ids`.
-pub fn config_snapshot(cfg: &Config, ids: &mut IdAllocator) -> Result<ConfigSnapshot, String> {
+/// `is_down` says which checked backends failed their health checks: they
+/// keep their records (flagged DOWN) but leave their service's table, like
+/// a drained backend, and their connections get the service's policy.
+pub fn config_snapshot(
+    cfg: &Config,
+    ids: &mut IdAllocator,
+    is_down: impl Fn(&BackendIdentity) -> bool,
+) -> Result<ConfigSnapshot, String> {
     let m = cfg.limits.maglev_table_size;
     let mut identities = Vec::new();
     for s in &cfg.services {
@@ -72,23 +85,45 @@ pub fn config_snapshot(cfg: &Config, ids: &mut IdAllocator) -> Result<ConfigSnap
         names::set(&mut rec.name, &p.name);
         snap.ports.push(rec);
     }
-    let mut next_id = assigned.into_iter();
+    let mut next = assigned.into_iter().zip(&identities);
     for (si, s) in cfg.services.iter().enumerate() {
         let start = snap.backends.len() as u32;
+        let on_down = match s.on_backend_down {
+            OnDown::Keep => ON_DOWN_KEEP,
+            OnDown::Reschedule => ON_DOWN_RESCHEDULE,
+            OnDown::Reset => ON_DOWN_RESET,
+        };
         let mut weighted = Vec::with_capacity(s.backends.len());
         for b in &s.backends {
+            let (id, ident) = next.next().expect("one id per backend");
+            let checked = b.health.is_some();
+            let down = checked && is_down(ident);
+            let mut flags = 0;
+            if b.weight == 0 {
+                flags |= BACKEND_DRAINED;
+            }
+            if checked {
+                flags |= BACKEND_CHECKED;
+            }
+            if down {
+                flags |= BACKEND_DOWN;
+                if on_down != ON_DOWN_KEEP {
+                    snap.down_actions.push((id, on_down));
+                }
+            }
             let mut rec = BackendRec {
-                id: next_id.next().expect("one id per backend"),
+                id,
                 ip: u32::from(b.address),
                 port: b.port,
-                flags: if b.weight == 0 { BACKEND_DRAINED } else { 0 },
+                flags,
                 weight: b.weight,
                 service: si as u32,
                 ..Default::default()
             };
             names::set(&mut rec.name, &b.name);
             snap.backends.push(rec);
-            weighted.push((maglev::backend_key(b.address, b.port), b.weight));
+            let eligible = if down { 0 } else { b.weight };
+            weighted.push((maglev::backend_key(b.address, b.port), eligible));
         }
         let mut table = Vec::new();
         maglev::build(&weighted, m as usize, &mut table)
@@ -105,6 +140,7 @@ pub fn config_snapshot(cfg: &Config, ids: &mut IdAllocator) -> Result<ConfigSnap
             scheduler: match s.scheduler {
                 Scheduler::Maglev => SCHED_MAGLEV,
             },
+            on_down,
             backend_start: start,
             backend_count: s.backends.len() as u32,
             table_start: si as u32 * m,
@@ -122,4 +158,98 @@ pub fn config_snapshot(cfg: &Config, ids: &mut IdAllocator) -> Result<ConfigSnap
 /// (see [`crate::routing::table::build`] for the merge with the kernel's).
 pub fn routing_snapshot(cfg: &Config) -> RoutingSnapshot {
     crate::routing::table::build(cfg, &Default::default()).snapshot
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Service "web" (policy `on_down`) with three backends, web1 and web2
+    /// checked, web3 not; service "dns" keeps connections, one checked backend.
+    fn config(on_down: &str) -> Config {
+        let mut text = format!(
+            "instance = \"t\"\n[limits]\nmaglev_table_size = 251\n\
+             [[port]]\nname = \"p\"\ndriver = \"vnic\"\nmac = \"02:00:00:00:00:01\"\n\
+             [[switch]]\nname = \"s\"\ncpu = 0\nports = [\"p\"]\n\
+             [[service]]\nname = \"web\"\nvip = \"198.18.0.10\"\nport = 80\nprotocol = \"tcp\"\n\
+             on_backend_down = \"{on_down}\"\n"
+        );
+        for i in 1..=3 {
+            text +=
+                &format!("[[service.backend]]\nname = \"web{i}\"\naddress = \"198.19.1.{i}\"\n");
+            if i < 3 {
+                text += "[service.backend.health]\nkind = \"tcp\"\n";
+            }
+        }
+        text += "[[service]]\nname = \"dns\"\nvip = \"198.18.0.10\"\nport = 53\nprotocol = \"udp\"\n\
+                 on_backend_down = \"keep\"\n[service.health]\nkind = \"udp\"\n\
+                 [[service.backend]]\nname = \"dns1\"\naddress = \"198.19.1.1\"\n";
+        crate::config::parse(&text).unwrap()
+    }
+
+    #[test]
+    fn down_backends_leave_the_table_keep_their_record_and_get_the_policy() {
+        let cfg = config("reset");
+        let mut ids = IdAllocator::new(64);
+        let all_up = config_snapshot(&cfg, &mut ids, |_| false).unwrap();
+        // Everything "down" by the health view: only checked backends are.
+        let snap = config_snapshot(&cfg, &mut ids, |_| true).unwrap();
+        let flags: Vec<u16> = snap.backends.iter().map(|b| b.flags).collect();
+        assert_eq!(
+            flags,
+            [
+                BACKEND_CHECKED | BACKEND_DOWN,
+                BACKEND_CHECKED | BACKEND_DOWN,
+                0,
+                BACKEND_CHECKED | BACKEND_DOWN
+            ]
+        );
+        let ids_of: Vec<u32> = snap.backends.iter().map(|b| b.id).collect();
+        assert_eq!(
+            ids_of,
+            all_up.backends.iter().map(|b| b.id).collect::<Vec<_>>(),
+            "ids are stable across health changes"
+        );
+        // web: only web3 (index 2) is eligible; dns: no eligible backend.
+        assert_eq!(snap.tables[0].len(), 251);
+        assert!(snap.tables[0].iter().all(|&e| e == 2));
+        assert!(snap.tables[1].is_empty());
+        assert_eq!(
+            (snap.services[0].on_down, snap.services[1].on_down),
+            (ON_DOWN_RESET, ON_DOWN_KEEP)
+        );
+        // dns keeps its connections: no action for its id.
+        assert_eq!(
+            snap.down_actions,
+            [(ids_of[0], ON_DOWN_RESET), (ids_of[1], ON_DOWN_RESET)]
+        );
+        assert!(all_up.down_actions.is_empty());
+        assert!(all_up.tables[0].contains(&0) && all_up.tables[0].contains(&1));
+    }
+
+    #[test]
+    fn a_down_backend_gets_no_table_entry_and_its_peers_take_them() {
+        let cfg = config("reschedule");
+        let mut ids = IdAllocator::new(64);
+        let before = config_snapshot(&cfg, &mut ids, |_| false).unwrap();
+        let web2 = BackendIdentity {
+            vip: "198.18.0.10".parse().unwrap(),
+            vport: 80,
+            proto: 6,
+            addr: "198.19.1.2".parse().unwrap(),
+            port: 80,
+        };
+        let after = config_snapshot(&cfg, &mut ids, |b| *b == web2).unwrap();
+        assert_eq!(
+            after.down_actions,
+            [(before.backends[1].id, ON_DOWN_RESCHEDULE)]
+        );
+        assert_eq!(after.tables[0].len(), 251);
+        assert!(!after.tables[0].contains(&1));
+        assert!(after.tables[0].contains(&0) && after.tables[0].contains(&2));
+        assert_eq!(
+            after.tables[1], before.tables[1],
+            "other services unchanged"
+        );
+    }
 }

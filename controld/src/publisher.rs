@@ -66,6 +66,12 @@ pub fn publish_config(
         slot.services[..snap.services.len()].copy_from_slice(&snap.services);
         slot.backends.fill(Default::default());
         slot.backends[..snap.backends.len()].copy_from_slice(&snap.backends);
+        slot.down_action.fill(0);
+        for &(id, action) in &snap.down_actions {
+            if let Some(a) = slot.down_action.get_mut(id as usize) {
+                *a = action;
+            }
+        }
         for (i, t) in snap.tables.iter().enumerate() {
             let area = &mut slot.maglev[i * m..(i + 1) * m];
             area[..t.len()].copy_from_slice(t);

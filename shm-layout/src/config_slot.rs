@@ -27,6 +27,18 @@ pub const MODE_TUNNEL: u8 = 2;
 /// Schedulers (`ServiceRec::scheduler`).
 pub const SCHED_MAGLEV: u8 = 0;
 
+/// What the data path does with an existing connection whose backend is
+/// DOWN (`ServiceRec::on_down`, and the per-id `ConfigView::down_action`).
+/// Keep: forward it to the backend as before.
+pub const ON_DOWN_KEEP: u8 = 0;
+/// Reschedule: move it where the protocol allows (a UDP flow, or a TCP
+/// connection whose client is still sending its SYN) to the flow's current
+/// choice; an established TCP connection is kept.
+pub const ON_DOWN_RESCHEDULE: u8 = 1;
+/// Reset: as reschedule, but an established TCP connection is answered
+/// with a RST to the client, so it fails fast and reconnects.
+pub const ON_DOWN_RESET: u8 = 2;
+
 /// Slot header. `stamp` is the seqlock word of the slot: 0 while the
 /// publisher writes, the slot's generation once complete.
 #[repr(C, align(64))]
@@ -73,7 +85,9 @@ pub struct ServiceRec {
     pub mode: u8,
     pub scheduler: u8,
     pub flags: u8,
-    pub _pad: [u8; 2],
+    /// `ON_DOWN_*`: the policy for connections to a DOWN backend.
+    pub on_down: u8,
+    pub _pad: u8,
     /// This service's backends are `backends[backend_start..backend_start+backend_count]`.
     pub backend_start: u32,
     pub backend_count: u32,
@@ -104,6 +118,12 @@ pub struct BackendRec {
 
 /// `BackendRec::flags`: weight 0 — no new connections.
 pub const BACKEND_DRAINED: u16 = 1;
+/// `BackendRec::flags`: failed its health checks — left out of its
+/// service's table (no new connections); existing ones follow `on_down`.
+pub const BACKEND_DOWN: u16 = 2;
+/// `BackendRec::flags`: health checks are configured for it (without this
+/// flag a backend is never DOWN).
+pub const BACKEND_CHECKED: u16 = 4;
 
 const _: () = {
     assert!(size_of::<PortRec>() == 32);
@@ -114,7 +134,13 @@ const _: () = {
     assert!(align_of::<ConfigHeader>() == 64);
     assert!(offset_of!(ServiceRec, name) == 32);
     assert!(offset_of!(BackendRec, name) == 24);
+    assert!(offset_of!(ServiceRec, on_down) == 10);
 };
+
+/// Arrays of a configuration slot after its header: services, backends,
+/// Maglev tables, per-id down actions. Mixed into the fingerprint, since the
+/// slot's layout (`region::config_layout`) depends on it.
+const CONFIG_ARRAYS: usize = 4;
 
 pub(crate) const fn fingerprint(fp: Fingerprint) -> Fingerprint {
     let fp = fp_type!(
@@ -143,13 +169,15 @@ pub(crate) const fn fingerprint(fp: Fingerprint) -> Fingerprint {
         mode,
         scheduler,
         flags,
+        on_down,
         backend_start,
         backend_count,
         table_start,
         table_len,
         name
     );
-    fp_type!(fp, BackendRec, id, ip, port, flags, weight, service, name)
+    let fp = fp_type!(fp, BackendRec, id, ip, port, flags, weight, service, name);
+    fp.mix(CONFIG_ARRAYS)
 }
 
 impl ConfigHeader {
@@ -171,6 +199,11 @@ pub struct ConfigView<'a> {
     pub backends: &'a [BackendRec],
     /// The whole Maglev area of the slot; index with a service's table range.
     pub maglev: &'a [u16],
+    /// Per backend id (capacity `backend_ids`): `ON_DOWN_KEEP` for a backend
+    /// that is up (or whose service keeps connections to DOWN backends),
+    /// else the `ON_DOWN_*` action for its existing connections. Ids are
+    /// stable, so the data path can judge a connection with one byte load.
+    pub down_action: &'a [u8],
 }
 
 impl<'a> ConfigView<'a> {
@@ -201,6 +234,16 @@ impl<'a> ConfigView<'a> {
         self.backends().get(start..end).unwrap_or(&[])
     }
 
+    /// The `ON_DOWN_*` action for connections to backend `id`
+    /// (`ON_DOWN_KEEP` for an unknown id).
+    #[inline]
+    pub fn down_action(&self, id: u32) -> u8 {
+        self.down_action
+            .get(id as usize)
+            .copied()
+            .unwrap_or(ON_DOWN_KEEP)
+    }
+
     /// The Maglev table of a service, empty if none or out of bounds.
     #[inline]
     pub fn service_table(&self, s: &ServiceRec) -> &'a [u16] {
@@ -217,4 +260,5 @@ pub struct ConfigSlotMut<'a> {
     pub services: &'a mut [ServiceRec],
     pub backends: &'a mut [BackendRec],
     pub maglev: &'a mut [u16],
+    pub down_action: &'a mut [u8],
 }

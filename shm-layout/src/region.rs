@@ -75,6 +75,7 @@ struct ConfigLayout {
     services: u64,
     backends: u64,
     maglev: u64,
+    down_action: u64,
     len: u64,
 }
 
@@ -88,11 +89,13 @@ fn config_layout(c: &Capacities) -> ConfigLayout {
         backends + c.backends as u64 * size_of::<BackendRec>() as u64,
         64,
     );
-    let len = round_up(maglev + c.services as u64 * c.maglev_m as u64 * 2, 64);
+    let down_action = round_up(maglev + c.services as u64 * c.maglev_m as u64 * 2, 64);
+    let len = round_up(down_action + c.backend_ids as u64, 64);
     ConfigLayout {
         services,
         backends,
         maglev,
+        down_action,
         len,
     }
 }
@@ -409,6 +412,7 @@ impl Region {
                 l.maglev,
                 self.caps.services as usize * self.caps.maglev_m as usize,
             ),
+            down_action: self.slice(s, l.down_action, self.caps.backend_ids as usize),
         }
     }
 
@@ -436,8 +440,9 @@ impl Region {
         let l = config_layout(&self.caps);
         let ns = self.caps.services as usize;
         let nb = self.caps.backends as usize;
+        let ni = self.caps.backend_ids as usize;
         // SAFETY: the caller guarantees exclusive access to this slot; the
-        // three arrays and the header are disjoint and in bounds (`ptr` asserts).
+        // four arrays and the header are disjoint and in bounds (`ptr` asserts).
         unsafe {
             ConfigSlotMut {
                 header: &mut *self.ptr::<ConfigHeader>(s, 0, 1),
@@ -447,6 +452,7 @@ impl Region {
                     self.ptr(s, l.maglev, ns * self.caps.maglev_m as usize),
                     ns * self.caps.maglev_m as usize,
                 ),
+                down_action: core::slice::from_raw_parts_mut(self.ptr(s, l.down_action, ni), ni),
             }
         }
     }

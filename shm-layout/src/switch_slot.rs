@@ -66,12 +66,14 @@ counters! {
     DropTcpNoEntry = 26, "drop_tcp_no_entry", "TCP RST or non-SYN packets to a VIP that could not be matched";
     IcmpFragNeeded = 27, "icmp_frag_needed", "ICMP fragmentation-needed sent to a client whose DF packet would exceed the egress MTU once encapsulated";
     DropTooBig = 28, "drop_too_big", "packets that would exceed the egress MTU once encapsulated and may not get an ICMP answer (no DF, or no room)";
+    DownMoved = 29, "down_moved", "flows moved off a DOWN backend (UDP flows and TCP SYNs, policies reschedule and reset)";
+    DownRst = 30, "down_rst", "RSTs sent to clients of established TCP connections to a DOWN backend (policy reset)";
 }
 
 /// Number of counter words per switch (room to grow without a layout change).
 pub const N_COUNTERS: usize = 64;
 
-const _: () = assert!((Counter::DropTooBig as usize) < N_COUNTERS);
+const _: () = assert!((Counter::DownRst as usize) < N_COUNTERS);
 
 /// One switch's slot. Two cache lines of identity and liveness, then counters.
 #[repr(C, align(64))]

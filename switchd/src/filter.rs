@@ -8,7 +8,8 @@
 use core::sync::atomic::Ordering;
 
 use shm_layout::config_slot::{
-    BackendRec, ConfigView, MODE_NAT, MODE_TUNNEL, PROTO_TCP, PROTO_UDP, ServiceRec,
+    BackendRec, ConfigView, MODE_NAT, MODE_TUNNEL, ON_DOWN_KEEP, ON_DOWN_RESET, PROTO_TCP,
+    PROTO_UDP, ServiceRec,
 };
 use shm_layout::conntrack::{
     CONN_MIDFLOW, Conn, ConnSlot, ConnTable, Direction, FlowKey, Hit, InsertError, STATE_ACTIVE,
@@ -262,9 +263,19 @@ fn to_vip(
     {
         let slot = ctx.ct.slot(hit.idx);
         if !ctx.expired(slot) {
-            ctx.count(Counter::FwdHit);
-            touch(slot, l4, ctx.now_ms, Direction::Forward);
-            return forward(frame, l4, &hit.conn, in_port, port_mac, ctx);
+            // One byte per forward hit: what to do if its backend is DOWN.
+            let down = ctx.cfg.down_action(hit.conn.backend_id);
+            if down != ON_DOWN_KEEP && !rst && (syn || !is_tcp) {
+                // The flow can move (a UDP flow, or a TCP SYN: nothing was
+                // exchanged yet): schedule it afresh below.
+                move_off_down(&hit, ctx);
+            } else if down == ON_DOWN_RESET && !rst {
+                return reset_down(frame, l4, slot, in_port, ctx);
+            } else {
+                ctx.count(Counter::FwdHit);
+                touch(slot, l4, ctx.now_ms, Direction::Forward);
+                return forward(frame, l4, &hit.conn, in_port, port_mac, ctx);
+            }
         }
     }
     let Some((svc_idx, svc)) = find_service(&ctx.cfg, &l4.key) else {
@@ -325,6 +336,51 @@ fn to_vip(
         ctx.count(Counter::ConnNew);
     }
     forward(frame, l4, &conn, in_port, port_mac, ctx)
+}
+
+/// Removes the entry of a flow leaving its DOWN backend (the scheduler,
+/// which no longer lists that backend, then picks the flow's new one). The
+/// NAT reply slot is left to the GC; late replies from the old backend no
+/// longer match. If another switch changed the entry first, nothing is done.
+fn move_off_down(hit: &Hit, ctx: &mut Ctx<'_>) {
+    let removed = ctx
+        .ct
+        .snapshot(hit.idx)
+        .filter(|s| s.conn() == Some(hit.conn))
+        .is_some_and(|s| ctx.ct.remove(hit.idx, &s, ctx.pid));
+    if removed {
+        if let Some(b) = ctx.backends.get(hit.conn.backend_id as usize) {
+            let _ = b
+                .active
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| v.checked_sub(1));
+        }
+        ctx.count(Counter::DownMoved);
+    }
+}
+
+/// Policy reset: an established TCP connection to a DOWN backend is
+/// answered with a RST from the VIP, so the client fails fast and
+/// reconnects; the entry closes (it expires after `tcp_fin`).
+fn reset_down(
+    frame: &mut [u8],
+    l4: &L4,
+    slot: &ConnSlot,
+    in_port: u32,
+    ctx: &mut Ctx<'_>,
+) -> Verdict {
+    if slot.tcp_state.load(Ordering::Relaxed) != STATE_CLOSING {
+        slot.tcp_state.store(STATE_CLOSING, Ordering::Relaxed);
+    }
+    match wire::tcp_rst_in_place(frame, l4.frame_len) {
+        Ok(n) => {
+            ctx.count(Counter::DownRst);
+            Verdict::Tx {
+                port: in_port,
+                len: n,
+            }
+        }
+        Err(_) => ctx.drop(Counter::DropMalformed),
+    }
 }
 
 /// Inserts a new connection; on a race with another switch inserting the
@@ -640,6 +696,7 @@ mod tests {
     use crate::fixture::{CLIENT_GW_MAC, Fixture, TUNNEL_SRC, VIP, port_mac};
     use etherparse::PacketBuilder;
     use proptest::prelude::*;
+    use shm_layout::config_slot::ON_DOWN_RESCHEDULE;
 
     fn syn(client_port: u16) -> Vec<u8> {
         let mut v = Vec::new();
@@ -779,6 +836,184 @@ mod tests {
         assert_eq!(v, Verdict::Drop);
         assert_eq!(c[Counter::DropTooBig as usize], 1);
         assert_eq!(c[Counter::IcmpFragNeeded as usize], 1);
+    }
+
+    /// A client TCP segment to the VIP with the given flags.
+    fn tcp_seg(client_port: u16, flags: &str) -> Vec<u8> {
+        let mut v = Vec::new();
+        let mut b = PacketBuilder::ethernet2(CLIENT_GW_MAC, [2, 0, 0, 0, 0, 1])
+            .ipv4([198, 18, 100, 1], VIP.to_be_bytes(), 64)
+            .tcp(client_port, 80, 1, 1000);
+        for f in flags.chars() {
+            b = match f {
+                'S' => b.syn(),
+                'A' => b.ack(2),
+                'R' => b.rst(),
+                _ => panic!("flag {f}"),
+            };
+        }
+        b.write(&mut v, b"data").unwrap();
+        v
+    }
+
+    fn udp_dgram(client_port: u16) -> Vec<u8> {
+        let mut v = Vec::new();
+        PacketBuilder::ethernet2(CLIENT_GW_MAC, [2, 0, 0, 0, 0, 1])
+            .ipv4([198, 18, 100, 1], VIP.to_be_bytes(), 64)
+            .udp(client_port, 53)
+            .write(&mut v, b"query")
+            .unwrap();
+        v
+    }
+
+    /// The verdict's port and the IPv4 destination of the frame sent.
+    fn sent_to(v: Verdict, buf: &[u8]) -> (u32, [u8; 4]) {
+        let Verdict::Tx { port, len } = v else {
+            panic!("{v:?}")
+        };
+        let p = etherparse::SlicedPacket::from_ethernet(&buf[..len]).unwrap();
+        let Some(etherparse::NetSlice::Ipv4(ip)) = p.net else {
+            panic!()
+        };
+        (port, ip.header().destination())
+    }
+
+    /// Fixture backend id (TCP service) for a backend address.
+    fn tcp_id(dst: [u8; 4]) -> u32 {
+        u32::from(dst[3]) - 1
+    }
+
+    #[test]
+    fn down_backend_keep_forwards_its_connections_and_gets_no_new_ones() {
+        let fx = Fixture::new("unit-keep", 1 << 12);
+        let mut c = [0u64; N_COUNTERS];
+        let (v, buf) = run(&fx, &mut c, &tcp_seg(41_000, "S"));
+        let (_, first) = sent_to(v, &buf);
+        fx.mark_down(&[(tcp_id(first), ON_DOWN_KEEP)]);
+        for flags in ["A", "S"] {
+            let (v, buf) = run(&fx, &mut c, &tcp_seg(41_000, flags));
+            assert_eq!(sent_to(v, &buf), (1, first), "{flags}");
+        }
+        for port in 42_000..42_100 {
+            let (v, buf) = run(&fx, &mut c, &tcp_seg(port, "S"));
+            assert_ne!(
+                sent_to(v, &buf).1,
+                first,
+                "new connection to a DOWN backend"
+            );
+        }
+        assert_eq!(
+            c[Counter::DownMoved as usize] + c[Counter::DownRst as usize],
+            0
+        );
+    }
+
+    #[test]
+    fn down_backend_reset_answers_established_tcp_with_rst_from_the_vip() {
+        let fx = Fixture::new("unit-reset", 1 << 12);
+        let mut c = [0u64; N_COUNTERS];
+        let (v, buf) = run(&fx, &mut c, &tcp_seg(41_000, "S"));
+        let (_, first) = sent_to(v, &buf);
+        run(&fx, &mut c, &tcp_seg(41_000, "A"));
+        fx.mark_down(&[(tcp_id(first), ON_DOWN_RESET)]);
+        let (v, buf) = run(&fx, &mut c, &tcp_seg(41_000, "A"));
+        let Verdict::Tx { port: 0, len } = v else {
+            panic!("{v:?}")
+        };
+        let p = etherparse::SlicedPacket::from_ethernet(&buf[..len]).unwrap();
+        let (Some(etherparse::NetSlice::Ipv4(ip)), Some(etherparse::TransportSlice::Tcp(t))) =
+            (p.net, p.transport)
+        else {
+            panic!()
+        };
+        assert_eq!(ip.header().source(), VIP.to_be_bytes());
+        assert_eq!(ip.header().destination(), [198, 18, 100, 1]);
+        assert!(t.rst() && t.source_port() == 80 && t.destination_port() == 41_000);
+        assert_eq!(c[Counter::DownRst as usize], 1);
+        // The entry is closing; the client's own RST still reaches the backend.
+        let hit = fx.region.conntrack().lookup(&FlowKey {
+            proto: PROTO_TCP,
+            src_ip: 0xc612_6401,
+            dst_ip: VIP,
+            src_port: 41_000,
+            dst_port: 80,
+        });
+        let slot = fx.region.conntrack().slot(hit.unwrap().idx);
+        assert_eq!(slot.tcp_state.load(Ordering::Relaxed), STATE_CLOSING);
+        let (v, buf) = run(&fx, &mut c, &tcp_seg(41_000, "R"));
+        assert_eq!(sent_to(v, &buf), (1, first));
+        assert_eq!(c[Counter::DownRst as usize], 1);
+    }
+
+    #[test]
+    fn down_backend_reschedule_moves_syns_and_keeps_established_tcp() {
+        let fx = Fixture::new("unit-resched", 1 << 12);
+        let mut c = [0u64; N_COUNTERS];
+        // Two connections to the same backend: one established, one whose
+        // SYN is retransmitted after the backend went DOWN.
+        let (v, buf) = run(&fx, &mut c, &tcp_seg(41_000, "S"));
+        let (_, first) = sent_to(v, &buf);
+        run(&fx, &mut c, &tcp_seg(41_000, "A"));
+        let other = (41_001..42_000)
+            .find(|&p| sent_to_fresh(&fx, &mut c, p) == first)
+            .expect("a second flow to the same backend");
+        let id = tcp_id(first) as usize;
+        let active_before = fx.region.backend_counters()[id]
+            .active
+            .load(Ordering::Relaxed);
+        fx.mark_down(&[(id as u32, ON_DOWN_RESCHEDULE)]);
+        let (v, buf) = run(&fx, &mut c, &tcp_seg(41_000, "A"));
+        assert_eq!(sent_to(v, &buf), (1, first), "established TCP cannot move");
+        let (v, buf) = run(&fx, &mut c, &tcp_seg(other, "S"));
+        let (port, moved) = sent_to(v, &buf);
+        assert_eq!(port, 1);
+        assert_ne!(moved, first, "the SYN moved off the DOWN backend");
+        assert_eq!(c[Counter::DownMoved as usize], 1);
+        let counters = fx.region.backend_counters();
+        assert_eq!(
+            counters[id].active.load(Ordering::Relaxed),
+            active_before - 1
+        );
+        assert_eq!(
+            counters[tcp_id(moved) as usize]
+                .active
+                .load(Ordering::Relaxed),
+            1
+        );
+        // It stays on its new backend.
+        let (v, buf) = run(&fx, &mut c, &tcp_seg(other, "A"));
+        assert_eq!(sent_to(v, &buf), (1, moved));
+        assert_eq!(c[Counter::DownMoved as usize], 1);
+    }
+
+    /// Opens a flow from `port` with a SYN; returns where it went.
+    fn sent_to_fresh(fx: &Fixture, c: &mut [u64; N_COUNTERS], port: u16) -> [u8; 4] {
+        let (v, buf) = run(fx, c, &tcp_seg(port, "S"));
+        sent_to(v, &buf).1
+    }
+
+    #[test]
+    fn down_backend_udp_flow_moves_under_reschedule_and_reset() {
+        for (tag, action) in [
+            ("unit-udp-res", ON_DOWN_RESCHEDULE),
+            ("unit-udp-rst", ON_DOWN_RESET),
+        ] {
+            let fx = Fixture::new(tag, 1 << 12);
+            let mut c = [0u64; N_COUNTERS];
+            let (v, buf) = run(&fx, &mut c, &udp_dgram(5000));
+            let (_, first) = sent_to(v, &buf);
+            let id = 3 + tcp_id(first);
+            fx.mark_down(&[(id, action)]);
+            let (v, buf) = run(&fx, &mut c, &udp_dgram(5000));
+            let (port, moved) = sent_to(v, &buf);
+            assert_eq!(port, 1);
+            assert_ne!(moved, first);
+            assert_eq!(c[Counter::DownMoved as usize], 1);
+            assert_eq!(c[Counter::DownRst as usize], 0);
+            let (v, buf) = run(&fx, &mut c, &udp_dgram(5000));
+            assert_eq!(sent_to(v, &buf).1, moved);
+            assert_eq!(c[Counter::ConnNew as usize], 2);
+        }
     }
 
     proptest! {

@@ -1,12 +1,13 @@
 //! A region with published services, for the filter's unit tests and
-//! benchmarks (no controld needed): VIP 198.18.0.10:80/tcp in NAT mode with
-//! backends 198.19.1.1-3:8080, and 198.18.0.10:443/tcp in tunnel mode (from
-//! 198.19.1.254) to the same backends' :443; clients in 198.18.100.0/24 via
-//! 198.18.0.1 on port 0, backends on port 1; both ports' MTU 1500.
+//! benchmarks (no controld needed): VIP 198.18.0.10:80/tcp (NAT) with
+//! backends 198.19.1.1-3:8080 (ids 0-2), VIP:53/udp (NAT) with backends
+//! 198.19.1.1-3:5353 (ids 3-5), and VIP:443/tcp in tunnel mode (from
+//! 198.19.1.254) to 198.19.1.1-3:443 (ids 6-8); clients in 198.18.100.0/24
+//! via 198.18.0.1 on port 0, backends on port 1; both ports' MTU 1500.
 
 use std::time::Duration;
 
-use shm_layout::config_slot::{MODE_NAT, MODE_TUNNEL, PROTO_TCP};
+use shm_layout::config_slot::{BACKEND_DOWN, MODE_NAT, MODE_TUNNEL, PROTO_TCP, PROTO_UDP};
 use shm_layout::routing_slot::{NEIGH_VALID, NeighbourRec, RouteRec};
 use shm_layout::switch_slot::N_COUNTERS;
 use shm_layout::{Capacities, Mapping, Region, Table, region_name};
@@ -45,48 +46,7 @@ impl Fixture {
             ..Capacities::default()
         };
         let region = Region::create(&inst, caps).expect("create fixture region");
-        region.publish_config(Duration::from_millis(10), |s| {
-            let h = &mut *s.header;
-            h.n_services = 2;
-            h.n_backends = 6;
-            h.n_ports = 2;
-            h.maglev_m = 65537;
-            h.tcp_syn_ms = 10_000;
-            h.tcp_established_ms = 900_000;
-            h.tcp_fin_ms = 30_000;
-            h.udp_ms = 60_000;
-            h.ports[0].mac = [2, 0, 0, 0, 0, 1];
-            h.ports[1].mac = [2, 0, 0, 0, 0, 2];
-            h.ports[0].mtu = 1500;
-            h.ports[1].mtu = 1500;
-            h.tunnel_src = TUNNEL_SRC;
-            let svc = &mut s.services[0];
-            svc.vip = VIP;
-            svc.port = 80;
-            svc.proto = PROTO_TCP;
-            svc.mode = MODE_NAT;
-            svc.backend_count = 3;
-            svc.table_len = 65537;
-            let tun = &mut s.services[1];
-            tun.vip = VIP;
-            tun.port = 443;
-            tun.proto = PROTO_TCP;
-            tun.mode = MODE_TUNNEL;
-            tun.backend_start = 3;
-            tun.backend_count = 3;
-            tun.table_start = 65537;
-            tun.table_len = 65537;
-            for (i, b) in s.backends[..6].iter_mut().enumerate() {
-                b.id = i as u32;
-                b.ip = 0xc613_0101 + (i % 3) as u32;
-                b.port = if i < 3 { 8080 } else { 443 };
-                b.weight = 1;
-                b.service = (i / 3) as u32;
-            }
-            for (i, e) in s.maglev[..2 * 65537].iter_mut().enumerate() {
-                *e = (i % 65537 % 3) as u16;
-            }
-        });
+        publish(&region, &[]);
         region.publish_routing(Duration::from_millis(10), |s| {
             s.header.n_routes = 2;
             s.header.n_neighbours = 4;
@@ -125,6 +85,12 @@ impl Fixture {
         }
     }
 
+    /// Republishes the configuration with backends `(id, on_down action)`
+    /// DOWN: flagged, out of their service's table, their action set.
+    pub fn mark_down(&self, down: &[(u32, u8)]) {
+        publish(&self.region, down);
+    }
+
     /// A filter context over the active slots.
     pub fn ctx<'a>(&'a self, counters: &'a mut [u64; N_COUNTERS]) -> Ctx<'a> {
         let r = &self.region;
@@ -141,4 +107,66 @@ impl Fixture {
             counters,
         }
     }
+}
+
+/// Publishes the fixture's configuration with the backends in `down` DOWN.
+fn publish(region: &Region, down: &[(u32, u8)]) {
+    const M: usize = 65537;
+    region.publish_config(Duration::from_millis(10), |s| {
+        let h = &mut *s.header;
+        h.n_services = 3;
+        h.n_backends = 9;
+        h.n_ports = 2;
+        h.maglev_m = M as u32;
+        h.tcp_syn_ms = 10_000;
+        h.tcp_established_ms = 900_000;
+        h.tcp_fin_ms = 30_000;
+        h.udp_ms = 60_000;
+        h.ports[0].mac = [2, 0, 0, 0, 0, 1];
+        h.ports[1].mac = [2, 0, 0, 0, 0, 2];
+        h.ports[0].mtu = 1500;
+        h.ports[1].mtu = 1500;
+        h.tunnel_src = TUNNEL_SRC;
+        s.down_action.fill(0);
+        for (si, (port, proto, bport, mode)) in [
+            (80, PROTO_TCP, 8080, MODE_NAT),
+            (53, PROTO_UDP, 5353, MODE_NAT),
+            (443, PROTO_TCP, 443, MODE_TUNNEL),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let svc = &mut s.services[si];
+            svc.vip = VIP;
+            svc.port = port;
+            svc.proto = proto;
+            svc.mode = mode;
+            svc.backend_start = 3 * si as u32;
+            svc.backend_count = 3;
+            svc.table_start = (si * M) as u32;
+            svc.table_len = M as u32;
+            let mut live = Vec::new();
+            for (i, b) in s.backends[3 * si..3 * si + 3].iter_mut().enumerate() {
+                b.id = (3 * si + i) as u32;
+                b.ip = 0xc613_0101 + i as u32;
+                b.port = bport;
+                b.weight = 1;
+                b.service = si as u32;
+                b.flags = 0;
+                match down.iter().find(|(id, _)| *id == b.id) {
+                    Some(&(id, action)) => {
+                        b.flags = BACKEND_DOWN;
+                        s.down_action[id as usize] = action;
+                    }
+                    None => live.push(i as u16),
+                }
+            }
+            if live.is_empty() {
+                s.services[si].table_len = 0;
+            }
+            for (i, e) in s.maglev[si * M..(si + 1) * M].iter_mut().enumerate() {
+                *e = live.get(i % live.len().max(1)).copied().unwrap_or(0);
+            }
+        }
+    });
 }

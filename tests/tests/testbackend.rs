@@ -21,6 +21,10 @@ impl Drop for Backend {
 }
 
 fn start(name: &str) -> Backend {
+    start_with(name, &[])
+}
+
+fn start_with(name: &str, extra: &[&str]) -> Backend {
     let mut child = Command::new(bin("testbackend"))
         .args([
             "--name",
@@ -30,6 +34,7 @@ fn start(name: &str) -> Backend {
             "--udp",
             "127.0.0.1:0",
         ])
+        .args(extra)
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();
@@ -91,6 +96,41 @@ fn keeps_connections_alive_and_echoes_udp() {
     let mut buf = [0u8; 64];
     let n = u.recv(&mut buf).unwrap();
     assert_eq!(&buf[..n], b"web8 ping");
+}
+
+/// With --health-file, /health follows the file (200 while it exists, 503
+/// otherwise) while / keeps answering; /stats counts the /health answers.
+#[test]
+fn health_file_switches_health_and_stats_count_answers() {
+    let file = std::env::temp_dir().join(format!("switchyard-tb-health-{}", std::process::id()));
+    let _ = std::fs::remove_file(&file);
+    let b = start_with("web9", &["--health-file", file.to_str().unwrap()]);
+    let status = |path: &str| {
+        let out = Command::new("curl")
+            .args([
+                "-s",
+                "-o",
+                "/dev/null",
+                "-w",
+                "%{http_code}",
+                "--max-time",
+                "20",
+            ])
+            .arg(format!("http://{}{path}", b.http))
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).to_string()
+    };
+    assert_eq!(status("/health"), "503");
+    assert_eq!(curl(&format!("http://{}/", b.http)), b"web9\n");
+    std::fs::write(&file, b"").unwrap();
+    assert_eq!(status("/health"), "200");
+    assert_eq!(status("/health"), "200");
+    std::fs::remove_file(&file).unwrap();
+    assert_eq!(
+        curl(&format!("http://{}/stats", b.http)),
+        b"health_ok 2\nhealth_fail 1\n"
+    );
 }
 
 #[test]

@@ -13,8 +13,11 @@
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 
+mod health;
 mod raw;
 mod validate;
+
+pub use health::{HealthCheck, OnDown, Probe};
 
 #[cfg(test)]
 mod tests;
@@ -299,6 +302,9 @@ pub struct Service {
     pub mode: Mode,
     /// `scheduler` (default `"maglev"`): how a backend is chosen.
     pub scheduler: Scheduler,
+    /// `on_backend_down` (default `"reschedule"`): what happens to the
+    /// existing connections of a backend its health checks take DOWN.
+    pub on_backend_down: OnDown,
     /// `[[service.backend]]`, in file order; may be empty (the service then
     /// drops new connections). At most `limits.maglev_table_size`.
     pub backends: Vec<Backend>,
@@ -378,6 +384,10 @@ pub struct Backend {
     /// `weight` (default 1): share of new connections, `0..=65535`; 0 drains
     /// the backend (no new connections, existing ones continue).
     pub weight: u32,
+    /// Its health check (`[service.health]` overridden key by key by
+    /// `[service.backend.health]`); `None` (no table, or `kind = "none"`):
+    /// never checked, always up.
+    pub health: Option<HealthCheck>,
 }
 
 /// `[[route]]`: a static route.

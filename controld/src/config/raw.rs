@@ -7,6 +7,8 @@
 
 use serde::Deserialize;
 
+use super::health::RawHealth;
+
 /// The whole file.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -157,6 +159,10 @@ pub(super) struct RawService {
     pub mode: Option<String>,
     /// `scheduler`: see [`super::Service::scheduler`].
     pub scheduler: Option<String>,
+    /// `on_backend_down`: see [`super::Service::on_backend_down`].
+    pub on_backend_down: Option<String>,
+    /// `[service.health]`: see [`super::HealthCheck`].
+    pub health: Option<RawHealth>,
     /// `[[service.backend]]`: see [`super::Backend`].
     #[serde(default)]
     pub backend: Vec<RawBackend>,
@@ -174,6 +180,8 @@ pub(super) struct RawBackend {
     pub port: Option<i64>,
     /// `weight`: see [`super::Backend::weight`].
     pub weight: Option<i64>,
+    /// `[service.backend.health]`: see [`super::Backend::health`].
+    pub health: Option<RawHealth>,
 }
 
 /// One `[[route]]`.

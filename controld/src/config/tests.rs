@@ -135,12 +135,14 @@ fn demo_example_parses_with_all_fields() {
                 protocol: Protocol::Tcp,
                 mode: Mode::Nat,
                 scheduler: Scheduler::Maglev,
+                on_backend_down: OnDown::Reschedule,
                 backends: (1..=3)
                     .map(|i| Backend {
                         name: format!("web{i}"),
                         address: ip(198, 19, 1, i),
                         port: 8080,
                         weight: u32::from(i),
+                        health: None,
                     })
                     .collect(),
             },
@@ -151,12 +153,14 @@ fn demo_example_parses_with_all_fields() {
                 protocol: Protocol::Udp,
                 mode: Mode::Nat,
                 scheduler: Scheduler::Maglev,
+                on_backend_down: OnDown::Reschedule,
                 backends: (1..=2)
                     .map(|i| Backend {
                         name: format!("dns{i}"),
                         address: ip(198, 19, 1, i),
                         port: 5353,
                         weight: 1,
+                        health: None,
                     })
                     .collect(),
             },
@@ -415,7 +419,7 @@ fn unknown_key_in_backend() {
     assert_eq!(
         err(&with("  port = 8080\n", "  port = 8080\n  wieght = 2\n")),
         "TOML parse error at line 29, column 3\n   |\n29 |   wieght = 2\n   |   ^^^^^^\n\
-         unknown field `wieght`, expected one of `name`, `address`, `port`, `weight`"
+         unknown field `wieght`, expected one of `name`, `address`, `port`, `weight`, `health`"
     );
 }
 
@@ -1135,5 +1139,287 @@ fn routing_unknown_key_and_wrong_type() {
         err(&head("[routing]\nmirror = \"yes\"")),
         "TOML parse error at line 5, column 10\n  |\n5 | mirror = \"yes\"\n  |          ^^^^^\n\
          invalid type: string \"yes\", expected a boolean"
+    );
+}
+
+// ---- health checks ----
+
+/// `BASE` with `table` (e.g. `[service.health]` lines) inserted in the
+/// service "web" before its backends.
+fn svc(table: &str) -> String {
+    with(
+        "protocol = \"tcp\"\n",
+        &format!("protocol = \"tcp\"\n{table}\n"),
+    )
+}
+
+/// `BASE` with `table` (`[service.backend.health]` lines) after backend web1.
+fn be(table: &str) -> String {
+    plus(table)
+}
+
+#[test]
+fn no_health_table_means_unchecked_and_reschedule() {
+    let c = parse(BASE).unwrap();
+    assert_eq!(c.services[0].backends[0].health, None);
+    assert_eq!(c.services[0].on_backend_down, OnDown::Reschedule);
+}
+
+#[test]
+fn health_defaults() {
+    let c = parse(&svc("[service.health]\nkind = \"tcp\"")).unwrap();
+    assert_eq!(
+        c.services[0].backends[0].health,
+        Some(HealthCheck {
+            probe: Probe::Tcp,
+            port: 8080,
+            interval_ms: 2000,
+            fast_interval_ms: 500,
+            timeout_ms: 1000,
+            rise: 2,
+            fall: 3,
+        })
+    );
+    // A short interval caps the fast interval and the timeout.
+    let c = parse(&svc("[service.health]\nkind = \"tcp\"\ninterval_ms = 300")).unwrap();
+    let h = c.services[0].backends[0].health.clone().unwrap();
+    assert_eq!(
+        (h.interval_ms, h.fast_interval_ms, h.timeout_ms),
+        (300, 300, 300)
+    );
+    // HTTP: path "/", status 200, Host is the backend's address and port.
+    let c = parse(&svc("[service.health]\nkind = \"http\"")).unwrap();
+    assert_eq!(
+        c.services[0].backends[0].health.as_ref().unwrap().probe,
+        Probe::Http {
+            path: "/".into(),
+            host: "198.19.1.1:8080".into(),
+            expect_status: 200
+        }
+    );
+    let c = parse(&svc("[service.health]\nkind = \"http\"\nport = 80")).unwrap();
+    let Probe::Http { host, .. } = &c.services[0].backends[0].health.as_ref().unwrap().probe else {
+        panic!()
+    };
+    assert_eq!(host, "198.19.1.1");
+    // UDP: an empty datagram, any reply.
+    let c = parse(&svc("[service.health]\nkind = \"udp\"")).unwrap();
+    assert_eq!(
+        c.services[0].backends[0].health.as_ref().unwrap().probe,
+        Probe::Udp {
+            payload: vec![],
+            expect: vec![],
+            require_reply: true
+        }
+    );
+}
+
+#[test]
+fn health_all_keys_and_backend_overrides() {
+    let text = svc(concat!(
+        "on_backend_down = \"reset\"\n",
+        "[service.health]\nkind = \"http\"\nport = 9000\ninterval_ms = 5000\n",
+        "fast_interval_ms = 1000\ntimeout_ms = 4000\nrise = 4\nfall = 1\n",
+        "path = \"/healthz?full=1\"\nhost = \"web.example\"\nexpect_status = 204",
+    )) + concat!(
+        "[service.backend.health]\nkind = \"udp\"\nrise = 7\npayload_hex = \"00ff0A\"\nexpect = \"pong\"\n",
+        "  [[service.backend]]\n  name = \"web2\"\n  address = \"198.19.1.2\"\n",
+        "  [service.backend.health]\n  timeout_ms = 10\n  path = \"/\"\n",
+        "  [[service.backend]]\n  name = \"web3\"\n  address = \"198.19.1.3\"\n",
+        "  [service.backend.health]\n  kind = \"none\"\n",
+        "  [[service.backend]]\n  name = \"web4\"\n  address = \"198.19.1.4\"\n",
+        "  [service.backend.health]\n  kind = \"udp\"\n  require_reply = false\n  payload = \"hi\"\n",
+    );
+    let c = parse(&text).unwrap();
+    let s = &c.services[0];
+    assert_eq!(s.on_backend_down, OnDown::Reset);
+    let common = HealthCheck {
+        probe: Probe::Tcp,
+        port: 9000,
+        interval_ms: 5000,
+        fast_interval_ms: 1000,
+        timeout_ms: 4000,
+        rise: 4,
+        fall: 1,
+    };
+    assert_eq!(
+        s.backends[0].health,
+        Some(HealthCheck {
+            probe: Probe::Udp {
+                payload: vec![0, 0xff, 0x0a],
+                expect: b"pong".to_vec(),
+                require_reply: true
+            },
+            rise: 7,
+            ..common.clone()
+        })
+    );
+    assert_eq!(
+        s.backends[1].health,
+        Some(HealthCheck {
+            probe: Probe::Http {
+                path: "/".into(),
+                host: "web.example".into(),
+                expect_status: 204
+            },
+            timeout_ms: 10,
+            ..common.clone()
+        })
+    );
+    assert_eq!(s.backends[2].health, None);
+    assert_eq!(
+        s.backends[3].health,
+        Some(HealthCheck {
+            probe: Probe::Udp {
+                payload: b"hi".to_vec(),
+                expect: vec![],
+                require_reply: false
+            },
+            ..common
+        })
+    );
+    for (v, want) in [("keep", OnDown::Keep), ("reschedule", OnDown::Reschedule)] {
+        let c = parse(&svc(&format!("on_backend_down = \"{v}\""))).unwrap();
+        assert_eq!(c.services[0].on_backend_down, want);
+    }
+    // A backend may have a check when its service has none.
+    let c = parse(&be("[service.backend.health]\nkind = \"tcp\"\nport = 22")).unwrap();
+    assert_eq!(c.services[0].backends[0].health.as_ref().unwrap().port, 22);
+}
+
+#[test]
+fn unknown_key_in_health() {
+    assert_eq!(
+        err(&svc("[service.health]\nkind = \"tcp\"\nintervall_ms = 5")),
+        "TOML parse error at line 26, column 1\n   |\n26 | intervall_ms = 5\n   | ^^^^^^^^^^^^\n\
+         unknown field `intervall_ms`, expected one of `kind`, `port`, `interval_ms`, \
+         `fast_interval_ms`, `timeout_ms`, `rise`, `fall`, `path`, `host`, `expect_status`, \
+         `payload`, `payload_hex`, `expect`, `expect_hex`, `require_reply`"
+    );
+}
+
+#[test]
+fn health_rules() {
+    let h = |t: &str| err(&svc(&format!("[service.health]\n{t}")));
+    let web = "service \"web\": health: ";
+    for (table, msg) in [
+        (
+            "port = 1",
+            "kind is required (supported: tcp, http, udp, none)",
+        ),
+        (
+            "kind = \"icmp\"",
+            "kind \"icmp\" is not supported (supported: tcp, http, udp, none)",
+        ),
+        (
+            "kind = \"none\"\nrise = 2",
+            "rise is set but kind is \"none\" (no check: remove the key or choose a kind)",
+        ),
+        (
+            "kind = \"tcp\"\npath = \"/\"",
+            "path is only for kind \"http\" (kind is \"tcp\")",
+        ),
+        (
+            "kind = \"http\"\npayload = \"x\"",
+            "payload is only for kind \"udp\" (kind is \"http\")",
+        ),
+        ("kind = \"tcp\"\nport = 0", "port 0 is less than 1"),
+        (
+            "kind = \"tcp\"\ninterval_ms = 9",
+            "interval_ms 9 is less than 10",
+        ),
+        (
+            "kind = \"tcp\"\ninterval_ms = 3600001",
+            "interval_ms 3600001 exceeds 3600000",
+        ),
+        (
+            "kind = \"tcp\"\ntimeout_ms = 0",
+            "timeout_ms 0 is less than 1",
+        ),
+        (
+            "kind = \"tcp\"\ntimeout_ms = 2001",
+            "timeout_ms 2001 exceeds interval_ms 2000 (a check must end before the next one is due)",
+        ),
+        (
+            "kind = \"tcp\"\nfast_interval_ms = 2001",
+            "fast_interval_ms 2001 exceeds interval_ms 2000 (the fast interval is the shorter one)",
+        ),
+        ("kind = \"tcp\"\nrise = 0", "rise 0 is less than 1"),
+        ("kind = \"tcp\"\nfall = 101", "fall 101 exceeds 100"),
+        (
+            "kind = \"http\"\nexpect_status = 600",
+            "expect_status 600 exceeds 599",
+        ),
+        (
+            "kind = \"http\"\npath = \"health\"",
+            "path \"health\" is not a URL path (expected / then at most 1023 visible ASCII characters, no spaces)",
+        ),
+        (
+            "kind = \"http\"\npath = \"/a b\"",
+            "path \"/a b\" is not a URL path (expected / then at most 1023 visible ASCII characters, no spaces)",
+        ),
+        (
+            "kind = \"http\"\nhost = \"\"",
+            "host \"\" is not a host name (1 to 255 visible ASCII characters, no spaces)",
+        ),
+        (
+            "kind = \"http\"\nhost = \"a\\r\\nX: y\"",
+            "host \"a\\r\\nX: y\" is not a host name (1 to 255 visible ASCII characters, no spaces)",
+        ),
+        (
+            "kind = \"udp\"\npayload = \"a\"\npayload_hex = \"61\"",
+            "payload and payload_hex are both set (set at most one)",
+        ),
+        (
+            "kind = \"udp\"\nexpect_hex = \"abc\"",
+            "expect_hex \"abc\" is not hex bytes (expected pairs of hex digits like \"0a1b\")",
+        ),
+        (
+            "kind = \"udp\"\npayload_hex = \"zz\"",
+            "payload_hex \"zz\" is not hex bytes (expected pairs of hex digits like \"0a1b\")",
+        ),
+        (
+            "kind = \"udp\"\nexpect = \"x\"\nrequire_reply = false",
+            "expect is set but require_reply is false (a reply can only be matched if one is required)",
+        ),
+    ] {
+        assert_eq!(h(table), format!("{web}{msg}"), "{table}");
+    }
+    let long = "x".repeat(1473);
+    assert_eq!(
+        h(&format!("kind = \"udp\"\npayload = \"{long}\"")),
+        format!("{web}payload of 1473 bytes exceeds 1472 (one Ethernet frame)")
+    );
+    assert_eq!(
+        err(&svc("on_backend_down = \"drop\"")),
+        "service \"web\": on_backend_down \"drop\" is not supported (supported: keep, reschedule, reset)"
+    );
+    // A backend's table is checked with the effective kind; errors name the backend.
+    let b = "service \"web\": backend \"web1\": health: ";
+    assert_eq!(
+        err(&be("[service.backend.health]\nport = 22")),
+        format!("{b}kind is required (supported: tcp, http, udp, none)")
+    );
+    assert_eq!(
+        err(&(svc("[service.health]\nkind = \"tcp\"")
+            + "[service.backend.health]\nexpect_status = 204\n")),
+        format!("{b}expect_status is only for kind \"http\" (kind is \"tcp\")")
+    );
+    assert_eq!(
+        err(&(svc("[service.health]\nkind = \"tcp\"\ninterval_ms = 500")
+            + "[service.backend.health]\ntimeout_ms = 600\n")),
+        format!(
+            "{b}timeout_ms 600 exceeds interval_ms 500 (a check must end before the next one is due)"
+        )
+    );
+    // An inherited key that does not suit the backend's own kind is ignored.
+    let c = parse(
+        &(svc("[service.health]\nkind = \"http\"\npath = \"/h\"")
+            + "[service.backend.health]\nkind = \"tcp\"\n"),
+    )
+    .unwrap();
+    assert_eq!(
+        c.services[0].backends[0].health.as_ref().unwrap().probe,
+        Probe::Tcp
     );
 }

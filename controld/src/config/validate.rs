@@ -5,6 +5,7 @@
 use std::collections::HashMap;
 use std::net::Ipv4Addr;
 
+use super::health::{self, RawHealth};
 use super::raw::{
     RawBackend, RawConfig, RawLimits, RawNeighbour, RawPort, RawPublish, RawRoute, RawRouting,
     RawService, RawSwitch, RawTimeouts,
@@ -471,9 +472,11 @@ fn service(raw: &RawService, limits: &Limits) -> R<Service> {
             limits.maglev_table_size
         ));
     }
+    health::check_service(&ctx, raw.health.as_ref())?;
+    let on_backend_down = health::on_down(&ctx, raw.on_backend_down.as_deref())?;
     let mut backends: Vec<Backend> = Vec::with_capacity(raw.backend.len());
     for b in &raw.backend {
-        let be = backend(&ctx, b, port, mode)?;
+        let be = backend(&ctx, b, port, mode, raw.health.as_ref())?;
         if backends.iter().any(|c| c.name == be.name) {
             return Err(format!("{ctx}backend {:?} is defined twice", be.name));
         }
@@ -495,11 +498,18 @@ fn service(raw: &RawService, limits: &Limits) -> R<Service> {
         protocol,
         mode,
         scheduler,
+        on_backend_down,
         backends,
     })
 }
 
-fn backend(service_ctx: &str, raw: &RawBackend, service_port: u16, mode: Mode) -> R<Backend> {
+fn backend(
+    service_ctx: &str,
+    raw: &RawBackend,
+    service_port: u16,
+    mode: Mode,
+    service_health: Option<&RawHealth>,
+) -> R<Backend> {
     check_name(&format!("{service_ctx}backend"), &raw.name, 32)?;
     let ctx = format!("{service_ctx}backend {:?}: ", raw.name);
     let address = unicast(&ctx, "address", &raw.address)?;
@@ -522,6 +532,7 @@ fn backend(service_ctx: &str, raw: &RawBackend, service_port: u16, mode: Mode) -
             0,
             MAX_WEIGHT as i64,
         )?,
+        health: health::backend_check(&ctx, service_health, raw.health.as_ref(), address, port)?,
     })
 }
 
@@ -576,7 +587,7 @@ fn neighbour(raw: &RawNeighbour, ports: &[Port]) -> R<Neighbour> {
 }
 
 /// An integer key: `value` (or `default` when absent) must lie in `lo..=hi`.
-fn int<T>(ctx: &str, key: &str, value: Option<i64>, default: T, lo: i64, hi: i64) -> R<T>
+pub(super) fn int<T>(ctx: &str, key: &str, value: Option<i64>, default: T, lo: i64, hi: i64) -> R<T>
 where
     T: TryFrom<i64>,
 {

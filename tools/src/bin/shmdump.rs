@@ -6,7 +6,10 @@ use std::sync::atomic::Ordering;
 
 use clap::Parser;
 use serde_json::{Value, json};
-use shm_layout::config_slot::{MODE_DR, MODE_NAT, MODE_TUNNEL, PROTO_TCP, PROTO_UDP};
+use shm_layout::config_slot::{
+    BACKEND_CHECKED, BACKEND_DOWN, MODE_DR, MODE_NAT, MODE_TUNNEL, ON_DOWN_KEEP,
+    ON_DOWN_RESCHEDULE, ON_DOWN_RESET, PROTO_TCP, PROTO_UDP,
+};
 use shm_layout::conntrack::{
     KIND_EMPTY, KIND_FWD, KIND_REPLY, KIND_TOMB, STATE_ACTIVE, STATE_CLOSING, STATE_ESTABLISHED,
     STATE_SYN,
@@ -73,6 +76,26 @@ fn mode(m: u8) -> &'static str {
     }
 }
 
+/// A backend's health from its flags: unchecked backends are always up.
+fn health(flags: u16) -> &'static str {
+    if flags & BACKEND_CHECKED == 0 {
+        "unchecked"
+    } else if flags & BACKEND_DOWN != 0 {
+        "down"
+    } else {
+        "up"
+    }
+}
+
+fn on_down(p: u8) -> &'static str {
+    match p {
+        ON_DOWN_KEEP => "keep",
+        ON_DOWN_RESCHEDULE => "reschedule",
+        ON_DOWN_RESET => "reset",
+        _ => "?",
+    }
+}
+
 fn tcp_state(s: u32) -> &'static str {
     match s {
         STATE_SYN => "syn",
@@ -135,6 +158,7 @@ fn collect(r: &Region, a: &Args) -> Value {
                     json!({
                         "name": names::get(&b.name), "id": b.id, "address": ip(b.ip), "port": b.port,
                         "weight": b.weight,
+                        "health": health(b.flags),
                         "table_entries": share[i],
                         "table_share": if table.is_empty() { 0.0 } else { share[i] as f64 / table.len() as f64 },
                         "active_conns": c.map(|c| c.active.load(Ordering::Relaxed)).unwrap_or(0),
@@ -144,7 +168,8 @@ fn collect(r: &Region, a: &Args) -> Value {
                 .collect();
             json!({
                 "name": names::get(&s.name), "vip": ip(s.vip), "port": s.port, "protocol": proto(s.proto),
-                "mode": mode(s.mode), "scheduler": "maglev", "table_size": table.len(), "backends": backends,
+                "mode": mode(s.mode), "scheduler": "maglev", "table_size": table.len(),
+                "on_backend_down": on_down(s.on_down), "backends": backends,
             })
         })
         .collect();
@@ -316,7 +341,7 @@ fn print_text(v: &Value, a: &Args) {
     );
     println!();
     println!(
-        "{:<14} {:<22} {:<5} {:<6}  {:<12} {:<22} {:>6} {:>8} {:>9} {:>10}",
+        "{:<14} {:<22} {:<5} {:<6}  {:<12} {:<22} {:>6} {:<9} {:>8} {:>9} {:>10}",
         "SERVICE",
         "VIP",
         "PROTO",
@@ -324,25 +349,28 @@ fn print_text(v: &Value, a: &Args) {
         "BACKEND",
         "ADDRESS",
         "WEIGHT",
+        "HEALTH",
         "SHARE%",
         "ACTIVE",
         "TOTAL"
     );
     for s in c["services"].as_array().into_iter().flatten() {
         println!(
-            "{:<14} {:<22} {:<5} {:<6}",
+            "{:<14} {:<22} {:<5} {:<6}  on_backend_down={}",
             s["name"].as_str().unwrap_or(""),
             format!("{}:{}", s["vip"].as_str().unwrap_or(""), s["port"]),
             s["protocol"].as_str().unwrap_or(""),
             s["mode"].as_str().unwrap_or(""),
+            s["on_backend_down"].as_str().unwrap_or(""),
         );
         for b in s["backends"].as_array().into_iter().flatten() {
             println!(
-                "{:<50} {:<12} {:<22} {:>6} {:>8.2} {:>9} {:>10}",
+                "{:<50} {:<12} {:<22} {:>6} {:<9} {:>8.2} {:>9} {:>10}",
                 "",
                 b["name"].as_str().unwrap_or(""),
                 format!("{}:{}", b["address"].as_str().unwrap_or(""), b["port"]),
                 t(&b["weight"]),
+                b["health"].as_str().unwrap_or("").to_uppercase(),
                 b["table_share"].as_f64().unwrap_or(0.0) * 100.0,
                 t(&b["active_conns"]),
                 t(&b["total_conns"]),
@@ -410,6 +438,7 @@ fn print_text(v: &Value, a: &Args) {
                     || *n == "arp_replies"
                     || *n == "conn_midflow"
                     || *n == "torn_bursts"
+                    || n.starts_with("down_")
             })
             .filter(|(_, v)| v.as_u64().unwrap_or(0) > 0)
             .map(|(n, v)| format!("{n}={v}"))

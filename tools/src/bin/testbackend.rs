@@ -3,10 +3,13 @@
 //!
 //! HTTP: `GET /` answers `<name>\n`; `GET /bytes/N` answers N bytes of a
 //! fixed pattern (byte i is `i % 251`), for integrity-checked downloads;
-//! `GET /health` answers `ok\n`; `POST /upload` reads a body of
-//! Content-Length bytes of that same pattern and answers `<n> intact\n` or
-//! `<n> corrupt at <offset>\n`, for integrity-checked uploads. Keep-alive
-//! unless the client says close.
+//! `GET /health` answers `200 ok\n` (with `--health-file F`: only while F
+//! exists, else `503 unhealthy\n`, so a test can fail its health checks
+//! while it keeps serving); `GET /stats` answers
+//! `health_ok <n>\nhealth_fail <n>\n`, the /health answers so far;
+//! `POST /upload` reads a body of Content-Length bytes of the `/bytes`
+//! pattern and answers `<n> intact\n` or `<n> corrupt at <offset>\n`, for
+//! integrity-checked uploads. Keep-alive unless the client says close.
 //! UDP: every datagram is answered with `<name> <datagram>`.
 //! On start it prints one line: `testbackend <name> http=<addr> udp=<addr>`.
 
@@ -14,6 +17,7 @@ use std::io::{BufRead, BufReader, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::process::ExitCode;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use clap::Parser;
 
@@ -29,6 +33,19 @@ struct Args {
     /// UDP listen address (port 0 picks one).
     #[arg(long)]
     udp: Option<SocketAddr>,
+    /// `GET /health` answers 200 only while this file exists (503 otherwise).
+    #[arg(long)]
+    health_file: Option<std::path::PathBuf>,
+}
+
+/// What every connection shares: the name, the download pattern, the
+/// health switch and the /health answers counted.
+struct Shared {
+    name: String,
+    chunk: Vec<u8>,
+    health_file: Option<std::path::PathBuf>,
+    health_ok: AtomicU64,
+    health_fail: AtomicU64,
 }
 
 /// Largest `/bytes/N` served (1 GiB).
@@ -47,7 +64,8 @@ fn respond(out: &mut TcpStream, status: &str, body_len: u64, close: bool) -> std
     )
 }
 
-fn serve(stream: TcpStream, name: Arc<String>, chunk: Arc<Vec<u8>>) -> std::io::Result<()> {
+fn serve(stream: TcpStream, sh: Arc<Shared>) -> std::io::Result<()> {
+    let (name, chunk) = (&sh.name, &sh.chunk);
     let _ = stream.set_nodelay(true);
     let mut out = stream.try_clone()?;
     let mut reader = BufReader::new(stream);
@@ -119,12 +137,26 @@ fn serve(stream: TcpStream, name: Arc<String>, chunk: Arc<Vec<u8>>) -> std::io::
                 }
             }
         } else {
-            let body = if path == "/health" {
-                "ok\n".to_string()
-            } else {
-                format!("{name}\n")
+            let (status, body) = match path {
+                "/health" if sh.health_file.as_ref().is_none_or(|f| f.exists()) => {
+                    sh.health_ok.fetch_add(1, Ordering::Relaxed);
+                    ("200 OK", "ok\n".to_string())
+                }
+                "/health" => {
+                    sh.health_fail.fetch_add(1, Ordering::Relaxed);
+                    ("503 Service Unavailable", "unhealthy\n".to_string())
+                }
+                "/stats" => (
+                    "200 OK",
+                    format!(
+                        "health_ok {}\nhealth_fail {}\n",
+                        sh.health_ok.load(Ordering::Relaxed),
+                        sh.health_fail.load(Ordering::Relaxed)
+                    ),
+                ),
+                _ => ("200 OK", format!("{name}\n")),
             };
-            respond(&mut out, "200 OK", body.len() as u64, close)?;
+            respond(&mut out, status, body.len() as u64, close)?;
             if !head {
                 out.write_all(body.as_bytes())?;
             }
@@ -162,7 +194,7 @@ fn main() -> ExitCode {
         eprintln!("testbackend: give --http ADDR, --udp ADDR or both");
         return ExitCode::from(2);
     }
-    let name = Arc::new(a.name);
+    let name = Arc::new(a.name.clone());
     let mut line = format!("testbackend {name}");
     let http = match a.http.map(TcpListener::bind).transpose() {
         Ok(l) => l,
@@ -202,13 +234,19 @@ fn main() -> ExitCode {
             }
         });
     }
-    let chunk = Arc::new(pattern_chunk());
+    let shared = Arc::new(Shared {
+        name: a.name,
+        chunk: pattern_chunk(),
+        health_file: a.health_file,
+        health_ok: AtomicU64::new(0),
+        health_fail: AtomicU64::new(0),
+    });
     match http {
         Some(l) => {
             for s in l.incoming().flatten() {
-                let (name, chunk) = (Arc::clone(&name), Arc::clone(&chunk));
+                let sh = Arc::clone(&shared);
                 std::thread::spawn(move || {
-                    let _ = serve(s, name, chunk);
+                    let _ = serve(s, sh);
                 });
             }
         }
