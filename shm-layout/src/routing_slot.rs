@@ -61,16 +61,12 @@ pub(crate) const fn fingerprint(fp: Fingerprint) -> Fingerprint {
     fp_type!(fp, NeighbourRec, ip, port, mac, state)
 }
 
-/// Network mask for a prefix length (0..=32).
+/// Network mask for a prefix length (0..=32; longer counts as 32).
+/// Branch free: the shift happens in 64 bits, where 32 is a legal amount.
 #[inline]
 pub const fn mask(len: u8) -> u32 {
-    if len == 0 {
-        0
-    } else if len >= 32 {
-        u32::MAX
-    } else {
-        u32::MAX << (32 - len as u32)
-    }
+    let len = if len > 32 { 32 } else { len };
+    (u64::MAX << (32 - len as u32)) as u32
 }
 
 /// A read view of one routing slot.
@@ -142,4 +138,23 @@ pub struct RoutingSlotMut<'a> {
     pub header: &'a mut RoutingHeader,
     pub routes: &'a mut [RouteRec],
     pub neighbours: &'a mut [NeighbourRec],
+}
+
+#[cfg(test)]
+mod tests {
+    use super::mask;
+
+    #[test]
+    fn masks_of_every_length() {
+        assert_eq!(mask(0), 0);
+        assert_eq!(mask(1), 0x8000_0000);
+        assert_eq!(mask(24), 0xffff_ff00);
+        assert_eq!(mask(31), 0xffff_fffe);
+        assert_eq!(mask(32), u32::MAX);
+        assert_eq!(mask(200), u32::MAX);
+        for len in 0..=32u8 {
+            assert_eq!(mask(len).count_ones(), len as u32);
+            assert_eq!(mask(len).leading_ones(), len as u32);
+        }
+    }
 }

@@ -590,8 +590,11 @@ fn rewrite_addr_port(frame: &mut [u8], l4: &L4, which: Field, ip: u32, port: u16
         Field::Src => (12, 0),
         Field::Dst => (16, 2),
     };
+    // The address changes both checksums (the TCP/UDP one through the
+    // pseudo-header): one difference, applied to each.
+    let d_addr = checksum::delta_u32(old_ip, ip);
     if let Some(h) = frame.get_mut(ETH..).and_then(|b| b.first_chunk_mut::<20>()) {
-        let c = checksum::update_u32(u16::from_be_bytes([h[10], h[11]]), old_ip, ip);
+        let c = checksum::adjust(u16::from_be_bytes([h[10], h[11]]), d_addr);
         h[addr_at..addr_at + 4].copy_from_slice(&ip.to_be_bytes());
         h[10..12].copy_from_slice(&c.to_be_bytes());
     }
@@ -608,8 +611,7 @@ fn rewrite_addr_port(frame: &mut [u8], l4: &L4, which: Field, ip: u32, port: u16
     if l4.key.proto == PROTO_UDP && old == 0 {
         return; // UDP without checksum stays without
     }
-    let c = checksum::update_u32(old, old_ip, ip);
-    let c = checksum::update_u16(c, old_port, port);
+    let c = checksum::adjust(old, d_addr + checksum::delta_u16(old_port, port));
     let c = if l4.key.proto == PROTO_UDP && c == 0 {
         0xffff
     } else {

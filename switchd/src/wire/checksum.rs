@@ -47,22 +47,36 @@ pub fn tcp_udp_ipv4(src: [u8; 4], dst: [u8; 4], proto: u8, l4: &[u8]) -> u16 {
     !fold(sum(l4, acc))
 }
 
-/// RFC 1624 eqn. 3: HC' = ~(~HC + ~m + m') for one 16-bit word.
+/// The RFC 1624 difference of a 16-bit field going from `old` to `new`
+/// (~m + m'), to be applied with [`adjust`]. Differences add up, so one
+/// fold serves several changed fields.
 #[inline]
-pub fn update_u16(csum: u16, old: u16, new: u16) -> u16 {
-    let acc = (!csum) as u64 + (!old) as u64 + new as u64;
-    !fold(acc)
+pub fn delta_u16(old: u16, new: u16) -> u64 {
+    (!old) as u64 + new as u64
 }
 
-/// As `update_u16` for a 32-bit field (two words), e.g. an IPv4 address.
+/// As [`delta_u16`] for a 32-bit field (two words), e.g. an IPv4 address.
+#[inline]
+pub fn delta_u32(old: u32, new: u32) -> u64 {
+    delta_u16((old >> 16) as u16, (new >> 16) as u16) + delta_u16(old as u16, new as u16)
+}
+
+/// RFC 1624 eqn. 3: HC' = ~(~HC + delta), `delta` a sum of field deltas.
+#[inline]
+pub fn adjust(csum: u16, delta: u64) -> u16 {
+    !fold((!csum) as u64 + delta)
+}
+
+/// One 16-bit field changed: `adjust(csum, delta_u16(old, new))`.
+#[inline]
+pub fn update_u16(csum: u16, old: u16, new: u16) -> u16 {
+    adjust(csum, delta_u16(old, new))
+}
+
+/// One 32-bit field changed: `adjust(csum, delta_u32(old, new))`.
 #[inline]
 pub fn update_u32(csum: u16, old: u32, new: u32) -> u16 {
-    let acc = (!csum) as u64
-        + (!(old >> 16) as u16) as u64
-        + (!(old as u16)) as u64
-        + (new >> 16) as u64
-        + (new as u16) as u64;
-    !fold(acc)
+    adjust(csum, delta_u32(old, new))
 }
 
 #[cfg(test)]
