@@ -70,26 +70,7 @@ pub fn tcp_rst_in_place(frame: &mut [u8], len: usize) -> Result<usize, WireError
         let n = payload + (flags & tcp::SYN != 0) as u32 + (flags & tcp::FIN != 0) as u32;
         (0, seq.wrapping_add(n), tcp::RST | tcp::ACK)
     };
-    {
-        let mut eth = EthernetFrame::new_unchecked(&mut frame[..ETH]);
-        let (d, s) = (eth.dst_addr(), eth.src_addr());
-        eth.set_dst_addr(s);
-        eth.set_src_addr(d);
-        eth.set_ethertype(ETHERTYPE_IPV4);
-    }
-    let ip = &mut frame[ETH..ETH + 20];
-    ip[0] = 0x45;
-    ip[1] = 0;
-    put16(ip, 2, 40);
-    put16(ip, 4, 0);
-    put16(ip, 6, 0x4000); // DF
-    ip[8] = 64;
-    ip[9] = 6;
-    put16(ip, 10, 0);
-    ip[12..16].copy_from_slice(&dst);
-    ip[16..20].copy_from_slice(&src);
-    let c = checksum::ipv4_header(ip);
-    put16(ip, 10, c);
+    answer_headers(frame, 0, 0x4000, 6, 40, dst, src);
     let t = &mut frame[ETH + 20..ETH + 40];
     put16(t, 0, dport);
     put16(t, 2, sport);
@@ -103,6 +84,40 @@ pub fn tcp_rst_in_place(frame: &mut [u8], len: usize) -> Result<usize, WireError
     let c = checksum::tcp_udp_ipv4(dst, src, 6, t);
     put16(t, 16, c);
     Ok(ETH + 40)
+}
+
+/// Makes `frame` an answer to the frame it held: MACs swapped, and a fresh
+/// 20-byte IPv4 header (TTL 64, ident 0, the given TOS, flags, protocol and
+/// total length) from `src` to `dst`. `frame` must hold at least 34 bytes.
+fn answer_headers(
+    frame: &mut [u8],
+    tos: u8,
+    flags: u16,
+    proto: u8,
+    total_len: u16,
+    src: [u8; 4],
+    dst: [u8; 4],
+) {
+    {
+        let mut eth = EthernetFrame::new_unchecked(&mut frame[..ETH]);
+        let (d, s) = (eth.dst_addr(), eth.src_addr());
+        eth.set_dst_addr(s);
+        eth.set_src_addr(d);
+        eth.set_ethertype(ETHERTYPE_IPV4);
+    }
+    let ip = &mut frame[ETH..ETH + 20];
+    ip[0] = 0x45;
+    ip[1] = tos;
+    put16(ip, 2, total_len);
+    put16(ip, 4, 0);
+    put16(ip, 6, flags);
+    ip[8] = 64;
+    ip[9] = proto;
+    put16(ip, 10, 0);
+    ip[12..16].copy_from_slice(&src);
+    ip[16..20].copy_from_slice(&dst);
+    let c = checksum::ipv4_header(ip);
+    put16(ip, 10, c);
 }
 
 /// ICMP type "destination unreachable" and its code "fragmentation needed
@@ -136,26 +151,8 @@ pub fn icmp_frag_needed_in_place(
         return Err(WireError::NoRoom);
     }
     frame.copy_within(ETH..ETH + quote, ETH + 28);
-    {
-        let mut eth = EthernetFrame::new_unchecked(&mut frame[..ETH]);
-        let (d, s) = (eth.dst_addr(), eth.src_addr());
-        eth.set_dst_addr(s);
-        eth.set_src_addr(d);
-        eth.set_ethertype(ETHERTYPE_IPV4);
-    }
-    let ip = &mut frame[ETH..ETH + 20];
-    ip[0] = 0x45;
-    ip[1] = 0xc0; // internetwork control
-    put16(ip, 2, (28 + quote) as u16);
-    put16(ip, 4, 0);
-    put16(ip, 6, 0);
-    ip[8] = 64;
-    ip[9] = 1;
-    put16(ip, 10, 0);
-    ip[12..16].copy_from_slice(&dst);
-    ip[16..20].copy_from_slice(&src);
-    let c = checksum::ipv4_header(ip);
-    put16(ip, 10, c);
+    // TOS: internetwork control; no DF on an ICMP error.
+    answer_headers(frame, 0xc0, 0, 1, (28 + quote) as u16, dst, src);
     let icmp = &mut frame[ETH + 20..out_len];
     icmp[0] = ICMP_UNREACHABLE;
     icmp[1] = ICMP_FRAG_NEEDED;
