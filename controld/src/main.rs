@@ -3,7 +3,8 @@
 //! `controld --config FILE --check` validates a configuration and exits.
 //! `controld --config FILE` creates the region and the virtual NICs,
 //! publishes the configuration and routing tables, starts and supervises one
-//! switchd per `[[switch]]`, re-reads the file on SIGHUP, and on SIGTERM
+//! switchd per `[[switch]]`, serves lbctl's admin socket and the Prometheus
+//! metrics, re-reads the file on SIGHUP (or `lbctl reload`), and on SIGTERM
 //! stops the switches and removes everything it created.
 
 use std::path::{Path, PathBuf};
@@ -13,13 +14,19 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use clap::Parser;
+use controld::admin::proto::{self, BackendRef, ChangeReply, ReloadReply, Request, StatsReply};
+use controld::admin::rates::Rates;
+use controld::admin::server::{Job, Server};
+use controld::admin::{self, metrics, view};
 use controld::config::{self, Config};
 use controld::gc::Gc;
 use controld::ids::IdAllocator;
+use controld::master::ConfigSnapshot;
+use controld::overrides::Overrides;
 use controld::supervisor::{Supervisor, SwitchSpec};
 use controld::{events, master, publisher};
 use shm_layout::header::REGION_STOPPING;
-use shm_layout::{Access, Capacities, Mapping, Region, RegionError, region_name};
+use shm_layout::{Access, Capacities, Mapping, Region, RegionError, Table, region_name};
 
 #[derive(Parser, Debug)]
 #[command(version, about = "switchyard control processor")]
@@ -50,6 +57,9 @@ fn main() {
     };
     std::process::exit(code);
 }
+
+/// The main loop's period.
+const TICK: Duration = Duration::from_millis(20);
 
 fn online_cpus() -> usize {
     std::thread::available_parallelism()
@@ -110,6 +120,9 @@ fn restart_only_changes(old: &Config, new: &Config) -> Vec<&'static str> {
     }
     if old.switches != new.switches {
         v.push("switch");
+    }
+    if old.admin != new.admin {
+        v.push("admin");
     }
     v
 }
@@ -277,14 +290,36 @@ impl Drop for Cleanup {
 }
 
 struct State {
+    /// The running configuration (the file's values).
     cfg: Config,
+    /// The operator's runtime changes on top of it (see `controld::overrides`).
+    overrides: Overrides,
+    /// The configuration snapshot last published (built from both).
+    snap: ConfigSnapshot,
     ids: IdAllocator,
     timeouts: shm_layout::conntrack::Timeouts,
+    reloads_ok: u64,
+    reloads_refused: u64,
+    rates: Rates,
 }
 
-fn publish_all(region: &Region, st: &mut State, cfg: Config) -> Result<(u64, u64)> {
-    let snap = master::config_snapshot(&cfg, &mut st.ids).map_err(anyhow::Error::msg)?;
-    let rsnap = master::routing_snapshot(&cfg);
+impl State {
+    /// The health checks' verdict on a backend (`None`: not checked). No
+    /// backend is checked yet; health checking fills this in.
+    fn health(&self, _service: &str, _backend: &str) -> Option<proto::Health> {
+        None
+    }
+}
+
+/// Builds and publishes the configuration snapshot of `cfg` under
+/// `overrides`; on success records both and the snapshot as running.
+fn publish_config(
+    region: &Region,
+    st: &mut State,
+    cfg: &Config,
+    overrides: &Overrides,
+) -> Result<u64> {
+    let snap = master::config_snapshot(cfg, &mut st.ids, overrides).map_err(anyhow::Error::msg)?;
     publisher::check_fits(region, &snap).map_err(anyhow::Error::msg)?;
     let ack = Duration::from_millis(cfg.publish.ack_timeout_ms as u64);
     let rep = publisher::publish_config(region, &snap, ack).map_err(anyhow::Error::msg)?;
@@ -296,44 +331,182 @@ fn publish_all(region: &Region, st: &mut State, cfg: Config) -> Result<(u64, u64
             rep.generation - 1
         );
     }
-    let rrep = publisher::publish_routing(region, &rsnap, ack).map_err(anyhow::Error::msg)?;
     st.timeouts = shm_layout::conntrack::Timeouts {
         tcp_syn_ms: snap.tcp_syn_ms,
         tcp_established_ms: snap.tcp_established_ms,
         tcp_fin_ms: snap.tcp_fin_ms,
         udp_ms: snap.udp_ms,
     };
-    st.cfg = cfg;
-    Ok((rep.generation, rrep.generation))
+    st.snap = snap;
+    st.overrides = overrides.clone();
+    Ok(rep.generation)
 }
 
-fn reload(region: &Region, st: &mut State, path: &Path) {
-    let mut new = match config::load(path) {
-        Ok(c) => c,
-        Err(e) => {
-            log::error!("reload refused, running configuration kept: {e}");
-            return;
+fn publish_all(
+    region: &Region,
+    st: &mut State,
+    cfg: Config,
+    overrides: Overrides,
+) -> Result<(u64, u64)> {
+    let g = publish_config(region, st, &cfg, &overrides)?;
+    let rsnap = master::routing_snapshot(&cfg);
+    let ack = Duration::from_millis(cfg.publish.ack_timeout_ms as u64);
+    let rrep = publisher::publish_routing(region, &rsnap, ack).map_err(anyhow::Error::msg)?;
+    st.cfg = cfg;
+    Ok((g, rrep.generation))
+}
+
+/// Re-reads the file (SIGHUP or `lbctl reload`). An invalid file, or one
+/// that changes what needs a restart, is refused and the running
+/// configuration stays; runtime overrides follow the reload rule.
+fn reload(region: &Region, st: &mut State, path: &Path) -> Result<ReloadReply, String> {
+    let result = try_reload(region, st, path);
+    match &result {
+        Ok(r) => {
+            st.reloads_ok += 1;
+            for k in &r.overrides_kept {
+                log::info!("reload keeps runtime override {k}");
+            }
+            for d in &r.overrides_dropped {
+                log::warn!("reload drops runtime override {d}: backend no longer configured");
+            }
+            log::info!(
+                "reloaded {}: configuration generation {}, routing generation {}",
+                path.display(),
+                r.generation,
+                r.routing_generation
+            );
         }
-    };
-    if let Err(e) = resolve_interfaces(&mut new) {
-        log::error!("reload refused, running configuration kept: {e:#}");
-        return;
+        Err(e) => {
+            st.reloads_refused += 1;
+            log::error!("{e}");
+        }
     }
+    result
+}
+
+fn try_reload(region: &Region, st: &mut State, path: &Path) -> Result<ReloadReply, String> {
+    let refused = |region: &Region, e: String| {
+        format!(
+            "reload refused, running configuration (generation {}) kept: {e}",
+            region.generation(Table::Config)
+        )
+    };
+    let mut new = config::load(path).map_err(|e| refused(region, e.to_string()))?;
+    resolve_interfaces(&mut new).map_err(|e| refused(region, format!("{e:#}")))?;
     let changed = restart_only_changes(&st.cfg, &new);
     if !changed.is_empty() {
-        log::error!(
-            "reload refused, running configuration kept: [{}] changed, which needs a restart",
-            changed.join("], [")
-        );
-        return;
+        return Err(refused(
+            region,
+            format!("[{}] changed, which needs a restart", changed.join("], [")),
+        ));
     }
-    match publish_all(region, st, new) {
-        Ok((c, r)) => log::info!(
-            "reloaded {}: configuration generation {c}, routing generation {r}",
-            path.display()
-        ),
-        Err(e) => log::error!("reload refused, running configuration kept: {e:#}"),
+    let mut overrides = st.overrides.clone();
+    let carried = overrides.carry_over(&new);
+    let (generation, routing_generation) =
+        publish_all(region, st, new, overrides).map_err(|e| refused(region, format!("{e:#}")))?;
+    let fmt = |v: Vec<(String, controld::overrides::Override)>| {
+        v.into_iter().map(|(n, o)| format!("{n}: {o}")).collect()
+    };
+    Ok(ReloadReply {
+        generation,
+        routing_generation,
+        overrides_kept: fmt(carried.kept),
+        overrides_dropped: fmt(carried.dropped),
+    })
+}
+
+/// `drain`, `enable`, `weight`: changes the overrides and republishes at once.
+fn change(
+    region: &Region,
+    st: &mut State,
+    b: &BackendRef,
+    what: &str,
+    f: impl FnOnce(&mut Overrides),
+) -> Result<ChangeReply, String> {
+    let (si, bi) = view::find_backend(&st.cfg, b)?;
+    let mut overrides = st.overrides.clone();
+    f(&mut overrides);
+    let generation = if overrides == st.overrides {
+        region.generation(Table::Config)
+    } else {
+        let cfg = st.cfg.clone();
+        let g = publish_config(region, st, &cfg, &overrides)
+            .map_err(|e| format!("{what} {b}: not published, nothing changed: {e:#}"))?;
+        log::info!("{what} {b}: configuration generation {g}");
+        g
+    };
+    let ctx = ctx(region, st);
+    Ok(ChangeReply {
+        generation,
+        service: b.service.clone(),
+        backend: view::backend_view(&ctx, si, bi),
+    })
+}
+
+fn ctx<'a>(region: &'a Region, st: &'a State) -> view::Ctx<'a> {
+    view::Ctx {
+        cfg: &st.cfg,
+        overrides: &st.overrides,
+        snap: &st.snap,
+        counters: region.backend_counters(),
+        health: Box::new(|s, b| st.health(s, b)),
     }
+}
+
+fn stats(region: &Region, st: &State) -> StatsReply {
+    view::stats(region, &ctx(region, st), &st.rates)
+}
+
+/// Answers one admin request (on the main loop, which owns the state).
+fn handle(region: &Region, st: &mut State, path: &Path, req: Request) -> String {
+    let gens = |r: &Region| (r.generation(Table::Config), r.generation(Table::Routing));
+    let reply = match req {
+        Request::Show => {
+            let (g, rg) = gens(region);
+            Ok(proto::ok_line(&view::show(&ctx(region, st), g, rg)))
+        }
+        Request::Stats => Ok(proto::ok_line(&stats(region, st))),
+        Request::Conns(q) => {
+            view::conns(region, &ctx(region, st), &st.timeouts, &q).map(|r| proto::ok_line(&r))
+        }
+        Request::Drain(b) => change(region, st, &b, "drain", |o| o.drain(&b.service, &b.backend))
+            .map(|r| proto::ok_line(&r)),
+        Request::Enable(b) => change(region, st, &b, "enable", |o| {
+            o.enable(&b.service, &b.backend)
+        })
+        .map(|r| proto::ok_line(&r)),
+        Request::Weight(b, w) => {
+            let what = match w {
+                Some(w) => format!("weight {w}"),
+                None => "weight reset".to_string(),
+            };
+            change(region, st, &b, &what, |o| {
+                o.set_weight(&b.service, &b.backend, w)
+            })
+            .map(|r| proto::ok_line(&r))
+        }
+        Request::Reload => reload(region, st, path).map(|r| proto::ok_line(&r)),
+    };
+    reply.unwrap_or_else(|e| proto::error_line(&e))
+}
+
+fn render_metrics(region: &Region, st: &State) -> String {
+    let (g, rg) = (
+        region.generation(Table::Config),
+        region.generation(Table::Routing),
+    );
+    let show = view::show(&ctx(region, st), g, rg);
+    let extra = metrics::Extra {
+        reloads_ok: st.reloads_ok,
+        reloads_refused: st.reloads_refused,
+        excluded_switches: region
+            .pub_words(Table::Config)
+            .excluded
+            .load(Ordering::Relaxed),
+        overrides: st.overrides.iter().count(),
+    };
+    metrics::render(&show, &stats(region, st), &extra)
 }
 
 fn run(args: &Args) -> Result<()> {
@@ -343,7 +516,7 @@ fn run(args: &Args) -> Result<()> {
     if args.check {
         // Build the snapshot too: it catches what only the master knows.
         let mut ids = IdAllocator::new(cfg.limits.backends.saturating_mul(4));
-        master::config_snapshot(&cfg, &mut ids)
+        master::config_snapshot(&cfg, &mut ids, &Overrides::default())
             .map_err(|e| anyhow::anyhow!("{}: {e}", args.config.display()))?;
         let backends: usize = cfg.services.iter().map(|s| s.backends.len()).sum();
         println!(
@@ -382,14 +555,19 @@ fn run(args: &Args) -> Result<()> {
     let mut st = State {
         ids: IdAllocator::new(region.caps().backend_ids),
         cfg: cfg.clone(),
+        overrides: Overrides::default(),
+        snap: ConfigSnapshot::default(),
         timeouts: shm_layout::conntrack::Timeouts {
             tcp_syn_ms: 0,
             tcp_established_ms: 0,
             tcp_fin_ms: 0,
             udp_ms: 0,
         },
+        reloads_ok: 0,
+        reloads_refused: 0,
+        rates: Rates::default(),
     };
-    let (cg, rg) = publish_all(&region, &mut st, cfg.clone())?;
+    let (cg, rg) = publish_all(&region, &mut st, cfg.clone(), Overrides::default())?;
     log::info!(
         "instance {:?}: region /dev/shm/{} ({} MiB), configuration generation {cg}, routing generation {rg}",
         cfg.instance,
@@ -417,6 +595,12 @@ fn run(args: &Args) -> Result<()> {
             },
         })
         .collect();
+    // Before any thread exists (the socket is bound under a narrowed umask).
+    let server = Server::start(&admin::socket_path(&cfg), cfg.admin.metrics)?;
+    log::info!("admin socket {}", server.socket_path().display());
+    if let Some(a) = server.metrics_addr() {
+        log::info!("metrics at http://{a}/metrics");
+    }
     let mut sup = Supervisor::new(switchd, &cfg.instance, specs);
     sup.start_all(&region)?;
     if let Some(p) = &args.pidfile {
@@ -433,9 +617,10 @@ fn run(args: &Args) -> Result<()> {
     // A full sweep every ~128 ticks (2.5 s): expiry to the second, little CPU.
     let gc_per_tick = (region.caps().conn_slots / 128).clamp(1024, 1 << 15);
     let mut last_release = Instant::now();
+    let mut next_tick = Instant::now();
     while !term.load(Ordering::Relaxed) {
         if hup.swap(false, Ordering::Relaxed) {
-            reload(&region, &mut st, &args.config);
+            let _ = reload(&region, &mut st, &args.config);
         }
         sup.poll(&region);
         gc.step(&region, &st.timeouts, gc_per_tick);
@@ -450,13 +635,32 @@ fn run(args: &Args) -> Result<()> {
             });
             last_release = Instant::now();
         }
-        std::thread::sleep(Duration::from_millis(20));
+        if st.rates.due(Instant::now()) {
+            let s = view::sample(&region, &st.snap);
+            st.rates.push(s);
+        }
+        // Until the next tick, answer admin requests as they come.
+        next_tick = (next_tick + TICK).max(Instant::now());
+        while let Some(job) = server.next_job(next_tick) {
+            match job {
+                Job::Request { req, reply } => {
+                    let _ = reply.send(handle(&region, &mut st, &args.config, req));
+                }
+                Job::Metrics { reply } => {
+                    let _ = reply.send(render_metrics(&region, &st));
+                }
+            }
+            if term.load(Ordering::Relaxed) {
+                break;
+            }
+        }
     }
     log::info!("stopping: terminating switches");
     region
         .header()
         .state
         .store(REGION_STOPPING, Ordering::SeqCst);
+    drop(server);
     sup.stop_all(&region, Duration::from_secs(3));
     if let Some(p) = &args.pidfile {
         let _ = std::fs::remove_file(p);

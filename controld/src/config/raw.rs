@@ -25,6 +25,9 @@ pub(super) struct RawConfig {
     /// `[tunnel]`: see [`super::Tunnel`].
     #[serde(default)]
     pub tunnel: RawTunnel,
+    /// `[admin]`: see [`super::Admin`].
+    #[serde(default)]
+    pub admin: RawAdmin,
     /// `[[port]]`: see [`super::Port`].
     #[serde(default)]
     pub port: Vec<RawPort>,
@@ -88,6 +91,16 @@ pub(super) struct RawPublish {
 pub(super) struct RawTunnel {
     /// `source`: see [`super::Tunnel::source`].
     pub source: Option<String>,
+}
+
+/// `[admin]`; every key optional.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawAdmin {
+    /// `socket`: see [`super::Admin::socket`].
+    pub socket: Option<String>,
+    /// `metrics`: see [`super::Admin::metrics`].
+    pub metrics: Option<String>,
 }
 
 /// One `[[port]]`.

@@ -6,8 +6,8 @@ use std::collections::HashMap;
 use std::net::Ipv4Addr;
 
 use super::raw::{
-    RawBackend, RawConfig, RawLimits, RawNeighbour, RawPort, RawPublish, RawRoute, RawService,
-    RawSwitch, RawTimeouts,
+    RawAdmin, RawBackend, RawConfig, RawLimits, RawNeighbour, RawPort, RawPublish, RawRoute,
+    RawService, RawSwitch, RawTimeouts,
 };
 use super::*;
 
@@ -26,6 +26,8 @@ pub(super) fn validate(raw: RawConfig) -> R<Config> {
             .map(|t| unicast("tunnel: ", "source", t))
             .transpose()?,
     };
+
+    let admin = admin(&raw.admin)?;
 
     if raw.port.is_empty() {
         return Err("no [[port]] is defined (at least one is required)".into());
@@ -186,6 +188,7 @@ pub(super) fn validate(raw: RawConfig) -> R<Config> {
         timeouts,
         publish,
         tunnel,
+        admin,
         ports,
         switches,
         services,
@@ -279,6 +282,44 @@ fn publish(raw: &RawPublish) -> R<Publish> {
             60000,
         )?,
     })
+}
+
+fn admin(raw: &RawAdmin) -> R<Admin> {
+    let ctx = "admin: ";
+    let socket = match &raw.socket {
+        None => None,
+        Some(p) => {
+            if !p.starts_with('/') || p.ends_with('/') || p.contains('\0') {
+                return Err(format!(
+                    "{ctx}socket {p:?} is not an absolute file path (expected like /run/switchyard/NAME.sock)"
+                ));
+            }
+            if p.len() > MAX_SOCKET_PATH {
+                return Err(format!(
+                    "{ctx}socket {p:?} is {} bytes long, a Unix socket path holds at most {MAX_SOCKET_PATH}",
+                    p.len()
+                ));
+            }
+            Some(PathBuf::from(p))
+        }
+    };
+    let metrics = match &raw.metrics {
+        None => None,
+        Some(m) => {
+            let a: SocketAddr = m.parse().map_err(|_| {
+                format!(
+                    "{ctx}metrics {m:?} is not an address and port (expected like 127.0.0.1:9100 or [::1]:9100)"
+                )
+            })?;
+            if a.port() == 0 {
+                return Err(format!(
+                    "{ctx}metrics {m:?} has port 0 (a fixed port 1..=65535 is required)"
+                ));
+            }
+            Some(a)
+        }
+    };
+    Ok(Admin { socket, metrics })
 }
 
 fn port(raw: &RawPort) -> R<Port> {
