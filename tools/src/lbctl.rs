@@ -105,13 +105,13 @@ impl Table {
         let heads: Vec<String> = self.head.iter().map(|(h, _)| h.clone()).collect();
         for r in std::iter::once(&heads).chain(&self.rows) {
             let mut line = String::new();
-            for i in 0..n {
+            for (i, (&width, (_, align))) in widths.iter().zip(&self.head).enumerate() {
                 let c = cell(r, i);
-                let pad = widths[i] - c.chars().count();
+                let pad = width - c.chars().count();
                 if i > 0 {
                     line.push_str("  ");
                 }
-                match self.head[i].1 {
+                match align {
                     Align::Left => {
                         line.push_str(c);
                         line.extend(std::iter::repeat_n(' ', pad));

@@ -12,7 +12,7 @@ use std::fmt::{Display, Write};
 
 use shm_layout::switch_slot::Counter;
 
-use super::proto::{BackendState, BackendView, Health, ShowReply, StatsReply};
+use super::proto::{BackendState, BackendView, Health, ServiceView, ShowReply, StatsReply};
 
 /// `Content-Type` of the exposition.
 pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
@@ -185,7 +185,13 @@ pub fn render(show: &ShowReply, stats: &StatsReply, extra: &Extra) -> String {
         }
     }
 
-    let per_service: [(&str, &str, &str, fn(&super::proto::ServiceView) -> u64); 4] = [
+    type PerService = (
+        &'static str,
+        &'static str,
+        &'static str,
+        fn(&ServiceView) -> u64,
+    );
+    let per_service: [PerService; 4] = [
         (
             "switchyard_service_backends",
             "gauge",
@@ -310,7 +316,7 @@ mod tests {
     use std::collections::{BTreeMap, BTreeSet};
 
     use super::*;
-    use crate::admin::proto::{CounterSet, ServiceView, SwitchStats};
+    use crate::admin::proto::{CounterSet, SwitchStats};
 
     fn views() -> (ShowReply, StatsReply) {
         let b = |name: &str, state, health| BackendView {

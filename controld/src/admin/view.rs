@@ -21,6 +21,9 @@ use crate::config::Config;
 use crate::master::ConfigSnapshot;
 use crate::overrides::Overrides;
 
+/// The health checks' verdict on `(service, backend)`; `None`: not checked.
+pub type HealthOf<'a> = Box<dyn Fn(&str, &str) -> Option<Health> + 'a>;
+
 /// What the views read from controld's state.
 pub struct Ctx<'a> {
     /// The running configuration (the file's values).
@@ -31,7 +34,7 @@ pub struct Ctx<'a> {
     /// The region's backend counters, by backend id.
     pub counters: &'a [BackendCounters],
     /// The health checks' verdict on `(service, backend)`; `None`: not checked.
-    pub health: Box<dyn Fn(&str, &str) -> Option<Health> + 'a>,
+    pub health: HealthOf<'a>,
 }
 
 /// Finds `service/backend` in the configuration: `(service index, backend index)`.
