@@ -312,7 +312,8 @@ impl State {
 }
 
 /// Builds and publishes the configuration snapshot of `cfg` under
-/// `overrides`; on success records both and the snapshot as running.
+/// `overrides`; on success records all three as running (together, so the
+/// admin views always see a snapshot built from the running configuration).
 fn publish_config(
     region: &Region,
     st: &mut State,
@@ -339,6 +340,7 @@ fn publish_config(
     };
     st.snap = snap;
     st.overrides = overrides.clone();
+    st.cfg = cfg.clone();
     Ok(rep.generation)
 }
 
@@ -352,7 +354,6 @@ fn publish_all(
     let rsnap = master::routing_snapshot(&cfg);
     let ack = Duration::from_millis(cfg.publish.ack_timeout_ms as u64);
     let rrep = publisher::publish_routing(region, &rsnap, ack).map_err(anyhow::Error::msg)?;
-    st.cfg = cfg;
     Ok((g, rrep.generation))
 }
 

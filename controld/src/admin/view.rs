@@ -7,6 +7,7 @@ use std::net::Ipv4Addr;
 use std::sync::atomic::Ordering;
 
 use shm_layout::Region;
+use shm_layout::config_slot::BackendRec;
 use shm_layout::conntrack::Timeouts;
 use shm_layout::inspect::{self, ConnFilter};
 use shm_layout::switch_slot::{BackendCounters, Counter};
@@ -72,6 +73,18 @@ pub fn find_backend(cfg: &Config, b: &BackendRef) -> Result<(usize, usize), Stri
     Ok((si, bi))
 }
 
+/// The published record of backend `bi` of service `si`. The snapshot is
+/// built from `ctx.cfg`, so it always exists; a default record (id 0,
+/// weight 0) stands in rather than a panic if that ever broke.
+fn rec(ctx: &Ctx, si: usize, bi: usize) -> BackendRec {
+    ctx.snap
+        .services
+        .get(si)
+        .and_then(|s| ctx.snap.backends.get(s.backend_start as usize + bi))
+        .copied()
+        .unwrap_or_default()
+}
+
 fn counts(counters: &[BackendCounters], id: u32) -> (u32, u64) {
     counters.get(id as usize).map_or((0, 0), |c| {
         (
@@ -85,15 +98,14 @@ fn counts(counters: &[BackendCounters], id: u32) -> (u32, u64) {
 pub fn backend_view(ctx: &Ctx, si: usize, bi: usize) -> BackendView {
     let s = &ctx.cfg.services[si];
     let b = &s.backends[bi];
-    let srec = &ctx.snap.services[si];
-    let rec = &ctx.snap.backends[srec.backend_start as usize + bi];
+    let rec = rec(ctx, si, bi);
     let health = (ctx.health)(&s.name, &b.name);
     let effective = if health == Some(Health::Down) {
         0
     } else {
         rec.weight
     };
-    let table = &ctx.snap.tables[si];
+    let table: &[u16] = ctx.snap.tables.get(si).map_or(&[], |t| t);
     let entries = table.iter().filter(|&&e| e as usize == bi).count();
     let o = ctx.overrides.get(&s.name, &b.name).unwrap_or_default();
     let (active, total) = counts(ctx.counters, rec.id);
@@ -218,7 +230,7 @@ pub fn stats(region: &Region, ctx: &Ctx, rates: &Rates) -> StatsReply {
     let mut backends = Vec::new();
     for (si, s) in ctx.cfg.services.iter().enumerate() {
         for (bi, b) in s.backends.iter().enumerate() {
-            let rec = &ctx.snap.backends[ctx.snap.services[si].backend_start as usize + bi];
+            let rec = rec(ctx, si, bi);
             let (active, totalc) = counts(ctx.counters, rec.id);
             backends.push(BackendStats {
                 service: s.name.clone(),
@@ -249,8 +261,7 @@ pub fn conns(
     let mut names: BTreeMap<u32, String> = BTreeMap::new();
     for (si, s) in ctx.cfg.services.iter().enumerate() {
         for (bi, b) in s.backends.iter().enumerate() {
-            let rec = &ctx.snap.backends[ctx.snap.services[si].backend_start as usize + bi];
-            names.insert(rec.id, format!("{}/{}", s.name, b.name));
+            names.insert(rec(ctx, si, bi).id, format!("{}/{}", s.name, b.name));
         }
     }
     let mut filter = ConnFilter {
@@ -265,8 +276,7 @@ pub fn conns(
         Some(BackendSel::Address(a)) => filter.backend_ip = Some(u32::from(*a)),
         Some(BackendSel::Name(b)) => {
             let (si, bi) = find_backend(ctx.cfg, b).map_err(|e| format!("conns: {e}"))?;
-            let start = ctx.snap.services[si].backend_start as usize;
-            filter.backend_id = Some(ctx.snap.backends[start + bi].id);
+            filter.backend_id = Some(rec(ctx, si, bi).id);
         }
     }
     let census = inspect::scan_conns(region, timeouts, &filter);
