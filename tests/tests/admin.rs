@@ -1119,10 +1119,6 @@ fn metrics_match_the_region() {
         let up = bs.iter().filter(|b| b["state"] == "up").count();
         assert_eq!(m.get("switchyard_service_backends_up", &l), up as f64);
         assert_eq!(
-            m.get("switchyard_service_connections_total", &l),
-            s["total_conns"].as_f64().unwrap()
-        );
-        assert_eq!(
             m.get("switchyard_service_active_connections", &l),
             s["active_conns"].as_f64().unwrap()
         );

@@ -191,7 +191,7 @@ pub fn render(show: &ShowReply, stats: &StatsReply, extra: &Extra) -> String {
         &'static str,
         fn(&ServiceView) -> u64,
     );
-    let per_service: [PerService; 4] = [
+    let per_service: [PerService; 3] = [
         (
             "switchyard_service_backends",
             "gauge",
@@ -214,12 +214,6 @@ pub fn render(show: &ShowReply, stats: &StatsReply, extra: &Extra) -> String {
             "gauge",
             "Connections in the table for the service's backends",
             |s| s.active_conns,
-        ),
-        (
-            "switchyard_service_connections_total",
-            "counter",
-            "Connections created for the service's current backends",
-            |s| s.total_conns,
         ),
     ];
     for (name, kind, help, value) in per_service {
