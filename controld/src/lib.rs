@@ -1,8 +1,10 @@
 //! controld: the control processor. Pure parts (config, master, maglev,
-//! ids, routing's table and mirror logic, the health hysteresis) are
-//! separate from the parts that touch the region, processes or sockets
-//! (publisher, supervisor, gc, events, routing::netlink, health probes).
+//! ids, overrides, routing's table and mirror logic, the health hysteresis)
+//! are separate from the parts that touch the region, processes or sockets
+//! (publisher, supervisor, gc, events, routing::netlink, health probes,
+//! admin's listeners).
 
+pub mod admin;
 pub mod config;
 pub mod events;
 pub mod gc;
@@ -10,6 +12,7 @@ pub mod health;
 pub mod ids;
 pub mod maglev;
 pub mod master;
+pub mod overrides;
 pub mod publisher;
 pub mod routing;
 pub mod supervisor;

@@ -3,7 +3,8 @@
 //! `controld --config FILE --check` validates a configuration and exits.
 //! `controld --config FILE` creates the region and the virtual NICs,
 //! publishes the configuration and routing tables, starts and supervises one
-//! switchd per `[[switch]]`, re-reads the file on SIGHUP, and on SIGTERM
+//! switchd per `[[switch]]`, serves lbctl's admin socket and the Prometheus
+//! metrics, re-reads the file on SIGHUP (or `lbctl reload`), and on SIGTERM
 //! stops the switches and removes everything it created.
 
 use std::path::{Path, PathBuf};
@@ -13,15 +14,21 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use clap::Parser;
+use controld::admin::proto::{self, BackendRef, ChangeReply, ReloadReply, Request, StatsReply};
+use controld::admin::rates::Rates;
+use controld::admin::server::{Job, Server};
+use controld::admin::{self, metrics, view};
 use controld::config::{self, Config};
 use controld::gc::Gc;
 use controld::health::Monitor;
-use controld::ids::IdAllocator;
+use controld::ids::{BackendIdentity, IdAllocator};
+use controld::master::ConfigSnapshot;
+use controld::overrides::Overrides;
 use controld::routing::{Mirror, Netlink};
 use controld::supervisor::{Supervisor, SwitchSpec};
 use controld::{events, master, publisher};
 use shm_layout::header::REGION_STOPPING;
-use shm_layout::{Access, Capacities, Mapping, Region, RegionError, region_name};
+use shm_layout::{Access, Capacities, Mapping, Region, RegionError, Table, region_name};
 
 #[derive(Parser, Debug)]
 #[command(version, about = "switchyard control processor")]
@@ -52,6 +59,9 @@ fn main() {
     };
     std::process::exit(code);
 }
+
+/// The main loop's period.
+const TICK: Duration = Duration::from_millis(20);
 
 fn online_cpus() -> usize {
     std::thread::available_parallelism()
@@ -112,6 +122,9 @@ fn restart_only_changes(old: &Config, new: &Config) -> Vec<&'static str> {
     }
     if old.switches != new.switches {
         v.push("switch");
+    }
+    if old.admin != new.admin {
+        v.push("admin");
     }
     v
 }
@@ -279,7 +292,12 @@ impl Drop for Cleanup {
 }
 
 struct State {
+    /// The running configuration (the file's values).
     cfg: Config,
+    /// The operator's runtime changes on top of it (see `controld::overrides`).
+    overrides: Overrides,
+    /// The configuration snapshot last published (built from both).
+    snap: ConfigSnapshot,
     ids: IdAllocator,
     timeouts: shm_layout::conntrack::Timeouts,
     /// The kernel routing mirror, while `[routing] mirror` is on.
@@ -287,6 +305,31 @@ struct State {
     health: Monitor,
     /// A health change is not published yet (a failed publication is retried).
     health_dirty: bool,
+    reloads_ok: u64,
+    reloads_refused: u64,
+    rates: Rates,
+}
+
+impl State {
+    /// The health checks' verdict on a backend (`None`: not checked).
+    fn health(&self, service: &str, backend: &str) -> Option<proto::Health> {
+        let s = self.cfg.services.iter().find(|s| s.name == service)?;
+        let b = s.backends.iter().find(|b| b.name == backend)?;
+        let ident = BackendIdentity {
+            vip: s.vip,
+            vport: s.port,
+            proto: s.protocol.number(),
+            addr: b.address,
+            port: b.port,
+        };
+        self.health.health(&ident).map(|h| {
+            if h.is_down() {
+                proto::Health::Down
+            } else {
+                proto::Health::Up
+            }
+        })
+    }
 }
 
 fn open_mirror() -> Result<Mirror<Netlink>> {
@@ -294,10 +337,18 @@ fn open_mirror() -> Result<Mirror<Netlink>> {
     Mirror::new(nl).context("routing mirror: reading the kernel's routes and neighbours")
 }
 
-/// Publishes the configuration `cfg` with the backends' current health.
-fn publish_config(region: &Region, st: &mut State, cfg: &Config) -> Result<u64> {
+/// Builds and publishes the configuration snapshot of `cfg` under
+/// `overrides` and the backends' current health; on success records all
+/// three as running (together, so the admin views always see a snapshot
+/// built from the running configuration).
+fn publish_config(
+    region: &Region,
+    st: &mut State,
+    cfg: &Config,
+    overrides: &Overrides,
+) -> Result<u64> {
     let health = &st.health;
-    let snap = master::config_snapshot(cfg, &mut st.ids, |b| health.is_down(b))
+    let snap = master::config_snapshot(cfg, &mut st.ids, overrides, |b| health.is_down(b))
         .map_err(anyhow::Error::msg)?;
     publisher::check_fits(region, &snap).map_err(anyhow::Error::msg)?;
     let ack = Duration::from_millis(cfg.publish.ack_timeout_ms as u64);
@@ -310,6 +361,9 @@ fn publish_config(region: &Region, st: &mut State, cfg: &Config) -> Result<u64> 
         tcp_fin_ms: snap.tcp_fin_ms,
         udp_ms: snap.udp_ms,
     };
+    st.snap = snap;
+    st.overrides = overrides.clone();
+    st.cfg = cfg.clone();
     Ok(rep.generation)
 }
 
@@ -331,19 +385,23 @@ fn publish_routing(region: &Region, st: &mut State, cfg: &Config) -> Result<u64>
     Ok(rrep.generation)
 }
 
-/// Publishes configuration and routing of `cfg` and makes it the running
-/// configuration; on failure the running one (and its health checks) stay.
-fn publish_all(region: &Region, st: &mut State, cfg: Config) -> Result<(u64, u64)> {
+/// Publishes configuration and routing of `cfg` under `overrides` and makes
+/// them the running ones; on failure the running configuration (and its
+/// health checks) stay.
+fn publish_all(
+    region: &Region,
+    st: &mut State,
+    cfg: Config,
+    overrides: Overrides,
+) -> Result<(u64, u64)> {
     st.health.configure(&cfg, Instant::now());
-    let res =
-        publish_config(region, st, &cfg).and_then(|g| Ok((g, publish_routing(region, st, &cfg)?)));
+    let res = publish_config(region, st, &cfg, &overrides)
+        .and_then(|g| Ok((g, publish_routing(region, st, &cfg)?)));
     if res.is_err() {
         let running = st.cfg.clone();
         st.health.configure(&running, Instant::now());
     }
-    let (g, rg) = res?;
-    st.cfg = cfg;
-    Ok((g, rg))
+    res
 }
 
 fn log_excluded(rep: &shm_layout::PublishReport, table: &str, ack: Duration) {
@@ -380,34 +438,158 @@ fn poll_mirror(region: &Region, st: &mut State) {
     }
 }
 
-fn reload(region: &Region, st: &mut State, path: &Path) {
-    let mut new = match config::load(path) {
-        Ok(c) => c,
-        Err(e) => {
-            log::error!("reload refused, running configuration kept: {e}");
-            return;
+/// Re-reads the file (SIGHUP or `lbctl reload`). An invalid file, or one
+/// that changes what needs a restart, is refused and the running
+/// configuration stays; runtime overrides follow the reload rule.
+fn reload(region: &Region, st: &mut State, path: &Path) -> Result<ReloadReply, String> {
+    let result = try_reload(region, st, path);
+    match &result {
+        Ok(r) => {
+            st.reloads_ok += 1;
+            for k in &r.overrides_kept {
+                log::info!("reload keeps runtime override {k}");
+            }
+            for d in &r.overrides_dropped {
+                log::warn!("reload drops runtime override {d}: backend no longer configured");
+            }
+            log::info!(
+                "reloaded {}: configuration generation {}, routing generation {}, {} backends health-checked",
+                path.display(),
+                r.generation,
+                r.routing_generation,
+                st.health.len()
+            );
         }
-    };
-    if let Err(e) = resolve_interfaces(&mut new) {
-        log::error!("reload refused, running configuration kept: {e:#}");
-        return;
+        Err(e) => {
+            st.reloads_refused += 1;
+            log::error!("{e}");
+        }
     }
+    result
+}
+
+fn try_reload(region: &Region, st: &mut State, path: &Path) -> Result<ReloadReply, String> {
+    let refused = |region: &Region, e: String| {
+        format!(
+            "reload refused, running configuration (generation {}) kept: {e}",
+            region.generation(Table::Config)
+        )
+    };
+    let mut new = config::load(path).map_err(|e| refused(region, e.to_string()))?;
+    resolve_interfaces(&mut new).map_err(|e| refused(region, format!("{e:#}")))?;
     let changed = restart_only_changes(&st.cfg, &new);
     if !changed.is_empty() {
-        log::error!(
-            "reload refused, running configuration kept: [{}] changed, which needs a restart",
-            changed.join("], [")
-        );
-        return;
+        return Err(refused(
+            region,
+            format!("[{}] changed, which needs a restart", changed.join("], [")),
+        ));
     }
-    match publish_all(region, st, new) {
-        Ok((c, r)) => log::info!(
-            "reloaded {}: configuration generation {c}, routing generation {r}, {} backends health-checked",
-            path.display(),
-            st.health.len()
-        ),
-        Err(e) => log::error!("reload refused, running configuration kept: {e:#}"),
+    let mut overrides = st.overrides.clone();
+    let carried = overrides.carry_over(&new);
+    let (generation, routing_generation) =
+        publish_all(region, st, new, overrides).map_err(|e| refused(region, format!("{e:#}")))?;
+    let fmt = |v: Vec<(String, controld::overrides::Override)>| {
+        v.into_iter().map(|(n, o)| format!("{n}: {o}")).collect()
+    };
+    Ok(ReloadReply {
+        generation,
+        routing_generation,
+        overrides_kept: fmt(carried.kept),
+        overrides_dropped: fmt(carried.dropped),
+    })
+}
+
+/// `drain`, `enable`, `weight`: changes the overrides and republishes at once.
+fn change(
+    region: &Region,
+    st: &mut State,
+    b: &BackendRef,
+    what: &str,
+    f: impl FnOnce(&mut Overrides),
+) -> Result<ChangeReply, String> {
+    let (si, bi) = view::find_backend(&st.cfg, b)?;
+    let mut overrides = st.overrides.clone();
+    f(&mut overrides);
+    let generation = if overrides == st.overrides {
+        region.generation(Table::Config)
+    } else {
+        let cfg = st.cfg.clone();
+        let g = publish_config(region, st, &cfg, &overrides)
+            .map_err(|e| format!("{what} {b}: not published, nothing changed: {e:#}"))?;
+        log::info!("{what} {b}: configuration generation {g}");
+        g
+    };
+    let ctx = ctx(region, st);
+    Ok(ChangeReply {
+        generation,
+        service: b.service.clone(),
+        backend: view::backend_view(&ctx, si, bi),
+    })
+}
+
+fn ctx<'a>(region: &'a Region, st: &'a State) -> view::Ctx<'a> {
+    view::Ctx {
+        cfg: &st.cfg,
+        overrides: &st.overrides,
+        snap: &st.snap,
+        counters: region.backend_counters(),
+        health: Box::new(|s, b| st.health(s, b)),
     }
+}
+
+fn stats(region: &Region, st: &State) -> StatsReply {
+    view::stats(region, &ctx(region, st), &st.rates)
+}
+
+/// Answers one admin request (on the main loop, which owns the state).
+fn handle(region: &Region, st: &mut State, path: &Path, req: Request) -> String {
+    let gens = |r: &Region| (r.generation(Table::Config), r.generation(Table::Routing));
+    let reply = match req {
+        Request::Show => {
+            let (g, rg) = gens(region);
+            Ok(proto::ok_line(&view::show(&ctx(region, st), g, rg)))
+        }
+        Request::Stats => Ok(proto::ok_line(&stats(region, st))),
+        Request::Conns(q) => {
+            view::conns(region, &ctx(region, st), &st.timeouts, &q).map(|r| proto::ok_line(&r))
+        }
+        Request::Drain(b) => change(region, st, &b, "drain", |o| o.drain(&b.service, &b.backend))
+            .map(|r| proto::ok_line(&r)),
+        Request::Enable(b) => change(region, st, &b, "enable", |o| {
+            o.enable(&b.service, &b.backend)
+        })
+        .map(|r| proto::ok_line(&r)),
+        Request::Weight(b, w) => {
+            let what = match w {
+                Some(w) => format!("weight {w}"),
+                None => "weight reset".to_string(),
+            };
+            change(region, st, &b, &what, |o| {
+                o.set_weight(&b.service, &b.backend, w)
+            })
+            .map(|r| proto::ok_line(&r))
+        }
+        Request::Reload => reload(region, st, path).map(|r| proto::ok_line(&r)),
+    };
+    reply.unwrap_or_else(|e| proto::error_line(&e))
+}
+
+fn render_metrics(region: &Region, st: &State) -> String {
+    let (g, rg) = (
+        region.generation(Table::Config),
+        region.generation(Table::Routing),
+    );
+    let show = view::show(&ctx(region, st), g, rg);
+    let extra = metrics::Extra {
+        reloads_ok: st.reloads_ok,
+        reloads_refused: st.reloads_refused,
+        excluded_switches: region
+            .pub_words(Table::Config)
+            .excluded
+            .load(Ordering::Relaxed),
+        overrides: st.overrides.iter().count(),
+    };
+    metrics::render(&show, &stats(region, st), &extra)
 }
 
 fn run(args: &Args) -> Result<()> {
@@ -417,7 +599,7 @@ fn run(args: &Args) -> Result<()> {
     if args.check {
         // Build the snapshot too: it catches what only the master knows.
         let mut ids = IdAllocator::new(cfg.limits.backends.saturating_mul(4));
-        master::config_snapshot(&cfg, &mut ids, |_| false)
+        master::config_snapshot(&cfg, &mut ids, &Overrides::default(), |_| false)
             .map_err(|e| anyhow::anyhow!("{}: {e}", args.config.display()))?;
         let backends: usize = cfg.services.iter().map(|s| s.backends.len()).sum();
         println!(
@@ -456,6 +638,8 @@ fn run(args: &Args) -> Result<()> {
     let mut st = State {
         ids: IdAllocator::new(region.caps().backend_ids),
         cfg: cfg.clone(),
+        overrides: Overrides::default(),
+        snap: ConfigSnapshot::default(),
         timeouts: shm_layout::conntrack::Timeouts {
             tcp_syn_ms: 0,
             tcp_established_ms: 0,
@@ -465,8 +649,11 @@ fn run(args: &Args) -> Result<()> {
         mirror: None,
         health: Monitor::new(),
         health_dirty: false,
+        reloads_ok: 0,
+        reloads_refused: 0,
+        rates: Rates::default(),
     };
-    let (cg, rg) = publish_all(&region, &mut st, cfg.clone())?;
+    let (cg, rg) = publish_all(&region, &mut st, cfg.clone(), Overrides::default())?;
     if !st.health.is_empty() {
         log::info!(
             "health: checking {} backends (each starts UP until a check fails)",
@@ -516,6 +703,12 @@ fn run(args: &Args) -> Result<()> {
             },
         })
         .collect();
+    // Before any thread exists (the socket is bound under a narrowed umask).
+    let server = Server::start(&admin::socket_path(&cfg), cfg.admin.metrics)?;
+    log::info!("admin socket {}", server.socket_path().display());
+    if let Some(a) = server.metrics_addr() {
+        log::info!("metrics at http://{a}/metrics");
+    }
     let mut sup = Supervisor::new(switchd, &cfg.instance, specs);
     sup.start_all(&region)?;
     if let Some(p) = &args.pidfile {
@@ -533,9 +726,10 @@ fn run(args: &Args) -> Result<()> {
     let gc_per_tick = (region.caps().conn_slots / 128).clamp(1024, 1 << 15);
     let mut last_release = Instant::now();
     let mut last_publish_error = None;
+    let mut next_tick = Instant::now();
     while !term.load(Ordering::Relaxed) {
         if hup.swap(false, Ordering::Relaxed) {
-            reload(&region, &mut st, &args.config);
+            let _ = reload(&region, &mut st, &args.config);
         }
         sup.poll(&region);
         poll_mirror(&region, &mut st);
@@ -545,8 +739,8 @@ fn run(args: &Args) -> Result<()> {
         if st.health_dirty {
             // Within this tick of the deciding result: out of (or back in)
             // the tables one publication later.
-            let cfg = st.cfg.clone();
-            if let Err(e) = publish_config(&region, &mut st, &cfg)
+            let (cfg, overrides) = (st.cfg.clone(), st.overrides.clone());
+            if let Err(e) = publish_config(&region, &mut st, &cfg, &overrides)
                 && last_publish_error
                     .is_none_or(|t: Instant| t.elapsed() >= Duration::from_secs(10))
             {
@@ -566,13 +760,32 @@ fn run(args: &Args) -> Result<()> {
             });
             last_release = Instant::now();
         }
-        std::thread::sleep(Duration::from_millis(20));
+        if st.rates.due(Instant::now()) {
+            let s = view::sample(&region, &st.snap);
+            st.rates.push(s);
+        }
+        // Until the next tick, answer admin requests as they come.
+        next_tick = (next_tick + TICK).max(Instant::now());
+        while let Some(job) = server.next_job(next_tick) {
+            match job {
+                Job::Request { req, reply } => {
+                    let _ = reply.send(handle(&region, &mut st, &args.config, req));
+                }
+                Job::Metrics { reply } => {
+                    let _ = reply.send(render_metrics(&region, &st));
+                }
+            }
+            if term.load(Ordering::Relaxed) {
+                break;
+            }
+        }
     }
     log::info!("stopping: terminating switches");
     region
         .header()
         .state
         .store(REGION_STOPPING, Ordering::SeqCst);
+    drop(server);
     sup.stop_all(&region, Duration::from_secs(3));
     if let Some(p) = &args.pidfile {
         let _ = std::fs::remove_file(p);

@@ -1,8 +1,8 @@
-//! The master: turns a validated configuration and the backends' health
-//! into a snapshot of what the switches need (service and backend records
-//! with stable ids, Maglev tables over the eligible backends, the policy
-//! for DOWN backends' connections, ports, timeouts, routes and
-//! neighbours). Pure: no I/O.
+//! The master: turns a validated configuration, the operator's runtime
+//! overrides and the backends' health into a snapshot of what the switches
+//! need (service and backend records with stable ids and effective weights,
+//! Maglev tables over the eligible backends, the policy for DOWN backends'
+//! connections, ports, timeouts, routes and neighbours). Pure: no I/O.
 
 use shm_layout::config_slot::{
     BACKEND_CHECKED, BACKEND_DOWN, BACKEND_DRAINED, BackendRec, MODE_DR, MODE_NAT, MODE_TUNNEL,
@@ -14,6 +14,7 @@ use shm_layout::routing_slot::{NeighbourRec, RouteRec};
 use crate::config::{Config, Mode, OnDown, Scheduler};
 use crate::ids::{BackendIdentity, IdAllocator};
 use crate::maglev;
+use crate::overrides::Overrides;
 
 /// Everything published in one configuration generation.
 #[derive(Clone, Debug, Default)]
@@ -45,12 +46,16 @@ pub struct RoutingSnapshot {
 }
 
 /// Builds the configuration snapshot, assigning backend ids with `ids`.
+/// Each backend's record carries its effective weight (the file's, or the
+/// override's; 0 and `BACKEND_DRAINED` when drained), and its service's
+/// table is built with those weights (see [`crate::overrides`]).
 /// `is_down` says which checked backends failed their health checks: they
 /// keep their records (flagged DOWN) but leave their service's table, like
 /// a drained backend, and their connections get the service's policy.
 pub fn config_snapshot(
     cfg: &Config,
     ids: &mut IdAllocator,
+    overrides: &Overrides,
     is_down: impl Fn(&BackendIdentity) -> bool,
 ) -> Result<ConfigSnapshot, String> {
     let m = cfg.limits.maglev_table_size;
@@ -98,8 +103,9 @@ pub fn config_snapshot(
             let (id, ident) = next.next().expect("one id per backend");
             let checked = b.health.is_some();
             let down = checked && is_down(ident);
+            let eff = overrides.effective(&s.name, &b.name, b.weight);
             let mut flags = 0;
-            if b.weight == 0 {
+            if eff.weight == 0 {
                 flags |= BACKEND_DRAINED;
             }
             if checked {
@@ -116,13 +122,13 @@ pub fn config_snapshot(
                 ip: u32::from(b.address),
                 port: b.port,
                 flags,
-                weight: b.weight,
+                weight: eff.weight,
                 service: si as u32,
                 ..Default::default()
             };
             names::set(&mut rec.name, &b.name);
             snap.backends.push(rec);
-            let eligible = if down { 0 } else { b.weight };
+            let eligible = if down { 0 } else { eff.weight };
             weighted.push((maglev::backend_key(b.address, b.port), eligible));
         }
         let mut table = Vec::new();
@@ -191,9 +197,9 @@ mod tests {
     fn down_backends_leave_the_table_keep_their_record_and_get_the_policy() {
         let cfg = config("reset");
         let mut ids = IdAllocator::new(64);
-        let all_up = config_snapshot(&cfg, &mut ids, |_| false).unwrap();
+        let all_up = config_snapshot(&cfg, &mut ids, &Overrides::default(), |_| false).unwrap();
         // Everything "down" by the health view: only checked backends are.
-        let snap = config_snapshot(&cfg, &mut ids, |_| true).unwrap();
+        let snap = config_snapshot(&cfg, &mut ids, &Overrides::default(), |_| true).unwrap();
         let flags: Vec<u16> = snap.backends.iter().map(|b| b.flags).collect();
         assert_eq!(
             flags,
@@ -231,7 +237,7 @@ mod tests {
     fn a_down_backend_gets_no_table_entry_and_its_peers_take_them() {
         let cfg = config("reschedule");
         let mut ids = IdAllocator::new(64);
-        let before = config_snapshot(&cfg, &mut ids, |_| false).unwrap();
+        let before = config_snapshot(&cfg, &mut ids, &Overrides::default(), |_| false).unwrap();
         let web2 = BackendIdentity {
             vip: "198.18.0.10".parse().unwrap(),
             vport: 80,
@@ -239,7 +245,7 @@ mod tests {
             addr: "198.19.1.2".parse().unwrap(),
             port: 80,
         };
-        let after = config_snapshot(&cfg, &mut ids, |b| *b == web2).unwrap();
+        let after = config_snapshot(&cfg, &mut ids, &Overrides::default(), |b| *b == web2).unwrap();
         assert_eq!(
             after.down_actions,
             [(before.backends[1].id, ON_DOWN_RESCHEDULE)]
@@ -251,5 +257,76 @@ mod tests {
             after.tables[1], before.tables[1],
             "other services unchanged"
         );
+    }
+}
+
+#[cfg(test)]
+mod override_tests {
+    use super::*;
+
+    fn config() -> Config {
+        let mut text = String::from(
+            "instance = \"t\"\n[limits]\nmaglev_table_size = 251\n\
+             [[port]]\nname = \"p\"\ndriver = \"vnic\"\nmac = \"02:00:00:00:00:01\"\n\
+             [[switch]]\nname = \"s\"\ncpu = 0\nports = [\"p\"]\n\
+             [[service]]\nname = \"web\"\nvip = \"198.18.0.10\"\nport = 80\nprotocol = \"tcp\"\n",
+        );
+        for (i, w) in [1, 2, 3].iter().enumerate() {
+            text += &format!(
+                "[[service.backend]]\nname = \"web{}\"\naddress = \"198.19.1.{}\"\nweight = {w}\n",
+                i + 1,
+                i + 1
+            );
+        }
+        crate::config::parse(&text).unwrap()
+    }
+
+    fn entries(snap: &ConfigSnapshot) -> Vec<usize> {
+        let mut n = vec![0; snap.backends.len()];
+        for &e in &snap.tables[0] {
+            n[e as usize] += 1;
+        }
+        n
+    }
+
+    fn table_for(weights: &[u32]) -> Vec<u16> {
+        let keys: Vec<(u64, u32)> = weights
+            .iter()
+            .enumerate()
+            .map(|(i, &w)| {
+                let a = std::net::Ipv4Addr::new(198, 19, 1, i as u8 + 1);
+                (maglev::backend_key(a, 80), w)
+            })
+            .collect();
+        let mut t = Vec::new();
+        maglev::build(&keys, 251, &mut t).unwrap();
+        t
+    }
+
+    #[test]
+    fn overrides_set_effective_weights_flags_and_the_table() {
+        let cfg = config();
+        let mut ids = IdAllocator::new(64);
+        let plain = config_snapshot(&cfg, &mut ids, &Overrides::default(), |_| false).unwrap();
+        assert_eq!(plain.tables[0], table_for(&[1, 2, 3]));
+        let w: Vec<u32> = plain.backends.iter().map(|b| b.weight).collect();
+        assert_eq!(w, [1, 2, 3]);
+
+        let mut o = Overrides::default();
+        o.drain("web", "web1");
+        o.set_weight("web", "web3", Some(9));
+        let snap = config_snapshot(&cfg, &mut ids, &o, |_| false).unwrap();
+        assert_eq!(snap.tables[0], table_for(&[0, 2, 9]));
+        assert_eq!(entries(&snap)[0], 0, "a drained backend leaves the table");
+        let recs: Vec<(u32, u16)> = snap.backends.iter().map(|b| (b.weight, b.flags)).collect();
+        assert_eq!(recs, [(0, BACKEND_DRAINED), (2, 0), (9, 0)]);
+        // Ids are stable whatever the overrides.
+        let id = |s: &ConfigSnapshot| s.backends.iter().map(|b| b.id).collect::<Vec<_>>();
+        assert_eq!(id(&snap), id(&plain));
+        // Overrides of unknown backends change nothing.
+        let mut other = Overrides::default();
+        other.drain("dns", "web1");
+        let snap = config_snapshot(&cfg, &mut ids, &other, |_| false).unwrap();
+        assert_eq!(snap.tables[0], plain.tables[0]);
     }
 }

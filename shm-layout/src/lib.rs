@@ -8,6 +8,7 @@ pub mod config_slot;
 pub mod conntrack;
 pub mod fingerprint;
 pub mod header;
+pub mod inspect;
 pub mod names;
 pub mod publish;
 pub mod region;

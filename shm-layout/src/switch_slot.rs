@@ -32,6 +32,10 @@ macro_rules! counters {
             pub fn name(self) -> &'static str {
                 match self { $(Counter::$name => $snake,)* }
             }
+            /// One line saying what the counter counts (metrics' HELP text).
+            pub fn help(self) -> &'static str {
+                match self { $(Counter::$name => $doc,)* }
+            }
         }
     };
 }

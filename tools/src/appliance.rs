@@ -35,6 +35,11 @@ pub fn bin(name: &str) -> PathBuf {
     p
 }
 
+/// The directory a test appliance of `instance` keeps its config and log in.
+pub fn dir_for(instance: &str) -> PathBuf {
+    std::env::temp_dir().join(format!("switchyard-test-{instance}"))
+}
+
 /// A running appliance: controld and its switches. Stopped and cleaned on drop.
 pub struct Appliance {
     pub instance: String,
@@ -55,7 +60,7 @@ impl Appliance {
     /// Like [`Appliance::start`], with controld (and so its switches) in a
     /// network namespace (`ip netns exec NS controld ...`: same pid).
     pub fn start_in(netns: Option<&str>, instance: &str, config: &str) -> Self {
-        let dir = std::env::temp_dir().join(format!("switchyard-test-{instance}"));
+        let dir = dir_for(instance);
         std::fs::create_dir_all(&dir).unwrap();
         let config_path = dir.join("switchyard.toml");
         std::fs::write(&config_path, config).unwrap();
@@ -212,6 +217,8 @@ impl Drop for Appliance {
                 &format!("--instance {} ", self.instance),
             ])
             .status();
+        // A controld that could not stop cleanly leaves its default admin socket.
+        let _ = std::fs::remove_file(controld::admin::default_socket_path(&self.instance));
         if let Ok(rd) = std::fs::read_dir("/dev/shm") {
             let prefix = format!("switchyard.{}", self.instance);
             for e in rd.flatten() {

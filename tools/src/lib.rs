@@ -1,8 +1,10 @@
 //! Library side of the switchyard tools: the traffic model that lbgen and
-//! the integration tests share (the wire end of the virtual NICs).
+//! the integration tests share (the wire end of the virtual NICs), and
+//! lbctl's client and tables.
 
 pub mod appliance;
 pub mod bench;
 pub mod frames;
+pub mod lbctl;
 pub mod topo;
 pub mod traffic;

@@ -10,7 +10,7 @@
 //! The keys, their defaults and their rules are documented on the typed
 //! fields below; `packaging/examples/demo.toml` is a complete file.
 
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 
 mod health;
@@ -92,6 +92,8 @@ pub struct Config {
     pub tunnel: Tunnel,
     /// `[routing]`.
     pub routing: Routing,
+    /// `[admin]`.
+    pub admin: Admin,
     /// `[[port]]`, in file order; other items refer to a port by its index here.
     /// At least one, at most [`MAX_PORTS`].
     pub ports: Vec<Port>,
@@ -190,6 +192,24 @@ pub struct Tunnel {
     /// source address of encapsulated packets, a unicast IPv4 address of the
     /// appliance that the backends accept tunnelled packets from; not a VIP.
     pub source: Option<Ipv4Addr>,
+}
+
+/// Longest `[admin] socket` path (a Unix socket address holds 107 bytes and a NUL).
+pub const MAX_SOCKET_PATH: usize = 107;
+
+/// `[admin]`: the operator's interfaces (lbctl's socket, Prometheus
+/// metrics). Fixed at start: a reload may not change them.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Admin {
+    /// `socket` (default: `/run/switchyard/<instance>.sock` for root, see
+    /// [`crate::admin::default_socket_path`]): the Unix socket lbctl talks
+    /// to; an absolute path of at most 107 bytes. controld creates it with
+    /// mode 0600 (its directory, if missing, with 0700), replaces a stale
+    /// one and removes it on exit.
+    pub socket: Option<PathBuf>,
+    /// `metrics` (default: off): `"IP:PORT"` where controld serves the
+    /// Prometheus text format at `/metrics` over HTTP; port 1..=65535.
+    pub metrics: Option<SocketAddr>,
 }
 
 /// Default of `[[port]] mtu` for vnic ports.

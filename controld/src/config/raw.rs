@@ -30,6 +30,9 @@ pub(super) struct RawConfig {
     /// `[routing]`: see [`super::Routing`].
     #[serde(default)]
     pub routing: RawRouting,
+    /// `[admin]`: see [`super::Admin`].
+    #[serde(default)]
+    pub admin: RawAdmin,
     /// `[[port]]`: see [`super::Port`].
     #[serde(default)]
     pub port: Vec<RawPort>,
@@ -103,6 +106,16 @@ pub(super) struct RawRouting {
     pub mirror: Option<bool>,
     /// `resolve`: see [`super::Routing::resolve`].
     pub resolve: Option<bool>,
+}
+
+/// `[admin]`; every key optional.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawAdmin {
+    /// `socket`: see [`super::Admin::socket`].
+    pub socket: Option<String>,
+    /// `metrics`: see [`super::Admin::metrics`].
+    pub metrics: Option<String>,
 }
 
 /// One `[[port]]`.

@@ -98,6 +98,7 @@ fn demo_example_parses_with_all_fields() {
             mirror: false,
             resolve: false,
         },
+        admin: Admin::default(),
         ports: vec![
             Port {
                 name: "client".into(),
@@ -410,7 +411,7 @@ fn unknown_key_at_top_level() {
         err(&format!("colour = 1\n{BASE}")),
         "TOML parse error at line 1, column 1\n  |\n1 | colour = 1\n  | ^^^^^^\n\
          unknown field `colour`, expected one of `instance`, `limits`, `timeouts`, `publish`, `tunnel`, \
-         `routing`, `port`, `switch`, `service`, `route`, `neighbour`"
+         `routing`, `admin`, `port`, `switch`, `service`, `route`, `neighbour`"
     );
 }
 
@@ -568,6 +569,41 @@ fn timeouts_and_publish_ranges() {
         err(&head("[publish]\nack_timeout_ms = 60001")),
         "publish: ack_timeout_ms 60001 exceeds 60000"
     );
+}
+
+#[test]
+fn admin_keys() {
+    let c = parse(&head(
+        "[admin]\nsocket = \"/run/sy/t.sock\"\nmetrics = \"127.0.0.1:9100\"",
+    ))
+    .unwrap();
+    assert_eq!(c.admin.socket, Some(PathBuf::from("/run/sy/t.sock")));
+    assert_eq!(c.admin.metrics, Some("127.0.0.1:9100".parse().unwrap()));
+    let c = parse(&head("[admin]\nmetrics = \"[::1]:9100\"")).unwrap();
+    assert_eq!(c.admin.metrics, Some("[::1]:9100".parse().unwrap()));
+    assert_eq!(parse(BASE).unwrap().admin, Admin::default());
+    assert_eq!(
+        err(&head("[admin]\nsocket = \"run/t.sock\"")),
+        "admin: socket \"run/t.sock\" is not an absolute file path (expected like /run/switchyard/NAME.sock)"
+    );
+    assert_eq!(
+        err(&head("[admin]\nsocket = \"/run/\"")),
+        "admin: socket \"/run/\" is not an absolute file path (expected like /run/switchyard/NAME.sock)"
+    );
+    let long = format!("/{}", "x".repeat(107));
+    assert_eq!(
+        err(&head(&format!("[admin]\nsocket = \"{long}\""))),
+        format!("admin: socket \"{long}\" is 108 bytes long, a Unix socket path holds at most 107")
+    );
+    assert_eq!(
+        err(&head("[admin]\nmetrics = \"localhost:9100\"")),
+        "admin: metrics \"localhost:9100\" is not an address and port (expected like 127.0.0.1:9100 or [::1]:9100)"
+    );
+    assert_eq!(
+        err(&head("[admin]\nmetrics = \"127.0.0.1:0\"")),
+        "admin: metrics \"127.0.0.1:0\" has port 0 (a fixed port 1..=65535 is required)"
+    );
+    assert!(err(&head("[admin]\nsockett = \"/x\"")).contains("unknown field `sockett`"));
 }
 
 #[test]

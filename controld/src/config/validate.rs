@@ -7,8 +7,8 @@ use std::net::Ipv4Addr;
 
 use super::health::{self, RawHealth};
 use super::raw::{
-    RawBackend, RawConfig, RawLimits, RawNeighbour, RawPort, RawPublish, RawRoute, RawRouting,
-    RawService, RawSwitch, RawTimeouts,
+    RawAdmin, RawBackend, RawConfig, RawLimits, RawNeighbour, RawPort, RawPublish, RawRoute,
+    RawRouting, RawService, RawSwitch, RawTimeouts,
 };
 use super::*;
 
@@ -27,6 +27,8 @@ pub(super) fn validate(raw: RawConfig) -> R<Config> {
             .map(|t| unicast("tunnel: ", "source", t))
             .transpose()?,
     };
+
+    let admin = admin(&raw.admin)?;
 
     if raw.port.is_empty() {
         return Err("no [[port]] is defined (at least one is required)".into());
@@ -190,6 +192,7 @@ pub(super) fn validate(raw: RawConfig) -> R<Config> {
         publish,
         tunnel,
         routing,
+        admin,
         ports,
         switches,
         services,
@@ -302,6 +305,44 @@ fn routing(raw: &RawRouting, ports: &[Port]) -> R<Routing> {
         );
     }
     Ok(Routing { mirror, resolve })
+}
+
+fn admin(raw: &RawAdmin) -> R<Admin> {
+    let ctx = "admin: ";
+    let socket = match &raw.socket {
+        None => None,
+        Some(p) => {
+            if !p.starts_with('/') || p.ends_with('/') || p.contains('\0') {
+                return Err(format!(
+                    "{ctx}socket {p:?} is not an absolute file path (expected like /run/switchyard/NAME.sock)"
+                ));
+            }
+            if p.len() > MAX_SOCKET_PATH {
+                return Err(format!(
+                    "{ctx}socket {p:?} is {} bytes long, a Unix socket path holds at most {MAX_SOCKET_PATH}",
+                    p.len()
+                ));
+            }
+            Some(PathBuf::from(p))
+        }
+    };
+    let metrics = match &raw.metrics {
+        None => None,
+        Some(m) => {
+            let a: SocketAddr = m.parse().map_err(|_| {
+                format!(
+                    "{ctx}metrics {m:?} is not an address and port (expected like 127.0.0.1:9100 or [::1]:9100)"
+                )
+            })?;
+            if a.port() == 0 {
+                return Err(format!(
+                    "{ctx}metrics {m:?} has port 0 (a fixed port 1..=65535 is required)"
+                ));
+            }
+            Some(a)
+        }
+    };
+    Ok(Admin { socket, metrics })
 }
 
 fn port(raw: &RawPort) -> R<Port> {

@@ -7,15 +7,13 @@ use std::sync::atomic::Ordering;
 use clap::Parser;
 use serde_json::{Value, json};
 use shm_layout::config_slot::{
-    BACKEND_CHECKED, BACKEND_DOWN, MODE_DR, MODE_NAT, MODE_TUNNEL, ON_DOWN_KEEP,
-    ON_DOWN_RESCHEDULE, ON_DOWN_RESET, PROTO_TCP, PROTO_UDP,
+    BACKEND_CHECKED, BACKEND_DOWN, ON_DOWN_KEEP, ON_DOWN_RESCHEDULE, ON_DOWN_RESET,
 };
-use shm_layout::conntrack::{
-    KIND_EMPTY, KIND_FWD, KIND_REPLY, KIND_TOMB, STATE_ACTIVE, STATE_CLOSING, STATE_ESTABLISHED,
-    STATE_SYN,
+use shm_layout::inspect::{
+    ConnFilter, conn_state_name, mode_name, proto_name, region_state_name, scan_conns,
+    switch_state_name,
 };
-use shm_layout::header::{REGION_INIT, REGION_READY, REGION_STOPPING};
-use shm_layout::switch_slot::{Counter, SW_EMPTY, SW_RUNNING, SW_STARTING, SW_STOPPED};
+use shm_layout::switch_slot::Counter;
 use shm_layout::time::{mono_ns, pid_alive};
 use shm_layout::{Access, FINGERPRINT, Region, Table, names};
 
@@ -59,23 +57,6 @@ fn mac(m: [u8; 6]) -> String {
         .join(":")
 }
 
-fn proto(p: u8) -> &'static str {
-    match p {
-        PROTO_TCP => "tcp",
-        PROTO_UDP => "udp",
-        _ => "?",
-    }
-}
-
-fn mode(m: u8) -> &'static str {
-    match m {
-        MODE_NAT => "nat",
-        MODE_DR => "dr",
-        MODE_TUNNEL => "tunnel",
-        _ => "?",
-    }
-}
-
 /// A backend's health from its flags: unchecked backends are always up.
 fn health(flags: u16) -> &'static str {
     if flags & BACKEND_CHECKED == 0 {
@@ -96,26 +77,11 @@ fn on_down(p: u8) -> &'static str {
     }
 }
 
-fn tcp_state(s: u32) -> &'static str {
-    match s {
-        STATE_SYN => "syn",
-        STATE_ESTABLISHED => "established",
-        STATE_CLOSING => "closing",
-        STATE_ACTIVE => "active",
-        _ => "?",
-    }
-}
-
 fn collect(r: &Region, a: &Args) -> Value {
     let h = r.header();
     let now = mono_ns();
     let controld_pid = h.controld_pid.load(Ordering::Relaxed);
-    let state = match h.state.load(Ordering::Acquire) {
-        REGION_INIT => "init",
-        REGION_READY => "ready",
-        REGION_STOPPING => "stopping",
-        _ => "?",
-    };
+    let state = region_state_name(h.state.load(Ordering::Acquire));
     let header = json!({
         "name": r.name(),
         "instance": names::get(&h.instance),
@@ -167,8 +133,8 @@ fn collect(r: &Region, a: &Args) -> Value {
                 })
                 .collect();
             json!({
-                "name": names::get(&s.name), "vip": ip(s.vip), "port": s.port, "protocol": proto(s.proto),
-                "mode": mode(s.mode), "scheduler": "maglev", "table_size": table.len(),
+                "name": names::get(&s.name), "vip": ip(s.vip), "port": s.port, "protocol": proto_name(s.proto),
+                "mode": mode_name(s.mode), "scheduler": "maglev", "table_size": table.len(),
                 "on_backend_down": on_down(s.on_down), "backends": backends,
             })
         })
@@ -213,13 +179,7 @@ fn collect(r: &Region, a: &Args) -> Value {
         .enumerate()
         .map(|(i, s)| {
             let pid = s.pid.load(Ordering::Relaxed);
-            let st = match s.state.load(Ordering::Acquire) {
-                SW_EMPTY => "empty",
-                SW_STARTING => "starting",
-                SW_RUNNING => "running",
-                SW_STOPPED => "stopped",
-                _ => "?",
-            };
+            let st = switch_state_name(s.state.load(Ordering::Acquire));
             let hb = s.heartbeat_ns.load(Ordering::Relaxed);
             let mut counters = serde_json::Map::new();
             for c in Counter::ALL {
@@ -236,56 +196,38 @@ fn collect(r: &Region, a: &Args) -> Value {
         })
         .collect();
 
-    let ct = r.conntrack();
-    let now_ms = r.now_ms();
-    let timeouts = cfg.header.timeouts();
-    let (mut fwd, mut reply, mut tomb, mut busy, mut expired) = (0u64, 0u64, 0u64, 0u64, 0u64);
-    let mut list = Vec::new();
-    for idx in 0..ct.capacity() as u32 {
-        if ct.holder(idx).is_some() {
-            busy += 1;
-            continue;
-        }
-        let Some(snap) = ct.snapshot(idx) else {
-            continue;
-        };
-        match snap.kind() {
-            KIND_EMPTY => {}
-            KIND_REPLY => reply += 1,
-            KIND_TOMB => tomb += 1,
-            KIND_FWD => {
-                fwd += 1;
-                let slot = ct.slot(idx);
-                let dead = slot.expired(now_ms, &timeouts);
-                expired += dead as u64;
-                let c = snap.conn().expect("forward slot");
-                let keep = a.conns
-                    && list.len() < a.limit
-                    && a.vip.is_none_or(|v| u32::from(v) == c.vip)
-                    && a.client.is_none_or(|v| u32::from(v) == c.client_ip)
-                    && a.backend.is_none_or(|v| u32::from(v) == c.backend_ip);
-                if keep {
-                    list.push(json!({
-                        "slot": idx, "protocol": proto(c.proto), "mode": mode(c.mode),
-                        "client": format!("{}:{}", ip(c.client_ip), c.client_port),
-                        "vip": format!("{}:{}", ip(c.vip), c.vip_port),
-                        "backend": format!("{}:{}", ip(c.backend_ip), c.backend_port),
-                        "backend_id": c.backend_id,
-                        "state": tcp_state(slot.tcp_state.load(Ordering::Relaxed)),
-                        "midflow": c.flags & shm_layout::conntrack::CONN_MIDFLOW != 0,
-                        "idle_ms": now_ms.wrapping_sub(slot.last_seen.load(Ordering::Relaxed)),
-                        "expired": dead,
-                        "packets": slot.packets.load(Ordering::Relaxed),
-                        "bytes": slot.bytes.load(Ordering::Relaxed),
-                    }));
-                }
-            }
-            _ => {}
-        }
-    }
+    let filter = ConnFilter {
+        vip: a.vip.map(u32::from),
+        client: a.client.map(u32::from),
+        backend_ip: a.backend.map(u32::from),
+        backend_id: None,
+        limit: if a.conns { a.limit } else { 0 },
+    };
+    let census = scan_conns(r, &cfg.header.timeouts(), &filter);
+    let list: Vec<Value> = census
+        .list
+        .iter()
+        .map(|x| {
+            let c = &x.conn;
+            json!({
+                "slot": x.slot, "protocol": proto_name(c.proto), "mode": mode_name(c.mode),
+                "client": format!("{}:{}", ip(c.client_ip), c.client_port),
+                "vip": format!("{}:{}", ip(c.vip), c.vip_port),
+                "backend": format!("{}:{}", ip(c.backend_ip), c.backend_port),
+                "backend_id": c.backend_id,
+                "state": conn_state_name(x.state),
+                "midflow": x.midflow,
+                "idle_ms": x.idle_ms,
+                "expired": x.expired,
+                "packets": x.packets,
+                "bytes": x.bytes,
+            })
+        })
+        .collect();
     let conns = json!({
-        "slots": ct.capacity(), "connections": fwd, "reply_slots": reply, "tombstones": tomb,
-        "busy_slots": busy, "expired_not_collected": expired, "list": list,
+        "slots": census.slots, "connections": census.connections, "reply_slots": census.reply_slots,
+        "tombstones": census.tombstones, "busy_slots": census.busy_slots,
+        "expired_not_collected": census.expired_not_collected, "list": list,
     });
     json!({"header": header, "config": config, "routing": routing, "switches": switches, "connections": conns})
 }

@@ -1,0 +1,692 @@
+//! The admin protocol: one JSON request object per line, one JSON reply
+//! object per line. Shared by controld (which parses requests and builds
+//! replies) and lbctl (which builds requests and reads replies). Pure.
+//!
+//! Requests (`cmd` selects; other keys as listed, nothing else allowed):
+//!
+//! ```text
+//! {"cmd":"show"}
+//! {"cmd":"stats"}
+//! {"cmd":"conns", "vip":"IP", "client":"IP", "backend":"IP"|"SVC/BACKEND", "limit":N}   (all optional)
+//! {"cmd":"drain",  "backend":"SVC/BACKEND"}
+//! {"cmd":"enable", "backend":"SVC/BACKEND"}
+//! {"cmd":"weight", "backend":"SVC/BACKEND", "weight":N|null}   (null: back to the file's weight)
+//! {"cmd":"reload"}
+//! ```
+//!
+//! Replies: `{"ok":true,"result":{...}}` with the command's result type
+//! below, or `{"ok":false,"error":"..."}` naming the problem.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::Ipv4Addr;
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+/// Longest request line controld reads (longer ones are refused).
+pub const MAX_REQUEST: usize = 64 * 1024;
+/// Connections `conns` lists when no `limit` is given.
+pub const DEFAULT_CONNS_LIMIT: usize = 100;
+/// Largest `conns` `limit`.
+pub const MAX_CONNS_LIMIT: usize = 100_000;
+/// Largest weight (as in the file).
+pub const MAX_WEIGHT: u32 = crate::config::MAX_WEIGHT;
+
+/// The commands, for error messages and lbctl's help.
+pub const COMMANDS: &[&str] = &[
+    "show", "stats", "conns", "drain", "enable", "weight", "reload",
+];
+
+/// A backend named `service/backend`.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct BackendRef {
+    pub service: String,
+    pub backend: String,
+}
+
+fn valid_name(n: &str) -> bool {
+    !n.is_empty()
+        && n.len() <= 32
+        && n.bytes()
+            .all(|c| c.is_ascii_alphanumeric() || c == b'_' || c == b'-')
+}
+
+impl FromStr for BackendRef {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.split_once('/') {
+            Some((svc, b)) if valid_name(svc) && valid_name(b) => Ok(BackendRef {
+                service: svc.to_string(),
+                backend: b.to_string(),
+            }),
+            _ => Err(format!(
+                "backend {s:?} is not SERVICE/BACKEND (two names of 1 to 32 characters from A-Z a-z 0-9 _ -, like web/web1)"
+            )),
+        }
+    }
+}
+
+impl fmt::Display for BackendRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.service, self.backend)
+    }
+}
+
+/// `conns`' backend filter: an address or a configured backend.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum BackendSel {
+    Address(Ipv4Addr),
+    Name(BackendRef),
+}
+
+impl FromStr for BackendSel {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        if let Ok(a) = s.parse() {
+            return Ok(BackendSel::Address(a));
+        }
+        s.parse().map(BackendSel::Name).map_err(|_| {
+            format!("backend {s:?} is neither an IPv4 address nor SERVICE/BACKEND (like web/web1)")
+        })
+    }
+}
+
+impl fmt::Display for BackendSel {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            BackendSel::Address(a) => write!(f, "{a}"),
+            BackendSel::Name(n) => write!(f, "{n}"),
+        }
+    }
+}
+
+/// `conns`: which connections, how many.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ConnsQuery {
+    pub vip: Option<Ipv4Addr>,
+    pub client: Option<Ipv4Addr>,
+    pub backend: Option<BackendSel>,
+    pub limit: usize,
+}
+
+impl Default for ConnsQuery {
+    fn default() -> Self {
+        Self {
+            vip: None,
+            client: None,
+            backend: None,
+            limit: DEFAULT_CONNS_LIMIT,
+        }
+    }
+}
+
+/// One request.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Request {
+    Show,
+    Stats,
+    Conns(ConnsQuery),
+    Drain(BackendRef),
+    Enable(BackendRef),
+    /// `None`: back to the file's weight.
+    Weight(BackendRef, Option<u32>),
+    Reload,
+}
+
+impl Request {
+    /// Parses one request line; the error names the problem and what is accepted.
+    pub fn parse(line: &str) -> Result<Request, String> {
+        let v: Value = serde_json::from_str(line).map_err(|e| {
+            format!(
+                "request is not JSON ({e}); send one object per line, like {{\"cmd\":\"show\"}}"
+            )
+        })?;
+        let Value::Object(obj) = v else {
+            return Err(format!(
+                "request {} is not a JSON object; send one object per line, like {{\"cmd\":\"show\"}}",
+                short(&v)
+            ));
+        };
+        let cmd = match obj.get("cmd") {
+            Some(Value::String(c)) => c.as_str(),
+            Some(other) => {
+                return Err(format!(
+                    "cmd {} is not a string (one of: {})",
+                    short(other),
+                    COMMANDS.join(", ")
+                ));
+            }
+            None => {
+                return Err(format!(
+                    "request has no \"cmd\" (one of: {})",
+                    COMMANDS.join(", ")
+                ));
+            }
+        };
+        let allowed: &[&str] = match cmd {
+            "show" | "stats" | "reload" => &[],
+            "conns" => &["vip", "client", "backend", "limit"],
+            "drain" | "enable" => &["backend"],
+            "weight" => &["backend", "weight"],
+            other => {
+                return Err(format!(
+                    "unknown command {other:?} (one of: {})",
+                    COMMANDS.join(", ")
+                ));
+            }
+        };
+        if let Some(k) = obj
+            .keys()
+            .find(|k| *k != "cmd" && !allowed.contains(&k.as_str()))
+        {
+            return Err(if allowed.is_empty() {
+                format!("{cmd}: unknown key {k:?} ({cmd} takes no arguments)")
+            } else {
+                format!(
+                    "{cmd}: unknown key {k:?} (accepted: {})",
+                    allowed.join(", ")
+                )
+            });
+        }
+        Ok(match cmd {
+            "show" => Request::Show,
+            "stats" => Request::Stats,
+            "reload" => Request::Reload,
+            "conns" => Request::Conns(ConnsQuery {
+                vip: opt_str(&obj, cmd, "vip")?
+                    .map(|s| ipv4(cmd, "vip", s))
+                    .transpose()?,
+                client: opt_str(&obj, cmd, "client")?
+                    .map(|s| ipv4(cmd, "client", s))
+                    .transpose()?,
+                backend: opt_str(&obj, cmd, "backend")?
+                    .map(|s| s.parse().map_err(|e| format!("{cmd}: {e}")))
+                    .transpose()?,
+                limit: match obj.get("limit") {
+                    None => DEFAULT_CONNS_LIMIT,
+                    Some(l) => match l.as_u64() {
+                        Some(n) if (1..=MAX_CONNS_LIMIT as u64).contains(&n) => n as usize,
+                        _ => {
+                            return Err(format!(
+                                "{cmd}: limit {} is not a number 1..={MAX_CONNS_LIMIT}",
+                                short(l)
+                            ));
+                        }
+                    },
+                },
+            }),
+            "drain" => Request::Drain(backend(&obj, cmd)?),
+            "enable" => Request::Enable(backend(&obj, cmd)?),
+            "weight" => {
+                let b = backend(&obj, cmd)?;
+                let w = match obj.get("weight") {
+                    None => {
+                        return Err(format!(
+                            "{cmd}: missing \"weight\" (a number 0..={MAX_WEIGHT}, or null for the file's weight)"
+                        ));
+                    }
+                    Some(Value::Null) => None,
+                    Some(w) => match w.as_u64() {
+                        Some(n) if n <= MAX_WEIGHT as u64 => Some(n as u32),
+                        _ => {
+                            return Err(format!(
+                                "{cmd}: weight {} is not a number 0..={MAX_WEIGHT} (or null for the file's weight)",
+                                short(w)
+                            ));
+                        }
+                    },
+                };
+                Request::Weight(b, w)
+            }
+            _ => unreachable!("commands are matched above"),
+        })
+    }
+
+    /// The request as one JSON line (without the newline).
+    pub fn to_json(&self) -> String {
+        let mut m = Map::new();
+        let cmd = match self {
+            Request::Show => "show",
+            Request::Stats => "stats",
+            Request::Reload => "reload",
+            Request::Conns(q) => {
+                if let Some(v) = q.vip {
+                    m.insert("vip".into(), v.to_string().into());
+                }
+                if let Some(v) = q.client {
+                    m.insert("client".into(), v.to_string().into());
+                }
+                if let Some(v) = &q.backend {
+                    m.insert("backend".into(), v.to_string().into());
+                }
+                m.insert("limit".into(), q.limit.into());
+                "conns"
+            }
+            Request::Drain(b) => {
+                m.insert("backend".into(), b.to_string().into());
+                "drain"
+            }
+            Request::Enable(b) => {
+                m.insert("backend".into(), b.to_string().into());
+                "enable"
+            }
+            Request::Weight(b, w) => {
+                m.insert("backend".into(), b.to_string().into());
+                m.insert("weight".into(), w.map_or(Value::Null, Value::from));
+                "weight"
+            }
+        };
+        m.insert("cmd".into(), cmd.into());
+        Value::Object(m).to_string()
+    }
+}
+
+/// A value as it appears in an error message (cut if long).
+fn short(v: &Value) -> String {
+    let s = v.to_string();
+    if s.len() > 40 {
+        let mut end = 40;
+        while !s.is_char_boundary(end) {
+            end -= 1;
+        }
+        format!("{}...", &s[..end])
+    } else {
+        s
+    }
+}
+
+fn opt_str<'a>(
+    obj: &'a Map<String, Value>,
+    cmd: &str,
+    key: &str,
+) -> Result<Option<&'a str>, String> {
+    match obj.get(key) {
+        None => Ok(None),
+        Some(Value::String(s)) => Ok(Some(s)),
+        Some(other) => Err(format!("{cmd}: {key} {} is not a string", short(other))),
+    }
+}
+
+fn ipv4(cmd: &str, key: &str, s: &str) -> Result<Ipv4Addr, String> {
+    s.parse()
+        .map_err(|_| format!("{cmd}: {key} {s:?} is not an IPv4 address (like 198.18.0.10)"))
+}
+
+fn backend(obj: &Map<String, Value>, cmd: &str) -> Result<BackendRef, String> {
+    let s = opt_str(obj, cmd, "backend")?
+        .ok_or_else(|| format!("{cmd}: missing \"backend\" (SERVICE/BACKEND, like web/web1)"))?;
+    s.parse().map_err(|e| format!("{cmd}: {e}"))
+}
+
+/// A reply line: `{"ok":true,"result":...}`.
+pub fn ok_line<T: Serialize>(result: &T) -> String {
+    serde_json::json!({"ok": true, "result": result}).to_string()
+}
+
+/// A reply line: `{"ok":false,"error":...}`.
+pub fn error_line(error: &str) -> String {
+    serde_json::json!({"ok": false, "error": error}).to_string()
+}
+
+/// A reply as lbctl reads it.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+pub struct Reply {
+    pub ok: bool,
+    #[serde(default)]
+    pub result: Option<Value>,
+    #[serde(default)]
+    pub error: Option<String>,
+}
+
+/// A backend's state: what it gets.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BackendState {
+    /// Gets new connections.
+    Up,
+    /// No new connections by the operator's or the file's choice (drained,
+    /// or weight 0); existing ones continue.
+    Drained,
+    /// No new connections because its health checks fail.
+    Down,
+}
+
+impl BackendState {
+    /// Health comes first, then the weight.
+    pub fn of(health: Option<Health>, effective_weight: u32) -> Self {
+        if health == Some(Health::Down) {
+            BackendState::Down
+        } else if effective_weight == 0 {
+            BackendState::Drained
+        } else {
+            BackendState::Up
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BackendState::Up => "up",
+            BackendState::Drained => "drained",
+            BackendState::Down => "down",
+        }
+    }
+
+    pub const ALL: [BackendState; 3] =
+        [BackendState::Up, BackendState::Drained, BackendState::Down];
+}
+
+/// What the health checks say of a backend (absent: not checked).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Health {
+    Up,
+    Down,
+}
+
+/// `show`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ShowReply {
+    pub instance: String,
+    pub generation: u64,
+    pub routing_generation: u64,
+    pub services: Vec<ServiceView>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ServiceView {
+    pub name: String,
+    pub vip: String,
+    pub port: u16,
+    pub protocol: String,
+    pub mode: String,
+    pub scheduler: String,
+    pub active_conns: u64,
+    pub total_conns: u64,
+    pub backends: Vec<BackendView>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct BackendView {
+    pub name: String,
+    /// `ip:port`.
+    pub address: String,
+    pub state: BackendState,
+    /// `None`: not health checked.
+    pub health: Option<Health>,
+    /// The file's weight.
+    pub configured_weight: u32,
+    /// The weight its service's table is built with.
+    pub effective_weight: u32,
+    /// `weight N` in force.
+    pub weight_override: Option<u32>,
+    /// `drain` in force.
+    pub admin_drained: bool,
+    pub active_conns: u32,
+    pub total_conns: u64,
+    /// `None`: no limit.
+    pub max_conns: Option<u32>,
+    /// Share of its service's Maglev table, 0..=1.
+    pub table_share: f64,
+}
+
+/// `stats`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct StatsReply {
+    /// Seconds between the two samples the rates come from (`None` until
+    /// controld has two).
+    pub interval_s: Option<f64>,
+    pub switches: Vec<SwitchStats>,
+    pub total: CounterSet,
+    pub backends: Vec<BackendStats>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct SwitchStats {
+    pub index: usize,
+    pub name: String,
+    pub pid: u32,
+    pub alive: bool,
+    pub state: String,
+    pub cpu: u32,
+    pub restarts: u32,
+    pub heartbeat_age_ms: Option<u64>,
+    pub seen_generation: u64,
+    #[serde(flatten)]
+    pub set: CounterSet,
+}
+
+/// Counters now, and their rates per second over the last sample interval.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct CounterSet {
+    pub counters: BTreeMap<String, u64>,
+    pub rates: Option<BTreeMap<String, f64>>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct BackendStats {
+    pub service: String,
+    pub backend: String,
+    pub address: String,
+    pub active_conns: u32,
+    pub total_conns: u64,
+    /// New connections per second over the last sample interval.
+    pub conns_per_s: Option<f64>,
+}
+
+/// `conns`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ConnsReply {
+    pub slots: u64,
+    pub connections: u64,
+    /// Connections the filter kept (all of them, listed or not).
+    pub matched: u64,
+    pub list: Vec<ConnView>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ConnView {
+    pub protocol: String,
+    pub client: String,
+    pub vip: String,
+    /// `service/backend` (`None` if its backend is no longer configured).
+    pub backend: Option<String>,
+    pub backend_address: String,
+    pub state: String,
+    pub idle_ms: u32,
+    pub expired: bool,
+    pub midflow: bool,
+    pub packets: u64,
+    pub bytes: u64,
+}
+
+/// `drain`, `enable`, `weight`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ChangeReply {
+    /// The configuration generation that carries the change.
+    pub generation: u64,
+    pub service: String,
+    pub backend: BackendView,
+}
+
+/// `reload`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ReloadReply {
+    pub generation: u64,
+    pub routing_generation: u64,
+    /// `service/backend: override` kept by the reload rule.
+    pub overrides_kept: Vec<String>,
+    /// `service/backend: override` dropped (backend no longer configured).
+    pub overrides_dropped: Vec<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn b(s: &str) -> BackendRef {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn every_command_parses_and_round_trips() {
+        let all = [
+            Request::Show,
+            Request::Stats,
+            Request::Reload,
+            Request::Conns(ConnsQuery::default()),
+            Request::Conns(ConnsQuery {
+                vip: Some(Ipv4Addr::new(198, 18, 0, 10)),
+                client: Some(Ipv4Addr::new(198, 18, 100, 1)),
+                backend: Some(BackendSel::Address(Ipv4Addr::new(198, 19, 1, 1))),
+                limit: 5,
+            }),
+            Request::Conns(ConnsQuery {
+                backend: Some(BackendSel::Name(b("web/web-1_a"))),
+                ..Default::default()
+            }),
+            Request::Drain(b("web/web1")),
+            Request::Enable(b("web/web1")),
+            Request::Weight(b("web/web1"), Some(0)),
+            Request::Weight(b("web/web1"), Some(65535)),
+            Request::Weight(b("web/web1"), None),
+        ];
+        for r in all {
+            assert_eq!(
+                Request::parse(&r.to_json()),
+                Ok(r.clone()),
+                "{}",
+                r.to_json()
+            );
+        }
+        assert_eq!(Request::parse(r#" {"cmd":"show"} "#), Ok(Request::Show));
+        assert_eq!(
+            Request::parse(r#"{"cmd":"conns"}"#),
+            Ok(Request::Conns(ConnsQuery {
+                limit: 100,
+                ..Default::default()
+            }))
+        );
+        assert_eq!(
+            Request::parse(r#"{"cmd":"weight","backend":"a/b","weight":7}"#),
+            Ok(Request::Weight(b("a/b"), Some(7)))
+        );
+    }
+
+    #[test]
+    fn bad_requests_name_the_problem() {
+        let cases = [
+            (
+                "show",
+                "request is not JSON (expected value at line 1 column 1); send one object per line, like {\"cmd\":\"show\"}",
+            ),
+            (
+                "[1]",
+                "request [1] is not a JSON object; send one object per line, like {\"cmd\":\"show\"}",
+            ),
+            (
+                "{}",
+                "request has no \"cmd\" (one of: show, stats, conns, drain, enable, weight, reload)",
+            ),
+            (
+                r#"{"cmd":3}"#,
+                "cmd 3 is not a string (one of: show, stats, conns, drain, enable, weight, reload)",
+            ),
+            (
+                r#"{"cmd":"frob"}"#,
+                "unknown command \"frob\" (one of: show, stats, conns, drain, enable, weight, reload)",
+            ),
+            (
+                r#"{"cmd":"show","x":1}"#,
+                "show: unknown key \"x\" (show takes no arguments)",
+            ),
+            (
+                r#"{"cmd":"drain"}"#,
+                "drain: missing \"backend\" (SERVICE/BACKEND, like web/web1)",
+            ),
+            (
+                r#"{"cmd":"drain","backend":"web1"}"#,
+                "drain: backend \"web1\" is not SERVICE/BACKEND (two names of 1 to 32 characters from A-Z a-z 0-9 _ -, like web/web1)",
+            ),
+            (
+                r#"{"cmd":"drain","backend":"web/a/b"}"#,
+                "drain: backend \"web/a/b\" is not SERVICE/BACKEND (two names of 1 to 32 characters from A-Z a-z 0-9 _ -, like web/web1)",
+            ),
+            (
+                r#"{"cmd":"enable","backend":5}"#,
+                "enable: backend 5 is not a string",
+            ),
+            (
+                r#"{"cmd":"enable","backend":"a/b","weight":1}"#,
+                "enable: unknown key \"weight\" (accepted: backend)",
+            ),
+            (
+                r#"{"cmd":"weight","backend":"a/b"}"#,
+                "weight: missing \"weight\" (a number 0..=65535, or null for the file's weight)",
+            ),
+            (
+                r#"{"cmd":"weight","backend":"a/b","weight":65536}"#,
+                "weight: weight 65536 is not a number 0..=65535 (or null for the file's weight)",
+            ),
+            (
+                r#"{"cmd":"weight","backend":"a/b","weight":-1}"#,
+                "weight: weight -1 is not a number 0..=65535 (or null for the file's weight)",
+            ),
+            (
+                r#"{"cmd":"weight","backend":"a/b","weight":"5"}"#,
+                "weight: weight \"5\" is not a number 0..=65535 (or null for the file's weight)",
+            ),
+            (
+                r#"{"cmd":"conns","vip":"198.18.0"}"#,
+                "conns: vip \"198.18.0\" is not an IPv4 address (like 198.18.0.10)",
+            ),
+            (
+                r#"{"cmd":"conns","client":"x"}"#,
+                "conns: client \"x\" is not an IPv4 address (like 198.18.0.10)",
+            ),
+            (
+                r#"{"cmd":"conns","backend":"nope"}"#,
+                "conns: backend \"nope\" is neither an IPv4 address nor SERVICE/BACKEND (like web/web1)",
+            ),
+            (
+                r#"{"cmd":"conns","limit":0}"#,
+                "conns: limit 0 is not a number 1..=100000",
+            ),
+            (
+                r#"{"cmd":"conns","limit":100001}"#,
+                "conns: limit 100001 is not a number 1..=100000",
+            ),
+            (
+                r#"{"cmd":"conns","port":1}"#,
+                "conns: unknown key \"port\" (accepted: vip, client, backend, limit)",
+            ),
+        ];
+        for (line, want) in cases {
+            assert_eq!(Request::parse(line), Err(want.to_string()), "{line}");
+        }
+    }
+
+    #[test]
+    fn backend_state_puts_health_first() {
+        assert_eq!(BackendState::of(None, 1), BackendState::Up);
+        assert_eq!(BackendState::of(Some(Health::Up), 1), BackendState::Up);
+        assert_eq!(BackendState::of(None, 0), BackendState::Drained);
+        assert_eq!(BackendState::of(Some(Health::Down), 0), BackendState::Down);
+        assert_eq!(BackendState::of(Some(Health::Down), 5), BackendState::Down);
+        assert_eq!(
+            serde_json::to_string(&BackendState::Drained).unwrap(),
+            "\"drained\""
+        );
+    }
+
+    #[test]
+    fn reply_lines() {
+        assert_eq!(error_line("no \"x\""), r#"{"error":"no \"x\"","ok":false}"#);
+        let r: Reply = serde_json::from_str(&ok_line(&7)).unwrap();
+        assert!(r.ok);
+        assert_eq!(r.result, Some(Value::from(7)));
+    }
+}

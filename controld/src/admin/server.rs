@@ -1,0 +1,558 @@
+//! The admin listeners: lbctl's Unix socket and the Prometheus HTTP
+//! endpoint, each served by threads that never touch controld's state.
+//! A connection thread parses a request and hands it to the main loop as a
+//! [`Job`] over a channel; the main loop (which owns the configuration, the
+//! overrides and the publisher) answers between its 20 ms ticks, and the
+//! thread writes the answer back. Requests are therefore handled one at a
+//! time, in the order they arrive, and never block the main loop's work.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::os::unix::fs::{DirBuilderExt, FileTypeExt, MetadataExt, PermissionsExt};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
+use std::time::{Duration, Instant};
+
+use super::metrics::CONTENT_TYPE;
+use super::proto::{MAX_REQUEST, Request, error_line};
+
+/// Work for the main loop; the answer goes back on `reply`.
+#[derive(Debug)]
+pub enum Job {
+    /// An lbctl request; the answer is one JSON reply line.
+    Request { req: Request, reply: Sender<String> },
+    /// A scrape; the answer is the exposition text.
+    Metrics { reply: Sender<String> },
+}
+
+/// Clients served at once per listener (more are turned away).
+pub const MAX_CLIENTS: usize = 32;
+/// An lbctl connection idle this long is closed.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// An HTTP client that has not sent its request head by then is dropped.
+const HTTP_TIMEOUT: Duration = Duration::from_secs(5);
+/// Longest HTTP request head read.
+const MAX_HTTP_HEAD: usize = 8192;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error("admin socket {}: {what}: {source}", path.display())]
+    Io {
+        path: PathBuf,
+        what: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(
+        "admin socket {}: another process is serving it (another controld with the same [admin] socket?)",
+        .0.display()
+    )]
+    InUse(PathBuf),
+    #[error("admin socket {}: the path exists and is not a socket; refusing to replace it", .0.display())]
+    NotASocket(PathBuf),
+    #[error(
+        "admin socket {}: its directory belongs to uid {uid}, neither controld's user nor root; refusing to use it",
+        path.display()
+    )]
+    ForeignDir { path: PathBuf, uid: u32 },
+    #[error("[admin] metrics {addr}: cannot listen: {source}")]
+    Metrics {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// The listeners; dropping it removes the socket file (if it is still ours).
+#[derive(Debug)]
+pub struct Server {
+    jobs: Receiver<Job>,
+    socket: PathBuf,
+    /// Device and inode of the socket we bound, so we never remove a successor's.
+    ident: (u64, u64),
+    metrics: Option<SocketAddr>,
+}
+
+impl Server {
+    /// Binds the Unix socket (mode 0600, replacing a stale one) and, if
+    /// `metrics` is given, the HTTP listener, and starts their threads.
+    pub fn start(socket: &Path, metrics: Option<SocketAddr>) -> Result<Server, ServerError> {
+        let (listener, ident) = bind_socket(socket)?;
+        let http = match metrics {
+            None => None,
+            Some(addr) => Some(
+                TcpListener::bind(addr).map_err(|source| ServerError::Metrics { addr, source })?,
+            ),
+        };
+        let (tx, rx) = mpsc::channel();
+        let metrics = http.as_ref().and_then(|l| l.local_addr().ok());
+        {
+            let tx = tx.clone();
+            std::thread::Builder::new()
+                .name("admin-socket".into())
+                .spawn(move || accept_unix(listener, tx))
+                .map_err(|source| ServerError::Io {
+                    path: socket.to_path_buf(),
+                    what: "cannot start its thread",
+                    source,
+                })?;
+        }
+        if let Some(l) = http {
+            std::thread::Builder::new()
+                .name("admin-metrics".into())
+                .spawn(move || accept_http(l, tx))
+                .map_err(|source| ServerError::Metrics {
+                    addr: metrics.expect("bound"),
+                    source,
+                })?;
+        }
+        Ok(Server {
+            jobs: rx,
+            socket: socket.to_path_buf(),
+            ident,
+            metrics,
+        })
+    }
+
+    pub fn socket_path(&self) -> &Path {
+        &self.socket
+    }
+
+    /// The address the metrics listener is bound to.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics
+    }
+
+    /// The next job, waiting at most until `deadline`.
+    pub fn next_job(&self, deadline: Instant) -> Option<Job> {
+        let wait = deadline.saturating_duration_since(Instant::now());
+        match self.jobs.recv_timeout(wait) {
+            Ok(j) => Some(j),
+            Err(RecvTimeoutError::Timeout) => None,
+            Err(RecvTimeoutError::Disconnected) => {
+                // Both listener threads died (they never return normally):
+                // keep the main loop's pace.
+                std::thread::sleep(wait);
+                None
+            }
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if let Ok(m) = std::fs::symlink_metadata(&self.socket)
+            && (m.dev(), m.ino()) == self.ident
+        {
+            let _ = std::fs::remove_file(&self.socket);
+        }
+    }
+}
+
+fn io_err<'a>(
+    path: &'a Path,
+    what: &'static str,
+) -> impl FnOnce(std::io::Error) -> ServerError + 'a {
+    move |source| ServerError::Io {
+        path: path.to_path_buf(),
+        what,
+        source,
+    }
+}
+
+/// Creates the socket: its directory if missing (mode 0700), replacing a
+/// stale socket nobody serves, never another kind of file; mode 0600.
+fn bind_socket(path: &Path) -> Result<(UnixListener, (u64, u64)), ServerError> {
+    if let Some(dir) = path.parent()
+        && !dir.exists()
+    {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(io_err(path, "cannot create its directory"))?;
+    }
+    if let Some(dir) = path.parent() {
+        let m = std::fs::metadata(dir).map_err(io_err(path, "cannot stat its directory"))?;
+        // SAFETY: geteuid(2) cannot fail and touches no memory.
+        let me = unsafe { libc::geteuid() };
+        if m.uid() != me && m.uid() != 0 {
+            return Err(ServerError::ForeignDir {
+                path: path.to_path_buf(),
+                uid: m.uid(),
+            });
+        }
+    }
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if m.file_type().is_socket() => {
+            if UnixStream::connect(path).is_ok() {
+                return Err(ServerError::InUse(path.to_path_buf()));
+            }
+            log::warn!("replacing stale admin socket {}", path.display());
+            std::fs::remove_file(path).map_err(io_err(path, "cannot remove the stale socket"))?;
+        }
+        Ok(_) => return Err(ServerError::NotASocket(path.to_path_buf())),
+        Err(_) => {}
+    }
+    // The socket must never exist with wider permissions, not even between
+    // bind and chmod: bind under a umask that leaves only the owner's bits.
+    // SAFETY: umask(2) only swaps the process's file mode mask; controld
+    // binds before it starts any thread that creates files.
+    let old = unsafe { libc::umask(0o177) };
+    let bound = UnixListener::bind(path);
+    // SAFETY: as above, restoring the previous mask.
+    unsafe { libc::umask(old) };
+    let listener = bound.map_err(io_err(path, "cannot listen"))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+        .map_err(io_err(path, "cannot set mode 0600"))?;
+    let m = std::fs::symlink_metadata(path).map_err(io_err(path, "cannot stat"))?;
+    Ok((listener, (m.dev(), m.ino())))
+}
+
+/// Counts a listener's live client threads; a slot is given back on drop.
+struct Slot(Arc<AtomicUsize>);
+
+impl Slot {
+    fn take(n: &Arc<AtomicUsize>) -> Option<Slot> {
+        if n.fetch_add(1, Ordering::AcqRel) >= MAX_CLIENTS {
+            n.fetch_sub(1, Ordering::AcqRel);
+            return None;
+        }
+        Some(Slot(Arc::clone(n)))
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// Logs a listener's accept error at most once a second.
+struct Throttle(Option<Instant>);
+
+impl Throttle {
+    fn warn(&mut self, what: &str, e: &std::io::Error) {
+        if self.0.is_none_or(|t| t.elapsed() > Duration::from_secs(1)) {
+            log::warn!("{what}: accept: {e}");
+            self.0 = Some(Instant::now());
+        }
+        // Out of descriptors or similar: do not spin.
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+fn accept_unix(listener: UnixListener, jobs: Sender<Job>) {
+    let live = Arc::new(AtomicUsize::new(0));
+    let mut throttle = Throttle(None);
+    for conn in listener.incoming() {
+        match conn {
+            Ok(mut stream) => {
+                let Some(slot) = Slot::take(&live) else {
+                    let _ = writeln!(
+                        stream,
+                        "{}",
+                        error_line(&format!(
+                            "too many admin clients ({MAX_CLIENTS} connected); try again"
+                        ))
+                    );
+                    continue;
+                };
+                let jobs = jobs.clone();
+                let spawned = std::thread::Builder::new()
+                    .name("admin-client".into())
+                    .spawn(move || {
+                        let _slot = slot;
+                        serve_unix(stream, &jobs);
+                    });
+                if let Err(e) = spawned {
+                    log::warn!("admin socket: cannot start a client thread: {e}");
+                }
+            }
+            Err(e) => throttle.warn("admin socket", &e),
+        }
+    }
+}
+
+/// Reads request lines until EOF, error, idle timeout or an oversized line.
+fn serve_unix(stream: UnixStream, jobs: &Sender<Job>) {
+    let _ = stream.set_read_timeout(Some(IDLE_TIMEOUT));
+    let Ok(mut out) = stream.try_clone() else {
+        return;
+    };
+    let mut input = BufReader::new(stream);
+    let mut line = Vec::new();
+    loop {
+        line.clear();
+        let n = match (&mut input)
+            .take(MAX_REQUEST as u64 + 1)
+            .read_until(b'\n', &mut line)
+        {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        if n > MAX_REQUEST && line.last() != Some(&b'\n') {
+            let _ = writeln!(
+                out,
+                "{}",
+                error_line(&format!("request longer than {MAX_REQUEST} bytes"))
+            );
+            return;
+        }
+        let text = String::from_utf8_lossy(&line);
+        let text = text.trim();
+        if text.is_empty() {
+            continue;
+        }
+        let answer = match Request::parse(text) {
+            Err(e) => error_line(&e),
+            Ok(req) => {
+                let (tx, rx) = mpsc::channel();
+                if jobs.send(Job::Request { req, reply: tx }).is_err() {
+                    let _ = writeln!(out, "{}", error_line("controld is shutting down"));
+                    return;
+                }
+                match rx.recv() {
+                    Ok(a) => a,
+                    Err(_) => error_line("controld is shutting down"),
+                }
+            }
+        };
+        if writeln!(out, "{answer}").is_err() {
+            return;
+        }
+    }
+}
+
+fn accept_http(listener: TcpListener, jobs: Sender<Job>) {
+    let live = Arc::new(AtomicUsize::new(0));
+    let mut throttle = Throttle(None);
+    for conn in listener.incoming() {
+        match conn {
+            Ok(stream) => {
+                let Some(slot) = Slot::take(&live) else {
+                    respond(stream, "503 Service Unavailable", "text/plain", "busy\n");
+                    continue;
+                };
+                let jobs = jobs.clone();
+                let spawned =
+                    std::thread::Builder::new()
+                        .name("admin-http".into())
+                        .spawn(move || {
+                            let _slot = slot;
+                            serve_http(stream, &jobs);
+                        });
+                if let Err(e) = spawned {
+                    log::warn!("metrics: cannot start a client thread: {e}");
+                }
+            }
+            Err(e) => throttle.warn("metrics", &e),
+        }
+    }
+}
+
+/// What an HTTP request head asks for.
+#[derive(Debug, PartialEq, Eq)]
+pub enum HttpAsk {
+    /// `GET /metrics` (`head`: a HEAD request, no body).
+    Metrics {
+        head: bool,
+    },
+    NotFound,
+    BadMethod,
+    BadRequest,
+}
+
+/// Reads the request line of an HTTP/1.x head (the rest is ignored).
+pub fn parse_http_head(head: &str) -> HttpAsk {
+    let line = head.lines().next().unwrap_or("");
+    let mut parts = line.split(' ');
+    let (Some(method), Some(target), Some(version)) = (parts.next(), parts.next(), parts.next())
+    else {
+        return HttpAsk::BadRequest;
+    };
+    if parts.next().is_some() || !version.starts_with("HTTP/1.") {
+        return HttpAsk::BadRequest;
+    }
+    let path = target.split('?').next().unwrap_or("");
+    match method {
+        "GET" | "HEAD" if path == "/metrics" => HttpAsk::Metrics {
+            head: method == "HEAD",
+        },
+        "GET" | "HEAD" => HttpAsk::NotFound,
+        _ => HttpAsk::BadMethod,
+    }
+}
+
+fn serve_http(stream: TcpStream, jobs: &Sender<Job>) {
+    let _ = stream.set_read_timeout(Some(HTTP_TIMEOUT));
+    let _ = stream.set_write_timeout(Some(HTTP_TIMEOUT));
+    let mut head = Vec::new();
+    let mut buf = [0u8; 1024];
+    let mut reader = &stream;
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") && !head.windows(2).any(|w| w == b"\n\n") {
+        match reader.read(&mut buf) {
+            Ok(0) | Err(_) => return,
+            Ok(n) => head.extend_from_slice(&buf[..n]),
+        }
+        if head.len() > MAX_HTTP_HEAD {
+            respond(
+                stream,
+                "431 Request Header Fields Too Large",
+                "text/plain",
+                "",
+            );
+            return;
+        }
+    }
+    match parse_http_head(&String::from_utf8_lossy(&head)) {
+        HttpAsk::Metrics { head } => {
+            let (tx, rx) = mpsc::channel();
+            let text = if jobs.send(Job::Metrics { reply: tx }).is_ok() {
+                rx.recv().ok()
+            } else {
+                None
+            };
+            match text {
+                Some(t) if head => respond_head(stream, "200 OK", CONTENT_TYPE, t.len()),
+                Some(t) => respond(stream, "200 OK", CONTENT_TYPE, &t),
+                None => respond(
+                    stream,
+                    "503 Service Unavailable",
+                    "text/plain",
+                    "controld is shutting down\n",
+                ),
+            }
+        }
+        HttpAsk::NotFound => respond(
+            stream,
+            "404 Not Found",
+            "text/plain",
+            "not found: metrics are at /metrics\n",
+        ),
+        HttpAsk::BadMethod => respond(
+            stream,
+            "405 Method Not Allowed",
+            "text/plain",
+            "only GET and HEAD\n",
+        ),
+        HttpAsk::BadRequest => respond(stream, "400 Bad Request", "text/plain", ""),
+    }
+}
+
+fn respond_head(mut stream: TcpStream, status: &str, ctype: &str, len: usize) {
+    let _ = write!(
+        stream,
+        "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {len}\r\nConnection: close\r\n\r\n"
+    );
+}
+
+fn respond(mut stream: TcpStream, status: &str, ctype: &str, body: &str) {
+    let mut msg = format!(
+        "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n",
+        body.len()
+    );
+    if status.starts_with("405") {
+        msg.push_str("Allow: GET, HEAD\r\n");
+    }
+    msg.push_str("\r\n");
+    msg.push_str(body);
+    let _ = stream.write_all(msg.as_bytes());
+    let _ = stream.flush();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn http_request_lines() {
+        assert_eq!(
+            parse_http_head("GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n"),
+            HttpAsk::Metrics { head: false }
+        );
+        assert_eq!(
+            parse_http_head("GET /metrics?x=1 HTTP/1.0\r\n\r\n"),
+            HttpAsk::Metrics { head: false }
+        );
+        assert_eq!(
+            parse_http_head("HEAD /metrics HTTP/1.1\r\n\r\n"),
+            HttpAsk::Metrics { head: true }
+        );
+        assert_eq!(parse_http_head("GET / HTTP/1.1\r\n\r\n"), HttpAsk::NotFound);
+        assert_eq!(
+            parse_http_head("POST /metrics HTTP/1.1\r\n\r\n"),
+            HttpAsk::BadMethod
+        );
+        assert_eq!(parse_http_head("GET /metrics\r\n\r\n"), HttpAsk::BadRequest);
+        assert_eq!(parse_http_head("hello"), HttpAsk::BadRequest);
+    }
+
+    /// The socket is created 0600 in a new 0700 directory, a stale one is
+    /// replaced, a served one or a non-socket is refused, and dropping the
+    /// server removes the file; requests reach the job channel and bad
+    /// lines are answered without it.
+    #[test]
+    fn socket_lifecycle_and_requests() {
+        let dir = std::env::temp_dir().join(format!("sy-admin-unit-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let path = dir.join("sub/t.sock");
+        // A stale socket: bound, then abandoned without unlinking.
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .create(path.parent().unwrap())
+            .unwrap();
+        drop(UnixListener::bind(&path).unwrap());
+        let srv = Server::start(&path, None).unwrap();
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        assert!(matches!(
+            Server::start(&path, None),
+            Err(ServerError::InUse(_))
+        ));
+
+        let mut c = UnixStream::connect(&path).unwrap();
+        c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut r = BufReader::new(c.try_clone().unwrap());
+        writeln!(c, "{{\"cmd\":\"nope\"}}").unwrap();
+        let mut line = String::new();
+        r.read_line(&mut line).unwrap();
+        assert!(line.contains("unknown command \\\"nope\\\""), "{line}");
+        writeln!(c, "{{\"cmd\":\"show\"}}").unwrap();
+        match srv.next_job(Instant::now() + Duration::from_secs(10)) {
+            Some(Job::Request { req, reply }) => {
+                assert_eq!(req, Request::Show);
+                reply.send("{\"ok\":true}".into()).unwrap();
+            }
+            other => panic!("{other:?}"),
+        }
+        line.clear();
+        r.read_line(&mut line).unwrap();
+        assert_eq!(line, "{\"ok\":true}\n");
+        drop(srv);
+        assert!(!path.exists(), "removed on drop");
+
+        std::fs::write(&path, "x").unwrap();
+        assert!(matches!(
+            Server::start(&path, None),
+            Err(ServerError::NotASocket(_))
+        ));
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "x");
+        std::fs::remove_dir_all(&dir).unwrap();
+
+        // A missing directory is created with mode 0700.
+        let path = dir.join("new/t.sock");
+        let srv = Server::start(&path, None).unwrap();
+        let mode = std::fs::metadata(path.parent().unwrap())
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777;
+        assert_eq!(mode, 0o700);
+        drop(srv);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

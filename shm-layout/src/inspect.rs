@@ -1,0 +1,214 @@
+//! Read-side inspection of a region, shared by controld's admin API and the
+//! tools: the names of the ABI's enumerations, and a census of the
+//! connection table with a filtered listing of its connections.
+//!
+//! Everything here only reads (seqlock snapshots and relaxed loads), so it
+//! works on a read-only mapping of a live or abandoned region.
+
+use core::sync::atomic::Ordering;
+
+use crate::Region;
+use crate::config_slot::{MODE_DR, MODE_NAT, MODE_TUNNEL, PROTO_TCP, PROTO_UDP};
+use crate::conntrack::{
+    CONN_MIDFLOW, Conn, KIND_FWD, KIND_REPLY, KIND_TOMB, STATE_ACTIVE, STATE_CLOSING,
+    STATE_ESTABLISHED, STATE_SYN, Timeouts,
+};
+use crate::header::{REGION_INIT, REGION_READY, REGION_STOPPING};
+use crate::switch_slot::{SW_EMPTY, SW_RUNNING, SW_STARTING, SW_STOPPED};
+
+/// `"tcp"`, `"udp"` or `"?"`.
+pub fn proto_name(p: u8) -> &'static str {
+    match p {
+        PROTO_TCP => "tcp",
+        PROTO_UDP => "udp",
+        _ => "?",
+    }
+}
+
+/// `"nat"`, `"dr"`, `"tunnel"` or `"?"`.
+pub fn mode_name(m: u8) -> &'static str {
+    match m {
+        MODE_NAT => "nat",
+        MODE_DR => "dr",
+        MODE_TUNNEL => "tunnel",
+        _ => "?",
+    }
+}
+
+/// A connection entry's `tcp_state` (`"active"` for UDP).
+pub fn conn_state_name(s: u32) -> &'static str {
+    match s {
+        STATE_SYN => "syn",
+        STATE_ESTABLISHED => "established",
+        STATE_CLOSING => "closing",
+        STATE_ACTIVE => "active",
+        _ => "?",
+    }
+}
+
+/// A switch slot's `state`.
+pub fn switch_state_name(s: u32) -> &'static str {
+    match s {
+        SW_EMPTY => "empty",
+        SW_STARTING => "starting",
+        SW_RUNNING => "running",
+        SW_STOPPED => "stopped",
+        _ => "?",
+    }
+}
+
+/// The region header's `state`.
+pub fn region_state_name(s: u32) -> &'static str {
+    match s {
+        REGION_INIT => "init",
+        REGION_READY => "ready",
+        REGION_STOPPING => "stopping",
+        _ => "?",
+    }
+}
+
+/// Which connections a listing keeps (every `Some` must match) and how many.
+/// Addresses are IPv4 in host byte order.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ConnFilter {
+    pub vip: Option<u32>,
+    pub client: Option<u32>,
+    pub backend_ip: Option<u32>,
+    pub backend_id: Option<u32>,
+    /// At most this many are listed (all matches are still counted).
+    pub limit: usize,
+}
+
+impl ConnFilter {
+    pub fn matches(&self, c: &Conn) -> bool {
+        self.vip.is_none_or(|v| v == c.vip)
+            && self.client.is_none_or(|v| v == c.client_ip)
+            && self.backend_ip.is_none_or(|v| v == c.backend_ip)
+            && self.backend_id.is_none_or(|v| v == c.backend_id)
+    }
+}
+
+/// One connection as listed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ConnInfo {
+    /// Index of its forward slot.
+    pub slot: u32,
+    pub conn: Conn,
+    /// `tcp_state` (see [`conn_state_name`]).
+    pub state: u32,
+    pub idle_ms: u32,
+    /// Idle past its state's timeout, not yet collected.
+    pub expired: bool,
+    pub midflow: bool,
+    pub packets: u64,
+    pub bytes: u64,
+}
+
+/// What the connection table holds.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ConnCensus {
+    pub slots: u64,
+    /// Forward slots: one per connection.
+    pub connections: u64,
+    pub reply_slots: u64,
+    pub tombstones: u64,
+    /// Slots a writer held during the scan (not counted elsewhere).
+    pub busy_slots: u64,
+    pub expired_not_collected: u64,
+    /// Connections that matched the filter (listed or not).
+    pub matched: u64,
+    /// The first `limit` matches, in slot order.
+    pub list: Vec<ConnInfo>,
+}
+
+/// Scans the whole connection table once: counts every kind of slot and
+/// lists the connections `filter` keeps. `timeouts` judge expiry (use the
+/// active configuration's).
+pub fn scan_conns(r: &Region, timeouts: &Timeouts, filter: &ConnFilter) -> ConnCensus {
+    let ct = r.conntrack();
+    let now_ms = r.now_ms();
+    let mut out = ConnCensus {
+        slots: ct.capacity() as u64,
+        ..Default::default()
+    };
+    for idx in 0..ct.capacity() as u32 {
+        if ct.holder(idx).is_some() {
+            out.busy_slots += 1;
+            continue;
+        }
+        let Some(snap) = ct.snapshot(idx) else {
+            continue;
+        };
+        match snap.kind() {
+            KIND_REPLY => out.reply_slots += 1,
+            KIND_TOMB => out.tombstones += 1,
+            KIND_FWD => {
+                out.connections += 1;
+                let slot = ct.slot(idx);
+                let expired = slot.expired(now_ms, timeouts);
+                out.expired_not_collected += expired as u64;
+                let Some(conn) = snap.conn() else { continue };
+                if !filter.matches(&conn) {
+                    continue;
+                }
+                out.matched += 1;
+                if out.list.len() < filter.limit {
+                    out.list.push(ConnInfo {
+                        slot: idx,
+                        conn,
+                        state: slot.tcp_state.load(Ordering::Relaxed),
+                        idle_ms: now_ms.wrapping_sub(slot.last_seen.load(Ordering::Relaxed)),
+                        expired,
+                        midflow: conn.flags & CONN_MIDFLOW != 0,
+                        packets: slot.packets.load(Ordering::Relaxed),
+                        bytes: slot.bytes.load(Ordering::Relaxed),
+                    });
+                }
+            }
+            _ => {}
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn filter_keeps_only_what_every_given_field_matches() {
+        let c = Conn {
+            vip: 1,
+            client_ip: 2,
+            backend_ip: 3,
+            backend_id: 4,
+            ..Default::default()
+        };
+        assert!(ConnFilter::default().matches(&c));
+        let f = ConnFilter {
+            vip: Some(1),
+            client: Some(2),
+            backend_ip: Some(3),
+            backend_id: Some(4),
+            limit: 0,
+        };
+        assert!(f.matches(&c));
+        for g in [
+            ConnFilter { vip: Some(9), ..f },
+            ConnFilter {
+                client: Some(9),
+                ..f
+            },
+            ConnFilter {
+                backend_ip: Some(9),
+                ..f
+            },
+            ConnFilter {
+                backend_id: Some(9),
+                ..f
+            },
+        ] {
+            assert!(!g.matches(&c), "{g:?}");
+        }
+    }
+}
