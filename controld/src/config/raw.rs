@@ -7,6 +7,7 @@
 
 use serde::Deserialize;
 
+use super::agents::RawAgents;
 use super::health::RawHealth;
 
 /// The whole file.
@@ -30,6 +31,8 @@ pub(super) struct RawConfig {
     /// `[routing]`: see [`super::Routing`].
     #[serde(default)]
     pub routing: RawRouting,
+    /// `[agents]`: see [`super::Agents`].
+    pub agents: Option<RawAgents>,
     /// `[[port]]`: see [`super::Port`].
     #[serde(default)]
     pub port: Vec<RawPort>,

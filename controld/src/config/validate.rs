@@ -58,6 +58,7 @@ pub(super) fn validate(raw: RawConfig) -> R<Config> {
     }
 
     let routing = routing(&raw.routing, &ports)?;
+    let agents = super::agents::agents(raw.agents.as_ref())?;
 
     if raw.switch.is_empty() {
         return Err("no [[switch]] is defined (at least one is required)".into());
@@ -190,6 +191,7 @@ pub(super) fn validate(raw: RawConfig) -> R<Config> {
         publish,
         tunnel,
         routing,
+        agents,
         ports,
         switches,
         services,
