@@ -1,8 +1,10 @@
 //! controld: the control processor. Pure parts (config, master, maglev,
 //! ids, routing's table and mirror logic, the health hysteresis) are
 //! separate from the parts that touch the region, processes or sockets
-//! (publisher, supervisor, gc, events, routing::netlink, health probes).
+//! (publisher, supervisor, gc, events, routing::netlink, health probes,
+//! the agents' listener).
 
+pub mod agents;
 pub mod config;
 pub mod events;
 pub mod gc;

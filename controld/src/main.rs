@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use clap::Parser;
+use controld::agents::{self, Steer};
 use controld::config::{self, Config};
 use controld::gc::Gc;
 use controld::health::Monitor;
@@ -287,6 +288,10 @@ struct State {
     health: Monitor,
     /// A health change is not published yet (a failed publication is retried).
     health_dirty: bool,
+    /// The load agents' listener and the steering of their backends.
+    agents: agents::Monitor,
+    /// An agent's steering change is not published yet (retried likewise).
+    agents_dirty: bool,
 }
 
 fn open_mirror() -> Result<Mirror<Netlink>> {
@@ -296,14 +301,16 @@ fn open_mirror() -> Result<Mirror<Netlink>> {
 
 /// Publishes the configuration `cfg` with the backends' current health.
 fn publish_config(region: &Region, st: &mut State, cfg: &Config) -> Result<u64> {
-    let health = &st.health;
-    let snap = master::config_snapshot(cfg, &mut st.ids, |b| health.is_down(b))
-        .map_err(anyhow::Error::msg)?;
+    let (health, agents) = (&st.health, &st.agents);
+    let snap =
+        master::config_snapshot(cfg, &mut st.ids, |b| health.is_down(b), |a| agents.steer(a))
+            .map_err(anyhow::Error::msg)?;
     publisher::check_fits(region, &snap).map_err(anyhow::Error::msg)?;
     let ack = Duration::from_millis(cfg.publish.ack_timeout_ms as u64);
     let rep = publisher::publish_config(region, &snap, ack).map_err(anyhow::Error::msg)?;
     log_excluded(&rep, "configuration", ack);
     st.health_dirty = false;
+    st.agents_dirty = false;
     st.timeouts = shm_layout::conntrack::Timeouts {
         tcp_syn_ms: snap.tcp_syn_ms,
         tcp_established_ms: snap.tcp_established_ms,
@@ -332,14 +339,19 @@ fn publish_routing(region: &Region, st: &mut State, cfg: &Config) -> Result<u64>
 }
 
 /// Publishes configuration and routing of `cfg` and makes it the running
-/// configuration; on failure the running one (and its health checks) stay.
+/// configuration; on failure the running one (and its health checks and
+/// agents' listener) stay.
 fn publish_all(region: &Region, st: &mut State, cfg: Config) -> Result<(u64, u64)> {
+    st.agents.configure(&cfg).map_err(anyhow::Error::msg)?;
     st.health.configure(&cfg, Instant::now());
     let res =
         publish_config(region, st, &cfg).and_then(|g| Ok((g, publish_routing(region, st, &cfg)?)));
     if res.is_err() {
         let running = st.cfg.clone();
         st.health.configure(&running, Instant::now());
+        if let Err(e) = st.agents.configure(&running) {
+            log::error!("{e}: the running configuration's agents are not restored");
+        }
     }
     let (g, rg) = res?;
     st.cfg = cfg;
@@ -417,7 +429,7 @@ fn run(args: &Args) -> Result<()> {
     if args.check {
         // Build the snapshot too: it catches what only the master knows.
         let mut ids = IdAllocator::new(cfg.limits.backends.saturating_mul(4));
-        master::config_snapshot(&cfg, &mut ids, |_| false)
+        master::config_snapshot(&cfg, &mut ids, |_| false, |_| Steer::Configured)
             .map_err(|e| anyhow::anyhow!("{}: {e}", args.config.display()))?;
         let backends: usize = cfg.services.iter().map(|s| s.backends.len()).sum();
         println!(
@@ -465,6 +477,8 @@ fn run(args: &Args) -> Result<()> {
         mirror: None,
         health: Monitor::new(),
         health_dirty: false,
+        agents: agents::Monitor::new(),
+        agents_dirty: false,
     };
     let (cg, rg) = publish_all(&region, &mut st, cfg.clone())?;
     if !st.health.is_empty() {
@@ -542,15 +556,19 @@ fn run(args: &Args) -> Result<()> {
         if !st.health.poll(Instant::now()).is_empty() {
             st.health_dirty = true;
         }
-        if st.health_dirty {
+        if st.agents.poll(Instant::now()) {
+            st.agents_dirty = true;
+        }
+        if st.health_dirty || st.agents_dirty {
             // Within this tick of the deciding result: out of (or back in)
             // the tables one publication later.
+            let what = if st.health_dirty { "health" } else { "agent" };
             let cfg = st.cfg.clone();
             if let Err(e) = publish_config(&region, &mut st, &cfg)
                 && last_publish_error
                     .is_none_or(|t: Instant| t.elapsed() >= Duration::from_secs(10))
             {
-                log::error!("publishing a health change failed (retried every tick): {e:#}");
+                log::error!("publishing a {what} change failed (retried every tick): {e:#}");
                 last_publish_error = Some(Instant::now());
             }
         }

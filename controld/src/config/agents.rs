@@ -122,9 +122,7 @@ pub(super) fn agents(raw: Option<&RawAgents>) -> R<Option<Agents>> {
         (None, Some(f)) => {
             let path = PathBuf::from(f);
             if !path.is_absolute() {
-                return Err(format!(
-                    "{ctx}secret_file {f:?} is not an absolute path"
-                ));
+                return Err(format!("{ctx}secret_file {f:?} is not an absolute path"));
             }
             (Secret::default(), Some(path))
         }
