@@ -1,6 +1,8 @@
 //! Library side of the switchyard tools: the traffic model that lbgen and
-//! the integration tests share (the wire end of the virtual NICs).
+//! the integration tests share (the wire end of the virtual NICs), and
+//! what lb-agent measures.
 
+pub mod agent;
 pub mod appliance;
 pub mod bench;
 pub mod frames;
