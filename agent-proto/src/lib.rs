@@ -140,7 +140,9 @@ pub enum OpenError {
     Malformed(#[from] WireError),
     /// A well-formed report whose tag does not match: another secret, or a
     /// changed field, source or destination.
-    #[error("forged: the HMAC does not match (wrong secret, altered report, or sent from or to another address)")]
+    #[error(
+        "forged: the HMAC does not match (wrong secret, altered report, or sent from or to another address)"
+    )]
     Forged,
 }
 
@@ -261,8 +263,8 @@ impl<T: AsRef<[u8]>> ReportView<T> {
 }
 
 fn mac(secret: &[u8], ep: &Endpoints, body: &[u8]) -> Hmac<Sha256> {
-    let mut m = <Hmac<Sha256> as KeyInit>::new_from_slice(secret)
-        .expect("HMAC accepts keys of any length");
+    let mut m =
+        <Hmac<Sha256> as KeyInit>::new_from_slice(secret).expect("HMAC accepts keys of any length");
     m.update(CONTEXT);
     m.update(&ep.agent.octets());
     m.update(&ep.controller.ip().octets());
@@ -338,7 +340,10 @@ mod tests {
         assert_eq!(d[8..16], 1_700_000_000_123u64.to_be_bytes());
         assert_eq!(d[16..24], 1_700_000_000_123_456u64.to_be_bytes());
         assert_eq!(d[24..28], [0x03, 0x6b, 0x01, 0x92]);
-        assert_eq!(d[28..40], [0, 0, 0, 17, 0, 0, 1, 94, 0xff, 0xff, 0xff, 0xff]);
+        assert_eq!(
+            d[28..40],
+            [0, 0, 0, 17, 0, 0, 1, 94, 0xff, 0xff, 0xff, 0xff]
+        );
         assert_eq!(open(&d, &ep(), SECRET), Ok(report()));
     }
 
@@ -445,10 +450,7 @@ mod tests {
         r.load.cpu_permille = 5000;
         r.load.mem_permille = 1001;
         let got = open(&seal(&r, &ep(), SECRET), &ep(), SECRET).unwrap();
-        assert_eq!(
-            (got.load.cpu_permille, got.load.mem_permille),
-            (1000, 1000)
-        );
+        assert_eq!((got.load.cpu_permille, got.load.mem_permille), (1000, 1000));
     }
 
     proptest! {
