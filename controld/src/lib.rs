@@ -1,10 +1,11 @@
 //! controld: the control processor. Pure parts (config, master, maglev,
-//! ids, overrides, routing's table and mirror logic, the health hysteresis)
-//! are separate from the parts that touch the region, processes or sockets
-//! (publisher, supervisor, gc, events, routing::netlink, health probes,
-//! admin's listeners).
+//! ids, overrides, routing's table and mirror logic, the health hysteresis,
+//! the agents' rule) are separate from the parts that touch the region,
+//! processes or sockets (publisher, supervisor, gc, events,
+//! routing::netlink, health probes, admin's and the agents' listeners).
 
 pub mod admin;
+pub mod agents;
 pub mod config;
 pub mod events;
 pub mod gc;

@@ -18,6 +18,7 @@ use controld::admin::proto::{self, BackendRef, ChangeReply, ReloadReply, Request
 use controld::admin::rates::Rates;
 use controld::admin::server::{Job, Server};
 use controld::admin::{self, metrics, view};
+use controld::agents::{self, Steer};
 use controld::config::{self, Config};
 use controld::gc::Gc;
 use controld::health::Monitor;
@@ -305,6 +306,10 @@ struct State {
     health: Monitor,
     /// A health change is not published yet (a failed publication is retried).
     health_dirty: bool,
+    /// The load agents' listener and the steering of their backends.
+    agents: agents::Monitor,
+    /// An agent's steering change is not published yet (retried likewise).
+    agents_dirty: bool,
     reloads_ok: u64,
     reloads_refused: u64,
     rates: Rates,
@@ -338,23 +343,30 @@ fn open_mirror() -> Result<Mirror<Netlink>> {
 }
 
 /// Builds and publishes the configuration snapshot of `cfg` under
-/// `overrides` and the backends' current health; on success records all
-/// three as running (together, so the admin views always see a snapshot
-/// built from the running configuration).
+/// `overrides`, the backends' current health and the agents' steering; on
+/// success records all three as running (together, so the admin views
+/// always see a snapshot built from the running configuration).
 fn publish_config(
     region: &Region,
     st: &mut State,
     cfg: &Config,
     overrides: &Overrides,
 ) -> Result<u64> {
-    let health = &st.health;
-    let snap = master::config_snapshot(cfg, &mut st.ids, overrides, |b| health.is_down(b))
-        .map_err(anyhow::Error::msg)?;
+    let (health, agents) = (&st.health, &st.agents);
+    let snap = master::config_snapshot(
+        cfg,
+        &mut st.ids,
+        overrides,
+        |b| health.is_down(b),
+        |a| agents.steer(a),
+    )
+    .map_err(anyhow::Error::msg)?;
     publisher::check_fits(region, &snap).map_err(anyhow::Error::msg)?;
     let ack = Duration::from_millis(cfg.publish.ack_timeout_ms as u64);
     let rep = publisher::publish_config(region, &snap, ack).map_err(anyhow::Error::msg)?;
     log_excluded(&rep, "configuration", ack);
     st.health_dirty = false;
+    st.agents_dirty = false;
     st.timeouts = shm_layout::conntrack::Timeouts {
         tcp_syn_ms: snap.tcp_syn_ms,
         tcp_established_ms: snap.tcp_established_ms,
@@ -387,19 +399,23 @@ fn publish_routing(region: &Region, st: &mut State, cfg: &Config) -> Result<u64>
 
 /// Publishes configuration and routing of `cfg` under `overrides` and makes
 /// them the running ones; on failure the running configuration (and its
-/// health checks) stay.
+/// health checks and agents' listener) stay.
 fn publish_all(
     region: &Region,
     st: &mut State,
     cfg: Config,
     overrides: Overrides,
 ) -> Result<(u64, u64)> {
+    st.agents.configure(&cfg).map_err(anyhow::Error::msg)?;
     st.health.configure(&cfg, Instant::now());
     let res = publish_config(region, st, &cfg, &overrides)
         .and_then(|g| Ok((g, publish_routing(region, st, &cfg)?)));
     if res.is_err() {
         let running = st.cfg.clone();
         st.health.configure(&running, Instant::now());
+        if let Err(e) = st.agents.configure(&running) {
+            log::error!("{e}: the running configuration's agents are not restored");
+        }
     }
     res
 }
@@ -599,8 +615,14 @@ fn run(args: &Args) -> Result<()> {
     if args.check {
         // Build the snapshot too: it catches what only the master knows.
         let mut ids = IdAllocator::new(cfg.limits.backends.saturating_mul(4));
-        master::config_snapshot(&cfg, &mut ids, &Overrides::default(), |_| false)
-            .map_err(|e| anyhow::anyhow!("{}: {e}", args.config.display()))?;
+        master::config_snapshot(
+            &cfg,
+            &mut ids,
+            &Overrides::default(),
+            |_| false,
+            |_| Steer::Configured,
+        )
+        .map_err(|e| anyhow::anyhow!("{}: {e}", args.config.display()))?;
         let backends: usize = cfg.services.iter().map(|s| s.backends.len()).sum();
         println!(
             "{}: OK ({} services, {} backends, {} switches, {} ports)",
@@ -652,6 +674,8 @@ fn run(args: &Args) -> Result<()> {
         reloads_ok: 0,
         reloads_refused: 0,
         rates: Rates::default(),
+        agents: agents::Monitor::new(),
+        agents_dirty: false,
     };
     let (cg, rg) = publish_all(&region, &mut st, cfg.clone(), Overrides::default())?;
     if !st.health.is_empty() {
@@ -736,15 +760,19 @@ fn run(args: &Args) -> Result<()> {
         if !st.health.poll(Instant::now()).is_empty() {
             st.health_dirty = true;
         }
-        if st.health_dirty {
+        if st.agents.poll(Instant::now()) {
+            st.agents_dirty = true;
+        }
+        if st.health_dirty || st.agents_dirty {
             // Within this tick of the deciding result: out of (or back in)
             // the tables one publication later.
+            let what = if st.health_dirty { "health" } else { "agent" };
             let (cfg, overrides) = (st.cfg.clone(), st.overrides.clone());
             if let Err(e) = publish_config(&region, &mut st, &cfg, &overrides)
                 && last_publish_error
                     .is_none_or(|t: Instant| t.elapsed() >= Duration::from_secs(10))
             {
-                log::error!("publishing a health change failed (retried every tick): {e:#}");
+                log::error!("publishing a {what} change failed (retried every tick): {e:#}");
                 last_publish_error = Some(Instant::now());
             }
         }

@@ -1,6 +1,7 @@
 //! The master: turns a validated configuration, the operator's runtime
-//! overrides and the backends' health into a snapshot of what the switches
-//! need (service and backend records with stable ids and effective weights,
+//! overrides, the backends' health and the load agents' steering into a
+//! snapshot of what the switches need (service and backend records with
+//! stable ids and effective weights,
 //! Maglev tables over the eligible backends, the policy for DOWN backends'
 //! connections, ports, timeouts, routes and neighbours). Pure: no I/O.
 
@@ -11,6 +12,9 @@ use shm_layout::config_slot::{
 use shm_layout::names;
 use shm_layout::routing_slot::{NeighbourRec, RouteRec};
 
+use std::net::Ipv4Addr;
+
+use crate::agents::{Steer, effective_weight};
 use crate::config::{Config, Mode, OnDown, Scheduler};
 use crate::ids::{BackendIdentity, IdAllocator};
 use crate::maglev;
@@ -52,11 +56,15 @@ pub struct RoutingSnapshot {
 /// `is_down` says which checked backends failed their health checks: they
 /// keep their records (flagged DOWN) but leave their service's table, like
 /// a drained backend, and their connections get the service's policy.
+/// `steer` says how the load agent at a backend's address steers its
+/// weight (see [`crate::agents::rule`]): the record carries the effective
+/// weight, flagged drained when it is 0, and the table is built with it.
 pub fn config_snapshot(
     cfg: &Config,
     ids: &mut IdAllocator,
     overrides: &Overrides,
     is_down: impl Fn(&BackendIdentity) -> bool,
+    steer: impl Fn(Ipv4Addr) -> Steer,
 ) -> Result<ConfigSnapshot, String> {
     let m = cfg.limits.maglev_table_size;
     let mut identities = Vec::new();
@@ -103,9 +111,12 @@ pub fn config_snapshot(
             let (id, ident) = next.next().expect("one id per backend");
             let checked = b.health.is_some();
             let down = checked && is_down(ident);
+            // The operator's override sets the base (0 when drained); the
+            // load agent at the backend's address steers it.
             let eff = overrides.effective(&s.name, &b.name, b.weight);
+            let weight = effective_weight(eff.weight, steer(b.address));
             let mut flags = 0;
-            if eff.weight == 0 {
+            if weight == 0 {
                 flags |= BACKEND_DRAINED;
             }
             if checked {
@@ -122,13 +133,13 @@ pub fn config_snapshot(
                 ip: u32::from(b.address),
                 port: b.port,
                 flags,
-                weight: eff.weight,
+                weight,
                 service: si as u32,
                 ..Default::default()
             };
             names::set(&mut rec.name, &b.name);
             snap.backends.push(rec);
-            let eligible = if down { 0 } else { eff.weight };
+            let eligible = if down { 0 } else { weight };
             weighted.push((maglev::backend_key(b.address, b.port), eligible));
         }
         let mut table = Vec::new();
@@ -197,9 +208,23 @@ mod tests {
     fn down_backends_leave_the_table_keep_their_record_and_get_the_policy() {
         let cfg = config("reset");
         let mut ids = IdAllocator::new(64);
-        let all_up = config_snapshot(&cfg, &mut ids, &Overrides::default(), |_| false).unwrap();
+        let all_up = config_snapshot(
+            &cfg,
+            &mut ids,
+            &Overrides::default(),
+            |_| false,
+            |_| Steer::Configured,
+        )
+        .unwrap();
         // Everything "down" by the health view: only checked backends are.
-        let snap = config_snapshot(&cfg, &mut ids, &Overrides::default(), |_| true).unwrap();
+        let snap = config_snapshot(
+            &cfg,
+            &mut ids,
+            &Overrides::default(),
+            |_| true,
+            |_| Steer::Configured,
+        )
+        .unwrap();
         let flags: Vec<u16> = snap.backends.iter().map(|b| b.flags).collect();
         assert_eq!(
             flags,
@@ -237,7 +262,14 @@ mod tests {
     fn a_down_backend_gets_no_table_entry_and_its_peers_take_them() {
         let cfg = config("reschedule");
         let mut ids = IdAllocator::new(64);
-        let before = config_snapshot(&cfg, &mut ids, &Overrides::default(), |_| false).unwrap();
+        let before = config_snapshot(
+            &cfg,
+            &mut ids,
+            &Overrides::default(),
+            |_| false,
+            |_| Steer::Configured,
+        )
+        .unwrap();
         let web2 = BackendIdentity {
             vip: "198.18.0.10".parse().unwrap(),
             vport: 80,
@@ -245,7 +277,14 @@ mod tests {
             addr: "198.19.1.2".parse().unwrap(),
             port: 80,
         };
-        let after = config_snapshot(&cfg, &mut ids, &Overrides::default(), |b| *b == web2).unwrap();
+        let after = config_snapshot(
+            &cfg,
+            &mut ids,
+            &Overrides::default(),
+            |b| *b == web2,
+            |_| Steer::Configured,
+        )
+        .unwrap();
         assert_eq!(
             after.down_actions,
             [(before.backends[1].id, ON_DOWN_RESCHEDULE)]
@@ -257,6 +296,71 @@ mod tests {
             after.tables[1], before.tables[1],
             "other services unchanged"
         );
+    }
+
+    #[test]
+    fn agent_steering_scales_weights_drains_and_yields_to_health() {
+        let cfg = config("reschedule");
+        let mut ids = IdAllocator::new(64);
+        let at = |last: u8| Ipv4Addr::new(198, 19, 1, last);
+        // web1 (198.19.1.1, also dns1's address) drains; web2 at 30 %.
+        let steer = |a: Ipv4Addr| match a {
+            a if a == at(1) => Steer::Drain,
+            a if a == at(2) => Steer::Factor(300),
+            _ => Steer::Configured,
+        };
+        let snap =
+            config_snapshot(&cfg, &mut ids, &Overrides::default(), |_| false, steer).unwrap();
+        let w: Vec<(u32, u16)> = snap.backends.iter().map(|b| (b.weight, b.flags)).collect();
+        assert_eq!(
+            w,
+            [
+                (0, BACKEND_CHECKED | BACKEND_DRAINED),
+                (1, BACKEND_CHECKED), // weight 1 × 30 % rounds up to 1
+                (1, 0),
+                (0, BACKEND_CHECKED | BACKEND_DRAINED), // dns1 shares the address
+            ]
+        );
+        assert!(!snap.tables[0].contains(&0));
+        assert!(snap.tables[1].is_empty());
+        assert!(snap.down_actions.is_empty(), "drained is not DOWN");
+
+        // Weights 100: web2 at 30 % gets 30, and about 30/130 of the table.
+        let text = format!(
+            "instance = \"t\"\n[limits]\nmaglev_table_size = 1009\n\
+             [[port]]\nname = \"p\"\ndriver = \"vnic\"\nmac = \"02:00:00:00:00:01\"\n\
+             [[switch]]\nname = \"s\"\ncpu = 0\nports = [\"p\"]\n\
+             [[service]]\nname = \"web\"\nvip = \"198.18.0.10\"\nport = 80\nprotocol = \"tcp\"\n\
+             [[service.backend]]\nname = \"a\"\naddress = \"{}\"\nweight = 100\n\
+             [[service.backend]]\nname = \"b\"\naddress = \"{}\"\nweight = 100\n\
+             [service.backend.health]\nkind = \"tcp\"\n",
+            at(1),
+            at(2)
+        );
+        let cfg = crate::config::parse(&text).unwrap();
+        let snap =
+            config_snapshot(&cfg, &mut ids, &Overrides::default(), |_| false, steer).unwrap();
+        assert_eq!(snap.backends[0].weight, 0);
+        let steer30 = |a: Ipv4Addr| {
+            if a == at(2) {
+                Steer::Factor(300)
+            } else {
+                Steer::Configured
+            }
+        };
+        let snap =
+            config_snapshot(&cfg, &mut ids, &Overrides::default(), |_| false, steer30).unwrap();
+        assert_eq!(
+            (snap.backends[0].weight, snap.backends[1].weight),
+            (100, 30)
+        );
+        let b = snap.tables[0].iter().filter(|&&e| e == 1).count();
+        assert!((200..=260).contains(&b), "{b} of 1009 entries");
+        // A DOWN backend leaves the table whatever its agent says.
+        let snap =
+            config_snapshot(&cfg, &mut ids, &Overrides::default(), |_| true, steer30).unwrap();
+        assert_eq!(snap.backends[1].flags, BACKEND_CHECKED | BACKEND_DOWN);
+        assert!(!snap.tables[0].contains(&1));
     }
 }
 
@@ -307,7 +411,14 @@ mod override_tests {
     fn overrides_set_effective_weights_flags_and_the_table() {
         let cfg = config();
         let mut ids = IdAllocator::new(64);
-        let plain = config_snapshot(&cfg, &mut ids, &Overrides::default(), |_| false).unwrap();
+        let plain = config_snapshot(
+            &cfg,
+            &mut ids,
+            &Overrides::default(),
+            |_| false,
+            |_| Steer::Configured,
+        )
+        .unwrap();
         assert_eq!(plain.tables[0], table_for(&[1, 2, 3]));
         let w: Vec<u32> = plain.backends.iter().map(|b| b.weight).collect();
         assert_eq!(w, [1, 2, 3]);
@@ -315,7 +426,7 @@ mod override_tests {
         let mut o = Overrides::default();
         o.drain("web", "web1");
         o.set_weight("web", "web3", Some(9));
-        let snap = config_snapshot(&cfg, &mut ids, &o, |_| false).unwrap();
+        let snap = config_snapshot(&cfg, &mut ids, &o, |_| false, |_| Steer::Configured).unwrap();
         assert_eq!(snap.tables[0], table_for(&[0, 2, 9]));
         assert_eq!(entries(&snap)[0], 0, "a drained backend leaves the table");
         let recs: Vec<(u32, u16)> = snap.backends.iter().map(|b| (b.weight, b.flags)).collect();
@@ -326,7 +437,8 @@ mod override_tests {
         // Overrides of unknown backends change nothing.
         let mut other = Overrides::default();
         other.drain("dns", "web1");
-        let snap = config_snapshot(&cfg, &mut ids, &other, |_| false).unwrap();
+        let snap =
+            config_snapshot(&cfg, &mut ids, &other, |_| false, |_| Steer::Configured).unwrap();
         assert_eq!(snap.tables[0], plain.tables[0]);
     }
 }

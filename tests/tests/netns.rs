@@ -2,6 +2,8 @@
 //! addressing, cleanup) with the kernel routing between client and
 //! backends; issue 3 puts switchyard on the appliance's interfaces.
 
+#[path = "netns/agents.rs"]
+mod agents;
 #[path = "netns/health.rs"]
 mod health;
 #[path = "netns/routing.rs"]

@@ -345,7 +345,14 @@ mod tests {
         ov.drain("web", "a");
         ov.set_weight("web", "b", Some(5));
         let mut ids = IdAllocator::new(8);
-        let snap = crate::master::config_snapshot(&cfg, &mut ids, &ov, |_| false).unwrap();
+        let snap = crate::master::config_snapshot(
+            &cfg,
+            &mut ids,
+            &ov,
+            |_| false,
+            |_| crate::agents::rule::Steer::Configured,
+        )
+        .unwrap();
         let ctr = counters(8);
         let ctx = Ctx {
             cfg: &cfg,

@@ -13,10 +13,15 @@
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 
+mod agents;
 mod health;
 mod raw;
 mod validate;
 
+pub use agents::{
+    Agents, DEFAULT_FLOOR_PERCENT, DEFAULT_MAX_SKEW_MS, DEFAULT_SILENT_MS, DEFAULT_STEP_PERCENT,
+    Secret,
+};
 pub use health::{HealthCheck, OnDown, Probe};
 
 #[cfg(test)]
@@ -94,6 +99,8 @@ pub struct Config {
     pub routing: Routing,
     /// `[admin]`.
     pub admin: Admin,
+    /// `[agents]`; `None` (no table): no load agents.
+    pub agents: Option<Agents>,
     /// `[[port]]`, in file order; other items refer to a port by its index here.
     /// At least one, at most [`MAX_PORTS`].
     pub ports: Vec<Port>,
@@ -445,16 +452,22 @@ pub fn parse(text: &str) -> Result<Config, ConfigError> {
     validate::validate(raw).map_err(ConfigError::Invalid)
 }
 
-/// Reads, parses and validates the file `path`; the error names the file.
+/// Reads, parses and validates the file `path`, and reads the files it
+/// names (`[agents] secret_file`); the error names the file.
 pub fn load(path: &Path) -> Result<Config, ConfigError> {
     let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
         path: path.to_path_buf(),
         source,
     })?;
-    parse(&text).map_err(|e| ConfigError::File {
+    let in_file = |e| ConfigError::File {
         path: path.to_path_buf(),
         source: Box::new(e),
-    })
+    };
+    let mut cfg = parse(&text).map_err(in_file)?;
+    if let Some(a) = cfg.agents.as_mut() {
+        agents::read_secret(a).map_err(|e| in_file(ConfigError::Invalid(e)))?;
+    }
+    Ok(cfg)
 }
 
 /// Formats a MAC address as `02:00:00:00:00:01`.

@@ -7,6 +7,7 @@
 
 use serde::Deserialize;
 
+use super::agents::RawAgents;
 use super::health::RawHealth;
 
 /// The whole file.
@@ -33,6 +34,8 @@ pub(super) struct RawConfig {
     /// `[admin]`: see [`super::Admin`].
     #[serde(default)]
     pub admin: RawAdmin,
+    /// `[agents]`: see [`super::Agents`].
+    pub agents: Option<RawAgents>,
     /// `[[port]]`: see [`super::Port`].
     #[serde(default)]
     pub port: Vec<RawPort>,

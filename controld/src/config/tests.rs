@@ -99,6 +99,7 @@ fn demo_example_parses_with_all_fields() {
             resolve: false,
         },
         admin: Admin::default(),
+        agents: None,
         ports: vec![
             Port {
                 name: "client".into(),
@@ -411,7 +412,7 @@ fn unknown_key_at_top_level() {
         err(&format!("colour = 1\n{BASE}")),
         "TOML parse error at line 1, column 1\n  |\n1 | colour = 1\n  | ^^^^^^\n\
          unknown field `colour`, expected one of `instance`, `limits`, `timeouts`, `publish`, `tunnel`, \
-         `routing`, `admin`, `port`, `switch`, `service`, `route`, `neighbour`"
+         `routing`, `admin`, `agents`, `port`, `switch`, `service`, `route`, `neighbour`"
     );
 }
 
@@ -1458,4 +1459,188 @@ fn health_rules() {
         c.services[0].backends[0].health.as_ref().unwrap().probe,
         Probe::Tcp
     );
+}
+
+// ---- load agents ----
+
+const SECRET: &str = "0123456789abcdef";
+
+fn agents_of(table: &str) -> Result<Option<Agents>, String> {
+    parse(&head(table))
+        .map(|c| c.agents)
+        .map_err(|e| e.to_string())
+}
+
+#[test]
+fn no_agents_table_means_no_agents() {
+    assert_eq!(parse(BASE).unwrap().agents, None);
+}
+
+#[test]
+fn agents_defaults_and_all_keys() {
+    let a = agents_of(&format!(
+        "[agents]\nlisten = \"198.19.0.1:7007\"\nsecret = \"{SECRET}\""
+    ))
+    .unwrap()
+    .unwrap();
+    assert_eq!(
+        a,
+        Agents {
+            listen: "198.19.0.1:7007".parse().unwrap(),
+            secret: Secret(SECRET.as_bytes().to_vec()),
+            secret_file: None,
+            max_skew_ms: 5000,
+            silent_ms: 3000,
+            floor_percent: 10,
+            step_percent: 10,
+        }
+    );
+    assert_eq!(format!("{:?}", a.secret), "Secret(16 bytes)");
+    let a = agents_of(
+        "[agents]\nlisten = \"10.0.0.1:9\"\nsecret_file = \"/etc/switchyard/agent.key\"\n\
+         max_skew_ms = 100\nsilent_ms = 3600000\nfloor_percent = 100\nstep_percent = 1",
+    )
+    .unwrap()
+    .unwrap();
+    assert_eq!(
+        (
+            a.secret.0.len(),
+            a.secret_file.as_deref(),
+            a.max_skew_ms,
+            a.silent_ms,
+            a.floor_percent,
+            a.step_percent
+        ),
+        (
+            0,
+            Some(Path::new("/etc/switchyard/agent.key")),
+            100,
+            3_600_000,
+            100,
+            1
+        )
+    );
+}
+
+#[test]
+fn agents_rules() {
+    let s = format!("secret = \"{SECRET}\"");
+    let cases = [
+        (
+            format!("[agents]\n{s}"),
+            "agents: listen is required (the address and port controld receives reports on, like \"198.19.0.1:7007\")",
+        ),
+        (
+            format!("[agents]\nlisten = \"198.19.0.1\"\n{s}"),
+            "agents: listen \"198.19.0.1\" is not an IPv4 address and port (expected like \"198.19.0.1:7007\")",
+        ),
+        (
+            format!("[agents]\nlisten = \"0.0.0.0:7007\"\n{s}"),
+            "agents: listen \"0.0.0.0:7007\" is not a unicast address (reports are bound to the address they are sent to, so it must be one address of controld)",
+        ),
+        (
+            format!("[agents]\nlisten = \"198.19.0.1:0\"\n{s}"),
+            "agents: listen \"198.19.0.1:0\": port 0 is not allowed",
+        ),
+        (
+            "[agents]\nlisten = \"198.19.0.1:7007\"".to_string(),
+            "agents: secret or secret_file is required (the secret shared with lb-agent)",
+        ),
+        (
+            format!("[agents]\nlisten = \"198.19.0.1:7007\"\n{s}\nsecret_file = \"/k\""),
+            "agents: secret and secret_file are both set (give exactly one)",
+        ),
+        (
+            "[agents]\nlisten = \"198.19.0.1:7007\"\nsecret = \"short\"".to_string(),
+            "agents: secret is 5 bytes long, shorter than 16 (use e.g. 32 random bytes: `head -c 32 /dev/urandom | base64`)",
+        ),
+        (
+            format!(
+                "[agents]\nlisten = \"198.19.0.1:7007\"\nsecret = \"{}\"",
+                "x".repeat(1025)
+            ),
+            "agents: secret is 1025 bytes long, longer than 1024",
+        ),
+        (
+            "[agents]\nlisten = \"198.19.0.1:7007\"\nsecret_file = \"agent.key\"".to_string(),
+            "agents: secret_file \"agent.key\" is not an absolute path",
+        ),
+        (
+            format!("[agents]\nlisten = \"198.19.0.1:7007\"\n{s}\nmax_skew_ms = 99"),
+            "agents: max_skew_ms 99 is less than 100",
+        ),
+        (
+            format!("[agents]\nlisten = \"198.19.0.1:7007\"\n{s}\nmax_skew_ms = 600001"),
+            "agents: max_skew_ms 600001 exceeds 600000",
+        ),
+        (
+            format!("[agents]\nlisten = \"198.19.0.1:7007\"\n{s}\nsilent_ms = 3600001"),
+            "agents: silent_ms 3600001 exceeds 3600000",
+        ),
+        (
+            format!("[agents]\nlisten = \"198.19.0.1:7007\"\n{s}\nfloor_percent = 0"),
+            "agents: floor_percent 0 is less than 1",
+        ),
+        (
+            format!("[agents]\nlisten = \"198.19.0.1:7007\"\n{s}\nstep_percent = 101"),
+            "agents: step_percent 101 exceeds 100",
+        ),
+    ];
+    for (table, want) in cases {
+        assert_eq!(agents_of(&table).unwrap_err(), want, "{table}");
+    }
+}
+
+#[test]
+fn unknown_key_in_agents() {
+    let e = agents_of(&format!(
+        "[agents]\nlisten = \"198.19.0.1:7007\"\nsecret = \"{SECRET}\"\nsecrte_file = \"/k\""
+    ))
+    .unwrap_err();
+    assert!(
+        e.contains(
+            "unknown field `secrte_file`, expected one of `listen`, `secret`, `secret_file`, \
+             `max_skew_ms`, `silent_ms`, `floor_percent`, `step_percent`"
+        ),
+        "{e}"
+    );
+}
+
+#[test]
+fn load_reads_the_secret_file_and_checks_it() {
+    let dir = std::env::temp_dir().join(format!("switchyard-agents-test-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let key = dir.join("agent.key");
+    let cfg = dir.join("a.toml");
+    std::fs::write(
+        &cfg,
+        head(&format!(
+            "[agents]\nlisten = \"198.19.0.1:7007\"\nsecret_file = \"{}\"",
+            key.display()
+        )),
+    )
+    .unwrap();
+    // One trailing newline is not part of the secret.
+    std::fs::write(&key, format!("{SECRET}-from-file\n")).unwrap();
+    let a = load(&cfg).unwrap().agents.unwrap();
+    assert_eq!(a.secret.0, format!("{SECRET}-from-file").as_bytes());
+    std::fs::write(&key, "tooshort\n").unwrap();
+    assert_eq!(
+        load(&cfg).unwrap_err().to_string(),
+        format!(
+            "{}: agents: the secret in secret_file {:?} is 8 bytes long, shorter than 16 (use e.g. 32 random bytes: `head -c 32 /dev/urandom | base64`)",
+            cfg.display(),
+            key.display().to_string()
+        )
+    );
+    std::fs::remove_file(&key).unwrap();
+    assert_eq!(
+        load(&cfg).unwrap_err().to_string(),
+        format!(
+            "{}: agents: secret_file {:?}: cannot read: No such file or directory (os error 2)",
+            cfg.display(),
+            key.display().to_string()
+        )
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
 }

@@ -60,6 +60,7 @@ pub(super) fn validate(raw: RawConfig) -> R<Config> {
     }
 
     let routing = routing(&raw.routing, &ports)?;
+    let agents = super::agents::agents(raw.agents.as_ref())?;
 
     if raw.switch.is_empty() {
         return Err("no [[switch]] is defined (at least one is required)".into());
@@ -193,6 +194,7 @@ pub(super) fn validate(raw: RawConfig) -> R<Config> {
         tunnel,
         routing,
         admin,
+        agents,
         ports,
         switches,
         services,
