@@ -604,6 +604,11 @@ fn render_metrics(region: &Region, st: &State) -> String {
             .excluded
             .load(Ordering::Relaxed),
         overrides: st.overrides.iter().count(),
+        agents: st
+            .cfg
+            .agents
+            .is_some()
+            .then(|| st.agents.status(Instant::now()).counters),
     };
     metrics::render(&show, &stats(region, st), &extra)
 }

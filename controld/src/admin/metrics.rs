@@ -26,6 +26,8 @@ pub struct Extra {
     pub excluded_switches: u64,
     /// Backends with a runtime override.
     pub overrides: usize,
+    /// Load-agent reports by outcome (`None` without `[agents]`).
+    pub agents: Option<crate::agents::Counters>,
 }
 
 /// A label value with `\`, `"` and newline escaped.
@@ -154,6 +156,21 @@ pub fn render(show: &ShowReply, stats: &StatsReply, extra: &Extra) -> String {
         "Backends with a runtime override (lbctl drain or weight)",
     );
     o.sample("switchyard_runtime_overrides", &[], extra.overrides);
+    if let Some(a) = &extra.agents {
+        o.family(
+            "switchyard_agent_reports_total",
+            "counter",
+            "Load-agent reports by outcome: accepted, or dropped as forged, stale, replayed, unknown_agent or malformed",
+        );
+        o.sample(
+            "switchyard_agent_reports_total",
+            &[("outcome", "accepted")],
+            a.accepted,
+        );
+        for (reason, n) in crate::agents::verify::REASONS.iter().zip(a.dropped()) {
+            o.sample("switchyard_agent_reports_total", &[("outcome", reason)], n);
+        }
+    }
 
     o.family(
         "switchyard_switch_up",
@@ -394,8 +411,16 @@ mod tests {
                 reloads_refused: 1,
                 excluded_switches: 0,
                 overrides: 1,
+                agents: Some(crate::agents::Counters {
+                    accepted: 7,
+                    forged: 2,
+                    ..Default::default()
+                }),
             },
         );
+        assert!(text.contains("switchyard_agent_reports_total{outcome=\"accepted\"} 7\n"));
+        assert!(text.contains("switchyard_agent_reports_total{outcome=\"forged\"} 2\n"));
+        assert!(text.contains("switchyard_agent_reports_total{outcome=\"malformed\"} 0\n"));
         let mut done = BTreeSet::new();
         let mut current: Option<String> = None;
         let mut typed = false;
