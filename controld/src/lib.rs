@@ -1,5 +1,6 @@
 //! controld: the control processor. Pure parts (config, master, maglev,
-//! ids, routing's table and mirror logic, the health hysteresis) are
+//! ids, routing's table and mirror logic, the health hysteresis, the
+//! loading rule) are
 //! separate from the parts that touch the region, processes or sockets
 //! (publisher, supervisor, gc, events, routing::netlink, health probes).
 
@@ -8,6 +9,7 @@ pub mod events;
 pub mod gc;
 pub mod health;
 pub mod ids;
+pub mod loading;
 pub mod maglev;
 pub mod master;
 pub mod publisher;

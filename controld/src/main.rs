@@ -17,6 +17,7 @@ use controld::config::{self, Config};
 use controld::gc::Gc;
 use controld::health::Monitor;
 use controld::ids::IdAllocator;
+use controld::loading::Loading;
 use controld::routing::{Mirror, Netlink};
 use controld::supervisor::{Supervisor, SwitchSpec};
 use controld::{events, master, publisher};
@@ -285,8 +286,11 @@ struct State {
     /// The kernel routing mirror, while `[routing] mirror` is on.
     mirror: Option<Mirror<Netlink>>,
     health: Monitor,
-    /// A health change is not published yet (a failed publication is retried).
+    /// A health or limit change is not published yet (a failed publication
+    /// is retried).
     health_dirty: bool,
+    /// Effective `max_conns` under controlled loading.
+    loading: Loading,
 }
 
 fn open_mirror() -> Result<Mirror<Netlink>> {
@@ -296,9 +300,14 @@ fn open_mirror() -> Result<Mirror<Netlink>> {
 
 /// Publishes the configuration `cfg` with the backends' current health.
 fn publish_config(region: &Region, st: &mut State, cfg: &Config) -> Result<u64> {
-    let health = &st.health;
-    let snap = master::config_snapshot(cfg, &mut st.ids, |b| health.is_down(b))
-        .map_err(anyhow::Error::msg)?;
+    let (health, loading) = (&st.health, &st.loading);
+    let snap = master::config_snapshot(
+        cfg,
+        &mut st.ids,
+        |b| health.is_down(b),
+        |b| loading.limit(b),
+    )
+    .map_err(anyhow::Error::msg)?;
     publisher::check_fits(region, &snap).map_err(anyhow::Error::msg)?;
     let ack = Duration::from_millis(cfg.publish.ack_timeout_ms as u64);
     let rep = publisher::publish_config(region, &snap, ack).map_err(anyhow::Error::msg)?;
@@ -335,11 +344,13 @@ fn publish_routing(region: &Region, st: &mut State, cfg: &Config) -> Result<u64>
 /// configuration; on failure the running one (and its health checks) stay.
 fn publish_all(region: &Region, st: &mut State, cfg: Config) -> Result<(u64, u64)> {
     st.health.configure(&cfg, Instant::now());
+    st.loading.configure(&cfg, Instant::now());
     let res =
         publish_config(region, st, &cfg).and_then(|g| Ok((g, publish_routing(region, st, &cfg)?)));
     if res.is_err() {
         let running = st.cfg.clone();
         st.health.configure(&running, Instant::now());
+        st.loading.configure(&running, Instant::now());
     }
     let (g, rg) = res?;
     st.cfg = cfg;
@@ -380,6 +391,31 @@ fn poll_mirror(region: &Region, st: &mut State) {
     }
 }
 
+/// Judges the adaptive `max_conns` limits whose interval ended; true when
+/// one changed (the configuration is then republished this tick).
+fn poll_loading(region: &Region, st: &mut State) -> bool {
+    let counters = region.backend_counters();
+    let ids = &st.ids;
+    let changes = st.loading.tick(Instant::now(), |b| {
+        ids.id_of(b).and_then(|id| counters.get(id as usize))
+    });
+    for c in &changes {
+        log::debug!(
+            "loading: backend {}:{} of {}:{}: max_conns {} -> {} ({} SYN-ACKs, {} over target, mean {} ms)",
+            c.backend.addr,
+            c.backend.port,
+            c.backend.vip,
+            c.backend.vport,
+            c.from,
+            c.to,
+            c.samples,
+            c.slow,
+            c.mean_ms
+        );
+    }
+    !changes.is_empty()
+}
+
 fn reload(region: &Region, st: &mut State, path: &Path) {
     let mut new = match config::load(path) {
         Ok(c) => c,
@@ -417,7 +453,7 @@ fn run(args: &Args) -> Result<()> {
     if args.check {
         // Build the snapshot too: it catches what only the master knows.
         let mut ids = IdAllocator::new(cfg.limits.backends.saturating_mul(4));
-        master::config_snapshot(&cfg, &mut ids, |_| false)
+        master::config_snapshot(&cfg, &mut ids, |_| false, |_| None)
             .map_err(|e| anyhow::anyhow!("{}: {e}", args.config.display()))?;
         let backends: usize = cfg.services.iter().map(|s| s.backends.len()).sum();
         println!(
@@ -465,6 +501,7 @@ fn run(args: &Args) -> Result<()> {
         mirror: None,
         health: Monitor::new(),
         health_dirty: false,
+        loading: Loading::new(),
     };
     let (cg, rg) = publish_all(&region, &mut st, cfg.clone())?;
     if !st.health.is_empty() {
@@ -514,6 +551,7 @@ fn run(args: &Args) -> Result<()> {
                 config::Engine::Filter => "filter",
                 config::Engine::Null => "null",
             },
+            syn_queue: s.syn_queue,
         })
         .collect();
     let mut sup = Supervisor::new(switchd, &cfg.instance, specs);
@@ -542,6 +580,9 @@ fn run(args: &Args) -> Result<()> {
         if !st.health.poll(Instant::now()).is_empty() {
             st.health_dirty = true;
         }
+        if poll_loading(&region, &mut st) {
+            st.health_dirty = true;
+        }
         if st.health_dirty {
             // Within this tick of the deciding result: out of (or back in)
             // the tables one publication later.
@@ -550,7 +591,7 @@ fn run(args: &Args) -> Result<()> {
                 && last_publish_error
                     .is_none_or(|t: Instant| t.elapsed() >= Duration::from_secs(10))
             {
-                log::error!("publishing a health change failed (retried every tick): {e:#}");
+                log::error!("publishing a health or limit change failed (retried every tick): {e:#}");
                 last_publish_error = Some(Instant::now());
             }
         }

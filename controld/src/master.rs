@@ -6,7 +6,8 @@
 
 use shm_layout::config_slot::{
     BACKEND_CHECKED, BACKEND_DOWN, BACKEND_DRAINED, BackendRec, MODE_DR, MODE_NAT, MODE_TUNNEL,
-    ON_DOWN_KEEP, ON_DOWN_RESCHEDULE, ON_DOWN_RESET, PortRec, SCHED_MAGLEV, ServiceRec,
+    ON_DOWN_KEEP, ON_DOWN_RESCHEDULE, ON_DOWN_RESET, PortRec, SCHED_MAGLEV, SCHED_SH, SCHED_WLC,
+    SCHED_WRR, ServiceRec,
 };
 use shm_layout::names;
 use shm_layout::routing_slot::{NeighbourRec, RouteRec};
@@ -48,10 +49,13 @@ pub struct RoutingSnapshot {
 /// `is_down` says which checked backends failed their health checks: they
 /// keep their records (flagged DOWN) but leave their service's table, like
 /// a drained backend, and their connections get the service's policy.
+/// `limit` gives a backend's effective `max_conns` under controlled loading
+/// (`None`: its configured one).
 pub fn config_snapshot(
     cfg: &Config,
     ids: &mut IdAllocator,
     is_down: impl Fn(&BackendIdentity) -> bool,
+    limit: impl Fn(&BackendIdentity) -> Option<u32>,
 ) -> Result<ConfigSnapshot, String> {
     let m = cfg.limits.maglev_table_size;
     let mut identities = Vec::new();
@@ -118,6 +122,8 @@ pub fn config_snapshot(
                 flags,
                 weight: b.weight,
                 service: si as u32,
+                max_conns: limit(ident).unwrap_or(b.max_conns),
+                max_conns_cfg: b.max_conns,
                 ..Default::default()
             };
             names::set(&mut rec.name, &b.name);
@@ -139,7 +145,14 @@ pub fn config_snapshot(
             },
             scheduler: match s.scheduler {
                 Scheduler::Maglev => SCHED_MAGLEV,
+                Scheduler::Wrr => SCHED_WRR,
+                Scheduler::Wlc => SCHED_WLC,
+                Scheduler::Sh => SCHED_SH,
             },
+            queue_timeout_ms: s.queue_timeout_ms.min(u16::MAX as u32) as u16,
+            latency_target_ms: s
+                .loading
+                .map_or(0, |l| l.latency_target_ms.min(u16::MAX as u32) as u16),
             on_down,
             backend_start: start,
             backend_count: s.backends.len() as u32,
@@ -191,9 +204,9 @@ mod tests {
     fn down_backends_leave_the_table_keep_their_record_and_get_the_policy() {
         let cfg = config("reset");
         let mut ids = IdAllocator::new(64);
-        let all_up = config_snapshot(&cfg, &mut ids, |_| false).unwrap();
+        let all_up = config_snapshot(&cfg, &mut ids, |_| false, |_| None).unwrap();
         // Everything "down" by the health view: only checked backends are.
-        let snap = config_snapshot(&cfg, &mut ids, |_| true).unwrap();
+        let snap = config_snapshot(&cfg, &mut ids, |_| true, |_| None).unwrap();
         let flags: Vec<u16> = snap.backends.iter().map(|b| b.flags).collect();
         assert_eq!(
             flags,
@@ -228,10 +241,40 @@ mod tests {
     }
 
     #[test]
+    fn scheduler_queue_and_limits_reach_the_records() {
+        let text = "instance = \"t\"\n[limits]\nmaglev_table_size = 251\n\
+             [[port]]\nname = \"p\"\ndriver = \"vnic\"\nmac = \"02:00:00:00:00:01\"\n\
+             [[switch]]\nname = \"s\"\ncpu = 0\nports = [\"p\"]\n\
+             [[service]]\nname = \"web\"\nvip = \"198.18.0.10\"\nport = 80\nprotocol = \"tcp\"\n\
+             scheduler = \"sh\"\nqueue_timeout_ms = 300\nlatency_target_ms = 70\n\
+             [[service.backend]]\nname = \"a\"\naddress = \"198.19.1.1\"\nmax_conns = 9\n\
+             [[service.backend]]\nname = \"b\"\naddress = \"198.19.1.2\"\nweight = 0\n";
+        let cfg = crate::config::parse(text).unwrap();
+        let mut ids = IdAllocator::new(64);
+        let snap = config_snapshot(&cfg, &mut ids, |_| false, |b| {
+            (b.addr == std::net::Ipv4Addr::new(198, 19, 1, 1)).then_some(4)
+        })
+        .unwrap();
+        let s = &snap.services[0];
+        assert_eq!(
+            (s.scheduler, s.queue_timeout_ms, s.latency_target_ms),
+            (SCHED_SH, 300, 70)
+        );
+        let b: Vec<(u32, u32, u16)> = snap
+            .backends
+            .iter()
+            .map(|b| (b.max_conns, b.max_conns_cfg, b.flags))
+            .collect();
+        assert_eq!(b, [(4, 9, 0), (0, 0, BACKEND_DRAINED)]);
+        // Weight 0: no table entry, whatever the scheduler reads the table with.
+        assert!(snap.tables[0].iter().all(|&e| e == 0));
+    }
+
+    #[test]
     fn a_down_backend_gets_no_table_entry_and_its_peers_take_them() {
         let cfg = config("reschedule");
         let mut ids = IdAllocator::new(64);
-        let before = config_snapshot(&cfg, &mut ids, |_| false).unwrap();
+        let before = config_snapshot(&cfg, &mut ids, |_| false, |_| None).unwrap();
         let web2 = BackendIdentity {
             vip: "198.18.0.10".parse().unwrap(),
             vport: 80,
@@ -239,7 +282,7 @@ mod tests {
             addr: "198.19.1.2".parse().unwrap(),
             port: 80,
         };
-        let after = config_snapshot(&cfg, &mut ids, |b| *b == web2).unwrap();
+        let after = config_snapshot(&cfg, &mut ids, |b| *b == web2, |_| None).unwrap();
         assert_eq!(
             after.down_actions,
             [(before.backends[1].id, ON_DOWN_RESCHEDULE)]
