@@ -8,7 +8,8 @@ use clap::Parser;
 use serde_json::{Value, json};
 use shm_layout::config_slot::{
     BACKEND_CHECKED, BACKEND_DOWN, MODE_DR, MODE_NAT, MODE_TUNNEL, ON_DOWN_KEEP,
-    ON_DOWN_RESCHEDULE, ON_DOWN_RESET, PROTO_TCP, PROTO_UDP,
+    ON_DOWN_RESCHEDULE, ON_DOWN_RESET, PROTO_TCP, PROTO_UDP, SCHED_MAGLEV, SCHED_SH, SCHED_WLC,
+    SCHED_WRR,
 };
 use shm_layout::conntrack::{
     KIND_EMPTY, KIND_FWD, KIND_REPLY, KIND_TOMB, STATE_ACTIVE, STATE_CLOSING, STATE_ESTABLISHED,
@@ -63,6 +64,16 @@ fn proto(p: u8) -> &'static str {
     match p {
         PROTO_TCP => "tcp",
         PROTO_UDP => "udp",
+        _ => "?",
+    }
+}
+
+fn scheduler(s: u8) -> &'static str {
+    match s {
+        SCHED_MAGLEV => "maglev",
+        SCHED_WRR => "wrr",
+        SCHED_WLC => "wlc",
+        SCHED_SH => "sh",
         _ => "?",
     }
 }
@@ -163,13 +174,21 @@ fn collect(r: &Region, a: &Args) -> Value {
                         "table_share": if table.is_empty() { 0.0 } else { share[i] as f64 / table.len() as f64 },
                         "active_conns": c.map(|c| c.active.load(Ordering::Relaxed)).unwrap_or(0),
                         "total_conns": c.map(|c| c.total.load(Ordering::Relaxed)).unwrap_or(0),
+                        "max_conns": b.max_conns, "max_conns_configured": b.max_conns_cfg,
+                        "syn_ack_samples": c.map(|c| c.syn_ack_count.load(Ordering::Relaxed)).unwrap_or(0),
+                        "syn_ack_slow": c.map(|c| c.syn_ack_slow.load(Ordering::Relaxed)).unwrap_or(0),
+                        "syn_ack_mean_ms": c.map(|c| {
+                            let n = c.syn_ack_count.load(Ordering::Relaxed);
+                            c.syn_ack_sum_ms.load(Ordering::Relaxed) as f64 / n.max(1) as f64
+                        }).unwrap_or(0.0),
                     })
                 })
                 .collect();
             json!({
                 "name": names::get(&s.name), "vip": ip(s.vip), "port": s.port, "protocol": proto(s.proto),
-                "mode": mode(s.mode), "scheduler": "maglev", "table_size": table.len(),
-                "on_backend_down": on_down(s.on_down), "backends": backends,
+                "mode": mode(s.mode), "scheduler": scheduler(s.scheduler), "table_size": table.len(),
+                "on_backend_down": on_down(s.on_down), "queue_timeout_ms": s.queue_timeout_ms,
+                "latency_target_ms": s.latency_target_ms, "backends": backends,
             })
         })
         .collect();
@@ -341,7 +360,7 @@ fn print_text(v: &Value, a: &Args) {
     );
     println!();
     println!(
-        "{:<14} {:<22} {:<5} {:<6}  {:<12} {:<22} {:>6} {:<9} {:>8} {:>9} {:>10}",
+        "{:<14} {:<22} {:<5} {:<6}  {:<12} {:<22} {:>6} {:<9} {:>8} {:>9} {:>10} {:>9} {:>9}",
         "SERVICE",
         "VIP",
         "PROTO",
@@ -352,20 +371,25 @@ fn print_text(v: &Value, a: &Args) {
         "HEALTH",
         "SHARE%",
         "ACTIVE",
-        "TOTAL"
+        "TOTAL",
+        "MAXCONN",
+        "SYNACK_MS"
     );
     for s in c["services"].as_array().into_iter().flatten() {
         println!(
-            "{:<14} {:<22} {:<5} {:<6}  on_backend_down={}",
+            "{:<14} {:<22} {:<5} {:<6}  scheduler={} on_backend_down={} queue_timeout_ms={} latency_target_ms={}",
             s["name"].as_str().unwrap_or(""),
             format!("{}:{}", s["vip"].as_str().unwrap_or(""), s["port"]),
             s["protocol"].as_str().unwrap_or(""),
             s["mode"].as_str().unwrap_or(""),
+            s["scheduler"].as_str().unwrap_or(""),
             s["on_backend_down"].as_str().unwrap_or(""),
+            s["queue_timeout_ms"],
+            s["latency_target_ms"],
         );
         for b in s["backends"].as_array().into_iter().flatten() {
             println!(
-                "{:<50} {:<12} {:<22} {:>6} {:<9} {:>8.2} {:>9} {:>10}",
+                "{:<50} {:<12} {:<22} {:>6} {:<9} {:>8.2} {:>9} {:>10} {:>9} {:>9.1}",
                 "",
                 b["name"].as_str().unwrap_or(""),
                 format!("{}:{}", b["address"].as_str().unwrap_or(""), b["port"]),
@@ -374,6 +398,8 @@ fn print_text(v: &Value, a: &Args) {
                 b["table_share"].as_f64().unwrap_or(0.0) * 100.0,
                 t(&b["active_conns"]),
                 t(&b["total_conns"]),
+                format!("{}/{}", t(&b["max_conns"]), t(&b["max_conns_configured"])),
+                b["syn_ack_mean_ms"].as_f64().unwrap_or(0.0),
             );
         }
     }
