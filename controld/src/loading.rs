@@ -14,9 +14,12 @@
 //! `latency_target_ms`, once per `adjust_interval_ms`, over the samples of
 //! that interval:
 //! - no sample: the limit stays;
-//! - more than 1% of the samples slow (the interval's p99 is above the
+//! - any sample slow (the interval's slowest SYN-ACK took longer than the
 //!   target): multiplicative decrease, `limit ← max(floor, min(limit − 1,
-//!   ⌊0.7 · limit⌋))`;
+//!   ⌊0.7 · limit⌋))`. Any, not a share: a server past its knee answers
+//!   most SYNs at once and drops a few (those that find its listen queue
+//!   full), so a late SYN-ACK is the signal however many fast ones there
+//!   are;
 //! - otherwise, if the backend's open connections reached the limit during
 //!   the interval (the limit was what held it back): additive increase,
 //!   `limit ← min(max_conns, limit + 1)`; if they did not, the limit stays
@@ -38,9 +41,6 @@ use crate::ids::BackendIdentity;
 
 /// Multiplicative decrease factor, in tenths.
 pub const DECREASE_TENTHS: u64 = 7;
-/// Share of slow samples, in percent, above which an interval is slow
-/// (p99 above the target).
-pub const SLOW_PERCENT: u64 = 1;
 
 /// One judgement of a limit (see the module docs): `samples` and `slow`
 /// are the interval's SYN-ACK samples and those above the target,
@@ -50,7 +50,7 @@ pub fn adjust(limit: u32, max_conns: u32, floor: u32, samples: u64, slow: u64, p
     if samples == 0 {
         return limit.clamp(floor, max_conns);
     }
-    if slow * 100 > samples * SLOW_PERCENT {
+    if slow > 0 {
         let down = (u64::from(limit) * DECREASE_TENTHS / 10) as u32;
         return down.min(limit.saturating_sub(1)).max(floor);
     }
@@ -204,14 +204,12 @@ mod tests {
     fn the_rule_decreases_multiplicatively_and_increases_additively() {
         // No samples: no evidence, no change.
         assert_eq!(adjust(10, 64, 1, 0, 0, 64), 10);
-        // p99 above the target: x0.7, at least one less, never below the floor.
-        assert_eq!(adjust(64, 64, 1, 100, 2, 64), 44);
+        // A sample above the target: x0.7, at least one less, never below the floor.
+        assert_eq!(adjust(64, 64, 1, 1000, 1, 64), 44);
         assert_eq!(adjust(3, 64, 1, 10, 1, 3), 2);
         assert_eq!(adjust(2, 64, 1, 10, 1, 3), 1);
         assert_eq!(adjust(1, 64, 1, 10, 10, 3), 1);
         assert_eq!(adjust(10, 64, 8, 10, 10, 10), 8);
-        // Exactly 1% slow is still fine (p99 at the target).
-        assert_eq!(adjust(10, 64, 1, 100, 1, 10), 11);
         // Fine and the limit was reached: +1, never above max_conns.
         assert_eq!(adjust(10, 64, 1, 50, 0, 10), 11);
         assert_eq!(adjust(64, 64, 1, 50, 0, 64), 64);

@@ -591,7 +591,9 @@ fn run(args: &Args) -> Result<()> {
                 && last_publish_error
                     .is_none_or(|t: Instant| t.elapsed() >= Duration::from_secs(10))
             {
-                log::error!("publishing a health or limit change failed (retried every tick): {e:#}");
+                log::error!(
+                    "publishing a health or limit change failed (retried every tick): {e:#}"
+                );
                 last_publish_error = Some(Instant::now());
             }
         }

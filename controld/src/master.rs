@@ -251,9 +251,12 @@ mod tests {
              [[service.backend]]\nname = \"b\"\naddress = \"198.19.1.2\"\nweight = 0\n";
         let cfg = crate::config::parse(text).unwrap();
         let mut ids = IdAllocator::new(64);
-        let snap = config_snapshot(&cfg, &mut ids, |_| false, |b| {
-            (b.addr == std::net::Ipv4Addr::new(198, 19, 1, 1)).then_some(4)
-        })
+        let snap = config_snapshot(
+            &cfg,
+            &mut ids,
+            |_| false,
+            |b| (b.addr == std::net::Ipv4Addr::new(198, 19, 1, 1)).then_some(4),
+        )
         .unwrap();
         let s = &snap.services[0];
         assert_eq!(

@@ -171,7 +171,14 @@ pub fn run<N: Nic>(
                     let mut verdict =
                         filter::process(buf, f.len as usize, in_port, &port_mac, &mut ctx);
                     if let Verdict::Hold { timeout_ms } = verdict {
-                        verdict = hold(&mut synq, buf, f.len as usize, in_port, timeout_ms, &mut ctx);
+                        verdict = hold(
+                            &mut synq,
+                            buf,
+                            f.len as usize,
+                            in_port,
+                            timeout_ms,
+                            &mut ctx,
+                        );
                     }
                     match verdict {
                         Verdict::Tx { port, len } => {

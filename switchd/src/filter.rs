@@ -1220,10 +1220,7 @@ mod tests {
         // Every backend full: held, nothing counted or changed.
         let held = tcp_seg(43_010, "S");
         let before = c;
-        assert_eq!(
-            run(&fx, &mut c, &held).0,
-            Verdict::Hold { timeout_ms: 250 }
-        );
+        assert_eq!(run(&fx, &mut c, &held).0, Verdict::Hold { timeout_ms: 250 });
         assert_eq!(c, before);
         assert_eq!(active(&fx), [1, 1, 1]);
         // A retransmitted SYN of an admitted connection still gets through.
@@ -1352,7 +1349,11 @@ mod tests {
             });
             for &(port, to) in &open {
                 let (v, buf) = run(&fx, &mut c, &tcp_seg(port, "A"));
-                assert_eq!(sent_to(v, &buf).1, to, "scheduler {sched}: existing continue");
+                assert_eq!(
+                    sent_to(v, &buf).1,
+                    to,
+                    "scheduler {sched}: existing continue"
+                );
             }
             for port in 47_000..47_060 {
                 let (v, buf) = run(&fx, &mut c, &tcp_seg(port, "S"));

@@ -100,7 +100,9 @@ fn full(counters: &[BackendCounters], b: &BackendRec) -> bool {
 
 #[inline]
 fn try_reserve(counters: &[BackendCounters], b: &BackendRec) -> bool {
-    counters.get(b.id as usize).is_none_or(|c| reserve(c, b.max_conns))
+    counters
+        .get(b.id as usize)
+        .is_none_or(|c| reserve(c, b.max_conns))
 }
 
 /// The backend the service's table gives a flow (`sh`: by client address;
@@ -164,7 +166,11 @@ fn wlc<'a>(bs: &'a [BackendRec], key: &FlowKey, counters: &[BackendCounters]) ->
         let mut any = false;
         let mut best: Option<(&BackendRec, u64)> = None;
         for j in 0..n {
-            let i = if start + j >= n { start + j - n } else { start + j };
+            let i = if start + j >= n {
+                start + j - n
+            } else {
+                start + j
+            };
             let b = &bs[i];
             if !eligible(b) {
                 continue;
@@ -395,9 +401,21 @@ mod tests {
         let mut firsts = [0; 4];
         for i in 0..400 {
             let c = counters(4);
-            let a = picked(pick(&v.view(), &v.services[0], &key(i), &c, &mut Default::default()));
+            let a = picked(pick(
+                &v.view(),
+                &v.services[0],
+                &key(i),
+                &c,
+                &mut Default::default(),
+            ));
             let c2 = counters(4);
-            let b = picked(pick(&v.view(), &v.services[0], &key(i), &c2, &mut Default::default()));
+            let b = picked(pick(
+                &v.view(),
+                &v.services[0],
+                &key(i),
+                &c2,
+                &mut Default::default(),
+            ));
             assert_eq!(a, b, "same flow, same state: same backend");
             firsts[a] += 1;
         }
@@ -500,7 +518,13 @@ mod tests {
             assert_eq!(c[1].active.load(Ordering::Relaxed), 5);
             close(&c, 1);
             assert_eq!(
-                picked(pick(&v.view(), &v.services[0], &key(9), &c, &mut SchedState::new(2))),
+                picked(pick(
+                    &v.view(),
+                    &v.services[0],
+                    &key(9),
+                    &c,
+                    &mut SchedState::new(2)
+                )),
                 1
             );
         }

@@ -88,7 +88,11 @@ fn client(host: u8, port: u16) -> Client {
 }
 
 /// What came back, parsed: (port name, source, destination, syn, rst).
-fn collect(wire: &mut Wire, want: usize, wait: Duration) -> Vec<(String, Client, Client, bool, bool)> {
+fn collect(
+    wire: &mut Wire,
+    want: usize,
+    wait: Duration,
+) -> Vec<(String, Client, Client, bool, bool)> {
     wire.recv(want, wait)
         .into_iter()
         .map(|(port, f)| {
@@ -126,7 +130,11 @@ fn max_conns_holds_across_two_switches_and_queued_syns_get_freed_slots() {
     let extra = collect(&mut wire, 1, Duration::from_millis(500));
     assert!(extra.is_empty(), "more than 6 admitted: {extra:?}");
     assert_eq!(first.len(), 6, "{first:?}\n{}", app.log());
-    assert!(first.iter().all(|f| f.0 == "backend" && f.3 && f.2.1 == 8080));
+    assert!(
+        first
+            .iter()
+            .all(|f| f.0 == "backend" && f.3 && f.2.1 == 8080)
+    );
     let dump = shmdump_json(&inst, &[]);
     assert_eq!(active(&dump), [2, 2, 2]);
     assert_eq!(counter_sum(&dump, "conn_queued"), 18);
@@ -229,7 +237,11 @@ fn each_scheduler_end_to_end_and_weight_zero_drains() {
         }
         if sched == "sh" {
             for host in 10..20u8 {
-                let bs: BTreeSet<_> = to.iter().filter(|(c, _)| c.0[3] == host).map(|x| x.1).collect();
+                let bs: BTreeSet<_> = to
+                    .iter()
+                    .filter(|(c, _)| c.0[3] == host)
+                    .map(|x| x.1)
+                    .collect();
                 assert_eq!(bs.len(), 1, "sh: client {host} spread over {bs:?}");
             }
             assert!(per.len() >= 2, "sh: {per:?}");
@@ -239,19 +251,32 @@ fn each_scheduler_end_to_end_and_weight_zero_drains() {
         // Drain web1 (weight 0): existing connections continue there.
         let gen_before = app.reload_with(&cfg.replacen("  weight = 1\n", "  weight = 0\n", 1));
         app.wait_generation_above(gen_before, Duration::from_secs(20));
-        let on_web1: Vec<Client> = to.iter().filter(|(_, b)| b[3] == 1).map(|(c, _)| *c).collect();
+        let on_web1: Vec<Client> = to
+            .iter()
+            .filter(|(_, b)| b[3] == 1)
+            .map(|(c, _)| *c)
+            .collect();
         for c in &on_web1 {
             wire.send("client", &tcp(*c, false, false, 10));
         }
         let got = collect(&mut wire, on_web1.len(), Duration::from_secs(10));
         assert_eq!(got.len(), on_web1.len(), "{sched}");
-        assert!(got.iter().all(|f| f.2.0 == [198, 19, 1, 1]), "{sched}: {got:?}");
+        assert!(
+            got.iter().all(|f| f.2.0 == [198, 19, 1, 1]),
+            "{sched}: {got:?}"
+        );
         for i in 0..60u16 {
-            wire.send("client", &tcp(client(30 + (i / 6) as u8, 50_000 + i), true, false, 0));
+            wire.send(
+                "client",
+                &tcp(client(30 + (i / 6) as u8, 50_000 + i), true, false, 0),
+            );
         }
         let got = collect(&mut wire, 60, Duration::from_secs(10));
         assert_eq!(got.len(), 60, "{sched}");
-        assert!(got.iter().all(|f| f.2.0 != [198, 19, 1, 1]), "{sched}: drained backend got new connections");
+        assert!(
+            got.iter().all(|f| f.2.0 != [198, 19, 1, 1]),
+            "{sched}: drained backend got new connections"
+        );
         drop(app);
     }
 }

@@ -886,10 +886,13 @@ fn schedulers_queue_and_max_conns_parse_with_defaults() {
         assert_eq!(c.services[0].scheduler, want);
         assert_eq!(want.as_str(), name);
     }
-    let c = parse(&with(
-        "protocol = \"tcp\"",
-        "protocol = \"tcp\"\nqueue_timeout_ms = 0\nlatency_target_ms = 80\nmin_conns = 3",
-    ).replace("  port = 8080\n", "  port = 8080\n  max_conns = 40\n"))
+    let c = parse(
+        &with(
+            "protocol = \"tcp\"",
+            "protocol = \"tcp\"\nqueue_timeout_ms = 0\nlatency_target_ms = 80\nmin_conns = 3",
+        )
+        .replace("  port = 8080\n", "  port = 8080\n  max_conns = 40\n"),
+    )
     .unwrap();
     let s = &c.services[0];
     assert_eq!(s.queue_timeout_ms, 0);
@@ -902,7 +905,11 @@ fn schedulers_queue_and_max_conns_parse_with_defaults() {
             min_conns: 3
         })
     );
-    let c = parse(&with("ports = [\"client\", \"backend\"]", "ports = [\"client\", \"backend\"]\nsyn_queue = 0")).unwrap();
+    let c = parse(&with(
+        "ports = [\"client\", \"backend\"]",
+        "ports = [\"client\", \"backend\"]\nsyn_queue = 0",
+    ))
+    .unwrap();
     assert_eq!(c.switches[0].syn_queue, 0);
 }
 
@@ -917,7 +924,10 @@ fn queue_and_loading_rules_name_the_value() {
         "service \"web\": queue_timeout_ms 60001 exceeds 60000"
     );
     assert_eq!(
-        err(&with("  port = 8080\n", "  port = 8080\n  max_conns = -1\n")),
+        err(&with(
+            "  port = 8080\n",
+            "  port = 8080\n  max_conns = -1\n"
+        )),
         "service \"web\": backend \"web1\": max_conns -1 is less than 0"
     );
     assert_eq!(
@@ -933,7 +943,10 @@ fn queue_and_loading_rules_name_the_value() {
         "service \"web\": adjust_interval_ms 99 is less than 100"
     );
     assert_eq!(
-        err(&with("protocol = \"tcp\"", "protocol = \"tcp\"\nlatency_target_ms = 50")),
+        err(&with(
+            "protocol = \"tcp\"",
+            "protocol = \"tcp\"\nlatency_target_ms = 50"
+        )),
         "service \"web\": latency_target_ms needs max_conns on at least one backend (the adaptive limit lies between min_conns and max_conns)"
     );
     assert_eq!(
@@ -941,7 +954,10 @@ fn queue_and_loading_rules_name_the_value() {
         "service \"web\": latency_target_ms needs mode \"nat\" (mode \"dr\": backends reply around the switches, which then never see the SYN-ACKs they measure)"
     );
     assert_eq!(
-        err(&with("ports = [\"client\", \"backend\"]", "ports = [\"client\", \"backend\"]\nsyn_queue = 4097")),
+        err(&with(
+            "ports = [\"client\", \"backend\"]",
+            "ports = [\"client\", \"backend\"]\nsyn_queue = 4097"
+        )),
         "switch \"sw0\": syn_queue 4097 exceeds 4096"
     );
 }

@@ -588,14 +588,7 @@ fn backend(
             0,
             MAX_WEIGHT as i64,
         )?,
-        max_conns: int(
-            &ctx,
-            "max_conns",
-            raw.max_conns,
-            0,
-            0,
-            MAX_MAX_CONNS as i64,
-        )?,
+        max_conns: int(&ctx, "max_conns", raw.max_conns, 0, 0, MAX_MAX_CONNS as i64)?,
         health: health::backend_check(&ctx, service_health, raw.health.as_ref(), address, port)?,
     })
 }
