@@ -6,6 +6,8 @@
 mod health;
 #[path = "netns/routing.rs"]
 mod routing;
+#[path = "netns/sched.rs"]
+mod sched;
 
 use std::io::{BufRead, BufReader};
 

@@ -14,7 +14,8 @@
 //! requests in progress: each further request is answered `--slow-ms` late,
 //! and it accepts no connection while more than K are in progress, so its
 //! listen queue (`--backlog`) overflows and the kernel drops new SYNs
-//! (clients retransmit them a second later). `/stats` then also says
+//! (clients retransmit them a second later); `--work-ms` gives every
+//! request a service time. `/stats` then also says
 //! `requests <n>\nslow <n>\nbusy_max <n>`.
 //! UDP: every datagram is answered with `<name> <datagram>`.
 //! On start it prints one line: `testbackend <name> http=<addr> udp=<addr>`.
@@ -48,6 +49,9 @@ struct Args {
     /// How late an overloaded request is answered.
     #[arg(long, default_value_t = 200)]
     slow_ms: u64,
+    /// Time every request (but /stats) takes, loaded or not.
+    #[arg(long, default_value_t = 0)]
+    work_ms: u64,
     /// Listen backlog of the HTTP socket.
     #[arg(long, default_value_t = 128)]
     backlog: i32,
@@ -63,6 +67,7 @@ struct Shared {
     health_fail: AtomicU64,
     slow_above: Option<u64>,
     slow_ms: u64,
+    work_ms: u64,
     /// Requests in progress, served, served late, most at once.
     busy: AtomicU64,
     requests: AtomicU64,
@@ -79,9 +84,13 @@ impl<'a> Busy<'a> {
         let n = sh.busy.fetch_add(1, Ordering::SeqCst) + 1;
         sh.requests.fetch_add(1, Ordering::Relaxed);
         sh.busy_max.fetch_max(n, Ordering::Relaxed);
+        let mut ms = sh.work_ms;
         if sh.slow_above.is_some_and(|k| n > k) {
             sh.slow.fetch_add(1, Ordering::Relaxed);
-            std::thread::sleep(std::time::Duration::from_millis(sh.slow_ms));
+            ms += sh.slow_ms;
+        }
+        if ms > 0 {
+            std::thread::sleep(std::time::Duration::from_millis(ms));
         }
         Busy(sh)
     }
@@ -341,6 +350,7 @@ fn main() -> ExitCode {
         health_fail: AtomicU64::new(0),
         slow_above: a.slow_above,
         slow_ms: a.slow_ms,
+        work_ms: a.work_ms,
         busy: AtomicU64::new(0),
         requests: AtomicU64::new(0),
         slow: AtomicU64::new(0),
