@@ -3,10 +3,9 @@
 //! Incremental: each step visits a bounded window, so the switches never
 //! see a stop-the-world sweep.
 
-use core::sync::atomic::Ordering;
-
 use shm_layout::Region;
 use shm_layout::conntrack::{KIND_FWD, KIND_REPLY, KIND_TOMB, Timeouts};
+use shm_layout::switch_slot::release;
 
 /// What one GC step did.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -46,15 +45,16 @@ impl Gc {
                 continue;
             };
             match snap.kind() {
-                KIND_FWD if ct.slot(idx).expired(now, timeouts) && ct.remove(idx, &snap, pid) => {
+                KIND_FWD if ct.slot(idx).expired(now, timeouts) => {
+                    let Some(reserved) = ct.retire(idx, &snap, pid) else {
+                        continue;
+                    };
                     st.expired += 1;
                     let id = snap.conn().map(|c| c.backend_id).unwrap_or(u32::MAX);
-                    if let Some(b) = region.backend_counters().get(id as usize) {
-                        let _ = b
-                            .active
-                            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| {
-                                v.checked_sub(1)
-                            });
+                    if let Some(b) = region.backend_counters().get(id as usize)
+                        && reserved
+                    {
+                        release(b);
                     }
                 }
                 KIND_REPLY => {

@@ -80,6 +80,11 @@ impl IdAllocator {
         before - self.retired.len()
     }
 
+    /// The id of a configured backend.
+    pub fn id_of(&self, b: &BackendIdentity) -> Option<u32> {
+        self.live.get(b).copied()
+    }
+
     pub fn retired(&self) -> &[u32] {
         &self.retired
     }

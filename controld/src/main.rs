@@ -23,6 +23,7 @@ use controld::config::{self, Config};
 use controld::gc::Gc;
 use controld::health::Monitor;
 use controld::ids::{BackendIdentity, IdAllocator};
+use controld::loading::Loading;
 use controld::master::ConfigSnapshot;
 use controld::overrides::Overrides;
 use controld::routing::{Mirror, Netlink};
@@ -304,8 +305,11 @@ struct State {
     /// The kernel routing mirror, while `[routing] mirror` is on.
     mirror: Option<Mirror<Netlink>>,
     health: Monitor,
-    /// A health change is not published yet (a failed publication is retried).
+    /// A health or limit change is not published yet (a failed publication
+    /// is retried).
     health_dirty: bool,
+    /// Effective `max_conns` under controlled loading.
+    loading: Loading,
     /// The load agents' listener and the steering of their backends.
     agents: agents::Monitor,
     /// An agent's steering change is not published yet (retried likewise).
@@ -352,13 +356,14 @@ fn publish_config(
     cfg: &Config,
     overrides: &Overrides,
 ) -> Result<u64> {
-    let (health, agents) = (&st.health, &st.agents);
+    let (health, agents, loading) = (&st.health, &st.agents, &st.loading);
     let snap = master::config_snapshot(
         cfg,
         &mut st.ids,
         overrides,
         |b| health.is_down(b),
         |a| agents.steer(a),
+        |b| loading.limit(b),
     )
     .map_err(anyhow::Error::msg)?;
     publisher::check_fits(region, &snap).map_err(anyhow::Error::msg)?;
@@ -408,11 +413,13 @@ fn publish_all(
 ) -> Result<(u64, u64)> {
     st.agents.configure(&cfg).map_err(anyhow::Error::msg)?;
     st.health.configure(&cfg, Instant::now());
+    st.loading.configure(&cfg, Instant::now());
     let res = publish_config(region, st, &cfg, &overrides)
         .and_then(|g| Ok((g, publish_routing(region, st, &cfg)?)));
     if res.is_err() {
         let running = st.cfg.clone();
         st.health.configure(&running, Instant::now());
+        st.loading.configure(&running, Instant::now());
         if let Err(e) = st.agents.configure(&running) {
             log::error!("{e}: the running configuration's agents are not restored");
         }
@@ -452,6 +459,31 @@ fn poll_mirror(region: &Region, st: &mut State) {
         }
         Err(e) => log::error!("routing: publishing the mirrored tables failed: {e}"),
     }
+}
+
+/// Judges the adaptive `max_conns` limits whose interval ended; true when
+/// one changed (the configuration is then republished this tick).
+fn poll_loading(region: &Region, st: &mut State) -> bool {
+    let counters = region.backend_counters();
+    let ids = &st.ids;
+    let changes = st.loading.tick(Instant::now(), |b| {
+        ids.id_of(b).and_then(|id| counters.get(id as usize))
+    });
+    for c in &changes {
+        log::debug!(
+            "loading: backend {}:{} of {}:{}: max_conns {} -> {} ({} SYN-ACKs, {} over target, mean {} ms)",
+            c.backend.addr,
+            c.backend.port,
+            c.backend.vip,
+            c.backend.vport,
+            c.from,
+            c.to,
+            c.samples,
+            c.slow,
+            c.mean_ms
+        );
+    }
+    !changes.is_empty()
 }
 
 /// Re-reads the file (SIGHUP or `lbctl reload`). An invalid file, or one
@@ -626,6 +658,7 @@ fn run(args: &Args) -> Result<()> {
             &Overrides::default(),
             |_| false,
             |_| Steer::Configured,
+            |_| None,
         )
         .map_err(|e| anyhow::anyhow!("{}: {e}", args.config.display()))?;
         let backends: usize = cfg.services.iter().map(|s| s.backends.len()).sum();
@@ -681,6 +714,7 @@ fn run(args: &Args) -> Result<()> {
         rates: Rates::default(),
         agents: agents::Monitor::new(),
         agents_dirty: false,
+        loading: Loading::new(),
     };
     let (cg, rg) = publish_all(&region, &mut st, cfg.clone(), Overrides::default())?;
     if !st.health.is_empty() {
@@ -730,6 +764,7 @@ fn run(args: &Args) -> Result<()> {
                 config::Engine::Filter => "filter",
                 config::Engine::Null => "null",
             },
+            syn_queue: s.syn_queue,
         })
         .collect();
     // Before any thread exists (the socket is bound under a narrowed umask).
@@ -768,10 +803,17 @@ fn run(args: &Args) -> Result<()> {
         if st.agents.poll(Instant::now()) {
             st.agents_dirty = true;
         }
+        if poll_loading(&region, &mut st) {
+            st.health_dirty = true;
+        }
         if st.health_dirty || st.agents_dirty {
             // Within this tick of the deciding result: out of (or back in)
             // the tables one publication later.
-            let what = if st.health_dirty { "health" } else { "agent" };
+            let what = if st.health_dirty {
+                "health or limit"
+            } else {
+                "agent"
+            };
             let (cfg, overrides) = (st.cfg.clone(), st.overrides.clone());
             if let Err(e) = publish_config(&region, &mut st, &cfg, &overrides)
                 && last_publish_error

@@ -7,7 +7,8 @@
 
 use shm_layout::config_slot::{
     BACKEND_CHECKED, BACKEND_DOWN, BACKEND_DRAINED, BackendRec, MODE_DR, MODE_NAT, MODE_TUNNEL,
-    ON_DOWN_KEEP, ON_DOWN_RESCHEDULE, ON_DOWN_RESET, PortRec, SCHED_MAGLEV, ServiceRec,
+    ON_DOWN_KEEP, ON_DOWN_RESCHEDULE, ON_DOWN_RESET, PortRec, SCHED_MAGLEV, SCHED_SH, SCHED_WLC,
+    SCHED_WRR, ServiceRec,
 };
 use shm_layout::names;
 use shm_layout::routing_slot::{NeighbourRec, RouteRec};
@@ -59,12 +60,15 @@ pub struct RoutingSnapshot {
 /// `steer` says how the load agent at a backend's address steers its
 /// weight (see [`crate::agents::rule`]): the record carries the effective
 /// weight, flagged drained when it is 0, and the table is built with it.
+/// `limit` gives a backend's effective `max_conns` under controlled loading
+/// (`None`: its configured one).
 pub fn config_snapshot(
     cfg: &Config,
     ids: &mut IdAllocator,
     overrides: &Overrides,
     is_down: impl Fn(&BackendIdentity) -> bool,
     steer: impl Fn(Ipv4Addr) -> Steer,
+    limit: impl Fn(&BackendIdentity) -> Option<u32>,
 ) -> Result<ConfigSnapshot, String> {
     let m = cfg.limits.maglev_table_size;
     let mut identities = Vec::new();
@@ -135,6 +139,8 @@ pub fn config_snapshot(
                 flags,
                 weight,
                 service: si as u32,
+                max_conns: limit(ident).unwrap_or(b.max_conns),
+                max_conns_cfg: b.max_conns,
                 ..Default::default()
             };
             names::set(&mut rec.name, &b.name);
@@ -156,7 +162,14 @@ pub fn config_snapshot(
             },
             scheduler: match s.scheduler {
                 Scheduler::Maglev => SCHED_MAGLEV,
+                Scheduler::Wrr => SCHED_WRR,
+                Scheduler::Wlc => SCHED_WLC,
+                Scheduler::Sh => SCHED_SH,
             },
+            queue_timeout_ms: s.queue_timeout_ms.min(u16::MAX as u32) as u16,
+            latency_target_ms: s
+                .loading
+                .map_or(0, |l| l.latency_target_ms.min(u16::MAX as u32) as u16),
             on_down,
             backend_start: start,
             backend_count: s.backends.len() as u32,
@@ -214,6 +227,7 @@ mod tests {
             &Overrides::default(),
             |_| false,
             |_| Steer::Configured,
+            |_| None,
         )
         .unwrap();
         // Everything "down" by the health view: only checked backends are.
@@ -223,6 +237,7 @@ mod tests {
             &Overrides::default(),
             |_| true,
             |_| Steer::Configured,
+            |_| None,
         )
         .unwrap();
         let flags: Vec<u16> = snap.backends.iter().map(|b| b.flags).collect();
@@ -259,6 +274,41 @@ mod tests {
     }
 
     #[test]
+    fn scheduler_queue_and_limits_reach_the_records() {
+        let text = "instance = \"t\"\n[limits]\nmaglev_table_size = 251\n\
+             [[port]]\nname = \"p\"\ndriver = \"vnic\"\nmac = \"02:00:00:00:00:01\"\n\
+             [[switch]]\nname = \"s\"\ncpu = 0\nports = [\"p\"]\n\
+             [[service]]\nname = \"web\"\nvip = \"198.18.0.10\"\nport = 80\nprotocol = \"tcp\"\n\
+             scheduler = \"sh\"\nqueue_timeout_ms = 300\nlatency_target_ms = 70\n\
+             [[service.backend]]\nname = \"a\"\naddress = \"198.19.1.1\"\nmax_conns = 9\n\
+             [[service.backend]]\nname = \"b\"\naddress = \"198.19.1.2\"\nweight = 0\n";
+        let cfg = crate::config::parse(text).unwrap();
+        let mut ids = IdAllocator::new(64);
+        let snap = config_snapshot(
+            &cfg,
+            &mut ids,
+            &Overrides::default(),
+            |_| false,
+            |_| Steer::Configured,
+            |b| (b.addr == std::net::Ipv4Addr::new(198, 19, 1, 1)).then_some(4),
+        )
+        .unwrap();
+        let s = &snap.services[0];
+        assert_eq!(
+            (s.scheduler, s.queue_timeout_ms, s.latency_target_ms),
+            (SCHED_SH, 300, 70)
+        );
+        let b: Vec<(u32, u32, u16)> = snap
+            .backends
+            .iter()
+            .map(|b| (b.max_conns, b.max_conns_cfg, b.flags))
+            .collect();
+        assert_eq!(b, [(4, 9, 0), (0, 0, BACKEND_DRAINED)]);
+        // Weight 0: no table entry, whatever the scheduler reads the table with.
+        assert!(snap.tables[0].iter().all(|&e| e == 0));
+    }
+
+    #[test]
     fn a_down_backend_gets_no_table_entry_and_its_peers_take_them() {
         let cfg = config("reschedule");
         let mut ids = IdAllocator::new(64);
@@ -268,6 +318,7 @@ mod tests {
             &Overrides::default(),
             |_| false,
             |_| Steer::Configured,
+            |_| None,
         )
         .unwrap();
         let web2 = BackendIdentity {
@@ -283,6 +334,7 @@ mod tests {
             &Overrides::default(),
             |b| *b == web2,
             |_| Steer::Configured,
+            |_| None,
         )
         .unwrap();
         assert_eq!(
@@ -309,8 +361,15 @@ mod tests {
             a if a == at(2) => Steer::Factor(300),
             _ => Steer::Configured,
         };
-        let snap =
-            config_snapshot(&cfg, &mut ids, &Overrides::default(), |_| false, steer).unwrap();
+        let snap = config_snapshot(
+            &cfg,
+            &mut ids,
+            &Overrides::default(),
+            |_| false,
+            steer,
+            |_| None,
+        )
+        .unwrap();
         let w: Vec<(u32, u16)> = snap.backends.iter().map(|b| (b.weight, b.flags)).collect();
         assert_eq!(
             w,
@@ -338,8 +397,15 @@ mod tests {
             at(2)
         );
         let cfg = crate::config::parse(&text).unwrap();
-        let snap =
-            config_snapshot(&cfg, &mut ids, &Overrides::default(), |_| false, steer).unwrap();
+        let snap = config_snapshot(
+            &cfg,
+            &mut ids,
+            &Overrides::default(),
+            |_| false,
+            steer,
+            |_| None,
+        )
+        .unwrap();
         assert_eq!(snap.backends[0].weight, 0);
         let steer30 = |a: Ipv4Addr| {
             if a == at(2) {
@@ -348,8 +414,15 @@ mod tests {
                 Steer::Configured
             }
         };
-        let snap =
-            config_snapshot(&cfg, &mut ids, &Overrides::default(), |_| false, steer30).unwrap();
+        let snap = config_snapshot(
+            &cfg,
+            &mut ids,
+            &Overrides::default(),
+            |_| false,
+            steer30,
+            |_| None,
+        )
+        .unwrap();
         assert_eq!(
             (snap.backends[0].weight, snap.backends[1].weight),
             (100, 30)
@@ -357,8 +430,15 @@ mod tests {
         let b = snap.tables[0].iter().filter(|&&e| e == 1).count();
         assert!((200..=260).contains(&b), "{b} of 1009 entries");
         // A DOWN backend leaves the table whatever its agent says.
-        let snap =
-            config_snapshot(&cfg, &mut ids, &Overrides::default(), |_| true, steer30).unwrap();
+        let snap = config_snapshot(
+            &cfg,
+            &mut ids,
+            &Overrides::default(),
+            |_| true,
+            steer30,
+            |_| None,
+        )
+        .unwrap();
         assert_eq!(snap.backends[1].flags, BACKEND_CHECKED | BACKEND_DOWN);
         assert!(!snap.tables[0].contains(&1));
     }
@@ -417,6 +497,7 @@ mod override_tests {
             &Overrides::default(),
             |_| false,
             |_| Steer::Configured,
+            |_| None,
         )
         .unwrap();
         assert_eq!(plain.tables[0], table_for(&[1, 2, 3]));
@@ -426,7 +507,15 @@ mod override_tests {
         let mut o = Overrides::default();
         o.drain("web", "web1");
         o.set_weight("web", "web3", Some(9));
-        let snap = config_snapshot(&cfg, &mut ids, &o, |_| false, |_| Steer::Configured).unwrap();
+        let snap = config_snapshot(
+            &cfg,
+            &mut ids,
+            &o,
+            |_| false,
+            |_| Steer::Configured,
+            |_| None,
+        )
+        .unwrap();
         assert_eq!(snap.tables[0], table_for(&[0, 2, 9]));
         assert_eq!(entries(&snap)[0], 0, "a drained backend leaves the table");
         let recs: Vec<(u32, u16)> = snap.backends.iter().map(|b| (b.weight, b.flags)).collect();
@@ -437,8 +526,15 @@ mod override_tests {
         // Overrides of unknown backends change nothing.
         let mut other = Overrides::default();
         other.drain("dns", "web1");
-        let snap =
-            config_snapshot(&cfg, &mut ids, &other, |_| false, |_| Steer::Configured).unwrap();
+        let snap = config_snapshot(
+            &cfg,
+            &mut ids,
+            &other,
+            |_| false,
+            |_| Steer::Configured,
+            |_| None,
+        )
+        .unwrap();
         assert_eq!(snap.tables[0], plain.tables[0]);
     }
 }

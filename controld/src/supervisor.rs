@@ -23,6 +23,8 @@ pub struct SwitchSpec {
     pub nic: Vec<String>,
     /// "filter" or "null".
     pub engine: &'static str,
+    /// Entries of the switch's queue of held new connections.
+    pub syn_queue: u32,
 }
 
 #[derive(Debug)]
@@ -81,6 +83,8 @@ impl Supervisor {
             .arg(s.burst.to_string())
             .arg("--engine")
             .arg(s.engine)
+            .arg("--syn-queue")
+            .arg(s.syn_queue.to_string())
             .spawn()?;
         let slot = &region.switch_slots()[s.index];
         slot.cpu.store(s.cpu as u32, Ordering::Relaxed);

@@ -199,6 +199,37 @@ impl Port {
         unsafe { &*(self.slot(tx, i) as *const AtomicU32) }
     }
 
+    /// Copies `len` bytes at `src` into the next TX slot and marks it for
+    /// sending; false if the slot is busy or the frame does not fit.
+    ///
+    /// # Safety
+    /// `src..src + len` must be readable and must not overlap this port's
+    /// TX ring.
+    unsafe fn tx_from(&mut self, src: *const u8, len: usize) -> bool {
+        let i = self.tx_next & (self.slots - 1);
+        let st = self.status(true, i).load(Ordering::Acquire);
+        if st != libc::TP_STATUS_AVAILABLE && st != libc::TP_STATUS_WRONG_FORMAT {
+            return false;
+        }
+        if len > FRAME_SIZE - TX_DATA {
+            return false;
+        }
+        let dst = self.slot(true, i);
+        // SAFETY: the TX slot is ours (AVAILABLE); the caller vouches for the
+        // source; lengths are bounded by the slot size.
+        unsafe {
+            core::ptr::copy_nonoverlapping(src, dst.add(TX_DATA), len);
+            let h = &mut *(dst as *mut libc::tpacket2_hdr);
+            h.tp_len = len as u32;
+        }
+        fence(Ordering::Release);
+        self.status(true, i)
+            .store(libc::TP_STATUS_SEND_REQUEST, Ordering::Release);
+        self.tx_next = self.tx_next.wrapping_add(1);
+        self.tx_dirty = true;
+        true
+    }
+
     fn rx_hdr(&self, i: usize) -> (usize, usize) {
         let p = self.slot(false, i);
         // SAFETY: a user-owned RX slot starts with a tpacket2_hdr.
@@ -379,30 +410,18 @@ impl Nic for AfPacket {
         let len = f.len as usize;
         let (mac_off, _) = self.ports[src_port].rx_hdr(src_i);
         let src = self.ports[src_port].slot(false, src_i);
-        let out = &mut self.ports[port];
-        let i = out.tx_next & (out.slots - 1);
-        let st = out.status(true, i).load(Ordering::Acquire);
-        if st != libc::TP_STATUS_AVAILABLE && st != libc::TP_STATUS_WRONG_FORMAT {
+        // SAFETY: `src` is a user-owned RX slot (the frame is host-owned);
+        // the frame's bytes lie inside it. A different ring from any TX slot.
+        if !unsafe { self.ports[port].tx_from(src.add(mac_off), len) } {
             return Err(f);
         }
-        if len > FRAME_SIZE - TX_DATA {
-            return Err(f);
-        }
-        let dst = out.slot(true, i);
-        // SAFETY: the TX slot is ours (AVAILABLE); source and destination are
-        // different rings; lengths are bounded by the slot size.
-        unsafe {
-            core::ptr::copy_nonoverlapping(src.add(mac_off), dst.add(TX_DATA), len);
-            let h = &mut *(dst as *mut libc::tpacket2_hdr);
-            h.tp_len = len as u32;
-        }
-        fence(Ordering::Release);
-        out.status(true, i)
-            .store(libc::TP_STATUS_SEND_REQUEST, Ordering::Release);
-        out.tx_next = out.tx_next.wrapping_add(1);
-        out.tx_dirty = true;
         self.free(f);
         Ok(())
+    }
+
+    fn tx_copy(&mut self, port: usize, bytes: &[u8]) -> bool {
+        // SAFETY: `bytes` is a live slice of host memory, not a TX slot.
+        unsafe { self.ports[port].tx_from(bytes.as_ptr(), bytes.len()) }
     }
 
     fn flush(&mut self, port: usize) {

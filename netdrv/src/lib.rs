@@ -26,6 +26,10 @@ pub trait Nic {
     /// Queues a host-owned frame for transmission on `port`; `Err(f)` when the
     /// TX ring is full (the caller then frees it).
     fn tx(&mut self, port: usize, f: Frame) -> Result<(), Frame>;
+    /// Transmits a copy of `bytes` (a frame the host kept outside the
+    /// NIC's buffers) on `port`; false, sending nothing, when no buffer or
+    /// TX slot is free or the frame does not fit one.
+    fn tx_copy(&mut self, port: usize, bytes: &[u8]) -> bool;
     /// Makes queued transmissions visible to the other side.
     fn flush(&mut self, port: usize);
     /// Returns a host-owned frame's buffer to the pool.

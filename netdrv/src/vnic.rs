@@ -554,6 +554,29 @@ impl Nic for VnicHost {
         Ok(())
     }
 
+    fn tx_copy(&mut self, port: usize, bytes: &[u8]) -> bool {
+        if bytes.len() > FRAME_SIZE {
+            return false;
+        }
+        let Some(buf) = self.free.pop() else {
+            return false;
+        };
+        self.buf_mut(Frame { buf, len: 0 })[..bytes.len()].copy_from_slice(bytes);
+        match self.tx(
+            port,
+            Frame {
+                buf,
+                len: bytes.len() as u16,
+            },
+        ) {
+            Ok(()) => true,
+            Err(f) => {
+                self.free.push(f.buf);
+                false
+            }
+        }
+    }
+
     fn flush(&mut self, _port: usize) {}
 
     #[inline]

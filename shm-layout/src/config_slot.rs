@@ -25,7 +25,14 @@ pub const MODE_DR: u8 = 1;
 pub const MODE_TUNNEL: u8 = 2;
 
 /// Schedulers (`ServiceRec::scheduler`).
+/// Weighted Maglev over the 5-tuple (the service's table).
 pub const SCHED_MAGLEV: u8 = 0;
+/// Smooth weighted round robin, state per switch.
+pub const SCHED_WRR: u8 = 1;
+/// Weighted least connections (the shared `BackendCounters::active`).
+pub const SCHED_WLC: u8 = 2;
+/// Source-address hash: the service's table indexed by the client address alone.
+pub const SCHED_SH: u8 = 3;
 
 /// What the data path does with an existing connection whose backend is
 /// DOWN (`ServiceRec::on_down`, and the per-id `ConfigView::down_action`).
@@ -96,7 +103,11 @@ pub struct ServiceRec {
     /// means no backend is eligible.
     pub table_start: u32,
     pub table_len: u32,
-    pub _pad1: u32,
+    /// How long a new connection may wait in a switch's queue for a backend
+    /// below its `max_conns` before it is refused (0: refused at once).
+    pub queue_timeout_ms: u16,
+    /// SYN to SYN-ACK samples above this count as slow (0: not judged).
+    pub latency_target_ms: u16,
     pub name: [u8; NAME_LEN],
 }
 
@@ -112,6 +123,11 @@ pub struct BackendRec {
     pub flags: u16,
     pub weight: u32,
     pub service: u32,
+    /// Effective connection limit over all switches (0: unlimited): the
+    /// configured `max_conns`, lowered by controlled loading.
+    pub max_conns: u32,
+    /// The configured `max_conns` (0: unlimited), for inspection.
+    pub max_conns_cfg: u32,
     pub _pad: u32,
     pub name: [u8; NAME_LEN],
 }
@@ -128,12 +144,14 @@ pub const BACKEND_CHECKED: u16 = 4;
 const _: () = {
     assert!(size_of::<PortRec>() == 32);
     assert!(size_of::<ServiceRec>() == 64);
-    assert!(size_of::<BackendRec>() == 56);
+    assert!(size_of::<BackendRec>() == 64);
     assert!(offset_of!(ConfigHeader, ports) == 56);
     assert!(size_of::<ConfigHeader>() == 576);
     assert!(align_of::<ConfigHeader>() == 64);
     assert!(offset_of!(ServiceRec, name) == 32);
-    assert!(offset_of!(BackendRec, name) == 24);
+    assert!(offset_of!(BackendRec, name) == 32);
+    assert!(offset_of!(BackendRec, max_conns) == 20);
+    assert!(offset_of!(ServiceRec, queue_timeout_ms) == 28);
     assert!(offset_of!(ServiceRec, on_down) == 10);
 };
 
@@ -174,9 +192,23 @@ pub(crate) const fn fingerprint(fp: Fingerprint) -> Fingerprint {
         backend_count,
         table_start,
         table_len,
+        queue_timeout_ms,
+        latency_target_ms,
         name
     );
-    let fp = fp_type!(fp, BackendRec, id, ip, port, flags, weight, service, name);
+    let fp = fp_type!(
+        fp,
+        BackendRec,
+        id,
+        ip,
+        port,
+        flags,
+        weight,
+        service,
+        max_conns,
+        max_conns_cfg,
+        name
+    );
     fp.mix(CONFIG_ARRAYS)
 }
 

@@ -265,7 +265,7 @@ pub enum InsertError {
 }
 
 /// What an insert displaced: an expired connection whose backend's active
-/// count the caller must decrement.
+/// count the caller must decrement (only if it was not closed already).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct Inserted {
     pub idx: u32,
@@ -427,13 +427,13 @@ impl<'a> ConnTable<'a> {
         expired: impl Fn(&ConnSlot) -> bool,
     ) -> Result<Inserted, InsertError> {
         let fkey = conn.forward_key();
-        let (fidx, flock, evicted_f) = self.claim(&fkey, KIND_FWD, pid, &expired)?;
+        let (fidx, flock, evicted_f) = self.claim(&fkey, KIND_FWD, pid, None, &expired)?;
         let mut out = Inserted {
             idx: fidx,
             evicted_backends: [evicted_f, None],
         };
         if with_reply {
-            match self.claim(&conn.reply_key(), KIND_REPLY, pid, &expired) {
+            match self.claim(&conn.reply_key(), KIND_REPLY, pid, Some(fidx), &expired) {
                 Ok((ridx, rlock, evicted_r)) => {
                     out.evicted_backends[1] = evicted_r;
                     self.publish(ridx, rlock, &encode_reply(&conn.reply_key(), fidx));
@@ -457,12 +457,16 @@ impl<'a> ConnTable<'a> {
     }
 
     /// Claims a slot for `key`: returns (index, the odd lock word we hold,
-    /// backend id of an expired connection we displaced).
+    /// backend id of an expired connection we displaced). `own_fwd`: the
+    /// forward slot this insert already holds; a reply slot pointing at it
+    /// is a leftover of the connection that slot held before (the same
+    /// 5-tuple opened again), not a live conflict.
     fn claim(
         &self,
         key: &FlowKey,
         want: u8,
         pid: u32,
+        own_fwd: Option<u32>,
         expired: &impl Fn(&ConnSlot) -> bool,
     ) -> Result<(u32, u64, Option<u32>), InsertError> {
         let home = self.home(key);
@@ -495,6 +499,7 @@ impl<'a> ConnTable<'a> {
                         // A busy target may be an insert in progress (reply
                         // slots are published first): treat it as live.
                         let target_live = match self.snapshot(fwd) {
+                            _ if own_fwd == Some(fwd) => false,
                             None => true,
                             Some(t) => t
                                 .conn()
@@ -513,6 +518,9 @@ impl<'a> ConnTable<'a> {
                 return Err(InsertError::Full);
             };
             if let Some(held) = self.hold(idx, lock, 1, pid) {
+                // The displaced connection's reservation is released by
+                // whoever closes it first (see `retire`).
+                let evicted = evicted.filter(|_| self.close(idx));
                 return Ok((idx, held, evicted));
             }
         }
@@ -542,6 +550,33 @@ impl<'a> ConnTable<'a> {
         // `held` carries an odd sequence; the next one is even (and has no pid).
         s.lock
             .store(((held & SEQ_MASK) + 1) & SEQ_MASK, Ordering::Release);
+    }
+
+    /// Moves a forward slot's `tcp_state` to `STATE_CLOSING`; true if this
+    /// call made the move (the connection still held its backend's
+    /// `active` reservation, which the caller now releases). Atomic, so of
+    /// a switch closing the connection on a FIN, the GC expiring it and an
+    /// insert reusing its slot, exactly one releases.
+    #[inline]
+    pub fn close(&self, idx: u32) -> bool {
+        self.slot(idx)
+            .tcp_state
+            .swap(STATE_CLOSING, Ordering::AcqRel)
+            != STATE_CLOSING
+    }
+
+    /// Deletes a forward slot that still holds exactly `snap`, closing it
+    /// while it is held (so no insert can reuse the slot in between).
+    /// `None` if the slot changed; else whether the connection still held
+    /// its backend reservation (see [`ConnTable::close`]).
+    pub fn retire(&self, idx: u32, snap: &Snapshot, pid: u32) -> Option<bool> {
+        if busy(snap.lock) {
+            return None;
+        }
+        let held = self.hold(idx, snap.lock, 1, pid)?;
+        let reserved = self.close(idx);
+        self.publish(idx, held, &[(KIND_TOMB as u64) << 56, 0, 0, 0]);
+        Some(reserved)
     }
 
     /// Deletes the slot if it still holds exactly `snap` (returns whether it

@@ -8,7 +8,10 @@
 use core::sync::atomic::Ordering;
 
 use crate::Region;
-use crate::config_slot::{MODE_DR, MODE_NAT, MODE_TUNNEL, PROTO_TCP, PROTO_UDP};
+use crate::config_slot::{
+    MODE_DR, MODE_NAT, MODE_TUNNEL, PROTO_TCP, PROTO_UDP, SCHED_MAGLEV, SCHED_SH, SCHED_WLC,
+    SCHED_WRR,
+};
 use crate::conntrack::{
     CONN_MIDFLOW, Conn, KIND_FWD, KIND_REPLY, KIND_TOMB, STATE_ACTIVE, STATE_CLOSING,
     STATE_ESTABLISHED, STATE_SYN, Timeouts,
@@ -31,6 +34,17 @@ pub fn mode_name(m: u8) -> &'static str {
         MODE_NAT => "nat",
         MODE_DR => "dr",
         MODE_TUNNEL => "tunnel",
+        _ => "?",
+    }
+}
+
+/// `"maglev"`, `"wrr"`, `"wlc"`, `"sh"` or `"?"`.
+pub fn scheduler_name(s: u8) -> &'static str {
+    match s {
+        SCHED_MAGLEV => "maglev",
+        SCHED_WRR => "wrr",
+        SCHED_WLC => "wlc",
+        SCHED_SH => "sh",
         _ => "?",
     }
 }

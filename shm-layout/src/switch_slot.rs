@@ -72,12 +72,16 @@ counters! {
     DropTooBig = 28, "drop_too_big", "packets that would exceed the egress MTU once encapsulated and may not get an ICMP answer (no DF, or no room)";
     DownMoved = 29, "down_moved", "flows moved off a DOWN backend (UDP flows and TCP SYNs, policies reschedule and reset)";
     DownRst = 30, "down_rst", "RSTs sent to clients of established TCP connections to a DOWN backend (policy reset)";
+    ConnQueued = 31, "conn_queued", "new connections held in the switch's queue because every eligible backend was at its max_conns";
+    ConnDequeued = 32, "conn_dequeued", "queued new connections sent to a backend once one had room";
+    ConnRefused = 33, "conn_refused", "new connections refused (TCP: RST to the client; UDP: dropped) because every eligible backend stayed full: queue full, queue timeout, or no queueing";
+    DropQueueDup = 34, "drop_queue_dup", "retransmitted SYNs (or datagrams) of a flow already waiting in the queue";
 }
 
 /// Number of counter words per switch (room to grow without a layout change).
 pub const N_COUNTERS: usize = 64;
 
-const _: () = assert!((Counter::DownRst as usize) < N_COUNTERS);
+const _: () = assert!((Counter::DropQueueDup as usize) < N_COUNTERS);
 
 /// One switch's slot. Two cache lines of identity and liveness, then counters.
 #[repr(C, align(64))]
@@ -133,18 +137,69 @@ impl SwitchSlot {
     }
 }
 
-/// Active and total connection counts of one backend id, shared by all
-/// switches (atomics; incremented on insert, decremented on expiry).
-#[repr(C, align(16))]
+/// Runtime counters of one backend id, shared by all switches (atomics,
+/// Relaxed: each word is a count on its own). One cache line per backend,
+/// so switches busy with different backends do not share lines.
+///
+/// `active` is the backend's open connections: a switch reserves one before
+/// it inserts a connection (bounded by `BackendRec::max_conns` with a
+/// compare-and-swap loop, so the limit holds across switches) and gives it
+/// back if the insert fails; the reservation is released exactly once, by
+/// whoever moves the entry's `tcp_state` to `STATE_CLOSING` with an atomic
+/// read-modify-write (a switch on a FIN or RST, the GC or an insert that
+/// reuses an expired entry). `total` counts connections ever inserted.
+///
+/// `syn_ack_*` are written once per NAT connection, on the SYN-ACK that
+/// establishes it: the sample is the time from the connection's SYN
+/// (its entry's `created_ms`) to that SYN-ACK, in milliseconds; `slow`
+/// counts samples above the service's `latency_target_ms`. Monotonic:
+/// readers (controld) work on differences.
+#[repr(C, align(64))]
 #[derive(Debug)]
 pub struct BackendCounters {
     pub active: AtomicU32,
     pub _pad: u32,
     pub total: AtomicU64,
+    pub syn_ack_count: AtomicU64,
+    pub syn_ack_sum_ms: AtomicU64,
+    pub syn_ack_slow: AtomicU64,
+    pub _pad1: [u64; 3],
 }
 
-const _: () = assert!(size_of::<BackendCounters>() == 16);
+const _: () = assert!(size_of::<BackendCounters>() == 64);
 
 pub(crate) const fn backend_fingerprint(fp: Fingerprint) -> Fingerprint {
-    fp_type!(fp, BackendCounters, active, total)
+    fp_type!(
+        fp,
+        BackendCounters,
+        active,
+        total,
+        syn_ack_count,
+        syn_ack_sum_ms,
+        syn_ack_slow
+    )
+}
+
+/// Takes one connection slot of a backend whose limit is `max` (0: no
+/// limit). Returns false, changing nothing, when the backend is full. The
+/// compare-and-swap makes the limit hold however many switches race.
+#[inline]
+pub fn reserve(c: &BackendCounters, max: u32) -> bool {
+    if max == 0 {
+        c.active.fetch_add(1, Ordering::Relaxed);
+        return true;
+    }
+    c.active
+        .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| {
+            (v < max).then_some(v + 1)
+        })
+        .is_ok()
+}
+
+/// Gives back one connection slot (never below zero).
+#[inline]
+pub fn release(c: &BackendCounters) {
+    let _ = c
+        .active
+        .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| v.checked_sub(1));
 }

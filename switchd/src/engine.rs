@@ -12,6 +12,8 @@ use shm_layout::switch_slot::{Counter, N_COUNTERS, SW_RUNNING, SwitchSlot};
 use shm_layout::time::mono_ns;
 
 use crate::filter::{self, Ctx, Verdict};
+use crate::sched::SchedState;
+use crate::synq::{Retry, SynQueue};
 
 /// How the loop waits when there is no traffic.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -32,6 +34,8 @@ pub struct Settings {
     pub idle: Idle,
     /// Null forwarder: every received frame goes out the next port untouched.
     pub null: bool,
+    /// Entries of the queue of held new connections (0: none are held).
+    pub syn_queue: usize,
 }
 
 /// Which global port each of the NIC's local ports is, and back.
@@ -99,6 +103,8 @@ pub fn run<N: Nic>(
     let mut port_map: Option<(u64, PortMap)> = None;
     let mut empty_loops = 0u32;
     let mut nap = MIN_NAP;
+    let mut sched = SchedState::new(region.caps().backends as usize);
+    let mut synq = SynQueue::new(settings.syn_queue);
 
     me.pid.store(pid, Ordering::Relaxed);
     me.started_ns.store(mono_ns(), Ordering::Relaxed);
@@ -131,6 +137,7 @@ pub fn run<N: Nic>(
             let map = &port_map.as_ref().expect("set above").1;
             let port_mac = |g: u32| map.mac.get(g as usize).copied().flatten();
             let cfg = region.config_view(ctok.slot);
+            sched.sync(ctok.stamp);
             let mut ctx = Ctx {
                 timeouts: cfg.header.timeouts(),
                 cfg,
@@ -141,6 +148,7 @@ pub fn run<N: Nic>(
                 now_ms: ms_since(epoch, now),
                 pid,
                 counters: &mut counters,
+                sched: core::mem::take(&mut sched),
             };
             for local in 0..nic.port_count() {
                 let n = nic.rx_burst(local, &mut frames[..burst]);
@@ -160,7 +168,19 @@ pub fn run<N: Nic>(
                     ctx.counters[Counter::RxPackets as usize] += 1;
                     ctx.counters[Counter::RxBytes as usize] += f.len as u64;
                     let buf = nic.buf_mut(*f);
-                    match filter::process(buf, f.len as usize, in_port, &port_mac, &mut ctx) {
+                    let mut verdict =
+                        filter::process(buf, f.len as usize, in_port, &port_mac, &mut ctx);
+                    if let Verdict::Hold { timeout_ms } = verdict {
+                        verdict = hold(
+                            &mut synq,
+                            buf,
+                            f.len as usize,
+                            in_port,
+                            timeout_ms,
+                            &mut ctx,
+                        );
+                    }
+                    match verdict {
                         Verdict::Tx { port, len } => {
                             let Some(out) = map.local.get(port as usize).copied().flatten() else {
                                 ctx.counters[Counter::DropEgressPort as usize] += 1;
@@ -183,7 +203,8 @@ pub fn run<N: Nic>(
                                 }
                             }
                         }
-                        Verdict::Drop => nic.free(*f),
+                        // Held: the queue kept a copy.
+                        Verdict::Drop | Verdict::Hold { .. } => nic.free(*f),
                     }
                 }
                 for (p, dirty) in tx_dirty.iter().enumerate() {
@@ -192,6 +213,10 @@ pub fn run<N: Nic>(
                     }
                 }
             }
+            if !synq.is_empty() {
+                retry_held(nic, &mut synq, map, &port_mac, &mut ctx);
+            }
+            sched = core::mem::take(&mut ctx.sched);
         }
         nic.reclaim();
         if !region.end_read(Table::Config, ctok, me) {
@@ -219,6 +244,78 @@ pub fn run<N: Nic>(
     }
     publish_counters(me, &counters);
     Ok(())
+}
+
+/// A frame the filter held: queued (a copy; the caller frees the buffer and
+/// gets `Hold` back), dropped as a duplicate of a queued flow (`Drop`), or,
+/// with the queue full, refused in place (the RST to send, or `Drop`).
+fn hold(
+    synq: &mut SynQueue,
+    buf: &mut [u8],
+    len: usize,
+    in_port: u32,
+    timeout_ms: u32,
+    ctx: &mut Ctx<'_>,
+) -> Verdict {
+    let frame = &buf[..len.min(buf.len())];
+    let Some(key) = filter::peek_key(frame) else {
+        return filter::refuse(buf, len, in_port, ctx);
+    };
+    if synq.contains(&key) {
+        ctx.counters[Counter::DropQueueDup as usize] += 1;
+        return Verdict::Drop;
+    }
+    if synq.push(frame, key, in_port, ctx.now_ms, timeout_ms) {
+        ctx.counters[Counter::ConnQueued as usize] += 1;
+        return Verdict::Hold { timeout_ms };
+    }
+    filter::refuse(buf, len, in_port, ctx)
+}
+
+/// Runs the held frames through the filter again (oldest first): sends
+/// those that now get a backend, refuses those that waited too long.
+fn retry_held<N: Nic>(
+    nic: &mut N,
+    synq: &mut SynQueue,
+    map: &PortMap,
+    port_mac: &impl Fn(u32) -> Option<[u8; 6]>,
+    ctx: &mut Ctx<'_>,
+) {
+    let mut tx_dirty = [false; MAX_PORTS];
+    let now_ms = ctx.now_ms;
+    synq.retry(now_ms, |buf, len, in_port, expired| {
+        let verdict = if expired {
+            filter::refuse(buf, len, in_port, ctx)
+        } else {
+            match filter::process(buf, len, in_port, port_mac, ctx) {
+                Verdict::Hold { .. } => return Retry::Keep,
+                v => {
+                    if matches!(v, Verdict::Tx { .. }) {
+                        ctx.counters[Counter::ConnDequeued as usize] += 1;
+                    }
+                    v
+                }
+            }
+        };
+        if let Verdict::Tx { port, len } = verdict {
+            let out = map.local.get(port as usize).copied().flatten();
+            match out {
+                Some(out) if nic.tx_copy(out as usize, &buf[..len]) => {
+                    ctx.counters[Counter::TxPackets as usize] += 1;
+                    ctx.counters[Counter::TxBytes as usize] += len as u64;
+                    tx_dirty[out as usize] = true;
+                }
+                Some(_) => ctx.counters[Counter::DropTxFull as usize] += 1,
+                None => ctx.counters[Counter::DropEgressPort as usize] += 1,
+            }
+        }
+        Retry::Done
+    });
+    for (p, dirty) in tx_dirty.iter().enumerate() {
+        if *dirty {
+            nic.flush(p);
+        }
+    }
 }
 
 /// Descriptor handover only: RX of port p to TX of port p+1 (mod n).

@@ -8,8 +8,8 @@
 use core::sync::atomic::Ordering;
 
 use shm_layout::config_slot::{
-    BackendRec, ConfigView, MODE_NAT, MODE_TUNNEL, ON_DOWN_KEEP, ON_DOWN_RESET, PROTO_TCP,
-    PROTO_UDP, ServiceRec,
+    ConfigView, MODE_NAT, MODE_TUNNEL, ON_DOWN_KEEP, ON_DOWN_RESET, PROTO_TCP, PROTO_UDP,
+    ServiceRec,
 };
 use shm_layout::conntrack::{
     CONN_MIDFLOW, Conn, ConnSlot, ConnTable, Direction, FlowKey, Hit, InsertError, STATE_ACTIVE,
@@ -19,7 +19,7 @@ use shm_layout::ring::{Ring, midflow_event};
 use shm_layout::routing_slot::{NoRoute, RoutingView};
 use shm_layout::switch_slot::{BackendCounters, Counter, N_COUNTERS};
 
-use crate::hash::table_index;
+use crate::sched::{self, Pick, SchedState};
 use crate::wire::{self, checksum, ipip, tcp};
 
 /// What to do with a frame.
@@ -29,6 +29,11 @@ pub enum Verdict {
     Tx { port: u32, len: usize },
     /// Drop it; the reason was counted.
     Drop,
+    /// A new connection whose eligible backends are all at their
+    /// `max_conns`: the engine may hold the frame (a copy) for up to
+    /// `timeout_ms` and run it through the filter again, or refuse it
+    /// with [`refuse`]. Nothing was counted or changed.
+    Hold { timeout_ms: u32 },
 }
 
 /// Everything the filter reads and writes besides the frame.
@@ -43,6 +48,9 @@ pub struct Ctx<'a> {
     pub pid: u32,
     /// Local counters, published by the engine once per loop.
     pub counters: &'a mut [u64; N_COUNTERS],
+    /// This switch's scheduler state (`wrr` credits); the engine moves it
+    /// in and out (no allocation).
+    pub sched: SchedState,
 }
 
 impl core::fmt::Debug for Ctx<'_> {
@@ -120,25 +128,35 @@ pub fn process(
 /// here and judged by [`process`].
 #[inline]
 pub fn prefetch(frame: &[u8], ct: &ConnTable<'_>) {
+    if let Some(k) = peek_key(frame) {
+        ct.prefetch(&k);
+    }
+}
+
+/// The 5-tuple of an IPv4 TCP/UDP frame, read without validation (for
+/// prefetching and for recognising a queued flow); `None` if the bytes it
+/// needs are missing or it is not IPv4 TCP/UDP.
+#[inline]
+pub fn peek_key(frame: &[u8]) -> Option<FlowKey> {
     const ETH: usize = wire::ETHERNET_HEADER_LEN;
     if frame.len() < ETH + 24 || frame[12..14] != [0x08, 0x00] || frame[ETH] >> 4 != 4 {
-        return;
+        return None;
     }
     let hl = (frame[ETH] & 0xf) as usize * 4;
     let proto = frame[ETH + 9];
     if (proto != PROTO_TCP && proto != PROTO_UDP) || frame.len() < ETH + hl + 4 {
-        return;
+        return None;
     }
     let ip =
         |at: usize| u32::from_be_bytes([frame[at], frame[at + 1], frame[at + 2], frame[at + 3]]);
     let port = |at: usize| u16::from_be_bytes([frame[at], frame[at + 1]]);
-    ct.prefetch(&FlowKey {
+    Some(FlowKey {
         proto,
         src_ip: ip(ETH + 12),
         dst_ip: ip(ETH + 16),
         src_port: port(ETH + hl),
         dst_port: port(ETH + hl + 2),
-    });
+    })
 }
 
 /// Validates the IPv4 and TCP/UDP headers (the same rules as the `wire`
@@ -270,10 +288,16 @@ fn to_vip(
                 // exchanged yet): schedule it afresh below.
                 move_off_down(&hit, ctx);
             } else if down == ON_DOWN_RESET && !rst {
-                return reset_down(frame, l4, slot, in_port, ctx);
+                return reset_down(frame, l4, &hit, in_port, ctx);
+            } else if syn && slot.tcp_state.load(Ordering::Relaxed) == STATE_CLOSING {
+                // A new connection on the 5-tuple of a closed one: it is
+                // scheduled afresh (the old one gave its slot back).
+                retire(&hit, ctx);
             } else {
                 ctx.count(Counter::FwdHit);
-                touch(slot, l4, ctx.now_ms, Direction::Forward);
+                if touch(slot, l4, ctx.now_ms, Direction::Forward) == Moved::Closed {
+                    release_backend(ctx, hit.conn.backend_id);
+                }
                 return forward(frame, l4, &hit.conn, in_port, port_mac, ctx);
             }
         }
@@ -296,8 +320,16 @@ fn to_vip(
             Err(_) => ctx.drop(Counter::DropMalformed),
         };
     };
-    let Some(backend) = schedule(&ctx.cfg, svc, &l4.key) else {
-        return ctx.drop(Counter::DropNoBackend);
+    let (backend, reserved) = match schedule(svc, &l4.key, syn || !is_tcp, ctx) {
+        Ok(b) => b,
+        Err(Pick::Full) if svc.queue_timeout_ms > 0 => {
+            return Verdict::Hold {
+                timeout_ms: u32::from(svc.queue_timeout_ms),
+            };
+        }
+        // Full, and this service does not queue: refused at once.
+        Err(Pick::Full) => return refuse(frame, l4.frame_len, in_port, ctx),
+        Err(_) => return ctx.drop(Counter::DropNoBackend),
     };
     let conn = Conn {
         proto: l4.key.proto,
@@ -318,12 +350,14 @@ fn to_vip(
         ctx.count(Counter::DropTcpNoEntry);
         return forward(frame, l4, &conn, in_port, port_mac, ctx);
     }
+    // Only a SYN or a UDP datagram got a reservation (see `schedule`).
+    debug_assert_eq!(reserved, syn || !is_tcp);
     let state = match (is_tcp, syn) {
         (false, _) => STATE_ACTIVE,
         (true, true) => STATE_SYN,
         (true, false) => STATE_ESTABLISHED,
     };
-    let conn = match insert(&conn, state, ctx) {
+    let conn = match insert(&conn, state, reserved, ctx) {
         Ok(c) => c,
         Err(v) => return v,
     };
@@ -343,33 +377,42 @@ fn to_vip(
 /// NAT reply slot is left to the GC; late replies from the old backend no
 /// longer match. If another switch changed the entry first, nothing is done.
 fn move_off_down(hit: &Hit, ctx: &mut Ctx<'_>) {
-    let removed = ctx
+    if retire(hit, ctx) {
+        ctx.count(Counter::DownMoved);
+    }
+}
+
+/// Removes a connection's entry (if no other switch changed it first) and
+/// gives back its backend slot if it still held one. Returns whether it
+/// removed the entry.
+fn retire(hit: &Hit, ctx: &mut Ctx<'_>) -> bool {
+    let res = ctx
         .ct
         .snapshot(hit.idx)
         .filter(|s| s.conn() == Some(hit.conn))
-        .is_some_and(|s| ctx.ct.remove(hit.idx, &s, ctx.pid));
-    if removed {
-        if let Some(b) = ctx.backends.get(hit.conn.backend_id as usize) {
-            let _ = b
-                .active
-                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| v.checked_sub(1));
-        }
-        ctx.count(Counter::DownMoved);
+        .and_then(|s| ctx.ct.retire(hit.idx, &s, ctx.pid));
+    if res == Some(true) {
+        release_backend(ctx, hit.conn.backend_id);
+    }
+    res.is_some()
+}
+
+/// Gives back one connection slot of backend `id`.
+#[inline]
+fn release_backend(ctx: &Ctx<'_>, id: u32) {
+    if let Some(b) = ctx.backends.get(id as usize) {
+        sched::release(b);
     }
 }
 
 /// Policy reset: an established TCP connection to a DOWN backend is
 /// answered with a RST from the VIP, so the client fails fast and
 /// reconnects; the entry closes (it expires after `tcp_fin`).
-fn reset_down(
-    frame: &mut [u8],
-    l4: &L4,
-    slot: &ConnSlot,
-    in_port: u32,
-    ctx: &mut Ctx<'_>,
-) -> Verdict {
-    if slot.tcp_state.load(Ordering::Relaxed) != STATE_CLOSING {
-        slot.tcp_state.store(STATE_CLOSING, Ordering::Relaxed);
+fn reset_down(frame: &mut [u8], l4: &L4, hit: &Hit, in_port: u32, ctx: &mut Ctx<'_>) -> Verdict {
+    if ctx.ct.slot(hit.idx).tcp_state.load(Ordering::Relaxed) != STATE_CLOSING
+        && ctx.ct.close(hit.idx)
+    {
+        release_backend(ctx, hit.conn.backend_id);
     }
     match wire::tcp_rst_in_place(frame, l4.frame_len) {
         Ok(n) => {
@@ -384,47 +427,92 @@ fn reset_down(
 }
 
 /// Inserts a new connection; on a race with another switch inserting the
-/// same flow, uses the winner's entry.
-fn insert(conn: &Conn, state: u32, ctx: &mut Ctx<'_>) -> Result<Conn, Verdict> {
+/// same flow, uses the winner's entry. `reserved`: the scheduler already
+/// took the backend slot (given back if the insert does not happen);
+/// otherwise (mid-flow recovery: the connection exists at the backend
+/// already) one is taken here, whatever the limit.
+fn insert(conn: &Conn, state: u32, reserved: bool, ctx: &mut Ctx<'_>) -> Result<Conn, Verdict> {
     let with_reply = conn.mode == MODE_NAT;
     let res = {
         let c = &*ctx;
         c.ct.insert(conn, with_reply, c.now_ms, state, c.pid, |s| c.expired(s))
     };
+    let b = ctx.backends.get(conn.backend_id as usize);
     match res {
         Ok(ins) => {
-            if let Some(b) = ctx.backends.get(conn.backend_id as usize) {
-                b.active.fetch_add(1, Ordering::Relaxed);
+            if let Some(b) = b {
+                if !reserved {
+                    sched::reserve(b, 0);
+                }
                 b.total.fetch_add(1, Ordering::Relaxed);
             }
             for id in ins.evicted_backends.into_iter().flatten() {
-                if let Some(b) = ctx.backends.get(id as usize) {
-                    let _ = b
-                        .active
-                        .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| v.checked_sub(1));
-                }
+                release_backend(ctx, id);
             }
             Ok(*conn)
         }
-        Err(InsertError::Exists(idx)) => match ctx.ct.snapshot(idx).and_then(|s| s.conn()) {
-            Some(c) => Ok(c),
-            None => Ok(*conn),
-        },
-        Err(InsertError::Full | InsertError::ReplyConflict) => {
-            Err(ctx.drop(Counter::DropTableFull))
+        Err(e) => {
+            if let (Some(b), true) = (b, reserved) {
+                sched::release(b);
+            }
+            match e {
+                InsertError::Exists(idx) => match ctx.ct.snapshot(idx).and_then(|s| s.conn()) {
+                    Some(c) => Ok(c),
+                    None => Ok(*conn),
+                },
+                InsertError::Full | InsertError::ReplyConflict => {
+                    Err(ctx.drop(Counter::DropTableFull))
+                }
+            }
         }
     }
 }
 
-/// Weighted Maglev: the table entry the flow hashes to.
+/// The backend of a packet to a VIP without an entry. A new connection
+/// (`new`: a TCP SYN or a UDP datagram) goes to its service's scheduler,
+/// which reserves a slot on the backend (`(backend, true)`), or says that
+/// every eligible backend is full (`Err(Pick::Full)`: the caller holds or
+/// refuses it). Anything else (mid-flow recovery, a RST) goes to the table
+/// choice without a reservation (`(backend, false)`).
 #[inline]
-fn schedule<'a>(cfg: &ConfigView<'a>, svc: &ServiceRec, key: &FlowKey) -> Option<&'a BackendRec> {
-    let table = cfg.service_table(svc);
-    if table.is_empty() {
-        return None;
+fn schedule<'a>(
+    svc: &ServiceRec,
+    key: &FlowKey,
+    new: bool,
+    ctx: &mut Ctx<'a>,
+) -> Result<(&'a shm_layout::config_slot::BackendRec, bool), Pick<'a>> {
+    if !new {
+        return sched::table_choice(&ctx.cfg, svc, key)
+            .map(|b| (b, false))
+            .ok_or(Pick::NoBackend);
     }
-    let local = table[table_index(key, table.len())] as usize;
-    cfg.service_backends(svc).get(local)
+    let cfg = ctx.cfg;
+    match sched::pick(&cfg, svc, key, ctx.backends, &mut ctx.sched) {
+        Pick::Reserved(b) => Ok((b, true)),
+        other => Err(other),
+    }
+}
+
+/// Refuses a held new connection (queue full or waited too long): a TCP
+/// SYN is answered with a RST from the VIP, a UDP datagram is dropped.
+/// Counted in `conn_refused`.
+pub fn refuse(frame: &mut [u8], len: usize, in_port: u32, ctx: &mut Ctx<'_>) -> Verdict {
+    let frame_len = len.min(frame.len());
+    let l4 = match parse_ip(&frame[..frame_len], ctx) {
+        Ok(l4) => l4,
+        Err(v) => return v,
+    };
+    ctx.count(Counter::ConnRefused);
+    if l4.key.proto != PROTO_TCP || l4.flags & tcp::RST != 0 {
+        return Verdict::Drop;
+    }
+    match wire::tcp_rst_in_place(frame, l4.frame_len) {
+        Ok(n) => Verdict::Tx {
+            port: in_port,
+            len: n,
+        },
+        Err(_) => Verdict::Drop,
+    }
 }
 
 /// Backend -> client (NAT replies).
@@ -442,16 +530,57 @@ fn from_backend(
         return ctx.drop(Counter::DropNotOurs);
     }
     ctx.count(Counter::ReplyHit);
-    touch(slot, l4, ctx.now_ms, Direction::Reply);
+    match touch(slot, l4, ctx.now_ms, Direction::Reply) {
+        Moved::Stay => {}
+        Moved::Closed => release_backend(ctx, hit.conn.backend_id),
+        Moved::Established => syn_ack_sample(&hit.conn, ctx),
+    }
     reverse(frame, l4, &hit, port_mac, ctx)
 }
 
-/// Refreshes an entry's time, TCP state and counters.
+/// Folds the time from a NAT connection's SYN (its entry's creation) to
+/// the backend's SYN-ACK into the backend's shared latency counters. The
+/// only shared writes of the reply path, once per connection.
+#[cold]
+fn syn_ack_sample(conn: &Conn, ctx: &Ctx<'_>) {
+    let Some(b) = ctx.backends.get(conn.backend_id as usize) else {
+        return;
+    };
+    let ms = (ctx.now_ms.wrapping_sub(conn.created_ms) as i32).max(0) as u64;
+    b.syn_ack_count.fetch_add(1, Ordering::Relaxed);
+    b.syn_ack_sum_ms.fetch_add(ms, Ordering::Relaxed);
+    // The service index may be stale across a reload that renumbered
+    // services: one sample judged against another target, at worst.
+    let target = ctx
+        .cfg
+        .services()
+        .get(conn.service as usize)
+        .map_or(0, |s| s.latency_target_ms);
+    if target > 0 && ms > u64::from(target) {
+        b.syn_ack_slow.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// Which TCP state change a packet made (see [`touch`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Moved {
+    Stay,
+    /// SYN to ESTABLISHED by the backend's SYN-ACK (NAT reply direction).
+    Established,
+    /// To CLOSING by this packet, first of all switches: the caller gives
+    /// the backend slot back.
+    Closed,
+}
+
+/// Refreshes an entry's time, TCP state and counters; says which state
+/// change it made. Changes are atomic read-modify-writes, so of several
+/// switches seeing the same change only one reports it.
 #[inline]
-fn touch(slot: &ConnSlot, l4: &L4, now_ms: u32, dir: Direction) {
+fn touch(slot: &ConnSlot, l4: &L4, now_ms: u32, dir: Direction) -> Moved {
     if slot.last_seen.load(Ordering::Relaxed) != now_ms {
         slot.last_seen.store(now_ms, Ordering::Relaxed);
     }
+    let mut moved = Moved::Stay;
     if l4.key.proto == PROTO_TCP {
         let cur = slot.tcp_state.load(Ordering::Relaxed);
         let next = if l4.flags & (tcp::FIN | tcp::RST) != 0 {
@@ -472,7 +601,22 @@ fn touch(slot: &ConnSlot, l4: &L4, now_ms: u32, dir: Direction) {
             cur
         };
         if next != cur {
-            slot.tcp_state.store(next, Ordering::Relaxed);
+            moved = if next == STATE_CLOSING {
+                if slot.tcp_state.swap(STATE_CLOSING, Ordering::AcqRel) != STATE_CLOSING {
+                    Moved::Closed
+                } else {
+                    Moved::Stay
+                }
+            } else if slot
+                .tcp_state
+                .compare_exchange(cur, next, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+                && dir == Direction::Reply
+            {
+                Moved::Established
+            } else {
+                Moved::Stay
+            };
         }
     }
     // Approximate under concurrent updates by two switches: plain
@@ -483,6 +627,7 @@ fn touch(slot: &ConnSlot, l4: &L4, now_ms: u32, dir: Direction) {
         slot.bytes.load(Ordering::Relaxed) + l4.ip_len as u64,
         Ordering::Relaxed,
     );
+    moved
 }
 
 /// Client -> backend: rewrite per the connection's mode, then route.
@@ -851,6 +996,7 @@ mod tests {
                 'S' => b.syn(),
                 'A' => b.ack(2),
                 'R' => b.rst(),
+                'F' => b.fin(),
                 _ => panic!("flag {f}"),
             };
         }
@@ -1018,6 +1164,206 @@ mod tests {
         }
     }
 
+    /// The backend's SYN-ACK (or another reply) for a client port, as it
+    /// arrives on the backend port.
+    fn reply(backend: [u8; 4], client_port: u16, synack: bool) -> Vec<u8> {
+        let mut v = Vec::new();
+        let b = PacketBuilder::ethernet2([2, 0, 0, 0, 1, backend[3]], [2, 0, 0, 0, 0, 2])
+            .ipv4(backend, [198, 18, 100, 1], 64)
+            .tcp(8080, client_port, 77, 1000);
+        let b = if synack { b.syn().ack(2) } else { b.ack(2) };
+        b.write(&mut v, &[]).unwrap();
+        v
+    }
+
+    fn run_on(
+        fx: &Fixture,
+        c: &mut [u64; N_COUNTERS],
+        port: u32,
+        frame: &[u8],
+    ) -> (Verdict, Vec<u8>) {
+        let mut buf = vec![0u8; 2048];
+        buf[..frame.len()].copy_from_slice(frame);
+        let mut ctx = fx.ctx(c);
+        let v = process(&mut buf, frame.len(), port, &port_mac, &mut ctx);
+        (v, buf)
+    }
+
+    fn active(fx: &Fixture) -> Vec<u32> {
+        fx.region.backend_counters()[..3]
+            .iter()
+            .map(|b| b.active.load(Ordering::Relaxed))
+            .collect()
+    }
+
+    /// The TCP service's backends get `max_conns` and the service a queue timeout.
+    fn limit(fx: &Fixture, max: [u32; 3], queue_ms: u16) {
+        fx.configure(|s| {
+            s.services[0].queue_timeout_ms = queue_ms;
+            for (b, m) in s.backends[..3].iter_mut().zip(max) {
+                b.max_conns = m;
+            }
+        });
+    }
+
+    #[test]
+    fn max_conns_holds_new_connections_and_a_fin_makes_room() {
+        let fx = Fixture::new("unit-max", 1 << 12);
+        limit(&fx, [1, 1, 1], 250);
+        let mut c = [0u64; N_COUNTERS];
+        let mut got = Vec::new();
+        for port in 43_000..43_003 {
+            let (v, buf) = run(&fx, &mut c, &tcp_seg(port, "S"));
+            got.push(sent_to(v, &buf).1);
+        }
+        got.sort();
+        assert_eq!(got, [[198, 19, 1, 1], [198, 19, 1, 2], [198, 19, 1, 3]]);
+        assert_eq!(active(&fx), [1, 1, 1]);
+        // Every backend full: held, nothing counted or changed.
+        let held = tcp_seg(43_010, "S");
+        let before = c;
+        assert_eq!(run(&fx, &mut c, &held).0, Verdict::Hold { timeout_ms: 250 });
+        assert_eq!(c, before);
+        assert_eq!(active(&fx), [1, 1, 1]);
+        // A retransmitted SYN of an admitted connection still gets through.
+        let (v, buf) = run(&fx, &mut c, &tcp_seg(43_000, "S"));
+        assert_eq!(sent_to(v, &buf).1, got_for(&fx, 43_000));
+        // The client of 43_001 closes: its backend has room at once (the
+        // entry stays, closing), the held SYN goes there.
+        let freed = got_for(&fx, 43_001);
+        run(&fx, &mut c, &tcp_seg(43_001, "AF"));
+        assert_eq!(active(&fx).iter().sum::<u32>(), 2);
+        // A second FIN (the other direction, any switch) gives back nothing.
+        run(&fx, &mut c, &tcp_seg(43_001, "AF"));
+        assert_eq!(active(&fx).iter().sum::<u32>(), 2);
+        let (v, buf) = run(&fx, &mut c, &held);
+        assert_eq!(sent_to(v, &buf).1, freed);
+        assert_eq!(active(&fx), [1, 1, 1]);
+        // Refusing a held SYN answers the client with a RST from the VIP.
+        let mut buf = vec![0u8; 2048];
+        let f = tcp_seg(43_011, "S");
+        buf[..f.len()].copy_from_slice(&f);
+        let v = refuse(&mut buf, f.len(), 0, &mut fx.ctx(&mut c));
+        let Verdict::Tx { port: 0, len } = v else {
+            panic!("{v:?}")
+        };
+        let p = etherparse::SlicedPacket::from_ethernet(&buf[..len]).unwrap();
+        let Some(etherparse::TransportSlice::Tcp(t)) = p.transport else {
+            panic!()
+        };
+        assert!(t.rst() && t.source_port() == 80 && t.destination_port() == 43_011);
+        assert_eq!(c[Counter::ConnRefused as usize], 1);
+        // Without a queue timeout a full service refuses at once.
+        limit(&fx, [1, 1, 1], 0);
+        let (v, _) = run(&fx, &mut c, &tcp_seg(43_012, "S"));
+        assert!(matches!(v, Verdict::Tx { port: 0, .. }), "{v:?}");
+        assert_eq!(c[Counter::ConnRefused as usize], 2);
+        assert_eq!(active(&fx), [1, 1, 1]);
+    }
+
+    /// Where the connection from client port `p` went.
+    fn got_for(fx: &Fixture, p: u16) -> [u8; 4] {
+        let hit = fx.region.conntrack().lookup(&FlowKey {
+            proto: PROTO_TCP,
+            src_ip: 0xc612_6401,
+            dst_ip: VIP,
+            src_port: p,
+            dst_port: 80,
+        });
+        hit.unwrap().conn.backend_ip.to_be_bytes()
+    }
+
+    #[test]
+    fn a_syn_reusing_a_closed_connections_tuple_is_scheduled_afresh() {
+        let fx = Fixture::new("unit-reuse", 1 << 12);
+        limit(&fx, [1, 1, 1], 100);
+        let mut c = [0u64; N_COUNTERS];
+        run(&fx, &mut c, &tcp_seg(44_000, "S"));
+        run(&fx, &mut c, &tcp_seg(44_000, "R"));
+        assert_eq!(active(&fx).iter().sum::<u32>(), 0);
+        let (v, _) = run(&fx, &mut c, &tcp_seg(44_000, "S"));
+        assert!(matches!(v, Verdict::Tx { port: 1, .. }), "{v:?} {c:?}");
+        assert_eq!(active(&fx).iter().sum::<u32>(), 1, "counted again");
+        assert_eq!(c[Counter::ConnNew as usize], 2);
+    }
+
+    #[test]
+    fn the_syn_ack_folds_one_latency_sample_into_its_backend() {
+        let fx = Fixture::new("unit-synack", 1 << 12);
+        fx.configure(|s| s.services[0].latency_target_ms = 5);
+        let mut c = [0u64; N_COUNTERS];
+        let (v, buf) = run(&fx, &mut c, &tcp_seg(45_000, "S"));
+        let to = sent_to(v, &buf).1;
+        let id = tcp_id(to) as usize;
+        // Let the SYN be old: 20 ms before now (over the 5 ms target).
+        let mut ctx_c = [0u64; N_COUNTERS];
+        let mut buf = vec![0u8; 2048];
+        let f = reply(to, 45_000, true);
+        buf[..f.len()].copy_from_slice(&f);
+        let mut ctx = fx.ctx(&mut ctx_c);
+        ctx.now_ms = ctx.now_ms.wrapping_add(20);
+        assert!(matches!(
+            process(&mut buf, f.len(), 1, &port_mac, &mut ctx),
+            Verdict::Tx { port: 0, .. }
+        ));
+        let b = &fx.region.backend_counters()[id];
+        let (n, sum, slow) = (
+            b.syn_ack_count.load(Ordering::Relaxed),
+            b.syn_ack_sum_ms.load(Ordering::Relaxed),
+            b.syn_ack_slow.load(Ordering::Relaxed),
+        );
+        assert_eq!((n, slow), (1, 1));
+        assert!((20..=22).contains(&sum), "{sum}");
+        // A retransmitted SYN-ACK or data adds nothing.
+        run_on(&fx, &mut c, 1, &reply(to, 45_000, true));
+        run_on(&fx, &mut c, 1, &reply(to, 45_000, false));
+        assert_eq!(b.syn_ack_count.load(Ordering::Relaxed), 1);
+    }
+
+    #[test]
+    fn weight_zero_drains_under_every_scheduler() {
+        use shm_layout::config_slot::{
+            BACKEND_DRAINED, SCHED_MAGLEV, SCHED_SH, SCHED_WLC, SCHED_WRR,
+        };
+        for sched in [SCHED_MAGLEV, SCHED_WRR, SCHED_WLC, SCHED_SH] {
+            let fx = Fixture::new(&format!("unit-drain{sched}"), 1 << 12);
+            fx.configure(|s| s.services[0].scheduler = sched);
+            let mut c = [0u64; N_COUNTERS];
+            // Connections to every backend, from several clients.
+            let mut open = Vec::new();
+            for port in 46_000..46_030 {
+                let (v, buf) = run(&fx, &mut c, &tcp_seg(port, "S"));
+                open.push((port, sent_to(v, &buf).1));
+            }
+            let drained = open[0].1;
+            let did = tcp_id(drained) as usize;
+            // Drain it as the master does: weight 0, flagged, out of the table.
+            fx.configure(|s| {
+                s.services[0].scheduler = sched;
+                let b = &mut s.backends[did];
+                b.weight = 0;
+                b.flags = BACKEND_DRAINED;
+                let keep: Vec<u16> = (0..3u16).filter(|&i| i as usize != did).collect();
+                let m = s.services[0].table_len as usize;
+                for (i, e) in s.maglev[..m].iter_mut().enumerate() {
+                    *e = keep[i % 2];
+                }
+            });
+            for &(port, to) in &open {
+                let (v, buf) = run(&fx, &mut c, &tcp_seg(port, "A"));
+                assert_eq!(
+                    sent_to(v, &buf).1,
+                    to,
+                    "scheduler {sched}: existing continue"
+                );
+            }
+            for port in 47_000..47_060 {
+                let (v, buf) = run(&fx, &mut c, &tcp_seg(port, "S"));
+                assert_ne!(sent_to(v, &buf).1, drained, "scheduler {sched}");
+            }
+        }
+    }
+
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(3000))]
         /// Any bytes, any claimed length: a verdict, never a panic.
@@ -1048,6 +1394,7 @@ mod tests {
                 match v {
                     Verdict::Drop => prop_assert!(drops >= 1),
                     Verdict::Tx { .. } => prop_assert_eq!(drops, c[Counter::DropTcpNoEntry as usize]),
+                    Verdict::Hold { .. } => prop_assert!(false, "held without a limit"),
                 }
                 Ok(())
             })?;

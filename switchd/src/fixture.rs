@@ -7,12 +7,15 @@
 
 use std::time::Duration;
 
-use shm_layout::config_slot::{BACKEND_DOWN, MODE_NAT, MODE_TUNNEL, PROTO_TCP, PROTO_UDP};
+use shm_layout::config_slot::{
+    BACKEND_DOWN, ConfigSlotMut, MODE_NAT, MODE_TUNNEL, PROTO_TCP, PROTO_UDP,
+};
 use shm_layout::routing_slot::{NEIGH_VALID, NeighbourRec, RouteRec};
 use shm_layout::switch_slot::N_COUNTERS;
 use shm_layout::{Capacities, Mapping, Region, Table, region_name};
 
 use crate::filter::Ctx;
+use crate::sched::SchedState;
 
 pub const VIP: u32 = 0xc612_000a;
 /// Outer source address of the tunnel service.
@@ -46,7 +49,7 @@ impl Fixture {
             ..Capacities::default()
         };
         let region = Region::create(&inst, caps).expect("create fixture region");
-        publish(&region, &[]);
+        publish(&region, &[], &|_| {});
         region.publish_routing(Duration::from_millis(10), |s| {
             s.header.n_routes = 2;
             s.header.n_neighbours = 4;
@@ -88,10 +91,16 @@ impl Fixture {
     /// Republishes the configuration with backends `(id, on_down action)`
     /// DOWN: flagged, out of their service's table, their action set.
     pub fn mark_down(&self, down: &[(u32, u8)]) {
-        publish(&self.region, down);
+        publish(&self.region, down, &|_| {});
     }
 
-    /// A filter context over the active slots.
+    /// Republishes the configuration (every backend up) with `edit` applied
+    /// to the slot after the fixture's own values.
+    pub fn configure(&self, edit: impl Fn(&mut ConfigSlotMut<'_>)) {
+        publish(&self.region, &[], &edit);
+    }
+
+    /// A filter context over the active slots (fresh scheduler state).
     pub fn ctx<'a>(&'a self, counters: &'a mut [u64; N_COUNTERS]) -> Ctx<'a> {
         let r = &self.region;
         let cfg = r.config_view(r.begin_read(Table::Config).slot);
@@ -105,12 +114,14 @@ impl Fixture {
             now_ms: r.now_ms(),
             pid: std::process::id(),
             counters,
+            sched: SchedState::new(cfg.backends.len()),
         }
     }
 }
 
-/// Publishes the fixture's configuration with the backends in `down` DOWN.
-fn publish(region: &Region, down: &[(u32, u8)]) {
+/// Publishes the fixture's configuration with the backends in `down` DOWN,
+/// then applies `edit`.
+fn publish(region: &Region, down: &[(u32, u8)], edit: &dyn Fn(&mut ConfigSlotMut<'_>)) {
     const M: usize = 65537;
     region.publish_config(Duration::from_millis(10), |s| {
         let h = &mut *s.header;
@@ -145,6 +156,9 @@ fn publish(region: &Region, down: &[(u32, u8)]) {
             svc.backend_count = 3;
             svc.table_start = (si * M) as u32;
             svc.table_len = M as u32;
+            svc.scheduler = 0;
+            svc.queue_timeout_ms = 0;
+            svc.latency_target_ms = 0;
             let mut live = Vec::new();
             for (i, b) in s.backends[3 * si..3 * si + 3].iter_mut().enumerate() {
                 b.id = (3 * si + i) as u32;
@@ -153,6 +167,7 @@ fn publish(region: &Region, down: &[(u32, u8)]) {
                 b.weight = 1;
                 b.service = si as u32;
                 b.flags = 0;
+                b.max_conns = 0;
                 match down.iter().find(|(id, _)| *id == b.id) {
                     Some(&(id, action)) => {
                         b.flags = BACKEND_DOWN;
@@ -168,5 +183,6 @@ fn publish(region: &Region, down: &[(u32, u8)]) {
                 *e = live.get(i % live.len().max(1)).copied().unwrap_or(0);
             }
         }
+        edit(s);
     });
 }

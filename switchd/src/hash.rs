@@ -25,6 +25,24 @@ pub fn table_index(k: &FlowKey, m: usize) -> usize {
     ((flow_hash(k) as u128 * m as u128) >> 64) as usize
 }
 
+/// 64-bit hash of a client address alone (the `sh` scheduler). Fixed, like
+/// [`flow_hash`], so every switch and restart maps a client alike.
+#[inline]
+pub fn source_hash(ip: u32) -> u64 {
+    let mut h = (ip as u64 ^ 0x5348_5f73_7263_6970).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    h ^= h >> 31;
+    h = h.wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    h ^= h >> 29;
+    h = h.wrapping_mul(0x94d0_49bb_1331_11eb);
+    h ^ (h >> 32)
+}
+
+/// Table index for a client address in a table of `m` entries (`m > 0`).
+#[inline]
+pub fn source_index(ip: u32, m: usize) -> usize {
+    ((source_hash(ip) as u128 * m as u128) >> 64) as usize
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

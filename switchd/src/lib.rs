@@ -5,4 +5,6 @@ pub mod engine;
 pub mod filter;
 pub mod fixture;
 pub mod hash;
+pub mod sched;
+pub mod synq;
 pub mod wire;

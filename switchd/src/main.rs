@@ -40,6 +40,10 @@ struct Args {
     /// Frames per receive burst.
     #[arg(long, default_value_t = 32)]
     burst: usize,
+    /// Entries of the queue that holds new connections while every eligible
+    /// backend is at its max_conns (0: refuse them at once).
+    #[arg(long, default_value_t = switchd::synq::DEFAULT_CAPACITY)]
+    syn_queue: usize,
     /// filter (the load balancer) or null (descriptor handover only: a benchmark ceiling).
     #[arg(long, default_value = "filter")]
     engine: String,
@@ -186,6 +190,7 @@ fn main() -> Result<()> {
         burst: args.burst,
         idle,
         null,
+        syn_queue: args.syn_queue,
     };
     let res = match (&args.vnic, args.afpacket.is_empty()) {
         (Some(name), true) => {

@@ -178,6 +178,13 @@ impl Wire {
         assert!(w.inject(p, frame), "RX ring full");
     }
 
+    /// Injects a frame into `port` of the `nic`-th NIC (one per switch).
+    pub fn send_on(&mut self, nic: usize, port: &str, frame: &[u8]) {
+        let (w, names) = &mut self.nics[nic];
+        let p = names.iter().position(|n| n == port).expect("port");
+        assert!(w.inject(p, frame), "RX ring full");
+    }
+
     /// Collects frames for up to `wait` (returns early once `want` arrived).
     pub fn recv(&mut self, want: usize, wait: Duration) -> Vec<(String, Vec<u8>)> {
         let deadline = Instant::now() + wait;

@@ -8,6 +8,8 @@ mod agents;
 mod health;
 #[path = "netns/routing.rs"]
 mod routing;
+#[path = "netns/sched.rs"]
+mod sched;
 
 use std::io::{BufRead, BufReader};
 

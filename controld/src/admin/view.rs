@@ -120,7 +120,9 @@ pub fn backend_view(ctx: &Ctx, si: usize, bi: usize) -> BackendView {
         admin_drained: o.drained,
         active_conns: active,
         total_conns: total,
-        max_conns: None,
+        // The effective limit (controlled loading may hold it below the
+        // configured one); None when unlimited.
+        max_conns: (rec.max_conns != 0).then_some(rec.max_conns),
         table_share: if table.is_empty() {
             0.0
         } else {
@@ -334,6 +336,10 @@ mod tests {
                 active: AtomicU32::new(i as u32),
                 _pad: 0,
                 total: AtomicU64::new(100 * i as u64),
+                syn_ack_count: AtomicU64::new(0),
+                syn_ack_sum_ms: AtomicU64::new(0),
+                syn_ack_slow: AtomicU64::new(0),
+                _pad1: [0; 3],
             })
             .collect()
     }
@@ -351,6 +357,7 @@ mod tests {
             &ov,
             |_| false,
             |_| crate::agents::rule::Steer::Configured,
+            |_| None,
         )
         .unwrap();
         let ctr = counters(8);

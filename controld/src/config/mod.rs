@@ -51,6 +51,14 @@ pub const DEFAULT_BURST: u32 = 32;
 pub const DEFAULT_WEIGHT: u32 = 1;
 /// Largest backend weight.
 pub const MAX_WEIGHT: u32 = 65535;
+/// Largest `[[service.backend]] max_conns`.
+pub const MAX_MAX_CONNS: u32 = 1 << 30;
+/// Default of `[[service]] queue_timeout_ms`.
+pub const DEFAULT_QUEUE_TIMEOUT_MS: u32 = 1000;
+/// Default of `[[service]] adjust_interval_ms`.
+pub const DEFAULT_ADJUST_INTERVAL_MS: u32 = 1000;
+/// Default of `[[switch]] syn_queue`.
+pub const DEFAULT_SYN_QUEUE: u32 = 256;
 /// Ports a configuration may define (the size of the region's port table).
 pub const MAX_PORTS: usize = shm_layout::config_slot::MAX_PORTS;
 
@@ -292,6 +300,10 @@ pub struct Switch {
     pub burst: u32,
     /// `engine` (default `"filter"`): what the switch does with a frame.
     pub engine: Engine,
+    /// `syn_queue` (default 256, `0..=4096`): new connections this switch
+    /// holds while every eligible backend of their service is at its
+    /// `max_conns` (0: refuse them at once). Each entry keeps a 2 KiB copy.
+    pub syn_queue: u32,
 }
 
 /// `[[switch]] engine`.
@@ -332,6 +344,14 @@ pub struct Service {
     /// `on_backend_down` (default `"reschedule"`): what happens to the
     /// existing connections of a backend its health checks take DOWN.
     pub on_backend_down: OnDown,
+    /// `queue_timeout_ms` (default 1000, `0..=60000`): how long a new
+    /// connection may wait in a switch's queue while every eligible backend
+    /// is at its `max_conns`, before it is refused (TCP: RST); 0 refuses
+    /// at once.
+    pub queue_timeout_ms: u32,
+    /// Controlled server loading (`latency_target_ms` and friends); `None`
+    /// without `latency_target_ms`: `max_conns` stay as configured.
+    pub loading: Option<Loading>,
     /// `[[service.backend]]`, in file order; may be empty (the service then
     /// drops new connections). At most `limits.maglev_table_size`.
     pub backends: Vec<Backend>,
@@ -394,6 +414,42 @@ impl Mode {
 pub enum Scheduler {
     /// `"maglev"`: weighted Maglev consistent hashing (see [`crate::maglev`]).
     Maglev,
+    /// `"wrr"`: smooth weighted round robin, per switch.
+    Wrr,
+    /// `"wlc"`: weighted least connections (shared active counts).
+    Wlc,
+    /// `"sh"`: source-address hash over the weighted Maglev table.
+    Sh,
+}
+
+impl Scheduler {
+    /// The name used in the file.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Scheduler::Maglev => "maglev",
+            Scheduler::Wrr => "wrr",
+            Scheduler::Wlc => "wlc",
+            Scheduler::Sh => "sh",
+        }
+    }
+}
+
+/// Controlled server loading of a service: controld lowers each backend's
+/// effective `max_conns` while the SYN to SYN-ACK latency the switches
+/// measure exceeds a target, and raises it back while it does not (see
+/// [`crate::loading`]). Only for mode `"nat"` (the switches see the
+/// SYN-ACKs) and backends with `max_conns` (the ceiling).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Loading {
+    /// `latency_target_ms` (`1..=60000`): an interval whose p99 SYN to
+    /// SYN-ACK time exceeds this lowers the limit.
+    pub latency_target_ms: u32,
+    /// `adjust_interval_ms` (default 1000, `100..=60000`): how often each
+    /// limit is judged.
+    pub interval_ms: u32,
+    /// `min_conns` (default 1, `1..=max`): the lowest effective limit (a
+    /// backend whose `max_conns` is lower keeps its `max_conns`).
+    pub min_conns: u32,
 }
 
 /// `[[service.backend]]`: a real server of a service.
@@ -411,6 +467,10 @@ pub struct Backend {
     /// `weight` (default 1): share of new connections, `0..=65535`; 0 drains
     /// the backend (no new connections, existing ones continue).
     pub weight: u32,
+    /// `max_conns` (default 0: unlimited, `0..=2^30`): the most open
+    /// connections over all switches; new ones beyond wait in a switch's
+    /// queue (or go to another backend, per scheduler).
+    pub max_conns: u32,
     /// Its health check (`[service.health]` overridden key by key by
     /// `[service.backend.health]`); `None` (no table, or `kind = "none"`):
     /// never checked, always up.

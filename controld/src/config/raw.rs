@@ -157,6 +157,8 @@ pub(super) struct RawSwitch {
     pub burst: Option<i64>,
     /// `engine`: see [`super::Switch::engine`].
     pub engine: Option<String>,
+    /// `syn_queue`: see [`super::Switch::syn_queue`].
+    pub syn_queue: Option<i64>,
 }
 
 /// One `[[service]]`.
@@ -177,6 +179,14 @@ pub(super) struct RawService {
     pub scheduler: Option<String>,
     /// `on_backend_down`: see [`super::Service::on_backend_down`].
     pub on_backend_down: Option<String>,
+    /// `queue_timeout_ms`: see [`super::Service::queue_timeout_ms`].
+    pub queue_timeout_ms: Option<i64>,
+    /// `latency_target_ms`: see [`super::Loading::latency_target_ms`].
+    pub latency_target_ms: Option<i64>,
+    /// `adjust_interval_ms`: see [`super::Loading::interval_ms`].
+    pub adjust_interval_ms: Option<i64>,
+    /// `min_conns`: see [`super::Loading::min_conns`].
+    pub min_conns: Option<i64>,
     /// `[service.health]`: see [`super::HealthCheck`].
     pub health: Option<RawHealth>,
     /// `[[service.backend]]`: see [`super::Backend`].
@@ -196,6 +206,8 @@ pub(super) struct RawBackend {
     pub port: Option<i64>,
     /// `weight`: see [`super::Backend::weight`].
     pub weight: Option<i64>,
+    /// `max_conns`: see [`super::Backend::max_conns`].
+    pub max_conns: Option<i64>,
     /// `[service.backend.health]`: see [`super::Backend::health`].
     pub health: Option<RawHealth>,
 }

@@ -128,6 +128,7 @@ fn demo_example_parses_with_all_fields() {
             idle: Idle::Adaptive,
             burst: 32,
             engine: Engine::Filter,
+            syn_queue: 256,
         }],
         services: vec![
             Service {
@@ -138,12 +139,15 @@ fn demo_example_parses_with_all_fields() {
                 mode: Mode::Nat,
                 scheduler: Scheduler::Maglev,
                 on_backend_down: OnDown::Reschedule,
+                queue_timeout_ms: 1000,
+                loading: None,
                 backends: (1..=3)
                     .map(|i| Backend {
                         name: format!("web{i}"),
                         address: ip(198, 19, 1, i),
                         port: 8080,
                         weight: u32::from(i),
+                        max_conns: 0,
                         health: None,
                     })
                     .collect(),
@@ -156,12 +160,15 @@ fn demo_example_parses_with_all_fields() {
                 mode: Mode::Nat,
                 scheduler: Scheduler::Maglev,
                 on_backend_down: OnDown::Reschedule,
+                queue_timeout_ms: 1000,
+                loading: None,
                 backends: (1..=2)
                     .map(|i| Backend {
                         name: format!("dns{i}"),
                         address: ip(198, 19, 1, i),
                         port: 5353,
                         weight: 1,
+                        max_conns: 0,
                         health: None,
                     })
                     .collect(),
@@ -421,7 +428,7 @@ fn unknown_key_in_backend() {
     assert_eq!(
         err(&with("  port = 8080\n", "  port = 8080\n  wieght = 2\n")),
         "TOML parse error at line 29, column 3\n   |\n29 |   wieght = 2\n   |   ^^^^^^\n\
-         unknown field `wieght`, expected one of `name`, `address`, `port`, `weight`, `health`"
+         unknown field `wieght`, expected one of `name`, `address`, `port`, `weight`, `max_conns`, `health`"
     );
 }
 
@@ -889,9 +896,106 @@ fn service_rules() {
     assert_eq!(
         err(&with(
             "protocol = \"tcp\"",
-            "protocol = \"tcp\"\nscheduler = \"wlc\""
+            "protocol = \"tcp\"\nscheduler = \"lc\""
         )),
-        "service \"web\": scheduler \"wlc\" is not supported (supported: maglev)"
+        "service \"web\": scheduler \"lc\" is not supported (supported: maglev, wrr, wlc, sh)"
+    );
+}
+
+#[test]
+fn schedulers_queue_and_max_conns_parse_with_defaults() {
+    let c = parse(BASE).unwrap();
+    let s = &c.services[0];
+    assert_eq!((s.queue_timeout_ms, s.loading), (1000, None));
+    assert_eq!(s.backends[0].max_conns, 0);
+    assert_eq!(c.switches[0].syn_queue, 256);
+    for (name, want) in [
+        ("maglev", Scheduler::Maglev),
+        ("wrr", Scheduler::Wrr),
+        ("wlc", Scheduler::Wlc),
+        ("sh", Scheduler::Sh),
+    ] {
+        let c = parse(&with(
+            "protocol = \"tcp\"",
+            &format!("protocol = \"tcp\"\nscheduler = \"{name}\""),
+        ))
+        .unwrap();
+        assert_eq!(c.services[0].scheduler, want);
+        assert_eq!(want.as_str(), name);
+    }
+    let c = parse(
+        &with(
+            "protocol = \"tcp\"",
+            "protocol = \"tcp\"\nqueue_timeout_ms = 0\nlatency_target_ms = 80\nmin_conns = 3",
+        )
+        .replace("  port = 8080\n", "  port = 8080\n  max_conns = 40\n"),
+    )
+    .unwrap();
+    let s = &c.services[0];
+    assert_eq!(s.queue_timeout_ms, 0);
+    assert_eq!(s.backends[0].max_conns, 40);
+    assert_eq!(
+        s.loading,
+        Some(Loading {
+            latency_target_ms: 80,
+            interval_ms: 1000,
+            min_conns: 3
+        })
+    );
+    let c = parse(&with(
+        "ports = [\"client\", \"backend\"]",
+        "ports = [\"client\", \"backend\"]\nsyn_queue = 0",
+    ))
+    .unwrap();
+    assert_eq!(c.switches[0].syn_queue, 0);
+}
+
+#[test]
+fn queue_and_loading_rules_name_the_value() {
+    let limited = |svc: &str| {
+        with("protocol = \"tcp\"", &format!("protocol = \"tcp\"\n{svc}"))
+            .replace("  port = 8080\n", "  port = 8080\n  max_conns = 40\n")
+    };
+    assert_eq!(
+        err(&limited("queue_timeout_ms = 60001")),
+        "service \"web\": queue_timeout_ms 60001 exceeds 60000"
+    );
+    assert_eq!(
+        err(&with(
+            "  port = 8080\n",
+            "  port = 8080\n  max_conns = -1\n"
+        )),
+        "service \"web\": backend \"web1\": max_conns -1 is less than 0"
+    );
+    assert_eq!(
+        err(&limited("latency_target_ms = 0")),
+        "service \"web\": latency_target_ms 0 is less than 1"
+    );
+    assert_eq!(
+        err(&limited("min_conns = 2")),
+        "service \"web\": min_conns needs latency_target_ms (it tunes controlled server loading)"
+    );
+    assert_eq!(
+        err(&limited("latency_target_ms = 50\nadjust_interval_ms = 99")),
+        "service \"web\": adjust_interval_ms 99 is less than 100"
+    );
+    assert_eq!(
+        err(&with(
+            "protocol = \"tcp\"",
+            "protocol = \"tcp\"\nlatency_target_ms = 50"
+        )),
+        "service \"web\": latency_target_ms needs max_conns on at least one backend (the adaptive limit lies between min_conns and max_conns)"
+    );
+    assert_eq!(
+        err(&limited("latency_target_ms = 50\nmode = \"dr\"").replace("  port = 8080\n", "")),
+        "service \"web\": latency_target_ms needs mode \"nat\" (mode \"dr\": backends reply around the switches, which then never see the SYN-ACKs they measure)"
+    );
+    assert_eq!(
+        err(&with(
+            "ports = [\"client\", \"backend\"]",
+            "ports = [\"client\", \"backend\"]\nsyn_queue = 4097"
+        )),
+        "switch \"sw0\": syn_queue 4097 exceeds 4096"
     );
 }
 

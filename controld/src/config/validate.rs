@@ -473,6 +473,7 @@ fn switch(raw: &RawSwitch, ports: &[Port]) -> R<Switch> {
         idle,
         burst: int(&ctx, "burst", raw.burst, DEFAULT_BURST, 1, 256)?,
         engine,
+        syn_queue: int(&ctx, "syn_queue", raw.syn_queue, DEFAULT_SYN_QUEUE, 0, 4096)?,
     })
 }
 
@@ -502,12 +503,23 @@ fn service(raw: &RawService, limits: &Limits) -> R<Service> {
     };
     let scheduler = match raw.scheduler.as_deref() {
         None | Some("maglev") => Scheduler::Maglev,
+        Some("wrr") => Scheduler::Wrr,
+        Some("wlc") => Scheduler::Wlc,
+        Some("sh") => Scheduler::Sh,
         Some(other) => {
             return Err(format!(
-                "{ctx}scheduler {other:?} is not supported (supported: maglev)"
+                "{ctx}scheduler {other:?} is not supported (supported: maglev, wrr, wlc, sh)"
             ));
         }
     };
+    let queue_timeout_ms = int(
+        &ctx,
+        "queue_timeout_ms",
+        raw.queue_timeout_ms,
+        DEFAULT_QUEUE_TIMEOUT_MS,
+        0,
+        60000,
+    )?;
     if raw.backend.len() > limits.maglev_table_size as usize {
         return Err(format!(
             "{ctx}{} backends exceed limits.maglev_table_size {} (each backend needs table entries)",
@@ -534,6 +546,7 @@ fn service(raw: &RawService, limits: &Limits) -> R<Service> {
         }
         backends.push(be);
     }
+    let loading = loading(&ctx, raw, mode, &backends)?;
     Ok(Service {
         name: raw.name.clone(),
         vip,
@@ -542,8 +555,51 @@ fn service(raw: &RawService, limits: &Limits) -> R<Service> {
         mode,
         scheduler,
         on_backend_down,
+        queue_timeout_ms,
+        loading,
         backends,
     })
+}
+
+/// `latency_target_ms`, `adjust_interval_ms` and `min_conns` of a service.
+fn loading(ctx: &str, raw: &RawService, mode: Mode, backends: &[Backend]) -> R<Option<Loading>> {
+    let Some(target) = raw.latency_target_ms else {
+        for (key, v) in [
+            ("adjust_interval_ms", raw.adjust_interval_ms),
+            ("min_conns", raw.min_conns),
+        ] {
+            if v.is_some() {
+                return Err(format!(
+                    "{ctx}{key} needs latency_target_ms (it tunes controlled server loading)"
+                ));
+            }
+        }
+        return Ok(None);
+    };
+    let latency_target_ms = int(ctx, "latency_target_ms", Some(target), 0, 1, 60000)?;
+    if mode != Mode::Nat {
+        return Err(format!(
+            "{ctx}latency_target_ms needs mode \"nat\" (mode {:?}: backends reply around the switches, which then never see the SYN-ACKs they measure)",
+            mode.as_str()
+        ));
+    }
+    if !backends.iter().any(|b| b.max_conns > 0) {
+        return Err(format!(
+            "{ctx}latency_target_ms needs max_conns on at least one backend (the adaptive limit lies between min_conns and max_conns)"
+        ));
+    }
+    Ok(Some(Loading {
+        latency_target_ms,
+        interval_ms: int(
+            ctx,
+            "adjust_interval_ms",
+            raw.adjust_interval_ms,
+            DEFAULT_ADJUST_INTERVAL_MS,
+            100,
+            60000,
+        )?,
+        min_conns: int(ctx, "min_conns", raw.min_conns, 1, 1, MAX_MAX_CONNS as i64)?,
+    }))
 }
 
 fn backend(
@@ -575,6 +631,7 @@ fn backend(
             0,
             MAX_WEIGHT as i64,
         )?,
+        max_conns: int(&ctx, "max_conns", raw.max_conns, 0, 0, MAX_MAX_CONNS as i64)?,
         health: health::backend_check(&ctx, service_health, raw.health.as_ref(), address, port)?,
     })
 }

@@ -11,7 +11,7 @@ use shm_layout::config_slot::{
 };
 use shm_layout::inspect::{
     ConnFilter, conn_state_name, mode_name, proto_name, region_state_name, scan_conns,
-    switch_state_name,
+    scheduler_name, switch_state_name,
 };
 use shm_layout::switch_slot::Counter;
 use shm_layout::time::{mono_ns, pid_alive};
@@ -129,13 +129,21 @@ fn collect(r: &Region, a: &Args) -> Value {
                         "table_share": if table.is_empty() { 0.0 } else { share[i] as f64 / table.len() as f64 },
                         "active_conns": c.map(|c| c.active.load(Ordering::Relaxed)).unwrap_or(0),
                         "total_conns": c.map(|c| c.total.load(Ordering::Relaxed)).unwrap_or(0),
+                        "max_conns": b.max_conns, "max_conns_configured": b.max_conns_cfg,
+                        "syn_ack_samples": c.map(|c| c.syn_ack_count.load(Ordering::Relaxed)).unwrap_or(0),
+                        "syn_ack_slow": c.map(|c| c.syn_ack_slow.load(Ordering::Relaxed)).unwrap_or(0),
+                        "syn_ack_mean_ms": c.map(|c| {
+                            let n = c.syn_ack_count.load(Ordering::Relaxed);
+                            c.syn_ack_sum_ms.load(Ordering::Relaxed) as f64 / n.max(1) as f64
+                        }).unwrap_or(0.0),
                     })
                 })
                 .collect();
             json!({
                 "name": names::get(&s.name), "vip": ip(s.vip), "port": s.port, "protocol": proto_name(s.proto),
-                "mode": mode_name(s.mode), "scheduler": "maglev", "table_size": table.len(),
-                "on_backend_down": on_down(s.on_down), "backends": backends,
+                "mode": mode_name(s.mode), "scheduler": scheduler_name(s.scheduler), "table_size": table.len(),
+                "on_backend_down": on_down(s.on_down), "queue_timeout_ms": s.queue_timeout_ms,
+                "latency_target_ms": s.latency_target_ms, "backends": backends,
             })
         })
         .collect();
@@ -283,7 +291,7 @@ fn print_text(v: &Value, a: &Args) {
     );
     println!();
     println!(
-        "{:<14} {:<22} {:<5} {:<6}  {:<12} {:<22} {:>6} {:<9} {:>8} {:>9} {:>10}",
+        "{:<14} {:<22} {:<5} {:<6}  {:<12} {:<22} {:>6} {:<9} {:>8} {:>9} {:>10} {:>9} {:>9}",
         "SERVICE",
         "VIP",
         "PROTO",
@@ -294,20 +302,25 @@ fn print_text(v: &Value, a: &Args) {
         "HEALTH",
         "SHARE%",
         "ACTIVE",
-        "TOTAL"
+        "TOTAL",
+        "MAXCONN",
+        "SYNACK_MS"
     );
     for s in c["services"].as_array().into_iter().flatten() {
         println!(
-            "{:<14} {:<22} {:<5} {:<6}  on_backend_down={}",
+            "{:<14} {:<22} {:<5} {:<6}  scheduler={} on_backend_down={} queue_timeout_ms={} latency_target_ms={}",
             s["name"].as_str().unwrap_or(""),
             format!("{}:{}", s["vip"].as_str().unwrap_or(""), s["port"]),
             s["protocol"].as_str().unwrap_or(""),
             s["mode"].as_str().unwrap_or(""),
+            s["scheduler"].as_str().unwrap_or(""),
             s["on_backend_down"].as_str().unwrap_or(""),
+            s["queue_timeout_ms"],
+            s["latency_target_ms"],
         );
         for b in s["backends"].as_array().into_iter().flatten() {
             println!(
-                "{:<50} {:<12} {:<22} {:>6} {:<9} {:>8.2} {:>9} {:>10}",
+                "{:<50} {:<12} {:<22} {:>6} {:<9} {:>8.2} {:>9} {:>10} {:>9} {:>9.1}",
                 "",
                 b["name"].as_str().unwrap_or(""),
                 format!("{}:{}", b["address"].as_str().unwrap_or(""), b["port"]),
@@ -316,6 +329,8 @@ fn print_text(v: &Value, a: &Args) {
                 b["table_share"].as_f64().unwrap_or(0.0) * 100.0,
                 t(&b["active_conns"]),
                 t(&b["total_conns"]),
+                format!("{}/{}", t(&b["max_conns"]), t(&b["max_conns_configured"])),
+                b["syn_ack_mean_ms"].as_f64().unwrap_or(0.0),
             );
         }
     }

@@ -10,6 +10,13 @@
 //! `POST /upload` reads a body of Content-Length bytes of the `/bytes`
 //! pattern and answers `<n> intact\n` or `<n> corrupt at <offset>\n`, for
 //! integrity-checked uploads. Keep-alive unless the client says close.
+//! With `--slow-above K` the server overloads like a real one past K
+//! requests in progress: each further request is answered `--slow-ms` late,
+//! and it accepts no connection while more than K are in progress, so its
+//! listen queue (`--backlog`) overflows and the kernel drops new SYNs
+//! (clients retransmit them a second later); `--work-ms` gives every
+//! request a service time. `/stats` then also says
+//! `requests <n>\nslow <n>\nbusy_max <n>`.
 //! UDP: every datagram is answered with `<name> <datagram>`.
 //! On start it prints one line: `testbackend <name> http=<addr> udp=<addr>`.
 
@@ -36,6 +43,18 @@ struct Args {
     /// `GET /health` answers 200 only while this file exists (503 otherwise).
     #[arg(long)]
     health_file: Option<std::path::PathBuf>,
+    /// Overloaded past this many requests in progress (see above).
+    #[arg(long)]
+    slow_above: Option<u64>,
+    /// How late an overloaded request is answered.
+    #[arg(long, default_value_t = 200)]
+    slow_ms: u64,
+    /// Time every request (but /stats) takes, loaded or not.
+    #[arg(long, default_value_t = 0)]
+    work_ms: u64,
+    /// Listen backlog of the HTTP socket.
+    #[arg(long, default_value_t = 128)]
+    backlog: i32,
 }
 
 /// What every connection shares: the name, the download pattern, the
@@ -46,6 +65,41 @@ struct Shared {
     health_file: Option<std::path::PathBuf>,
     health_ok: AtomicU64,
     health_fail: AtomicU64,
+    slow_above: Option<u64>,
+    slow_ms: u64,
+    work_ms: u64,
+    /// Requests in progress, served, served late, most at once.
+    busy: AtomicU64,
+    requests: AtomicU64,
+    slow: AtomicU64,
+    busy_max: AtomicU64,
+}
+
+/// One request in progress (counted in `busy` until dropped).
+struct Busy<'a>(&'a Shared);
+
+impl<'a> Busy<'a> {
+    /// Counts the request in and, if the server is overloaded, waits.
+    fn enter(sh: &'a Shared) -> Self {
+        let n = sh.busy.fetch_add(1, Ordering::SeqCst) + 1;
+        sh.requests.fetch_add(1, Ordering::Relaxed);
+        sh.busy_max.fetch_max(n, Ordering::Relaxed);
+        let mut ms = sh.work_ms;
+        if sh.slow_above.is_some_and(|k| n > k) {
+            sh.slow.fetch_add(1, Ordering::Relaxed);
+            ms += sh.slow_ms;
+        }
+        if ms > 0 {
+            std::thread::sleep(std::time::Duration::from_millis(ms));
+        }
+        Busy(sh)
+    }
+}
+
+impl Drop for Busy<'_> {
+    fn drop(&mut self) {
+        self.0.busy.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 /// Largest `/bytes/N` served (1 GiB).
@@ -119,6 +173,7 @@ fn serve(stream: TcpStream, sh: Arc<Shared>) -> std::io::Result<()> {
             return Ok(());
         }
         let head = method == "HEAD";
+        let _busy = (path != "/stats").then(|| Busy::enter(&sh));
         if let Some(n) = path.strip_prefix("/bytes/") {
             match n.parse::<u64>() {
                 Ok(n) if n <= MAX_BYTES => {
@@ -146,14 +201,22 @@ fn serve(stream: TcpStream, sh: Arc<Shared>) -> std::io::Result<()> {
                     sh.health_fail.fetch_add(1, Ordering::Relaxed);
                     ("503 Service Unavailable", "unhealthy\n".to_string())
                 }
-                "/stats" => (
-                    "200 OK",
-                    format!(
+                "/stats" => {
+                    let mut body = format!(
                         "health_ok {}\nhealth_fail {}\n",
                         sh.health_ok.load(Ordering::Relaxed),
-                        sh.health_fail.load(Ordering::Relaxed)
-                    ),
-                ),
+                        sh.health_fail.load(Ordering::Relaxed),
+                    );
+                    if sh.slow_above.is_some() {
+                        body += &format!(
+                            "requests {}\nslow {}\nbusy_max {}\n",
+                            sh.requests.load(Ordering::Relaxed),
+                            sh.slow.load(Ordering::Relaxed),
+                            sh.busy_max.load(Ordering::Relaxed),
+                        );
+                    }
+                    ("200 OK", body)
+                }
                 _ => ("200 OK", format!("{name}\n")),
             };
             respond(&mut out, status, body.len() as u64, close)?;
@@ -188,6 +251,51 @@ fn check_upload(reader: &mut impl std::io::Read, n: u64) -> std::io::Result<Stri
     Ok(bad.map_or("intact".to_string(), |i| format!("corrupt at {i}")))
 }
 
+/// A listening TCP socket with the given backlog (std's is fixed at 128).
+fn listen(addr: SocketAddr, backlog: i32) -> std::io::Result<TcpListener> {
+    use std::os::fd::FromRawFd;
+    let SocketAddr::V4(v4) = addr else {
+        return Err(std::io::Error::other("IPv4 addresses only"));
+    };
+    // SAFETY: plain socket(2); the result is checked.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: `fd` is a socket we own; the listener closes it on drop.
+    let listener = unsafe { TcpListener::from_raw_fd(fd) };
+    let one: libc::c_int = 1;
+    let sa = libc::sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_port: v4.port().to_be(),
+        sin_addr: libc::in_addr {
+            s_addr: u32::from(*v4.ip()).to_be(),
+        },
+        sin_zero: [0; 8],
+    };
+    // SAFETY: setsockopt, bind and listen on our socket with valid,
+    // correctly sized arguments; results checked.
+    let ok = unsafe {
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_REUSEADDR,
+            (&one as *const libc::c_int).cast(),
+            size_of::<libc::c_int>() as libc::socklen_t,
+        ) == 0
+            && libc::bind(
+                fd,
+                (&sa as *const libc::sockaddr_in).cast(),
+                size_of::<libc::sockaddr_in>() as libc::socklen_t,
+            ) == 0
+            && libc::listen(fd, backlog) == 0
+    };
+    if !ok {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(listener)
+}
+
 fn main() -> ExitCode {
     let a = Args::parse();
     if a.http.is_none() && a.udp.is_none() {
@@ -196,7 +304,7 @@ fn main() -> ExitCode {
     }
     let name = Arc::new(a.name.clone());
     let mut line = format!("testbackend {name}");
-    let http = match a.http.map(TcpListener::bind).transpose() {
+    let http = match a.http.map(|addr| listen(addr, a.backlog)).transpose() {
         Ok(l) => l,
         Err(e) => {
             eprintln!("testbackend: --http {:?}: {e}", a.http);
@@ -240,19 +348,30 @@ fn main() -> ExitCode {
         health_file: a.health_file,
         health_ok: AtomicU64::new(0),
         health_fail: AtomicU64::new(0),
+        slow_above: a.slow_above,
+        slow_ms: a.slow_ms,
+        work_ms: a.work_ms,
+        busy: AtomicU64::new(0),
+        requests: AtomicU64::new(0),
+        slow: AtomicU64::new(0),
+        busy_max: AtomicU64::new(0),
     });
-    match http {
-        Some(l) => {
-            for s in l.incoming().flatten() {
-                let sh = Arc::clone(&shared);
-                std::thread::spawn(move || {
-                    let _ = serve(s, sh);
-                });
+    let Some(l) = http else {
+        loop {
+            std::thread::park();
+        }
+    };
+    loop {
+        // Overloaded: accept nothing until back at or below the knee.
+        if let Some(k) = shared.slow_above {
+            while shared.busy.load(Ordering::SeqCst) > k {
+                std::thread::sleep(std::time::Duration::from_millis(1));
             }
         }
-        None => loop {
-            std::thread::park();
-        },
+        let Ok((s, _)) = l.accept() else { continue };
+        let sh = Arc::clone(&shared);
+        std::thread::spawn(move || {
+            let _ = serve(s, sh);
+        });
     }
-    ExitCode::SUCCESS
 }

@@ -1,0 +1,282 @@
+//! Schedulers and controlled loading end to end on virtual NICs: real
+//! controld and switchd processes, hand-made frames from the wire side,
+//! every frame that comes back parsed and checked by etherparse. Every
+//! wait is bounded; nothing asserts a duration.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+use switchyard_tests::{Appliance, B, Cfg, Wire, counter_sum, render, shmdump_json, unique};
+use tools::frames::{self, Spec, TcpFlags};
+
+const CLIENT_GW: [u8; 6] = [2, 0, 0, 0, 2, 1];
+const CLIENT_PORT_MAC: [u8; 6] = [2, 0, 0, 0, 0, 1];
+const VIP: [u8; 4] = [198, 18, 0, 10];
+
+type Client = ([u8; 4], u16);
+
+/// A vnic appliance with service "web" (VIP:80 -> :8080) over `backends`
+/// (`(weight, max_conns)`), the scheduler, queue timeout and switch queue.
+fn config(
+    inst: &str,
+    switches: usize,
+    sched: &str,
+    backends: &[(u32, u32)],
+    queue_ms: u32,
+    syn_queue: u32,
+) -> String {
+    const NAMES: [&str; 3] = ["web1", "web2", "web3"];
+    let web = backends
+        .iter()
+        .enumerate()
+        .map(|(i, &(w, _))| B {
+            name: NAMES[i],
+            last_octet: i as u8 + 1,
+            weight: w,
+        })
+        .collect();
+    let mut s = render(
+        inst,
+        &Cfg {
+            switches,
+            web,
+            dns: vec![],
+            ..Cfg::default()
+        },
+    );
+    s = s.replace(
+        "scheduler = \"maglev\"\n",
+        &format!("scheduler = \"{sched}\"\nqueue_timeout_ms = {queue_ms}\n"),
+    );
+    for (i, &(_, max)) in backends.iter().enumerate() {
+        let at = format!("  name = \"{}\"\n", NAMES[i]);
+        s = s.replacen(&at, &format!("{at}  max_conns = {max}\n"), 1);
+    }
+    s.replace(
+        "idle = \"adaptive\"\n",
+        &format!("idle = \"adaptive\"\nsyn_queue = {syn_queue}\n"),
+    )
+}
+
+fn tcp(client: Client, syn: bool, rst: bool, payload: usize) -> Vec<u8> {
+    let mut v = Vec::new();
+    frames::build(
+        &Spec {
+            src_mac: CLIENT_GW,
+            dst_mac: CLIENT_PORT_MAC,
+            src: client,
+            dst: (VIP, 80),
+            tcp: Some(TcpFlags {
+                syn,
+                ack: !syn,
+                rst,
+                seq: 1,
+                ack_no: if syn { 0 } else { 1 },
+                ..Default::default()
+            }),
+            ttl: 64,
+            ident: 0,
+            payload_len: payload,
+        },
+        &mut v,
+    );
+    v
+}
+
+fn client(host: u8, port: u16) -> Client {
+    ([198, 18, 100, host], port)
+}
+
+/// What came back, parsed: (port name, source, destination, syn, rst).
+fn collect(
+    wire: &mut Wire,
+    want: usize,
+    wait: Duration,
+) -> Vec<(String, Client, Client, bool, bool)> {
+    wire.recv(want, wait)
+        .into_iter()
+        .map(|(port, f)| {
+            let p = frames::parse_checked(&f).unwrap_or_else(|e| panic!("bad frame: {e}"));
+            let t = p.tcp.expect("tcp");
+            (port, p.src, p.dst, t.syn && !t.ack, t.rst)
+        })
+        .collect()
+}
+
+fn active(dump: &serde_json::Value) -> Vec<u64> {
+    dump["config"]["services"][0]["backends"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| b["active_conns"].as_u64().unwrap())
+        .collect()
+}
+
+/// Two switches on two CPUs take SYNs at once: the backends' max_conns
+/// (2 each) hold over both, the rest wait in the switches' queues; each
+/// connection that closes lets exactly one queued SYN through; a
+/// retransmitted SYN of a queued flow is dropped as a duplicate.
+#[test]
+fn max_conns_holds_across_two_switches_and_queued_syns_get_freed_slots() {
+    let inst = unique("maxc");
+    let cfg = config(&inst, 2, "maglev", &[(1, 2), (1, 2), (1, 2)], 20_000, 64);
+    let app = Appliance::start(&inst, &cfg);
+    let mut wire = Wire::attach(&inst);
+    for i in 0..12u16 {
+        wire.send_on(0, "client", &tcp(client(1, 20_000 + i), true, false, 0));
+        wire.send_on(1, "client", &tcp(client(2, 20_000 + i), true, false, 0));
+    }
+    let first = collect(&mut wire, 6, Duration::from_secs(5));
+    let extra = collect(&mut wire, 1, Duration::from_millis(500));
+    assert!(extra.is_empty(), "more than 6 admitted: {extra:?}");
+    assert_eq!(first.len(), 6, "{first:?}\n{}", app.log());
+    assert!(
+        first
+            .iter()
+            .all(|f| f.0 == "backend" && f.3 && f.2.1 == 8080)
+    );
+    let dump = shmdump_json(&inst, &[]);
+    assert_eq!(active(&dump), [2, 2, 2]);
+    assert_eq!(counter_sum(&dump, "conn_queued"), 18);
+    assert_eq!(counter_sum(&dump, "conn_new"), 6);
+    assert_eq!(counter_sum(&dump, "conn_refused"), 0);
+    // Both switches admitted some (the race was real): each saw its SYNs queued.
+    assert!((0..2).all(|s| switchyard_tests::counter(&dump, s, "conn_queued") > 0));
+
+    // A queued flow's retransmitted SYN: a duplicate, dropped.
+    let admitted: BTreeSet<Client> = first.iter().map(|f| f.1).collect();
+    let waiting = (0..12u16)
+        .map(|i| client(1, 20_000 + i))
+        .find(|c| !admitted.contains(c))
+        .expect("a queued flow of switch 0");
+    wire.send_on(0, "client", &tcp(waiting, true, false, 0));
+
+    // Two admitted clients reset their connections: their RSTs reach the
+    // backends and exactly two queued SYNs follow.
+    let closing: Vec<Client> = admitted.iter().copied().take(2).collect();
+    for c in &closing {
+        let nic = if c.0[3] == 1 { 0 } else { 1 };
+        wire.send_on(nic, "client", &tcp(*c, false, true, 0));
+    }
+    let next = collect(&mut wire, 4, Duration::from_secs(5));
+    let extra = collect(&mut wire, 1, Duration::from_millis(500));
+    assert!(extra.is_empty(), "{extra:?}");
+    let rsts: BTreeSet<Client> = next.iter().filter(|f| f.4).map(|f| f.1).collect();
+    assert_eq!(rsts, closing.iter().copied().collect());
+    let syns: Vec<Client> = next.iter().filter(|f| f.3).map(|f| f.1).collect();
+    assert_eq!(syns.len(), 2, "{next:?}");
+    assert!(syns.iter().all(|c| !admitted.contains(c)));
+    let dump = shmdump_json(&inst, &[]);
+    assert_eq!(active(&dump).iter().sum::<u64>(), 6);
+    assert!(active(&dump).iter().all(|&a| a <= 2));
+    assert_eq!(counter_sum(&dump, "conn_dequeued"), 2);
+    assert_eq!(counter_sum(&dump, "drop_queue_dup"), 1);
+    assert_eq!(counter_sum(&dump, "conn_refused"), 0);
+    drop(app);
+}
+
+/// Past the thresholds the client gets a RST from the VIP: at once when the
+/// switch's queue is full, after `queue_timeout_ms` when it was queued.
+#[test]
+fn held_syns_are_refused_with_rst_when_the_queue_is_full_or_they_waited_too_long() {
+    let inst = unique("qrst");
+    let cfg = config(&inst, 1, "wlc", &[(1, 1)], 300, 3);
+    let app = Appliance::start(&inst, &cfg);
+    let mut wire = Wire::attach(&inst);
+    for i in 0..6u16 {
+        wire.send("client", &tcp(client(3, 30_000 + i), true, false, 0));
+    }
+    let got = collect(&mut wire, 6, Duration::from_secs(10));
+    assert_eq!(got.len(), 6, "{got:?}\n{}", app.log());
+    let admitted: Vec<_> = got.iter().filter(|f| f.0 == "backend").collect();
+    assert_eq!(admitted.len(), 1);
+    assert!(admitted[0].3);
+    let rsts: Vec<_> = got.iter().filter(|f| f.0 == "client").collect();
+    assert_eq!(rsts.len(), 5);
+    for r in &rsts {
+        assert!(r.4, "a RST: {r:?}");
+        assert_eq!(r.1, (VIP, 80));
+        assert_ne!(r.2, admitted[0].1);
+    }
+    let dump = shmdump_json(&inst, &[]);
+    assert_eq!(counter_sum(&dump, "conn_queued"), 3);
+    assert_eq!(counter_sum(&dump, "conn_refused"), 5);
+    assert_eq!(counter_sum(&dump, "rst_sent"), 0);
+    assert_eq!(active(&dump), [1]);
+    drop(app);
+}
+
+/// wrr and wlc split 60 new connections exactly by weight (1:2:3), sh keeps
+/// every connection of a client on one backend; then weight 0 drains a
+/// backend under each: its connections continue, new ones avoid it.
+#[test]
+fn each_scheduler_end_to_end_and_weight_zero_drains() {
+    for sched in ["wrr", "wlc", "sh"] {
+        let inst = unique(sched);
+        let cfg = config(&inst, 1, sched, &[(1, 0), (2, 0), (3, 0)], 1000, 64);
+        let app = Appliance::start(&inst, &cfg);
+        let mut wire = Wire::attach(&inst);
+        let clients: Vec<Client> = (0..60u16)
+            .map(|i| {
+                if sched == "sh" {
+                    client(10 + (i / 6) as u8, 40_000 + i)
+                } else {
+                    client(4, 40_000 + i)
+                }
+            })
+            .collect();
+        for c in &clients {
+            wire.send("client", &tcp(*c, true, false, 0));
+        }
+        let got = collect(&mut wire, 60, Duration::from_secs(10));
+        assert_eq!(got.len(), 60, "{sched}: {}", app.log());
+        let to: BTreeMap<Client, [u8; 4]> = got.iter().map(|f| (f.1, f.2.0)).collect();
+        let mut per = BTreeMap::new();
+        for b in to.values() {
+            *per.entry(b[3]).or_insert(0) += 1;
+        }
+        if sched == "sh" {
+            for host in 10..20u8 {
+                let bs: BTreeSet<_> = to
+                    .iter()
+                    .filter(|(c, _)| c.0[3] == host)
+                    .map(|x| x.1)
+                    .collect();
+                assert_eq!(bs.len(), 1, "sh: client {host} spread over {bs:?}");
+            }
+            assert!(per.len() >= 2, "sh: {per:?}");
+        } else {
+            assert_eq!(per, BTreeMap::from([(1, 10), (2, 20), (3, 30)]), "{sched}");
+        }
+        // Drain web1 (weight 0): existing connections continue there.
+        let gen_before = app.reload_with(&cfg.replacen("  weight = 1\n", "  weight = 0\n", 1));
+        app.wait_generation_above(gen_before, Duration::from_secs(20));
+        let on_web1: Vec<Client> = to
+            .iter()
+            .filter(|(_, b)| b[3] == 1)
+            .map(|(c, _)| *c)
+            .collect();
+        for c in &on_web1 {
+            wire.send("client", &tcp(*c, false, false, 10));
+        }
+        let got = collect(&mut wire, on_web1.len(), Duration::from_secs(10));
+        assert_eq!(got.len(), on_web1.len(), "{sched}");
+        assert!(
+            got.iter().all(|f| f.2.0 == [198, 19, 1, 1]),
+            "{sched}: {got:?}"
+        );
+        for i in 0..60u16 {
+            wire.send(
+                "client",
+                &tcp(client(30 + (i / 6) as u8, 50_000 + i), true, false, 0),
+            );
+        }
+        let got = collect(&mut wire, 60, Duration::from_secs(10));
+        assert_eq!(got.len(), 60, "{sched}");
+        assert!(
+            got.iter().all(|f| f.2.0 != [198, 19, 1, 1]),
+            "{sched}: drained backend got new connections"
+        );
+        drop(app);
+    }
+}
