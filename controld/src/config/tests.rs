@@ -1748,3 +1748,29 @@ fn load_reads_the_secret_file_and_checks_it() {
     );
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn afpacket_example_parses_with_every_mode_and_feature() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../packaging/examples/afpacket.toml");
+    let text = std::fs::read_to_string(path).unwrap();
+    let c = parse(&text).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(c.instance, "edge");
+    assert!(c.ports.iter().all(|p| p.driver == Driver::Afpacket));
+    assert_eq!(
+        c.routing,
+        Routing {
+            mirror: true,
+            resolve: true
+        }
+    );
+    assert_eq!(c.tunnel.source, Some(ip(198, 19, 0, 1)));
+    let modes: Vec<Mode> = c.services.iter().map(|s| s.mode).collect();
+    assert_eq!(modes, [Mode::Nat, Mode::Dr, Mode::Tunnel, Mode::Nat]);
+    assert!(
+        c.services
+            .iter()
+            .all(|s| s.backends.iter().all(|b| b.health.is_some()))
+    );
+    assert!(c.agents.is_some());
+    assert!(c.admin.metrics.is_some());
+}
