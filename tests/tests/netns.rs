@@ -1,7 +1,11 @@
-//! Namespace test bed with real programs. Today: the bed itself (topology,
-//! addressing, cleanup) with the kernel routing between client and
-//! backends; issue 3 puts switchyard on the appliance's interfaces.
+//! Namespace test bed with real programs (curl, wrk, python3 sockets,
+//! testbackend, lb-agent, lbctl): the bed itself, the afpacket port, every
+//! forwarding mode end to end, the init script, and in submodules the
+//! routing mirror, health checks, load agents, lbctl and controlled
+//! loading, all through switchyard on AF_PACKET ports.
 
+#[path = "netns/admin.rs"]
+mod admin;
 #[path = "netns/agents.rs"]
 mod agents;
 #[path = "netns/health.rs"]
