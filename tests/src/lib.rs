@@ -218,3 +218,17 @@ pub fn counter_sum(dump: &serde_json::Value, name: &str) -> u64 {
         .map(|s| s["counters"][name].as_u64().unwrap())
         .sum()
 }
+
+/// Polls `check` every 20 ms until it returns `Ok`, for at most `limit`,
+/// and returns its value; past the limit, panics with the last `Err` (what
+/// was seen instead of what was awaited).
+pub fn wait_for<T>(limit: Duration, mut check: impl FnMut() -> Result<T, String>) -> T {
+    let deadline = Instant::now() + limit;
+    loop {
+        match check() {
+            Ok(v) => return v,
+            Err(e) if Instant::now() >= deadline => panic!("gave up after {limit:?}: {e}"),
+            Err(_) => std::thread::sleep(Duration::from_millis(20)),
+        }
+    }
+}

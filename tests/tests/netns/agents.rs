@@ -63,19 +63,17 @@ fn only_weights(inst: &str, service: &str) -> Vec<u64> {
 
 /// Waits (at most 20 s) until `service`'s weights are `want`.
 fn wait_weights(app: &Appliance, service: &str, want: &[u64]) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
+    switchyard_tests::wait_for(Duration::from_secs(20), || {
         let got = only_weights(&app.instance, service);
         if got == want {
-            return;
+            Ok(())
+        } else {
+            Err(format!(
+                "{service} weights stayed {got:?}, expected {want:?}:\n{}",
+                app.log()
+            ))
         }
-        assert!(
-            Instant::now() < deadline,
-            "{service} weights stayed {got:?}, expected {want:?}:\n{}",
-            app.log()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    })
 }
 
 /// Waits (at most 20 s) until controld's log contains `needle`.

@@ -54,19 +54,17 @@ fn health(inst: &str, service: &str, backend: &str) -> String {
 
 /// Waits (at most 20 s) until the backend's published health is `want`.
 fn wait_health(app: &Appliance, service: &str, backend: &str, want: &str) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
+    switchyard_tests::wait_for(Duration::from_secs(20), || {
         let h = health(&app.instance, service, backend);
         if h == want {
-            return;
+            Ok(())
+        } else {
+            Err(format!(
+                "{service}/{backend} stayed {h}, expected {want}:\n{}",
+                app.log()
+            ))
         }
-        assert!(
-            Instant::now() < deadline,
-            "{service}/{backend} stayed {h}, expected {want}:\n{}",
-            app.log()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    })
 }
 
 /// `n` curl requests to the VIP from the client: every one must succeed;
