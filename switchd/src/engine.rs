@@ -148,6 +148,7 @@ pub fn run<N: Nic>(
                 now_ms: ms_since(epoch, now),
                 pid,
                 counters: &mut counters,
+                hops: Default::default(),
                 sched: core::mem::take(&mut sched),
             };
             for local in 0..nic.port_count() {

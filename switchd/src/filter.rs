@@ -19,6 +19,7 @@ use shm_layout::ring::{Ring, midflow_event};
 use shm_layout::routing_slot::{NoRoute, RoutingView};
 use shm_layout::switch_slot::{BackendCounters, Counter, N_COUNTERS};
 
+use crate::hops::HopCache;
 use crate::sched::{self, Pick, SchedState};
 use crate::wire::{self, checksum, ipip, tcp};
 
@@ -51,6 +52,8 @@ pub struct Ctx<'a> {
     /// This switch's scheduler state (`wrr` credits); the engine moves it
     /// in and out (no allocation).
     pub sched: SchedState,
+    /// Next hops already looked up in `rt` (fresh with each `rt`).
+    pub hops: HopCache,
 }
 
 impl core::fmt::Debug for Ctx<'_> {
@@ -795,7 +798,7 @@ fn next_hop(
     port_mac: &impl Fn(u32) -> Option<[u8; 6]>,
     ctx: &mut Ctx<'_>,
 ) -> Result<(u32, [u8; 6], [u8; 6]), Verdict> {
-    let hop = match ctx.rt.next_hop(route_to) {
+    let hop = match ctx.hops.next_hop(&ctx.rt, route_to) {
         Ok(h) => h,
         Err(NoRoute::NoRoute) => return Err(ctx.drop(Counter::DropNoRoute)),
         Err(NoRoute::NoNeighbour) => return Err(ctx.drop(Counter::DropNoNeighbour)),

@@ -114,6 +114,7 @@ impl Fixture {
             now_ms: r.now_ms(),
             pid: std::process::id(),
             counters,
+            hops: Default::default(),
             sched: SchedState::new(cfg.backends.len()),
         }
     }
