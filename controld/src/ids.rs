@@ -70,14 +70,14 @@ impl IdAllocator {
         Ok(out)
     }
 
-    /// Frees retired ids whose active connection count is zero.
-    pub fn release_idle(&mut self, active: impl Fn(u32) -> u32) -> usize {
-        let before = self.retired.len();
+    /// Frees retired ids whose active connection count is zero; returns
+    /// them (their shared counters should start from zero when reused).
+    pub fn release_idle(&mut self, active: impl Fn(u32) -> u32) -> Vec<u32> {
         let (idle, busy): (Vec<u32>, Vec<u32>) =
             self.retired.drain(..).partition(|&id| active(id) == 0);
         self.retired = busy;
-        self.free.extend(idle);
-        before - self.retired.len()
+        self.free.extend(&idle);
+        idle
     }
 
     /// The id of a configured backend.
@@ -114,8 +114,8 @@ mod tests {
         // ident(2)'s id still has connections: a newcomer must not get it.
         let third = a.assign(&[ident(3), ident(1), ident(4)]).unwrap();
         assert!(!third.contains(&first[1]));
-        assert_eq!(a.release_idle(|id| if id == first[1] { 1 } else { 0 }), 0);
-        assert_eq!(a.release_idle(|_| 0), 1);
+        assert_eq!(a.release_idle(|id| if id == first[1] { 1 } else { 0 }), Vec::<u32>::new());
+        assert_eq!(a.release_idle(|_| 0), [first[1]]);
         assert!(
             a.assign(&[ident(3), ident(1), ident(4), ident(5), ident(6)])
                 .is_err()

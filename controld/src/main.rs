@@ -827,12 +827,17 @@ fn run(args: &Args) -> Result<()> {
         ev.drain(&region);
         if last_release.elapsed() > Duration::from_secs(1) {
             let counters = region.backend_counters();
-            st.ids.release_idle(|id| {
+            let released = st.ids.release_idle(|id| {
                 counters
                     .get(id as usize)
                     .map(|c| c.active.load(Ordering::Relaxed))
                     .unwrap_or(0)
             });
+            // No configuration names a released id and none will until it is
+            // assigned again: its totals restart at zero for the next owner.
+            for c in released.iter().filter_map(|&id| counters.get(id as usize)) {
+                c.reset_totals();
+            }
             last_release = Instant::now();
         }
         if st.rates.due(Instant::now()) {

@@ -166,6 +166,18 @@ pub struct BackendCounters {
     pub _pad1: [u64; 3],
 }
 
+impl BackendCounters {
+    /// Zeroes the totals and latency samples of an id no configuration
+    /// names any more (controld, when it frees the id), so its next owner
+    /// does not inherit them. `active` is left to the switches and the GC.
+    pub fn reset_totals(&self) {
+        self.total.store(0, Ordering::Relaxed);
+        self.syn_ack_count.store(0, Ordering::Relaxed);
+        self.syn_ack_sum_ms.store(0, Ordering::Relaxed);
+        self.syn_ack_slow.store(0, Ordering::Relaxed);
+    }
+}
+
 const _: () = assert!(size_of::<BackendCounters>() == 64);
 
 pub(crate) const fn backend_fingerprint(fp: Fingerprint) -> Fingerprint {

@@ -1211,3 +1211,41 @@ fn metrics_match_the_region() {
         "the listener goes with controld"
     );
 }
+
+/// A backend removed by a reload gives its id back once its connections
+/// are gone; the backend that gets the id next starts from zero counts
+/// (not the departed backend's totals).
+#[test]
+fn a_reused_backend_id_starts_from_zero_totals() {
+    let inst = unique("adm-reuse");
+    let mut cfg = Cfg::default();
+    let app = Appliance::start(&inst, &render(&inst, &cfg));
+    run_traffic(&inst, "web", 600, 7);
+    let before = dump_backends(&shmdump_json(&inst, &[]));
+    let web3 = &before["web/web3"];
+    assert!(web3["total_conns"].as_u64().unwrap() > 0, "{web3}");
+    assert_eq!(web3["active_conns"], 0, "traffic closed every connection");
+
+    // web3 leaves; controld frees its id on its next once-a-second pass.
+    cfg.web.truncate(2);
+    let g = app.reload_with(&render(&inst, &cfg));
+    app.wait_generation_above(g, Duration::from_secs(10));
+    std::thread::sleep(Duration::from_millis(2500));
+
+    // A new backend comes: it gets the freed id, with zero totals.
+    cfg.web.push(B {
+        name: "web4",
+        last_octet: 4,
+        weight: 1,
+    });
+    let g = app.reload_with(&render(&inst, &cfg));
+    app.wait_generation_above(g, Duration::from_secs(10));
+    let after = dump_backends(&shmdump_json(&inst, &[]));
+    let web4 = &after["web/web4"];
+    assert_eq!(web4["id"], web3["id"], "the freed id was reused: {web4}");
+    assert_eq!(web4["total_conns"], 0, "{web4}");
+    assert_eq!(
+        after["web/web1"]["total_conns"], before["web/web1"]["total_conns"],
+        "others keep theirs"
+    );
+}

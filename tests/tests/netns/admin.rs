@@ -3,7 +3,7 @@
 //! connection opened before keeps working, `enable` brings it back, and
 //! `show` reports what happened. Every wait is bounded.
 
-use std::io::{Read, Write};
+use std::io::{BufRead, Write};
 use std::process::Command;
 
 use switchyard_tests::bin;
@@ -48,25 +48,38 @@ fn lbctl_drains_and_enables_a_backend_of_the_afpacket_appliance() {
 
     // A keep-alive connection opened before the drain, from the client
     // namespace (python3 holds it open across the drain).
-    let script = "import socket,sys,time\n\
-        s=socket.create_connection(('198.18.0.10',80),timeout=10)\n\
-        def get():\n\
-        \x20 s.sendall(b'GET / HTTP/1.1\\r\\nHost: x\\r\\n\\r\\n'); d=b''\n\
-        \x20 while not d.endswith(b'\\n') or b'\\r\\n\\r\\n' not in d: d+=s.recv(100)\n\
-        \x20 return d.split(b'\\r\\n\\r\\n')[1].decode().strip()\n\
-        print(get(), flush=True)\n\
-        sys.stdin.readline()\n\
-        print(get(), flush=True)\n";
+    // Each answer is read whole: headers, then Content-Length bytes.
+    let script = r#"
+import socket, sys
+s = socket.create_connection(('198.18.0.10', 80), timeout=10)
+f = s.makefile('rb')
+def get():
+    s.sendall(b'GET / HTTP/1.1\r\nHost: x\r\n\r\n')
+    n = 0
+    while True:
+        line = f.readline()
+        if line in (b'\r\n', b''):
+            break
+        k, _, v = line.decode().partition(':')
+        if k.lower() == 'content-length':
+            n = int(v)
+    return f.read(n).decode().strip()
+print(get(), flush=True)
+sys.stdin.readline()
+print(get(), flush=True)
+"#;
     let mut held = Command::new("ip")
         .args(["netns", "exec", &bed.ns("cl"), "python3", "-c", script])
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    let mut out = held.stdout.take().unwrap();
-    let mut first = [0u8; 9];
-    out.read_exact(&mut first).unwrap();
-    let first = String::from_utf8_lossy(&first[..8]).to_string();
+    // Lines, not fixed sizes: a python that fails ends them with EOF (its
+    // socket has a 10 s timeout), so no read here can hang.
+    let mut out = std::io::BufReader::new(held.stdout.take().unwrap());
+    let mut first = String::new();
+    out.read_line(&mut first).unwrap();
+    let first = first.trim().to_string();
     assert!(first.starts_with("backend"), "{first:?}");
 
     // Drain the backend that connection went to.
@@ -84,7 +97,7 @@ fn lbctl_drains_and_enables_a_backend_of_the_afpacket_appliance() {
     // The connection opened before the drain still works.
     held.stdin.take().unwrap().write_all(b"\n").unwrap();
     let mut second = String::new();
-    out.read_to_string(&mut second).unwrap();
+    out.read_line(&mut second).unwrap();
     assert_eq!(second.trim(), first, "existing connection kept its backend");
     assert!(held.wait().unwrap().success());
 
