@@ -114,7 +114,10 @@ mod tests {
         // ident(2)'s id still has connections: a newcomer must not get it.
         let third = a.assign(&[ident(3), ident(1), ident(4)]).unwrap();
         assert!(!third.contains(&first[1]));
-        assert_eq!(a.release_idle(|id| if id == first[1] { 1 } else { 0 }), Vec::<u32>::new());
+        assert_eq!(
+            a.release_idle(|id| if id == first[1] { 1 } else { 0 }),
+            Vec::<u32>::new()
+        );
         assert_eq!(a.release_idle(|_| 0), [first[1]]);
         assert!(
             a.assign(&[ident(3), ident(1), ident(4), ident(5), ident(6)])
