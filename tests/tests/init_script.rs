@@ -85,6 +85,25 @@ fn init_script_start_status_reload_stop() {
     let (code, text) = script(&dir.0, "reload");
     assert_eq!(code, 1, "{text}");
     assert!(text.contains("70000"), "{text}");
+    // A valid file that changes a restart-only section passes --check; the
+    // script reports controld's refusal (through lbctl), not "reloading".
+    let g = region.generation(Table::Config);
+    std::fs::write(
+        dir.0.join("switchyard.toml"),
+        cfg.replace("connections = 262144", "connections = 524288"),
+    )
+    .unwrap();
+    let (code, text) = script(&dir.0, "reload");
+    assert_eq!(code, 1, "{text}");
+    assert!(
+        text.contains("reload refused") && text.contains("[limits] changed, which needs a restart"),
+        "{text}"
+    );
+    assert_eq!(
+        region.generation(Table::Config),
+        g,
+        "running configuration kept"
+    );
     drop(region);
 
     let (code, text) = script(&dir.0, "stop");
