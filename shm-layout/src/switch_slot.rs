@@ -75,6 +75,7 @@ counters! {
     ConnQueued = 31, "conn_queued", "new connections held in the switch's queue because every eligible backend was at its max_conns";
     ConnDequeued = 32, "conn_dequeued", "queued new connections sent to a backend once one had room";
     ConnRefused = 33, "conn_refused", "new connections refused (TCP: RST to the client; UDP: dropped) because every eligible backend stayed full: queue full, queue timeout, or no queueing";
+    IcmpRateLimited = 35, "icmp_rate_limited", "ICMP fragmentation-needed answers not sent because the switch's ICMP budget (1000/s, bursts of 100) was spent; the packet was dropped";
     DropQueueDup = 34, "drop_queue_dup", "retransmitted SYNs (or datagrams) of a flow already waiting in the queue";
 }
 

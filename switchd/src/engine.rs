@@ -11,7 +11,7 @@ use shm_layout::region::{Region, ms_since};
 use shm_layout::switch_slot::{Counter, N_COUNTERS, SW_RUNNING, SwitchSlot};
 use shm_layout::time::mono_ns;
 
-use crate::filter::{self, Ctx, Verdict};
+use crate::filter::{self, Ctx, IcmpBudget, Verdict};
 use crate::sched::SchedState;
 use crate::synq::{Retry, SynQueue};
 
@@ -104,6 +104,7 @@ pub fn run<N: Nic>(
     let mut empty_loops = 0u32;
     let mut nap = MIN_NAP;
     let mut sched = SchedState::new(region.caps().backends as usize);
+    let mut icmp = IcmpBudget::new(mono_ns());
     let mut synq = SynQueue::new(settings.syn_queue);
 
     me.pid.store(pid, Ordering::Relaxed);
@@ -150,6 +151,7 @@ pub fn run<N: Nic>(
                 counters: &mut counters,
                 hops: Default::default(),
                 sched: core::mem::take(&mut sched),
+                icmp_tokens: icmp.take(now),
             };
             for local in 0..nic.port_count() {
                 let n = nic.rx_burst(local, &mut frames[..burst]);
@@ -218,6 +220,7 @@ pub fn run<N: Nic>(
                 retry_held(nic, &mut synq, map, &port_mac, &mut ctx);
             }
             sched = core::mem::take(&mut ctx.sched);
+            icmp.put_back(ctx.icmp_tokens);
         }
         nic.reclaim();
         if !region.end_read(Table::Config, ctok, me) {

@@ -54,6 +54,49 @@ pub struct Ctx<'a> {
     pub sched: SchedState,
     /// Next hops already looked up in `rt` (fresh with each `rt`).
     pub hops: HopCache,
+    /// ICMP answers this switch may still send (a token bucket the engine
+    /// refills between loops; see [`IcmpBudget`]).
+    pub icmp_tokens: u32,
+}
+
+/// The rate limit of ICMP answers per switch: a token bucket of
+/// [`IcmpBudget::BURST`] refilled at [`IcmpBudget::PER_SECOND`]. An
+/// oversized packet costs one ICMP answer, smaller than itself, but a
+/// flood of them must not turn the switch into an ICMP generator.
+#[derive(Clone, Copy, Debug)]
+pub struct IcmpBudget {
+    tokens: u32,
+    last_ns: u64,
+}
+
+impl IcmpBudget {
+    pub const PER_SECOND: u64 = 1000;
+    pub const BURST: u32 = 100;
+
+    pub fn new(now_ns: u64) -> Self {
+        Self {
+            tokens: Self::BURST,
+            last_ns: now_ns,
+        }
+    }
+
+    /// Tokens available at `now_ns` (refilled since the last call).
+    #[inline]
+    pub fn take(&mut self, now_ns: u64) -> u32 {
+        let per_token = 1_000_000_000 / Self::PER_SECOND;
+        let earned = now_ns.saturating_sub(self.last_ns) / per_token;
+        if earned > 0 {
+            self.tokens = (self.tokens as u64 + earned).min(Self::BURST as u64) as u32;
+            self.last_ns += earned * per_token;
+        }
+        core::mem::take(&mut self.tokens)
+    }
+
+    /// Returns the tokens a loop did not use.
+    #[inline]
+    pub fn put_back(&mut self, unused: u32) {
+        self.tokens = (self.tokens + unused).min(Self::BURST);
+    }
 }
 
 impl core::fmt::Debug for Ctx<'_> {
@@ -690,9 +733,13 @@ fn tunnel(
         if !df {
             return ctx.drop(Counter::DropTooBig);
         }
+        if ctx.icmp_tokens == 0 {
+            return ctx.drop(Counter::IcmpRateLimited);
+        }
         let inner_mtu = (mtu - ipip::OVERHEAD) as u16;
         return match wire::icmp_frag_needed_in_place(frame, l4.frame_len, inner_mtu) {
             Ok(n) => {
+                ctx.icmp_tokens -= 1;
                 ctx.count(Counter::IcmpFragNeeded);
                 Verdict::Tx {
                     port: in_port,
@@ -952,6 +999,41 @@ mod tests {
         assert!(matches!(v2, Verdict::Tx { port: 1, .. }));
         assert_eq!(buf2[30..34], o.destination);
         assert_eq!(c[Counter::FwdHit as usize], 1);
+    }
+
+    #[test]
+    fn icmp_budget_refills_at_its_rate_up_to_its_burst() {
+        let mut b = IcmpBudget::new(0);
+        assert_eq!(b.take(0), IcmpBudget::BURST);
+        b.put_back(3);
+        assert_eq!(b.take(0), 3, "unused tokens come back");
+        assert_eq!(b.take(999_999), 0, "less than a token's time");
+        assert_eq!(b.take(5_000_000), 5, "one per millisecond");
+        assert_eq!(b.take(10_000_000_000), IcmpBudget::BURST, "capped");
+    }
+
+    #[test]
+    fn frag_needed_answers_stop_when_the_budget_is_spent() {
+        let fx = Fixture::new("unit-icmpbudget", 1 << 12);
+        let mut c = [0u64; N_COUNTERS];
+        let mut ctx = fx.ctx(&mut c);
+        ctx.icmp_tokens = 2;
+        let mut verdicts = Vec::new();
+        for port in 41_000..41_004 {
+            let f = to_tunnel(port, false, true, 1460);
+            let mut buf = vec![0u8; 2048];
+            buf[..f.len()].copy_from_slice(&f);
+            verdicts.push(process(&mut buf, f.len(), 0, &port_mac, &mut ctx));
+        }
+        assert_eq!(ctx.icmp_tokens, 0);
+        drop(ctx);
+        assert!(matches!(
+            verdicts[..2],
+            [Verdict::Tx { port: 0, .. }, Verdict::Tx { port: 0, .. }]
+        ));
+        assert_eq!(verdicts[2..], [Verdict::Drop, Verdict::Drop]);
+        assert_eq!(c[Counter::IcmpFragNeeded as usize], 2);
+        assert_eq!(c[Counter::IcmpRateLimited as usize], 2);
     }
 
     #[test]

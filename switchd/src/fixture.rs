@@ -115,6 +115,7 @@ impl Fixture {
             pid: std::process::id(),
             counters,
             hops: Default::default(),
+            icmp_tokens: crate::filter::IcmpBudget::BURST,
             sched: SchedState::new(cfg.backends.len()),
         }
     }
