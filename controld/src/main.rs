@@ -18,7 +18,7 @@ use controld::admin::proto::{self, BackendRef, ChangeReply, ReloadReply, Request
 use controld::admin::rates::Rates;
 use controld::admin::server::{Job, Server};
 use controld::admin::{self, metrics, view};
-use controld::agents::{self, Steer};
+use controld::agents;
 use controld::config::{self, Config};
 use controld::gc::Gc;
 use controld::health::Monitor;
@@ -652,15 +652,8 @@ fn run(args: &Args) -> Result<()> {
     if args.check {
         // Build the snapshot too: it catches what only the master knows.
         let mut ids = IdAllocator::new(cfg.limits.backends.saturating_mul(4));
-        master::config_snapshot(
-            &cfg,
-            &mut ids,
-            &Overrides::default(),
-            |_| false,
-            |_| Steer::Configured,
-            |_| None,
-        )
-        .map_err(|e| anyhow::anyhow!("{}: {e}", args.config.display()))?;
+        master::file_snapshot(&cfg, &mut ids)
+            .map_err(|e| anyhow::anyhow!("{}: {e}", args.config.display()))?;
         let backends: usize = cfg.services.iter().map(|s| s.backends.len()).sum();
         println!(
             "{}: OK ({} services, {} backends, {} switches, {} ports)",

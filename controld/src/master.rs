@@ -184,6 +184,19 @@ pub fn config_snapshot(
     Ok(snap)
 }
 
+/// The snapshot of the file alone: no runtime overrides, every backend up,
+/// no agent steering, the configured limits (`controld --check`, tests).
+pub fn file_snapshot(cfg: &Config, ids: &mut IdAllocator) -> Result<ConfigSnapshot, String> {
+    config_snapshot(
+        cfg,
+        ids,
+        &Overrides::default(),
+        |_| false,
+        |_| Steer::Configured,
+        |_| None,
+    )
+}
+
 /// Builds the routing snapshot from static routes and neighbours alone
 /// (see [`crate::routing::table::build`] for the merge with the kernel's).
 pub fn routing_snapshot(cfg: &Config) -> RoutingSnapshot {
@@ -221,15 +234,7 @@ mod tests {
     fn down_backends_leave_the_table_keep_their_record_and_get_the_policy() {
         let cfg = config("reset");
         let mut ids = IdAllocator::new(64);
-        let all_up = config_snapshot(
-            &cfg,
-            &mut ids,
-            &Overrides::default(),
-            |_| false,
-            |_| Steer::Configured,
-            |_| None,
-        )
-        .unwrap();
+        let all_up = file_snapshot(&cfg, &mut ids).unwrap();
         // Everything "down" by the health view: only checked backends are.
         let snap = config_snapshot(
             &cfg,
@@ -312,15 +317,7 @@ mod tests {
     fn a_down_backend_gets_no_table_entry_and_its_peers_take_them() {
         let cfg = config("reschedule");
         let mut ids = IdAllocator::new(64);
-        let before = config_snapshot(
-            &cfg,
-            &mut ids,
-            &Overrides::default(),
-            |_| false,
-            |_| Steer::Configured,
-            |_| None,
-        )
-        .unwrap();
+        let before = file_snapshot(&cfg, &mut ids).unwrap();
         let web2 = BackendIdentity {
             vip: "198.18.0.10".parse().unwrap(),
             vport: 80,
@@ -491,15 +488,7 @@ mod override_tests {
     fn overrides_set_effective_weights_flags_and_the_table() {
         let cfg = config();
         let mut ids = IdAllocator::new(64);
-        let plain = config_snapshot(
-            &cfg,
-            &mut ids,
-            &Overrides::default(),
-            |_| false,
-            |_| Steer::Configured,
-            |_| None,
-        )
-        .unwrap();
+        let plain = file_snapshot(&cfg, &mut ids).unwrap();
         assert_eq!(plain.tables[0], table_for(&[1, 2, 3]));
         let w: Vec<u32> = plain.backends.iter().map(|b| b.weight).collect();
         assert_eq!(w, [1, 2, 3]);
