@@ -914,6 +914,24 @@ mod tests {
         (v, buf)
     }
 
+    /// The IPv4 and TCP headers of an IP packet, both checksums checked.
+    fn checked_tcp(ip_packet: &[u8]) -> (etherparse::Ipv4Header, etherparse::TcpHeader) {
+        let p = etherparse::SlicedPacket::from_ip(ip_packet).unwrap();
+        let Some(etherparse::NetSlice::Ipv4(ip)) = p.net else {
+            panic!("not IPv4")
+        };
+        let Some(etherparse::TransportSlice::Tcp(t)) = p.transport else {
+            panic!("not TCP")
+        };
+        let (iph, th) = (ip.header().to_header(), t.to_header());
+        assert_eq!(iph.header_checksum, iph.calc_header_checksum());
+        assert_eq!(
+            th.checksum,
+            th.calc_checksum_ipv4(&iph, t.payload()).unwrap()
+        );
+        (iph, th)
+    }
+
     #[test]
     fn syn_is_natted_to_a_backend_with_valid_checksums() {
         let fx = Fixture::new("unit-syn", 1 << 12);
@@ -922,22 +940,10 @@ mod tests {
         let Verdict::Tx { port: 1, len } = v else {
             panic!("{v:?}")
         };
-        let p = etherparse::SlicedPacket::from_ethernet(&buf[..len]).unwrap();
-        let Some(etherparse::NetSlice::Ipv4(ip)) = p.net else {
-            panic!()
-        };
-        let Some(etherparse::TransportSlice::Tcp(t)) = p.transport else {
-            panic!()
-        };
-        let iph = ip.header().to_header();
-        assert_eq!(iph.header_checksum, iph.calc_header_checksum());
-        assert_eq!(
-            t.checksum(),
-            t.to_header().calc_checksum_ipv4(&iph, &[]).unwrap()
-        );
+        let (iph, t) = checked_tcp(&buf[14..len]);
         assert_eq!(iph.time_to_live, 63);
         assert_eq!(&iph.destination[..3], &[198, 19, 1]);
-        assert_eq!(t.destination_port(), 8080);
+        assert_eq!(t.destination_port, 8080);
         assert_eq!(c[Counter::ConnNew as usize], 1);
     }
 
@@ -979,18 +985,10 @@ mod tests {
         let backend_mac = [2, 0, 0, 0, 1, o.destination[3]];
         assert_eq!(&buf[..12], &[backend_mac, [2, 0, 0, 0, 0, 2]].concat()[..]);
         // Inner: VIP and port unchanged, TTL decremented, checksums valid.
-        let p = etherparse::SlicedPacket::from_ip(&buf[34..len]).unwrap();
-        let Some(etherparse::NetSlice::Ipv4(ip)) = p.net else {
-            panic!()
-        };
-        let Some(etherparse::TransportSlice::Tcp(t)) = p.transport else {
-            panic!()
-        };
-        let iph = ip.header().to_header();
-        assert_eq!(iph.header_checksum, iph.calc_header_checksum());
+        let (iph, t) = checked_tcp(&buf[34..len]);
         assert_eq!(iph.destination, VIP.to_be_bytes());
         assert_eq!(iph.time_to_live, 63);
-        assert_eq!(t.destination_port(), 443);
+        assert_eq!(t.destination_port, 443);
         assert_eq!(&buf[34 + 20..len], &frame[14 + 20..]);
         assert_eq!(c[Counter::ConnNew as usize], 1);
         // The connection has no reply slot (replies bypass the switch) and

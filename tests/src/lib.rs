@@ -232,3 +232,14 @@ pub fn wait_for<T>(limit: Duration, mut check: impl FnMut() -> Result<T, String>
         }
     }
 }
+
+/// The published record of service `name` in a `shmdump --json` dump.
+pub fn dump_service(dump: &serde_json::Value, name: &str) -> serde_json::Value {
+    dump["config"]["services"]
+        .as_array()
+        .expect("services")
+        .iter()
+        .find(|s| s["name"] == name)
+        .unwrap_or_else(|| panic!("no service {name} in the dump"))
+        .clone()
+}

@@ -1228,8 +1228,7 @@ fn a_reused_backend_id_starts_from_zero_totals() {
 
     // web3 leaves; controld frees its id on its next once-a-second pass.
     cfg.web.truncate(2);
-    let g = app.reload_with(&render(&inst, &cfg));
-    app.wait_generation_above(g, Duration::from_secs(10));
+    app.reload_and_wait(&render(&inst, &cfg));
     std::thread::sleep(Duration::from_millis(2500));
 
     // A new backend comes: it gets the freed id, with zero totals.
@@ -1238,8 +1237,7 @@ fn a_reused_backend_id_starts_from_zero_totals() {
         last_octet: 4,
         weight: 1,
     });
-    let g = app.reload_with(&render(&inst, &cfg));
-    app.wait_generation_above(g, Duration::from_secs(10));
+    app.reload_and_wait(&render(&inst, &cfg));
     let after = dump_backends(&shmdump_json(&inst, &[]));
     let web4 = &after["web/web4"];
     assert_eq!(web4["id"], web3["id"], "the freed id was reused: {web4}");

@@ -249,8 +249,7 @@ fn each_scheduler_end_to_end_and_weight_zero_drains() {
             assert_eq!(per, BTreeMap::from([(1, 10), (2, 20), (3, 30)]), "{sched}");
         }
         // Drain web1 (weight 0): existing connections continue there.
-        let gen_before = app.reload_with(&cfg.replacen("  weight = 1\n", "  weight = 0\n", 1));
-        app.wait_generation_above(gen_before, Duration::from_secs(20));
+        app.reload_and_wait(&cfg.replacen("  weight = 1\n", "  weight = 0\n", 1));
         let on_web1: Vec<Client> = to
             .iter()
             .filter(|(_, b)| b[3] == 1)

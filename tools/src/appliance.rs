@@ -156,6 +156,13 @@ impl Appliance {
         before
     }
 
+    /// [`Self::reload_with`], then waits (at most 20 s) until the reload is
+    /// published; returns the new generation.
+    pub fn reload_and_wait(&self, config: &str) -> u64 {
+        let before = self.reload_with(config);
+        self.wait_generation_above(before, Duration::from_secs(20))
+    }
+
     /// Waits until the configuration generation exceeds `gen`.
     pub fn wait_generation_above(&self, above: u64, limit: Duration) -> u64 {
         let deadline = Instant::now() + limit;

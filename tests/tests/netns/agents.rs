@@ -28,22 +28,10 @@ fn agents_table(silent_ms: u32) -> String {
     )
 }
 
-/// Reloads with `cfg` and waits for the new generation.
-fn reload(app: &Appliance, cfg: &str) {
-    let before = app.reload_with(cfg);
-    app.wait_generation_above(before, Duration::from_secs(20));
-}
-
 /// `(weight, table entries)` of each backend of `service`, in order.
 fn weights(inst: &str, service: &str) -> Vec<(u64, u64)> {
     let d = shmdump_json(inst, &[]);
-    let svc = d["config"]["services"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|s| s["name"] == service)
-        .unwrap_or_else(|| panic!("no service {service}"))
-        .clone();
+    let svc = switchyard_tests::dump_service(&d, service);
     svc["backends"]
         .as_array()
         .unwrap()
@@ -137,7 +125,7 @@ fn genuine_reports_steer_weights_and_forged_stale_replayed_ones_are_counted_and_
         assert_eq!(cfg.matches(&from).count(), 1, "{from:?} in\n{cfg}");
         cfg = cfg.replacen(&from, "  weight = 100\n", 1);
     }
-    reload(&app, &format!("{cfg}{}", agents_table(600_000)));
+    app.reload_and_wait(&format!("{cfg}{}", agents_table(600_000)));
     wait_log(
         &app,
         &format!("agents: listening for lb-agent reports on {LISTEN_IP}:{LISTEN_PORT}"),
@@ -279,7 +267,7 @@ fn genuine_reports_steer_weights_and_forged_stale_replayed_ones_are_counted_and_
 
     // Silence: a reload that makes 200 ms silent brings backend1's
     // configured weight back; the replay mark survived the reload.
-    reload(&app, &format!("{cfg}{}", agents_table(200)));
+    app.reload_and_wait(&format!("{cfg}{}", agents_table(200)));
     wait_weights(&app, "web", &[100, 100, 100]);
     wait_log(
         &app,

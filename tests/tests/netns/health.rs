@@ -28,20 +28,13 @@ fn after(text: &str, marker: &str, insert: &str) -> String {
 /// (health tables are reloadable) and waits for the new generation.
 fn reload(app: &Appliance, edit: impl FnOnce(String) -> String) {
     let cfg = edit(std::fs::read_to_string(&app.config_path).unwrap());
-    let gen_before = app.reload_with(&cfg);
-    app.wait_generation_above(gen_before, Duration::from_secs(20));
+    app.reload_and_wait(&cfg);
 }
 
 /// The published health of a backend ("up", "down" or "unchecked").
 fn health(inst: &str, service: &str, backend: &str) -> String {
     let d = shmdump_json(inst, &[]);
-    let svc = d["config"]["services"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|s| s["name"] == service)
-        .unwrap_or_else(|| panic!("no service {service}"))
-        .clone();
+    let svc = switchyard_tests::dump_service(&d, service);
     let b = svc["backends"]
         .as_array()
         .unwrap()

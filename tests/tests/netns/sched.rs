@@ -48,8 +48,7 @@ fn set_web(app: &Appliance, limited: bool) {
         .find("[[service]]\nname = \"dns\"")
         .expect("dns service");
     let new = format!("{}{}{}", &cfg[..start], web_service(limited), &cfg[end..]);
-    let before = app.reload_with(&new);
-    app.wait_generation_above(before, Duration::from_secs(20));
+    app.reload_and_wait(&new);
 }
 
 /// Enters the client namespace on this thread.
@@ -138,13 +137,7 @@ fn load(bed: &Bed, run: Duration, during: impl FnOnce()) -> Phase {
 /// The published limit and SYN-ACK counters of backend1.
 fn backend1(inst: &str) -> serde_json::Value {
     let d = shmdump_json(inst, &[]);
-    d["config"]["services"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|s| s["name"] == "web")
-        .unwrap()["backends"][0]
-        .clone()
+    switchyard_tests::dump_service(&d, "web")["backends"][0].clone()
 }
 
 #[test]
