@@ -8,11 +8,13 @@
 //! policy `busy`) to another. The generator keeps the switch's RX ring full
 //! and counts frames leaving the other port.
 
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use netdrv::vnic::VnicWire;
 use serde::Serialize;
+use shm_layout::switch_slot::Counter;
 
 use crate::appliance::Appliance;
 use crate::frames::{self, Spec, TcpFlags};
@@ -26,6 +28,10 @@ pub struct BenchConfig {
     pub switch_cpu: usize,
     /// Established flows cycled through.
     pub flows: usize,
+    /// The appliance's `[limits] connections`.
+    pub connections: usize,
+    /// Print each measurement (rate and frames the switch received) to stderr.
+    pub verbose: bool,
 }
 
 impl BenchConfig {
@@ -37,6 +43,8 @@ impl BenchConfig {
             gen_cpu: 0,
             switch_cpu: 1,
             flows: 4096,
+            connections: 1 << 20,
+            verbose: false,
         }
     }
 
@@ -76,9 +84,9 @@ const VIP: [u8; 4] = [198, 18, 0, 10];
 const GW: [u8; 6] = [2, 0, 0, 0, 2, 1];
 const PORT0: [u8; 6] = [2, 0, 0, 0, 0, 1];
 
-fn config(instance: &str, engine: &str, cpu: usize) -> String {
+fn config(instance: &str, engine: &str, cpu: usize, conns: usize) -> String {
     let mut s = format!(
-        "instance = \"{instance}\"\n[limits]\nconnections = 1048576\n[timeouts]\ntcp_syn = 1\ntcp_fin = 1\n\n\
+        "instance = \"{instance}\"\n[limits]\nconnections = {conns}\n[timeouts]\ntcp_syn = 1\ntcp_fin = 1\n\n\
          [[port]]\nname = \"client\"\ndriver = \"vnic\"\nmac = \"02:00:00:00:00:01\"\nring_size = 1024\n\n\
          [[port]]\nname = \"backend\"\ndriver = \"vnic\"\nmac = \"02:00:00:00:00:02\"\nring_size = 1024\n\n\
          [[switch]]\nname = \"sw0\"\ncpu = {cpu}\nports = [\"client\", \"backend\"]\nidle = \"busy\"\nburst = 32\nengine = \"{engine}\"\n\n\
@@ -224,6 +232,15 @@ fn pump(
     got as f64 / el
 }
 
+fn scenario_name(engine: &str, load: Load) -> &'static str {
+    match (engine, load) {
+        ("null", _) => "null",
+        (_, Load::Established) => "established",
+        (_, Load::NewFlows) => "new_flows",
+        (_, Load::Mix) => "mix",
+    }
+}
+
 fn median(v: &[f64]) -> f64 {
     let mut s = v.to_vec();
     s.sort_by(|a, b| a.partial_cmp(b).expect("no NaN"));
@@ -294,7 +311,10 @@ pub fn run(cfg: &BenchConfig) -> Result<Vec<SizeResult>> {
             // one scenario's table state never leaks into the next.
             for (k, &(engine, load)) in scenarios.iter().enumerate() {
                 let inst = format!("bench-{pid}-{size}-{run}-{k}");
-                let app = Appliance::start(&inst, &config(&inst, engine, cfg.switch_cpu));
+                let app = Appliance::start(
+                    &inst,
+                    &config(&inst, engine, cfg.switch_cpu, cfg.connections),
+                );
                 let (mut wire, inp, out) = wire_for(&app)?;
                 if engine == "filter" {
                     establish(&mut wire, inp, out, cfg.flows);
@@ -306,6 +326,14 @@ pub fn run(cfg: &BenchConfig) -> Result<Vec<SizeResult>> {
                 };
                 let mut next_new = 0u32;
                 let rate = pump(&mut wire, inp, out, cfg.duration, &tr, &mut next_new) / 1e6;
+                if cfg.verbose {
+                    let rx = app.region().switch_slots()[0].counters[Counter::RxPackets as usize]
+                        .load(Ordering::Relaxed);
+                    eprintln!(
+                        "run {run} {size} B {}: {rate:.2} Mpps (switch received {rx} frames)",
+                        scenario_name(engine, load)
+                    );
+                }
                 let s = &mut samples[si];
                 match (engine, load) {
                     ("null", _) => s.ceiling.push(rate),

@@ -51,6 +51,15 @@ struct BenchArgs {
     /// One JSON object per frame size.
     #[arg(long)]
     json: bool,
+    /// Frame sizes in bytes (comma-separated; 60..=2048).
+    #[arg(long, value_delimiter = ',', default_values_t = [64usize, 1500])]
+    frames: Vec<usize>,
+    /// The appliance's `[limits] connections` (its table has 4 slots each).
+    #[arg(long, default_value_t = 1_048_576)]
+    connections: usize,
+    /// Print every measurement, with the frames the switch received, to stderr.
+    #[arg(long)]
+    verbose: bool,
 }
 
 #[derive(clap::Args, Debug)]
@@ -142,6 +151,13 @@ fn bench(b: BenchArgs) -> ExitCode {
     }
     cfg.gen_cpu = b.gen_cpu;
     cfg.switch_cpu = b.switch_cpu;
+    if let Some(bad) = b.frames.iter().find(|&&f| !(60..=2048).contains(&f)) {
+        eprintln!("lbgen bench: frame size {bad} is outside 60..=2048 bytes");
+        return ExitCode::from(2);
+    }
+    cfg.frame_sizes = b.frames;
+    cfg.connections = b.connections;
+    cfg.verbose = b.verbose;
     let res = match tools::bench::run(&cfg) {
         Ok(r) => r,
         Err(e) => {
