@@ -325,7 +325,23 @@ pub struct VnicHost {
     tx_next: Vec<u32>,
     tx_clean: Vec<u32>,
     mask: u32,
+    /// Per port, the first descriptor of its RX and TX ring (each
+    /// `mask + 1` long), and the pool's first byte: resolved once at
+    /// attach so the per-frame paths read no header.
+    rings: Vec<(*const Desc, *const Desc)>,
+    pool: *mut u8,
+    n_frames: u32,
 }
+
+// SAFETY: the raw pointers point into `dev.map`, which the host owns and
+// which stays mapped at the same address for the host's whole life; the
+// host is used by one thread at a time (`&mut self` on every data path).
+unsafe impl Send for VnicHost {}
+
+/// Completed TX buffers are taken back from the TX rings only when the free
+/// list runs shorter than this (a receive burst needs one fresh buffer per
+/// frame); otherwise [`Nic::tx`] takes each one back as it reuses its slot.
+const RECLAIM_BELOW: usize = 256;
 
 impl VnicHost {
     /// Attaches as the host, taking over from a dead previous host and
@@ -347,12 +363,25 @@ impl VnicHost {
                 _ => false,
             }
         };
+        let rings = (0..n_ports)
+            .map(|p| {
+                (
+                    dev.ring(p, false).descs.as_ptr(),
+                    dev.ring(p, true).descs.as_ptr(),
+                )
+            })
+            .collect();
+        let pool = dev.buf_ptr(0);
+        let n_frames = h.n_frames;
         let mut host = Self {
-            free: Vec::new(),
+            free: Vec::with_capacity(n_frames as usize),
             rx_next: vec![0; n_ports],
             tx_next: vec![0; n_ports],
             tx_clean: vec![0; n_ports],
             mask,
+            rings,
+            pool,
+            n_frames,
             dev,
         };
         let mut unposted: Vec<(usize, u32)> = Vec::new();
@@ -464,6 +493,35 @@ impl VnicHost {
     pub fn free_buffers(&self) -> usize {
         self.free.len()
     }
+
+    /// Takes back every completed TX buffer now ([`Nic::reclaim`] does it
+    /// only when the free list runs short).
+    pub fn reclaim_all(&mut self) {
+        for port in 0..self.rings.len() {
+            while self.tx_clean[port] != self.tx_next[port] {
+                let d = self.desc(port, true, self.tx_clean[port]);
+                if d.meta.load(Ordering::Acquire) & OWN_NIC != 0 {
+                    break;
+                }
+                let b = d.buf.load(Ordering::Relaxed);
+                if b != NONE {
+                    d.buf.store(NONE, Ordering::Relaxed);
+                    self.free.push(b);
+                }
+                self.tx_clean[port] = self.tx_clean[port].wrapping_add(1);
+            }
+        }
+    }
+
+    /// Descriptor `i` (taken modulo the ring size) of `port`'s RX or TX ring.
+    #[inline(always)]
+    fn desc(&self, port: usize, tx: bool, i: u32) -> &Desc {
+        let (rx_ring, tx_ring) = self.rings[port];
+        let base = if tx { tx_ring } else { rx_ring };
+        // SAFETY: `base` starts a ring of `mask + 1` descriptors inside the
+        // mapping `self` owns (see `attach`), and the index is masked.
+        unsafe { &*base.add((i & self.mask) as usize) }
+    }
 }
 
 impl Drop for VnicHost {
@@ -496,17 +554,19 @@ impl Nic for VnicHost {
 
     #[inline]
     fn rx_burst(&mut self, port: usize, out: &mut [Frame]) -> usize {
-        let ring = self.dev.ring(port, false);
+        let mut next = self.rx_next[port];
         let mut n = 0;
         while n < out.len() {
-            let i = self.rx_next[port] & self.mask;
-            let d = &ring.descs[i as usize];
+            let d = self.desc(port, false, next);
             let meta = d.meta.load(Ordering::Acquire);
             if meta & OWN_NIC != 0 {
                 break;
             }
             let b = d.buf.load(Ordering::Relaxed);
-            if b == NONE {
+            // Only the host writes `buf` of an RX descriptor; an index out
+            // of range (a corrupted object) stops the ring rather than
+            // reaching outside the pool.
+            if b >= self.n_frames {
                 break;
             }
             let Some(fresh) = self.free.pop() else { break };
@@ -514,43 +574,50 @@ impl Nic for VnicHost {
                 buf: b,
                 len: (meta & LEN_MASK) as u16,
             };
+            let d = self.desc(port, false, next);
             d.buf.store(fresh, Ordering::Relaxed);
             d.meta.store(OWN_NIC, Ordering::Release);
-            self.rx_next[port] = self.rx_next[port].wrapping_add(1);
+            next = next.wrapping_add(1);
             n += 1;
         }
+        self.rx_next[port] = next;
         n
     }
 
     #[inline]
     fn buf_mut(&mut self, f: Frame) -> &mut [u8] {
-        let p = self.dev.buf_ptr(f.buf);
-        // SAFETY: the host owns this buffer (it came from rx_burst or the free
-        // list and is in no descriptor), so no other party touches it; the
-        // &mut borrow of self prevents a second live slice from this side.
-        unsafe { core::slice::from_raw_parts_mut(p, FRAME_SIZE) }
+        // Every handle the host holds came from `rx_burst` (checked there)
+        // or its free list (built from the pool's range).
+        debug_assert!(f.buf < self.n_frames);
+        let b = f.buf.min(self.n_frames - 1) as usize;
+        // SAFETY: `b` is a buffer of the pool inside the mapping. The host
+        // owns it (it came from rx_burst or the free list and is in no
+        // descriptor), so no other party touches it; the &mut borrow of self
+        // prevents a second live slice from this side.
+        unsafe { core::slice::from_raw_parts_mut(self.pool.add(b * FRAME_SIZE), FRAME_SIZE) }
     }
 
     #[inline]
     fn tx(&mut self, port: usize, f: Frame) -> Result<(), Frame> {
-        let ring = self.dev.ring(port, true);
-        let i = self.tx_next[port] & self.mask;
-        let d = &ring.descs[i as usize];
+        let i = self.tx_next[port];
+        let d = self.desc(port, true, i);
         let meta = d.meta.load(Ordering::Acquire);
         if meta & OWN_NIC != 0 {
             return Err(f);
         }
         let old = d.buf.load(Ordering::Relaxed);
-        if old != NONE {
-            // Completed but not reclaimed yet: reclaim it now.
-            self.free.push(old);
-            if self.tx_clean[port] == self.tx_next[port] {
-                self.tx_clean[port] = self.tx_clean[port].wrapping_add(1);
-            }
-        }
         d.buf.store(f.buf, Ordering::Relaxed);
         d.meta.store(OWN_NIC | f.len as u32, Ordering::Release);
-        self.tx_next[port] = self.tx_next[port].wrapping_add(1);
+        if old != NONE {
+            // Completed but not reclaimed yet: take it back now.
+            self.free.push(old);
+        }
+        // Slots tx_clean..=i are now pending reclaim; keep that run within
+        // one ring (the slot just reused was its oldest member).
+        if i.wrapping_sub(self.tx_clean[port]) > self.mask {
+            self.tx_clean[port] = self.tx_clean[port].wrapping_add(1);
+        }
+        self.tx_next[port] = i.wrapping_add(1);
         Ok(())
     }
 
@@ -585,21 +652,10 @@ impl Nic for VnicHost {
     }
 
     fn reclaim(&mut self) {
-        for port in 0..self.port_count() {
-            let ring = self.dev.ring(port, true);
-            while self.tx_clean[port] != self.tx_next[port] {
-                let d = &ring.descs[(self.tx_clean[port] & self.mask) as usize];
-                if d.meta.load(Ordering::Acquire) & OWN_NIC != 0 {
-                    break;
-                }
-                let b = d.buf.load(Ordering::Relaxed);
-                if b != NONE {
-                    self.free.push(b);
-                    d.buf.store(NONE, Ordering::Relaxed);
-                }
-                self.tx_clean[port] = self.tx_clean[port].wrapping_add(1);
-            }
+        if self.free.len() >= RECLAIM_BELOW {
+            return;
         }
+        self.reclaim_all();
     }
 }
 

@@ -238,6 +238,18 @@ fn key_of(w: &[u64; 4]) -> FlowKey {
     }
 }
 
+/// The ports' bits of a slot's third word.
+const KEY_PORTS: u64 = 0xffff_ffff_0000_0000;
+
+/// A key's second word and the ports' bits of its third, as `key_of` reads them.
+#[inline]
+fn key_words(key: &FlowKey) -> (u64, u64) {
+    (
+        ((key.src_ip as u64) << 32) | key.dst_ip as u64,
+        ((key.src_port as u64) << 48) | ((key.dst_port as u64) << 32),
+    )
+}
+
 /// Which key found the connection.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Direction {
@@ -327,7 +339,11 @@ impl<'a> ConnTable<'a> {
 
     #[inline]
     pub fn slot(&self, idx: u32) -> &'a ConnSlot {
-        &self.slots[idx as usize & self.mask]
+        let i = idx as usize & self.mask;
+        debug_assert!(i < self.slots.len());
+        // SAFETY: `mask` is `slots.len() - 1` of a power-of-two length
+        // (checked in `new`), so the masked index is in bounds.
+        unsafe { self.slots.get_unchecked(i) }
     }
 
     #[inline]
@@ -339,7 +355,7 @@ impl<'a> ConnTable<'a> {
     /// few packets later does not stall on memory. Never faults.
     #[inline]
     pub fn prefetch(&self, key: &FlowKey) {
-        let p = &self.slots[self.home(key)] as *const ConnSlot as *const i8;
+        let p = self.slot(self.home(key) as u32) as *const ConnSlot as *const i8;
         #[cfg(target_arch = "x86_64")]
         // SAFETY: a prefetch is a hint with no architectural effect; the
         // address is a valid slot in the mapping anyway.
@@ -377,24 +393,61 @@ impl<'a> ConnTable<'a> {
 
     /// Finds the connection a packet with this key belongs to, by its
     /// forward key or its reply key. Does not judge expiry.
-    #[inline]
+    #[inline(always)]
     pub fn lookup(&self, key: &FlowKey) -> Option<Hit> {
         let home = self.home(key);
+        // The key as a slot stores it (see `key_of`): compared word by word,
+        // with no decoding of slots that do not match.
+        let (w1, w2) = key_words(key);
+        // Most packets find their forward entry in its home slot: that case
+        // inline, everything else (probing on, reply slots) out of line.
+        if let Some(snap) = self.snapshot(home as u32) {
+            let w = &snap.words;
+            if w[1] == w1
+                && w[2] & KEY_PORTS == w2
+                && w[0] >> 48 == (KIND_FWD as u64) << 8 | key.proto as u64
+            {
+                return Some(Hit {
+                    idx: home as u32,
+                    dir: Direction::Forward,
+                    conn: Conn::decode(w),
+                });
+            }
+            if kind(w) == KIND_EMPTY {
+                return None;
+            }
+        }
+        self.lookup_probe(key, home, w1, w2)
+    }
+
+    /// [`lookup`](Self::lookup) past the home slot's fast answers: the
+    /// whole probe sequence (the home slot again included).
+    #[inline(never)]
+    fn lookup_probe(&self, key: &FlowKey, home: usize, w1: u64, w2: u64) -> Option<Hit> {
         for i in 0..MAX_PROBE {
             let idx = ((home + i) & self.mask) as u32;
             let Some(snap) = self.snapshot(idx) else {
                 continue;
             };
-            match snap.kind() {
-                KIND_EMPTY => return None,
-                KIND_FWD if key_of(&snap.words) == *key => {
+            let k = snap.kind();
+            if k == KIND_EMPTY {
+                return None;
+            }
+            if snap.words[1] != w1
+                || snap.words[2] & KEY_PORTS != w2
+                || (snap.words[0] >> 48) as u8 != key.proto
+            {
+                continue;
+            }
+            match k {
+                KIND_FWD => {
                     return Some(Hit {
                         idx,
                         dir: Direction::Forward,
                         conn: Conn::decode(&snap.words),
                     });
                 }
-                KIND_REPLY if key_of(&snap.words) == *key => {
+                KIND_REPLY => {
                     let fwd = snap.words[0] as u32;
                     if let Some(conn) = self.forward_entry(fwd).filter(|c| c.reply_key() == *key) {
                         return Some(Hit {

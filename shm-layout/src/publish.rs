@@ -90,10 +90,13 @@ impl Region {
         self.pub_words(t).generation.load(Ordering::Acquire)
     }
 
+    #[inline]
     fn stamp_of(&self, t: Table, ab: usize) -> &core::sync::atomic::AtomicU64 {
+        // Only the header: a whole view would bounds-check every array of
+        // the slot, twice per table per poll loop.
         match t {
-            Table::Config => &self.config_view(ab).header.stamp,
-            Table::Routing => &self.routing_view(ab).header.stamp,
+            Table::Config => &self.config_header(ab).stamp,
+            Table::Routing => &self.routing_header(ab).stamp,
         }
     }
 

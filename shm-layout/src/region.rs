@@ -399,6 +399,20 @@ impl Region {
     }
 
     /// Read view of configuration slot `ab` (0 = A, 1 = B).
+    /// The header of configuration slot `ab` alone.
+    #[inline]
+    pub fn config_header(&self, ab: usize) -> &ConfigHeader {
+        // SAFETY: in bounds (`ptr` asserts); see `slice`.
+        unsafe { &*self.ptr::<ConfigHeader>(Self::config_section(ab), 0, 1) }
+    }
+
+    /// The header of routing slot `ab` alone.
+    #[inline]
+    pub fn routing_header(&self, ab: usize) -> &RoutingHeader {
+        // SAFETY: in bounds (`ptr` asserts); see `slice`.
+        unsafe { &*self.ptr::<RoutingHeader>(Self::routing_section(ab), 0, 1) }
+    }
+
     pub fn config_view(&self, ab: usize) -> ConfigView<'_> {
         let s = Self::config_section(ab);
         let l = config_layout(&self.caps);

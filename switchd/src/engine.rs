@@ -12,6 +12,7 @@ use shm_layout::switch_slot::{Counter, N_COUNTERS, SW_RUNNING, SwitchSlot};
 use shm_layout::time::mono_ns;
 
 use crate::filter::{self, Ctx, IcmpBudget, Verdict};
+use crate::hops::HopCache;
 use crate::sched::SchedState;
 use crate::synq::{Retry, SynQueue};
 
@@ -104,6 +105,7 @@ pub fn run<N: Nic>(
     let mut empty_loops = 0u32;
     let mut nap = MIN_NAP;
     let mut sched = SchedState::new(region.caps().backends as usize);
+    let mut hops = HopCache::default();
     let mut icmp = IcmpBudget::new(mono_ns());
     let mut synq = SynQueue::new(settings.syn_queue);
 
@@ -139,6 +141,7 @@ pub fn run<N: Nic>(
             let port_mac = |g: u32| map.mac.get(g as usize).copied().flatten();
             let cfg = region.config_view(ctok.slot);
             sched.sync(ctok.stamp);
+            hops.sync(rtok.stamp);
             let mut ctx = Ctx {
                 timeouts: cfg.header.timeouts(),
                 cfg,
@@ -149,7 +152,7 @@ pub fn run<N: Nic>(
                 now_ms: ms_since(epoch, now),
                 pid,
                 counters: &mut counters,
-                hops: Default::default(),
+                hops: core::mem::take(&mut hops),
                 sched: core::mem::take(&mut sched),
                 icmp_tokens: icmp.take(now),
             };
@@ -220,6 +223,7 @@ pub fn run<N: Nic>(
                 retry_held(nic, &mut synq, map, &port_mac, &mut ctx);
             }
             sched = core::mem::take(&mut ctx.sched);
+            hops = core::mem::take(&mut ctx.hops);
             icmp.put_back(ctx.icmp_tokens);
         }
         nic.reclaim();

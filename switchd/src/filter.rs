@@ -52,7 +52,7 @@ pub struct Ctx<'a> {
     /// This switch's scheduler state (`wrr` credits); the engine moves it
     /// in and out (no allocation).
     pub sched: SchedState,
-    /// Next hops already looked up in `rt` (fresh with each `rt`).
+    /// Next hops already looked up in `rt` (synced with `rt`'s stamp).
     pub hops: HopCache,
     /// ICMP answers this switch may still send (a token bucket the engine
     /// refills between loops; see [`IcmpBudget`]).
@@ -211,6 +211,69 @@ pub fn peek_key(frame: &[u8]) -> Option<FlowKey> {
 /// returns the facts the decision needs.
 #[inline]
 fn parse_ip(frame: &[u8], ctx: &mut Ctx<'_>) -> Result<L4, Verdict> {
+    match parse_ip_common(frame) {
+        Some(l4) => Ok(l4),
+        None => parse_ip_any(frame, ctx),
+    }
+}
+
+/// The common case of [`parse_ip`], read from one fixed-size array: a
+/// 20-byte IPv4 header (no options) and a TCP header or UDP datagram that
+/// pass every check of [`parse_ip_any`]. `None` leaves the frame to it
+/// (options, fragments, other protocols, short or bad frames).
+#[inline(always)]
+fn parse_ip_common(frame: &[u8]) -> Option<L4> {
+    const ETH: usize = wire::ETHERNET_HEADER_LEN;
+    const L4_OFF: usize = ETH + 20;
+    let f = frame.first_chunk::<{ L4_OFF + 20 }>()?;
+    let be16 = |at: usize| u16::from_be_bytes([f[at], f[at + 1]]);
+    let total = be16(ETH + 2) as usize;
+    // Version 4, 20-byte header, not a fragment, length within the frame.
+    if f[ETH] != 0x45 || be16(ETH + 6) & 0x3fff != 0 || total < 20 || ETH + total > frame.len() {
+        return None;
+    }
+    let h: &[u8; 20] = f[ETH..L4_OFF].try_into().ok()?;
+    if checksum::fold(checksum::sum(h, 0)) != 0xffff {
+        return None;
+    }
+    let proto = f[ETH + 9];
+    let l4_len = total - 20;
+    let flags = match proto {
+        PROTO_TCP => {
+            let doff = (f[L4_OFF + 12] >> 4) as usize * 4;
+            if doff < 20 || doff > l4_len {
+                return None;
+            }
+            f[L4_OFF + 13]
+        }
+        PROTO_UDP => {
+            let ulen = be16(L4_OFF + 4) as usize;
+            if ulen < 8 || ulen > l4_len {
+                return None;
+            }
+            0
+        }
+        _ => return None,
+    };
+    Some(L4 {
+        key: FlowKey {
+            proto,
+            src_ip: u32::from_be_bytes([f[26], f[27], f[28], f[29]]),
+            dst_ip: u32::from_be_bytes([f[30], f[31], f[32], f[33]]),
+            src_port: be16(L4_OFF),
+            dst_port: be16(L4_OFF + 2),
+        },
+        flags,
+        l4_off: L4_OFF,
+        frame_len: ETH + total,
+        ip_len: total as u16,
+    })
+}
+
+/// [`parse_ip`] for every frame: options, short frames, and the verdict
+/// (counted) of a frame that fails.
+#[cold]
+fn parse_ip_any(frame: &[u8], ctx: &mut Ctx<'_>) -> Result<L4, Verdict> {
     const ETH: usize = wire::ETHERNET_HEADER_LEN;
     let be16 = |b: &[u8], at: usize| u16::from_be_bytes([b[at], b[at + 1]]);
     let Some(h) = frame.get(ETH..).and_then(|b| b.first_chunk::<20>()) else {

@@ -3,9 +3,10 @@
 //! Route lookup (longest prefix) and neighbour resolution cost about a
 //! hundred instructions per packet, while a burst usually goes to a handful
 //! of destinations (a service's backends, a client-side gateway). The
-//! engine makes a fresh cache for every loop iteration, which also reads
-//! the routing slot once: within it the answers cannot change, so nothing
-//! needs invalidating. Only found next hops are kept; a failed lookup is
+//! engine keeps one cache across loop iterations and [`HopCache::sync`]s it
+//! with the stamp of the routing slot each iteration reads: a publication
+//! (a new stamp) empties it, and while the stamp stays the slot's answers
+//! cannot change. Only found next hops are kept; a failed lookup is
 //! retried (and counted) each time.
 
 use shm_layout::routing_slot::{NextHop, NoRoute, RoutingView};
@@ -19,11 +20,23 @@ pub struct HopCache {
     port: [u32; WAYS],
     mac: [[u8; 6]; WAYS],
     valid: u8,
+    /// The routing slot stamp the entries were looked up in.
+    stamp: u64,
 }
 
 impl HopCache {
-    /// `rt.next_hop(dst)`, answered from the cache when it can be.
+    /// Empties the cache if `stamp` is not the routing publication its
+    /// entries came from.
     #[inline]
+    pub fn sync(&mut self, stamp: u64) {
+        if stamp != self.stamp {
+            self.valid = 0;
+            self.stamp = stamp;
+        }
+    }
+
+    /// `rt.next_hop(dst)`, answered from the cache when it can be.
+    #[inline(always)]
     pub fn next_hop(&mut self, rt: &RoutingView<'_>, dst: u32) -> Result<NextHop, NoRoute> {
         let i = (dst.wrapping_mul(0x9e37_79b1) >> 29) as usize;
         if self.valid & (1 << i) != 0 && self.dst[i] == dst {
@@ -32,6 +45,11 @@ impl HopCache {
                 mac: self.mac[i],
             });
         }
+        self.miss(rt, dst, i)
+    }
+
+    #[inline(never)]
+    fn miss(&mut self, rt: &RoutingView<'_>, dst: u32, i: usize) -> Result<NextHop, NoRoute> {
         let h = rt.next_hop(dst)?;
         self.dst[i] = dst;
         self.port[i] = h.port;

@@ -327,10 +327,12 @@ pub fn run(cfg: &BenchConfig) -> Result<Vec<SizeResult>> {
                 let mut next_new = 0u32;
                 let rate = pump(&mut wire, inp, out, cfg.duration, &tr, &mut next_new) / 1e6;
                 if cfg.verbose {
-                    let rx = app.region().switch_slots()[0].counters[Counter::RxPackets as usize]
-                        .load(Ordering::Relaxed);
+                    let region = app.region();
+                    let c = &region.switch_slots()[0].counters;
+                    let rx = c[Counter::RxPackets as usize].load(Ordering::Relaxed);
+                    let loops = c[Counter::Loops as usize].load(Ordering::Relaxed);
                     eprintln!(
-                        "run {run} {size} B {}: {rate:.2} Mpps (switch received {rx} frames)",
+                        "run {run} {size} B {}: {rate:.2} Mpps (switch received {rx} frames in {loops} loops)",
                         scenario_name(engine, load)
                     );
                 }
