@@ -372,7 +372,9 @@ fn arp(
     }
 }
 
-/// Client -> VIP.
+/// Client -> VIP. A packet of a known connection is handled here, inline;
+/// a new connection in [`new_flow`].
+#[inline(always)]
 fn to_vip(
     frame: &mut [u8],
     l4: &L4,
@@ -411,6 +413,22 @@ fn to_vip(
             }
         }
     }
+    new_flow(frame, l4, in_port, port_mac, ctx)
+}
+
+/// Client -> VIP with no live entry to follow: schedule, insert, forward
+/// (or refuse, hold, drop).
+#[inline(never)]
+fn new_flow(
+    frame: &mut [u8],
+    l4: &L4,
+    in_port: u32,
+    port_mac: &impl Fn(u32) -> Option<[u8; 6]>,
+    ctx: &mut Ctx<'_>,
+) -> Verdict {
+    let is_tcp = l4.key.proto == PROTO_TCP;
+    let syn = is_tcp && l4.flags & tcp::SYN != 0 && l4.flags & tcp::ACK == 0;
+    let rst = is_tcp && l4.flags & tcp::RST != 0;
     let Some((svc_idx, svc)) = find_service(&ctx.cfg, &l4.key) else {
         if !is_tcp {
             return ctx.drop(Counter::DropNoServiceUdp);
@@ -740,6 +758,7 @@ fn touch(slot: &ConnSlot, l4: &L4, now_ms: u32, dir: Direction) -> Moved {
 }
 
 /// Client -> backend: rewrite per the connection's mode, then route.
+#[inline(always)]
 fn forward(
     frame: &mut [u8],
     l4: &L4,
@@ -750,16 +769,17 @@ fn forward(
 ) -> Verdict {
     match conn.mode {
         MODE_NAT => {
-            rewrite_addr_port(frame, l4, Field::Dst, conn.backend_ip, conn.backend_port);
-            egress(frame, l4.frame_len, conn.backend_ip, port_mac, ctx)
+            let nat = Nat::Dst(conn.backend_ip, conn.backend_port);
+            egress(frame, l4, nat, conn.backend_ip, port_mac, ctx)
         }
         MODE_TUNNEL => tunnel(frame, l4, conn.backend_ip, in_port, port_mac, ctx),
         // Direct routing: only the MACs change.
-        _ => egress(frame, l4.frame_len, conn.backend_ip, port_mac, ctx),
+        _ => egress(frame, l4, Nat::None, conn.backend_ip, port_mac, ctx),
     }
 }
 
 /// Backend -> client: restore the VIP as source, then route.
+#[inline(always)]
 fn reverse(
     frame: &mut [u8],
     l4: &L4,
@@ -767,8 +787,8 @@ fn reverse(
     port_mac: &impl Fn(u32) -> Option<[u8; 6]>,
     ctx: &mut Ctx<'_>,
 ) -> Verdict {
-    rewrite_addr_port(frame, l4, Field::Src, hit.conn.vip, hit.conn.vip_port);
-    egress(frame, l4.frame_len, hit.conn.client_ip, port_mac, ctx)
+    let nat = Nat::Src(hit.conn.vip, hit.conn.vip_port);
+    egress(frame, l4, nat, hit.conn.client_ip, port_mac, ctx)
 }
 
 /// IP-in-IP to the backend: route to it, check that the encapsulated packet
@@ -776,6 +796,7 @@ fn reverse(
 /// header (`[tunnel] source` -> backend). A packet that would not fit is
 /// answered with ICMP fragmentation-needed when it carries DF (the client
 /// then lowers its path MTU toward the VIP), else dropped.
+#[inline(never)]
 fn tunnel(
     frame: &mut [u8],
     l4: &L4,
@@ -828,54 +849,50 @@ fn tunnel(
 /// MTU assumed for a port the configuration gives none.
 const DEFAULT_MTU: usize = 1500;
 
+/// The address translation a routed packet gets on its way out.
 #[derive(Clone, Copy)]
-enum Field {
-    Src,
-    Dst,
+enum Nat {
+    /// Direct routing: addresses unchanged.
+    None,
+    /// Destination becomes (address, port): client -> backend.
+    Dst(u32, u16),
+    /// Source becomes (address, port): backend -> client.
+    Src(u32, u16),
 }
 
-/// Rewrites one address and port with incremental checksum updates
-/// (RFC 1624) of the IPv4 header and the TCP/UDP checksum. `parse_ip`
-/// validated both headers, so the fixed-size views below always exist.
-#[inline]
-fn rewrite_addr_port(frame: &mut [u8], l4: &L4, which: Field, ip: u32, port: u16) {
-    const ETH: usize = wire::ETHERNET_HEADER_LEN;
-    let (old_ip, old_port) = match which {
-        Field::Src => (l4.key.src_ip, l4.key.src_port),
-        Field::Dst => (l4.key.dst_ip, l4.key.dst_port),
-    };
-    let (addr_at, port_at) = match which {
-        Field::Src => (12, 0),
-        Field::Dst => (16, 2),
-    };
-    // The address changes both checksums (the TCP/UDP one through the
-    // pseudo-header): one difference, applied to each.
-    let d_addr = checksum::delta_u32(old_ip, ip);
-    if let Some(h) = frame.get_mut(ETH..).and_then(|b| b.first_chunk_mut::<20>()) {
-        let c = checksum::adjust(u16::from_be_bytes([h[10], h[11]]), d_addr);
-        h[addr_at..addr_at + 4].copy_from_slice(&ip.to_be_bytes());
-        h[10..12].copy_from_slice(&c.to_be_bytes());
-    }
-    let (csum_at, min) = if l4.key.proto == PROTO_TCP {
-        (16, 20)
-    } else {
-        (6, 8)
-    };
-    let Some(t) = frame.get_mut(l4.l4_off..l4.l4_off + min) else {
+/// Rewrites the TCP/UDP port and checksum for an address change whose
+/// checksum difference is `d_addr` (RFC 1624; the address enters the
+/// TCP/UDP checksum through the pseudo-header). `parse_ip` validated the
+/// header, so the fixed-size view always exists.
+#[inline(always)]
+fn rewrite_l4(frame: &mut [u8], l4: &L4, port_at: usize, old_port: u16, port: u16, d_addr: u64) {
+    let delta = d_addr + checksum::delta_u16(old_port, port);
+    let Some(t) = frame.get_mut(l4.l4_off..) else {
         return;
     };
-    t[port_at..port_at + 2].copy_from_slice(&port.to_be_bytes());
-    let old = u16::from_be_bytes([t[csum_at], t[csum_at + 1]]);
-    if l4.key.proto == PROTO_UDP && old == 0 {
-        return; // UDP without checksum stays without
-    }
-    let c = checksum::adjust(old, d_addr + checksum::delta_u16(old_port, port));
-    let c = if l4.key.proto == PROTO_UDP && c == 0 {
-        0xffff
+    if l4.key.proto == PROTO_TCP {
+        let Some(t) = t.first_chunk_mut::<18>() else {
+            return;
+        };
+        t[port_at..port_at + 2].copy_from_slice(&port.to_be_bytes());
+        let c = checksum::adjust(u16::from_be_bytes([t[16], t[17]]), delta);
+        t[16..18].copy_from_slice(&c.to_be_bytes());
     } else {
-        c
-    };
-    t[csum_at..csum_at + 2].copy_from_slice(&c.to_be_bytes());
+        let Some(u) = t.first_chunk_mut::<8>() else {
+            return;
+        };
+        u[port_at..port_at + 2].copy_from_slice(&port.to_be_bytes());
+        let old = u16::from_be_bytes([u[6], u[7]]);
+        if old == 0 {
+            return; // UDP without checksum stays without
+        }
+        // A computed 0 is sent as 0xffff (0 means "no checksum").
+        let c = match checksum::adjust(old, delta) {
+            0 => 0xffff,
+            c => c,
+        };
+        u[6..8].copy_from_slice(&c.to_be_bytes());
+    }
 }
 
 /// Decrements the TTL of the IPv4 header after the Ethernet header
@@ -926,27 +943,63 @@ fn set_macs(frame: &mut [u8], dst: [u8; 6], src: [u8; 6]) {
     eth.set_src_addr(src);
 }
 
-/// Decrements TTL, finds the next hop toward `route_to`, writes the MACs.
-#[inline]
+/// Routes a TCP/UDP packet toward `route_to`: TTL minus one, the
+/// translation `nat`, the next hop's MACs. The IPv4 checksum is adjusted
+/// once for the TTL and the address together (RFC 1624 differences add).
+#[inline(always)]
 fn egress(
     frame: &mut [u8],
-    frame_len: usize,
+    l4: &L4,
+    nat: Nat,
     route_to: u32,
     port_mac: &impl Fn(u32) -> Option<[u8; 6]>,
     ctx: &mut Ctx<'_>,
 ) -> Verdict {
-    if let Err(v) = decrement_ttl(frame, ctx) {
-        return v;
+    const ETH: usize = wire::ETHERNET_HEADER_LEN;
+    let Some(&[.., ttl, proto, _, _, _, _, _, _, _, _, _, _]) =
+        frame.get(ETH..).and_then(|b| b.first_chunk::<20>())
+    else {
+        return ctx.drop(Counter::DropMalformed);
+    };
+    if ttl <= 1 {
+        return ctx.drop(Counter::DropTtl);
     }
-    match next_hop(route_to, port_mac, ctx) {
-        Ok((port, dst, src)) => {
-            set_macs(frame, dst, src);
-            Verdict::Tx {
-                port,
-                len: frame_len,
-            }
+    let (port, dst, src) = match next_hop(route_to, port_mac, ctx) {
+        Ok(h) => h,
+        Err(v) => return v,
+    };
+    // TTL is the high byte of the 16-bit word it shares with protocol.
+    let mut d_ip = checksum::delta_u16(
+        u16::from_be_bytes([ttl, proto]),
+        u16::from_be_bytes([ttl - 1, proto]),
+    );
+    let (addr_at, new_ip) = match nat {
+        Nat::None => (0, 0),
+        Nat::Dst(ip, p) => {
+            let d_addr = checksum::delta_u32(l4.key.dst_ip, ip);
+            rewrite_l4(frame, l4, 2, l4.key.dst_port, p, d_addr);
+            d_ip += d_addr;
+            (16, ip)
         }
-        Err(v) => v,
+        Nat::Src(ip, p) => {
+            let d_addr = checksum::delta_u32(l4.key.src_ip, ip);
+            rewrite_l4(frame, l4, 0, l4.key.src_port, p, d_addr);
+            d_ip += d_addr;
+            (12, ip)
+        }
+    };
+    if let Some(h) = frame.get_mut(ETH..).and_then(|b| b.first_chunk_mut::<20>()) {
+        h[8] = ttl - 1;
+        if addr_at != 0 {
+            h[addr_at..addr_at + 4].copy_from_slice(&new_ip.to_be_bytes());
+        }
+        let c = checksum::adjust(u16::from_be_bytes([h[10], h[11]]), d_ip);
+        h[10..12].copy_from_slice(&c.to_be_bytes());
+    }
+    set_macs(frame, dst, src);
+    Verdict::Tx {
+        port,
+        len: l4.frame_len,
     }
 }
 
