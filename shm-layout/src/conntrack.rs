@@ -346,8 +346,9 @@ impl<'a> ConnTable<'a> {
         unsafe { self.slots.get_unchecked(i) }
     }
 
+    /// The slot where `key`'s probe sequence starts.
     #[inline]
-    fn home(&self, key: &FlowKey) -> usize {
+    pub fn home(&self, key: &FlowKey) -> usize {
         key.hash(self.seed) as usize & self.mask
     }
 
@@ -355,7 +356,13 @@ impl<'a> ConnTable<'a> {
     /// few packets later does not stall on memory. Never faults.
     #[inline]
     pub fn prefetch(&self, key: &FlowKey) {
-        let p = self.slot(self.home(key) as u32) as *const ConnSlot as *const i8;
+        self.prefetch_home(self.home(key));
+    }
+
+    /// [`prefetch`](Self::prefetch) of a home slot already computed.
+    #[inline]
+    pub fn prefetch_home(&self, home: usize) {
+        let p = self.slot(home as u32) as *const ConnSlot as *const i8;
         #[cfg(target_arch = "x86_64")]
         // SAFETY: a prefetch is a hint with no architectural effect; the
         // address is a valid slot in the mapping anyway.
@@ -395,7 +402,14 @@ impl<'a> ConnTable<'a> {
     /// forward key or its reply key. Does not judge expiry.
     #[inline(always)]
     pub fn lookup(&self, key: &FlowKey) -> Option<Hit> {
-        let home = self.home(key);
+        self.lookup_at(key, self.home(key))
+    }
+
+    /// [`lookup`](Self::lookup) with `key`'s home slot (`home(key)`)
+    /// already computed.
+    #[inline(always)]
+    pub fn lookup_at(&self, key: &FlowKey, home: usize) -> Option<Hit> {
+        let home = home & self.mask;
         // The key as a slot stores it (see `key_of`): compared word by word,
         // with no decoding of slots that do not match.
         let (w1, w2) = key_words(key);

@@ -101,6 +101,7 @@ pub fn run<N: Nic>(
     }
     let burst = settings.burst.clamp(1, 256);
     let mut frames = [Frame { buf: 0, len: 0 }; 256];
+    let mut pres = [filter::Pre::default(); 256];
     let mut port_map: Option<(u64, PortMap)> = None;
     let mut empty_loops = 0u32;
     let mut nap = MIN_NAP;
@@ -164,18 +165,18 @@ pub fn run<N: Nic>(
                 moved += n;
                 let in_port = map.global[local];
                 let mut tx_dirty = [false; MAX_PORTS];
-                // First pass: start the connection-slot loads of the whole
-                // burst, so the second pass finds them in cache.
-                for f in &frames[..n] {
+                // First pass: parse the burst and start its connection-slot
+                // loads, so the second pass finds them in cache.
+                for (f, p) in frames[..n].iter().zip(&mut pres[..n]) {
                     let len = (f.len as usize).min(nic.frame_capacity());
-                    filter::prefetch(&nic.buf_mut(*f)[..len], &ctx.ct);
+                    *p = filter::pre(&nic.buf_mut(*f)[..len], &ctx.ct);
                 }
-                for f in &frames[..n] {
-                    ctx.counters[Counter::RxPackets as usize] += 1;
+                ctx.counters[Counter::RxPackets as usize] += n as u64;
+                for (f, pre) in frames[..n].iter().zip(&pres[..n]) {
                     ctx.counters[Counter::RxBytes as usize] += f.len as u64;
                     let buf = nic.buf_mut(*f);
                     let mut verdict =
-                        filter::process(buf, f.len as usize, in_port, &port_mac, &mut ctx);
+                        filter::process_pre(buf, f.len as usize, pre, in_port, &port_mac, &mut ctx);
                     if let Verdict::Hold { timeout_ms } = verdict {
                         verdict = hold(
                             &mut synq,
