@@ -132,13 +132,13 @@ struct L4 {
     /// TCP flags (0 for UDP).
     flags: u8,
     /// Offset of the L4 header in the frame.
-    l4_off: usize,
+    l4_off: u8,
     /// Frame length as the IP header says (Ethernet padding excluded).
-    frame_len: usize,
+    frame_len: u16,
     ip_len: u16,
     /// The connection table's home slot for `key` (filled in once the
     /// frame is known to be TCP/UDP over IPv4).
-    home: usize,
+    home: u32,
 }
 
 /// What the engine's first pass over a burst learned of one frame (see
@@ -160,8 +160,9 @@ pub fn pre(frame: &[u8], ct: &ConnTable<'_>) -> Pre {
     let Some(mut l4) = parse_ip_common(frame) else {
         return Pre(None);
     };
-    l4.home = ct.home(&l4.key);
-    ct.prefetch_home(l4.home);
+    let home = ct.home(&l4.key);
+    ct.prefetch_home(home);
+    l4.home = home as u32;
     Pre(Some(l4))
 }
 
@@ -221,7 +222,7 @@ pub fn process(
         Ok(l4) => l4,
         Err(v) => return v,
     };
-    l4.home = ctx.ct.home(&l4.key);
+    l4.home = ctx.ct.home(&l4.key) as u32;
     route_ip(frame, &l4, in_port, port_mac, ctx)
 }
 
@@ -310,8 +311,8 @@ fn parse_ip_common(frame: &[u8]) -> Option<L4> {
             dst_port: be16(L4_OFF + 2),
         },
         flags,
-        l4_off: L4_OFF,
-        frame_len: ETH + total,
+        l4_off: L4_OFF as u8,
+        frame_len: (ETH + total) as u16,
         ip_len: total as u16,
         home: 0,
     })
@@ -369,8 +370,8 @@ fn parse_ip_any(frame: &[u8], ctx: &mut Ctx<'_>) -> Result<L4, Verdict> {
             dst_port,
         },
         flags,
-        l4_off,
-        frame_len: ETH + total,
+        l4_off: l4_off as u8,
+        frame_len: (ETH + total) as u16,
         ip_len: total as u16,
         home: 0,
     })
@@ -433,10 +434,9 @@ fn to_vip(
     let is_tcp = l4.key.proto == PROTO_TCP;
     let syn = is_tcp && l4.flags & tcp::SYN != 0 && l4.flags & tcp::ACK == 0;
     let rst = is_tcp && l4.flags & tcp::RST != 0;
-    if let Some(hit) = ctx
-        .ct
-        .lookup_at(&l4.key, l4.home)
-        .filter(|h| h.dir == Direction::Forward)
+    let found = ctx.ct.lookup_at(&l4.key, l4.home as usize);
+    if let Some(hit) = &found
+        && hit.dir == Direction::Forward
     {
         let slot = ctx.ct.slot(hit.idx);
         if !ctx.expired(slot) {
@@ -445,13 +445,13 @@ fn to_vip(
             if down != ON_DOWN_KEEP && !rst && (syn || !is_tcp) {
                 // The flow can move (a UDP flow, or a TCP SYN: nothing was
                 // exchanged yet): schedule it afresh below.
-                move_off_down(&hit, ctx);
+                move_off_down(hit, ctx);
             } else if down == ON_DOWN_RESET && !rst {
-                return reset_down(frame, l4, &hit, in_port, ctx);
+                return reset_down(frame, l4, hit, in_port, ctx);
             } else if syn && slot.tcp_state.load(Ordering::Relaxed) == STATE_CLOSING {
                 // A new connection on the 5-tuple of a closed one: it is
                 // scheduled afresh (the old one gave its slot back).
-                retire(&hit, ctx);
+                retire(hit, ctx);
             } else {
                 ctx.count(Counter::FwdHit);
                 if touch(slot, l4, ctx.now_ms, Direction::Forward) == Moved::Closed {
@@ -484,7 +484,7 @@ fn new_flow(
         if rst {
             return ctx.drop(Counter::DropTcpNoEntry);
         }
-        return match wire::tcp_rst_in_place(frame, l4.frame_len) {
+        return match wire::tcp_rst_in_place(frame, l4.frame_len as usize) {
             Ok(n) => {
                 ctx.count(Counter::RstSent);
                 Verdict::Tx {
@@ -503,7 +503,7 @@ fn new_flow(
             };
         }
         // Full, and this service does not queue: refused at once.
-        Err(Pick::Full) => return refuse(frame, l4.frame_len, in_port, ctx),
+        Err(Pick::Full) => return refuse(frame, l4.frame_len as usize, in_port, ctx),
         Err(_) => return ctx.drop(Counter::DropNoBackend),
     };
     let conn = Conn {
@@ -589,7 +589,7 @@ fn reset_down(frame: &mut [u8], l4: &L4, hit: &Hit, in_port: u32, ctx: &mut Ctx<
     {
         release_backend(ctx, hit.conn.backend_id);
     }
-    match wire::tcp_rst_in_place(frame, l4.frame_len) {
+    match wire::tcp_rst_in_place(frame, l4.frame_len as usize) {
         Ok(n) => {
             ctx.count(Counter::DownRst);
             Verdict::Tx {
@@ -681,7 +681,7 @@ pub fn refuse(frame: &mut [u8], len: usize, in_port: u32, ctx: &mut Ctx<'_>) -> 
     if l4.key.proto != PROTO_TCP || l4.flags & tcp::RST != 0 {
         return Verdict::Drop;
     }
-    match wire::tcp_rst_in_place(frame, l4.frame_len) {
+    match wire::tcp_rst_in_place(frame, l4.frame_len as usize) {
         Ok(n) => Verdict::Tx {
             port: in_port,
             len: n,
@@ -697,13 +697,13 @@ fn from_backend(
     port_mac: &impl Fn(u32) -> Option<[u8; 6]>,
     ctx: &mut Ctx<'_>,
 ) -> Verdict {
-    let Some(hit) = ctx
-        .ct
-        .lookup_at(&l4.key, l4.home)
-        .filter(|h| h.dir == Direction::Reply)
-    else {
+    let found = ctx.ct.lookup_at(&l4.key, l4.home as usize);
+    let Some(hit) = &found else {
         return ctx.drop(Counter::DropNotOurs);
     };
+    if hit.dir != Direction::Reply {
+        return ctx.drop(Counter::DropNotOurs);
+    }
     let slot = ctx.ct.slot(hit.idx);
     if ctx.expired(slot) {
         return ctx.drop(Counter::DropNotOurs);
@@ -865,7 +865,7 @@ fn tunnel(
     let mtu = ctx.cfg.ports().get(port as usize).map_or(0, |p| p.mtu) as usize;
     let mtu = if mtu == 0 { DEFAULT_MTU } else { mtu };
     if l4.ip_len as usize + ipip::OVERHEAD > mtu {
-        let df = wire::Ipv4Packet::new_unchecked(&frame[ETH..l4.frame_len]).dont_fragment();
+        let df = wire::Ipv4Packet::new_unchecked(&frame[ETH..l4.frame_len as usize]).dont_fragment();
         if !df {
             return ctx.drop(Counter::DropTooBig);
         }
@@ -873,7 +873,7 @@ fn tunnel(
             return ctx.drop(Counter::IcmpRateLimited);
         }
         let inner_mtu = (mtu - ipip::OVERHEAD) as u16;
-        return match wire::icmp_frag_needed_in_place(frame, l4.frame_len, inner_mtu) {
+        return match wire::icmp_frag_needed_in_place(frame, l4.frame_len as usize, inner_mtu) {
             Ok(n) => {
                 ctx.icmp_tokens -= 1;
                 ctx.count(Counter::IcmpFragNeeded);
@@ -889,7 +889,7 @@ fn tunnel(
         return v;
     }
     let src = ctx.cfg.header.tunnel_src.to_be_bytes();
-    match ipip::encapsulate_in_place(frame, l4.frame_len, src, backend_ip.to_be_bytes()) {
+    match ipip::encapsulate_in_place(frame, l4.frame_len as usize, src, backend_ip.to_be_bytes()) {
         Ok(n) => {
             set_macs(frame, dst_mac, src_mac);
             Verdict::Tx { port, len: n }
@@ -919,7 +919,7 @@ enum Nat {
 #[inline(always)]
 fn rewrite_l4(frame: &mut [u8], l4: &L4, port_at: usize, old_port: u16, port: u16, d_addr: u64) {
     let delta = d_addr + checksum::delta_u16(old_port, port);
-    let Some(t) = frame.get_mut(l4.l4_off..) else {
+    let Some(t) = frame.get_mut(l4.l4_off as usize..) else {
         return;
     };
     if l4.key.proto == PROTO_TCP {
@@ -1051,7 +1051,7 @@ fn egress(
     set_macs(frame, dst, src);
     Verdict::Tx {
         port,
-        len: l4.frame_len,
+        len: l4.frame_len as usize,
     }
 }
 

@@ -62,9 +62,17 @@ pub fn delta_u32(old: u32, new: u32) -> u64 {
 }
 
 /// RFC 1624 eqn. 3: HC' = ~(~HC + delta), `delta` a sum of field deltas.
+/// A sum of up to 65535 deltas stays below 2^32, where two 16-bit folds
+/// are exact; larger ones take the general fold.
 #[inline]
 pub fn adjust(csum: u16, delta: u64) -> u16 {
-    !fold((!csum) as u64 + delta)
+    let acc = (!csum) as u64 + delta;
+    if acc >> 32 != 0 {
+        return !fold(acc);
+    }
+    let acc = (acc & 0xffff) + (acc >> 16);
+    let acc = (acc & 0xffff) + (acc >> 16);
+    !(acc as u16)
 }
 
 /// One 16-bit field changed: `adjust(csum, delta_u16(old, new))`.
