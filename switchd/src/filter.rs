@@ -441,7 +441,7 @@ fn to_vip(
         let slot = ctx.ct.slot(hit.idx);
         if !ctx.expired(slot) {
             // One byte per forward hit: what to do if its backend is DOWN.
-            let down = ctx.cfg.down_action(hit.conn.backend_id);
+            let down = ctx.cfg.down_action(hit.conn().backend_id);
             if down != ON_DOWN_KEEP && !rst && (syn || !is_tcp) {
                 // The flow can move (a UDP flow, or a TCP SYN: nothing was
                 // exchanged yet): schedule it afresh below.
@@ -455,9 +455,9 @@ fn to_vip(
             } else {
                 ctx.count(Counter::FwdHit);
                 if touch(slot, l4, ctx.now_ms, Direction::Forward) == Moved::Closed {
-                    release_backend(ctx, hit.conn.backend_id);
+                    release_backend(ctx, hit.conn().backend_id);
                 }
-                return forward(frame, l4, &hit.conn, in_port, port_mac, ctx);
+                return forward(frame, l4, &hit.conn(), in_port, port_mac, ctx);
             }
         }
     }
@@ -564,10 +564,10 @@ fn retire(hit: &Hit, ctx: &mut Ctx<'_>) -> bool {
     let res = ctx
         .ct
         .snapshot(hit.idx)
-        .filter(|s| s.conn() == Some(hit.conn))
+        .filter(|s| s.conn() == Some(hit.conn()))
         .and_then(|s| ctx.ct.retire(hit.idx, &s, ctx.pid));
     if res == Some(true) {
-        release_backend(ctx, hit.conn.backend_id);
+        release_backend(ctx, hit.conn().backend_id);
     }
     res.is_some()
 }
@@ -587,7 +587,7 @@ fn reset_down(frame: &mut [u8], l4: &L4, hit: &Hit, in_port: u32, ctx: &mut Ctx<
     if ctx.ct.slot(hit.idx).tcp_state.load(Ordering::Relaxed) != STATE_CLOSING
         && ctx.ct.close(hit.idx)
     {
-        release_backend(ctx, hit.conn.backend_id);
+        release_backend(ctx, hit.conn().backend_id);
     }
     match wire::tcp_rst_in_place(frame, l4.frame_len as usize) {
         Ok(n) => {
@@ -711,8 +711,8 @@ fn from_backend(
     ctx.count(Counter::ReplyHit);
     match touch(slot, l4, ctx.now_ms, Direction::Reply) {
         Moved::Stay => {}
-        Moved::Closed => release_backend(ctx, hit.conn.backend_id),
-        Moved::Established => syn_ack_sample(&hit.conn, ctx),
+        Moved::Closed => release_backend(ctx, hit.conn().backend_id),
+        Moved::Established => syn_ack_sample(&hit.conn(), ctx),
     }
     reverse(frame, l4, &hit, port_mac, ctx)
 }
@@ -839,8 +839,8 @@ fn reverse(
     port_mac: &impl Fn(u32) -> Option<[u8; 6]>,
     ctx: &mut Ctx<'_>,
 ) -> Verdict {
-    let nat = Nat::Src(hit.conn.vip, hit.conn.vip_port);
-    egress(frame, l4, nat, hit.conn.client_ip, port_mac, ctx)
+    let nat = Nat::Src(hit.conn().vip, hit.conn().vip_port);
+    egress(frame, l4, nat, hit.conn().client_ip, port_mac, ctx)
 }
 
 /// IP-in-IP to the backend: route to it, check that the encapsulated packet
@@ -865,7 +865,8 @@ fn tunnel(
     let mtu = ctx.cfg.ports().get(port as usize).map_or(0, |p| p.mtu) as usize;
     let mtu = if mtu == 0 { DEFAULT_MTU } else { mtu };
     if l4.ip_len as usize + ipip::OVERHEAD > mtu {
-        let df = wire::Ipv4Packet::new_unchecked(&frame[ETH..l4.frame_len as usize]).dont_fragment();
+        let df =
+            wire::Ipv4Packet::new_unchecked(&frame[ETH..l4.frame_len as usize]).dont_fragment();
         if !df {
             return ctx.drop(Counter::DropTooBig);
         }
@@ -1527,7 +1528,7 @@ mod tests {
             src_port: p,
             dst_port: 80,
         });
-        hit.unwrap().conn.backend_ip.to_be_bytes()
+        hit.unwrap().conn().backend_ip.to_be_bytes()
     }
 
     #[test]
