@@ -554,10 +554,17 @@ impl Nic for VnicHost {
 
     #[inline]
     fn rx_burst(&mut self, port: usize, out: &mut [Frame]) -> usize {
+        // Locals, not fields: the descriptor stores below would otherwise
+        // make the compiler reload every field of `self` per frame.
+        let ring = self.rings[port].0;
+        let (mask, n_frames) = (self.mask, self.n_frames);
+        let free = &mut self.free;
         let mut next = self.rx_next[port];
         let mut n = 0;
         while n < out.len() {
-            let d = self.desc(port, false, next);
+            // SAFETY: `ring` starts a ring of `mask + 1` descriptors inside
+            // the mapping `self` owns (see `attach`); the index is masked.
+            let d = unsafe { &*ring.add((next & mask) as usize) };
             let meta = d.meta.load(Ordering::Acquire);
             if meta & OWN_NIC != 0 {
                 break;
@@ -566,15 +573,14 @@ impl Nic for VnicHost {
             // Only the host writes `buf` of an RX descriptor; an index out
             // of range (a corrupted object) stops the ring rather than
             // reaching outside the pool.
-            if b >= self.n_frames {
+            if b >= n_frames {
                 break;
             }
-            let Some(fresh) = self.free.pop() else { break };
+            let Some(fresh) = free.pop() else { break };
             out[n] = Frame {
                 buf: b,
                 len: (meta & LEN_MASK) as u16,
             };
-            let d = self.desc(port, false, next);
             d.buf.store(fresh, Ordering::Relaxed);
             d.meta.store(OWN_NIC, Ordering::Release);
             next = next.wrapping_add(1);
@@ -600,7 +606,9 @@ impl Nic for VnicHost {
     #[inline]
     fn tx(&mut self, port: usize, f: Frame) -> Result<(), Frame> {
         let i = self.tx_next[port];
-        let d = self.desc(port, true, i);
+        // SAFETY: as in `desc`; a local pointer, so the stores below do not
+        // make the compiler reload `self.rings`.
+        let d = unsafe { &*self.rings[port].1.add((i & self.mask) as usize) };
         let meta = d.meta.load(Ordering::Acquire);
         if meta & OWN_NIC != 0 {
             return Err(f);
