@@ -16,7 +16,8 @@
 //!   immediately re-posts a fresh buffer from its free list and advances.
 //! - TX (host -> wire): the host writes `buf`, then `meta = OWN_NIC | len`.
 //!   The wire reads the frame and stores `meta = len` (completed). The host
-//!   reclaims completed buffers (sets `buf = NONE`).
+//!   takes a completed buffer back when it reuses the descriptor, or
+//!   reclaims all of them (sets `buf = NONE`) when its free list runs short.
 //!
 //! Invariant: each buffer is at any instant referenced by exactly one
 //! descriptor (RX: always; TX: while `buf != NONE`) or held privately by the
