@@ -156,9 +156,32 @@ const _: () = {
 };
 
 /// Arrays of a configuration slot after its header: services, backends,
-/// Maglev tables, per-id down actions. Mixed into the fingerprint, since the
-/// slot's layout (`region::config_layout`) depends on it.
-const CONFIG_ARRAYS: usize = 4;
+/// Maglev tables, per-id down actions, the service index and the VIP index.
+/// Mixed into the fingerprint, since the slot's layout
+/// (`region::config_layout`) depends on it.
+const CONFIG_ARRAYS: usize = 6;
+
+/// Entries of each of a slot's two hash indexes (services by VIP, port and
+/// protocol; VIPs): a power of two at least twice the service capacity, so
+/// an index is at most half full and a probe sequence ends at an empty
+/// entry within a few steps.
+pub const fn index_len(services: u32) -> usize {
+    let n = (services as usize * 2).next_power_of_two();
+    if n < 16 { 16 } else { n }
+}
+
+/// Home entry of a service key in an index of `len` (a power of two) entries.
+#[inline]
+fn service_home(vip: u32, port: u16, proto: u8, len: usize) -> usize {
+    let k = ((vip as u64) << 32) | ((port as u64) << 8) | proto as u64;
+    (k.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 32) as usize & (len - 1)
+}
+
+/// Home entry of a VIP in an index of `len` (a power of two) entries.
+#[inline]
+fn vip_home(vip: u32, len: usize) -> usize {
+    ((vip as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 32) as usize & (len - 1)
+}
 
 pub(crate) const fn fingerprint(fp: Fingerprint) -> Fingerprint {
     let fp = fp_type!(
@@ -236,9 +259,62 @@ pub struct ConfigView<'a> {
     /// else the `ON_DOWN_*` action for its existing connections. Ids are
     /// stable, so the data path can judge a connection with one byte load.
     pub down_action: &'a [u8],
+    /// Services by (VIP, port, protocol): open addressing, linear probing;
+    /// an entry is a service's index plus one, 0 is empty. Built by
+    /// [`ConfigSlotMut::build_indexes`] at every publication.
+    pub service_index: &'a [u16],
+    /// The services' VIPs (each once; 0 is empty), for the per-packet
+    /// "is this a VIP" question.
+    pub vip_index: &'a [u32],
 }
 
 impl<'a> ConfigView<'a> {
+    /// Whether `ip` is a service's VIP. Reads the VIP index (a few probes
+    /// whatever the number of services); a view without one (or the
+    /// address 0) is answered by scanning the services.
+    #[inline]
+    pub fn is_vip(&self, ip: u32) -> bool {
+        let len = self.vip_index.len();
+        if ip == 0 || !len.is_power_of_two() {
+            return self.services().iter().any(|s| s.vip == ip);
+        }
+        let mut i = vip_home(ip, len);
+        for _ in 0..len {
+            match self.vip_index[i] {
+                v if v == ip => return true,
+                0 => return false,
+                _ => i = (i + 1) & (len - 1),
+            }
+        }
+        false
+    }
+
+    /// The first service listening on (VIP, port, protocol), with its index.
+    /// An index entry is trusted only if the service it names matches, so a
+    /// damaged index can hide a service but never substitute another.
+    #[inline]
+    pub fn find_service(&self, vip: u32, port: u16, proto: u8) -> Option<(usize, &'a ServiceRec)> {
+        let services = self.services();
+        let matches = |s: &ServiceRec| s.vip == vip && s.port == port && s.proto == proto;
+        let len = self.service_index.len();
+        if !len.is_power_of_two() {
+            return services.iter().enumerate().find(|(_, s)| matches(s));
+        }
+        let mut i = service_home(vip, port, proto, len);
+        for _ in 0..len {
+            let e = self.service_index[i] as usize;
+            if e == 0 {
+                return None;
+            }
+            if let Some(s) = services.get(e - 1)
+                && matches(s)
+            {
+                return Some((e - 1, s));
+            }
+            i = (i + 1) & (len - 1);
+        }
+        None
+    }
     /// Services actually published (bounded by capacity even if the count lies).
     #[inline]
     pub fn services(&self) -> &'a [ServiceRec] {
@@ -293,4 +369,43 @@ pub struct ConfigSlotMut<'a> {
     pub backends: &'a mut [BackendRec],
     pub maglev: &'a mut [u16],
     pub down_action: &'a mut [u8],
+    pub service_index: &'a mut [u16],
+    pub vip_index: &'a mut [u32],
+}
+
+impl ConfigSlotMut<'_> {
+    /// Rebuilds the service and VIP indexes from the slot's published
+    /// services (`header.n_services` of them). The first service of a
+    /// (VIP, port, protocol) wins, as a scan in list order would find.
+    pub fn build_indexes(&mut self) {
+        let n = (self.header.n_services as usize).min(self.services.len());
+        self.service_index.fill(0);
+        self.vip_index.fill(0);
+        let (slen, vlen) = (self.service_index.len(), self.vip_index.len());
+        for (idx, s) in self.services[..n].iter().enumerate() {
+            // At most half full (`index_len`): every probe ends.
+            if slen.is_power_of_two() {
+                let mut i = service_home(s.vip, s.port, s.proto, slen);
+                loop {
+                    let e = self.service_index[i] as usize;
+                    if e == 0 {
+                        self.service_index[i] = idx as u16 + 1;
+                        break;
+                    }
+                    let o = &self.services[e - 1];
+                    if (o.vip, o.port, o.proto) == (s.vip, s.port, s.proto) {
+                        break;
+                    }
+                    i = (i + 1) & (slen - 1);
+                }
+            }
+            if s.vip != 0 && vlen.is_power_of_two() {
+                let mut i = vip_home(s.vip, vlen);
+                while self.vip_index[i] != 0 && self.vip_index[i] != s.vip {
+                    i = (i + 1) & (vlen - 1);
+                }
+                self.vip_index[i] = s.vip;
+            }
+        }
+    }
 }

@@ -139,6 +139,8 @@ impl Region {
             // the inactive slot after every live switch acknowledged.
             let mut slot = unsafe { self.config_slot_mut(ab) };
             fill(&mut slot);
+            // Derived from the services just written, whoever wrote them.
+            slot.build_indexes();
         })
     }
 
@@ -254,6 +256,72 @@ mod tests {
         assert_eq!(tok.stamp, 1);
         assert_eq!(r.config_view(tok.slot).header.n_services, 3);
         assert!(r.verify_slot(Table::Config, tok.slot));
+    }
+
+    /// The VIP and service indexes answer as a scan of the services would,
+    /// for every published service and for near misses, and forget the
+    /// services a later publication dropped.
+    #[test]
+    fn indexes_answer_as_a_scan_of_the_services_does() {
+        use crate::config_slot::ServiceRec;
+        use crate::header::Capacities;
+        let inst = format!("t-index-{}", std::process::id());
+        let caps = Capacities {
+            services: 300,
+            ..crate::region::tests::small_caps()
+        };
+        let t = crate::region::tests::TempRegion(
+            Region::create(&inst, caps).unwrap(),
+            crate::region::region_name(&inst),
+        );
+        let r = &t.0;
+        // 300 services over 100 VIPs, 3 ports each, TCP and UDP mixed; the
+        // last one repeats an earlier key (the earlier one must win).
+        let svc = |i: u32| ServiceRec {
+            vip: 0xc612_0800 + i / 3,
+            port: 80 + (i % 3) as u16,
+            proto: if i % 2 == 0 { 6 } else { 17 },
+            ..Default::default()
+        };
+        let publish = |n: u32| {
+            r.publish_config(Duration::from_millis(100), |s| {
+                s.header.n_services = n;
+                for i in 0..n {
+                    s.services[i as usize] = svc(i);
+                }
+                if n == 300 {
+                    s.services[299] = svc(5);
+                }
+            });
+            r.config_view(r.begin_read(Table::Config).slot)
+        };
+        let scan_vip = |v: &crate::config_slot::ConfigView<'_>, ip: u32| {
+            v.services().iter().any(|s| s.vip == ip)
+        };
+        let scan = |v: &crate::config_slot::ConfigView<'_>, ip: u32, port: u16, proto: u8| {
+            v.services()
+                .iter()
+                .position(|s| s.vip == ip && s.port == port && s.proto == proto)
+        };
+        for n in [300, 40] {
+            let v = publish(n);
+            let mut found = 0;
+            for ip in 0xc612_07f0..0xc612_0900u32 {
+                assert_eq!(v.is_vip(ip), scan_vip(&v, ip), "n {n} vip {ip:#x}");
+                for port in 79..84 {
+                    for proto in [6, 17, 1] {
+                        let got = v.find_service(ip, port, proto).map(|(i, _)| i);
+                        assert_eq!(
+                            got,
+                            scan(&v, ip, port, proto),
+                            "n {n} {ip:#x}:{port}/{proto}"
+                        );
+                        found += got.is_some() as u32;
+                    }
+                }
+            }
+            assert_eq!(found, if n == 300 { 299 } else { 40 }, "n {n}");
+        }
     }
 
     /// A reader thread that acknowledges like a switch, checking each burst

@@ -7,7 +7,9 @@
 use core::mem::size_of;
 use core::sync::atomic::Ordering;
 
-use crate::config_slot::{BackendRec, ConfigHeader, ConfigSlotMut, ConfigView, ServiceRec};
+use crate::config_slot::{
+    BackendRec, ConfigHeader, ConfigSlotMut, ConfigView, ServiceRec, index_len,
+};
 use crate::conntrack::{ConnSlot, ConnTable};
 use crate::fingerprint::{Fingerprint, checksum};
 use crate::header::*;
@@ -76,6 +78,8 @@ struct ConfigLayout {
     backends: u64,
     maglev: u64,
     down_action: u64,
+    service_index: u64,
+    vip_index: u64,
     len: u64,
 }
 
@@ -90,12 +94,17 @@ fn config_layout(c: &Capacities) -> ConfigLayout {
         64,
     );
     let down_action = round_up(maglev + c.services as u64 * c.maglev_m as u64 * 2, 64);
-    let len = round_up(down_action + c.backend_ids as u64, 64);
+    let index = index_len(c.services) as u64;
+    let service_index = round_up(down_action + c.backend_ids as u64, 64);
+    let vip_index = round_up(service_index + index * 2, 64);
+    let len = round_up(vip_index + index * 4, 64);
     ConfigLayout {
         services,
         backends,
         maglev,
         down_action,
+        service_index,
+        vip_index,
         len,
     }
 }
@@ -427,6 +436,8 @@ impl Region {
                 self.caps.services as usize * self.caps.maglev_m as usize,
             ),
             down_action: self.slice(s, l.down_action, self.caps.backend_ids as usize),
+            service_index: self.slice(s, l.service_index, index_len(self.caps.services)),
+            vip_index: self.slice(s, l.vip_index, index_len(self.caps.services)),
         }
     }
 
@@ -455,8 +466,9 @@ impl Region {
         let ns = self.caps.services as usize;
         let nb = self.caps.backends as usize;
         let ni = self.caps.backend_ids as usize;
+        let nx = index_len(self.caps.services);
         // SAFETY: the caller guarantees exclusive access to this slot; the
-        // four arrays and the header are disjoint and in bounds (`ptr` asserts).
+        // six arrays and the header are disjoint and in bounds (`ptr` asserts).
         unsafe {
             ConfigSlotMut {
                 header: &mut *self.ptr::<ConfigHeader>(s, 0, 1),
@@ -467,6 +479,11 @@ impl Region {
                     ns * self.caps.maglev_m as usize,
                 ),
                 down_action: core::slice::from_raw_parts_mut(self.ptr(s, l.down_action, ni), ni),
+                service_index: core::slice::from_raw_parts_mut(
+                    self.ptr(s, l.service_index, nx),
+                    nx,
+                ),
+                vip_index: core::slice::from_raw_parts_mut(self.ptr(s, l.vip_index, nx), nx),
             }
         }
     }
@@ -515,7 +532,7 @@ pub(crate) mod tests {
     use super::*;
 
     /// A region removed on drop.
-    pub(crate) struct TempRegion(pub Region, String);
+    pub(crate) struct TempRegion(pub Region, pub String);
 
     impl Drop for TempRegion {
         fn drop(&mut self) {

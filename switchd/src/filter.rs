@@ -379,15 +379,12 @@ fn parse_ip_any(frame: &[u8], ctx: &mut Ctx<'_>) -> Result<L4, Verdict> {
 
 #[inline]
 fn is_vip(cfg: &ConfigView<'_>, ip: u32) -> bool {
-    cfg.services().iter().any(|s| s.vip == ip)
+    cfg.is_vip(ip)
 }
 
 #[inline]
 fn find_service<'a>(cfg: &ConfigView<'a>, k: &FlowKey) -> Option<(usize, &'a ServiceRec)> {
-    cfg.services()
-        .iter()
-        .enumerate()
-        .find(|(_, s)| s.vip == k.dst_ip && s.port == k.dst_port && s.proto == k.proto)
+    cfg.find_service(k.dst_ip, k.dst_port, k.proto)
 }
 
 fn arp(

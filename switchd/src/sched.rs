@@ -304,6 +304,8 @@ mod tests {
                 backends: &self.backends,
                 maglev: &self.table,
                 down_action: &[],
+                service_index: &[],
+                vip_index: &[],
             }
         }
     }

@@ -32,6 +32,9 @@ pub struct BenchConfig {
     pub connections: usize,
     /// Print each measurement (rate and frames the switch received) to stderr.
     pub verbose: bool,
+    /// Services configured; the measured one is the last (the others only
+    /// make the configuration bigger).
+    pub services: usize,
 }
 
 impl BenchConfig {
@@ -45,6 +48,7 @@ impl BenchConfig {
             flows: 4096,
             connections: 1 << 20,
             verbose: false,
+            services: 1,
         }
     }
 
@@ -84,14 +88,26 @@ const VIP: [u8; 4] = [198, 18, 0, 10];
 const GW: [u8; 6] = [2, 0, 0, 0, 2, 1];
 const PORT0: [u8; 6] = [2, 0, 0, 0, 0, 1];
 
-fn config(instance: &str, engine: &str, cpu: usize, conns: usize) -> String {
+fn config(instance: &str, engine: &str, cpu: usize, conns: usize, services: usize) -> String {
+    // Many services get smaller Maglev tables (still over 100 entries per
+    // backend), so the region stays small.
+    let maglev = if services > 16 { 4093 } else { 65537 };
     let mut s = format!(
-        "instance = \"{instance}\"\n[limits]\nconnections = {conns}\n[timeouts]\ntcp_syn = 1\ntcp_fin = 1\n\n\
+        "instance = \"{instance}\"\n[limits]\nconnections = {conns}\nservices = {services}\nmaglev_table_size = {maglev}\n[timeouts]\ntcp_syn = 1\ntcp_fin = 1\n\n\
          [[port]]\nname = \"client\"\ndriver = \"vnic\"\nmac = \"02:00:00:00:00:01\"\nring_size = 1024\n\n\
          [[port]]\nname = \"backend\"\ndriver = \"vnic\"\nmac = \"02:00:00:00:00:02\"\nring_size = 1024\n\n\
-         [[switch]]\nname = \"sw0\"\ncpu = {cpu}\nports = [\"client\", \"backend\"]\nidle = \"busy\"\nburst = 32\nengine = \"{engine}\"\n\n\
-         [[service]]\nname = \"web\"\nvip = \"198.18.0.10\"\nport = 80\nprotocol = \"tcp\"\nmode = \"nat\"\n"
+         [[switch]]\nname = \"sw0\"\ncpu = {cpu}\nports = [\"client\", \"backend\"]\nidle = \"busy\"\nburst = 32\nengine = \"{engine}\"\n\n"
     );
+    // Other services first, so the measured one is the last of the list.
+    for i in 1..services {
+        s += &format!(
+            "[[service]]\nname = \"other{i}\"\nvip = \"198.18.{}.{}\"\nport = 80\nprotocol = \"tcp\"\nmode = \"nat\"\n  \
+             [[service.backend]]\n  name = \"o{i}\"\n  address = \"198.19.1.1\"\n  port = 8080\n",
+            8 + i / 250,
+            1 + i % 250
+        );
+    }
+    s += "[[service]]\nname = \"web\"\nvip = \"198.18.0.10\"\nport = 80\nprotocol = \"tcp\"\nmode = \"nat\"\n";
     for i in 1..=3 {
         s += &format!(
             "  [[service.backend]]\n  name = \"web{i}\"\n  address = \"198.19.1.{i}\"\n  port = 8080\n"
@@ -313,7 +329,7 @@ pub fn run(cfg: &BenchConfig) -> Result<Vec<SizeResult>> {
                 let inst = format!("bench-{pid}-{size}-{run}-{k}");
                 let app = Appliance::start(
                     &inst,
-                    &config(&inst, engine, cfg.switch_cpu, cfg.connections),
+                    &config(&inst, engine, cfg.switch_cpu, cfg.connections, cfg.services),
                 );
                 let (mut wire, inp, out) = wire_for(&app)?;
                 if engine == "filter" {

@@ -60,6 +60,10 @@ struct BenchArgs {
     /// Print every measurement, with the frames the switch received, to stderr.
     #[arg(long)]
     verbose: bool,
+    /// Services in the appliance's configuration (1..=4096); traffic goes
+    /// to the last one.
+    #[arg(long, default_value_t = 1)]
+    services: usize,
 }
 
 #[derive(clap::Args, Debug)]
@@ -158,6 +162,11 @@ fn bench(b: BenchArgs) -> ExitCode {
     cfg.frame_sizes = b.frames;
     cfg.connections = b.connections;
     cfg.verbose = b.verbose;
+    if !(1..=4096).contains(&b.services) {
+        eprintln!("lbgen bench: --services {} is outside 1..=4096", b.services);
+        return ExitCode::from(2);
+    }
+    cfg.services = b.services;
     let res = match tools::bench::run(&cfg) {
         Ok(r) => r,
         Err(e) => {
