@@ -280,7 +280,7 @@ mod tests {
         let svc = |i: u32| ServiceRec {
             vip: 0xc612_0800 + i / 3,
             port: 80 + (i % 3) as u16,
-            proto: if i % 2 == 0 { 6 } else { 17 },
+            proto: if i.is_multiple_of(2) { 6 } else { 17 },
             ..Default::default()
         };
         let publish = |n: u32| {

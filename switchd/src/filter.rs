@@ -711,7 +711,7 @@ fn from_backend(
         Moved::Closed => release_backend(ctx, hit.conn().backend_id),
         Moved::Established => syn_ack_sample(&hit.conn(), ctx),
     }
-    reverse(frame, l4, &hit, port_mac, ctx)
+    reverse(frame, l4, hit, port_mac, ctx)
 }
 
 /// Folds the time from a NAT connection's SYN (its entry's creation) to
@@ -1232,7 +1232,7 @@ mod tests {
 
     /// A client TCP segment to the VIP with the given flags.
     /// Recomputes the IPv4 header checksum of an Ethernet frame.
-    fn fix_ip_checksum(f: &mut Vec<u8>) {
+    fn fix_ip_checksum(f: &mut [u8]) {
         f[24] = 0;
         f[25] = 0;
         let c = checksum::ipv4_header(&f[14..34]);
@@ -1640,7 +1640,8 @@ mod tests {
         fn bad_headers_are_dropped_by_both_paths(port in 1024u16..65000, two_pass in any::<bool>()) {
             thread_local!(static FX: Fixture = Fixture::new(&format!("unit-badhdr-{:?}", std::thread::current().id()).replace(|c: char| !c.is_ascii_alphanumeric(), ""), 1 << 12));
             FX.with(|fx| {
-                let cases: [(&str, fn(&mut Vec<u8>), Counter); 6] = [
+                type Damage = fn(&mut [u8]);
+                let cases: [(&str, Damage, Counter); 6] = [
                     ("IPv4 checksum", |f| f[24] ^= 0x40, Counter::DropMalformed),
                     ("total length past the frame", |f| f[17] = 200, Counter::DropMalformed),
                     ("TCP data offset below 5", |f| f[46] = 0x40, Counter::DropMalformed),

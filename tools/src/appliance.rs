@@ -60,38 +60,62 @@ impl Appliance {
     /// Like [`Appliance::start`], with controld (and so its switches) in a
     /// network namespace (`ip netns exec NS controld ...`: same pid).
     pub fn start_in(netns: Option<&str>, instance: &str, config: &str) -> Self {
+        let mut a = Self::spawn(netns, instance, config).unwrap_or_else(|e| panic!("{e}"));
+        a.wait_ready(Duration::from_secs(20));
+        a
+    }
+
+    /// Like [`Appliance::start`], for programs (lbgen) rather than tests:
+    /// an appliance that does not come up is stopped and cleaned here (by
+    /// its drop, which a `panic = "abort"` build would never run) and the
+    /// reason is returned.
+    pub fn try_start(instance: &str, config: &str) -> Result<Self, String> {
+        let mut a = Self::spawn(None, instance, config)?;
+        a.poll_ready(Duration::from_secs(20))?;
+        Ok(a)
+    }
+
+    /// Writes the configuration and starts controld (not waiting for it).
+    fn spawn(netns: Option<&str>, instance: &str, config: &str) -> Result<Self, String> {
+        let controld = bin_dir().join("controld");
+        if !controld.exists() {
+            return Err(format!(
+                "{} is not built: run `cargo build --workspace --bins` with the same profile first (or set SWITCHYARD_BIN_DIR)",
+                controld.display()
+            ));
+        }
         let dir = dir_for(instance);
-        std::fs::create_dir_all(&dir).unwrap();
+        let io = |what: &std::path::Path, e: std::io::Error| format!("{}: {e}", what.display());
+        std::fs::create_dir_all(&dir).map_err(|e| io(&dir, e))?;
         let config_path = dir.join("switchyard.toml");
-        std::fs::write(&config_path, config).unwrap();
+        std::fs::write(&config_path, config).map_err(|e| io(&config_path, e))?;
         let log_path = dir.join("controld.log");
-        let log = std::fs::File::create(&log_path).unwrap();
+        let log = std::fs::File::create(&log_path).map_err(|e| io(&log_path, e))?;
+        let log2 = log.try_clone().map_err(|e| io(&log_path, e))?;
         let mut cmd = match netns {
             Some(ns) => {
                 let mut c = Command::new("ip");
-                c.args(["netns", "exec", ns]).arg(bin("controld"));
+                c.args(["netns", "exec", ns]).arg(&controld);
                 c
             }
-            None => Command::new(bin("controld")),
+            None => Command::new(&controld),
         };
         let child = cmd
             .arg("--config")
             .arg(&config_path)
             .env("RUST_LOG", "info")
-            .stdout(Stdio::from(log.try_clone().unwrap()))
+            .stdout(Stdio::from(log2))
             .stderr(Stdio::from(log))
             .spawn()
-            .expect("spawn controld");
-        let mut a = Appliance {
+            .map_err(|e| format!("spawning controld: {e}"))?;
+        Ok(Appliance {
             instance: instance.to_string(),
             config_path,
             controld: Some(child),
             log_path,
             dir,
             armed: true,
-        };
-        a.wait_ready(Duration::from_secs(20));
-        a
+        })
     }
 
     pub fn log(&self) -> String {
@@ -105,16 +129,28 @@ impl Appliance {
     /// Waits until the region exists, has a configuration, and every
     /// configured switch is RUNNING and acknowledged it.
     pub fn wait_ready(&mut self, limit: Duration) {
+        if let Err(e) = self.poll_ready(limit) {
+            panic!("{e}");
+        }
+    }
+
+    /// [`Appliance::wait_ready`], returning why it is not ready instead.
+    pub fn poll_ready(&mut self, limit: Duration) -> Result<(), String> {
         let deadline = Instant::now() + limit;
+        let mut last_error = String::from("attached");
         loop {
             if let Some(c) = self.controld.as_mut()
                 && let Ok(Some(st)) = c.try_wait()
             {
-                panic!("controld exited early ({st}):\n{}", self.log());
+                return Err(format!("controld exited early ({st}):\n{}", self.log()));
             }
             let me = self.controld.as_ref().map(|c| c.id()).unwrap_or(0);
             // Only our controld's region counts (a stale one may still exist).
-            if let Ok(r) = Region::attach(&self.instance, Access::ReadOnly)
+            let region = Region::attach(&self.instance, Access::ReadOnly);
+            if let Err(e) = &region {
+                last_error = e.to_string();
+            }
+            if let Ok(r) = region
                 && r.header().controld_pid.load(Ordering::Relaxed) == me
             {
                 let g = r.generation(Table::Config);
@@ -125,14 +161,15 @@ impl Appliance {
                             && s.seen_config.load(Ordering::Acquire) == g
                     });
                 if ready {
-                    return;
+                    return Ok(());
                 }
             }
-            assert!(
-                Instant::now() < deadline,
-                "appliance not ready after {limit:?}:\n{}",
-                self.log()
-            );
+            if Instant::now() >= deadline {
+                return Err(format!(
+                    "appliance not ready after {limit:?} (region: {last_error}):\n{}",
+                    self.log()
+                ));
+            }
             std::thread::sleep(Duration::from_millis(20));
         }
     }

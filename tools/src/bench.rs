@@ -327,10 +327,11 @@ pub fn run(cfg: &BenchConfig) -> Result<Vec<SizeResult>> {
             // one scenario's table state never leaks into the next.
             for (k, &(engine, load)) in scenarios.iter().enumerate() {
                 let inst = format!("bench-{pid}-{size}-{run}-{k}");
-                let app = Appliance::start(
+                let app = Appliance::try_start(
                     &inst,
                     &config(&inst, engine, cfg.switch_cpu, cfg.connections, cfg.services),
-                );
+                )
+                .map_err(|e| anyhow::anyhow!("{inst}: {e}"))?;
                 let (mut wire, inp, out) = wire_for(&app)?;
                 if engine == "filter" {
                     establish(&mut wire, inp, out, cfg.flows);
