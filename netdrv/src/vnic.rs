@@ -854,6 +854,38 @@ mod tests {
         host.audit().unwrap();
     }
 
+    /// A host that never calls `reclaim` keeps forwarding far more frames
+    /// than its pool holds: each TX slot's completed buffer comes back when
+    /// the slot is reused, and no buffer is lost or referenced twice.
+    #[test]
+    fn transmit_alone_recycles_buffers_without_reclaim() {
+        let t = make("lazy", 64);
+        let mut wire = VnicWire::attach(&t.0).unwrap();
+        let mut host = VnicHost::attach(&t.0).unwrap();
+        let pool = 2 * 2 * 64 + 256;
+        let mut out = [Frame { buf: 0, len: 0 }; 16];
+        let mut moved = 0u32;
+        for s in 0..(10 * pool as u32) {
+            assert!(wire.inject(0, &frame(s)), "frame {s}: RX ring full");
+            let k = host.rx_burst(0, &mut out);
+            assert_eq!(k, 1, "frame {s}: nothing received");
+            host.tx(1, out[0]).unwrap();
+            let mut got = Vec::new();
+            assert_eq!(wire.collect(1, 4, |f| got.push(f.to_vec())), 1);
+            assert_eq!(got[0], frame(s));
+            moved += 1;
+        }
+        assert_eq!(moved, 10 * pool as u32);
+        host.audit().unwrap();
+        host.reclaim_all();
+        host.audit().unwrap();
+        assert_eq!(
+            host.free_buffers(),
+            pool - 2 * 64,
+            "all but the posted RX buffers"
+        );
+    }
+
     #[test]
     fn full_rings_push_back_instead_of_overwriting() {
         let t = make("full", 64);

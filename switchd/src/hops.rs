@@ -88,4 +88,40 @@ mod tests {
             }
         }
     }
+
+    /// A routing publication (a new stamp) empties the cache: an answer
+    /// cached from the old slot is never given for the new one.
+    #[test]
+    fn a_new_routing_stamp_forgets_cached_next_hops() {
+        let fx = Fixture::new("unit-hops-stamp", 1 << 10);
+        let r = &fx.region;
+        let backend = 0xc613_0101;
+        let mut cache = HopCache::default();
+        let tok = r.begin_read(Table::Routing);
+        cache.sync(tok.stamp);
+        let old = cache.next_hop(&r.routing_view(tok.slot), backend).unwrap();
+        assert_eq!(old.mac, [2, 0, 0, 0, 1, 1]);
+        // The same table, but the backend's neighbour has another MAC.
+        let cur = r.routing_view(tok.slot);
+        r.publish_routing(std::time::Duration::from_millis(10), |s| {
+            s.header.n_routes = cur.header.n_routes;
+            s.header.n_neighbours = cur.header.n_neighbours;
+            s.routes.copy_from_slice(cur.routes);
+            s.neighbours.copy_from_slice(cur.neighbours);
+            let n = s.neighbours.iter_mut().find(|n| n.ip == backend).unwrap();
+            n.mac = [2, 0, 0, 0, 9, 9];
+        });
+        let tok2 = r.begin_read(Table::Routing);
+        assert_ne!(tok2.stamp, tok.stamp);
+        let rt2 = r.routing_view(tok2.slot);
+        // Without a sync the cache still answers from the old slot...
+        assert_eq!(cache.next_hop(&rt2, backend).unwrap().mac, old.mac);
+        // ...which is why the engine syncs it with every loop's stamp.
+        cache.sync(tok2.stamp);
+        assert_eq!(cache.next_hop(&rt2, backend), rt2.next_hop(backend));
+        assert_eq!(
+            cache.next_hop(&rt2, backend).unwrap().mac,
+            [2, 0, 0, 0, 9, 9]
+        );
+    }
 }

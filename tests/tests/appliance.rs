@@ -5,6 +5,7 @@
 use std::time::Duration;
 
 use etherparse::{Ethernet2Header, Ipv4Header, TcpHeader};
+use shm_layout::Table;
 use switchyard_tests::{Appliance, Cfg, Wire, counter_sum, render, shmdump_json, unique};
 use tools::frames::{self, Spec, TcpFlags};
 use tools::traffic::{GenConfig, Generator};
@@ -272,4 +273,63 @@ fn client_tcp(port: u16, syn: bool) -> Spec {
         ident: 0,
         payload_len: if syn { 0 } else { 10 },
     }
+}
+
+/// Switches keep next hops cached across poll loops; a routing publication
+/// must end that. A backend's neighbour changes MAC by reload: the same
+/// established connection's next packet leaves with the new MAC.
+#[test]
+fn a_neighbour_that_changes_mac_is_followed_by_the_next_packet() {
+    let inst = unique("nbmac");
+    let cfg = Cfg {
+        web: Cfg::default().web.into_iter().take(1).collect(),
+        ..Cfg::default()
+    };
+    let before = render(&inst, &cfg);
+    let old_mac = "address = \"198.19.1.1\"\nmac = \"02:00:00:00:01:01\"";
+    assert!(before.contains(old_mac), "the rendered neighbour of web1");
+    let after = before.replace(
+        old_mac,
+        "address = \"198.19.1.1\"\nmac = \"02:00:00:00:01:aa\"",
+    );
+    let app = Appliance::start(&inst, &before);
+    let mut wire = Wire::attach(&inst);
+    let mut send = |syn: bool| {
+        let mut f = Vec::new();
+        frames::build(&client_tcp(51_000, syn), &mut f);
+        wire.send("client", &f);
+        let got = wire.recv(1, Duration::from_secs(5));
+        assert_eq!(got.len(), 1, "one frame out");
+        frames::parse_checked(&got[0].1).unwrap()
+    };
+    // The SYN and a data packet: the second is answered from the cache.
+    assert_eq!(send(true).dst_mac, [2, 0, 0, 0, 1, 1]);
+    assert_eq!(send(false).dst_mac, [2, 0, 0, 0, 1, 1]);
+    let r = app.region();
+    let routing_before = r.generation(Table::Routing);
+    app.reload_and_wait(&after);
+    // Wait (bounded) until the switch acknowledged the new routing table.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let g = r.generation(Table::Routing);
+        let seen = r.switch_slots()[0]
+            .seen_routing
+            .load(std::sync::atomic::Ordering::Acquire);
+        if g > routing_before && seen == g {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "routing generation {g}, seen {seen}"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let p = send(false);
+    assert_eq!(
+        p.dst_mac,
+        [2, 0, 0, 0, 1, 0xaa],
+        "the new MAC, not the cached one"
+    );
+    assert_eq!(p.dst, ([198, 19, 1, 1], 8080));
+    drop(app);
 }
