@@ -169,7 +169,7 @@ pub fn run<N: Nic>(
                 // loads, so the second pass finds them in cache.
                 for (f, p) in frames[..n].iter().zip(&mut pres[..n]) {
                     let len = (f.len as usize).min(nic.frame_capacity());
-                    *p = filter::pre(&nic.buf_mut(*f)[..len], &ctx.ct);
+                    filter::pre_into(&nic.buf_mut(*f)[..len], &ctx.ct, p);
                 }
                 ctx.counters[Counter::RxPackets as usize] += n as u64;
                 for (f, pre) in frames[..n].iter().zip(&pres[..n]) {

@@ -154,16 +154,25 @@ pub struct Pre(Option<L4>);
 /// [`process`].
 #[inline]
 pub fn pre(frame: &[u8], ct: &ConnTable<'_>) -> Pre {
+    let mut p = Pre::default();
+    pre_into(frame, ct, &mut p);
+    p
+}
+
+/// [`pre`], written straight into the engine's per-burst array.
+#[inline]
+pub fn pre_into(frame: &[u8], ct: &ConnTable<'_>, out: &mut Pre) {
+    out.0 = None;
     if frame.get(12..14) != Some(&[0x08, 0x00]) {
-        return Pre(None);
+        return;
     }
-    let Some(mut l4) = parse_ip_common(frame) else {
-        return Pre(None);
+    let Some(l4) = parse_ip_common(frame) else {
+        return;
     };
     let home = ct.home(&l4.key);
     ct.prefetch_home(home);
+    let l4 = out.0.insert(l4);
     l4.home = home as u32;
-    Pre(Some(l4))
 }
 
 /// [`process`] for a frame that went through [`pre`] (same frame, same
@@ -957,12 +966,7 @@ fn decrement_ttl(frame: &mut [u8], ctx: &mut Ctx<'_>) -> Result<(), Verdict> {
     if ttl <= 1 {
         return Err(ctx.drop(Counter::DropTtl));
     }
-    // TTL is the high byte of the 16-bit word it shares with protocol.
-    let c = checksum::update_u16(
-        u16::from_be_bytes([h[10], h[11]]),
-        u16::from_be_bytes([ttl, h[9]]),
-        u16::from_be_bytes([ttl - 1, h[9]]),
-    );
+    let c = checksum::adjust(u16::from_be_bytes([h[10], h[11]]), checksum::TTL_DECREMENT);
     h[8] = ttl - 1;
     h[10..12].copy_from_slice(&c.to_be_bytes());
     Ok(())
@@ -1018,10 +1022,16 @@ fn egress(
         Ok(h) => h,
         Err(v) => return v,
     };
-    // TTL is the high byte of the 16-bit word it shares with protocol.
-    let mut d_ip = checksum::delta_u16(
-        u16::from_be_bytes([ttl, proto]),
-        u16::from_be_bytes([ttl - 1, proto]),
+    // TTL is the high byte of the 16-bit word it shares with protocol:
+    // the word drops by 0x100, whose RFC 1624 difference (~m + m - 0x100)
+    // is the constant 0xfeff whatever the TTL and protocol.
+    let mut d_ip = checksum::TTL_DECREMENT;
+    debug_assert_eq!(
+        d_ip,
+        checksum::delta_u16(
+            u16::from_be_bytes([ttl, proto]),
+            u16::from_be_bytes([ttl - 1, proto])
+        )
     );
     let (addr_at, new_ip) = match nat {
         Nat::None => (0, 0),

@@ -75,6 +75,10 @@ pub fn adjust(csum: u16, delta: u64) -> u16 {
     !(acc as u16)
 }
 
+/// The difference [`delta_u16`] gives for any 16-bit word that drops by
+/// 0x100, as the IPv4 TTL/protocol word does when the TTL is decremented.
+pub const TTL_DECREMENT: u64 = 0xfeff;
+
 /// One 16-bit field changed: `adjust(csum, delta_u16(old, new))`.
 #[inline]
 pub fn update_u16(csum: u16, old: u16, new: u16) -> u16 {
@@ -89,6 +93,17 @@ pub fn update_u32(csum: u16, old: u32, new: u32) -> u16 {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn ttl_decrement_difference_is_one_constant() {
+        for ttl in 1..=255u8 {
+            for proto in 0..=255u8 {
+                let old = u16::from_be_bytes([ttl, proto]);
+                let new = u16::from_be_bytes([ttl - 1, proto]);
+                assert_eq!(super::delta_u16(old, new), super::TTL_DECREMENT);
+            }
+        }
+    }
+
     use super::*;
     use proptest::prelude::*;
 
