@@ -164,61 +164,16 @@ pub fn run<N: Nic>(
                 }
                 moved += n;
                 let in_port = map.global[local];
-                let mut tx_dirty = [false; MAX_PORTS];
-                // First pass: parse the burst and start its connection-slot
-                // loads, so the second pass finds them in cache.
-                for (f, p) in frames[..n].iter().zip(&mut pres[..n]) {
-                    let len = (f.len as usize).min(nic.frame_capacity());
-                    filter::pre_into(&nic.buf_mut(*f)[..len], &ctx.ct, p);
-                }
-                ctx.counters[Counter::RxPackets as usize] += n as u64;
-                for (f, pre) in frames[..n].iter().zip(&pres[..n]) {
-                    ctx.counters[Counter::RxBytes as usize] += f.len as u64;
-                    let buf = nic.buf_mut(*f);
-                    let mut verdict =
-                        filter::process_pre(buf, f.len as usize, pre, in_port, &port_mac, &mut ctx);
-                    if let Verdict::Hold { timeout_ms } = verdict {
-                        verdict = hold(
-                            &mut synq,
-                            buf,
-                            f.len as usize,
-                            in_port,
-                            timeout_ms,
-                            &mut ctx,
-                        );
-                    }
-                    match verdict {
-                        Verdict::Tx { port, len } => {
-                            let Some(out) = map.local.get(port as usize).copied().flatten() else {
-                                ctx.counters[Counter::DropEgressPort as usize] += 1;
-                                nic.free(*f);
-                                continue;
-                            };
-                            let out_frame = Frame {
-                                buf: f.buf,
-                                len: len as u16,
-                            };
-                            match nic.tx(out as usize, out_frame) {
-                                Ok(()) => {
-                                    ctx.counters[Counter::TxPackets as usize] += 1;
-                                    ctx.counters[Counter::TxBytes as usize] += len as u64;
-                                    tx_dirty[out as usize] = true;
-                                }
-                                Err(back) => {
-                                    ctx.counters[Counter::DropTxFull as usize] += 1;
-                                    nic.free(back);
-                                }
-                            }
-                        }
-                        // Held: the queue kept a copy.
-                        Verdict::Drop | Verdict::Hold { .. } => nic.free(*f),
-                    }
-                }
-                for (p, dirty) in tx_dirty.iter().enumerate() {
-                    if *dirty {
-                        nic.flush(p);
-                    }
-                }
+                burst_in(
+                    nic,
+                    &frames[..n],
+                    &mut pres[..n],
+                    in_port,
+                    map,
+                    &port_mac,
+                    &mut synq,
+                    &mut ctx,
+                );
             }
             if !synq.is_empty() {
                 retry_held(nic, &mut synq, map, &port_mac, &mut ctx);
@@ -253,6 +208,71 @@ pub fn run<N: Nic>(
     }
     publish_counters(me, &counters);
     Ok(())
+}
+
+/// One received burst of `in_port`: the first pass over every frame, then
+/// the verdicts, transmissions and flushes. (Kept out of line: the poll
+/// loop stays short to read, and the count per frame is the same, 595 vs
+/// 597 instructions in situ.)
+#[inline(never)]
+#[allow(clippy::too_many_arguments)]
+fn burst_in<N: Nic>(
+    nic: &mut N,
+    frames: &[Frame],
+    pres: &mut [filter::Pre],
+    in_port: u32,
+    map: &PortMap,
+    port_mac: &impl Fn(u32) -> Option<[u8; 6]>,
+    synq: &mut SynQueue,
+    ctx: &mut Ctx<'_>,
+) {
+    let mut tx_dirty = [false; MAX_PORTS];
+    // First pass: parse the burst and start its connection-slot
+    // loads, so the second pass finds them in cache.
+    for (f, p) in frames.iter().zip(pres.iter_mut()) {
+        let len = (f.len as usize).min(nic.frame_capacity());
+        filter::pre_into(&nic.buf_mut(*f)[..len], &ctx.ct, p);
+    }
+    ctx.counters[Counter::RxPackets as usize] += frames.len() as u64;
+    for (f, pre) in frames.iter().zip(pres.iter()) {
+        ctx.counters[Counter::RxBytes as usize] += f.len as u64;
+        let buf = nic.buf_mut(*f);
+        let mut verdict = filter::process_pre(buf, f.len as usize, pre, in_port, &port_mac, ctx);
+        if let Verdict::Hold { timeout_ms } = verdict {
+            verdict = hold(synq, buf, f.len as usize, in_port, timeout_ms, ctx);
+        }
+        match verdict {
+            Verdict::Tx { port, len } => {
+                let Some(out) = map.local.get(port as usize).copied().flatten() else {
+                    ctx.counters[Counter::DropEgressPort as usize] += 1;
+                    nic.free(*f);
+                    continue;
+                };
+                let out_frame = Frame {
+                    buf: f.buf,
+                    len: len as u16,
+                };
+                match nic.tx(out as usize, out_frame) {
+                    Ok(()) => {
+                        ctx.counters[Counter::TxPackets as usize] += 1;
+                        ctx.counters[Counter::TxBytes as usize] += len as u64;
+                        tx_dirty[out as usize] = true;
+                    }
+                    Err(back) => {
+                        ctx.counters[Counter::DropTxFull as usize] += 1;
+                        nic.free(back);
+                    }
+                }
+            }
+            // Held: the queue kept a copy.
+            Verdict::Drop | Verdict::Hold { .. } => nic.free(*f),
+        }
+    }
+    for (p, dirty) in tx_dirty.iter().enumerate() {
+        if *dirty {
+            nic.flush(p);
+        }
+    }
 }
 
 /// A frame the filter held: queued (a copy; the caller frees the buffer and
