@@ -92,8 +92,10 @@ fn config(instance: &str, engine: &str, cpu: usize, conns: usize, services: usiz
     // Many services get smaller Maglev tables (still over 100 entries per
     // backend), so the region stays small.
     let maglev = if services > 16 { 4093 } else { 65537 };
+    // One backend per other service, three for the measured one.
+    let backends = (services + 2).max(1024);
     let mut s = format!(
-        "instance = \"{instance}\"\n[limits]\nconnections = {conns}\nservices = {services}\nmaglev_table_size = {maglev}\n[timeouts]\ntcp_syn = 1\ntcp_fin = 1\n\n\
+        "instance = \"{instance}\"\n[limits]\nconnections = {conns}\nservices = {services}\nbackends = {backends}\nmaglev_table_size = {maglev}\n[timeouts]\ntcp_syn = 1\ntcp_fin = 1\n\n\
          [[port]]\nname = \"client\"\ndriver = \"vnic\"\nmac = \"02:00:00:00:00:01\"\nring_size = 1024\n\n\
          [[port]]\nname = \"backend\"\ndriver = \"vnic\"\nmac = \"02:00:00:00:00:02\"\nring_size = 1024\n\n\
          [[switch]]\nname = \"sw0\"\ncpu = {cpu}\nports = [\"client\", \"backend\"]\nidle = \"busy\"\nburst = 32\nengine = \"{engine}\"\n\n"
