@@ -20,6 +20,19 @@ pub struct BackendIdentity {
     pub port: u16,
 }
 
+impl BackendIdentity {
+    /// The identity of backend `b` of service `s`.
+    pub fn of(s: &crate::config::Service, b: &crate::config::Backend) -> Self {
+        BackendIdentity {
+            vip: s.vip,
+            vport: s.port,
+            proto: s.protocol.number(),
+            addr: b.address,
+            port: b.port,
+        }
+    }
+}
+
 #[derive(Debug)]
 pub struct IdAllocator {
     capacity: u32,

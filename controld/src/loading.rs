@@ -110,13 +110,7 @@ impl Loading {
         for s in &cfg.services {
             let Some(l) = s.loading else { continue };
             for b in s.backends.iter().filter(|b| b.max_conns > 0) {
-                let ident = BackendIdentity {
-                    vip: s.vip,
-                    vport: s.port,
-                    proto: s.protocol.number(),
-                    addr: b.address,
-                    port: b.port,
-                };
+                let ident = BackendIdentity::of(s, b);
                 let interval = Duration::from_millis(u64::from(l.interval_ms));
                 let floor = l.min_conns.min(b.max_conns);
                 let t = match self.tracked.remove(&ident) {

@@ -324,13 +324,7 @@ impl State {
     fn health(&self, service: &str, backend: &str) -> Option<proto::Health> {
         let s = self.cfg.services.iter().find(|s| s.name == service)?;
         let b = s.backends.iter().find(|b| b.name == backend)?;
-        let ident = BackendIdentity {
-            vip: s.vip,
-            vport: s.port,
-            proto: s.protocol.number(),
-            addr: b.address,
-            port: b.port,
-        };
+        let ident = BackendIdentity::of(s, b);
         self.health.health(&ident).map(|h| {
             if h.is_down() {
                 proto::Health::Down

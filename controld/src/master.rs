@@ -74,13 +74,7 @@ pub fn config_snapshot(
     let mut identities = Vec::new();
     for s in &cfg.services {
         for b in &s.backends {
-            identities.push(BackendIdentity {
-                vip: s.vip,
-                vport: s.port,
-                proto: s.protocol.number(),
-                addr: b.address,
-                port: b.port,
-            });
+            identities.push(BackendIdentity::of(s, b));
         }
     }
     let assigned = ids.assign(&identities)?;
@@ -207,6 +201,17 @@ pub fn routing_snapshot(cfg: &Config) -> RoutingSnapshot {
 mod tests {
     use super::*;
 
+    /// `config_snapshot` with no overrides and the configured limits: what
+    /// health (`is_down`) and the agents (`steer`) make of the file.
+    fn judged(
+        cfg: &Config,
+        ids: &mut IdAllocator,
+        is_down: impl Fn(&BackendIdentity) -> bool,
+        steer: impl Fn(Ipv4Addr) -> Steer,
+    ) -> ConfigSnapshot {
+        config_snapshot(cfg, ids, &Overrides::default(), is_down, steer, |_| None).unwrap()
+    }
+
     /// Service "web" (policy `on_down`) with three backends, web1 and web2
     /// checked, web3 not; service "dns" keeps connections, one checked backend.
     fn config(on_down: &str) -> Config {
@@ -236,15 +241,7 @@ mod tests {
         let mut ids = IdAllocator::new(64);
         let all_up = file_snapshot(&cfg, &mut ids).unwrap();
         // Everything "down" by the health view: only checked backends are.
-        let snap = config_snapshot(
-            &cfg,
-            &mut ids,
-            &Overrides::default(),
-            |_| true,
-            |_| Steer::Configured,
-            |_| None,
-        )
-        .unwrap();
+        let snap = judged(&cfg, &mut ids, |_| true, |_| Steer::Configured);
         let flags: Vec<u16> = snap.backends.iter().map(|b| b.flags).collect();
         assert_eq!(
             flags,
@@ -325,15 +322,7 @@ mod tests {
             addr: "198.19.1.2".parse().unwrap(),
             port: 80,
         };
-        let after = config_snapshot(
-            &cfg,
-            &mut ids,
-            &Overrides::default(),
-            |b| *b == web2,
-            |_| Steer::Configured,
-            |_| None,
-        )
-        .unwrap();
+        let after = judged(&cfg, &mut ids, |b| *b == web2, |_| Steer::Configured);
         assert_eq!(
             after.down_actions,
             [(before.backends[1].id, ON_DOWN_RESCHEDULE)]
@@ -358,15 +347,7 @@ mod tests {
             a if a == at(2) => Steer::Factor(300),
             _ => Steer::Configured,
         };
-        let snap = config_snapshot(
-            &cfg,
-            &mut ids,
-            &Overrides::default(),
-            |_| false,
-            steer,
-            |_| None,
-        )
-        .unwrap();
+        let snap = judged(&cfg, &mut ids, |_| false, steer);
         let w: Vec<(u32, u16)> = snap.backends.iter().map(|b| (b.weight, b.flags)).collect();
         assert_eq!(
             w,
@@ -394,15 +375,7 @@ mod tests {
             at(2)
         );
         let cfg = crate::config::parse(&text).unwrap();
-        let snap = config_snapshot(
-            &cfg,
-            &mut ids,
-            &Overrides::default(),
-            |_| false,
-            steer,
-            |_| None,
-        )
-        .unwrap();
+        let snap = judged(&cfg, &mut ids, |_| false, steer);
         assert_eq!(snap.backends[0].weight, 0);
         let steer30 = |a: Ipv4Addr| {
             if a == at(2) {
@@ -411,15 +384,7 @@ mod tests {
                 Steer::Configured
             }
         };
-        let snap = config_snapshot(
-            &cfg,
-            &mut ids,
-            &Overrides::default(),
-            |_| false,
-            steer30,
-            |_| None,
-        )
-        .unwrap();
+        let snap = judged(&cfg, &mut ids, |_| false, steer30);
         assert_eq!(
             (snap.backends[0].weight, snap.backends[1].weight),
             (100, 30)
@@ -427,15 +392,7 @@ mod tests {
         let b = snap.tables[0].iter().filter(|&&e| e == 1).count();
         assert!((200..=260).contains(&b), "{b} of 1009 entries");
         // A DOWN backend leaves the table whatever its agent says.
-        let snap = config_snapshot(
-            &cfg,
-            &mut ids,
-            &Overrides::default(),
-            |_| true,
-            steer30,
-            |_| None,
-        )
-        .unwrap();
+        let snap = judged(&cfg, &mut ids, |_| true, steer30);
         assert_eq!(snap.backends[1].flags, BACKEND_CHECKED | BACKEND_DOWN);
         assert!(!snap.tables[0].contains(&1));
     }
@@ -444,6 +401,11 @@ mod tests {
 #[cfg(test)]
 mod override_tests {
     use super::*;
+
+    /// `config_snapshot` with runtime overrides alone (all up, no agents).
+    fn overridden(cfg: &Config, ids: &mut IdAllocator, o: &Overrides) -> ConfigSnapshot {
+        config_snapshot(cfg, ids, o, |_| false, |_| Steer::Configured, |_| None).unwrap()
+    }
 
     fn config() -> Config {
         let mut text = String::from(
@@ -496,15 +458,7 @@ mod override_tests {
         let mut o = Overrides::default();
         o.drain("web", "web1");
         o.set_weight("web", "web3", Some(9));
-        let snap = config_snapshot(
-            &cfg,
-            &mut ids,
-            &o,
-            |_| false,
-            |_| Steer::Configured,
-            |_| None,
-        )
-        .unwrap();
+        let snap = overridden(&cfg, &mut ids, &o);
         assert_eq!(snap.tables[0], table_for(&[0, 2, 9]));
         assert_eq!(entries(&snap)[0], 0, "a drained backend leaves the table");
         let recs: Vec<(u32, u16)> = snap.backends.iter().map(|b| (b.weight, b.flags)).collect();
@@ -515,15 +469,7 @@ mod override_tests {
         // Overrides of unknown backends change nothing.
         let mut other = Overrides::default();
         other.drain("dns", "web1");
-        let snap = config_snapshot(
-            &cfg,
-            &mut ids,
-            &other,
-            |_| false,
-            |_| Steer::Configured,
-            |_| None,
-        )
-        .unwrap();
+        let snap = overridden(&cfg, &mut ids, &other);
         assert_eq!(snap.tables[0], plain.tables[0]);
     }
 }

@@ -500,7 +500,8 @@ impl VnicHost {
     pub fn reclaim_all(&mut self) {
         for port in 0..self.rings.len() {
             while self.tx_clean[port] != self.tx_next[port] {
-                let d = self.desc(port, true, self.tx_clean[port]);
+                // SAFETY: the host's TX ring of `port` (see `desc_at`).
+                let d = unsafe { desc_at(self.rings[port].1, self.mask, self.tx_clean[port]) };
                 if d.meta.load(Ordering::Acquire) & OWN_NIC != 0 {
                     break;
                 }
@@ -513,16 +514,20 @@ impl VnicHost {
             }
         }
     }
+}
 
-    /// Descriptor `i` (taken modulo the ring size) of `port`'s RX or TX ring.
-    #[inline(always)]
-    fn desc(&self, port: usize, tx: bool, i: u32) -> &Desc {
-        let (rx_ring, tx_ring) = self.rings[port];
-        let base = if tx { tx_ring } else { rx_ring };
-        // SAFETY: `base` starts a ring of `mask + 1` descriptors inside the
-        // mapping `self` owns (see `attach`), and the index is masked.
-        unsafe { &*base.add((i & self.mask) as usize) }
-    }
+/// Descriptor `i` (taken modulo the ring size) of the ring starting at
+/// `ring`. A free function over the raw pointer, not a method: the
+/// descriptor stores that follow would otherwise make the compiler reload
+/// every field of the host per frame, and the host stays free to borrow.
+///
+/// # Safety
+/// `ring` must start a ring of `mask + 1` descriptors inside a mapping that
+/// outlives `'a` (the host's rings: see `VnicHost::attach`).
+#[inline(always)]
+unsafe fn desc_at<'a>(ring: *const Desc, mask: u32, i: u32) -> &'a Desc {
+    // SAFETY: the index is masked into the ring (caller's contract).
+    unsafe { &*ring.add((i & mask) as usize) }
 }
 
 impl Drop for VnicHost {
@@ -555,17 +560,15 @@ impl Nic for VnicHost {
 
     #[inline]
     fn rx_burst(&mut self, port: usize, out: &mut [Frame]) -> usize {
-        // Locals, not fields: the descriptor stores below would otherwise
-        // make the compiler reload every field of `self` per frame.
+        // Locals, not fields (see `desc_at`).
         let ring = self.rings[port].0;
         let (mask, n_frames) = (self.mask, self.n_frames);
         let free = &mut self.free;
         let mut next = self.rx_next[port];
         let mut n = 0;
         while n < out.len() {
-            // SAFETY: `ring` starts a ring of `mask + 1` descriptors inside
-            // the mapping `self` owns (see `attach`); the index is masked.
-            let d = unsafe { &*ring.add((next & mask) as usize) };
+            // SAFETY: the host's RX ring of `port` (see `desc_at`).
+            let d = unsafe { desc_at(ring, mask, next) };
             let meta = d.meta.load(Ordering::Acquire);
             if meta & OWN_NIC != 0 {
                 break;
@@ -607,9 +610,8 @@ impl Nic for VnicHost {
     #[inline]
     fn tx(&mut self, port: usize, f: Frame) -> Result<(), Frame> {
         let i = self.tx_next[port];
-        // SAFETY: as in `desc`; a local pointer, so the stores below do not
-        // make the compiler reload `self.rings`.
-        let d = unsafe { &*self.rings[port].1.add((i & self.mask) as usize) };
+        // SAFETY: the host's TX ring of `port` (see `desc_at`).
+        let d = unsafe { desc_at(self.rings[port].1, self.mask, i) };
         let meta = d.meta.load(Ordering::Acquire);
         if meta & OWN_NIC != 0 {
             return Err(f);

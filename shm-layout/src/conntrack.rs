@@ -361,16 +361,11 @@ impl<'a> ConnTable<'a> {
         key.hash(self.seed) as usize & self.mask
     }
 
-    /// Starts loading the home slot of `key` into the cache, so a lookup a
-    /// few packets later does not stall on memory. Never faults.
+    /// Starts loading slot `home` (a key's [`home`](Self::home)) into the
+    /// cache, so a lookup a few packets later does not stall on memory.
+    /// Never faults.
     #[inline]
-    pub fn prefetch(&self, key: &FlowKey) {
-        self.prefetch_home(self.home(key));
-    }
-
-    /// [`prefetch`](Self::prefetch) of a home slot already computed.
-    #[inline]
-    pub fn prefetch_home(&self, home: usize) {
+    pub fn prefetch(&self, home: usize) {
         let p = self.slot(home as u32) as *const ConnSlot as *const i8;
         #[cfg(target_arch = "x86_64")]
         // SAFETY: a prefetch is a hint with no architectural effect; the

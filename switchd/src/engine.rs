@@ -231,7 +231,7 @@ fn burst_in<N: Nic>(
     // loads, so the second pass finds them in cache.
     for (f, p) in frames.iter().zip(pres.iter_mut()) {
         let len = (f.len as usize).min(nic.frame_capacity());
-        filter::pre_into(&nic.buf_mut(*f)[..len], &ctx.ct, p);
+        filter::pre(&nic.buf_mut(*f)[..len], &ctx.ct, p);
     }
     ctx.counters[Counter::RxPackets as usize] += frames.len() as u64;
     for (f, pre) in frames.iter().zip(pres.iter()) {

@@ -141,6 +141,17 @@ struct L4 {
     home: u32,
 }
 
+impl L4 {
+    /// (TCP at all, a connection-opening SYN (no ACK), a RST).
+    #[inline(always)]
+    fn tcp_kind(&self) -> (bool, bool, bool) {
+        let is_tcp = self.key.proto == PROTO_TCP;
+        let syn = is_tcp && self.flags & tcp::SYN != 0 && self.flags & tcp::ACK == 0;
+        let rst = is_tcp && self.flags & tcp::RST != 0;
+        (is_tcp, syn, rst)
+    }
+}
+
 /// What the engine's first pass over a burst learned of one frame (see
 /// [`pre`]): the common-case parse and its table slot, already being
 /// fetched, or nothing (the frame goes the whole way through [`process`]).
@@ -150,29 +161,22 @@ pub struct Pre(Option<L4>);
 /// First pass over a burst: parses a common-case IPv4 TCP/UDP frame
 /// (`frame` is its `len` bytes) and starts loading its connection slot, so
 /// the second pass ([`process_pre`]) finds it in cache and parses nothing
-/// again. Reads only what it bounds-checks; other frames are left to
-/// [`process`].
+/// again. Writes its facts into `out` (the engine's per-burst array), or
+/// nothing for frames it leaves to [`process`]; reads only what it
+/// bounds-checks.
 #[inline]
-pub fn pre(frame: &[u8], ct: &ConnTable<'_>) -> Pre {
-    let mut p = Pre::default();
-    pre_into(frame, ct, &mut p);
-    p
-}
-
-/// [`pre`], written straight into the engine's per-burst array.
-#[inline]
-pub fn pre_into(frame: &[u8], ct: &ConnTable<'_>, out: &mut Pre) {
+pub fn pre(frame: &[u8], ct: &ConnTable<'_>, out: &mut Pre) {
     out.0 = None;
     if frame.get(12..14) != Some(&[0x08, 0x00]) {
         return;
     }
-    let Some(l4) = parse_ip_common(frame) else {
+    let Some(mut l4) = parse_ip_common(frame) else {
         return;
     };
     let home = ct.home(&l4.key);
-    ct.prefetch_home(home);
-    let l4 = out.0.insert(l4);
+    ct.prefetch(home);
     l4.home = home as u32;
+    out.0 = Some(l4);
 }
 
 /// [`process`] for a frame that went through [`pre`] (same frame, same
@@ -437,9 +441,7 @@ fn to_vip(
     port_mac: &impl Fn(u32) -> Option<[u8; 6]>,
     ctx: &mut Ctx<'_>,
 ) -> Verdict {
-    let is_tcp = l4.key.proto == PROTO_TCP;
-    let syn = is_tcp && l4.flags & tcp::SYN != 0 && l4.flags & tcp::ACK == 0;
-    let rst = is_tcp && l4.flags & tcp::RST != 0;
+    let (is_tcp, syn, rst) = l4.tcp_kind();
     let found = ctx.ct.lookup_at(&l4.key, l4.home as usize);
     if let Some(hit) = &found
         && hit.dir == Direction::Forward
@@ -480,9 +482,7 @@ fn new_flow(
     port_mac: &impl Fn(u32) -> Option<[u8; 6]>,
     ctx: &mut Ctx<'_>,
 ) -> Verdict {
-    let is_tcp = l4.key.proto == PROTO_TCP;
-    let syn = is_tcp && l4.flags & tcp::SYN != 0 && l4.flags & tcp::ACK == 0;
-    let rst = is_tcp && l4.flags & tcp::RST != 0;
+    let (is_tcp, syn, rst) = l4.tcp_kind();
     let Some((svc_idx, svc)) = find_service(&ctx.cfg, &l4.key) else {
         if !is_tcp {
             return ctx.drop(Counter::DropNoServiceUdp);
@@ -1449,7 +1449,8 @@ mod tests {
         buf[..frame.len()].copy_from_slice(frame);
         let mut ctx = fx.ctx(c);
         // The engine's way: the first pass, then the second.
-        let p = pre(&buf[..frame.len()], &ctx.ct);
+        let mut p = Pre::default();
+        pre(&buf[..frame.len()], &ctx.ct, &mut p);
         let v = process_pre(&mut buf, frame.len(), &p, port, &port_mac, &mut ctx);
         (v, buf)
     }
@@ -1667,7 +1668,8 @@ mod tests {
                     buf[..f.len()].copy_from_slice(&f);
                     let mut ctx = fx.ctx(&mut c);
                     let v = if two_pass {
-                        let p = pre(&buf[..f.len()], &ctx.ct);
+                        let mut p = Pre::default();
+                        pre(&buf[..f.len()], &ctx.ct, &mut p);
                         process_pre(&mut buf, f.len(), &p, 0, &port_mac, &mut ctx)
                     } else {
                         process(&mut buf, f.len(), 0, &port_mac, &mut ctx)
@@ -1710,7 +1712,8 @@ mod tests {
                 let mut two = one.clone();
                 let mut ctx = fx.ctx(&mut c);
                 let v1 = process(&mut one, len, 0, &port_mac, &mut ctx);
-                let p = pre(&two[..len], &ctx.ct);
+                let mut p = Pre::default();
+                pre(&two[..len], &ctx.ct, &mut p);
                 let v2 = process_pre(&mut two, len, &p, 0, &port_mac, &mut ctx);
                 prop_assert_eq!(v1, v2);
                 prop_assert!(one == two, "different bytes out");

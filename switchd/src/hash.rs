@@ -11,7 +11,12 @@ use shm_layout::conntrack::FlowKey;
 pub fn flow_hash(k: &FlowKey) -> u64 {
     let a = ((k.src_ip as u64) << 32) | k.dst_ip as u64;
     let b = ((k.src_port as u64) << 32) | ((k.dst_port as u64) << 16) | k.proto as u64;
-    let mut h = a.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ b;
+    finish(a.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ b)
+}
+
+/// The mixing rounds both hashes end with.
+#[inline]
+fn finish(mut h: u64) -> u64 {
     h ^= h >> 31;
     h = h.wrapping_mul(0xbf58_476d_1ce4_e5b9);
     h ^= h >> 29;
@@ -29,12 +34,7 @@ pub fn table_index(k: &FlowKey, m: usize) -> usize {
 /// [`flow_hash`], so every switch and restart maps a client alike.
 #[inline]
 pub fn source_hash(ip: u32) -> u64 {
-    let mut h = (ip as u64 ^ 0x5348_5f73_7263_6970).wrapping_mul(0x9e37_79b9_7f4a_7c15);
-    h ^= h >> 31;
-    h = h.wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    h ^= h >> 29;
-    h = h.wrapping_mul(0x94d0_49bb_1331_11eb);
-    h ^ (h >> 32)
+    finish((ip as u64 ^ 0x5348_5f73_7263_6970).wrapping_mul(0x9e37_79b9_7f4a_7c15))
 }
 
 /// Table index for a client address in a table of `m` entries (`m > 0`).

@@ -401,23 +401,18 @@ mod tests {
     fn wlc_breaks_ties_by_flow_hash_deterministically() {
         let v = View::new(SCHED_WLC, &[1, 1, 1, 1], &[], vec![]);
         let mut firsts = [0; 4];
+        // A fresh switch (no counts, no credits) picks for flow i.
+        let fresh = |i: u32| {
+            picked(pick(
+                &v.view(),
+                &v.services[0],
+                &key(i),
+                &counters(4),
+                &mut Default::default(),
+            ))
+        };
         for i in 0..400 {
-            let c = counters(4);
-            let a = picked(pick(
-                &v.view(),
-                &v.services[0],
-                &key(i),
-                &c,
-                &mut Default::default(),
-            ));
-            let c2 = counters(4);
-            let b = picked(pick(
-                &v.view(),
-                &v.services[0],
-                &key(i),
-                &c2,
-                &mut Default::default(),
-            ));
+            let (a, b) = (fresh(i), fresh(i));
             assert_eq!(a, b, "same flow, same state: same backend");
             firsts[a] += 1;
         }

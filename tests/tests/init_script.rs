@@ -61,15 +61,15 @@ fn init_script_start_status_reload_stop() {
         "start when running is a no-op"
     );
 
+    // Writes the file and asks the script to reload it.
+    let reload_with = |text: String| {
+        std::fs::write(dir.0.join("switchyard.toml"), text).unwrap();
+        script(&dir.0, "reload")
+    };
     // Reload with a changed weight publishes a new generation.
     let region = shm_layout::Region::attach(&inst, shm_layout::Access::ReadOnly).unwrap();
     let before = region.generation(Table::Config);
-    std::fs::write(
-        dir.0.join("switchyard.toml"),
-        cfg.replace("weight = 3", "weight = 4"),
-    )
-    .unwrap();
-    let (code, text) = script(&dir.0, "reload");
+    let (code, text) = reload_with(cfg.replace("weight = 3", "weight = 4"));
     assert_eq!(code, 0, "{text}");
     let deadline = Instant::now() + Duration::from_secs(10);
     while region.generation(Table::Config) == before {
@@ -77,23 +77,13 @@ fn init_script_start_status_reload_stop() {
         std::thread::sleep(Duration::from_millis(10));
     }
     // An invalid file is refused by the script itself; nothing is signalled.
-    std::fs::write(
-        dir.0.join("switchyard.toml"),
-        cfg.replace("weight = 3", "weight = 70000"),
-    )
-    .unwrap();
-    let (code, text) = script(&dir.0, "reload");
+    let (code, text) = reload_with(cfg.replace("weight = 3", "weight = 70000"));
     assert_eq!(code, 1, "{text}");
     assert!(text.contains("70000"), "{text}");
     // A valid file that changes a restart-only section passes --check; the
     // script reports controld's refusal (through lbctl), not "reloading".
     let g = region.generation(Table::Config);
-    std::fs::write(
-        dir.0.join("switchyard.toml"),
-        cfg.replace("connections = 262144", "connections = 524288"),
-    )
-    .unwrap();
-    let (code, text) = script(&dir.0, "reload");
+    let (code, text) = reload_with(cfg.replace("connections = 262144", "connections = 524288"));
     assert_eq!(code, 1, "{text}");
     assert!(
         text.contains("reload refused") && text.contains("[limits] changed, which needs a restart"),

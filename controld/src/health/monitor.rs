@@ -129,13 +129,7 @@ impl Monitor {
                 let Some(check) = &b.health else {
                     continue;
                 };
-                let ident = BackendIdentity {
-                    vip: s.vip,
-                    vport: s.port,
-                    proto: s.protocol.number(),
-                    addr: b.address,
-                    port: b.port,
-                };
+                let ident = BackendIdentity::of(s, b);
                 let target = Arc::new(Target {
                     service: s.name.clone(),
                     backend: b.name.clone(),

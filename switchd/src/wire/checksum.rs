@@ -79,12 +79,6 @@ pub fn adjust(csum: u16, delta: u64) -> u16 {
 /// 0x100, as the IPv4 TTL/protocol word does when the TTL is decremented.
 pub const TTL_DECREMENT: u64 = 0xfeff;
 
-/// One 16-bit field changed: `adjust(csum, delta_u16(old, new))`.
-#[inline]
-pub fn update_u16(csum: u16, old: u16, new: u16) -> u16 {
-    adjust(csum, delta_u16(old, new))
-}
-
 /// One 32-bit field changed: `adjust(csum, delta_u32(old, new))`.
 #[inline]
 pub fn update_u32(csum: u16, old: u32, new: u32) -> u16 {
