@@ -150,6 +150,16 @@ fn max_conns_holds_across_two_switches_and_queued_syns_get_freed_slots() {
         .find(|c| !admitted.contains(c))
         .expect("a queued flow of switch 0");
     wire.send_on(0, "client", &tcp(waiting, true, false, 0));
+    // Switch 0 must judge the retransmit while every slot is still taken:
+    // the RSTs below go through switch 1 and would otherwise race it (a
+    // slot freed first admits the retransmit itself, and the queued
+    // original then follows it as a second SYN of the same flow).
+    switchyard_tests::wait_for(Duration::from_secs(5), || {
+        match counter_sum(&shmdump_json(&inst, &[]), "drop_queue_dup") {
+            1 => Ok(()),
+            n => Err(format!("drop_queue_dup is {n}")),
+        }
+    });
 
     // Two admitted clients reset their connections: their RSTs reach the
     // backends and exactly two queued SYNs follow.
