@@ -115,8 +115,14 @@ pub fn run<N: Nic>(
     // Before the first read of `active` (see publish.rs).
     me.state.store(SW_RUNNING, Ordering::SeqCst);
 
+    // When the previous loop began, and whether it moved frames (its
+    // whole length then counts as busy time).
+    let mut last = (mono_ns(), false);
     while !stop.load(Ordering::Relaxed) {
         let now = mono_ns();
+        if last.1 {
+            counters[Counter::BusyNs as usize] += now.saturating_sub(last.0);
+        }
         me.heartbeat_ns.store(now, Ordering::Relaxed);
         let ctok = region.begin_read(Table::Config);
         let rtok = region.begin_read(Table::Routing);
@@ -188,6 +194,7 @@ pub fn run<N: Nic>(
         }
         region.end_read(Table::Routing, rtok, me);
         counters[Counter::Loops as usize] += 1;
+        last = (now, moved > 0);
 
         if moved == 0 && settings.idle == Idle::Adaptive {
             empty_loops += 1;

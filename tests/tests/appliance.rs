@@ -6,7 +6,9 @@ use std::time::Duration;
 
 use etherparse::{Ethernet2Header, Ipv4Header, TcpHeader};
 use shm_layout::Table;
-use switchyard_tests::{Appliance, Cfg, Wire, counter_sum, render, shmdump_json, unique};
+use switchyard_tests::{
+    Appliance, Cfg, Wire, counter, counter_sum, render, shmdump_json, unique, wait_for,
+};
 use tools::frames::{self, Spec, TcpFlags};
 use tools::traffic::{GenConfig, Generator};
 
@@ -331,5 +333,44 @@ fn a_neighbour_that_changes_mac_is_followed_by_the_next_packet() {
         "the new MAC, not the cached one"
     );
     assert_eq!(p.dst, ([198, 19, 1, 1], 8080));
+    drop(app);
+}
+
+/// `busy_ns` (the switch's utilisation) counts only loops that moved
+/// frames: zero before any traffic, grown by traffic, and unchanged while
+/// the switch idles afterwards.
+#[test]
+fn busy_time_counts_only_loops_that_moved_frames() {
+    let inst = unique("busy");
+    let app = Appliance::start(&inst, &render(&inst, &Cfg::default()));
+    let one = |name: &str| counter(&shmdump_json(&inst, &[]), 0, name);
+    // Idle since it started: the adaptive policy has slept, and every
+    // loop so far was empty.
+    wait_for(Duration::from_secs(10), || match one("idle_sleeps") {
+        0 => Err("no idle sleep yet".into()),
+        _ => Ok(()),
+    });
+    assert_eq!(one("busy_ns"), 0, "no frame, no busy time");
+    let mut wire = Wire::attach(&inst);
+    for syn in [true, false] {
+        let mut f = Vec::new();
+        frames::build(&client_tcp(52_000, syn), &mut f);
+        wire.send("client", &f);
+        assert_eq!(wire.recv(1, Duration::from_secs(5)).len(), 1);
+    }
+    // Published when the switch next sleeps: the loop after the last
+    // busy one closes the busy interval.
+    let sleeps = one("idle_sleeps");
+    let busy = wait_for(Duration::from_secs(10), || {
+        let d = shmdump_json(&inst, &[]);
+        match (counter(&d, 0, "idle_sleeps"), counter(&d, 0, "rx_packets")) {
+            (s, 2) if s > sleeps => Ok(counter(&d, 0, "busy_ns")),
+            (s, rx) => Err(format!("{rx} frames received, {s} idle sleeps")),
+        }
+    });
+    assert!(busy > 0, "two frames moved: busy time counted");
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(one("busy_ns"), busy, "idle loops add no busy time");
+    assert!(one("idle_sleeps") > sleeps, "the switch kept idling");
     drop(app);
 }

@@ -73,7 +73,21 @@ pub struct SizeResult {
     /// established over ceiling, same run
     pub ratio_to_ceiling: f64,
     pub runs: usize,
+    /// Rates of every run (Mpps).
     pub samples: Samples,
+    /// The switch's own cost: nanoseconds it spent in poll loops that moved
+    /// frames, per frame received (medians; the switch's `busy_ns` counter).
+    /// Unlike a rate, this does not fall when the generator falls behind.
+    pub switch_ns_per_frame: SwitchCost,
+}
+
+/// Medians of the switch's busy nanoseconds per frame, per scenario.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct SwitchCost {
+    pub ceiling: f64,
+    pub established: f64,
+    pub new_flow: f64,
+    pub mix: f64,
 }
 
 #[derive(Clone, Debug, Default, Serialize)]
@@ -312,6 +326,7 @@ pub fn run(cfg: &BenchConfig) -> Result<Vec<SizeResult>> {
     }
     pin(cfg.gen_cpu);
     let mut samples: Vec<Samples> = vec![Samples::default(); cfg.frame_sizes.len()];
+    let mut busy: Vec<Samples> = vec![Samples::default(); cfg.frame_sizes.len()];
     let pid = std::process::id();
     let scenarios = [
         ("null", Load::Established),
@@ -345,22 +360,26 @@ pub fn run(cfg: &BenchConfig) -> Result<Vec<SizeResult>> {
                 };
                 let mut next_new = 0u32;
                 let rate = pump(&mut wire, inp, out, cfg.duration, &tr, &mut next_new) / 1e6;
+                let region = app.region();
+                let c = &region.switch_slots()[0].counters;
+                let rx = c[Counter::RxPackets as usize].load(Ordering::Relaxed);
+                let ns =
+                    c[Counter::BusyNs as usize].load(Ordering::Relaxed) as f64 / rx.max(1) as f64;
                 if cfg.verbose {
-                    let region = app.region();
-                    let c = &region.switch_slots()[0].counters;
-                    let rx = c[Counter::RxPackets as usize].load(Ordering::Relaxed);
                     let loops = c[Counter::Loops as usize].load(Ordering::Relaxed);
                     eprintln!(
-                        "run {run} {size} B {}: {rate:.2} Mpps (switch received {rx} frames in {loops} loops)",
-                        scenario_name(engine, load)
+                        "run {run} {size} B {}: {rate:.2} Mpps (switch received {rx} frames in {loops} loops, busy {ns:.1} ns per frame; lbgen found the RX ring full {} times)",
+                        scenario_name(engine, load),
+                        wire.ring_full
                     );
                 }
-                let s = &mut samples[si];
-                match (engine, load) {
-                    ("null", _) => s.ceiling.push(rate),
-                    (_, Load::Established) => s.established.push(rate),
-                    (_, Load::NewFlows) => s.new_flow.push(rate),
-                    (_, Load::Mix) => s.mix.push(rate),
+                for (s, v) in [(&mut samples[si], rate), (&mut busy[si], ns)] {
+                    match (engine, load) {
+                        ("null", _) => s.ceiling.push(v),
+                        (_, Load::Established) => s.established.push(v),
+                        (_, Load::NewFlows) => s.new_flow.push(v),
+                        (_, Load::Mix) => s.mix.push(v),
+                    }
                 }
                 drop(wire);
                 drop(app);
@@ -370,8 +389,8 @@ pub fn run(cfg: &BenchConfig) -> Result<Vec<SizeResult>> {
     Ok(cfg
         .frame_sizes
         .iter()
-        .zip(samples)
-        .map(|(&frame_bytes, s)| {
+        .zip(samples.into_iter().zip(busy))
+        .map(|(&frame_bytes, (s, b))| {
             let ceiling = median(&s.ceiling);
             let est = median(&s.established);
             SizeResult {
@@ -383,6 +402,12 @@ pub fn run(cfg: &BenchConfig) -> Result<Vec<SizeResult>> {
                 ratio_to_ceiling: if ceiling > 0.0 { est / ceiling } else { 0.0 },
                 runs: cfg.runs,
                 samples: s,
+                switch_ns_per_frame: SwitchCost {
+                    ceiling: median(&b.ceiling),
+                    established: median(&b.established),
+                    new_flow: median(&b.new_flow),
+                    mix: median(&b.mix),
+                },
             }
         })
         .collect())

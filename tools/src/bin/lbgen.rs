@@ -188,6 +188,11 @@ fn bench(b: BenchArgs) -> ExitCode {
                 r.mix_mpps,
                 r.runs
             );
+            let ns = &r.switch_ns_per_frame;
+            println!(
+                "{:>5}   the switch's own cost (busy ns per frame): null {:.1} | established {:.1} | new flows {:.1} | mix {:.1}",
+                "", ns.ceiling, ns.established, ns.new_flow, ns.mix
+            );
         }
     }
     ExitCode::SUCCESS
