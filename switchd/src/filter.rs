@@ -293,7 +293,7 @@ fn parse_ip_common(frame: &[u8]) -> Option<L4> {
         return None;
     }
     let h: &[u8; 20] = f[ETH..L4_OFF].try_into().ok()?;
-    if checksum::fold(checksum::sum(h, 0)) != 0xffff {
+    if !checksum::ipv4_header_ok(h) {
         return None;
     }
     let proto = f[ETH + 9];

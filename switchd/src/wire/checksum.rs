@@ -30,6 +30,16 @@ pub fn fold(acc: u64) -> u16 {
     acc as u16
 }
 
+/// Whether a 20-byte IPv4 header's checksum is right: its ones' complement
+/// sum folds to 0xffff. The words are added in the machine's byte order:
+/// a ones' complement sum of byte-swapped words is the byte-swapped sum
+/// (RFC 1071, 2.B), and 0xffff is its own swap, so no byte swap is needed.
+#[inline(always)]
+pub fn ipv4_header_ok(h: &[u8; 20]) -> bool {
+    let w = |at: usize| u32::from_ne_bytes([h[at], h[at + 1], h[at + 2], h[at + 3]]) as u64;
+    fold(w(0) + w(4) + w(8) + w(12) + w(16)) == 0xffff
+}
+
 /// The IPv4 header checksum of `hdr` (with its checksum field as given).
 #[inline]
 pub fn ipv4_header(hdr: &[u8]) -> u16 {
@@ -113,6 +123,20 @@ mod tests {
     }
 
     proptest! {
+        #[test]
+        fn header_check_in_machine_order_agrees_with_the_sum(h in any::<[u8; 20]>(), fix in any::<bool>()) {
+            let mut h = h;
+            if fix {
+                h[10..12].copy_from_slice(&[0, 0]);
+                let c = ipv4_header(&h);
+                h[10..12].copy_from_slice(&c.to_be_bytes());
+            }
+            prop_assert_eq!(ipv4_header_ok(&h), fold(sum(&h, 0)) == 0xffff);
+            if fix {
+                prop_assert!(ipv4_header_ok(&h));
+            }
+        }
+
         #[test]
         fn wide_sum_folds_to_the_rfc_1071_sum(data in proptest::collection::vec(any::<u8>(), 0..1600), start in any::<u32>()) {
             let mut with_start = start.to_be_bytes().to_vec();
