@@ -77,7 +77,7 @@ counters! {
     ConnRefused = 33, "conn_refused", "new connections refused (TCP: RST to the client; UDP: dropped) because every eligible backend stayed full: queue full, queue timeout, or no queueing";
     IcmpRateLimited = 35, "icmp_rate_limited", "ICMP fragmentation-needed answers not sent because the switch's ICMP budget (1000/s, bursts of 100) was spent; the packet was dropped";
     DropQueueDup = 34, "drop_queue_dup", "retransmitted SYNs (or datagrams) of a flow already waiting in the queue";
-    BusyNs = 36, "busy_ns", "nanoseconds the switch spent in poll loops that moved frames (its utilisation is the growth of busy_ns over wall time; busy_ns over rx_packets is its cost per frame)";
+    BusyNs = 36, "busy_ns", "nanoseconds the switch spent in poll loops that moved frames (its utilisation is the growth of busy_ns over wall time; while it is saturated, busy_ns over rx_packets is its cost per frame)";
 }
 
 /// Number of counter words per switch (room to grow without a layout change).
