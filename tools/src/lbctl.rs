@@ -232,6 +232,12 @@ fn rate_of(set: &CounterSet, name: &str) -> Option<f64> {
         .map(|r| r.get(name).copied().unwrap_or(0.0))
 }
 
+/// Share of the last interval a switch spent in loops that moved frames
+/// (its `busy_ns` per second, as a percentage).
+fn busy(set: &CounterSet) -> String {
+    rate_of(set, "busy_ns").map_or_else(|| "-".to_string(), |ns| format!("{:.0}%", ns / 1e7))
+}
+
 fn drop_rate(set: &CounterSet) -> Option<f64> {
     set.rates.as_ref().map(|r| {
         r.iter()
@@ -250,6 +256,7 @@ pub fn render_stats(v: &StatsReply) -> String {
         ("State", L),
         ("CPU", R),
         ("Restarts", R),
+        ("Busy", R),
         ("Conns", R),
         ("InPkts", R),
         ("OutPkts", R),
@@ -290,12 +297,15 @@ pub fn render_stats(v: &StatsReply) -> String {
             },
             s.cpu.to_string(),
             s.restarts.to_string(),
+            busy(&s.set),
         ];
         row.extend(numbers(&s.set));
         t.row(row);
     }
+    // Busy is per switch (a sum over switches would read as one CPU).
     let mut row = vec![
         "total".to_string(),
+        String::new(),
         String::new(),
         String::new(),
         String::new(),
@@ -421,9 +431,49 @@ pub fn render_reload(v: &ReloadReply) -> String {
 
 #[cfg(test)]
 mod tests {
-    use controld::admin::proto::{BackendState, ServiceView};
+    use controld::admin::proto::{BackendState, ServiceView, SwitchStats};
 
     use super::*;
+
+    #[test]
+    fn stats_show_each_switch_busy_share_of_the_interval() {
+        let set = |busy_ns_per_s: Option<f64>| CounterSet {
+            counters: [("busy_ns".to_string(), 5), ("rx_packets".to_string(), 7)].into(),
+            rates: busy_ns_per_s.map(|r| [("busy_ns".to_string(), r)].into()),
+        };
+        let sw = |name: &str, r| SwitchStats {
+            index: 0,
+            name: name.into(),
+            pid: 1,
+            alive: true,
+            state: "running".into(),
+            cpu: 1,
+            restarts: 0,
+            heartbeat_age_ms: Some(1),
+            seen_generation: 1,
+            set: set(r),
+        };
+        let v = StatsReply {
+            interval_s: Some(1.0),
+            switches: vec![sw("sw0", Some(375_000_000.0)), sw("sw1", Some(0.0))],
+            total: set(Some(375_000_000.0)),
+            backends: vec![],
+        };
+        let out = render_stats(&v);
+        let lines: Vec<&str> = out.lines().collect();
+        let col = |line: &str| line.split_whitespace().nth(5).unwrap_or("").to_string();
+        assert_eq!(col(lines[1]), "Busy", "{out}");
+        assert_eq!(col(lines[2]), "38%", "{out}");
+        assert_eq!(col(lines[3]), "0%", "{out}");
+        assert!(lines[4].starts_with("total"), "{out}");
+        let unsampled = StatsReply {
+            interval_s: None,
+            switches: vec![sw("sw0", None)],
+            ..v
+        };
+        let out = render_stats(&unsampled);
+        assert_eq!(col(out.lines().nth(2).unwrap()), "-", "{out}");
+    }
 
     #[test]
     fn table_columns_align_to_their_widest_cell() {
