@@ -117,11 +117,11 @@ pub fn run<N: Nic>(
 
     // When the previous loop began, and whether it moved frames (its
     // whole length then counts as busy time).
-    let mut last = (mono_ns(), false);
+    let (mut prev_start, mut prev_moved) = (mono_ns(), false);
     while !stop.load(Ordering::Relaxed) {
         let now = mono_ns();
-        if last.1 {
-            counters[Counter::BusyNs as usize] += now.saturating_sub(last.0);
+        if prev_moved {
+            counters[Counter::BusyNs as usize] += now.saturating_sub(prev_start);
         }
         me.heartbeat_ns.store(now, Ordering::Relaxed);
         let ctok = region.begin_read(Table::Config);
@@ -194,7 +194,7 @@ pub fn run<N: Nic>(
         }
         region.end_read(Table::Routing, rtok, me);
         counters[Counter::Loops as usize] += 1;
-        last = (now, moved > 0);
+        (prev_start, prev_moved) = (now, moved > 0);
 
         if moved == 0 && settings.idle == Idle::Adaptive {
             empty_loops += 1;
