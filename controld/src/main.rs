@@ -752,6 +752,7 @@ fn run(args: &Args) -> Result<()> {
                 config::Engine::Null => "null",
             },
             syn_queue: s.syn_queue,
+            flow_cache: s.flow_cache,
         })
         .collect();
     // Before any thread exists (the socket is bound under a narrowed umask).

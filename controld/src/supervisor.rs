@@ -25,6 +25,8 @@ pub struct SwitchSpec {
     pub engine: &'static str,
     /// Entries of the switch's queue of held new connections.
     pub syn_queue: u32,
+    /// Entries of the switch's flow cache.
+    pub flow_cache: u32,
 }
 
 #[derive(Debug)]
@@ -85,6 +87,8 @@ impl Supervisor {
             .arg(s.engine)
             .arg("--syn-queue")
             .arg(s.syn_queue.to_string())
+            .arg("--flow-cache")
+            .arg(s.flow_cache.to_string())
             .spawn()?;
         let slot = &region.switch_slots()[s.index];
         slot.cpu.store(s.cpu as u32, Ordering::Relaxed);

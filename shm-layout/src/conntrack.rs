@@ -263,6 +263,9 @@ pub enum Direction {
 pub struct Hit {
     pub idx: u32,
     pub dir: Direction,
+    /// The forward slot's seqlock word the entry was read under: while the
+    /// slot's `lock` still equals it, the entry is unchanged.
+    pub lock: u64,
     words: [u64; 4],
 }
 
@@ -428,6 +431,7 @@ impl<'a> ConnTable<'a> {
                 return Some(Hit {
                     idx: home as u32,
                     dir: Direction::Forward,
+                    lock: snap.lock,
                     words: *w,
                 });
             }
@@ -462,6 +466,7 @@ impl<'a> ConnTable<'a> {
                     return Some(Hit {
                         idx,
                         dir: Direction::Forward,
+                        lock: snap.lock,
                         words: snap.words,
                     });
                 }
@@ -473,6 +478,7 @@ impl<'a> ConnTable<'a> {
                         return Some(Hit {
                             idx: fwd,
                             dir: Direction::Reply,
+                            lock: s.lock,
                             words: s.words,
                         });
                     }

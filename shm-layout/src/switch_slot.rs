@@ -78,12 +78,13 @@ counters! {
     IcmpRateLimited = 35, "icmp_rate_limited", "ICMP fragmentation-needed answers not sent because the switch's ICMP budget (1000/s, bursts of 100) was spent; the packet was dropped";
     DropQueueDup = 34, "drop_queue_dup", "retransmitted SYNs (or datagrams) of a flow already waiting in the queue";
     BusyNs = 36, "busy_ns", "nanoseconds the switch spent in poll loops that moved frames (its utilisation is the growth of busy_ns over wall time; while it is saturated, busy_ns over rx_packets is its cost per frame)";
+    FlowCacheHit = 37, "flow_cache_hit", "packets of known connections answered from the switch's flow cache (the full path's cached rewrite; counted in fwd_hit or reply_hit as well)";
 }
 
 /// Number of counter words per switch (room to grow without a layout change).
 pub const N_COUNTERS: usize = 64;
 
-const _: () = assert!((Counter::BusyNs as usize) < N_COUNTERS);
+const _: () = assert!((Counter::FlowCacheHit as usize) < N_COUNTERS);
 
 /// One switch's slot. Two cache lines of identity and liveness, then counters.
 #[repr(C, align(64))]

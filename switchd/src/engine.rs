@@ -12,6 +12,7 @@ use shm_layout::switch_slot::{Counter, N_COUNTERS, SW_RUNNING, SwitchSlot};
 use shm_layout::time::mono_ns;
 
 use crate::filter::{self, Ctx, IcmpBudget, Verdict};
+use crate::flowcache::FlowCache;
 use crate::hops::HopCache;
 use crate::sched::SchedState;
 use crate::synq::{Retry, SynQueue};
@@ -37,6 +38,8 @@ pub struct Settings {
     pub null: bool,
     /// Entries of the queue of held new connections (0: none are held).
     pub syn_queue: usize,
+    /// Entries of the flow cache (0: every packet takes the full path).
+    pub flow_cache: usize,
 }
 
 /// Which global port each of the NIC's local ports is, and back.
@@ -107,6 +110,7 @@ pub fn run<N: Nic>(
     let mut nap = MIN_NAP;
     let mut sched = SchedState::new(region.caps().backends as usize);
     let mut hops = HopCache::default();
+    let mut flows = FlowCache::new(settings.flow_cache);
     let mut icmp = IcmpBudget::new(mono_ns());
     let mut synq = SynQueue::new(settings.syn_queue);
 
@@ -149,6 +153,7 @@ pub fn run<N: Nic>(
             let cfg = region.config_view(ctok.slot);
             sched.sync(ctok.stamp);
             hops.sync(rtok.stamp);
+            flows.sync(ctok.stamp, rtok.stamp);
             let mut ctx = Ctx {
                 timeouts: cfg.header.timeouts(),
                 cfg,
@@ -160,6 +165,7 @@ pub fn run<N: Nic>(
                 pid,
                 counters: &mut counters,
                 hops: core::mem::take(&mut hops),
+                flows: core::mem::take(&mut flows),
                 sched: core::mem::take(&mut sched),
                 icmp_tokens: icmp.take(now),
             };
@@ -186,6 +192,7 @@ pub fn run<N: Nic>(
             }
             sched = core::mem::take(&mut ctx.sched);
             hops = core::mem::take(&mut ctx.hops);
+            flows = core::mem::take(&mut ctx.flows);
             icmp.put_back(ctx.icmp_tokens);
         }
         nic.reclaim();
@@ -238,7 +245,7 @@ fn burst_in<N: Nic>(
     // loads, so the second pass finds them in cache.
     for (f, p) in frames.iter().zip(pres.iter_mut()) {
         let len = (f.len as usize).min(nic.frame_capacity());
-        filter::pre(&nic.buf_mut(*f)[..len], &ctx.ct, p);
+        filter::pre(&nic.buf_mut(*f)[..len], &ctx.ct, &ctx.flows, p);
     }
     ctx.counters[Counter::RxPackets as usize] += frames.len() as u64;
     for (f, pre) in frames.iter().zip(pres.iter()) {

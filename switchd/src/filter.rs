@@ -19,6 +19,7 @@ use shm_layout::ring::{Ring, midflow_event};
 use shm_layout::routing_slot::{NoRoute, RoutingView};
 use shm_layout::switch_slot::{BackendCounters, Counter, N_COUNTERS};
 
+use crate::flowcache::{self, FlowCache};
 use crate::hops::HopCache;
 use crate::sched::{self, Pick, SchedState};
 use crate::wire::{self, checksum, ipip, tcp};
@@ -54,6 +55,9 @@ pub struct Ctx<'a> {
     pub sched: SchedState,
     /// Next hops already looked up in `rt` (synced with `rt`'s stamp).
     pub hops: HopCache,
+    /// Answers of the full path for known connections (synced with the
+    /// stamps of `cfg` and `rt`; see [`crate::flowcache`]).
+    pub flows: FlowCache,
     /// ICMP answers this switch may still send (a token bucket the engine
     /// refills between loops; see [`IcmpBudget`]).
     pub icmp_tokens: u32,
@@ -165,7 +169,7 @@ pub struct Pre(Option<L4>);
 /// nothing for frames it leaves to [`process`]; reads only what it
 /// bounds-checks.
 #[inline]
-pub fn pre(frame: &[u8], ct: &ConnTable<'_>, out: &mut Pre) {
+pub fn pre(frame: &[u8], ct: &ConnTable<'_>, flows: &FlowCache, out: &mut Pre) {
     out.0 = None;
     if frame.get(12..14) != Some(&[0x08, 0x00]) {
         return;
@@ -175,6 +179,7 @@ pub fn pre(frame: &[u8], ct: &ConnTable<'_>, out: &mut Pre) {
     };
     let home = ct.home(&l4.key);
     ct.prefetch(home);
+    flows.prefetch(home as u32);
     l4.home = home as u32;
     out.0 = Some(l4);
 }
@@ -204,6 +209,9 @@ fn route_ip(
     port_mac: &impl Fn(u32) -> Option<[u8; 6]>,
     ctx: &mut Ctx<'_>,
 ) -> Verdict {
+    if let Some(v) = cached(frame, l4, ctx) {
+        return v;
+    }
     if is_vip(&ctx.cfg, l4.key.dst_ip) {
         to_vip(frame, l4, in_port, port_mac, ctx)
     } else {
@@ -465,7 +473,8 @@ fn to_vip(
                 if touch(slot, l4, ctx.now_ms, Direction::Forward) == Moved::Closed {
                     release_backend(ctx, hit.conn().backend_id);
                 }
-                return forward(frame, l4, &hit.conn(), in_port, port_mac, ctx);
+                let fill = Fill::of(hit, slot, l4, Counter::FwdHit, &ctx.flows);
+                return forward(frame, l4, &hit.conn(), in_port, port_mac, fill, ctx);
             }
         }
     }
@@ -529,7 +538,7 @@ fn new_flow(
     if rst {
         // Never create state for a RST; send it where the connection lives.
         ctx.count(Counter::DropTcpNoEntry);
-        return forward(frame, l4, &conn, in_port, port_mac, ctx);
+        return forward(frame, l4, &conn, in_port, port_mac, None, ctx);
     }
     // Only a SYN or a UDP datagram got a reservation (see `schedule`).
     debug_assert_eq!(reserved, syn || !is_tcp);
@@ -550,7 +559,7 @@ fn new_flow(
     } else {
         ctx.count(Counter::ConnNew);
     }
-    forward(frame, l4, &conn, in_port, port_mac, ctx)
+    forward(frame, l4, &conn, in_port, port_mac, None, ctx)
 }
 
 /// Removes the entry of a flow leaving its DOWN backend (the scheduler,
@@ -720,7 +729,8 @@ fn from_backend(
         Moved::Closed => release_backend(ctx, hit.conn().backend_id),
         Moved::Established => syn_ack_sample(&hit.conn(), ctx),
     }
-    reverse(frame, l4, hit, port_mac, ctx)
+    let fill = Fill::of(hit, slot, l4, Counter::ReplyHit, &ctx.flows);
+    reverse(frame, l4, hit, port_mac, fill, ctx)
 }
 
 /// Folds the time from a NAT connection's SYN (its entry's creation) to
@@ -823,16 +833,17 @@ fn forward(
     conn: &Conn,
     in_port: u32,
     port_mac: &impl Fn(u32) -> Option<[u8; 6]>,
+    fill: Option<Fill>,
     ctx: &mut Ctx<'_>,
 ) -> Verdict {
     match conn.mode {
         MODE_NAT => {
             let nat = Nat::Dst(conn.backend_ip, conn.backend_port);
-            egress(frame, l4, nat, conn.backend_ip, port_mac, ctx)
+            egress(frame, l4, nat, conn.backend_ip, port_mac, fill, ctx)
         }
         MODE_TUNNEL => tunnel(frame, l4, conn.backend_ip, in_port, port_mac, ctx),
         // Direct routing: only the MACs change.
-        _ => egress(frame, l4, Nat::None, conn.backend_ip, port_mac, ctx),
+        _ => egress(frame, l4, Nat::None, conn.backend_ip, port_mac, fill, ctx),
     }
 }
 
@@ -843,10 +854,11 @@ fn reverse(
     l4: &L4,
     hit: &Hit,
     port_mac: &impl Fn(u32) -> Option<[u8; 6]>,
+    fill: Option<Fill>,
     ctx: &mut Ctx<'_>,
 ) -> Verdict {
     let nat = Nat::Src(hit.conn().vip, hit.conn().vip_port);
-    egress(frame, l4, nat, hit.conn().client_ip, port_mac, ctx)
+    egress(frame, l4, nat, hit.conn().client_ip, port_mac, fill, ctx)
 }
 
 /// IP-in-IP to the backend: route to it, check that the encapsulated packet
@@ -922,28 +934,36 @@ enum Nat {
 /// Rewrites the TCP/UDP port and checksum for an address change whose
 /// checksum difference is `d_addr` (RFC 1624; the address enters the
 /// TCP/UDP checksum through the pseudo-header). `parse_ip` validated the
-/// header, so the fixed-size view always exists.
+/// header, so the fixed-size view always exists. Returns the checksum's
+/// difference (address and port).
 #[inline(always)]
-fn rewrite_l4(frame: &mut [u8], l4: &L4, port_at: usize, old_port: u16, port: u16, d_addr: u64) {
+fn rewrite_l4(
+    frame: &mut [u8],
+    l4: &L4,
+    port_at: usize,
+    old_port: u16,
+    port: u16,
+    d_addr: u64,
+) -> u64 {
     let delta = d_addr + checksum::delta_u16(old_port, port);
     let Some(t) = frame.get_mut(l4.l4_off as usize..) else {
-        return;
+        return delta;
     };
     if l4.key.proto == PROTO_TCP {
         let Some(t) = t.first_chunk_mut::<18>() else {
-            return;
+            return delta;
         };
         t[port_at..port_at + 2].copy_from_slice(&port.to_be_bytes());
         let c = checksum::adjust(u16::from_be_bytes([t[16], t[17]]), delta);
         t[16..18].copy_from_slice(&c.to_be_bytes());
     } else {
         let Some(u) = t.first_chunk_mut::<8>() else {
-            return;
+            return delta;
         };
         u[port_at..port_at + 2].copy_from_slice(&port.to_be_bytes());
         let old = u16::from_be_bytes([u[6], u[7]]);
         if old == 0 {
-            return; // UDP without checksum stays without
+            return delta; // UDP without checksum stays without
         }
         // A computed 0 is sent as 0xffff (0 means "no checksum").
         let c = match checksum::adjust(old, delta) {
@@ -952,6 +972,7 @@ fn rewrite_l4(frame: &mut [u8], l4: &L4, port_at: usize, old_port: u16, port: u1
         };
         u[6..8].copy_from_slice(&c.to_be_bytes());
     }
+    delta
 }
 
 /// Decrements the TTL of the IPv4 header after the Ethernet header
@@ -1007,6 +1028,7 @@ fn egress(
     nat: Nat,
     route_to: u32,
     port_mac: &impl Fn(u32) -> Option<[u8; 6]>,
+    fill: Option<Fill>,
     ctx: &mut Ctx<'_>,
 ) -> Verdict {
     const ETH: usize = wire::ETHERNET_HEADER_LEN;
@@ -1033,19 +1055,21 @@ fn egress(
             u16::from_be_bytes([ttl - 1, proto])
         )
     );
-    let (addr_at, new_ip) = match nat {
-        Nat::None => (0, 0),
+    // (where the address goes, the address, where the port goes, the
+    // port, the TCP/UDP checksum's difference)
+    let (addr_at, new_ip, port_at, new_port, d_l4) = match nat {
+        Nat::None => (0, 0, 0, 0, 0),
         Nat::Dst(ip, p) => {
             let d_addr = checksum::delta_u32(l4.key.dst_ip, ip);
-            rewrite_l4(frame, l4, 2, l4.key.dst_port, p, d_addr);
+            let d_l4 = rewrite_l4(frame, l4, 2, l4.key.dst_port, p, d_addr);
             d_ip += d_addr;
-            (16, ip)
+            (16, ip, 2, p, d_l4)
         }
         Nat::Src(ip, p) => {
             let d_addr = checksum::delta_u32(l4.key.src_ip, ip);
-            rewrite_l4(frame, l4, 0, l4.key.src_port, p, d_addr);
+            let d_l4 = rewrite_l4(frame, l4, 0, l4.key.src_port, p, d_addr);
             d_ip += d_addr;
-            (12, ip)
+            (12, ip, 0, p, d_l4)
         }
     };
     if let Some(h) = frame.get_mut(ETH..).and_then(|b| b.first_chunk_mut::<20>()) {
@@ -1057,10 +1081,183 @@ fn egress(
         h[10..12].copy_from_slice(&c.to_be_bytes());
     }
     set_macs(frame, dst, src);
+    if let Some(fill) = fill {
+        let rewrite = Rewrite {
+            addr_at: addr_at as u8,
+            new_addr: new_ip,
+            port_at,
+            new_port,
+            d_ip,
+            d_l4,
+        };
+        cache_answer(l4, &fill, &rewrite, port, [dst, src], ctx);
+    }
     Verdict::Tx {
         port,
         len: l4.frame_len as usize,
     }
+}
+
+/// The translation [`egress`] applied, as the flow cache replays it.
+struct Rewrite {
+    addr_at: u8,
+    new_addr: u32,
+    port_at: u8,
+    new_port: u16,
+    d_ip: u64,
+    d_l4: u64,
+}
+
+/// Caches the full path's answer for a connection's next packets.
+#[inline(never)]
+fn cache_answer(
+    l4: &L4,
+    fill: &Fill,
+    rw: &Rewrite,
+    port: u32,
+    [dst, src]: [[u8; 6]; 2],
+    ctx: &mut Ctx<'_>,
+) {
+    let k = &l4.key;
+    let (addrs, ports_proto) =
+        flowcache::key_words(k.src_ip, k.dst_ip, k.src_port, k.dst_port, k.proto);
+    let mut macs = [0u8; 12];
+    macs[..6].copy_from_slice(&dst);
+    macs[6..].copy_from_slice(&src);
+    ctx.flows.put(
+        l4.home,
+        flowcache::Entry {
+            addrs,
+            ports_proto,
+            lock: fill.lock,
+            idx: fill.idx,
+            epoch: 0,
+            new_addr: rw.new_addr,
+            timeout_ms: ctx.timeouts.for_state(k.proto, fill.state),
+            new_port: rw.new_port,
+            d_ip: checksum::fold(rw.d_ip),
+            d_l4: checksum::fold(rw.d_l4),
+            macs,
+            port: port as u8,
+            state: fill.state as u8,
+            addr_at: rw.addr_at,
+            port_at: rw.port_at,
+            hit_counter: fill.counter as u8,
+        },
+    );
+}
+
+/// What the full path hands [`egress`] to cache its answer for the next
+/// packets of a connection (see [`crate::flowcache`]).
+#[derive(Clone, Copy, Debug)]
+struct Fill {
+    idx: u32,
+    lock: u64,
+    state: u32,
+    counter: Counter,
+}
+
+impl Fill {
+    /// The fill for a hit just handled (touched), if the next packets of
+    /// the connection may reuse its answer: a plain packet (no SYN, FIN or
+    /// RST), an IPv4 header without options, a connection past its
+    /// handshake; and a switch with a cache.
+    #[inline(always)]
+    fn of(
+        hit: &Hit,
+        slot: &ConnSlot,
+        l4: &L4,
+        counter: Counter,
+        flows: &FlowCache,
+    ) -> Option<Fill> {
+        if l4.flags & (tcp::SYN | tcp::FIN | tcp::RST) != 0
+            || flows.capacity() == 0
+            || l4.l4_off as usize != wire::ETHERNET_HEADER_LEN + 20
+        {
+            return None;
+        }
+        let state = slot.tcp_state.load(Ordering::Relaxed);
+        (state != STATE_SYN && state <= u8::MAX as u32).then_some(Fill {
+            idx: hit.idx,
+            lock: hit.lock,
+            state,
+            counter,
+        })
+    }
+}
+
+/// A known connection's packet answered from the flow cache: the verdict,
+/// rewrite and updates the full path would make (see [`crate::flowcache`]
+/// for when an entry may answer), or `None` to take the full path. Changes
+/// nothing before it knows it answers.
+#[inline(always)]
+fn cached(frame: &mut [u8], l4: &L4, ctx: &mut Ctx<'_>) -> Option<Verdict> {
+    const ETH: usize = wire::ETHERNET_HEADER_LEN;
+    let k = &l4.key;
+    let (addrs, ports_proto) =
+        flowcache::key_words(k.src_ip, k.dst_ip, k.src_port, k.dst_port, k.proto);
+    let e = ctx.flows.get(l4.home, addrs, ports_proto)?;
+    if l4.flags & (tcp::SYN | tcp::FIN | tcp::RST) != 0 || l4.l4_off as usize != ETH + 20 {
+        return None;
+    }
+    let slot = ctx.ct.slot(e.idx);
+    if slot.lock.load(Ordering::Acquire) != e.lock
+        || slot.tcp_state.load(Ordering::Relaxed) != e.state as u32
+    {
+        return None;
+    }
+    let last = slot.last_seen.load(Ordering::Relaxed);
+    let age = ctx.now_ms.wrapping_sub(last) as i32;
+    if age > 0 && age as u32 > e.timeout_ms {
+        return None;
+    }
+    let (eth, rest) = frame.split_first_chunk_mut::<ETH>()?;
+    let (ip, l4h) = rest.split_first_chunk_mut::<20>()?;
+    let (l4h, csum_at) = if k.proto == PROTO_TCP {
+        (l4h.first_chunk_mut::<18>()?.as_mut_slice(), 16)
+    } else {
+        (l4h.first_chunk_mut::<8>()?.as_mut_slice(), 6)
+    };
+    let ttl = ip[8];
+    if ttl <= 1 {
+        return None;
+    }
+    // Known to answer: the full path's touch of a plain packet (no state
+    // change), rewrite and counts.
+    if last != ctx.now_ms {
+        slot.last_seen.store(ctx.now_ms, Ordering::Relaxed);
+    }
+    slot.packets
+        .store(slot.packets.load(Ordering::Relaxed) + 1, Ordering::Relaxed);
+    slot.bytes.store(
+        slot.bytes.load(Ordering::Relaxed) + l4.ip_len as u64,
+        Ordering::Relaxed,
+    );
+    ip[8] = ttl - 1;
+    let c = checksum::adjust(u16::from_be_bytes([ip[10], ip[11]]), e.d_ip as u64);
+    ip[10..12].copy_from_slice(&c.to_be_bytes());
+    if e.addr_at != 0 {
+        let at = if e.addr_at == 16 { 16 } else { 12 };
+        ip[at..at + 4].copy_from_slice(&e.new_addr.to_be_bytes());
+        let pat = if e.port_at == 2 { 2 } else { 0 };
+        l4h[pat..pat + 2].copy_from_slice(&e.new_port.to_be_bytes());
+        let old = u16::from_be_bytes([l4h[csum_at], l4h[csum_at + 1]]);
+        // UDP without checksum stays without; a computed 0 is sent as 0xffff.
+        if k.proto == PROTO_TCP || old != 0 {
+            let c = match checksum::adjust(old, e.d_l4 as u64) {
+                0 if k.proto != PROTO_TCP => 0xffff,
+                c => c,
+            };
+            l4h[csum_at..csum_at + 2].copy_from_slice(&c.to_be_bytes());
+        }
+    }
+    eth[..12].copy_from_slice(&e.macs);
+    ctx.counters[e.hit_counter as usize % N_COUNTERS] += 1;
+    ctx.counters[Counter::FlowCacheHit as usize] += 1;
+    Some(Verdict::Tx {
+        port: e.port as u32,
+        len: l4.frame_len as usize,
+    })
 }
 
 #[cfg(test)]
@@ -1450,7 +1647,7 @@ mod tests {
         let mut ctx = fx.ctx(c);
         // The engine's way: the first pass, then the second.
         let mut p = Pre::default();
-        pre(&buf[..frame.len()], &ctx.ct, &mut p);
+        pre(&buf[..frame.len()], &ctx.ct, &ctx.flows, &mut p);
         let v = process_pre(&mut buf, frame.len(), &p, port, &port_mac, &mut ctx);
         (v, buf)
     }
@@ -1669,7 +1866,7 @@ mod tests {
                     let mut ctx = fx.ctx(&mut c);
                     let v = if two_pass {
                         let mut p = Pre::default();
-                        pre(&buf[..f.len()], &ctx.ct, &mut p);
+                        pre(&buf[..f.len()], &ctx.ct, &ctx.flows, &mut p);
                         process_pre(&mut buf, f.len(), &p, 0, &port_mac, &mut ctx)
                     } else {
                         process(&mut buf, f.len(), 0, &port_mac, &mut ctx)
@@ -1713,7 +1910,7 @@ mod tests {
                 let mut ctx = fx.ctx(&mut c);
                 let v1 = process(&mut one, len, 0, &port_mac, &mut ctx);
                 let mut p = Pre::default();
-                pre(&two[..len], &ctx.ct, &mut p);
+                pre(&two[..len], &ctx.ct, &ctx.flows, &mut p);
                 let v2 = process_pre(&mut two, len, &p, 0, &port_mac, &mut ctx);
                 prop_assert_eq!(v1, v2);
                 prop_assert!(one == two, "different bytes out");

@@ -100,6 +100,16 @@ impl Fixture {
         publish(&self.region, &[], &edit);
     }
 
+    /// The stamps of the active configuration and routing slots (what the
+    /// engine syncs its caches with each loop).
+    pub fn stamps(&self) -> (u64, u64) {
+        let r = &self.region;
+        (
+            r.begin_read(Table::Config).stamp,
+            r.begin_read(Table::Routing).stamp,
+        )
+    }
+
     /// A filter context over the active slots (fresh scheduler state).
     pub fn ctx<'a>(&'a self, counters: &'a mut [u64; N_COUNTERS]) -> Ctx<'a> {
         let r = &self.region;
@@ -115,6 +125,7 @@ impl Fixture {
             pid: std::process::id(),
             counters,
             hops: Default::default(),
+            flows: Default::default(),
             icmp_tokens: crate::filter::IcmpBudget::BURST,
             sched: SchedState::new(cfg.backends.len()),
         }

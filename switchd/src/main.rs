@@ -44,6 +44,9 @@ struct Args {
     /// backend is at its max_conns (0: refuse them at once).
     #[arg(long, default_value_t = switchd::synq::DEFAULT_CAPACITY)]
     syn_queue: usize,
+    /// Entries of the flow cache (0: every packet takes the full path).
+    #[arg(long, default_value_t = switchd::flowcache::DEFAULT_ENTRIES)]
+    flow_cache: usize,
     /// filter (the load balancer) or null (descriptor handover only: a benchmark ceiling).
     #[arg(long, default_value = "filter")]
     engine: String,
@@ -191,6 +194,7 @@ fn main() -> Result<()> {
         idle,
         null,
         syn_queue: args.syn_queue,
+        flow_cache: args.flow_cache,
     };
     let res = match (&args.vnic, args.afpacket.is_empty()) {
         (Some(name), true) => {

@@ -59,6 +59,10 @@ pub const DEFAULT_QUEUE_TIMEOUT_MS: u32 = 1000;
 pub const DEFAULT_ADJUST_INTERVAL_MS: u32 = 1000;
 /// Default of `[[switch]] syn_queue`.
 pub const DEFAULT_SYN_QUEUE: u32 = 256;
+/// Default of `[[switch]] flow_cache` (entries of 64 bytes: 4 MiB).
+pub const DEFAULT_FLOW_CACHE: u32 = 1 << 16;
+/// Largest `[[switch]] flow_cache` (256 MiB).
+pub const MAX_FLOW_CACHE: u32 = 1 << 22;
 /// Ports a configuration may define (the size of the region's port table).
 pub const MAX_PORTS: usize = shm_layout::config_slot::MAX_PORTS;
 
@@ -304,6 +308,11 @@ pub struct Switch {
     /// holds while every eligible backend of their service is at its
     /// `max_conns` (0: refuse them at once). Each entry keeps a 2 KiB copy.
     pub syn_queue: u32,
+    /// `flow_cache` (default 65536; 0 or a power of two up to 4194304):
+    /// entries of the switch's private cache of rewrites for packets of
+    /// established connections, 64 bytes each (0: every packet takes the
+    /// full path).
+    pub flow_cache: u32,
 }
 
 /// `[[switch]] engine`.

@@ -159,6 +159,8 @@ pub(super) struct RawSwitch {
     pub engine: Option<String>,
     /// `syn_queue`: see [`super::Switch::syn_queue`].
     pub syn_queue: Option<i64>,
+    /// `flow_cache`: see [`super::Switch::flow_cache`].
+    pub flow_cache: Option<i64>,
 }
 
 /// One `[[service]]`.

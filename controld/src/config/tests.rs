@@ -129,6 +129,7 @@ fn demo_example_parses_with_all_fields() {
             burst: 32,
             engine: Engine::Filter,
             syn_queue: 256,
+            flow_cache: 65536,
         }],
         services: vec![
             Service {
@@ -996,6 +997,30 @@ fn queue_and_loading_rules_name_the_value() {
             "ports = [\"client\", \"backend\"]\nsyn_queue = 4097"
         )),
         "switch \"sw0\": syn_queue 4097 exceeds 4096"
+    );
+}
+
+#[test]
+fn flow_cache_is_zero_or_a_power_of_two_within_its_limit() {
+    let sw = |v: &str| {
+        with(
+            "ports = [\"client\", \"backend\"]",
+            &format!("ports = [\"client\", \"backend\"]\nflow_cache = {v}"),
+        )
+    };
+    assert_eq!(parse(&sw("0")).unwrap().switches[0].flow_cache, 0);
+    assert_eq!(parse(&sw("1024")).unwrap().switches[0].flow_cache, 1024);
+    assert_eq!(
+        err(&sw("100000")),
+        "switch \"sw0\": flow_cache 100000 is not a power of two (0 disables the cache)"
+    );
+    assert_eq!(
+        err(&sw("8388608")),
+        "switch \"sw0\": flow_cache 8388608 exceeds 4194304"
+    );
+    assert_eq!(
+        err(&sw("-1")),
+        "switch \"sw0\": flow_cache -1 is less than 0"
     );
 }
 

@@ -465,6 +465,19 @@ fn switch(raw: &RawSwitch, ports: &[Port]) -> R<Switch> {
             ));
         }
     };
+    let flow_cache: u32 = int(
+        &ctx,
+        "flow_cache",
+        raw.flow_cache,
+        DEFAULT_FLOW_CACHE,
+        0,
+        MAX_FLOW_CACHE as i64,
+    )?;
+    if flow_cache != 0 && !flow_cache.is_power_of_two() {
+        return Err(format!(
+            "{ctx}flow_cache {flow_cache} is not a power of two (0 disables the cache)"
+        ));
+    }
     Ok(Switch {
         name: raw.name.clone(),
         cpu,
@@ -474,6 +487,7 @@ fn switch(raw: &RawSwitch, ports: &[Port]) -> R<Switch> {
         burst: int(&ctx, "burst", raw.burst, DEFAULT_BURST, 1, 256)?,
         engine,
         syn_queue: int(&ctx, "syn_queue", raw.syn_queue, DEFAULT_SYN_QUEUE, 0, 4096)?,
+        flow_cache,
     })
 }
 

@@ -1,0 +1,626 @@
+//! A switch's private cache of what it did to recent packets of known
+//! connections: the rewrite, the egress port and the MACs, ready to apply.
+//!
+//! The connection table in shared memory stays the only truth; this cache
+//! remembers how the filter's full path ended for a packet of an
+//! established connection so that the next packet of the same 5-tuple
+//! skips the decision and the arithmetic that cannot have changed. An
+//! entry is used only while everything its answer depends on is provably
+//! the same:
+//! - the configuration and routing publications it was computed under
+//!   (the engine [`sync`](FlowCache::sync)s the cache with both stamps
+//!   every loop; a new stamp invalidates every entry at once);
+//! - the connection's slot: its seqlock word must still be the one the
+//!   full path read (the sequence only grows, so an equal word means the
+//!   same entry, not replaced, retired or removed), its TCP state the
+//!   same, and the connection not idle past its timeout;
+//! - the packet: no SYN, FIN or RST (those change state or decisions), a
+//!   TTL that survives the decrement, an IPv4 header without options.
+//!
+//! Everything else (the slot's last-seen time and packet and byte counts,
+//! the switch counters) is updated exactly as the full path would.
+//!
+//! Two-way set associative, sets chosen by the connection table's home
+//! slot of the key: two flows that share a set both stay (a direct-mapped
+//! cache made such pairs evict each other on every packet: 6% of 4096
+//! flows in 65,536 entries). A fill takes the first way, and the entry it
+//! displaces moves to the second, so the less recently filled one leaves.
+//! A miss costs only the full path.
+
+/// Entries per switch (4 MiB; only the lines of live flows are touched).
+pub const DEFAULT_ENTRIES: usize = 1 << 16;
+
+/// Entries per set.
+const WAYS: usize = 2;
+
+/// One cached answer: a cache line.
+#[repr(C, align(64))]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Entry {
+    /// The packet's key as the connection table's slots store it: source
+    /// and destination address, then ports and protocol.
+    pub addrs: u64,
+    pub ports_proto: u64,
+    /// The connection's forward slot and the seqlock word it had.
+    pub lock: u64,
+    pub idx: u32,
+    /// The cache epoch it was filled in (0: never valid).
+    pub epoch: u32,
+    /// The address (host order) written at `addr_at` of the IPv4 header,
+    /// and the port written at `port_at` of the TCP/UDP header.
+    pub new_addr: u32,
+    /// Idle timeout of the connection in `state`.
+    pub timeout_ms: u32,
+    pub new_port: u16,
+    /// RFC 1624 checksum differences, folded to 16 bits: the IPv4 header's
+    /// (TTL and address) and the TCP/UDP checksum's (address and port).
+    pub d_ip: u16,
+    pub d_l4: u16,
+    /// Destination then source MAC.
+    pub macs: [u8; 12],
+    /// Global egress port.
+    pub port: u8,
+    /// The slot's `tcp_state` when filled (it must not have changed).
+    pub state: u8,
+    /// 12 (source: backend -> client), 16 (destination: client ->
+    /// backend) or 0 (direct routing: no translation).
+    pub addr_at: u8,
+    /// 0 (source port) or 2 (destination port).
+    pub port_at: u8,
+    /// The switch counter the full path counts a hit with.
+    pub hit_counter: u8,
+}
+
+const _: () = assert!(core::mem::size_of::<Entry>() == 64);
+
+/// The key words of an entry (see [`Entry::addrs`]).
+#[inline(always)]
+pub fn key_words(src_ip: u32, dst_ip: u32, src_port: u16, dst_port: u16, proto: u8) -> (u64, u64) {
+    (
+        ((src_ip as u64) << 32) | dst_ip as u64,
+        ((src_port as u64) << 48) | ((dst_port as u64) << 32) | proto as u64,
+    )
+}
+
+/// The cache. `Default` is an empty cache that never hits (unit tests of
+/// the full path).
+#[derive(Debug, Default)]
+pub struct FlowCache {
+    entries: Box<[Entry]>,
+    mask: usize,
+    /// Entries filled in another epoch are invalid.
+    epoch: u32,
+    /// The configuration and routing stamps of this epoch.
+    stamps: (u64, u64),
+}
+
+impl FlowCache {
+    /// A cache of `entries` (rounded up to a power of two, at least one
+    /// set; 0: disabled).
+    pub fn new(entries: usize) -> Self {
+        if entries == 0 {
+            return Self::default();
+        }
+        let n = entries.next_power_of_two().max(WAYS);
+        Self {
+            entries: vec![Entry::default(); n].into_boxed_slice(),
+            mask: n / WAYS - 1,
+            epoch: 1,
+            stamps: (0, 0),
+        }
+    }
+
+    pub fn capacity(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// Starts a new epoch (every entry invalid) unless the configuration
+    /// and routing stamps are the ones the current epoch was filled under.
+    #[inline]
+    pub fn sync(&mut self, config_stamp: u64, routing_stamp: u64) {
+        if self.stamps != (config_stamp, routing_stamp) {
+            self.stamps = (config_stamp, routing_stamp);
+            self.invalidate();
+        }
+    }
+
+    /// Every entry invalid.
+    pub fn invalidate(&mut self) {
+        self.epoch = self.epoch.wrapping_add(1);
+        if self.epoch == 0 {
+            // Wrapped: entries of the first epoch would look valid again.
+            self.entries.fill(Entry::default());
+            self.epoch = 1;
+        }
+    }
+
+    /// The set of a key whose table home is `home` (the home slot is
+    /// already the low bits of the key's hash).
+    #[inline(always)]
+    fn set(&self, home: u32) -> Option<&[Entry; WAYS]> {
+        let at = (home as usize & self.mask) * WAYS;
+        self.entries.get(at..at + WAYS)?.first_chunk::<WAYS>()
+    }
+
+    /// Starts loading the set for a key whose table home is `home`.
+    #[inline(always)]
+    pub fn prefetch(&self, home: u32) {
+        if let Some(set) = self.set(home) {
+            for e in set {
+                #[cfg(target_arch = "x86_64")]
+                // SAFETY: a prefetch is a hint with no architectural effect,
+                // of an address inside `entries` anyway.
+                unsafe {
+                    core::arch::x86_64::_mm_prefetch(
+                        e as *const Entry as *const i8,
+                        core::arch::x86_64::_MM_HINT_T0,
+                    )
+                };
+                #[cfg(not(target_arch = "x86_64"))]
+                let _ = e;
+            }
+        }
+    }
+
+    /// The valid entry for `home` holding this key, if any.
+    #[inline(always)]
+    pub fn get(&self, home: u32, addrs: u64, ports_proto: u64) -> Option<&Entry> {
+        let set = self.set(home)?;
+        let holds =
+            |e: &Entry| e.addrs == addrs && e.ports_proto == ports_proto && e.epoch == self.epoch;
+        if holds(&set[0]) {
+            Some(&set[0])
+        } else if holds(&set[1]) {
+            Some(&set[1])
+        } else {
+            None
+        }
+    }
+
+    /// Stores `e` (its key words set) as the entry for `home`, in the
+    /// current epoch, in the first way: over an entry of the same key or an
+    /// invalid one; else the entry there moves to the second way (the less
+    /// recently filled of the two leaves).
+    #[inline]
+    pub fn put(&mut self, home: u32, mut e: Entry) {
+        let at = (home as usize & self.mask) * WAYS;
+        let epoch = self.epoch;
+        e.epoch = epoch;
+        let Some(set) = self
+            .entries
+            .get_mut(at..at + WAYS)
+            .and_then(|s| s.first_chunk_mut::<WAYS>())
+        else {
+            return;
+        };
+        // The first way holds the most recently filled entry.
+        let over_first = set[0].epoch != epoch
+            || (set[0].addrs == e.addrs && set[0].ports_proto == e.ports_proto);
+        if !over_first {
+            set[1] = set[0];
+        }
+        set[0] = e;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::filter::{Pre, Verdict, pre, process_pre};
+    use crate::fixture::{CLIENT_GW_MAC, Fixture, VIP, port_mac};
+    use etherparse::PacketBuilder;
+    use proptest::prelude::*;
+    use shm_layout::config_slot::{ON_DOWN_KEEP, ON_DOWN_RESCHEDULE, ON_DOWN_RESET};
+    use shm_layout::conntrack::FlowKey;
+    use shm_layout::switch_slot::{Counter, N_COUNTERS};
+
+    const FIN: u8 = 1;
+    const SYN: u8 = 2;
+    const RST: u8 = 4;
+    const PSH: u8 = 8;
+    const ACK: u8 = 16;
+
+    /// One switch's view: a fixture region, its counters, its cache.
+    struct Switch {
+        fx: Fixture,
+        c: [u64; N_COUNTERS],
+        flows: FlowCache,
+    }
+
+    impl Switch {
+        fn new(tag: &str, entries: usize) -> Self {
+            let tag = format!("{tag}-{:?}", std::thread::current().id())
+                .replace(|c: char| !c.is_ascii_alphanumeric() && c != '-', "");
+            Self {
+                fx: Fixture::new(&tag, 1 << 12),
+                c: [0; N_COUNTERS],
+                flows: FlowCache::new(entries),
+            }
+        }
+
+        /// The engine's way with one frame: sync the cache with the
+        /// stamps, the first pass, the second.
+        fn send(&mut self, now_ms: u32, in_port: u32, frame: &[u8]) -> (Verdict, Vec<u8>) {
+            let Switch { fx, c, flows } = self;
+            let (cs, rs) = fx.stamps();
+            flows.sync(cs, rs);
+            let mut buf = vec![0u8; 2048];
+            buf[..frame.len()].copy_from_slice(frame);
+            let mut ctx = fx.ctx(c);
+            ctx.now_ms = now_ms;
+            ctx.flows = core::mem::take(flows);
+            let mut p = Pre::default();
+            pre(&buf[..frame.len()], &ctx.ct, &ctx.flows, &mut p);
+            let v = process_pre(&mut buf, frame.len(), &p, in_port, &port_mac, &mut ctx);
+            *flows = core::mem::take(&mut ctx.flows);
+            (v, buf)
+        }
+
+        fn hits(&self) -> u64 {
+            self.c[Counter::FlowCacheHit as usize]
+        }
+
+        /// (TCP state, packets, bytes, last seen) of the live connection
+        /// `key` belongs to at `now_ms`. (An expired one is absent: each
+        /// region hashes with its own seed, so which expired entries a later
+        /// insert reused differs between two regions.)
+        fn entry(&mut self, key: &FlowKey, now_ms: u32) -> Option<(u32, u64, u64, u32)> {
+            let timeouts = self.fx.ctx(&mut self.c).timeouts;
+            let ct = self.fx.region.conntrack();
+            let s = ct.slot(ct.lookup(key)?.idx);
+            if s.expired(now_ms, &timeouts) {
+                return None;
+            }
+            let ld =
+                |a: &core::sync::atomic::AtomicU64| a.load(core::sync::atomic::Ordering::Relaxed);
+            let ld32 =
+                |a: &core::sync::atomic::AtomicU32| a.load(core::sync::atomic::Ordering::Relaxed);
+            Some((
+                ld32(&s.tcp_state),
+                ld(&s.packets),
+                ld(&s.bytes),
+                ld32(&s.last_seen),
+            ))
+        }
+    }
+
+    /// Client (198.18.100.1:`port`) -> VIP: TCP to :80 with `flags`, or
+    /// UDP to :53; `ttl` as given.
+    fn client(udp: bool, port: u16, flags: u8, ttl: u8) -> Vec<u8> {
+        let b = PacketBuilder::ethernet2(CLIENT_GW_MAC, [2, 0, 0, 0, 0, 1]).ipv4(
+            [198, 18, 100, 1],
+            VIP.to_be_bytes(),
+            ttl,
+        );
+        let mut v = Vec::new();
+        if udp {
+            b.udp(port, 53).write(&mut v, b"query").unwrap();
+        } else {
+            tcp_flags(b.tcp(port, 80, 1, 1000), flags)
+                .write(&mut v, b"data")
+                .unwrap();
+        }
+        v
+    }
+
+    /// Backend (`backend`:`bport`) -> client, as the backend answers a
+    /// NAT connection.
+    fn reply(udp: bool, backend: [u8; 4], bport: u16, port: u16, flags: u8) -> Vec<u8> {
+        let b = PacketBuilder::ethernet2([2, 0, 0, 0, 1, backend[3]], [2, 0, 0, 0, 0, 2]).ipv4(
+            backend,
+            [198, 18, 100, 1],
+            64,
+        );
+        let mut v = Vec::new();
+        if udp {
+            b.udp(bport, port).write(&mut v, b"answer").unwrap();
+        } else {
+            tcp_flags(b.tcp(bport, port, 77, 1000), flags)
+                .write(&mut v, b"")
+                .unwrap();
+        }
+        v
+    }
+
+    fn tcp_flags(
+        mut b: etherparse::PacketBuilderStep<etherparse::TcpHeader>,
+        flags: u8,
+    ) -> etherparse::PacketBuilderStep<etherparse::TcpHeader> {
+        if flags & SYN != 0 {
+            b = b.syn();
+        }
+        if flags & ACK != 0 {
+            b = b.ack(2);
+        }
+        if flags & FIN != 0 {
+            b = b.fin();
+        }
+        if flags & RST != 0 {
+            b = b.rst();
+        }
+        if flags & PSH != 0 {
+            b = b.psh();
+        }
+        b
+    }
+
+    /// The backend a forwarded frame went to (address, port), from its bytes.
+    fn backend_of(v: Verdict, buf: &[u8]) -> Option<([u8; 4], u16)> {
+        match v {
+            Verdict::Tx { port: 1, .. } => Some((
+                buf[30..34].try_into().unwrap(),
+                u16::from_be_bytes([buf[36], buf[37]]),
+            )),
+            _ => None,
+        }
+    }
+
+    fn tcp_key(port: u16) -> FlowKey {
+        FlowKey {
+            proto: 6,
+            src_ip: 0xc612_6401,
+            dst_ip: VIP,
+            src_port: port,
+            dst_port: 80,
+        }
+    }
+
+    #[test]
+    fn sets_keep_two_flows_and_the_less_recently_filled_leaves() {
+        let mut fc = FlowCache::new(4);
+        let key = |n: u64| (n, n << 32 | 6);
+        let put = |fc: &mut FlowCache, n: u64| {
+            let (addrs, ports_proto) = key(n);
+            fc.put(
+                1,
+                Entry {
+                    addrs,
+                    ports_proto,
+                    idx: n as u32,
+                    ..Entry::default()
+                },
+            );
+        };
+        let got = |fc: &FlowCache, n: u64| fc.get(1, key(n).0, key(n).1).map(|e| e.idx);
+        put(&mut fc, 10);
+        put(&mut fc, 11);
+        assert_eq!((got(&fc, 10), got(&fc, 11)), (Some(10), Some(11)));
+        assert_eq!(
+            fc.get(0, key(10).0, key(10).1).map(|e| e.idx),
+            None,
+            "another set"
+        );
+        put(&mut fc, 12);
+        assert_eq!(
+            (got(&fc, 10), got(&fc, 11), got(&fc, 12)),
+            (None, Some(11), Some(12))
+        );
+        // A refill of a present key replaces it, and evicts nothing.
+        put(&mut fc, 12);
+        assert_eq!((got(&fc, 11), got(&fc, 12)), (Some(11), Some(12)));
+        // New stamps: nothing is valid; filling starts over.
+        fc.sync(5, 6);
+        assert_eq!((got(&fc, 11), got(&fc, 12)), (None, None));
+        fc.sync(5, 6);
+        put(&mut fc, 13);
+        assert_eq!(got(&fc, 13), Some(13));
+        fc.sync(5, 7);
+        assert_eq!(got(&fc, 13), None, "a routing publication invalidates too");
+        // A disabled cache holds nothing.
+        let mut off = FlowCache::new(0);
+        put(&mut off, 1);
+        assert_eq!(got(&off, 1), None);
+    }
+
+    #[test]
+    fn established_packets_are_answered_from_the_cache_with_the_full_paths_bytes() {
+        let mut cached = Switch::new("fc-hit", DEFAULT_ENTRIES);
+        let mut full = Switch::new("fc-full", 0);
+        let now = cached.fx.region.now_ms();
+        let frames = [
+            client(false, 40_000, SYN, 64),
+            // Ends the handshake (SYN -> ESTABLISHED) and fills the cache.
+            client(false, 40_000, ACK, 64),
+            // Answered from it.
+            client(false, 40_000, ACK | PSH, 64),
+            client(false, 40_000, ACK | PSH, 64),
+            client(false, 40_000, ACK, 9),
+            // UDP: a new flow, a packet that fills, one answered.
+            client(true, 5353, 0, 64),
+            client(true, 5353, 0, 64),
+            client(true, 5353, 0, 64),
+        ];
+        let mut to = None;
+        for (i, f) in frames.iter().enumerate() {
+            let a = cached.send(now, 0, f);
+            let b = full.send(now, 0, f);
+            assert_eq!(a.0, b.0, "frame {i}");
+            assert!(a.1 == b.1, "frame {i}: different bytes out");
+            to = to.or(backend_of(a.0, &a.1));
+        }
+        assert_eq!(
+            cached.hits(),
+            4,
+            "three TCP and one UDP packet from the cache"
+        );
+        assert_eq!(full.hits(), 0);
+        // The TCP backend's replies: the first fills, the second hits.
+        let (backend, bport) = to.unwrap();
+        for _ in 0..2 {
+            let r = reply(false, backend, bport, 40_000, ACK);
+            let a = cached.send(now, 1, &r);
+            let b = full.send(now, 1, &r);
+            assert_eq!(a.0, b.0);
+            assert!(a.1 == b.1, "reply: different bytes out");
+        }
+        assert_eq!(cached.hits(), 5, "and the second reply");
+        let mut ca = cached.c;
+        ca[Counter::FlowCacheHit as usize] = 0;
+        assert_eq!(ca, full.c, "every other counter as the full path counts it");
+        assert_eq!(
+            cached.entry(&tcp_key(40_000), now),
+            full.entry(&tcp_key(40_000), now)
+        );
+        assert_eq!(
+            cached.entry(&tcp_key(40_000), now).unwrap().1,
+            6,
+            "every packet counted but the SYN that made the entry"
+        );
+        assert_eq!(
+            cached.entry(&tcp_key(40_000), now).unwrap().0,
+            shm_layout::conntrack::STATE_ESTABLISHED
+        );
+    }
+
+    #[test]
+    fn a_new_publication_idle_timeout_or_closing_packet_takes_the_full_path() {
+        let mut sw = Switch::new("fc-inval", DEFAULT_ENTRIES);
+        let now = sw.fx.region.now_ms();
+        sw.send(now, 0, &client(false, 40_001, SYN, 64));
+        let (v, buf) = sw.send(now, 0, &client(false, 40_001, ACK, 64));
+        let (backend, _) = backend_of(v, &buf).unwrap();
+        sw.send(now, 0, &client(false, 40_001, ACK, 64));
+        assert_eq!(sw.hits(), 1, "the handshake's ACK filled the cache");
+        // Its backend goes DOWN with policy reset: the next packet is
+        // answered with a RST to the client, not forwarded from the cache.
+        let id = u32::from(backend[3]) - 1;
+        sw.fx.mark_down(&[(id, ON_DOWN_RESET)]);
+        let (v, buf) = sw.send(now, 0, &client(false, 40_001, ACK, 64));
+        assert!(matches!(v, Verdict::Tx { port: 0, .. }), "{v:?}");
+        assert_ne!(buf[47] & RST, 0, "a RST");
+        assert_eq!(sw.hits(), 1);
+        // Back up (keep): forwarded again, cached after one full pass.
+        sw.fx.mark_down(&[(id, ON_DOWN_KEEP)]);
+        sw.fx.configure(|_| {});
+        for _ in 0..2 {
+            let (v, buf) = sw.send(now, 0, &client(false, 40_001, ACK, 64));
+            assert_eq!(backend_of(v, &buf).map(|b| b.0), Some(backend));
+        }
+        assert_eq!(sw.hits(), 2);
+        // Idle past the established timeout (900 s): the full path finds it
+        // expired (a mid-flow packet then makes a new entry).
+        let later = now.wrapping_add(900_001);
+        sw.send(later, 0, &client(false, 40_001, ACK, 64));
+        assert_eq!(sw.hits(), 2, "an idle entry is not answered from the cache");
+        assert_eq!(sw.c[Counter::ConnMidflow as usize], 1);
+        // The new entry's next packet fills the cache, the one after hits;
+        // a FIN takes the full path (it closes the connection).
+        sw.send(later, 0, &client(false, 40_001, ACK, 64));
+        sw.send(later, 0, &client(false, 40_001, ACK, 64));
+        assert_eq!(sw.hits(), 3);
+        sw.send(later, 0, &client(false, 40_001, ACK | FIN, 64));
+        assert_eq!(sw.hits(), 3);
+        assert_eq!(
+            sw.entry(&tcp_key(40_001), later).unwrap().0,
+            shm_layout::conntrack::STATE_CLOSING
+        );
+        // The TTL that would expire is the full path's to count.
+        sw.send(later, 0, &client(false, 40_001, ACK, 64));
+        let drops = sw.c[Counter::DropTtl as usize];
+        let (v, _) = sw.send(later, 0, &client(false, 40_001, ACK, 1));
+        assert_eq!(v, Verdict::Drop);
+        assert_eq!(sw.c[Counter::DropTtl as usize], drops + 1);
+    }
+
+    /// What a test does next.
+    #[derive(Clone, Debug)]
+    enum Op {
+        /// A client packet of flow `flow` (0-3 TCP, 4-5 UDP) with `flags`
+        /// and `ttl`.
+        Client { flow: usize, flags: u8, ttl: u8 },
+        /// The backend's packet of flow `flow` (once it has one).
+        Reply { flow: usize, flags: u8 },
+        /// Backend `id` of the TCP service (0-2) or the UDP one (3-5) DOWN
+        /// with `action`, every other backend up.
+        Down { id: u32, action: u8 },
+        /// Every backend up (a new publication).
+        Up,
+        /// Time passes.
+        Wait { ms: u32 },
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        let flags = prop::sample::select(vec![
+            ACK,
+            ACK | PSH,
+            SYN,
+            SYN | ACK,
+            ACK | FIN,
+            RST,
+            RST | ACK,
+            0,
+        ]);
+        prop_oneof![
+            6 => (0usize..6, flags.clone(), prop::sample::select(vec![64u8, 64, 64, 2, 1]))
+                .prop_map(|(flow, flags, ttl)| Op::Client { flow, flags, ttl }),
+            3 => (0usize..6, flags).prop_map(|(flow, flags)| Op::Reply { flow, flags }),
+            1 => (0u32..6, prop::sample::select(vec![ON_DOWN_KEEP, ON_DOWN_RESCHEDULE, ON_DOWN_RESET]))
+                .prop_map(|(id, action)| Op::Down { id, action }),
+            1 => Just(Op::Up),
+            1 => prop::sample::select(vec![1u32, 5_000, 20_000, 70_000, 1_000_000]).prop_map(|ms| Op::Wait { ms }),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(300))]
+        /// Any sequence of packets (any flags, either direction, TTLs that
+        /// expire), publications and idle time: a switch with a flow cache
+        /// (of any size, down to one set, so entries evict each other)
+        /// sends the same verdicts and bytes, counts the same, and leaves
+        /// every connection entry as a switch without one.
+        #[test]
+        fn a_switch_with_a_cache_behaves_as_one_without(
+            ops in prop::collection::vec(op(), 1..80),
+            entries in prop::sample::select(vec![2usize, 8, 4096]),
+        ) {
+            let mut cached = Switch::new("fc-prop-c", entries);
+            let mut full = Switch::new("fc-prop-f", 0);
+            let mut now = cached.fx.region.now_ms();
+            let mut backends: [Option<([u8; 4], u16)>; 6] = [None; 6];
+            let port = |flow: usize| 41_000 + flow as u16;
+            for (i, op) in ops.iter().enumerate() {
+                let (frame, in_port) = match *op {
+                    Op::Client { flow, flags, ttl } => (client(flow >= 4, port(flow), flags, ttl), 0),
+                    Op::Reply { flow, flags } => match backends[flow] {
+                        Some((ip, bport)) => (reply(flow >= 4, ip, bport, port(flow), flags), 1),
+                        None => continue,
+                    },
+                    Op::Down { id, action } => {
+                        cached.fx.mark_down(&[(id, action)]);
+                        full.fx.mark_down(&[(id, action)]);
+                        continue;
+                    }
+                    Op::Up => {
+                        cached.fx.configure(|_| {});
+                        full.fx.configure(|_| {});
+                        continue;
+                    }
+                    Op::Wait { ms } => {
+                        now = now.wrapping_add(ms);
+                        continue;
+                    }
+                };
+                let a = cached.send(now, in_port, &frame);
+                let b = full.send(now, in_port, &frame);
+                prop_assert_eq!(a.0, b.0, "op {}: {:?}", i, op);
+                prop_assert!(a.1 == b.1, "op {}: {:?}: different bytes out", i, op);
+                if let Op::Client { flow, .. } = *op
+                    && let Some(to) = backend_of(a.0, &a.1)
+                {
+                    backends[flow] = Some(to);
+                }
+            }
+            let mut ca = cached.c;
+            ca[Counter::FlowCacheHit as usize] = 0;
+            prop_assert_eq!(ca, full.c);
+            for flow in 0..6 {
+                let key = FlowKey {
+                    proto: if flow >= 4 { 17 } else { 6 },
+                    dst_port: if flow >= 4 { 53 } else { 80 },
+                    ..tcp_key(port(flow))
+                };
+                prop_assert_eq!(cached.entry(&key, now), full.entry(&key, now), "flow {}", flow);
+            }
+        }
+    }
+}
