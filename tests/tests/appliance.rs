@@ -277,9 +277,11 @@ fn client_tcp(port: u16, syn: bool) -> Spec {
     }
 }
 
-/// Switches keep next hops cached across poll loops; a routing publication
-/// must end that. A backend's neighbour changes MAC by reload: the same
-/// established connection's next packet leaves with the new MAC.
+/// Switches keep next hops cached across poll loops, and each connection's
+/// rewrite in their flow cache; a routing publication must end both. A
+/// backend's neighbour changes MAC by reload: the same established
+/// connection's next packet leaves with the new MAC, from the full path,
+/// and the one after is answered from the cache again.
 #[test]
 fn a_neighbour_that_changes_mac_is_followed_by_the_next_packet() {
     let inst = unique("nbmac");
@@ -304,10 +306,18 @@ fn a_neighbour_that_changes_mac_is_followed_by_the_next_packet() {
         assert_eq!(got.len(), 1, "one frame out");
         frames::parse_checked(&got[0].1).unwrap()
     };
-    // The SYN and a data packet: the second is answered from the cache.
+    let r = app.region();
+    let cache_hits = || {
+        r.switch_slots()[0].counters[shm_layout::switch_slot::Counter::FlowCacheHit as usize]
+            .load(std::sync::atomic::Ordering::Relaxed)
+    };
+    // The SYN; a data packet (its next hop cached, the connection's
+    // rewrite filled into the flow cache); one answered from the flow cache.
     assert_eq!(send(true).dst_mac, [2, 0, 0, 0, 1, 1]);
     assert_eq!(send(false).dst_mac, [2, 0, 0, 0, 1, 1]);
-    let r = app.region();
+    let hits = cache_hits();
+    assert_eq!(send(false).dst_mac, [2, 0, 0, 0, 1, 1]);
+    assert_eq!(cache_hits(), hits + 1, "answered from the flow cache");
     let routing_before = r.generation(Table::Routing);
     app.reload_and_wait(&after);
     // Wait (bounded) until the switch acknowledged the new routing table.
@@ -333,6 +343,17 @@ fn a_neighbour_that_changes_mac_is_followed_by_the_next_packet() {
         "the new MAC, not the cached one"
     );
     assert_eq!(p.dst, ([198, 19, 1, 1], 8080));
+    assert_eq!(
+        cache_hits(),
+        hits + 1,
+        "the full path after the publication"
+    );
+    let p = send(false);
+    assert_eq!(
+        (p.dst_mac, p.dst),
+        ([2, 0, 0, 0, 1, 0xaa], ([198, 19, 1, 1], 8080))
+    );
+    assert_eq!(cache_hits(), hits + 2, "then the flow cache again");
     drop(app);
 }
 
