@@ -58,7 +58,7 @@ fn established_cached(fx: &Fixture, templates: &[Vec<u8>], buf: &mut [u8]) -> u6
     let mut counters = [0u64; N_COUNTERS];
     let mut tx = 0;
     let mut cx = fx.ctx(&mut counters);
-    cx.flows = FlowCache::new(flowcache::DEFAULT_ENTRIES);
+    cx.flows = FlowCache::new(flowcache::DEFAULT_ENTRIES).expect("flow cache");
     for i in 0..PACKETS as usize {
         let t = &templates[i % templates.len()];
         buf[..t.len()].copy_from_slice(t);

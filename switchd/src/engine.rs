@@ -110,7 +110,7 @@ pub fn run<N: Nic>(
     let mut nap = MIN_NAP;
     let mut sched = SchedState::new(region.caps().backends as usize);
     let mut hops = HopCache::default();
-    let mut flows = FlowCache::new(settings.flow_cache);
+    let mut flows = FlowCache::new(settings.flow_cache)?;
     let mut icmp = IcmpBudget::new(mono_ns());
     let mut synq = SynQueue::new(settings.syn_queue);
 

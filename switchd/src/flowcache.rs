@@ -82,11 +82,52 @@ pub fn key_words(src_ip: u32, dst_ip: u32, src_port: u16, dst_port: u16, proto: 
     )
 }
 
+/// The entries: anonymous memory that asks for transparent huge pages
+/// (a cache of 65,536 entries then takes two TLB entries, not a thousand)
+/// and is faulted in before the first packet.
+#[derive(Debug, Default)]
+struct Entries {
+    map: Option<memmap2::MmapMut>,
+    len: usize,
+}
+
+impl Entries {
+    fn new(len: usize) -> std::io::Result<Self> {
+        let map = memmap2::MmapMut::map_anon(len * core::mem::size_of::<Entry>())?;
+        let _ = map.advise(memmap2::Advice::HugePage);
+        let _ = map.advise(memmap2::Advice::PopulateWrite);
+        Ok(Self {
+            map: Some(map),
+            len,
+        })
+    }
+
+    #[inline(always)]
+    fn as_slice(&self) -> &[Entry] {
+        match &self.map {
+            // SAFETY: the mapping holds `len` entries' bytes, page aligned
+            // (Entry needs 64), zero-filled by the kernel or written as
+            // entries since; every bit pattern is a valid Entry (integers).
+            Some(m) => unsafe { core::slice::from_raw_parts(m.as_ptr().cast(), self.len) },
+            None => &[],
+        }
+    }
+
+    #[inline(always)]
+    fn as_mut_slice(&mut self) -> &mut [Entry] {
+        match &mut self.map {
+            // SAFETY: as in `as_slice`, and `&mut self` makes it unique.
+            Some(m) => unsafe { core::slice::from_raw_parts_mut(m.as_mut_ptr().cast(), self.len) },
+            None => &mut [],
+        }
+    }
+}
+
 /// The cache. `Default` is an empty cache that never hits (unit tests of
 /// the full path).
 #[derive(Debug, Default)]
 pub struct FlowCache {
-    entries: Box<[Entry]>,
+    entries: Entries,
     mask: usize,
     /// Entries filled in another epoch are invalid.
     epoch: u32,
@@ -96,22 +137,28 @@ pub struct FlowCache {
 
 impl FlowCache {
     /// A cache of `entries` (rounded up to a power of two, at least one
-    /// set; 0: disabled).
-    pub fn new(entries: usize) -> Self {
+    /// set; 0: disabled). Fails only if the memory cannot be mapped.
+    pub fn new(entries: usize) -> Result<Self, String> {
         if entries == 0 {
-            return Self::default();
+            return Ok(Self::default());
         }
         let n = entries.next_power_of_two().max(WAYS);
-        Self {
-            entries: vec![Entry::default(); n].into_boxed_slice(),
+        let mapped = Entries::new(n).map_err(|e| {
+            format!(
+                "mapping a flow cache of {n} entries ({} MiB): {e}",
+                (n * core::mem::size_of::<Entry>()) >> 20
+            )
+        })?;
+        Ok(Self {
+            entries: mapped,
             mask: n / WAYS - 1,
             epoch: 1,
             stamps: (0, 0),
-        }
+        })
     }
 
     pub fn capacity(&self) -> usize {
-        self.entries.len()
+        self.entries.len
     }
 
     /// Starts a new epoch (every entry invalid) unless the configuration
@@ -129,7 +176,7 @@ impl FlowCache {
         self.epoch = self.epoch.wrapping_add(1);
         if self.epoch == 0 {
             // Wrapped: entries of the first epoch would look valid again.
-            self.entries.fill(Entry::default());
+            self.entries.as_mut_slice().fill(Entry::default());
             self.epoch = 1;
         }
     }
@@ -139,7 +186,10 @@ impl FlowCache {
     #[inline(always)]
     fn set(&self, home: u32) -> Option<&[Entry; WAYS]> {
         let at = (home as usize & self.mask) * WAYS;
-        self.entries.get(at..at + WAYS)?.first_chunk::<WAYS>()
+        self.entries
+            .as_slice()
+            .get(at..at + WAYS)?
+            .first_chunk::<WAYS>()
     }
 
     /// Starts loading the set for a key whose table home is `home`.
@@ -188,6 +238,7 @@ impl FlowCache {
         e.epoch = epoch;
         let Some(set) = self
             .entries
+            .as_mut_slice()
             .get_mut(at..at + WAYS)
             .and_then(|s| s.first_chunk_mut::<WAYS>())
         else {
@@ -234,7 +285,7 @@ mod tests {
             Self {
                 fx: Fixture::new(&tag, 1 << 12),
                 c: [0; N_COUNTERS],
-                flows: FlowCache::new(entries),
+                flows: FlowCache::new(entries).unwrap(),
             }
         }
 
@@ -367,7 +418,7 @@ mod tests {
 
     #[test]
     fn sets_keep_two_flows_and_the_less_recently_filled_leaves() {
-        let mut fc = FlowCache::new(4);
+        let mut fc = FlowCache::new(4).unwrap();
         let key = |n: u64| (n, n << 32 | 6);
         let put = |fc: &mut FlowCache, n: u64| {
             let (addrs, ports_proto) = key(n);
@@ -407,7 +458,7 @@ mod tests {
         fc.sync(5, 7);
         assert_eq!(got(&fc, 13), None, "a routing publication invalidates too");
         // A disabled cache holds nothing.
-        let mut off = FlowCache::new(0);
+        let mut off = FlowCache::new(0).unwrap();
         put(&mut off, 1);
         assert_eq!(got(&off, 1), None);
     }

@@ -45,7 +45,10 @@ impl BenchConfig {
             frame_sizes: vec![64, 1500],
             gen_cpu: 0,
             switch_cpu: 1,
-            flows: 4096,
+            flows: std::env::var("LBFLOWS")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(4096),
             connections: 1 << 20,
             verbose: false,
             services: 1,
