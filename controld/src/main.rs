@@ -131,6 +131,24 @@ fn restart_only_changes(old: &Config, new: &Config) -> Vec<&'static str> {
     v
 }
 
+/// Says whether the region got huge pages: on 4 KiB pages, a large
+/// connection table costs switches a page walk on most lookups.
+fn log_page_size(region: &Region) {
+    let len = region.len() as u64;
+    match region.huge_page_bytes() {
+        Some(h) if h > 0 => log::info!(
+            "region: {} of {} MiB on huge pages",
+            h >> 20,
+            len >> 20
+        ),
+        Some(_) if len >= 64 << 20 => log::warn!(
+            "region: {} MiB on 4 KiB pages; mount /dev/shm with huge=advise for faster connection lookups (docs/OPERATIONS.md, Sizing a switch)",
+            len >> 20
+        ),
+        _ => {}
+    }
+}
+
 /// Creates the region, taking over a stale one whose controld is gone.
 fn create_region(cfg: &Config) -> Result<Region> {
     let name = region_name(&cfg.instance);
@@ -678,6 +696,7 @@ fn run(args: &Args) -> Result<()> {
     signal_hook::flag::register(signal_hook::consts::SIGHUP, Arc::clone(&hup))?;
 
     let region = create_region(&cfg)?;
+    log_page_size(&region);
     let mut cleanup = Cleanup {
         names: vec![region.name().to_string()],
     };

@@ -313,6 +313,21 @@ impl Region {
         self.map.name()
     }
 
+    /// Bytes of the region.
+    pub fn len(&self) -> usize {
+        self.map.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.map.is_empty()
+    }
+
+    /// Bytes of this process's mapping of the region on huge pages (see
+    /// [`Mapping::huge_page_bytes`]).
+    pub fn huge_page_bytes(&self) -> Option<u64> {
+        self.map.huge_page_bytes()
+    }
+
     pub fn caps(&self) -> &Capacities {
         &self.caps
     }

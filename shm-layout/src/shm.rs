@@ -112,6 +112,27 @@ fn populate(raw: &MmapRaw) {
     }
 }
 
+/// The lines of /proc/self/smaps that describe the mapping starting at
+/// `base`: its header line, then its fields up to the next mapping.
+fn smaps_block(base: *mut u8) -> Option<Vec<String>> {
+    let smaps = std::fs::read_to_string("/proc/self/smaps").ok()?;
+    let start = format!("{:x}-", base as usize);
+    let mut lines = smaps.lines().skip_while(|l| !l.starts_with(&start));
+    let head = lines.next()?;
+    // Field lines are `Name:   value`; the next mapping's header is not.
+    let fields = lines.take_while(|l| {
+        l.split_whitespace()
+            .next()
+            .is_some_and(|w| w.ends_with(':'))
+    });
+    Some(
+        std::iter::once(head)
+            .chain(fields)
+            .map(str::to_string)
+            .collect(),
+    )
+}
+
 impl Mapping {
     /// Creates a new object of `len` bytes with mode 0600, zero-filled, and maps it
     /// read-write. Fails with [`ShmError::Exists`] if the name is taken.
@@ -241,6 +262,23 @@ impl Mapping {
         self.raw.as_mut_ptr()
     }
 
+    /// Bytes of this mapping that the kernel maps with huge pages (2 MiB
+    /// page-table entries), from /proc/self/smaps; `None` if that cannot
+    /// be read.
+    pub fn huge_page_bytes(&self) -> Option<u64> {
+        let block = smaps_block(self.as_ptr())?;
+        let kib: u64 = block
+            .iter()
+            .filter_map(|l| {
+                let v = l
+                    .strip_prefix("ShmemPmdMapped:")
+                    .or_else(|| l.strip_prefix("FilePmdMapped:"))?;
+                v.trim().trim_end_matches("kB").trim().parse::<u64>().ok()
+            })
+            .sum();
+        Some(kib * 1024)
+    }
+
     /// Locks the mapping in memory (best effort for the data path).
     pub fn lock(&self) -> std::io::Result<()> {
         self.raw.lock()
@@ -279,21 +317,13 @@ mod tests {
         ));
     }
 
-    /// The VmFlags line of the mapping that starts at `base`, from
-    /// /proc/self/smaps.
+    /// The VmFlags of the mapping that starts at `base`.
     fn vm_flags(base: *mut u8) -> String {
-        let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap();
-        let start = format!("{:x}-", base as usize);
-        let block: Vec<&str> = smaps
-            .lines()
-            .skip_while(|l| !l.starts_with(&start))
-            .take_while(|l| l.starts_with(&start) || !l.contains('-') || l.contains(':'))
-            .collect();
-        block
+        smaps_block(base)
+            .expect("the mapping in /proc/self/smaps")
             .iter()
-            .find_map(|l| l.strip_prefix("VmFlags:"))
-            .unwrap_or_else(|| panic!("no mapping at {start} in /proc/self/smaps"))
-            .to_string()
+            .find_map(|l| l.strip_prefix("VmFlags:").map(str::to_string))
+            .expect("a VmFlags line")
     }
 
     /// Every mapping of an object asks for huge pages (smaps flag `hg`),
@@ -316,6 +346,9 @@ mod tests {
                 "{what}: VmFlags:{flags}"
             );
         }
+        // Huge pages or not is the mount's choice; the count is readable
+        // and never more than the mapping.
+        assert!(m.huge_page_bytes().is_some_and(|b| b <= 4 << 20));
         Mapping::unlink(&name).unwrap();
     }
 
