@@ -136,11 +136,7 @@ fn restart_only_changes(old: &Config, new: &Config) -> Vec<&'static str> {
 fn log_page_size(region: &Region) {
     let len = region.len() as u64;
     match region.huge_page_bytes() {
-        Some(h) if h > 0 => log::info!(
-            "region: {} of {} MiB on huge pages",
-            h >> 20,
-            len >> 20
-        ),
+        Some(h) if h > 0 => log::info!("region: {} of {} MiB on huge pages", h >> 20, len >> 20),
         Some(_) if len >= 64 << 20 => log::warn!(
             "region: {} MiB on 4 KiB pages; mount /dev/shm with huge=advise for faster connection lookups (docs/OPERATIONS.md, Sizing a switch)",
             len >> 20

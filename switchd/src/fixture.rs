@@ -100,6 +100,12 @@ impl Fixture {
         publish(&self.region, &[], &edit);
     }
 
+    /// [`mark_down`](Self::mark_down) and [`configure`](Self::configure)
+    /// in one publication.
+    pub fn publish(&self, down: &[(u32, u8)], edit: impl Fn(&mut ConfigSlotMut<'_>)) {
+        publish(&self.region, down, &edit);
+    }
+
     /// The stamps of the active configuration and routing slots (what the
     /// engine syncs its caches with each loop).
     pub fn stamps(&self) -> (u64, u64) {

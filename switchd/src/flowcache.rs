@@ -618,14 +618,23 @@ mod tests {
         /// expire), publications and idle time: a switch with a flow cache
         /// (of any size, down to one set, so entries evict each other)
         /// sends the same verdicts and bytes, counts the same, and leaves
-        /// every connection entry as a switch without one.
+        /// every connection entry as a switch without one; with the TCP
+        /// service in NAT or in direct-routing mode.
         #[test]
         fn a_switch_with_a_cache_behaves_as_one_without(
             ops in prop::collection::vec(op(), 1..80),
             entries in prop::sample::select(vec![2usize, 8, 4096]),
+            dr in any::<bool>(),
         ) {
             let mut cached = Switch::new("fc-prop-c", entries);
             let mut full = Switch::new("fc-prop-f", 0);
+            let mode = |s: &mut shm_layout::config_slot::ConfigSlotMut<'_>| {
+                if dr {
+                    s.services[0].mode = shm_layout::config_slot::MODE_DR;
+                }
+            };
+            cached.fx.configure(mode);
+            full.fx.configure(mode);
             let mut now = cached.fx.region.now_ms();
             let mut backends: [Option<([u8; 4], u16)>; 6] = [None; 6];
             let port = |flow: usize| 41_000 + flow as u16;
@@ -637,13 +646,13 @@ mod tests {
                         None => continue,
                     },
                     Op::Down { id, action } => {
-                        cached.fx.mark_down(&[(id, action)]);
-                        full.fx.mark_down(&[(id, action)]);
+                        cached.fx.publish(&[(id, action)], mode);
+                        full.fx.publish(&[(id, action)], mode);
                         continue;
                     }
                     Op::Up => {
-                        cached.fx.configure(|_| {});
-                        full.fx.configure(|_| {});
+                        cached.fx.configure(mode);
+                        full.fx.configure(mode);
                         continue;
                     }
                     Op::Wait { ms } => {
