@@ -35,6 +35,7 @@ fn lbgen_bench_quick_reports_every_scenario() {
             assert!(r[k].as_f64().unwrap() > 0.0, "{k} moved no frame: {r}");
         }
         assert_eq!(r["runs"], 1);
+        assert!(r["region_huge_pages"].is_boolean(), "{r}");
     }
     let left: Vec<String> = std::fs::read_dir("/dev/shm")
         .unwrap()
@@ -43,4 +44,34 @@ fn lbgen_bench_quick_reports_every_scenario() {
         .filter(|n| n.starts_with("switchyard.bench-"))
         .collect();
     assert!(left.is_empty(), "bench left {left:?}");
+}
+
+/// `scripts/bench-hugepages.sh` runs the benchmark in a private mount
+/// namespace whose /dev/shm grants huge pages to mappings that ask: every
+/// measurement's region is on them (the mappings' advice works end to
+/// end), and the host's /dev/shm is left as it was.
+#[test]
+fn bench_on_huge_pages_gets_them_without_touching_the_host() {
+    let mounts = || std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    let before = mounts();
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../scripts/bench-hugepages.sh");
+    let out = std::process::Command::new("bash")
+        .args([script, "--quick", "--json", "--frames", "64"])
+        .env("RUST_LOG", "warn")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let rows: Vec<serde_json::Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(rows.len(), 1);
+    assert_eq!(rows[0]["region_huge_pages"], true, "{}", rows[0]);
+    assert!(rows[0]["established_mpps"].as_f64().unwrap() > 0.0);
+    assert_eq!(mounts(), before, "the host's mounts changed");
 }

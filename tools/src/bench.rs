@@ -82,6 +82,9 @@ pub struct SizeResult {
     /// frames, per frame received (medians; the switch's `busy_ns` counter).
     /// Unlike a rate, this does not fall when the generator falls behind.
     pub switch_ns_per_frame: SwitchCost,
+    /// Whether every measurement's region was on huge pages (the `/dev/shm`
+    /// mount's choice; see docs/OPERATIONS.md, Sizing a switch).
+    pub region_huge_pages: bool,
 }
 
 /// Medians of the switch's busy nanoseconds per frame, per scenario.
@@ -330,6 +333,7 @@ pub fn run(cfg: &BenchConfig) -> Result<Vec<SizeResult>> {
     pin(cfg.gen_cpu);
     let mut samples: Vec<Samples> = vec![Samples::default(); cfg.frame_sizes.len()];
     let mut busy: Vec<Samples> = vec![Samples::default(); cfg.frame_sizes.len()];
+    let mut huge = vec![true; cfg.frame_sizes.len()];
     let pid = std::process::id();
     let scenarios = [
         ("null", Load::Established),
@@ -352,6 +356,7 @@ pub fn run(cfg: &BenchConfig) -> Result<Vec<SizeResult>> {
                     &config(&inst, engine, cfg.switch_cpu, cfg.connections, cfg.services),
                 )
                 .map_err(|e| anyhow::anyhow!("{inst}: {e}"))?;
+                huge[si] &= app.region().huge_page_bytes().is_some_and(|b| b > 0);
                 let (mut wire, inp, out) = wire_for(&app)?;
                 if engine == "filter" {
                     establish(&mut wire, inp, out, cfg.flows);
@@ -394,8 +399,8 @@ pub fn run(cfg: &BenchConfig) -> Result<Vec<SizeResult>> {
     Ok(cfg
         .frame_sizes
         .iter()
-        .zip(samples.into_iter().zip(busy))
-        .map(|(&frame_bytes, (s, b))| {
+        .zip(samples.into_iter().zip(busy).zip(huge))
+        .map(|(&frame_bytes, ((s, b), region_huge_pages))| {
             let ceiling = median(&s.ceiling);
             let est = median(&s.established);
             SizeResult {
@@ -413,6 +418,7 @@ pub fn run(cfg: &BenchConfig) -> Result<Vec<SizeResult>> {
                     new_flow: median(&b.new_flow),
                     mix: median(&b.mix),
                 },
+                region_huge_pages,
             }
         })
         .collect())

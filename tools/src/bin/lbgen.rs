@@ -193,6 +193,12 @@ fn bench(b: BenchArgs) -> ExitCode {
                 "{:>5}   the switch's own cost (busy ns per frame): null {:.1} | established {:.1} | new flows {:.1} | mix {:.1}",
                 "", ns.ceiling, ns.established, ns.new_flow, ns.mix
             );
+            if !r.region_huge_pages {
+                println!(
+                    "{:>5}   the region was on 4 KiB pages (/dev/shm without huge=): scripts/bench-hugepages.sh measures on huge pages without changing the host",
+                    ""
+                );
+            }
         }
     }
     ExitCode::SUCCESS
