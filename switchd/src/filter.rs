@@ -1201,12 +1201,17 @@ fn cached(frame: &mut [u8], l4: &L4, ctx: &mut Ctx<'_>) -> Option<Verdict> {
         return None;
     }
     let slot = ctx.ct.slot(e.idx);
-    if slot.lock.load(Ordering::Acquire) != e.lock
-        || slot.tcp_state.load(Ordering::Relaxed) != e.state as u32
-    {
+    if slot.lock.load(Ordering::Acquire) != e.lock {
         return None;
     }
+    let state = slot.tcp_state.load(Ordering::Relaxed);
     let last = slot.last_seen.load(Ordering::Relaxed);
+    // The state and time read above belong to the entry only if no insert
+    // claimed the slot meanwhile (it writes them while holding the lock).
+    core::sync::atomic::fence(Ordering::Acquire);
+    if slot.lock.load(Ordering::Relaxed) != e.lock || state != e.state as u32 {
+        return None;
+    }
     let age = ctx.now_ms.wrapping_sub(last) as i32;
     if age > 0 && age as u32 > e.timeout_ms {
         return None;

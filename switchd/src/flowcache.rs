@@ -12,8 +12,10 @@
 //!   every loop; a new stamp invalidates every entry at once);
 //! - the connection's slot: its seqlock word must still be the one the
 //!   full path read (the sequence only grows, so an equal word means the
-//!   same entry, not replaced, retired or removed), its TCP state the
-//!   same, and the connection not idle past its timeout;
+//!   same entry, not replaced, retired or removed), before and after the
+//!   TCP state and last-seen time are read (an insert reusing the slot
+//!   writes them under the lock), its TCP state the same, and the
+//!   connection not idle past its timeout;
 //! - the packet: no SYN, FIN or RST (those change state or decisions), a
 //!   TTL that survives the decrement, an IPv4 header without options.
 //!
