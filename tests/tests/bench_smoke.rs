@@ -4,10 +4,10 @@
 
 use switchyard_tests::bin;
 
-#[test]
-fn lbgen_bench_quick_reports_every_scenario() {
-    let out = std::process::Command::new(bin("lbgen"))
-        .args(["bench", "--quick", "--json"])
+/// Runs a benchmark command to its end and parses its JSON lines.
+fn bench_rows(program: &str, args: &[&str]) -> Vec<serde_json::Value> {
+    let out = std::process::Command::new(program)
+        .args(args)
         .env("RUST_LOG", "warn")
         .output()
         .unwrap();
@@ -17,10 +17,17 @@ fn lbgen_bench_quick_reports_every_scenario() {
         "{text}\n{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let rows: Vec<serde_json::Value> = text
-        .lines()
+    text.lines()
         .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+        .collect()
+}
+
+#[test]
+fn lbgen_bench_quick_reports_every_scenario() {
+    let rows = bench_rows(
+        &bin("lbgen").to_string_lossy(),
+        &["bench", "--quick", "--json"],
+    );
     assert_eq!(rows.len(), 2);
     assert_eq!(rows[0]["frame_bytes"], 64);
     assert_eq!(rows[1]["frame_bytes"], 1500);
@@ -55,21 +62,7 @@ fn bench_on_huge_pages_gets_them_without_touching_the_host() {
     let mounts = || std::fs::read_to_string("/proc/self/mountinfo").unwrap();
     let before = mounts();
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../scripts/bench-hugepages.sh");
-    let out = std::process::Command::new("bash")
-        .args([script, "--quick", "--json", "--frames", "64"])
-        .env("RUST_LOG", "warn")
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{text}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let rows: Vec<serde_json::Value> = text
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let rows = bench_rows("bash", &[script, "--quick", "--json", "--frames", "64"]);
     assert_eq!(rows.len(), 1);
     assert_eq!(rows[0]["region_huge_pages"], true, "{}", rows[0]);
     assert!(rows[0]["established_mpps"].as_f64().unwrap() > 0.0);
