@@ -266,6 +266,10 @@ pub struct Hit {
     /// The forward slot's seqlock word the entry was read under: while the
     /// slot's `lock` still equals it, the entry is unchanged.
     pub lock: u64,
+    /// The slot the key was found in and its seqlock word: the forward
+    /// slot itself, or (`Direction::Reply`) the reply slot that points to it.
+    pub via: u32,
+    pub via_lock: u64,
     words: [u64; 4],
 }
 
@@ -432,6 +436,8 @@ impl<'a> ConnTable<'a> {
                     idx: home as u32,
                     dir: Direction::Forward,
                     lock: snap.lock,
+                    via: home as u32,
+                    via_lock: snap.lock,
                     words: *w,
                 });
             }
@@ -467,6 +473,8 @@ impl<'a> ConnTable<'a> {
                         idx,
                         dir: Direction::Forward,
                         lock: snap.lock,
+                        via: idx,
+                        via_lock: snap.lock,
                         words: snap.words,
                     });
                 }
@@ -479,6 +487,8 @@ impl<'a> ConnTable<'a> {
                             idx: fwd,
                             dir: Direction::Reply,
                             lock: s.lock,
+                            via: idx,
+                            via_lock: snap.lock,
                             words: s.words,
                         });
                     }

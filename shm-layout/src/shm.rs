@@ -98,10 +98,20 @@ fn prefer_huge_pages(raw: &MmapRaw) {
 }
 
 /// Faults every page of a writable mapping in now (MADV_POPULATE_WRITE;
-/// on kernels before 5.14, by reading each page).
-fn populate(raw: &MmapRaw) {
-    if raw.advise(Advice::PopulateWrite).is_ok() {
-        return;
+/// on kernels before 5.14, which refuse it with EINVAL, by reading each
+/// page). Any other refusal (no memory left under /dev/shm, for one) is an
+/// error: touching the pages would only die of SIGBUS later.
+fn populate(name: &str, raw: &MmapRaw) -> Result<(), ShmError> {
+    match raw.advise(Advice::PopulateWrite) {
+        Ok(()) => return Ok(()),
+        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {}
+        Err(e) => {
+            return Err(os(
+                name,
+                "faulting its pages in (is /dev/shm out of space?)",
+                e,
+            ));
+        }
     }
     let p = raw.as_ptr();
     for off in (0..raw.len()).step_by(4096) {
@@ -110,6 +120,7 @@ fn populate(raw: &MmapRaw) {
         // here, not even of a byte's own value).
         unsafe { p.add(off).read_volatile() };
     }
+    Ok(())
 }
 
 /// The lines of /proc/self/smaps that describe the mapping starting at
@@ -161,7 +172,7 @@ impl Mapping {
                 prefer_huge_pages(&raw);
                 // Pre-fault every page: the data path must not take page
                 // faults on its first touch of a connection slot.
-                populate(&raw);
+                populate(name, &raw)?;
                 Ok(raw)
             });
         match mapped {
@@ -215,7 +226,7 @@ impl Mapping {
         if access == Access::ReadWrite {
             // Writers (switchd, the wire side) build their page tables at
             // attach, not on the data path.
-            populate(&raw);
+            populate(name, &raw)?;
         }
         Ok(Self {
             raw,

@@ -473,7 +473,7 @@ fn to_vip(
                 if touch(slot, l4, ctx.now_ms, Direction::Forward) == Moved::Closed {
                     release_backend(ctx, hit.conn().backend_id);
                 }
-                let fill = Fill::of(hit, slot, l4, Counter::FwdHit, &ctx.flows);
+                let fill = Fill::of(hit, slot, l4, &ctx.flows);
                 return forward(frame, l4, &hit.conn(), in_port, port_mac, fill, ctx);
             }
         }
@@ -729,7 +729,7 @@ fn from_backend(
         Moved::Closed => release_backend(ctx, hit.conn().backend_id),
         Moved::Established => syn_ack_sample(&hit.conn(), ctx),
     }
-    let fill = Fill::of(hit, slot, l4, Counter::ReplyHit, &ctx.flows);
+    let fill = Fill::of(hit, slot, l4, &ctx.flows);
     reverse(frame, l4, hit, port_mac, fill, ctx)
 }
 
@@ -1055,21 +1055,21 @@ fn egress(
             u16::from_be_bytes([ttl - 1, proto])
         )
     );
-    // (where the address goes, the address, where the port goes, the
-    // port, the TCP/UDP checksum's difference)
-    let (addr_at, new_ip, port_at, new_port, d_l4) = match nat {
-        Nat::None => (0, 0, 0, 0, 0),
+    // (where the address goes, the address, the port, the TCP/UDP
+    // checksum's difference)
+    let (addr_at, new_ip, new_port, d_l4) = match nat {
+        Nat::None => (0, 0, 0, 0),
         Nat::Dst(ip, p) => {
             let d_addr = checksum::delta_u32(l4.key.dst_ip, ip);
             let d_l4 = rewrite_l4(frame, l4, 2, l4.key.dst_port, p, d_addr);
             d_ip += d_addr;
-            (16, ip, 2, p, d_l4)
+            (16, ip, p, d_l4)
         }
         Nat::Src(ip, p) => {
             let d_addr = checksum::delta_u32(l4.key.src_ip, ip);
             let d_l4 = rewrite_l4(frame, l4, 0, l4.key.src_port, p, d_addr);
             d_ip += d_addr;
-            (12, ip, 0, p, d_l4)
+            (12, ip, p, d_l4)
         }
     };
     if let Some(h) = frame.get_mut(ETH..).and_then(|b| b.first_chunk_mut::<20>()) {
@@ -1083,9 +1083,12 @@ fn egress(
     set_macs(frame, dst, src);
     if let Some(fill) = fill {
         let rewrite = Rewrite {
-            addr_at: addr_at as u8,
+            kind: match addr_at {
+                16 => flowcache::REWRITE_DST,
+                12 => flowcache::REWRITE_SRC,
+                _ => flowcache::REWRITE_NONE,
+            },
             new_addr: new_ip,
-            port_at,
             new_port,
             d_ip,
             d_l4,
@@ -1100,9 +1103,9 @@ fn egress(
 
 /// The translation [`egress`] applied, as the flow cache replays it.
 struct Rewrite {
-    addr_at: u8,
+    /// A `flowcache::REWRITE_` value.
+    kind: u8,
     new_addr: u32,
-    port_at: u8,
     new_port: u16,
     d_ip: u64,
     d_l4: u64,
@@ -1131,6 +1134,8 @@ fn cache_answer(
             ports_proto,
             lock: fill.lock,
             idx: fill.idx,
+            via_lock: fill.via_lock,
+            via: fill.via,
             epoch: 0,
             new_addr: rw.new_addr,
             timeout_ms: ctx.timeouts.for_state(k.proto, fill.state),
@@ -1139,10 +1144,7 @@ fn cache_answer(
             d_l4: checksum::fold(rw.d_l4),
             macs,
             port: port as u8,
-            state: fill.state as u8,
-            addr_at: rw.addr_at,
-            port_at: rw.port_at,
-            hit_counter: fill.counter as u8,
+            kind: fill.state as u8 | rw.kind << 4,
         },
     );
 }
@@ -1152,9 +1154,10 @@ fn cache_answer(
 #[derive(Clone, Copy, Debug)]
 struct Fill {
     idx: u32,
-    lock: u64,
+    lock: u32,
+    via: u32,
+    via_lock: u32,
     state: u32,
-    counter: Counter,
 }
 
 impl Fill {
@@ -1163,13 +1166,7 @@ impl Fill {
     /// RST), an IPv4 header without options, a connection past its
     /// handshake; and a switch with a cache.
     #[inline(always)]
-    fn of(
-        hit: &Hit,
-        slot: &ConnSlot,
-        l4: &L4,
-        counter: Counter,
-        flows: &FlowCache,
-    ) -> Option<Fill> {
+    fn of(hit: &Hit, slot: &ConnSlot, l4: &L4, flows: &FlowCache) -> Option<Fill> {
         if l4.flags & (tcp::SYN | tcp::FIN | tcp::RST) != 0
             || flows.capacity() == 0
             || l4.l4_off as usize != wire::ETHERNET_HEADER_LEN + 20
@@ -1177,11 +1174,17 @@ impl Fill {
             return None;
         }
         let state = slot.tcp_state.load(Ordering::Relaxed);
-        (state != STATE_SYN && state <= u8::MAX as u32).then_some(Fill {
+        // Stable lock words are bare sequence numbers (see conntrack).
+        let (Ok(lock), Ok(via_lock)) = (u32::try_from(hit.lock), u32::try_from(hit.via_lock))
+        else {
+            return None;
+        };
+        (state != STATE_SYN && state <= 0xf).then_some(Fill {
             idx: hit.idx,
-            lock: hit.lock,
+            lock,
+            via: hit.via,
+            via_lock,
             state,
-            counter,
         })
     }
 }
@@ -1201,7 +1204,10 @@ fn cached(frame: &mut [u8], l4: &L4, ctx: &mut Ctx<'_>) -> Option<Verdict> {
         return None;
     }
     let slot = ctx.ct.slot(e.idx);
-    if slot.lock.load(Ordering::Acquire) != e.lock {
+    let lock = e.lock as u64;
+    if slot.lock.load(Ordering::Acquire) != lock
+        || (e.via != e.idx && ctx.ct.slot(e.via).lock.load(Ordering::Acquire) != e.via_lock as u64)
+    {
         return None;
     }
     let state = slot.tcp_state.load(Ordering::Relaxed);
@@ -1209,11 +1215,11 @@ fn cached(frame: &mut [u8], l4: &L4, ctx: &mut Ctx<'_>) -> Option<Verdict> {
     // The state and time read above belong to the entry only if no insert
     // claimed the slot meanwhile (it writes them while holding the lock).
     core::sync::atomic::fence(Ordering::Acquire);
-    if slot.lock.load(Ordering::Relaxed) != e.lock || state != e.state as u32 {
+    if slot.lock.load(Ordering::Relaxed) != lock || state != (e.kind & 0xf) as u32 {
         return None;
     }
     let age = ctx.now_ms.wrapping_sub(last) as i32;
-    if age > 0 && age as u32 > e.timeout_ms {
+    if age > 0 && (age as u32).saturating_add(flowcache::EXPIRY_MARGIN_MS) > e.timeout_ms {
         return None;
     }
     let (eth, rest) = frame.split_first_chunk_mut::<ETH>()?;
@@ -1241,10 +1247,14 @@ fn cached(frame: &mut [u8], l4: &L4, ctx: &mut Ctx<'_>) -> Option<Verdict> {
     ip[8] = ttl - 1;
     let c = checksum::adjust(u16::from_be_bytes([ip[10], ip[11]]), e.d_ip as u64);
     ip[10..12].copy_from_slice(&c.to_be_bytes());
-    if e.addr_at != 0 {
-        let at = if e.addr_at == 16 { 16 } else { 12 };
+    let rewrite = e.kind >> 4;
+    if rewrite != flowcache::REWRITE_NONE {
+        let (at, pat) = if rewrite == flowcache::REWRITE_DST {
+            (16, 2)
+        } else {
+            (12, 0)
+        };
         ip[at..at + 4].copy_from_slice(&e.new_addr.to_be_bytes());
-        let pat = if e.port_at == 2 { 2 } else { 0 };
         l4h[pat..pat + 2].copy_from_slice(&e.new_port.to_be_bytes());
         let old = u16::from_be_bytes([l4h[csum_at], l4h[csum_at + 1]]);
         // UDP without checksum stays without; a computed 0 is sent as 0xffff.
@@ -1257,7 +1267,12 @@ fn cached(frame: &mut [u8], l4: &L4, ctx: &mut Ctx<'_>) -> Option<Verdict> {
         }
     }
     eth[..12].copy_from_slice(&e.macs);
-    ctx.counters[e.hit_counter as usize % N_COUNTERS] += 1;
+    let hit = if rewrite == flowcache::REWRITE_SRC {
+        Counter::ReplyHit
+    } else {
+        Counter::FwdHit
+    };
+    ctx.counters[hit as usize] += 1;
     ctx.counters[Counter::FlowCacheHit as usize] += 1;
     Some(Verdict::Tx {
         port: e.port as u32,

@@ -15,7 +15,8 @@
 //!   same entry, not replaced, retired or removed), before and after the
 //!   TCP state and last-seen time are read (an insert reusing the slot
 //!   writes them under the lock), its TCP state the same, and the
-//!   connection not idle past its timeout;
+//!   connection not within [`EXPIRY_MARGIN_MS`] of its idle timeout; for a
+//!   reply, the reply slot the full path found it through unchanged too;
 //! - the packet: no SYN, FIN or RST (those change state or decisions), a
 //!   TTL that survives the decrement, an IPv4 header without options.
 //!
@@ -43,15 +44,20 @@ pub struct Entry {
     /// and destination address, then ports and protocol.
     pub addrs: u64,
     pub ports_proto: u64,
-    /// The connection's forward slot and the seqlock word it had.
-    pub lock: u64,
+    /// The connection's forward slot and the seqlock word it had (a
+    /// stable word is a bare sequence number: it fits 32 bits).
+    pub lock: u32,
     pub idx: u32,
+    /// The slot the key was found in and its seqlock word: the forward
+    /// slot again, or the reply slot that points to it (which must still
+    /// be there: the full path finds the connection through it).
+    pub via_lock: u32,
+    pub via: u32,
     /// The cache epoch it was filled in (0: never valid).
     pub epoch: u32,
-    /// The address (host order) written at `addr_at` of the IPv4 header,
-    /// and the port written at `port_at` of the TCP/UDP header.
+    /// The address (host order) the rewrite writes, and the port.
     pub new_addr: u32,
-    /// Idle timeout of the connection in `state`.
+    /// Idle timeout of the connection in its state.
     pub timeout_ms: u32,
     pub new_port: u16,
     /// RFC 1624 checksum differences, folded to 16 bits: the IPv4 header's
@@ -62,16 +68,23 @@ pub struct Entry {
     pub macs: [u8; 12],
     /// Global egress port.
     pub port: u8,
-    /// The slot's `tcp_state` when filled (it must not have changed).
-    pub state: u8,
-    /// 12 (source: backend -> client), 16 (destination: client ->
-    /// backend) or 0 (direct routing: no translation).
-    pub addr_at: u8,
-    /// 0 (source port) or 2 (destination port).
-    pub port_at: u8,
-    /// The switch counter the full path counts a hit with.
-    pub hit_counter: u8,
+    /// The slot's `tcp_state` when filled (low four bits; it must not have
+    /// changed) and the rewrite (high four bits, a `REWRITE_` value).
+    pub kind: u8,
 }
+
+/// [`Entry::kind`]'s rewrite: direct routing (no translation).
+pub const REWRITE_NONE: u8 = 0;
+/// Destination address and port (client -> backend, NAT).
+pub const REWRITE_DST: u8 = 1;
+/// Source address and port (backend -> client, NAT).
+pub const REWRITE_SRC: u8 = 2;
+
+/// How long before its idle timeout an entry stops answering: each
+/// process judges expiry with its own clock (read once per loop or tick),
+/// so near the timeout another switch or the GC may already count the
+/// connection as gone; the full path then decides, as it always did.
+pub const EXPIRY_MARGIN_MS: u32 = 10;
 
 const _: () = assert!(core::mem::size_of::<Entry>() == 64);
 
@@ -573,6 +586,56 @@ mod tests {
         let (v, _) = sw.send(later, 0, &client(false, 40_001, ACK, 1));
         assert_eq!(v, Verdict::Drop);
         assert_eq!(sw.c[Counter::DropTtl as usize], drops + 1);
+    }
+
+    /// The cache answers only while the full path would: not for a reply
+    /// whose reply slot is gone (the GC removes orphans without touching
+    /// the forward slot), nor for an entry within `EXPIRY_MARGIN_MS` of its
+    /// idle timeout (another process's clock may already count it gone).
+    #[test]
+    fn a_vanished_reply_slot_or_a_nearly_idle_entry_takes_the_full_path() {
+        let mut sw = Switch::new("fc-via", DEFAULT_ENTRIES);
+        let now = sw.fx.region.now_ms();
+        sw.send(now, 0, &client(false, 40_002, SYN, 64));
+        let (v, buf) = sw.send(now, 0, &client(false, 40_002, ACK, 64));
+        let (backend, bport) = backend_of(v, &buf).unwrap();
+        let r = reply(false, backend, bport, 40_002, ACK);
+        for _ in 0..2 {
+            assert!(matches!(sw.send(now, 1, &r).0, Verdict::Tx { port: 0, .. }));
+        }
+        assert_eq!(sw.hits(), 1, "the second reply from the cache");
+        // The reply slot goes; the forward slot stays as it was.
+        let ct = sw.fx.region.conntrack();
+        let reply_key = FlowKey {
+            proto: 6,
+            src_ip: u32::from_be_bytes(backend),
+            dst_ip: 0xc612_6401,
+            src_port: bport,
+            dst_port: 40_002,
+        };
+        let hit = ct.lookup(&reply_key).unwrap();
+        assert_ne!(hit.via, hit.idx, "found through its reply slot");
+        let snap = ct.snapshot(hit.via).unwrap();
+        assert!(ct.remove(hit.via, &snap, std::process::id()));
+        assert_eq!(sw.send(now, 1, &r).0, Verdict::Drop);
+        assert_eq!(sw.c[Counter::DropNotOurs as usize], 1);
+        assert_eq!(sw.hits(), 1);
+        // Forward: 900 s established timeout; 5 ms short of it the full
+        // path still forwards, and the cache leaves it to it.
+        let f = client(false, 40_002, ACK, 64);
+        sw.send(now, 0, &f);
+        let hits = sw.hits();
+        let late = now.wrapping_add(900_000 - 5);
+        assert!(matches!(
+            sw.send(late, 0, &f).0,
+            Verdict::Tx { port: 1, .. }
+        ));
+        assert_eq!(sw.hits(), hits, "within the margin: the full path");
+        assert!(matches!(
+            sw.send(late, 0, &f).0,
+            Verdict::Tx { port: 1, .. }
+        ));
+        assert_eq!(sw.hits(), hits + 1, "refreshed: from the cache again");
     }
 
     /// What a test does next.
