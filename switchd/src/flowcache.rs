@@ -322,6 +322,14 @@ mod tests {
             (v, buf)
         }
 
+        /// Opens TCP connection `port` (SYN, then the ACK that ends the
+        /// handshake and fills the cache); returns its backend.
+        fn open(&mut self, now_ms: u32, port: u16) -> ([u8; 4], u16) {
+            self.send(now_ms, 0, &client(false, port, SYN, 64));
+            let (v, buf) = self.send(now_ms, 0, &client(false, port, ACK, 64));
+            backend_of(v, &buf).expect("forwarded to a backend")
+        }
+
         fn hits(&self) -> u64 {
             self.c[Counter::FlowCacheHit as usize]
         }
@@ -542,9 +550,7 @@ mod tests {
     fn a_new_publication_idle_timeout_or_closing_packet_takes_the_full_path() {
         let mut sw = Switch::new("fc-inval", DEFAULT_ENTRIES);
         let now = sw.fx.region.now_ms();
-        sw.send(now, 0, &client(false, 40_001, SYN, 64));
-        let (v, buf) = sw.send(now, 0, &client(false, 40_001, ACK, 64));
-        let (backend, _) = backend_of(v, &buf).unwrap();
+        let (backend, _) = sw.open(now, 40_001);
         sw.send(now, 0, &client(false, 40_001, ACK, 64));
         assert_eq!(sw.hits(), 1, "the handshake's ACK filled the cache");
         // Its backend goes DOWN with policy reset: the next packet is
@@ -596,9 +602,7 @@ mod tests {
     fn a_vanished_reply_slot_or_a_nearly_idle_entry_takes_the_full_path() {
         let mut sw = Switch::new("fc-via", DEFAULT_ENTRIES);
         let now = sw.fx.region.now_ms();
-        sw.send(now, 0, &client(false, 40_002, SYN, 64));
-        let (v, buf) = sw.send(now, 0, &client(false, 40_002, ACK, 64));
-        let (backend, bport) = backend_of(v, &buf).unwrap();
+        let (backend, bport) = sw.open(now, 40_002);
         let r = reply(false, backend, bport, 40_002, ACK);
         for _ in 0..2 {
             assert!(matches!(sw.send(now, 1, &r).0, Verdict::Tx { port: 0, .. }));
