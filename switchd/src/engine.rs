@@ -105,7 +105,8 @@ pub fn run<N: Nic>(
     let burst = settings.burst.clamp(1, 256);
     let mut frames = [Frame { buf: 0, len: 0 }; 256];
     let mut pres = [filter::Pre::default(); 256];
-    let mut port_map: Option<(u64, PortMap)> = None;
+    // The port map of a configuration stamp, and its answer fingerprint.
+    let mut port_map: Option<(u64, PortMap, u64)> = None;
     let mut empty_loops = 0u32;
     let mut nap = MIN_NAP;
     let mut sched = SchedState::new(region.caps().backends as usize);
@@ -145,15 +146,17 @@ pub fn run<N: Nic>(
                 moved += n;
             }
         } else {
-            if port_map.as_ref().is_none_or(|(g, _)| *g != ctok.stamp) {
-                port_map = Some((ctok.stamp, ports(region)?));
-            }
-            let map = &port_map.as_ref().expect("set above").1;
-            let port_mac = |g: u32| map.mac.get(g as usize).copied().flatten();
             let cfg = region.config_view(ctok.slot);
+            if port_map.as_ref().is_none_or(|(g, _, _)| *g != ctok.stamp) {
+                let map = ports(region)?;
+                let answers = filter::answer_fingerprint(&cfg, &map.mac, &map.local);
+                port_map = Some((ctok.stamp, map, answers));
+            }
+            let (_, map, answers) = port_map.as_ref().expect("set above");
+            let port_mac = |g: u32| map.mac.get(g as usize).copied().flatten();
             sched.sync(ctok.stamp);
             hops.sync(rtok.stamp);
-            flows.sync(ctok.stamp, rtok.stamp);
+            flows.sync(*answers, rtok.stamp);
             let mut ctx = Ctx {
                 timeouts: cfg.header.timeouts(),
                 cfg,
@@ -198,6 +201,8 @@ pub fn run<N: Nic>(
         nic.reclaim();
         if !region.end_read(Table::Config, ctok, me) {
             counters[Counter::TornBursts as usize] += 1;
+            // Answers filled from a slot rewritten under them.
+            flows.invalidate();
         }
         region.end_read(Table::Routing, rtok, me);
         counters[Counter::Loops as usize] += 1;

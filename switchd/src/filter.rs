@@ -1149,6 +1149,44 @@ fn cache_answer(
     );
 }
 
+/// A hash of everything in a configuration that an answer of the flow
+/// cache depends on: which addresses are VIPs (a packet's direction), each
+/// backend id's down action, the idle timeouts, and this switch's ports
+/// (global ids and MACs, `port_macs` and `local` as the engine's port map
+/// holds them). A publication that leaves it unchanged (new weights, new
+/// limits, new Maglev tables: what agents, health of other backends and
+/// controlled loading change every second) keeps the cache; routing has its
+/// own stamp. Anything not hashed here must not be read by the path that
+/// fills the cache (`to_vip`/`from_backend` hits through [`egress`]).
+pub fn answer_fingerprint(
+    cfg: &ConfigView<'_>,
+    port_macs: &[Option<[u8; 6]>],
+    local: &[Option<u8>],
+) -> u64 {
+    let mut h = 0u64;
+    let mut mix = |w: u64| h = (h.rotate_left(5) ^ w).wrapping_mul(0x517c_c1b7_2722_0a95);
+    let t = cfg.header.timeouts();
+    mix(u64::from(t.tcp_syn_ms) << 32 | u64::from(t.tcp_established_ms));
+    mix(u64::from(t.tcp_fin_ms) << 32 | u64::from(t.udp_ms));
+    mix(cfg.services().len() as u64);
+    for s in cfg.services() {
+        mix(u64::from(s.vip));
+    }
+    mix(cfg.down_action.len() as u64);
+    for chunk in cfg.down_action.chunks(8) {
+        let mut w = [0u8; 8];
+        w[..chunk.len()].copy_from_slice(chunk);
+        mix(u64::from_le_bytes(w));
+    }
+    for (mac, l) in port_macs.iter().zip(local) {
+        let m = mac.map_or(0, |m| {
+            u64::from_le_bytes([m[0], m[1], m[2], m[3], m[4], m[5], 1, 0])
+        });
+        mix(m ^ u64::from(l.map_or(0xff, u16::from)) << 56);
+    }
+    h
+}
+
 /// What the full path hands [`egress`] to cache its answer for the next
 /// packets of a connection (see [`crate::flowcache`]).
 #[derive(Clone, Copy, Debug)]

@@ -7,9 +7,13 @@
 //! skips the decision and the arithmetic that cannot have changed. An
 //! entry is used only while everything its answer depends on is provably
 //! the same:
-//! - the configuration and routing publications it was computed under
-//!   (the engine [`sync`](FlowCache::sync)s the cache with both stamps
-//!   every loop; a new stamp invalidates every entry at once);
+//! - what it was computed from in the configuration and routing tables:
+//!   the engine [`sync`](FlowCache::sync)s the cache every loop with a
+//!   fingerprint of the configuration's parts an answer depends on
+//!   (`filter::answer_fingerprint`: VIPs, down actions, timeouts, ports)
+//!   and with the routing stamp; a change of either invalidates every
+//!   entry at once, while a publication that only changes weights, limits
+//!   or tables keeps them;
 //! - the connection's slot: its seqlock word must still be the one the
 //!   full path read (the sequence only grows, so an equal word means the
 //!   same entry, not replaced, retired or removed), before and after the
@@ -146,7 +150,8 @@ pub struct FlowCache {
     mask: usize,
     /// Entries filled in another epoch are invalid.
     epoch: u32,
-    /// The configuration and routing stamps of this epoch.
+    /// The configuration's answer fingerprint and the routing stamp of
+    /// this epoch.
     stamps: (u64, u64),
 }
 
@@ -176,12 +181,13 @@ impl FlowCache {
         self.entries.len
     }
 
-    /// Starts a new epoch (every entry invalid) unless the configuration
-    /// and routing stamps are the ones the current epoch was filled under.
+    /// Starts a new epoch (every entry invalid) unless the configuration's
+    /// answer fingerprint (`filter::answer_fingerprint`) and the routing
+    /// stamp are the ones the current epoch was filled under.
     #[inline]
-    pub fn sync(&mut self, config_stamp: u64, routing_stamp: u64) {
-        if self.stamps != (config_stamp, routing_stamp) {
-            self.stamps = (config_stamp, routing_stamp);
+    pub fn sync(&mut self, config_answers: u64, routing_stamp: u64) {
+        if self.stamps != (config_answers, routing_stamp) {
+            self.stamps = (config_answers, routing_stamp);
             self.invalidate();
         }
     }
@@ -272,7 +278,7 @@ impl FlowCache {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::filter::{Pre, Verdict, pre, process_pre};
+    use crate::filter::{Pre, Verdict, answer_fingerprint, pre, process_pre};
     use crate::fixture::{CLIENT_GW_MAC, Fixture, VIP, port_mac};
     use etherparse::PacketBuilder;
     use proptest::prelude::*;
@@ -305,15 +311,18 @@ mod tests {
         }
 
         /// The engine's way with one frame: sync the cache with the
-        /// stamps, the first pass, the second.
+        /// configuration's answer fingerprint (the fixture's two ports) and
+        /// the routing stamp, the first pass, the second.
         fn send(&mut self, now_ms: u32, in_port: u32, frame: &[u8]) -> (Verdict, Vec<u8>) {
             let Switch { fx, c, flows } = self;
-            let (cs, rs) = fx.stamps();
-            flows.sync(cs, rs);
+            let (_, routing) = fx.stamps();
             let mut buf = vec![0u8; 2048];
             buf[..frame.len()].copy_from_slice(frame);
             let mut ctx = fx.ctx(c);
             ctx.now_ms = now_ms;
+            let answers =
+                answer_fingerprint(&ctx.cfg, &[port_mac(0), port_mac(1)], &[Some(0), Some(1)]);
+            flows.sync(answers, routing);
             ctx.flows = core::mem::take(flows);
             let mut p = Pre::default();
             pre(&buf[..frame.len()], &ctx.ct, &ctx.flows, &mut p);
@@ -642,6 +651,33 @@ mod tests {
         assert_eq!(sw.hits(), hits + 1, "refreshed: from the cache again");
     }
 
+    /// A publication that changes nothing an answer depends on (here a
+    /// weight and a limit) keeps the cache; one that makes the VIP another
+    /// address empties it, and the old VIP's packets are no longer ours.
+    #[test]
+    fn only_publications_that_change_answers_empty_the_cache() {
+        let mut sw = Switch::new("fc-fp", DEFAULT_ENTRIES);
+        let now = sw.fx.region.now_ms();
+        sw.open(now, 40_003);
+        let f = client(false, 40_003, ACK, 64);
+        sw.send(now, 0, &f);
+        assert_eq!(sw.hits(), 1);
+        sw.fx.configure(|s| {
+            s.backends[0].weight = 7;
+            s.backends[1].max_conns = 100;
+        });
+        sw.send(now, 0, &f);
+        assert_eq!(sw.hits(), 2, "weights and limits keep the cache");
+        sw.fx.configure(|s| {
+            for svc in &mut s.services[..3] {
+                svc.vip += 1;
+            }
+        });
+        assert_eq!(sw.send(now, 0, &f).0, Verdict::Drop);
+        assert_eq!(sw.c[Counter::DropNotOurs as usize], 1);
+        assert_eq!(sw.hits(), 2, "a VIP change empties it");
+    }
+
     /// What a test does next.
     #[derive(Clone, Debug)]
     enum Op {
@@ -655,6 +691,11 @@ mod tests {
         Down { id: u32, action: u8 },
         /// Every backend up (a new publication).
         Up,
+        /// The services' VIP moves to the next address, or back.
+        MoveVip,
+        /// Established TCP and UDP idle timeouts become short (15 s, 4 s),
+        /// or back.
+        Timeouts,
         /// Time passes.
         Wait { ms: u32 },
     }
@@ -677,6 +718,8 @@ mod tests {
             1 => (0u32..6, prop::sample::select(vec![ON_DOWN_KEEP, ON_DOWN_RESCHEDULE, ON_DOWN_RESET]))
                 .prop_map(|(id, action)| Op::Down { id, action }),
             1 => Just(Op::Up),
+            1 => Just(Op::MoveVip),
+            1 => Just(Op::Timeouts),
             1 => prop::sample::select(vec![1u32, 5_000, 20_000, 70_000, 1_000_000]).prop_map(|ms| Op::Wait { ms }),
         ]
     }
@@ -688,7 +731,8 @@ mod tests {
         /// (of any size, down to one set, so entries evict each other)
         /// sends the same verdicts and bytes, counts the same, and leaves
         /// every connection entry as a switch without one; with the TCP
-        /// service in NAT or in direct-routing mode.
+        /// service in NAT or in direct-routing mode, with the VIP moving
+        /// away and back, and with idle timeouts changing.
         #[test]
         fn a_switch_with_a_cache_behaves_as_one_without(
             ops in prop::collection::vec(op(), 1..80),
@@ -697,13 +741,28 @@ mod tests {
         ) {
             let mut cached = Switch::new("fc-prop-c", entries);
             let mut full = Switch::new("fc-prop-f", 0);
-            let mode = |s: &mut shm_layout::config_slot::ConfigSlotMut<'_>| {
-                if dr {
-                    s.services[0].mode = shm_layout::config_slot::MODE_DR;
+            // The fixture's configuration with the TCP service in DR mode
+            // or not, and the VIP moved to the next address or not.
+            // and the idle timeouts short or not.
+            let edit = |(moved, short): (bool, bool)| {
+                move |s: &mut shm_layout::config_slot::ConfigSlotMut<'_>| {
+                    if dr {
+                        s.services[0].mode = shm_layout::config_slot::MODE_DR;
+                    }
+                    if moved {
+                        for svc in &mut s.services[..3] {
+                            svc.vip += 1;
+                        }
+                    }
+                    if short {
+                        s.header.tcp_established_ms = 15_000;
+                        s.header.udp_ms = 4_000;
+                    }
                 }
             };
-            cached.fx.configure(mode);
-            full.fx.configure(mode);
+            let mut state = (false, false);
+            cached.fx.configure(edit(state));
+            full.fx.configure(edit(state));
             let mut now = cached.fx.region.now_ms();
             let mut backends: [Option<([u8; 4], u16)>; 6] = [None; 6];
             let port = |flow: usize| 41_000 + flow as u16;
@@ -715,13 +774,23 @@ mod tests {
                         None => continue,
                     },
                     Op::Down { id, action } => {
-                        cached.fx.publish(&[(id, action)], mode);
-                        full.fx.publish(&[(id, action)], mode);
+                        cached.fx.publish(&[(id, action)], edit(state));
+                        full.fx.publish(&[(id, action)], edit(state));
                         continue;
                     }
                     Op::Up => {
-                        cached.fx.configure(mode);
-                        full.fx.configure(mode);
+                        cached.fx.configure(edit(state));
+                        full.fx.configure(edit(state));
+                        continue;
+                    }
+                    Op::MoveVip | Op::Timeouts => {
+                        if let Op::MoveVip = op {
+                            state.0 = !state.0;
+                        } else {
+                            state.1 = !state.1;
+                        }
+                        cached.fx.configure(edit(state));
+                        full.fx.configure(edit(state));
                         continue;
                     }
                     Op::Wait { ms } => {
