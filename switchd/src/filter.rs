@@ -1243,8 +1243,13 @@ fn cached(frame: &mut [u8], l4: &L4, ctx: &mut Ctx<'_>) -> Option<Verdict> {
     }
     let slot = ctx.ct.slot(e.idx);
     let lock = e.lock as u64;
+    let via = ctx.ct.slot(e.via);
     if slot.lock.load(Ordering::Acquire) != lock
-        || (e.via != e.idx && ctx.ct.slot(e.via).lock.load(Ordering::Acquire) != e.via_lock as u64)
+        || (e.via != e.idx && via.lock.load(Ordering::Acquire) != e.via_lock as u64)
+        // The slot the key was found in still holds the key's addresses:
+        // guards against a 32-bit sequence coming round to the same value
+        // (2^31 rewrites of one slot within one epoch).
+        || via.words[1].load(Ordering::Relaxed) != e.addrs
     {
         return None;
     }

@@ -678,6 +678,30 @@ mod tests {
         assert_eq!(sw.hits(), 2, "a VIP change empties it");
     }
 
+    /// A slot whose 32-bit sequence came back round to the same value
+    /// while it took another connection (simulated: its addresses change,
+    /// its lock word does not) is not trusted.
+    #[test]
+    fn a_slot_holding_other_addresses_under_the_same_lock_word_is_not_trusted() {
+        let mut sw = Switch::new("fc-wrap", DEFAULT_ENTRIES);
+        let now = sw.fx.region.now_ms();
+        sw.open(now, 40_004);
+        let f = client(false, 40_004, ACK, 64);
+        sw.send(now, 0, &f);
+        assert_eq!(sw.hits(), 1);
+        let ct = sw.fx.region.conntrack();
+        let slot = ct.slot(ct.lookup(&tcp_key(40_004)).unwrap().idx);
+        let ord = core::sync::atomic::Ordering::Relaxed;
+        slot.words[1].store(slot.words[1].load(ord) ^ 1 << 40, ord);
+        sw.send(now, 0, &f);
+        assert_eq!(sw.hits(), 1, "not from the cache");
+        assert_eq!(
+            sw.c[Counter::ConnMidflow as usize],
+            1,
+            "the full path found no entry"
+        );
+    }
+
     /// What a test does next.
     #[derive(Clone, Debug)]
     enum Op {
