@@ -238,6 +238,22 @@ fn busy(set: &CounterSet) -> String {
     rate_of(set, "busy_ns").map_or_else(|| "-".to_string(), |ns| format!("{:.0}%", ns / 1e7))
 }
 
+/// Share of the last interval's connection hits (`fwd_hit` + `reply_hit`)
+/// that the flow cache answered; `-` before two samples or without hits.
+fn cached(set: &CounterSet) -> String {
+    let (Some(c), Some(f), Some(r)) = (
+        rate_of(set, "flow_cache_hit"),
+        rate_of(set, "fwd_hit"),
+        rate_of(set, "reply_hit"),
+    ) else {
+        return "-".to_string();
+    };
+    if f + r <= 0.0 {
+        return "-".to_string();
+    }
+    format!("{:.0}%", 100.0 * c / (f + r))
+}
+
 fn drop_rate(set: &CounterSet) -> Option<f64> {
     set.rates.as_ref().map(|r| {
         r.iter()
@@ -257,6 +273,7 @@ pub fn render_stats(v: &StatsReply) -> String {
         ("CPU", R),
         ("Restarts", R),
         ("Busy", R),
+        ("Cached", R),
         ("Conns", R),
         ("InPkts", R),
         ("OutPkts", R),
@@ -272,6 +289,7 @@ pub fn render_stats(v: &StatsReply) -> String {
     ]);
     let numbers = |set: &CounterSet| {
         vec![
+            cached(set),
             count(set, "conn_new").to_string(),
             count(set, "rx_packets").to_string(),
             count(set, "tx_packets").to_string(),
@@ -473,6 +491,47 @@ mod tests {
         };
         let out = render_stats(&unsampled);
         assert_eq!(col(out.lines().nth(2).unwrap()), "-", "{out}");
+    }
+
+    #[test]
+    fn stats_show_the_share_of_hits_the_flow_cache_answered() {
+        let set = |rates: &[(&str, f64)]| CounterSet {
+            counters: [("fwd_hit".to_string(), 9)].into(),
+            rates: Some(rates.iter().map(|(k, v)| (k.to_string(), *v)).collect()),
+        };
+        let sw = |name: &str, set: CounterSet| SwitchStats {
+            index: 0,
+            name: name.into(),
+            pid: 1,
+            alive: true,
+            state: "running".into(),
+            cpu: 1,
+            restarts: 0,
+            heartbeat_age_ms: Some(1),
+            seen_generation: 1,
+            set,
+        };
+        let hits = [
+            ("flow_cache_hit", 900.0),
+            ("fwd_hit", 600.0),
+            ("reply_hit", 400.0),
+        ];
+        let v = StatsReply {
+            interval_s: Some(1.0),
+            switches: vec![sw("sw0", set(&hits)), sw("sw1", set(&[("fwd_hit", 0.0)]))],
+            total: set(&hits),
+            backends: vec![],
+        };
+        let out = render_stats(&v);
+        let lines: Vec<&str> = out.lines().collect();
+        let col = |line: &str| line.split_whitespace().nth(6).unwrap_or("").to_string();
+        assert_eq!(col(lines[1]), "Cached", "{out}");
+        assert_eq!(col(lines[2]), "90%", "{out}");
+        assert_eq!(col(lines[3]), "-", "no hits, no share: {out}");
+        assert!(
+            lines[4].starts_with("total") && lines[4].contains(" 90% "),
+            "{out}"
+        );
     }
 
     #[test]
