@@ -21,6 +21,8 @@
 //!   writes them under the lock), its TCP state the same, and the
 //!   connection not within [`EXPIRY_MARGIN_MS`] of its idle timeout; for a
 //!   reply, the reply slot the full path found it through unchanged too;
+//!   and the slot the key was found in still holding the key's addresses
+//!   (against a 32-bit sequence coming round within one epoch);
 //! - the packet: no SYN, FIN or RST (those change state or decisions), a
 //!   TTL that survives the decrement, an IPv4 header without options.
 //!
