@@ -1157,7 +1157,7 @@ fn cache_answer(
 /// limits, new Maglev tables: what agents, health of other backends and
 /// controlled loading change every second) keeps the cache; routing has its
 /// own stamp. Anything not hashed here must not be read by the path that
-/// fills the cache (`to_vip`/`from_backend` hits through [`egress`]).
+/// fills the cache (`to_vip`/`from_backend` hits through `egress`).
 pub fn answer_fingerprint(
     cfg: &ConfigView<'_>,
     port_macs: &[Option<[u8; 6]>],
