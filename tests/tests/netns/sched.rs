@@ -216,9 +216,13 @@ fn latency_brings_max_conns_down_to_the_servers_knee_and_every_request_completes
     // see: the server's listen queue overflows past K + 1 in progress and
     // 5 queued (backlog 4), so SYNs drop from about K + 7 on, and AIMD
     // saws between 0.7x and that. Tolerance: every sample of the last
-    // 10 s in [1, 2K], the median at most K + 7, and the limit rising
-    // at least once (additive increase works; it is not pinned at the
-    // floor or at a cut). No lower bound on the median: on a loaded
+    // 10 s in [1, half the configured 64] (it came down and stays down),
+    // the median at most K + 7, and the limit rising at least once
+    // (additive increase works; it is not pinned at the floor or at a
+    // cut). No tighter upper bound on single samples: when the load
+    // generator lulls (the machine is shared), SYN-ACKs stay fast above
+    // the knee and additive increase rightly climbs for a while (a
+    // fresh-clone run once reached 18 with K = 8). No lower bound on the median: on a loaded
     // machine (CI runs tests side by side on two CPUs) SYN-ACKs exceed
     // the target at any concurrency now and then, and each such interval
     // rightly cuts the limit again (a fresh-clone run once sawed around 2).
@@ -227,7 +231,11 @@ fn latency_brings_max_conns_down_to_the_servers_knee_and_every_request_completes
     let median = sorted[sorted.len() / 2];
     let rises = limits.windows(2).filter(|w| w[1] > w[0]).count();
     assert!(
-        median <= K + 7 && rises > 0 && sorted.iter().all(|&l| (1..=2 * K).contains(&l)),
+        median <= K + 7
+            && rises > 0
+            && sorted
+                .iter()
+                .all(|&l| (1..=CONFIGURED_MAX / 2).contains(&l)),
         "median {median}, {rises} rises, samples {limits:?}"
     );
 
