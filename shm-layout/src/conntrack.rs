@@ -325,6 +325,21 @@ impl Snapshot {
 
 const SEQ_MASK: u64 = 0xffff_ffff;
 
+/// Starts loading the cache line holding `value` (into every cache level).
+/// A hint: it never faults and has no other effect.
+#[inline(always)]
+pub fn prefetch<T>(value: &T) {
+    let p = value as *const T as *const i8;
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: a prefetch is a hint with no architectural effect; the
+    // address comes from a reference anyway.
+    unsafe {
+        core::arch::x86_64::_mm_prefetch(p, core::arch::x86_64::_MM_HINT_T0)
+    };
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = p;
+}
+
 #[inline]
 fn busy(lock: u64) -> bool {
     lock & 1 == 1
@@ -373,15 +388,7 @@ impl<'a> ConnTable<'a> {
     /// Never faults.
     #[inline]
     pub fn prefetch(&self, home: usize) {
-        let p = self.slot(home as u32) as *const ConnSlot as *const i8;
-        #[cfg(target_arch = "x86_64")]
-        // SAFETY: a prefetch is a hint with no architectural effect; the
-        // address is a valid slot in the mapping anyway.
-        unsafe {
-            core::arch::x86_64::_mm_prefetch(p, core::arch::x86_64::_MM_HINT_T0)
-        };
-        #[cfg(not(target_arch = "x86_64"))]
-        let _ = p;
+        prefetch(self.slot(home as u32));
     }
 
     /// Seqlock snapshot of a slot; `None` if a writer holds it.

@@ -219,19 +219,7 @@ impl FlowCache {
     #[inline(always)]
     pub fn prefetch(&self, home: u32) {
         if let Some(set) = self.set(home) {
-            for e in set {
-                #[cfg(target_arch = "x86_64")]
-                // SAFETY: a prefetch is a hint with no architectural effect,
-                // of an address inside `entries` anyway.
-                unsafe {
-                    core::arch::x86_64::_mm_prefetch(
-                        e as *const Entry as *const i8,
-                        core::arch::x86_64::_MM_HINT_T0,
-                    )
-                };
-                #[cfg(not(target_arch = "x86_64"))]
-                let _ = e;
-            }
+            set.iter().for_each(shm_layout::conntrack::prefetch);
         }
     }
 
@@ -339,6 +327,17 @@ mod tests {
             self.send(now_ms, 0, &client(false, port, SYN, 64));
             let (v, buf) = self.send(now_ms, 0, &client(false, port, ACK, 64));
             backend_of(v, &buf).expect("forwarded to a backend")
+        }
+
+        /// Opens TCP connection `port` and sends one data packet, which
+        /// the cache answers; returns that packet.
+        fn open_cached(&mut self, now_ms: u32, port: u16) -> Vec<u8> {
+            self.open(now_ms, port);
+            let hits = self.hits();
+            let f = client(false, port, ACK, 64);
+            self.send(now_ms, 0, &f);
+            assert_eq!(self.hits(), hits + 1, "answered from the cache");
+            f
         }
 
         fn hits(&self) -> u64 {
@@ -660,10 +659,7 @@ mod tests {
     fn only_publications_that_change_answers_empty_the_cache() {
         let mut sw = Switch::new("fc-fp", DEFAULT_ENTRIES);
         let now = sw.fx.region.now_ms();
-        sw.open(now, 40_003);
-        let f = client(false, 40_003, ACK, 64);
-        sw.send(now, 0, &f);
-        assert_eq!(sw.hits(), 1);
+        let f = sw.open_cached(now, 40_003);
         sw.fx.configure(|s| {
             s.backends[0].weight = 7;
             s.backends[1].max_conns = 100;
@@ -687,10 +683,7 @@ mod tests {
     fn a_slot_holding_other_addresses_under_the_same_lock_word_is_not_trusted() {
         let mut sw = Switch::new("fc-wrap", DEFAULT_ENTRIES);
         let now = sw.fx.region.now_ms();
-        sw.open(now, 40_004);
-        let f = client(false, 40_004, ACK, 64);
-        sw.send(now, 0, &f);
-        assert_eq!(sw.hits(), 1);
+        let f = sw.open_cached(now, 40_004);
         let ct = sw.fx.region.conntrack();
         let slot = ct.slot(ct.lookup(&tcp_key(40_004)).unwrap().idx);
         let ord = core::sync::atomic::Ordering::Relaxed;

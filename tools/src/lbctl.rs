@@ -453,13 +453,9 @@ mod tests {
 
     use super::*;
 
-    #[test]
-    fn stats_show_each_switch_busy_share_of_the_interval() {
-        let set = |busy_ns_per_s: Option<f64>| CounterSet {
-            counters: [("busy_ns".to_string(), 5), ("rx_packets".to_string(), 7)].into(),
-            rates: busy_ns_per_s.map(|r| [("busy_ns".to_string(), r)].into()),
-        };
-        let sw = |name: &str, r| SwitchStats {
+    /// A running switch's stats row with counters `set`.
+    fn running_switch(name: &str, set: CounterSet) -> SwitchStats {
+        SwitchStats {
             index: 0,
             name: name.into(),
             pid: 1,
@@ -469,8 +465,17 @@ mod tests {
             restarts: 0,
             heartbeat_age_ms: Some(1),
             seen_generation: 1,
-            set: set(r),
+            set,
+        }
+    }
+
+    #[test]
+    fn stats_show_each_switch_busy_share_of_the_interval() {
+        let set = |busy_ns_per_s: Option<f64>| CounterSet {
+            counters: [("busy_ns".to_string(), 5), ("rx_packets".to_string(), 7)].into(),
+            rates: busy_ns_per_s.map(|r| [("busy_ns".to_string(), r)].into()),
         };
+        let sw = |name: &str, r| running_switch(name, set(r));
         let v = StatsReply {
             interval_s: Some(1.0),
             switches: vec![sw("sw0", Some(375_000_000.0)), sw("sw1", Some(0.0))],
@@ -499,18 +504,7 @@ mod tests {
             counters: [("fwd_hit".to_string(), 9)].into(),
             rates: Some(rates.iter().map(|(k, v)| (k.to_string(), *v)).collect()),
         };
-        let sw = |name: &str, set: CounterSet| SwitchStats {
-            index: 0,
-            name: name.into(),
-            pid: 1,
-            alive: true,
-            state: "running".into(),
-            cpu: 1,
-            restarts: 0,
-            heartbeat_age_ms: Some(1),
-            seen_generation: 1,
-            set,
-        };
+        let sw = running_switch;
         let hits = [
             ("flow_cache_hit", 900.0),
             ("fwd_hit", 600.0),
