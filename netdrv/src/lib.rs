@@ -26,6 +26,18 @@ pub trait Nic {
     /// Queues a host-owned frame for transmission on `port`; `Err(f)` when the
     /// TX ring is full (the caller then frees it).
     fn tx(&mut self, port: usize, f: Frame) -> Result<(), Frame>;
+    /// Queues host-owned frames for transmission on `port`, in order, and
+    /// returns how many it took: a prefix of `frames`, shorter when the TX
+    /// ring fills (the caller then frees the rest).
+    #[inline]
+    fn tx_burst(&mut self, port: usize, frames: &[Frame]) -> usize {
+        for (n, f) in frames.iter().enumerate() {
+            if self.tx(port, *f).is_err() {
+                return n;
+            }
+        }
+        frames.len()
+    }
     /// Transmits a copy of `bytes` (a frame the host kept outside the
     /// NIC's buffers) on `port`; false, sending nothing, when no buffer or
     /// TX slot is free or the frame does not fit one.

@@ -609,27 +609,44 @@ impl Nic for VnicHost {
 
     #[inline]
     fn tx(&mut self, port: usize, f: Frame) -> Result<(), Frame> {
-        let i = self.tx_next[port];
-        // SAFETY: the host's TX ring of `port` (see `desc_at`).
-        let d = unsafe { desc_at(self.rings[port].1, self.mask, i) };
-        let meta = d.meta.load(Ordering::Acquire);
-        if meta & OWN_NIC != 0 {
-            return Err(f);
+        if self.tx_burst(port, &[f]) == 1 {
+            Ok(())
+        } else {
+            Err(f)
         }
-        let old = d.buf.load(Ordering::Relaxed);
-        d.buf.store(f.buf, Ordering::Relaxed);
-        d.meta.store(OWN_NIC | f.len as u32, Ordering::Release);
-        if old != NONE {
-            // Completed but not reclaimed yet: take it back now.
-            self.free.push(old);
+    }
+
+    #[inline]
+    fn tx_burst(&mut self, port: usize, frames: &[Frame]) -> usize {
+        // Locals, not fields (see `desc_at`).
+        let ring = self.rings[port].1;
+        let mask = self.mask;
+        let free = &mut self.free;
+        let (mut next, mut clean) = (self.tx_next[port], self.tx_clean[port]);
+        let mut n = 0;
+        for f in frames {
+            // SAFETY: the host's TX ring of `port` (see `desc_at`).
+            let d = unsafe { desc_at(ring, mask, next) };
+            if d.meta.load(Ordering::Acquire) & OWN_NIC != 0 {
+                break;
+            }
+            let old = d.buf.load(Ordering::Relaxed);
+            d.buf.store(f.buf, Ordering::Relaxed);
+            d.meta.store(OWN_NIC | f.len as u32, Ordering::Release);
+            if old != NONE {
+                // Completed but not reclaimed yet: take it back now.
+                free.push(old);
+            }
+            // Slots clean..=next are now pending reclaim; keep that run
+            // within one ring (the slot just reused was its oldest member).
+            if next.wrapping_sub(clean) > mask {
+                clean = clean.wrapping_add(1);
+            }
+            next = next.wrapping_add(1);
+            n += 1;
         }
-        // Slots tx_clean..=i are now pending reclaim; keep that run within
-        // one ring (the slot just reused was its oldest member).
-        if i.wrapping_sub(self.tx_clean[port]) > self.mask {
-            self.tx_clean[port] = self.tx_clean[port].wrapping_add(1);
-        }
-        self.tx_next[port] = i.wrapping_add(1);
-        Ok(())
+        (self.tx_next[port], self.tx_clean[port]) = (next, clean);
+        n
     }
 
     fn tx_copy(&mut self, port: usize, bytes: &[u8]) -> bool {
@@ -905,6 +922,31 @@ mod tests {
         assert_eq!(host.rx_burst(0, &mut out[..1]), 1);
         assert_eq!(host.tx(1, out[0]), Err(out[0]), "TX ring full");
         host.free(out[0]);
+        host.audit().unwrap();
+    }
+
+    #[test]
+    fn a_burst_transmit_takes_what_fits_in_order() {
+        let t = make("txburst", 64);
+        let mut wire = VnicWire::attach(&t.0).unwrap();
+        let mut host = VnicHost::attach(&t.0).unwrap();
+        let mut out = [Frame { buf: 0, len: 0 }; 64];
+        // 40 frames out, then a burst of 40 more into the 24 free slots.
+        for round in 0..2u32 {
+            for s in 0..40 {
+                assert!(wire.inject(0, &frame(round * 40 + s)));
+            }
+            assert_eq!(host.rx_burst(0, &mut out[..40]), 40);
+            let took = host.tx_burst(1, &out[..40]);
+            assert_eq!(took, if round == 0 { 40 } else { 24 });
+            for f in &out[took..40] {
+                host.free(*f);
+            }
+        }
+        let mut got = Vec::new();
+        assert_eq!(wire.collect(1, 100, |f| got.push(f.to_vec())), 64);
+        let want: Vec<_> = (0..64).map(frame).collect();
+        assert_eq!(got, want, "the prefix that fitted, in order");
         host.audit().unwrap();
     }
 

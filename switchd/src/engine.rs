@@ -114,6 +114,7 @@ pub fn run<N: Nic>(
     let mut flows = FlowCache::new(settings.flow_cache)?;
     let mut icmp = IcmpBudget::new(mono_ns());
     let mut synq = SynQueue::new(settings.syn_queue);
+    let mut tx = TxBatch::new(nic.port_count(), burst);
 
     me.pid.store(pid, Ordering::Relaxed);
     me.started_ns.store(mono_ns(), Ordering::Relaxed);
@@ -187,6 +188,7 @@ pub fn run<N: Nic>(
                     map,
                     &port_mac,
                     &mut synq,
+                    &mut tx,
                     &mut ctx,
                 );
             }
@@ -243,53 +245,96 @@ fn burst_in<N: Nic>(
     map: &PortMap,
     port_mac: &impl Fn(u32) -> Option<[u8; 6]>,
     synq: &mut SynQueue,
+    tx: &mut TxBatch,
     ctx: &mut Ctx<'_>,
 ) {
-    let mut tx_dirty = [false; MAX_PORTS];
     // First pass: parse the burst and start its connection-slot
     // loads, so the second pass finds them in cache.
+    let mut rx_bytes = 0u64;
     for (f, p) in frames.iter().zip(pres.iter_mut()) {
+        rx_bytes += f.len as u64;
         let len = (f.len as usize).min(nic.frame_capacity());
         filter::pre(&nic.buf_mut(*f)[..len], &ctx.ct, &ctx.flows, p);
     }
     ctx.counters[Counter::RxPackets as usize] += frames.len() as u64;
+    ctx.counters[Counter::RxBytes as usize] += rx_bytes;
     for (f, pre) in frames.iter().zip(pres.iter()) {
-        ctx.counters[Counter::RxBytes as usize] += f.len as u64;
         let buf = nic.buf_mut(*f);
         let mut verdict = filter::process_pre(buf, f.len as usize, pre, in_port, &port_mac, ctx);
         if let Verdict::Hold { timeout_ms } = verdict {
             verdict = hold(synq, buf, f.len as usize, in_port, timeout_ms, ctx);
         }
         match verdict {
-            Verdict::Tx { port, len } => {
-                let Some(out) = map.local.get(port as usize).copied().flatten() else {
+            Verdict::Tx { port, len } => match map.local.get(port as usize).copied().flatten() {
+                Some(out) => tx.queue(
+                    out,
+                    Frame {
+                        buf: f.buf,
+                        len: len as u16,
+                    },
+                ),
+                None => {
                     ctx.counters[Counter::DropEgressPort as usize] += 1;
                     nic.free(*f);
-                    continue;
-                };
-                let out_frame = Frame {
-                    buf: f.buf,
-                    len: len as u16,
-                };
-                match nic.tx(out as usize, out_frame) {
-                    Ok(()) => {
-                        ctx.counters[Counter::TxPackets as usize] += 1;
-                        ctx.counters[Counter::TxBytes as usize] += len as u64;
-                        tx_dirty[out as usize] = true;
-                    }
-                    Err(back) => {
-                        ctx.counters[Counter::DropTxFull as usize] += 1;
-                        nic.free(back);
-                    }
                 }
-            }
+            },
             // Held: the queue kept a copy.
             Verdict::Drop | Verdict::Hold { .. } => nic.free(*f),
         }
     }
-    for (p, dirty) in tx_dirty.iter().enumerate() {
-        if *dirty {
-            nic.flush(p);
+    tx.send(nic, ctx.counters);
+}
+
+/// The frames of a burst on their way out, per local port in arrival
+/// order: each port's share goes to its ring in one [`Nic::tx_burst`].
+#[derive(Debug)]
+pub struct TxBatch {
+    ports: Vec<Vec<Frame>>,
+    /// Bit `p`: port `p` has frames queued.
+    dirty: u32,
+    /// Bytes of the frames queued.
+    bytes: u64,
+}
+
+impl TxBatch {
+    /// A batch for `ports` local ports and bursts of up to `burst` frames.
+    pub fn new(ports: usize, burst: usize) -> Self {
+        debug_assert!(ports <= MAX_PORTS && MAX_PORTS <= 32);
+        Self {
+            ports: (0..ports).map(|_| Vec::with_capacity(burst)).collect(),
+            dirty: 0,
+            bytes: 0,
+        }
+    }
+
+    #[inline]
+    fn queue(&mut self, port: u8, f: Frame) {
+        if let Some(q) = self.ports.get_mut(port as usize) {
+            q.push(f);
+            self.dirty |= 1 << port;
+            self.bytes += f.len as u64;
+        }
+    }
+
+    /// Transmits and flushes every queued frame, counting what went out
+    /// and freeing (counted as `drop_tx_full`) what its ring had no room for.
+    fn send<N: Nic>(&mut self, nic: &mut N, counters: &mut [u64; N_COUNTERS]) {
+        counters[Counter::TxBytes as usize] += core::mem::take(&mut self.bytes);
+        while self.dirty != 0 {
+            let port = self.dirty.trailing_zeros() as usize;
+            self.dirty &= self.dirty - 1;
+            let q = &mut self.ports[port];
+            let sent = nic.tx_burst(port, q);
+            counters[Counter::TxPackets as usize] += sent as u64;
+            counters[Counter::DropTxFull as usize] += (q.len() - sent) as u64;
+            for f in &q[sent..] {
+                counters[Counter::TxBytes as usize] -= f.len as u64;
+                nic.free(*f);
+            }
+            q.clear();
+            if sent > 0 {
+                nic.flush(port);
+            }
         }
     }
 }
@@ -377,16 +422,13 @@ fn null_forward<N: Nic>(
     for local in 0..ports {
         let n = nic.rx_burst(local, frames);
         let out = (local + 1) % ports;
-        for f in &frames[..n] {
-            match nic.tx(out, *f) {
-                Ok(()) => counters[Counter::TxPackets as usize] += 1,
-                Err(back) => {
-                    counters[Counter::DropTxFull as usize] += 1;
-                    nic.free(back);
-                }
-            }
+        let sent = nic.tx_burst(out, &frames[..n]);
+        counters[Counter::TxPackets as usize] += sent as u64;
+        counters[Counter::DropTxFull as usize] += (n - sent) as u64;
+        for f in &frames[sent..n] {
+            nic.free(*f);
         }
-        if n > 0 {
+        if sent > 0 {
             nic.flush(out);
         }
         counters[Counter::RxPackets as usize] += n as u64;

@@ -168,7 +168,7 @@ pub struct Pre(Option<L4>);
 /// again. Writes its facts into `out` (the engine's per-burst array), or
 /// nothing for frames it leaves to [`process`]; reads only what it
 /// bounds-checks.
-#[inline]
+#[inline(always)]
 pub fn pre(frame: &[u8], ct: &ConnTable<'_>, flows: &FlowCache, out: &mut Pre) {
     out.0 = None;
     if frame.get(12..14) != Some(&[0x08, 0x00]) {
