@@ -126,12 +126,26 @@ impl FlowKey {
     /// crafted collisions).
     #[inline]
     pub fn hash(&self, seed: u64) -> u64 {
-        let a = ((self.src_ip as u64) << 32) | self.dst_ip as u64;
-        let b = ((self.src_port as u64) << 32) | ((self.dst_port as u64) << 16) | self.proto as u64;
-        let mut h = (a ^ seed).wrapping_mul(0x9e37_79b9_7f4a_7c15);
-        h = (h ^ b ^ (h >> 29)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        h ^ (h >> 32)
+        hash_words(self.words(), seed)
     }
+
+    /// The key as the hash mixes it: both addresses, then both ports and
+    /// the protocol. (A switch's flow cache keys its entries by these too.)
+    #[inline(always)]
+    pub fn words(&self) -> (u64, u64) {
+        (
+            ((self.src_ip as u64) << 32) | self.dst_ip as u64,
+            ((self.src_port as u64) << 32) | ((self.dst_port as u64) << 16) | self.proto as u64,
+        )
+    }
+}
+
+/// [`FlowKey::hash`] of a key's [`words`](FlowKey::words).
+#[inline(always)]
+pub fn hash_words((a, b): (u64, u64), seed: u64) -> u64 {
+    let mut h = (a ^ seed).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    h = (h ^ b ^ (h >> 29)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    h ^ (h >> 32)
 }
 
 /// A connection entry as decoded from its forward slot.
@@ -380,7 +394,13 @@ impl<'a> ConnTable<'a> {
     /// The slot where `key`'s probe sequence starts.
     #[inline]
     pub fn home(&self, key: &FlowKey) -> usize {
-        key.hash(self.seed) as usize & self.mask
+        self.home_of(key.words())
+    }
+
+    /// [`home`](Self::home) of a key's [`FlowKey::words`].
+    #[inline]
+    pub fn home_of(&self, words: (u64, u64)) -> usize {
+        hash_words(words, self.seed) as usize & self.mask
     }
 
     /// Starts loading slot `home` (a key's [`home`](Self::home)) into the

@@ -81,6 +81,10 @@ impl PortMap {
 }
 
 const SPINS_BEFORE_SLEEP: u32 = 256;
+/// How stale a busy switch's published counters may get (a reader sees
+/// them within this; storing all of them every loop cost ~80 instructions
+/// a loop).
+const PUBLISH_EVERY_NS: u64 = 100_000;
 const MIN_NAP: Duration = Duration::from_micros(10);
 const MAX_NAP: Duration = Duration::from_micros(500);
 
@@ -95,9 +99,6 @@ pub fn run<N: Nic>(
     let me: &SwitchSlot = &region.switch_slots()[settings.switch_index];
     let pid = std::process::id();
     let epoch = region.header().created_ns;
-    let backends = region.backend_counters();
-    let ct = region.conntrack();
-    let events = region.ring(settings.switch_index);
     let mut counters = [0u64; N_COUNTERS];
     for (c, w) in counters.iter_mut().zip(&me.counters) {
         *c = w.load(Ordering::Relaxed);
@@ -109,12 +110,29 @@ pub fn run<N: Nic>(
     let mut port_map: Option<(u64, PortMap, u64)> = None;
     let mut empty_loops = 0u32;
     let mut nap = MIN_NAP;
-    let mut sched = SchedState::new(region.caps().backends as usize);
-    let mut hops = HopCache::default();
-    let mut flows = FlowCache::new(settings.flow_cache)?;
     let mut icmp = IcmpBudget::new(mono_ns());
     let mut synq = SynQueue::new(settings.syn_queue);
     let mut tx = TxBatch::new(nic.port_count(), burst);
+    // The views of both A/B slots: fixed places in the region, built once.
+    let cfg_views = [region.config_view(0), region.config_view(1)];
+    let rt_views = [region.routing_view(0), region.routing_view(1)];
+    // The filter's context lives as long as the loop; each loop sets what
+    // changes (the slots read, the time, the ICMP budget).
+    let mut ctx = Ctx {
+        timeouts: cfg_views[0].header.timeouts(),
+        cfg: cfg_views[0],
+        rt: rt_views[0],
+        ct: region.conntrack(),
+        backends: region.backend_counters(),
+        events: Some(region.ring(settings.switch_index)),
+        now_ms: 0,
+        pid,
+        counters: &mut counters,
+        sched: SchedState::new(region.caps().backends as usize),
+        hops: HopCache::default(),
+        flows: FlowCache::new(settings.flow_cache)?,
+        icmp_tokens: 0,
+    };
 
     me.pid.store(pid, Ordering::Relaxed);
     me.started_ns.store(mono_ns(), Ordering::Relaxed);
@@ -124,10 +142,12 @@ pub fn run<N: Nic>(
     // When the previous loop began, and whether it moved frames (its
     // whole length then counts as busy time).
     let (mut prev_start, mut prev_moved) = (mono_ns(), false);
+    // When the counters were last published, and whether frames moved since.
+    let (mut published_ns, mut unpublished) = (0u64, false);
     while !stop.load(Ordering::Relaxed) {
         let now = mono_ns();
         if prev_moved {
-            counters[Counter::BusyNs as usize] += now.saturating_sub(prev_start);
+            ctx.counters[Counter::BusyNs as usize] += now.saturating_sub(prev_start);
         }
         me.heartbeat_ns.store(now, Ordering::Relaxed);
         let ctok = region.begin_read(Table::Config);
@@ -135,7 +155,7 @@ pub fn run<N: Nic>(
         let mut moved = 0usize;
 
         if settings.null {
-            moved += null_forward(nic, &mut frames[..burst], &mut counters);
+            moved += null_forward(nic, &mut frames[..burst], ctx.counters);
         } else if ctok.stamp == 0 {
             // Nothing published yet: receive and drop, so rings keep moving.
             for local in 0..nic.port_count() {
@@ -143,36 +163,25 @@ pub fn run<N: Nic>(
                 for f in &frames[..n] {
                     nic.free(*f);
                 }
-                counters[Counter::DropNoConfig as usize] += n as u64;
+                ctx.counters[Counter::DropNoConfig as usize] += n as u64;
                 moved += n;
             }
         } else {
-            let cfg = region.config_view(ctok.slot);
+            ctx.cfg = cfg_views[ctok.slot];
+            ctx.rt = rt_views[rtok.slot];
             if port_map.as_ref().is_none_or(|(g, _, _)| *g != ctok.stamp) {
                 let map = ports(region)?;
-                let answers = filter::answer_fingerprint(&cfg, &map.mac, &map.local);
+                let answers = filter::answer_fingerprint(&ctx.cfg, &map.mac, &map.local);
                 port_map = Some((ctok.stamp, map, answers));
             }
             let (_, map, answers) = port_map.as_ref().expect("set above");
             let port_mac = |g: u32| map.mac.get(g as usize).copied().flatten();
-            sched.sync(ctok.stamp);
-            hops.sync(rtok.stamp);
-            flows.sync(*answers, rtok.stamp);
-            let mut ctx = Ctx {
-                timeouts: cfg.header.timeouts(),
-                cfg,
-                rt: region.routing_view(rtok.slot),
-                ct,
-                backends,
-                events: Some(events),
-                now_ms: ms_since(epoch, now),
-                pid,
-                counters: &mut counters,
-                hops: core::mem::take(&mut hops),
-                flows: core::mem::take(&mut flows),
-                sched: core::mem::take(&mut sched),
-                icmp_tokens: icmp.take(now),
-            };
+            ctx.sched.sync(ctok.stamp);
+            ctx.hops.sync(rtok.stamp);
+            ctx.flows.sync(*answers, rtok.stamp);
+            ctx.timeouts = ctx.cfg.header.timeouts();
+            ctx.now_ms = ms_since(epoch, now);
+            ctx.icmp_tokens = icmp.take(now);
             for local in 0..nic.port_count() {
                 let n = nic.rx_burst(local, &mut frames[..burst]);
                 if n == 0 {
@@ -195,26 +204,24 @@ pub fn run<N: Nic>(
             if !synq.is_empty() {
                 retry_held(nic, &mut synq, map, &port_mac, &mut ctx);
             }
-            sched = core::mem::take(&mut ctx.sched);
-            hops = core::mem::take(&mut ctx.hops);
-            flows = core::mem::take(&mut ctx.flows);
-            icmp.put_back(ctx.icmp_tokens);
+            icmp.put_back(core::mem::take(&mut ctx.icmp_tokens));
         }
         nic.reclaim();
         if !region.end_read(Table::Config, ctok, me) {
-            counters[Counter::TornBursts as usize] += 1;
+            ctx.counters[Counter::TornBursts as usize] += 1;
             // Answers filled from a slot rewritten under them.
-            flows.invalidate();
+            ctx.flows.invalidate();
         }
         region.end_read(Table::Routing, rtok, me);
-        counters[Counter::Loops as usize] += 1;
+        ctx.counters[Counter::Loops as usize] += 1;
         (prev_start, prev_moved) = (now, moved > 0);
 
         if moved == 0 && settings.idle == Idle::Adaptive {
             empty_loops += 1;
             if empty_loops > SPINS_BEFORE_SLEEP {
-                counters[Counter::IdleSleeps as usize] += 1;
-                publish_counters(me, &counters);
+                ctx.counters[Counter::IdleSleeps as usize] += 1;
+                publish_counters(me, ctx.counters);
+                (published_ns, unpublished) = (now, false);
                 nic.idle_wait(nap);
                 nap = (nap * 2).min(MAX_NAP);
                 continue;
@@ -223,10 +230,17 @@ pub fn run<N: Nic>(
             empty_loops = 0;
             nap = MIN_NAP;
         }
-        if moved > 0 || counters[Counter::Loops as usize] % 64 == 0 {
-            publish_counters(me, &counters);
+        // Counters go out at most every PUBLISH_EVERY_NS while frames
+        // keep coming, at once when they stop, and every 64th idle loop.
+        unpublished |= moved > 0;
+        if (unpublished && (moved == 0 || now.saturating_sub(published_ns) >= PUBLISH_EVERY_NS))
+            || ctx.counters[Counter::Loops as usize] % 64 == 0
+        {
+            publish_counters(me, ctx.counters);
+            (published_ns, unpublished) = (now, false);
         }
     }
+    drop(ctx);
     publish_counters(me, &counters);
     Ok(())
 }

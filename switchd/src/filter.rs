@@ -143,6 +143,9 @@ struct L4 {
     /// The connection table's home slot for `key` (filled in once the
     /// frame is known to be TCP/UDP over IPv4).
     home: u32,
+    /// `key` as the table's hash mixes it ([`FlowKey::words`]); the flow
+    /// cache's key too.
+    words: (u64, u64),
 }
 
 impl L4 {
@@ -177,7 +180,7 @@ pub fn pre(frame: &[u8], ct: &ConnTable<'_>, flows: &FlowCache, out: &mut Pre) {
     let Some(mut l4) = parse_ip_common(frame) else {
         return;
     };
-    let home = ct.home(&l4.key);
+    let home = ct.home_of(l4.words);
     ct.prefetch(home);
     flows.prefetch(home as u32);
     l4.home = home as u32;
@@ -243,7 +246,7 @@ pub fn process(
         Ok(l4) => l4,
         Err(v) => return v,
     };
-    l4.home = ctx.ct.home(&l4.key) as u32;
+    l4.home = ctx.ct.home_of(l4.words) as u32;
     route_ip(frame, &l4, in_port, port_mac, ctx)
 }
 
@@ -323,14 +326,16 @@ fn parse_ip_common(frame: &[u8]) -> Option<L4> {
         }
         _ => return None,
     };
+    let key = FlowKey {
+        proto,
+        src_ip: u32::from_be_bytes([f[26], f[27], f[28], f[29]]),
+        dst_ip: u32::from_be_bytes([f[30], f[31], f[32], f[33]]),
+        src_port: be16(L4_OFF),
+        dst_port: be16(L4_OFF + 2),
+    };
     Some(L4 {
-        key: FlowKey {
-            proto,
-            src_ip: u32::from_be_bytes([f[26], f[27], f[28], f[29]]),
-            dst_ip: u32::from_be_bytes([f[30], f[31], f[32], f[33]]),
-            src_port: be16(L4_OFF),
-            dst_port: be16(L4_OFF + 2),
-        },
+        key,
+        words: key.words(),
         flags,
         l4_off: L4_OFF as u8,
         frame_len: (ETH + total) as u16,
@@ -382,14 +387,16 @@ fn parse_ip_any(frame: &[u8], ctx: &mut Ctx<'_>) -> Result<L4, Verdict> {
         },
         _ => return Err(ctx.drop(Counter::DropNotOurs)),
     };
+    let key = FlowKey {
+        proto,
+        src_ip: u32::from_be_bytes([h[12], h[13], h[14], h[15]]),
+        dst_ip: u32::from_be_bytes([h[16], h[17], h[18], h[19]]),
+        src_port,
+        dst_port,
+    };
     Ok(L4 {
-        key: FlowKey {
-            proto,
-            src_ip: u32::from_be_bytes([h[12], h[13], h[14], h[15]]),
-            dst_ip: u32::from_be_bytes([h[16], h[17], h[18], h[19]]),
-            src_port,
-            dst_port,
-        },
+        key,
+        words: key.words(),
         flags,
         l4_off: l4_off as u8,
         frame_len: (ETH + total) as u16,
@@ -1121,9 +1128,7 @@ fn cache_answer(
     [dst, src]: [[u8; 6]; 2],
     ctx: &mut Ctx<'_>,
 ) {
-    let k = &l4.key;
-    let (addrs, ports_proto) =
-        flowcache::key_words(k.src_ip, k.dst_ip, k.src_port, k.dst_port, k.proto);
+    let (addrs, ports_proto) = l4.words;
     let mut macs = [0u8; 12];
     macs[..6].copy_from_slice(&dst);
     macs[6..].copy_from_slice(&src);
@@ -1137,11 +1142,11 @@ fn cache_answer(
             via_lock: fill.via_lock,
             via: fill.via,
             epoch: 0,
-            new_addr: rw.new_addr,
-            timeout_ms: ctx.timeouts.for_state(k.proto, fill.state),
-            new_port: rw.new_port,
-            d_ip: checksum::fold(rw.d_ip),
-            d_l4: checksum::fold(rw.d_l4),
+            new_addr: rw.new_addr.to_be_bytes(),
+            timeout_ms: ctx.timeouts.for_state(l4.key.proto, fill.state),
+            new_port: rw.new_port.to_be_bytes(),
+            d_ip: checksum::to_ne(checksum::fold(rw.d_ip)),
+            d_l4: checksum::to_ne(checksum::fold(rw.d_l4)),
             macs,
             port: port as u8,
             kind: fill.state as u8 | rw.kind << 4,
@@ -1235,9 +1240,7 @@ impl Fill {
 fn cached(frame: &mut [u8], l4: &L4, ctx: &mut Ctx<'_>) -> Option<Verdict> {
     const ETH: usize = wire::ETHERNET_HEADER_LEN;
     let k = &l4.key;
-    let (addrs, ports_proto) =
-        flowcache::key_words(k.src_ip, k.dst_ip, k.src_port, k.dst_port, k.proto);
-    let e = ctx.flows.get(l4.home, addrs, ports_proto)?;
+    let e = ctx.flows.get(l4.home, l4.words.0, l4.words.1)?;
     if l4.flags & (tcp::SYN | tcp::FIN | tcp::RST) != 0 || l4.l4_off as usize != ETH + 20 {
         return None;
     }
@@ -1287,9 +1290,10 @@ fn cached(frame: &mut [u8], l4: &L4, ctx: &mut Ctx<'_>) -> Option<Verdict> {
         slot.bytes.load(Ordering::Relaxed) + l4.ip_len as u64,
         Ordering::Relaxed,
     );
+    // Checksums adjusted in the machine's byte order (see `Entry::d_ip`).
     ip[8] = ttl - 1;
-    let c = checksum::adjust(u16::from_be_bytes([ip[10], ip[11]]), e.d_ip as u64);
-    ip[10..12].copy_from_slice(&c.to_be_bytes());
+    let c = checksum::adjust_ne(u16::from_ne_bytes([ip[10], ip[11]]), e.d_ip);
+    ip[10..12].copy_from_slice(&c.to_ne_bytes());
     let rewrite = e.kind >> 4;
     if rewrite != flowcache::REWRITE_NONE {
         let (at, pat) = if rewrite == flowcache::REWRITE_DST {
@@ -1297,16 +1301,16 @@ fn cached(frame: &mut [u8], l4: &L4, ctx: &mut Ctx<'_>) -> Option<Verdict> {
         } else {
             (12, 0)
         };
-        ip[at..at + 4].copy_from_slice(&e.new_addr.to_be_bytes());
-        l4h[pat..pat + 2].copy_from_slice(&e.new_port.to_be_bytes());
-        let old = u16::from_be_bytes([l4h[csum_at], l4h[csum_at + 1]]);
+        ip[at..at + 4].copy_from_slice(&e.new_addr);
+        l4h[pat..pat + 2].copy_from_slice(&e.new_port);
+        let old = u16::from_ne_bytes([l4h[csum_at], l4h[csum_at + 1]]);
         // UDP without checksum stays without; a computed 0 is sent as 0xffff.
         if k.proto == PROTO_TCP || old != 0 {
-            let c = match checksum::adjust(old, e.d_l4 as u64) {
+            let c = match checksum::adjust_ne(old, e.d_l4) {
                 0 if k.proto != PROTO_TCP => 0xffff,
                 c => c,
             };
-            l4h[csum_at..csum_at + 2].copy_from_slice(&c.to_be_bytes());
+            l4h[csum_at..csum_at + 2].copy_from_slice(&c.to_ne_bytes());
         }
     }
     eth[..12].copy_from_slice(&e.macs);

@@ -46,8 +46,9 @@ const WAYS: usize = 2;
 #[repr(C, align(64))]
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Entry {
-    /// The packet's key as the connection table's slots store it: source
-    /// and destination address, then ports and protocol.
+    /// The packet's key as the connection table hashes it
+    /// (`FlowKey::words`): source and destination address (the word a
+    /// slot stores too), then ports and protocol.
     pub addrs: u64,
     pub ports_proto: u64,
     /// The connection's forward slot and the seqlock word it had (a
@@ -61,13 +62,15 @@ pub struct Entry {
     pub via: u32,
     /// The cache epoch it was filled in (0: never valid).
     pub epoch: u32,
-    /// The address (host order) the rewrite writes, and the port.
-    pub new_addr: u32,
+    /// The address the rewrite writes (network order), and the port.
+    pub new_addr: [u8; 4],
     /// Idle timeout of the connection in its state.
     pub timeout_ms: u32,
-    pub new_port: u16,
+    pub new_port: [u8; 2],
     /// RFC 1624 checksum differences, folded to 16 bits: the IPv4 header's
-    /// (TTL and address) and the TCP/UDP checksum's (address and port).
+    /// (TTL and address) and the TCP/UDP checksum's (address and port), in
+    /// the machine's byte order (`checksum::to_ne`): the hit path adjusts
+    /// checksum fields as read, without swapping bytes.
     pub d_ip: u16,
     pub d_l4: u16,
     /// Destination then source MAC.
@@ -93,15 +96,6 @@ pub const REWRITE_SRC: u8 = 2;
 pub const EXPIRY_MARGIN_MS: u32 = 10;
 
 const _: () = assert!(core::mem::size_of::<Entry>() == 64);
-
-/// The key words of an entry (see [`Entry::addrs`]).
-#[inline(always)]
-pub fn key_words(src_ip: u32, dst_ip: u32, src_port: u16, dst_port: u16, proto: u8) -> (u64, u64) {
-    (
-        ((src_ip as u64) << 32) | dst_ip as u64,
-        ((src_port as u64) << 48) | ((dst_port as u64) << 32) | proto as u64,
-    )
-}
 
 /// The entries: anonymous memory that asks for transparent huge pages
 /// (a cache of 65,536 entries then takes two TLB entries, not a thousand)

@@ -85,6 +85,24 @@ pub fn adjust(csum: u16, delta: u64) -> u16 {
     !(acc as u16)
 }
 
+/// [`adjust`] of a checksum read in the machine's byte order
+/// (`u16::from_ne_bytes` of the field) by a folded difference converted
+/// with [`to_ne`]; the result is written back with `to_ne_bytes`. A ones'
+/// complement sum of byte-swapped words is the swapped sum (RFC 1071,
+/// 2.B), so this is [`adjust`] without the swaps; and two 16-bit addends
+/// need only one fold.
+#[inline(always)]
+pub fn adjust_ne(csum: u16, delta: u16) -> u16 {
+    let acc = (!csum) as u32 + delta as u32;
+    !(((acc & 0xffff) + (acc >> 16)) as u16)
+}
+
+/// A folded (big-endian valued) difference as [`adjust_ne`] takes it.
+#[inline]
+pub fn to_ne(delta: u16) -> u16 {
+    u16::from_ne_bytes(delta.to_be_bytes())
+}
+
 /// The difference [`delta_u16`] gives for any 16-bit word that drops by
 /// 0x100, as the IPv4 TTL/protocol word does when the TTL is decremented.
 pub const TTL_DECREMENT: u64 = 0xfeff;
@@ -123,6 +141,15 @@ mod tests {
     }
 
     proptest! {
+        #[test]
+        fn adjusting_in_machine_order_writes_the_same_bytes(csum in any::<u16>(), delta in any::<u64>()) {
+            let delta = delta >> (delta % 48);
+            let want = adjust(csum, delta).to_be_bytes();
+            let ne = u16::from_ne_bytes(csum.to_be_bytes());
+            let got = adjust_ne(ne, to_ne(fold(delta))).to_ne_bytes();
+            prop_assert_eq!(got, want);
+        }
+
         #[test]
         fn header_check_in_machine_order_agrees_with_the_sum(h in any::<[u8; 20]>(), fix in any::<bool>()) {
             let mut h = h;
