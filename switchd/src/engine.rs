@@ -234,7 +234,7 @@ pub fn run<N: Nic>(
         // keep coming, at once when they stop, and every 64th idle loop.
         unpublished |= moved > 0;
         if (unpublished && (moved == 0 || now.saturating_sub(published_ns) >= PUBLISH_EVERY_NS))
-            || ctx.counters[Counter::Loops as usize] % 64 == 0
+            || ctx.counters[Counter::Loops as usize].is_multiple_of(64)
         {
             publish_counters(me, ctx.counters);
             (published_ns, unpublished) = (now, false);
