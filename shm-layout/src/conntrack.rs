@@ -140,6 +140,20 @@ impl FlowKey {
     }
 }
 
+impl FlowKey {
+    /// The key of its [`words`](FlowKey::words).
+    #[inline(always)]
+    pub fn from_words((a, b): (u64, u64)) -> Self {
+        Self {
+            proto: b as u8,
+            src_ip: (a >> 32) as u32,
+            dst_ip: a as u32,
+            src_port: (b >> 32) as u16,
+            dst_port: (b >> 16) as u16,
+        }
+    }
+}
+
 /// [`FlowKey::hash`] of a key's [`words`](FlowKey::words).
 #[inline(always)]
 pub fn hash_words((a, b): (u64, u64), seed: u64) -> u64 {
@@ -781,6 +795,14 @@ mod tests {
     }
 
     const PID: u32 = 1;
+
+    proptest::proptest! {
+        #[test]
+        fn a_key_comes_back_from_its_words(proto: u8, src_ip: u32, dst_ip: u32, src_port: u16, dst_port: u16) {
+            let k = FlowKey { proto, src_ip, dst_ip, src_port, dst_port };
+            proptest::prop_assert_eq!(FlowKey::from_words(k.words()), k);
+        }
+    }
 
     #[test]
     fn forward_and_reply_keys_find_the_same_entry() {

@@ -132,7 +132,6 @@ impl Ctx<'_> {
 /// Parsed facts about an IPv4 TCP/UDP packet that the decision needs.
 #[derive(Clone, Copy, Debug)]
 struct L4 {
-    key: FlowKey,
     /// TCP flags (0 for UDP).
     flags: u8,
     /// Offset of the L4 header in the frame.
@@ -143,16 +142,22 @@ struct L4 {
     /// The connection table's home slot for `key` (filled in once the
     /// frame is known to be TCP/UDP over IPv4).
     home: u32,
-    /// `key` as the table's hash mixes it ([`FlowKey::words`]); the flow
-    /// cache's key too.
+    /// The packet's key as the table's hash mixes it ([`FlowKey::words`]);
+    /// the flow cache's key too. [`L4::key`] decodes it.
     words: (u64, u64),
 }
 
 impl L4 {
+    /// The 5-tuple.
+    #[inline(always)]
+    fn key(&self) -> FlowKey {
+        FlowKey::from_words(self.words)
+    }
+
     /// (TCP at all, a connection-opening SYN (no ACK), a RST).
     #[inline(always)]
     fn tcp_kind(&self) -> (bool, bool, bool) {
-        let is_tcp = self.key.proto == PROTO_TCP;
+        let is_tcp = self.words.1 as u8 == PROTO_TCP;
         let syn = is_tcp && self.flags & tcp::SYN != 0 && self.flags & tcp::ACK == 0;
         let rst = is_tcp && self.flags & tcp::RST != 0;
         (is_tcp, syn, rst)
@@ -215,7 +220,7 @@ fn route_ip(
     if let Some(v) = cached(frame, l4, ctx) {
         return v;
     }
-    if is_vip(&ctx.cfg, l4.key.dst_ip) {
+    if is_vip(&ctx.cfg, l4.key().dst_ip) {
         to_vip(frame, l4, in_port, port_mac, ctx)
     } else {
         from_backend(frame, l4, port_mac, ctx)
@@ -326,16 +331,14 @@ fn parse_ip_common(frame: &[u8]) -> Option<L4> {
         }
         _ => return None,
     };
-    let key = FlowKey {
-        proto,
-        src_ip: u32::from_be_bytes([f[26], f[27], f[28], f[29]]),
-        dst_ip: u32::from_be_bytes([f[30], f[31], f[32], f[33]]),
-        src_port: be16(L4_OFF),
-        dst_port: be16(L4_OFF + 2),
-    };
+    // FlowKey::words straight from the bytes: both addresses, then both
+    // ports and the protocol.
+    let ports = u32::from_be_bytes([f[L4_OFF], f[L4_OFF + 1], f[L4_OFF + 2], f[L4_OFF + 3]]);
     Some(L4 {
-        key,
-        words: key.words(),
+        words: (
+            u64::from_be_bytes([f[26], f[27], f[28], f[29], f[30], f[31], f[32], f[33]]),
+            (ports as u64) << 16 | proto as u64,
+        ),
         flags,
         l4_off: L4_OFF as u8,
         frame_len: (ETH + total) as u16,
@@ -395,7 +398,6 @@ fn parse_ip_any(frame: &[u8], ctx: &mut Ctx<'_>) -> Result<L4, Verdict> {
         dst_port,
     };
     Ok(L4 {
-        key,
         words: key.words(),
         flags,
         l4_off: l4_off as u8,
@@ -457,7 +459,7 @@ fn to_vip(
     ctx: &mut Ctx<'_>,
 ) -> Verdict {
     let (is_tcp, syn, rst) = l4.tcp_kind();
-    let found = ctx.ct.lookup_at(&l4.key, l4.home as usize);
+    let found = ctx.ct.lookup_at(&l4.key(), l4.home as usize);
     if let Some(hit) = &found
         && hit.dir == Direction::Forward
     {
@@ -499,7 +501,7 @@ fn new_flow(
     ctx: &mut Ctx<'_>,
 ) -> Verdict {
     let (is_tcp, syn, rst) = l4.tcp_kind();
-    let Some((svc_idx, svc)) = find_service(&ctx.cfg, &l4.key) else {
+    let Some((svc_idx, svc)) = find_service(&ctx.cfg, &l4.key()) else {
         if !is_tcp {
             return ctx.drop(Counter::DropNoServiceUdp);
         }
@@ -517,7 +519,7 @@ fn new_flow(
             Err(_) => ctx.drop(Counter::DropMalformed),
         };
     };
-    let (backend, reserved) = match schedule(svc, &l4.key, syn || !is_tcp, ctx) {
+    let (backend, reserved) = match schedule(svc, &l4.key(), syn || !is_tcp, ctx) {
         Ok(b) => b,
         Err(Pick::Full) if svc.queue_timeout_ms > 0 => {
             return Verdict::Hold {
@@ -529,14 +531,14 @@ fn new_flow(
         Err(_) => return ctx.drop(Counter::DropNoBackend),
     };
     let conn = Conn {
-        proto: l4.key.proto,
+        proto: l4.key().proto,
         mode: svc.mode,
         flags: if is_tcp && !syn { CONN_MIDFLOW } else { 0 },
         backend_id: backend.id,
-        client_ip: l4.key.src_ip,
-        client_port: l4.key.src_port,
-        vip: l4.key.dst_ip,
-        vip_port: l4.key.dst_port,
+        client_ip: l4.key().src_ip,
+        client_port: l4.key().src_port,
+        vip: l4.key().dst_ip,
+        vip_port: l4.key().dst_port,
         backend_ip: backend.ip,
         backend_port: backend.port,
         service: svc_idx as u16,
@@ -700,7 +702,7 @@ pub fn refuse(frame: &mut [u8], len: usize, in_port: u32, ctx: &mut Ctx<'_>) -> 
         Err(v) => return v,
     };
     ctx.count(Counter::ConnRefused);
-    if l4.key.proto != PROTO_TCP || l4.flags & tcp::RST != 0 {
+    if l4.key().proto != PROTO_TCP || l4.flags & tcp::RST != 0 {
         return Verdict::Drop;
     }
     match wire::tcp_rst_in_place(frame, l4.frame_len as usize) {
@@ -719,7 +721,7 @@ fn from_backend(
     port_mac: &impl Fn(u32) -> Option<[u8; 6]>,
     ctx: &mut Ctx<'_>,
 ) -> Verdict {
-    let found = ctx.ct.lookup_at(&l4.key, l4.home as usize);
+    let found = ctx.ct.lookup_at(&l4.key(), l4.home as usize);
     let Some(hit) = &found else {
         return ctx.drop(Counter::DropNotOurs);
     };
@@ -783,7 +785,7 @@ fn touch(slot: &ConnSlot, l4: &L4, now_ms: u32, dir: Direction) -> Moved {
         slot.last_seen.store(now_ms, Ordering::Relaxed);
     }
     let mut moved = Moved::Stay;
-    if l4.key.proto == PROTO_TCP {
+    if l4.key().proto == PROTO_TCP {
         let cur = slot.tcp_state.load(Ordering::Relaxed);
         let next = if l4.flags & (tcp::FIN | tcp::RST) != 0 {
             STATE_CLOSING
@@ -956,7 +958,7 @@ fn rewrite_l4(
     let Some(t) = frame.get_mut(l4.l4_off as usize..) else {
         return delta;
     };
-    if l4.key.proto == PROTO_TCP {
+    if l4.key().proto == PROTO_TCP {
         let Some(t) = t.first_chunk_mut::<18>() else {
             return delta;
         };
@@ -1067,14 +1069,14 @@ fn egress(
     let (addr_at, new_ip, new_port, d_l4) = match nat {
         Nat::None => (0, 0, 0, 0),
         Nat::Dst(ip, p) => {
-            let d_addr = checksum::delta_u32(l4.key.dst_ip, ip);
-            let d_l4 = rewrite_l4(frame, l4, 2, l4.key.dst_port, p, d_addr);
+            let d_addr = checksum::delta_u32(l4.key().dst_ip, ip);
+            let d_l4 = rewrite_l4(frame, l4, 2, l4.key().dst_port, p, d_addr);
             d_ip += d_addr;
             (16, ip, p, d_l4)
         }
         Nat::Src(ip, p) => {
-            let d_addr = checksum::delta_u32(l4.key.src_ip, ip);
-            let d_l4 = rewrite_l4(frame, l4, 0, l4.key.src_port, p, d_addr);
+            let d_addr = checksum::delta_u32(l4.key().src_ip, ip);
+            let d_l4 = rewrite_l4(frame, l4, 0, l4.key().src_port, p, d_addr);
             d_ip += d_addr;
             (12, ip, p, d_l4)
         }
@@ -1143,7 +1145,7 @@ fn cache_answer(
             via: fill.via,
             epoch: 0,
             new_addr: rw.new_addr.to_be_bytes(),
-            timeout_ms: ctx.timeouts.for_state(l4.key.proto, fill.state),
+            timeout_ms: ctx.timeouts.for_state(l4.key().proto, fill.state),
             new_port: rw.new_port.to_be_bytes(),
             d_ip: checksum::to_ne(checksum::fold(rw.d_ip)),
             d_l4: checksum::to_ne(checksum::fold(rw.d_l4)),
@@ -1239,7 +1241,7 @@ impl Fill {
 #[inline(always)]
 fn cached(frame: &mut [u8], l4: &L4, ctx: &mut Ctx<'_>) -> Option<Verdict> {
     const ETH: usize = wire::ETHERNET_HEADER_LEN;
-    let k = &l4.key;
+    let k = l4.key();
     let e = ctx.flows.get(l4.home, l4.words.0, l4.words.1)?;
     if l4.flags & (tcp::SYN | tcp::FIN | tcp::RST) != 0 || l4.l4_off as usize != ETH + 20 {
         return None;
