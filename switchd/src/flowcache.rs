@@ -100,38 +100,68 @@ const _: () = assert!(core::mem::size_of::<Entry>() == 64);
 /// The entries: anonymous memory that asks for transparent huge pages
 /// (a cache of 65,536 entries then takes two TLB entries, not a thousand)
 /// and is faulted in before the first packet.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct Entries {
     map: Option<memmap2::MmapMut>,
     len: usize,
+    /// The first entry: the mapping's, or [`NO_SET`]'s for a disabled
+    /// cache. A set is found without a check for either (see
+    /// [`FlowCache::set`]).
+    first: *const Entry,
+}
+
+/// The one set of a disabled cache: never valid (epoch 0), never written.
+static NO_SET: [Entry; WAYS] = [Entry::ZERO; WAYS];
+
+impl Entry {
+    const ZERO: Entry = Entry {
+        addrs: 0,
+        ports_proto: 0,
+        lock: 0,
+        idx: 0,
+        via_lock: 0,
+        via: 0,
+        epoch: 0,
+        new_addr: [0; 4],
+        timeout_ms: 0,
+        new_port: [0; 2],
+        d_ip: 0,
+        d_l4: 0,
+        macs: [0; 12],
+        port: 0,
+        kind: 0,
+    };
+}
+
+impl Default for Entries {
+    fn default() -> Self {
+        Self {
+            map: None,
+            len: 0,
+            first: NO_SET.as_ptr(),
+        }
+    }
 }
 
 impl Entries {
     fn new(len: usize) -> std::io::Result<Self> {
-        let map = memmap2::MmapMut::map_anon(len * core::mem::size_of::<Entry>())?;
+        let mut map = memmap2::MmapMut::map_anon(len * core::mem::size_of::<Entry>())?;
         let _ = map.advise(memmap2::Advice::HugePage);
         let _ = map.advise(memmap2::Advice::PopulateWrite);
         Ok(Self {
+            first: map.as_mut_ptr().cast_const().cast(),
             map: Some(map),
             len,
         })
     }
 
     #[inline(always)]
-    fn as_slice(&self) -> &[Entry] {
-        match &self.map {
-            // SAFETY: the mapping holds `len` entries' bytes, page aligned
-            // (Entry needs 64), zero-filled by the kernel or written as
-            // entries since; every bit pattern is a valid Entry (integers).
-            Some(m) => unsafe { core::slice::from_raw_parts(m.as_ptr().cast(), self.len) },
-            None => &[],
-        }
-    }
-
-    #[inline(always)]
     fn as_mut_slice(&mut self) -> &mut [Entry] {
         match &mut self.map {
-            // SAFETY: as in `as_slice`, and `&mut self` makes it unique.
+            // SAFETY: the mapping holds `len` entries' bytes, page aligned
+            // (Entry needs 64), zero-filled by the kernel or written as
+            // entries since; every bit pattern is a valid Entry (integers);
+            // `&mut self` makes the borrow unique.
             Some(m) => unsafe { core::slice::from_raw_parts_mut(m.as_mut_ptr().cast(), self.len) },
             None => &mut [],
         }
@@ -140,7 +170,7 @@ impl Entries {
 
 /// The cache. `Default` is an empty cache that never hits (unit tests of
 /// the full path).
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct FlowCache {
     entries: Entries,
     mask: usize,
@@ -149,6 +179,18 @@ pub struct FlowCache {
     /// The configuration's answer fingerprint and the routing stamp of
     /// this epoch.
     stamps: (u64, u64),
+}
+
+impl Default for FlowCache {
+    fn default() -> Self {
+        Self {
+            entries: Entries::default(),
+            mask: 0,
+            // Above NO_SET's epoch 0.
+            epoch: 1,
+            stamps: (0, 0),
+        }
+    }
 }
 
 impl FlowCache {
@@ -201,26 +243,27 @@ impl FlowCache {
     /// The set of a key whose table home is `home` (the home slot is
     /// already the low bits of the key's hash).
     #[inline(always)]
-    fn set(&self, home: u32) -> Option<&[Entry; WAYS]> {
+    fn set(&self, home: u32) -> &[Entry; WAYS] {
         let at = (home as usize & self.mask) * WAYS;
-        self.entries
-            .as_slice()
-            .get(at..at + WAYS)?
-            .first_chunk::<WAYS>()
+        // SAFETY: `first` points to `(mask + 1) * WAYS` entries: a mapped
+        // cache's `len` (`new` sizes `mask` so), or NO_SET with mask 0 for
+        // a disabled one; `at + WAYS` stays within them. Every bit pattern
+        // is a valid Entry (integers), and `&self` excludes `put`'s writes.
+        unsafe { &*self.entries.first.add(at).cast::<[Entry; WAYS]>() }
     }
 
     /// Starts loading the set for a key whose table home is `home`.
     #[inline(always)]
     pub fn prefetch(&self, home: u32) {
-        if let Some(set) = self.set(home) {
-            set.iter().for_each(shm_layout::conntrack::prefetch);
-        }
+        self.set(home)
+            .iter()
+            .for_each(shm_layout::conntrack::prefetch);
     }
 
     /// The valid entry for `home` holding this key, if any.
     #[inline(always)]
     pub fn get(&self, home: u32, addrs: u64, ports_proto: u64) -> Option<&Entry> {
-        let set = self.set(home)?;
+        let set = self.set(home);
         let holds =
             |e: &Entry| e.addrs == addrs && e.ports_proto == ports_proto && e.epoch == self.epoch;
         if holds(&set[0]) {

@@ -34,10 +34,14 @@ pub fn fold(acc: u64) -> u16 {
 /// sum folds to 0xffff. The words are added in the machine's byte order:
 /// a ones' complement sum of byte-swapped words is the byte-swapped sum
 /// (RFC 1071, 2.B), and 0xffff is its own swap, so no byte swap is needed.
+/// And no fold either: folding keeps a sum's value modulo 0xffff (2^16 is
+/// 1 modulo 0xffff) and ends at 0xffff exactly when a non-zero sum is 0
+/// modulo 0xffff; one multiply-and-shift tells that.
 #[inline(always)]
 pub fn ipv4_header_ok(h: &[u8; 20]) -> bool {
     let w = |at: usize| u32::from_ne_bytes([h[at], h[at + 1], h[at + 2], h[at + 3]]) as u64;
-    fold(w(0) + w(4) + w(8) + w(12) + w(16)) == 0xffff
+    let sum = w(0) + w(4) + w(8) + w(12) + w(16);
+    sum != 0 && sum % 0xffff == 0
 }
 
 /// The IPv4 header checksum of `hdr` (with its checksum field as given).
@@ -128,6 +132,18 @@ mod tests {
 
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn header_check_edges_agree_with_the_fold() {
+        for h in [[0u8; 20], [0xff; 20], {
+            let mut h = [0u8; 20];
+            h[10] = 0xff;
+            h[11] = 0xff;
+            h
+        }] {
+            assert_eq!(ipv4_header_ok(&h), fold(sum(&h, 0)) == 0xffff, "{h:?}");
+        }
+    }
 
     /// The RFC 1071 definition, 16 bits at a time with end-around carry.
     fn reference(data: &[u8]) -> u16 {
