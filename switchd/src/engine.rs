@@ -112,7 +112,7 @@ pub fn run<N: Nic>(
     let mut nap = MIN_NAP;
     let mut icmp = IcmpBudget::new(mono_ns());
     let mut synq = SynQueue::new(settings.syn_queue);
-    let mut tx = TxBatch::new(nic.port_count(), burst);
+    let mut tx = TxBatch::default();
     // The views of both A/B slots: fixed places in the region, built once.
     let cfg_views = [region.config_view(0), region.config_view(1)];
     let rt_views = [region.routing_view(0), region.routing_view(1)];
@@ -299,33 +299,46 @@ fn burst_in<N: Nic>(
     tx.send(nic, ctx.counters);
 }
 
-/// The frames of a burst on their way out, per local port in arrival
-/// order: each port's share goes to its ring in one [`Nic::tx_burst`].
+/// The frames of a burst on their way out, in arrival order, each with its
+/// local port: [`send`](Self::send) gives each port its share in one
+/// [`Nic::tx_burst`] (when all go out one port, the whole list as it is).
 #[derive(Debug)]
 pub struct TxBatch {
-    ports: Vec<Vec<Frame>>,
-    /// Bit `p`: port `p` has frames queued.
+    frames: Box<[Frame; 256]>,
+    ports: Box<[u8; 256]>,
+    /// One port's share when the frames go out several ports.
+    share: Box<[Frame; 256]>,
+    /// Frames queued.
+    n: usize,
+    /// Bit `p`: local port `p` has frames queued.
     dirty: u32,
     /// Bytes of the frames queued.
     bytes: u64,
 }
 
-impl TxBatch {
-    /// A batch for `ports` local ports and bursts of up to `burst` frames.
-    pub fn new(ports: usize, burst: usize) -> Self {
-        debug_assert!(ports <= MAX_PORTS && MAX_PORTS <= 32);
+impl Default for TxBatch {
+    fn default() -> Self {
         Self {
-            ports: (0..ports).map(|_| Vec::with_capacity(burst)).collect(),
+            frames: Box::new([Frame { buf: 0, len: 0 }; 256]),
+            ports: Box::new([0; 256]),
+            share: Box::new([Frame { buf: 0, len: 0 }; 256]),
+            n: 0,
             dirty: 0,
             bytes: 0,
         }
     }
+}
 
+impl TxBatch {
+    /// Queues `f` for local port `port` (a burst has at most 256 frames;
+    /// the engine clamps it so).
     #[inline]
     fn queue(&mut self, port: u8, f: Frame) {
-        if let Some(q) = self.ports.get_mut(port as usize) {
-            q.push(f);
-            self.dirty |= 1 << port;
+        debug_assert!((port as usize) < MAX_PORTS && MAX_PORTS <= 32);
+        if let (Some(slot), Some(p)) = (self.frames.get_mut(self.n), self.ports.get_mut(self.n)) {
+            (*slot, *p) = (f, port);
+            self.n += 1;
+            self.dirty |= 1 << (port & 31);
             self.bytes += f.len as u64;
         }
     }
@@ -334,20 +347,31 @@ impl TxBatch {
     /// and freeing (counted as `drop_tx_full`) what its ring had no room for.
     fn send<N: Nic>(&mut self, nic: &mut N, counters: &mut [u64; N_COUNTERS]) {
         counters[Counter::TxBytes as usize] += core::mem::take(&mut self.bytes);
+        let n = core::mem::take(&mut self.n);
+        let (queued, ports) = (&self.frames[..n], &self.ports[..n]);
+        let single = self.dirty.count_ones() == 1;
         while self.dirty != 0 {
-            let port = self.dirty.trailing_zeros() as usize;
+            let port = self.dirty.trailing_zeros() as u8;
             self.dirty &= self.dirty - 1;
-            let q = &mut self.ports[port];
-            let sent = nic.tx_burst(port, q);
+            let share: &[Frame] = if single {
+                queued
+            } else {
+                let mut k = 0;
+                for (f, _) in queued.iter().zip(ports).filter(|(_, p)| **p == port) {
+                    self.share[k] = *f;
+                    k += 1;
+                }
+                &self.share[..k]
+            };
+            let sent = nic.tx_burst(port as usize, share);
             counters[Counter::TxPackets as usize] += sent as u64;
-            counters[Counter::DropTxFull as usize] += (q.len() - sent) as u64;
-            for f in &q[sent..] {
+            counters[Counter::DropTxFull as usize] += (share.len() - sent) as u64;
+            for f in &share[sent..] {
                 counters[Counter::TxBytes as usize] -= f.len as u64;
                 nic.free(*f);
             }
-            q.clear();
             if sent > 0 {
-                nic.flush(port);
+                nic.flush(port as usize);
             }
         }
     }
@@ -455,5 +479,72 @@ fn null_forward<N: Nic>(
 fn publish_counters(me: &SwitchSlot, counters: &[u64; N_COUNTERS]) {
     for (w, c) in me.counters.iter().zip(counters) {
         w.store(*c, Ordering::Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use netdrv::vnic::{self, PortSpec, VnicHost, VnicWire};
+
+    /// Unlinks the vnic on every exit path.
+    struct Tmp(String);
+    impl Drop for Tmp {
+        fn drop(&mut self) {
+            let _ = shm_layout::shm::Mapping::unlink(&self.0);
+        }
+    }
+
+    #[test]
+    fn a_batch_gives_each_port_its_frames_in_order_and_counts_what_had_no_room() {
+        let name = format!("switchyard-test-txbatch-{}", std::process::id());
+        let ports: Vec<PortSpec> = (0..3u8)
+            .map(|p| PortSpec {
+                name: format!("p{p}"),
+                mac: [2, 0, 0, 0, 0, p],
+            })
+            .collect();
+        vnic::create(&name, &ports, 64, 3 * 2 * 64 + 256).unwrap();
+        let _tmp = Tmp(name.clone());
+        let mut wire = VnicWire::attach(&name).unwrap();
+        let mut host = VnicHost::attach(&name).unwrap();
+        let mut counters = [0u64; N_COUNTERS];
+        let mut batch = TxBatch::default();
+        let mut send = |host: &mut VnicHost,
+                        wire: &mut VnicWire,
+                        counters: &mut [u64; N_COUNTERS],
+                        outs: &[u8]| {
+            for (i, _) in outs.iter().enumerate() {
+                assert!(wire.inject(0, &[i as u8; 60]));
+            }
+            let mut got = [Frame { buf: 0, len: 0 }; 64];
+            assert_eq!(host.rx_burst(0, &mut got[..outs.len()]), outs.len());
+            for (f, &out) in got.iter().zip(outs) {
+                batch.queue(out, *f);
+            }
+            batch.send(host, counters);
+        };
+        let collect = |wire: &mut VnicWire, port: usize| {
+            let mut firsts = Vec::new();
+            wire.collect(port, 100, |f| firsts.push(f[0]));
+            firsts
+        };
+        // Several ports: each gets its own frames, in order.
+        send(&mut host, &mut wire, &mut counters, &[1, 2, 1, 0, 2, 2]);
+        assert_eq!(collect(&mut wire, 0), [3]);
+        assert_eq!(collect(&mut wire, 1), [0, 2]);
+        assert_eq!(collect(&mut wire, 2), [1, 4, 5]);
+        assert_eq!(counters[Counter::TxPackets as usize], 6);
+        assert_eq!(counters[Counter::TxBytes as usize], 6 * 60);
+        // One port, more frames than its 64-slot ring holds uncollected:
+        // what fits goes, the rest is freed and counted.
+        send(&mut host, &mut wire, &mut counters, &[1; 40]);
+        send(&mut host, &mut wire, &mut counters, &[1; 40]);
+        let want: Vec<u8> = (0..40).chain(0..24).collect();
+        assert_eq!(collect(&mut wire, 1), want);
+        assert_eq!(counters[Counter::TxPackets as usize], 6 + 64);
+        assert_eq!(counters[Counter::DropTxFull as usize], 16);
+        assert_eq!(counters[Counter::TxBytes as usize], 70 * 60);
+        host.audit().unwrap();
     }
 }
