@@ -24,9 +24,10 @@ fn bench_rows(program: &str, args: &[&str]) -> Vec<serde_json::Value> {
 
 #[test]
 fn lbgen_bench_quick_reports_every_scenario() {
+    // The host's /dev/shm, where a leftover would show.
     let rows = bench_rows(
         &bin("lbgen").to_string_lossy(),
-        &["bench", "--quick", "--json"],
+        &["bench", "--quick", "--json", "--pages", "host"],
     );
     assert_eq!(rows.len(), 2);
     assert_eq!(rows[0]["frame_bytes"], 64);
@@ -53,16 +54,18 @@ fn lbgen_bench_quick_reports_every_scenario() {
     assert!(left.is_empty(), "bench left {left:?}");
 }
 
-/// `scripts/bench-hugepages.sh` runs the benchmark in a private mount
-/// namespace whose /dev/shm grants huge pages to mappings that ask: every
-/// measurement's region is on them (the mappings' advice works end to
-/// end), and the host's /dev/shm is left as it was.
+/// By default `lbgen bench` runs in a private mount namespace whose
+/// /dev/shm grants huge pages to mappings that ask (as production mounts
+/// it): every measurement's region is on them (the mappings' advice works
+/// end to end), and the host's mounts are left as they were.
 #[test]
 fn bench_on_huge_pages_gets_them_without_touching_the_host() {
     let mounts = || std::fs::read_to_string("/proc/self/mountinfo").unwrap();
     let before = mounts();
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../scripts/bench-hugepages.sh");
-    let rows = bench_rows("bash", &[script, "--quick", "--json", "--frames", "64"]);
+    let rows = bench_rows(
+        &bin("lbgen").to_string_lossy(),
+        &["bench", "--quick", "--json", "--frames", "64"],
+    );
     assert_eq!(rows.len(), 1);
     assert_eq!(rows[0]["region_huge_pages"], true, "{}", rows[0]);
     assert!(rows[0]["established_mpps"].as_f64().unwrap() > 0.0);

@@ -35,6 +35,46 @@ pub struct BenchConfig {
     /// Services configured; the measured one is the last (the others only
     /// make the configuration bigger).
     pub services: usize,
+    /// Where the appliances' shared memory lives.
+    pub pages: Pages,
+}
+
+/// Where the benchmark's appliances keep their shared memory.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Pages {
+    /// As docs/OPERATIONS.md deploys it: a `/dev/shm` that grants huge
+    /// pages to mappings that ask (`huge=advise`). The benchmark mounts
+    /// one in a private mount namespace of its own, so the host's mounts
+    /// stay as they are.
+    Huge,
+    /// The host's `/dev/shm` as it is (4 KiB pages on a default host).
+    Host,
+}
+
+/// Moves this process (and every process it starts from now on) into a
+/// private mount namespace whose `/dev/shm` is a fresh tmpfs mounted
+/// `huge=advise`; the host's mounts are untouched. Needs root.
+fn private_huge_shm() -> Result<()> {
+    use nix::mount::{MsFlags, mount};
+    nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNS)
+        .context("a private mount namespace (unshare; root?)")?;
+    mount(
+        None::<&str>,
+        "/",
+        None::<&str>,
+        MsFlags::MS_REC | MsFlags::MS_PRIVATE,
+        None::<&str>,
+    )
+    .context("making the namespace's mounts private")?;
+    mount(
+        Some("tmpfs"),
+        "/dev/shm",
+        Some("tmpfs"),
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+        Some("huge=advise,mode=1777,size=50%"),
+    )
+    .context("mounting a huge=advise tmpfs on the namespace's /dev/shm")?;
+    Ok(())
 }
 
 impl BenchConfig {
@@ -52,6 +92,7 @@ impl BenchConfig {
             connections: 1 << 20,
             verbose: false,
             services: 1,
+            pages: Pages::Huge,
         }
     }
 
@@ -329,6 +370,12 @@ pub fn run(cfg: &BenchConfig) -> Result<Vec<SizeResult>> {
             cfg.gen_cpu,
             cfg.switch_cpu
         );
+    }
+    if cfg.pages == Pages::Huge {
+        if let Err(e) = private_huge_shm() {
+            // Measured anyway; the report says where the region was.
+            eprintln!("lbgen bench: {e:#}; measuring on the host's /dev/shm");
+        }
     }
     pin(cfg.gen_cpu);
     let mut samples: Vec<Samples> = vec![Samples::default(); cfg.frame_sizes.len()];

@@ -64,6 +64,18 @@ struct BenchArgs {
     /// to the last one.
     #[arg(long, default_value_t = 1)]
     services: usize,
+    /// Where the appliances' shared memory lives: `huge`, a huge-page
+    /// /dev/shm as docs/OPERATIONS.md deploys it, mounted in a private
+    /// mount namespace (root; the host's mounts are untouched); `host`, the
+    /// host's /dev/shm as it is.
+    #[arg(long, value_enum, default_value_t = PagesArg::Huge)]
+    pages: PagesArg,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug)]
+enum PagesArg {
+    Huge,
+    Host,
 }
 
 #[derive(clap::Args, Debug)]
@@ -167,6 +179,10 @@ fn bench(b: BenchArgs) -> ExitCode {
         return ExitCode::from(2);
     }
     cfg.services = b.services;
+    cfg.pages = match b.pages {
+        PagesArg::Huge => tools::bench::Pages::Huge,
+        PagesArg::Host => tools::bench::Pages::Host,
+    };
     let res = match tools::bench::run(&cfg) {
         Ok(r) => r,
         Err(e) => {
@@ -195,7 +211,7 @@ fn bench(b: BenchArgs) -> ExitCode {
             );
             if !r.region_huge_pages {
                 println!(
-                    "{:>5}   the region was on 4 KiB pages (/dev/shm without huge=): scripts/bench-hugepages.sh measures on huge pages without changing the host",
+                    "{:>5}   the region was on 4 KiB pages (/dev/shm without huge=); production mounts it huge=advise (docs/OPERATIONS.md), as --pages huge (the default, as root) does privately",
                     ""
                 );
             }
