@@ -371,11 +371,11 @@ pub fn run(cfg: &BenchConfig) -> Result<Vec<SizeResult>> {
             cfg.switch_cpu
         );
     }
-    if cfg.pages == Pages::Huge {
-        if let Err(e) = private_huge_shm() {
-            // Measured anyway; the report says where the region was.
-            eprintln!("lbgen bench: {e:#}; measuring on the host's /dev/shm");
-        }
+    if cfg.pages == Pages::Huge
+        && let Err(e) = private_huge_shm()
+    {
+        // Measured anyway; the report says where the region was.
+        eprintln!("lbgen bench: {e:#}; measuring on the host's /dev/shm");
     }
     pin(cfg.gen_cpu);
     let mut samples: Vec<Samples> = vec![Samples::default(); cfg.frame_sizes.len()];
