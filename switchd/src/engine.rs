@@ -1,5 +1,6 @@
 //! The packet engine: the poll loop. Moves bursts between the NIC and the
-//! filter; updates heartbeat, acknowledgements and counters once per loop.
+//! filter; updates heartbeat and acknowledgements once per loop, counters
+//! at most every `PUBLISH_EVERY_NS` while frames keep coming.
 
 use core::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;

@@ -48,7 +48,8 @@ pub struct Ctx<'a> {
     pub timeouts: Timeouts,
     pub now_ms: u32,
     pub pid: u32,
-    /// Local counters, published by the engine once per loop.
+    /// Local counters, published by the engine (at most every 100 µs under
+    /// load, at once when frames stop).
     pub counters: &'a mut [u64; N_COUNTERS],
     /// This switch's scheduler state (`wrr` credits); the engine moves it
     /// in and out (no allocation).
