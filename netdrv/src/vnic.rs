@@ -37,9 +37,16 @@ use shm_layout::{fp_type, names};
 use crate::{Frame, NetdrvError, Nic};
 
 pub const MAGIC: u64 = u64::from_le_bytes(*b"SYVNIC01");
-pub const VERSION: u32 = 1;
+pub const VERSION: u32 = 2;
 pub const MAX_PORTS: usize = 8;
 pub const FRAME_SIZE: usize = 2048;
+/// Bytes from one buffer's start to the next: a frame plus one cache line.
+/// At a power-of-two stride every frame's first line (the headers the
+/// switch reads and rewrites) would fall into the same few sets of a
+/// set-associative cache: the L1's always (its index is the address's low
+/// 12 bits), the L2's too when the pool sits on huge pages. 33 lines apart,
+/// consecutive buffers' first lines walk through every set.
+pub const FRAME_STRIDE: usize = FRAME_SIZE + 64;
 /// `Desc::buf` of a descriptor holding no buffer.
 pub const NONE: u32 = u32::MAX;
 const OWN_NIC: u32 = 1 << 31;
@@ -99,6 +106,7 @@ pub const FINGERPRINT: u64 = {
     let fp = Fingerprint::new()
         .mix(VERSION as usize)
         .mix(FRAME_SIZE)
+        .mix(FRAME_STRIDE)
         .mix(MAX_PORTS);
     let fp = fp_type!(fp, Desc, buf, meta);
     let fp = fp_type!(fp, WireIndex, next);
@@ -138,7 +146,7 @@ fn ring_bytes(ring_size: u32) -> usize {
 fn layout(n_ports: usize, ring_size: u32, n_frames: u32) -> (usize, usize, usize) {
     let rings = size_of::<VnicHeader>();
     let pool = (rings + 2 * n_ports * ring_bytes(ring_size)).div_ceil(4096) * 4096;
-    let total = pool + n_frames as usize * FRAME_SIZE;
+    let total = pool + n_frames as usize * FRAME_STRIDE;
     (rings, pool, total)
 }
 
@@ -285,7 +293,7 @@ impl Device {
     fn buf_ptr(&self, b: u32) -> *mut u8 {
         assert!(b < self.header().n_frames, "buffer index {b} out of range");
         // SAFETY: in range of the pool, which lies inside the mapping.
-        unsafe { self.map.as_ptr().add(self.pool + b as usize * FRAME_SIZE) }
+        unsafe { self.map.as_ptr().add(self.pool + b as usize * FRAME_STRIDE) }
     }
 
     fn claim(&self, word: &AtomicU32, side: &'static str, name: &str) -> Result<(), NetdrvError> {
@@ -604,7 +612,7 @@ impl Nic for VnicHost {
         // owns it (it came from rx_burst or the free list and is in no
         // descriptor), so no other party touches it; the &mut borrow of self
         // prevents a second live slice from this side.
-        unsafe { core::slice::from_raw_parts_mut(self.pool.add(b * FRAME_SIZE), FRAME_SIZE) }
+        unsafe { core::slice::from_raw_parts_mut(self.pool.add(b * FRAME_STRIDE), FRAME_SIZE) }
     }
 
     #[inline]
