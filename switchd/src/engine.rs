@@ -1,6 +1,7 @@
 //! The packet engine: the poll loop. Moves bursts between the NIC and the
 //! filter; updates heartbeat and acknowledgements once per loop, counters
-//! at most every `PUBLISH_EVERY_NS` while frames keep coming.
+//! every `PUBLISH_EVERY_NS` while frames keep coming, every 64th loop, and
+//! at once when frames stop.
 
 use core::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -82,6 +83,8 @@ impl PortMap {
 }
 
 const SPINS_BEFORE_SLEEP: u32 = 256;
+/// The largest receive burst (`[[switch]] burst` is clamped to it).
+const MAX_BURST: usize = 256;
 /// How stale a busy switch's published counters may get (a reader sees
 /// them within this; storing all of them every loop cost ~80 instructions
 /// a loop).
@@ -104,9 +107,9 @@ pub fn run<N: Nic>(
     for (c, w) in counters.iter_mut().zip(&me.counters) {
         *c = w.load(Ordering::Relaxed);
     }
-    let burst = settings.burst.clamp(1, 256);
-    let mut frames = [Frame { buf: 0, len: 0 }; 256];
-    let mut pres = [filter::Pre::default(); 256];
+    let burst = settings.burst.clamp(1, MAX_BURST);
+    let mut frames = [Frame { buf: 0, len: 0 }; MAX_BURST];
+    let mut pres = [filter::Pre::default(); MAX_BURST];
     // The port map of a configuration stamp, and its answer fingerprint.
     let mut port_map: Option<(u64, PortMap, u64)> = None;
     let mut empty_loops = 0u32;
@@ -171,7 +174,13 @@ pub fn run<N: Nic>(
             ctx.cfg = cfg_views[ctok.slot];
             ctx.rt = rt_views[rtok.slot];
             if port_map.as_ref().is_none_or(|(g, _, _)| *g != ctok.stamp) {
-                let map = ports(region)?;
+                let map = match ports(region) {
+                    Ok(m) => m,
+                    Err(e) => {
+                        publish_counters(me, ctx.counters);
+                        return Err(e);
+                    }
+                };
                 let answers = filter::answer_fingerprint(&ctx.cfg, &map.mac, &map.local);
                 port_map = Some((ctok.stamp, map, answers));
             }
@@ -232,7 +241,7 @@ pub fn run<N: Nic>(
             nap = MIN_NAP;
         }
         // Counters go out at most every PUBLISH_EVERY_NS while frames
-        // keep coming, at once when they stop, and every 64th idle loop.
+        // keep coming (and with every 64th loop), at once when they stop.
         unpublished |= moved > 0;
         if (unpublished && (moved == 0 || now.saturating_sub(published_ns) >= PUBLISH_EVERY_NS))
             || ctx.counters[Counter::Loops as usize].is_multiple_of(64)
@@ -281,13 +290,16 @@ fn burst_in<N: Nic>(
         }
         match verdict {
             Verdict::Tx { port, len } => match map.local.get(port as usize).copied().flatten() {
-                Some(out) => tx.queue(
-                    out,
-                    Frame {
+                Some(out) => {
+                    let out_frame = Frame {
                         buf: f.buf,
                         len: len as u16,
-                    },
-                ),
+                    };
+                    if let Err(back) = tx.queue(out, out_frame) {
+                        ctx.counters[Counter::DropTxFull as usize] += 1;
+                        nic.free(back);
+                    }
+                }
                 None => {
                     ctx.counters[Counter::DropEgressPort as usize] += 1;
                     nic.free(*f);
@@ -305,10 +317,10 @@ fn burst_in<N: Nic>(
 /// [`Nic::tx_burst`] (when all go out one port, the whole list as it is).
 #[derive(Debug)]
 pub struct TxBatch {
-    frames: Box<[Frame; 256]>,
-    ports: Box<[u8; 256]>,
+    frames: Box<[Frame; MAX_BURST]>,
+    ports: Box<[u8; MAX_BURST]>,
     /// One port's share when the frames go out several ports.
-    share: Box<[Frame; 256]>,
+    share: Box<[Frame; MAX_BURST]>,
     /// Frames queued.
     n: usize,
     /// Bit `p`: local port `p` has frames queued.
@@ -320,9 +332,9 @@ pub struct TxBatch {
 impl Default for TxBatch {
     fn default() -> Self {
         Self {
-            frames: Box::new([Frame { buf: 0, len: 0 }; 256]),
-            ports: Box::new([0; 256]),
-            share: Box::new([Frame { buf: 0, len: 0 }; 256]),
+            frames: Box::new([Frame { buf: 0, len: 0 }; MAX_BURST]),
+            ports: Box::new([0; MAX_BURST]),
+            share: Box::new([Frame { buf: 0, len: 0 }; MAX_BURST]),
             n: 0,
             dirty: 0,
             bytes: 0,
@@ -331,17 +343,25 @@ impl Default for TxBatch {
 }
 
 impl TxBatch {
-    /// Queues `f` for local port `port` (a burst has at most 256 frames;
-    /// the engine clamps it so).
+    /// Queues `f` for local port `port`; gives it back (the caller frees
+    /// and counts it) if the batch is full (a burst has at most
+    /// `MAX_BURST` frames, and `send` empties the batch after each) or the
+    /// port is beyond the 32 a batch tracks (ports come from a `PortMap`
+    /// of at most `MAX_PORTS`).
     #[inline]
-    fn queue(&mut self, port: u8, f: Frame) {
-        debug_assert!((port as usize) < MAX_PORTS && MAX_PORTS <= 32);
-        if let (Some(slot), Some(p)) = (self.frames.get_mut(self.n), self.ports.get_mut(self.n)) {
-            (*slot, *p) = (f, port);
-            self.n += 1;
-            self.dirty |= 1 << (port & 31);
-            self.bytes += f.len as u64;
-        }
+    fn queue(&mut self, port: u8, f: Frame) -> Result<(), Frame> {
+        let (Some(slot), Some(p), true) = (
+            self.frames.get_mut(self.n),
+            self.ports.get_mut(self.n),
+            port < 32,
+        ) else {
+            return Err(f);
+        };
+        (*slot, *p) = (f, port);
+        self.n += 1;
+        self.dirty |= 1 << port;
+        self.bytes += f.len as u64;
+        Ok(())
     }
 
     /// Transmits and flushes every queued frame, counting what went out
@@ -497,6 +517,19 @@ mod tests {
     }
 
     #[test]
+    fn a_full_batch_or_a_port_beyond_its_mask_gives_the_frame_back() {
+        let mut batch = TxBatch::default();
+        let f = |buf| Frame { buf, len: 60 };
+        for b in 0..MAX_BURST as u32 {
+            assert_eq!(batch.queue(1, f(b)), Ok(()));
+        }
+        assert_eq!(batch.queue(1, f(999)), Err(f(999)), "full");
+        let mut empty = TxBatch::default();
+        assert_eq!(empty.queue(32, f(7)), Err(f(7)), "port 32");
+        assert_eq!(empty.queue(31, f(7)), Ok(()));
+    }
+
+    #[test]
     fn a_batch_gives_each_port_its_frames_in_order_and_counts_what_had_no_room() {
         let name = format!("switchyard-test-txbatch-{}", std::process::id());
         let ports: Vec<PortSpec> = (0..3u8)
@@ -521,7 +554,7 @@ mod tests {
             let mut got = [Frame { buf: 0, len: 0 }; 64];
             assert_eq!(host.rx_burst(0, &mut got[..outs.len()]), outs.len());
             for (f, &out) in got.iter().zip(outs) {
-                batch.queue(out, *f);
+                batch.queue(out, *f).unwrap();
             }
             batch.send(host, counters);
         };

@@ -48,11 +48,11 @@ pub struct Ctx<'a> {
     pub timeouts: Timeouts,
     pub now_ms: u32,
     pub pid: u32,
-    /// Local counters, published by the engine (at most every 100 µs under
-    /// load, at once when frames stop).
+    /// Local counters, published by the engine (every 100 µs under load,
+    /// at once when frames stop).
     pub counters: &'a mut [u64; N_COUNTERS],
-    /// This switch's scheduler state (`wrr` credits); the engine moves it
-    /// in and out (no allocation).
+    /// This switch's scheduler state (`wrr` credits); it lives as long as
+    /// the engine's loop (no allocation per packet).
     pub sched: SchedState,
     /// Next hops already looked up in `rt` (synced with `rt`'s stamp).
     pub hops: HopCache,
