@@ -272,6 +272,16 @@ fn burst_in<N: Nic>(
     tx: &mut TxBatch,
     ctx: &mut Ctx<'_>,
 ) {
+    // Read every frame's first byte before parsing any: the generator's CPU
+    // wrote those lines, so each read waits for a transfer between caches;
+    // independent loads in a short loop all wait together, where the parse
+    // would wait for them one or two at a time. (Prefetch hints did not do
+    // this; demand loads do: docs/PERFORMANCE.md.)
+    let mut first_bytes = 0u8;
+    for f in frames {
+        first_bytes ^= nic.buf_mut(*f)[0];
+    }
+    core::hint::black_box(first_bytes);
     // First pass: parse the burst and start its connection-slot
     // loads, so the second pass finds them in cache.
     let mut rx_bytes = 0u64;
