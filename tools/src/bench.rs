@@ -414,19 +414,34 @@ pub fn run(cfg: &BenchConfig) -> Result<Vec<SizeResult>> {
                     load,
                 };
                 let mut next_new = 0u32;
-                let rate = pump(&mut wire, inp, out, cfg.duration, &tr, &mut next_new) / 1e6;
                 let region = app.region();
                 let c = &region.switch_slots()[0].counters;
-                let rx = c[Counter::RxPackets as usize].load(Ordering::Relaxed);
-                let ns =
-                    c[Counter::BusyNs as usize].load(Ordering::Relaxed) as f64 / rx.max(1) as f64;
+                let read = |k: Counter| c[k as usize].load(Ordering::Relaxed);
+                // The switch is idle after `establish` (its counters
+                // published); the measurement is what moves from here.
+                let before = [
+                    Counter::RxPackets,
+                    Counter::BusyNs,
+                    Counter::Loops,
+                    Counter::FlowCacheHit,
+                ]
+                .map(read);
+                let rate = pump(&mut wire, inp, out, cfg.duration, &tr, &mut next_new) / 1e6;
+                let [rx, busy_ns, loops, cached] = [
+                    Counter::RxPackets,
+                    Counter::BusyNs,
+                    Counter::Loops,
+                    Counter::FlowCacheHit,
+                ]
+                .map(read);
+                let frames = rx - before[0];
+                let ns = (busy_ns - before[1]) as f64 / frames.max(1) as f64;
                 if cfg.verbose {
-                    let loops = c[Counter::Loops as usize].load(Ordering::Relaxed);
-                    let cached = c[Counter::FlowCacheHit as usize].load(Ordering::Relaxed);
                     eprintln!(
-                        "run {run} {size} B {}: {rate:.2} Mpps (switch received {rx} frames in {loops} loops, busy {ns:.1} ns per frame, {:.1}% answered from its flow cache; lbgen found the RX ring full {} times)",
+                        "run {run} {size} B {}: {rate:.2} Mpps (switch received {rx} frames, {frames} of them measured, in {} loops counting the idle ones of the drain, busy {ns:.1} ns per frame, {:.1}% answered from its flow cache; lbgen found the RX ring full {} times)",
                         scenario_name(engine, load),
-                        100.0 * cached as f64 / rx.max(1) as f64,
+                        loops - before[2],
+                        100.0 * (cached - before[3]) as f64 / frames.max(1) as f64,
                         wire.ring_full
                     );
                 }
