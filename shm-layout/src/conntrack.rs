@@ -138,9 +138,7 @@ impl FlowKey {
             ((self.src_port as u64) << 32) | ((self.dst_port as u64) << 16) | self.proto as u64,
         )
     }
-}
 
-impl FlowKey {
     /// The key of its [`words`](FlowKey::words).
     #[inline(always)]
     pub fn from_words((a, b): (u64, u64)) -> Self {

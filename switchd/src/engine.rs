@@ -394,18 +394,33 @@ impl TxBatch {
                 }
                 &self.share[..k]
             };
-            let sent = nic.tx_burst(port as usize, share);
-            counters[Counter::TxPackets as usize] += sent as u64;
-            counters[Counter::DropTxFull as usize] += (share.len() - sent) as u64;
+            let sent = transmit(nic, port as usize, share, counters);
             for f in &share[sent..] {
                 counters[Counter::TxBytes as usize] -= f.len as u64;
-                nic.free(*f);
-            }
-            if sent > 0 {
-                nic.flush(port as usize);
             }
         }
     }
+}
+
+/// Queues `frames` on `port` in one [`Nic::tx_burst`], frees (counted as
+/// `drop_tx_full`) what its ring had no room for, counts `tx_packets` and
+/// flushes; returns how many went (a prefix of `frames`).
+fn transmit<N: Nic>(
+    nic: &mut N,
+    port: usize,
+    frames: &[Frame],
+    counters: &mut [u64; N_COUNTERS],
+) -> usize {
+    let sent = nic.tx_burst(port, frames);
+    counters[Counter::TxPackets as usize] += sent as u64;
+    counters[Counter::DropTxFull as usize] += (frames.len() - sent) as u64;
+    for f in &frames[sent..] {
+        nic.free(*f);
+    }
+    if sent > 0 {
+        nic.flush(port);
+    }
+    sent
 }
 
 /// A frame the filter held: queued (a copy; the caller frees the buffer and
@@ -490,16 +505,7 @@ fn null_forward<N: Nic>(
     let mut moved = 0;
     for local in 0..ports {
         let n = nic.rx_burst(local, frames);
-        let out = (local + 1) % ports;
-        let sent = nic.tx_burst(out, &frames[..n]);
-        counters[Counter::TxPackets as usize] += sent as u64;
-        counters[Counter::DropTxFull as usize] += (n - sent) as u64;
-        for f in &frames[sent..n] {
-            nic.free(*f);
-        }
-        if sent > 0 {
-            nic.flush(out);
-        }
+        transmit(nic, (local + 1) % ports, &frames[..n], counters);
         counters[Counter::RxPackets as usize] += n as u64;
         moved += n;
     }

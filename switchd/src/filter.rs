@@ -502,7 +502,8 @@ fn new_flow(
     ctx: &mut Ctx<'_>,
 ) -> Verdict {
     let (is_tcp, syn, rst) = l4.tcp_kind();
-    let Some((svc_idx, svc)) = find_service(&ctx.cfg, &l4.key()) else {
+    let key = l4.key();
+    let Some((svc_idx, svc)) = find_service(&ctx.cfg, &key) else {
         if !is_tcp {
             return ctx.drop(Counter::DropNoServiceUdp);
         }
@@ -520,7 +521,7 @@ fn new_flow(
             Err(_) => ctx.drop(Counter::DropMalformed),
         };
     };
-    let (backend, reserved) = match schedule(svc, &l4.key(), syn || !is_tcp, ctx) {
+    let (backend, reserved) = match schedule(svc, &key, syn || !is_tcp, ctx) {
         Ok(b) => b,
         Err(Pick::Full) if svc.queue_timeout_ms > 0 => {
             return Verdict::Hold {
@@ -532,14 +533,14 @@ fn new_flow(
         Err(_) => return ctx.drop(Counter::DropNoBackend),
     };
     let conn = Conn {
-        proto: l4.key().proto,
+        proto: key.proto,
         mode: svc.mode,
         flags: if is_tcp && !syn { CONN_MIDFLOW } else { 0 },
         backend_id: backend.id,
-        client_ip: l4.key().src_ip,
-        client_port: l4.key().src_port,
-        vip: l4.key().dst_ip,
-        vip_port: l4.key().dst_port,
+        client_ip: key.src_ip,
+        client_port: key.src_port,
+        vip: key.dst_ip,
+        vip_port: key.dst_port,
         backend_ip: backend.ip,
         backend_port: backend.port,
         service: svc_idx as u16,
@@ -1065,26 +1066,23 @@ fn egress(
             u16::from_be_bytes([ttl - 1, proto])
         )
     );
-    // (where the address goes, the address, the port, the TCP/UDP
-    // checksum's difference)
-    let (addr_at, new_ip, new_port, d_l4) = match nat {
-        Nat::None => (0, 0, 0, 0),
-        Nat::Dst(ip, p) => {
-            let d_addr = checksum::delta_u32(l4.key().dst_ip, ip);
-            let d_l4 = rewrite_l4(frame, l4, 2, l4.key().dst_port, p, d_addr);
-            d_ip += d_addr;
-            (16, ip, p, d_l4)
-        }
-        Nat::Src(ip, p) => {
-            let d_addr = checksum::delta_u32(l4.key().src_ip, ip);
-            let d_l4 = rewrite_l4(frame, l4, 0, l4.key().src_port, p, d_addr);
-            d_ip += d_addr;
-            (12, ip, p, d_l4)
-        }
+    // (the rewrite, the address and port it writes, the ones it replaces)
+    let k = l4.key();
+    let (kind, new_ip, new_port, old_ip, old_port) = match nat {
+        Nat::None => (flowcache::REWRITE_NONE, 0, 0, 0, 0),
+        Nat::Dst(ip, p) => (flowcache::REWRITE_DST, ip, p, k.dst_ip, k.dst_port),
+        Nat::Src(ip, p) => (flowcache::REWRITE_SRC, ip, p, k.src_ip, k.src_port),
     };
+    let offsets = flowcache::rewrite_offsets(kind);
+    let mut d_l4 = 0;
+    if let Some((_, port_at)) = offsets {
+        let d_addr = checksum::delta_u32(old_ip, new_ip);
+        d_l4 = rewrite_l4(frame, l4, port_at, old_port, new_port, d_addr);
+        d_ip += d_addr;
+    }
     if let Some(h) = frame.get_mut(ETH..).and_then(|b| b.first_chunk_mut::<20>()) {
         h[8] = ttl - 1;
-        if addr_at != 0 {
+        if let Some((addr_at, _)) = offsets {
             h[addr_at..addr_at + 4].copy_from_slice(&new_ip.to_be_bytes());
         }
         let c = checksum::adjust(u16::from_be_bytes([h[10], h[11]]), d_ip);
@@ -1093,11 +1091,7 @@ fn egress(
     set_macs(frame, dst, src);
     if let Some(fill) = fill {
         let rewrite = Rewrite {
-            kind: match addr_at {
-                16 => flowcache::REWRITE_DST,
-                12 => flowcache::REWRITE_SRC,
-                _ => flowcache::REWRITE_NONE,
-            },
+            kind,
             new_addr: new_ip,
             new_port,
             d_ip,
@@ -1298,12 +1292,7 @@ fn cached(frame: &mut [u8], l4: &L4, ctx: &mut Ctx<'_>) -> Option<Verdict> {
     let c = checksum::adjust_ne(u16::from_ne_bytes([ip[10], ip[11]]), e.d_ip);
     ip[10..12].copy_from_slice(&c.to_ne_bytes());
     let rewrite = e.kind >> 4;
-    if rewrite != flowcache::REWRITE_NONE {
-        let (at, pat) = if rewrite == flowcache::REWRITE_DST {
-            (16, 2)
-        } else {
-            (12, 0)
-        };
+    if let Some((at, pat)) = flowcache::rewrite_offsets(rewrite) {
         ip[at..at + 4].copy_from_slice(&e.new_addr);
         l4h[pat..pat + 2].copy_from_slice(&e.new_port);
         let old = u16::from_ne_bytes([l4h[csum_at], l4h[csum_at + 1]]);

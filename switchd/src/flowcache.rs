@@ -89,6 +89,18 @@ pub const REWRITE_DST: u8 = 1;
 /// Source address and port (backend -> client, NAT).
 pub const REWRITE_SRC: u8 = 2;
 
+/// Where a rewrite writes its address in the IPv4 header and its port in
+/// the TCP/UDP header; `None` for [`REWRITE_NONE`]. The full path and the
+/// cache's replay both place them by this.
+#[inline(always)]
+pub fn rewrite_offsets(kind: u8) -> Option<(usize, usize)> {
+    match kind {
+        REWRITE_DST => Some((16, 2)),
+        REWRITE_SRC => Some((12, 0)),
+        _ => None,
+    }
+}
+
 /// How long before its idle timeout an entry stops answering: each
 /// process judges expiry with its own clock (read once per loop or tick),
 /// so near the timeout another switch or the GC may already count the

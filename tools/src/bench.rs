@@ -40,7 +40,7 @@ pub struct BenchConfig {
 }
 
 /// Where the benchmark's appliances keep their shared memory.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum Pages {
     /// As docs/OPERATIONS.md deploys it: a `/dev/shm` that grants huge
     /// pages to mappings that ask (`huge=advise`). The benchmark mounts
@@ -419,21 +419,15 @@ pub fn run(cfg: &BenchConfig) -> Result<Vec<SizeResult>> {
                 let read = |k: Counter| c[k as usize].load(Ordering::Relaxed);
                 // The switch is idle after `establish` (its counters
                 // published); the measurement is what moves from here.
-                let before = [
+                let watched = [
                     Counter::RxPackets,
                     Counter::BusyNs,
                     Counter::Loops,
                     Counter::FlowCacheHit,
-                ]
-                .map(read);
+                ];
+                let before = watched.map(read);
                 let rate = pump(&mut wire, inp, out, cfg.duration, &tr, &mut next_new) / 1e6;
-                let [rx, busy_ns, loops, cached] = [
-                    Counter::RxPackets,
-                    Counter::BusyNs,
-                    Counter::Loops,
-                    Counter::FlowCacheHit,
-                ]
-                .map(read);
+                let [rx, busy_ns, loops, cached] = watched.map(read);
                 let frames = rx - before[0];
                 let ns = (busy_ns - before[1]) as f64 / frames.max(1) as f64;
                 if cfg.verbose {

@@ -453,6 +453,12 @@ mod tests {
 
     use super::*;
 
+    /// The `n`th whitespace-separated field of a rendered line (empty past
+    /// its end).
+    fn field(line: &str, n: usize) -> String {
+        line.split_whitespace().nth(n).unwrap_or("").to_string()
+    }
+
     /// A running switch's stats row with counters `set`.
     fn running_switch(name: &str, set: CounterSet) -> SwitchStats {
         SwitchStats {
@@ -484,7 +490,7 @@ mod tests {
         };
         let out = render_stats(&v);
         let lines: Vec<&str> = out.lines().collect();
-        let col = |line: &str| line.split_whitespace().nth(5).unwrap_or("").to_string();
+        let col = |line: &str| field(line, 5);
         assert_eq!(col(lines[1]), "Busy", "{out}");
         assert_eq!(col(lines[2]), "38%", "{out}");
         assert_eq!(col(lines[3]), "0%", "{out}");
@@ -518,7 +524,7 @@ mod tests {
         };
         let out = render_stats(&v);
         let lines: Vec<&str> = out.lines().collect();
-        let col = |line: &str| line.split_whitespace().nth(6).unwrap_or("").to_string();
+        let col = |line: &str| field(line, 6);
         assert_eq!(col(lines[1]), "Cached", "{out}");
         assert_eq!(col(lines[2]), "90%", "{out}");
         assert_eq!(col(lines[3]), "-", "no hits, no share: {out}");

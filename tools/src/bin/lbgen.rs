@@ -68,14 +68,8 @@ struct BenchArgs {
     /// /dev/shm as docs/OPERATIONS.md deploys it, mounted in a private
     /// mount namespace (root; the host's mounts are untouched); `host`, the
     /// host's /dev/shm as it is.
-    #[arg(long, value_enum, default_value_t = PagesArg::Huge)]
-    pages: PagesArg,
-}
-
-#[derive(clap::ValueEnum, Clone, Copy, Debug)]
-enum PagesArg {
-    Huge,
-    Host,
+    #[arg(long, value_enum, default_value_t = tools::bench::Pages::Huge)]
+    pages: tools::bench::Pages,
 }
 
 #[derive(clap::Args, Debug)]
@@ -179,10 +173,7 @@ fn bench(b: BenchArgs) -> ExitCode {
         return ExitCode::from(2);
     }
     cfg.services = b.services;
-    cfg.pages = match b.pages {
-        PagesArg::Huge => tools::bench::Pages::Huge,
-        PagesArg::Host => tools::bench::Pages::Host,
-    };
+    cfg.pages = b.pages;
     let res = match tools::bench::run(&cfg) {
         Ok(r) => r,
         Err(e) => {
