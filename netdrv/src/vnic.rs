@@ -571,7 +571,8 @@ impl Nic for VnicHost {
         // Locals, not fields (see `desc_at`).
         let ring = self.rings[port].0;
         let (mask, n_frames) = (self.mask, self.n_frames);
-        let free = &mut self.free;
+        // A local for the loop, as in `tx_burst`; put back below.
+        let mut free = core::mem::take(&mut self.free);
         let mut next = self.rx_next[port];
         let mut n = 0;
         while n < out.len() {
@@ -599,6 +600,7 @@ impl Nic for VnicHost {
             n += 1;
         }
         self.rx_next[port] = next;
+        self.free = free;
         n
     }
 
@@ -629,8 +631,15 @@ impl Nic for VnicHost {
         // Locals, not fields (see `desc_at`).
         let ring = self.rings[port].1;
         let mask = self.mask;
-        let free = &mut self.free;
         let (mut next, mut clean) = (self.tx_next[port], self.tx_clean[port]);
+        // Completed buffers taken back (at most one per frame) go into room
+        // reserved up front, counted in a register: pushed one by one, the
+        // free list's length was reloaded and stored around every
+        // descriptor store.
+        self.free.reserve(frames.len());
+        let had = self.free.len();
+        let room = &mut self.free.spare_capacity_mut()[..frames.len()];
+        let mut back = 0;
         let mut n = 0;
         for f in frames {
             // SAFETY: the host's TX ring of `port` (see `desc_at`).
@@ -643,7 +652,8 @@ impl Nic for VnicHost {
             d.meta.store(OWN_NIC | f.len as u32, Ordering::Release);
             if old != NONE {
                 // Completed but not reclaimed yet: take it back now.
-                free.push(old);
+                room[back].write(old);
+                back += 1;
             }
             // Slots clean..=next are now pending reclaim; keep that run
             // within one ring (the slot just reused was its oldest member).
@@ -653,6 +663,9 @@ impl Nic for VnicHost {
             next = next.wrapping_add(1);
             n += 1;
         }
+        // SAFETY: the `back` places after the first `had` were written in
+        // the loop (`room` starts at `had`), within the reserved capacity.
+        unsafe { self.free.set_len(had + back) };
         (self.tx_next[port], self.tx_clean[port]) = (next, clean);
         n
     }

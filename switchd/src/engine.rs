@@ -294,10 +294,19 @@ fn burst_in<N: Nic>(
     ctx.counters[Counter::RxBytes as usize] += rx_bytes;
     for (f, pre) in frames.iter().zip(pres.iter()) {
         let buf = nic.buf_mut(*f);
-        let mut verdict = filter::process_pre(buf, f.len as usize, pre, in_port, &port_mac, ctx);
-        if let Verdict::Hold { timeout_ms } = verdict {
-            verdict = hold(synq, buf, f.len as usize, in_port, timeout_ms, ctx);
-        }
+        // The flow cache's answers go straight out (the common case of an
+        // established flow, kept apart so its port and length stay in
+        // registers); the rest takes the filter's full path.
+        let verdict = match filter::answer_pre(buf, pre, ctx) {
+            Some((port, len)) => Verdict::Tx { port, len },
+            None => match filter::process_missed(buf, f.len as usize, pre, in_port, &port_mac, ctx)
+            {
+                Verdict::Hold { timeout_ms } => {
+                    hold(synq, buf, f.len as usize, in_port, timeout_ms, ctx)
+                }
+                v => v,
+            },
+        };
         match verdict {
             Verdict::Tx { port, len } => match map.local.get(port as usize).copied().flatten() {
                 Some(out) => {

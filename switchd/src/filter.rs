@@ -194,7 +194,8 @@ pub fn pre(frame: &[u8], ct: &ConnTable<'_>, flows: &FlowCache, out: &mut Pre) {
 }
 
 /// [`process`] for a frame that went through [`pre`] (same frame, same
-/// length): the same verdict, without parsing it again.
+/// length): the same verdict, without parsing it again. The engine calls
+/// its two halves, [`answer_pre`] then [`process_missed`], itself.
 #[inline]
 pub fn process_pre(
     frame: &mut [u8],
@@ -204,8 +205,32 @@ pub fn process_pre(
     port_mac: &impl Fn(u32) -> Option<[u8; 6]>,
     ctx: &mut Ctx<'_>,
 ) -> Verdict {
+    match answer_pre(frame, pre, ctx) {
+        Some((port, len)) => Verdict::Tx { port, len },
+        None => process_missed(frame, len, pre, in_port, port_mac, ctx),
+    }
+}
+
+/// The flow cache's answer for a frame that went through [`pre`]: its
+/// egress port and length (`Verdict::Tx`'s fields; the frame is rewritten
+/// and everything counted), or `None`: [`process_missed`] decides.
+#[inline(always)]
+pub fn answer_pre(frame: &mut [u8], pre: &Pre, ctx: &mut Ctx<'_>) -> Option<(u32, usize)> {
+    cached(frame, pre.0.as_ref()?, ctx)
+}
+
+/// [`process_pre`] for a frame [`answer_pre`] did not answer.
+#[inline]
+pub fn process_missed(
+    frame: &mut [u8],
+    len: usize,
+    pre: &Pre,
+    in_port: u32,
+    port_mac: &impl Fn(u32) -> Option<[u8; 6]>,
+    ctx: &mut Ctx<'_>,
+) -> Verdict {
     match &pre.0 {
-        Some(l4) => route_ip(frame, l4, in_port, port_mac, ctx),
+        Some(l4) => decide(frame, l4, in_port, port_mac, ctx),
         None => process(frame, len, in_port, port_mac, ctx),
     }
 }
@@ -218,9 +243,21 @@ fn route_ip(
     port_mac: &impl Fn(u32) -> Option<[u8; 6]>,
     ctx: &mut Ctx<'_>,
 ) -> Verdict {
-    if let Some(v) = cached(frame, l4, ctx) {
-        return v;
+    match cached(frame, l4, ctx) {
+        Some((port, len)) => Verdict::Tx { port, len },
+        None => decide(frame, l4, in_port, port_mac, ctx),
     }
+}
+
+/// The full path of an IPv4 TCP/UDP packet (the flow cache did not answer).
+#[inline(always)]
+fn decide(
+    frame: &mut [u8],
+    l4: &L4,
+    in_port: u32,
+    port_mac: &impl Fn(u32) -> Option<[u8; 6]>,
+    ctx: &mut Ctx<'_>,
+) -> Verdict {
     if is_vip(&ctx.cfg, l4.key().dst_ip) {
         to_vip(frame, l4, in_port, port_mac, ctx)
     } else {
@@ -1229,12 +1266,13 @@ impl Fill {
     }
 }
 
-/// A known connection's packet answered from the flow cache: the verdict,
-/// rewrite and updates the full path would make (see [`crate::flowcache`]
-/// for when an entry may answer), or `None` to take the full path. Changes
-/// nothing before it knows it answers.
+/// A known connection's packet answered from the flow cache: the rewrite
+/// and updates the full path would make (see [`crate::flowcache`] for
+/// when an entry may answer) and its `Verdict::Tx` (egress port, length),
+/// or `None` to take the full path. Changes nothing before it knows it
+/// answers.
 #[inline(always)]
-fn cached(frame: &mut [u8], l4: &L4, ctx: &mut Ctx<'_>) -> Option<Verdict> {
+fn cached(frame: &mut [u8], l4: &L4, ctx: &mut Ctx<'_>) -> Option<(u32, usize)> {
     const ETH: usize = wire::ETHERNET_HEADER_LEN;
     let k = l4.key();
     let e = ctx.flows.get(l4.home, l4.words.0, l4.words.1)?;
@@ -1267,11 +1305,11 @@ fn cached(frame: &mut [u8], l4: &L4, ctx: &mut Ctx<'_>) -> Option<Verdict> {
     }
     let (eth, rest) = frame.split_first_chunk_mut::<ETH>()?;
     let (ip, l4h) = rest.split_first_chunk_mut::<20>()?;
-    let (l4h, csum_at) = if k.proto == PROTO_TCP {
-        (l4h.first_chunk_mut::<18>()?.as_mut_slice(), 16)
-    } else {
-        (l4h.first_chunk_mut::<8>()?.as_mut_slice(), 6)
-    };
+    // 18 bytes whatever the protocol (`frame` is the whole buffer): a UDP
+    // rewrite writes only within its 8-byte header, and the fixed size
+    // lets the compiler drop the bounds checks.
+    let l4h = l4h.first_chunk_mut::<18>()?;
+    let csum_at = if k.proto == PROTO_TCP { 16 } else { 6 };
     let ttl = ip[8];
     if ttl <= 1 {
         return None;
@@ -1313,10 +1351,7 @@ fn cached(frame: &mut [u8], l4: &L4, ctx: &mut Ctx<'_>) -> Option<Verdict> {
     };
     ctx.counters[hit as usize] += 1;
     ctx.counters[Counter::FlowCacheHit as usize] += 1;
-    Some(Verdict::Tx {
-        port: e.port as u32,
-        len: l4.frame_len as usize,
-    })
+    Some((e.port as u32, l4.frame_len as usize))
 }
 
 #[cfg(test)]
