@@ -297,35 +297,36 @@ fn burst_in<N: Nic>(
         // The flow cache's answers go straight out (the common case of an
         // established flow, kept apart so its port and length stay in
         // registers); the rest takes the filter's full path.
-        let verdict = match filter::answer_pre(buf, pre, ctx) {
-            Some((port, len)) => Verdict::Tx { port, len },
-            None => match filter::process_missed(buf, f.len as usize, pre, in_port, &port_mac, ctx)
-            {
-                Verdict::Hold { timeout_ms } => {
-                    hold(synq, buf, f.len as usize, in_port, timeout_ms, ctx)
+        let (port, len) = match filter::answer_pre(buf, pre, ctx) {
+            Some(tx) => tx,
+            None => {
+                let mut verdict =
+                    filter::process_missed(buf, f.len as usize, pre, in_port, &port_mac, ctx);
+                if let Verdict::Hold { timeout_ms } = verdict {
+                    verdict = hold(synq, buf, f.len as usize, in_port, timeout_ms, ctx);
                 }
-                v => v,
-            },
-        };
-        match verdict {
-            Verdict::Tx { port, len } => match map.local.get(port as usize).copied().flatten() {
-                Some(out) => {
-                    let out_frame = Frame {
-                        buf: f.buf,
-                        len: len as u16,
-                    };
-                    if let Err(back) = tx.queue(out, out_frame) {
-                        ctx.counters[Counter::DropTxFull as usize] += 1;
-                        nic.free(back);
+                match verdict {
+                    Verdict::Tx { port, len } => (port, len),
+                    // Held: the queue kept a copy.
+                    Verdict::Drop | Verdict::Hold { .. } => {
+                        nic.free(*f);
+                        continue;
                     }
                 }
-                None => {
-                    ctx.counters[Counter::DropEgressPort as usize] += 1;
-                    nic.free(*f);
-                }
-            },
-            // Held: the queue kept a copy.
-            Verdict::Drop | Verdict::Hold { .. } => nic.free(*f),
+            }
+        };
+        let Some(out) = map.local.get(port as usize).copied().flatten() else {
+            ctx.counters[Counter::DropEgressPort as usize] += 1;
+            nic.free(*f);
+            continue;
+        };
+        let out_frame = Frame {
+            buf: f.buf,
+            len: len as u16,
+        };
+        if let Err(back) = tx.queue(out, out_frame) {
+            ctx.counters[Counter::DropTxFull as usize] += 1;
+            nic.free(back);
         }
     }
     tx.send(nic, ctx.counters);

@@ -1334,14 +1334,17 @@ fn cached(frame: &mut [u8], l4: &L4, ctx: &mut Ctx<'_>) -> Option<(u32, usize)> 
         ip[at..at + 4].copy_from_slice(&e.new_addr);
         l4h[pat..pat + 2].copy_from_slice(&e.new_port);
         let old = u16::from_ne_bytes([l4h[csum_at], l4h[csum_at + 1]]);
-        // UDP without checksum stays without; a computed 0 is sent as 0xffff.
-        if k.proto == PROTO_TCP || old != 0 {
-            let c = match checksum::adjust_ne(old, e.d_l4) {
-                0 if k.proto != PROTO_TCP => 0xffff,
-                c => c,
-            };
-            l4h[csum_at..csum_at + 2].copy_from_slice(&c.to_ne_bytes());
-        }
+        let c = if k.proto == PROTO_TCP {
+            checksum::adjust_ne(old, e.d_l4)
+        } else {
+            // UDP without checksum stays without; a computed 0 is sent as 0xffff.
+            match (old, checksum::adjust_ne(old, e.d_l4)) {
+                (0, _) => 0,
+                (_, 0) => 0xffff,
+                (_, c) => c,
+            }
+        };
+        l4h[csum_at..csum_at + 2].copy_from_slice(&c.to_ne_bytes());
     }
     eth[..12].copy_from_slice(&e.macs);
     let hit = if rewrite == flowcache::REWRITE_SRC {
