@@ -605,6 +605,48 @@ mod tests {
         );
     }
 
+    /// UDP's checksum rules, answered from the cache as the full path
+    /// answers: a datagram sent without a checksum (0) leaves without one,
+    /// and one whose rewritten checksum computes to 0 leaves with 0xffff.
+    #[test]
+    fn udp_without_a_checksum_or_with_one_that_computes_to_zero_keeps_the_rules() {
+        let mut cached = Switch::new("fc-udp0", DEFAULT_ENTRIES);
+        let mut full = Switch::new("fc-udp0-full", 0);
+        let now = cached.fx.region.now_ms();
+        const CSUM: usize = 14 + 20 + 6;
+        // Client -> VIP UDP from `port` with a two-byte payload.
+        let dgram = |payload: [u8; 2]| {
+            let mut v = Vec::new();
+            PacketBuilder::ethernet2(CLIENT_GW_MAC, [2, 0, 0, 0, 0, 1])
+                .ipv4([198, 18, 100, 1], VIP.to_be_bytes(), 64)
+                .udp(5353, 53)
+                .write(&mut v, &payload)
+                .unwrap();
+            v
+        };
+        // The full path's checksum out for payload 0: adding it as the
+        // payload word makes the rewritten datagram's sum 0xffff, so its
+        // checksum computes to 0.
+        let (v, out) = full.send(now, 0, &dgram([0, 0]));
+        assert!(matches!(v, Verdict::Tx { .. }));
+        let zero_out = dgram([out[CSUM], out[CSUM + 1]]);
+        let mut no_csum = dgram([1, 2]);
+        no_csum[CSUM..CSUM + 2].copy_from_slice(&[0, 0]);
+        // The cached switch opens and fills the flow, then answers both.
+        for _ in 0..2 {
+            cached.send(now, 0, &dgram([0, 0]));
+        }
+        let hits = cached.hits();
+        for (f, want) in [(&zero_out, [0xff, 0xff]), (&no_csum, [0, 0])] {
+            let a = cached.send(now, 0, f);
+            let b = full.send(now, 0, f);
+            assert_eq!(a.0, b.0);
+            assert_eq!(a.1[CSUM..CSUM + 2], want, "checksum out");
+            assert!(a.1 == b.1, "different bytes out");
+        }
+        assert_eq!(cached.hits(), hits + 2, "both answered from the cache");
+    }
+
     #[test]
     fn a_new_publication_idle_timeout_or_closing_packet_takes_the_full_path() {
         let mut sw = Switch::new("fc-inval", DEFAULT_ENTRIES);
