@@ -1175,7 +1175,9 @@ fn cache_answer(
             idx: fill.idx,
             via_lock: fill.via_lock,
             via: fill.via,
+            // Both set by `put`.
             epoch: 0,
+            second: false,
             new_addr: rw.new_addr.to_be_bytes(),
             timeout_ms: ctx.timeouts.for_state(l4.key().proto, fill.state),
             new_port: rw.new_port.to_be_bytes(),

@@ -61,7 +61,12 @@ pub struct Entry {
     pub via_lock: u32,
     pub via: u32,
     /// The cache epoch it was filled in (0: never valid).
-    pub epoch: u32,
+    pub epoch: u16,
+    /// In a set's first way: its second way may hold an entry of this
+    /// epoch (one was moved there since the first way was last empty), so
+    /// a key the first way does not hold must be looked for there too.
+    /// Without it, a lookup reads one line, not two.
+    pub second: bool,
     /// The address the rewrite writes (network order), and the port.
     pub new_addr: [u8; 4],
     /// Idle timeout of the connection in its state.
@@ -134,6 +139,7 @@ impl Entry {
         via_lock: 0,
         via: 0,
         epoch: 0,
+        second: false,
         new_addr: [0; 4],
         timeout_ms: 0,
         new_port: [0; 2],
@@ -187,7 +193,7 @@ pub struct FlowCache {
     entries: Entries,
     mask: usize,
     /// Entries filled in another epoch are invalid.
-    epoch: u32,
+    epoch: u16,
     /// The configuration's answer fingerprint and the routing stamp of
     /// this epoch.
     stamps: (u64, u64),
@@ -264,12 +270,12 @@ impl FlowCache {
         unsafe { &*self.entries.first.add(at).cast::<[Entry; WAYS]>() }
     }
 
-    /// Starts loading the set for a key whose table home is `home`.
+    /// Starts loading the first way of the set for a key whose table home
+    /// is `home` (the second is read only when the first says it may hold
+    /// an entry: few sets hold two flows).
     #[inline(always)]
     pub fn prefetch(&self, home: u32) {
-        self.set(home)
-            .iter()
-            .for_each(shm_layout::conntrack::prefetch);
+        shm_layout::conntrack::prefetch(&self.set(home)[0]);
     }
 
     /// The valid entry for `home` holding this key, if any.
@@ -280,7 +286,7 @@ impl FlowCache {
             |e: &Entry| e.addrs == addrs && e.ports_proto == ports_proto && e.epoch == self.epoch;
         if holds(&set[0]) {
             Some(&set[0])
-        } else if holds(&set[1]) {
+        } else if set[0].second && holds(&set[1]) {
             Some(&set[1])
         } else {
             None
@@ -290,7 +296,10 @@ impl FlowCache {
     /// Stores `e` (its key words set) as the entry for `home`, in the
     /// current epoch, in the first way: over an entry of the same key or an
     /// invalid one; else the entry there moves to the second way (the less
-    /// recently filled of the two leaves).
+    /// recently filled of the two leaves). The first way's `second` says
+    /// whether the second may hold an entry of this epoch: an entry moves
+    /// there only from a valid first way, and an epoch's end invalidates
+    /// both, so a first way of another epoch has an invalid second too.
     #[inline]
     pub fn put(&mut self, home: u32, mut e: Entry) {
         let at = (home as usize & self.mask) * WAYS;
@@ -305,10 +314,13 @@ impl FlowCache {
             return;
         };
         // The first way holds the most recently filled entry.
-        let over_first = set[0].epoch != epoch
-            || (set[0].addrs == e.addrs && set[0].ports_proto == e.ports_proto);
-        if !over_first {
+        let valid = set[0].epoch == epoch;
+        let same = set[0].addrs == e.addrs && set[0].ports_proto == e.ports_proto;
+        if valid && !same {
             set[1] = set[0];
+            e.second = true;
+        } else {
+            e.second = valid && set[0].second;
         }
         set[0] = e;
     }
@@ -515,8 +527,12 @@ mod tests {
             );
         };
         let got = |fc: &FlowCache, n: u64| fc.get(1, key(n).0, key(n).1).map(|e| e.idx);
+        // The first way says whether the second may hold an entry.
+        let second = |fc: &FlowCache| fc.set(1)[0].second;
         put(&mut fc, 10);
+        assert!(!second(&fc), "one flow: the second way is not read");
         put(&mut fc, 11);
+        assert!(second(&fc));
         assert_eq!((got(&fc, 10), got(&fc, 11)), (Some(10), Some(11)));
         assert_eq!(
             fc.get(0, key(10).0, key(10).1).map(|e| e.idx),
@@ -537,6 +553,13 @@ mod tests {
         fc.sync(5, 6);
         put(&mut fc, 13);
         assert_eq!(got(&fc, 13), Some(13));
+        assert!(!second(&fc), "over an entry of an ended epoch");
+        put(&mut fc, 13);
+        assert!(!second(&fc), "a refill keeps the flag");
+        put(&mut fc, 14);
+        put(&mut fc, 14);
+        assert!(second(&fc), "a refill keeps the flag");
+        assert_eq!((got(&fc, 13), got(&fc, 14)), (Some(13), Some(14)));
         fc.sync(5, 7);
         assert_eq!(got(&fc, 13), None, "a routing publication invalidates too");
         // A disabled cache holds nothing.
@@ -603,6 +626,29 @@ mod tests {
             cached.entry(&tcp_key(40_000), now).unwrap().0,
             shm_layout::conntrack::STATE_ESTABLISHED
         );
+    }
+
+    #[test]
+    fn an_epoch_counter_coming_round_brings_no_entry_back() {
+        let mut fc = FlowCache::new(4).unwrap();
+        let (addrs, ports_proto) = (7, 7 << 32 | 6);
+        fc.put(
+            0,
+            Entry {
+                addrs,
+                ports_proto,
+                idx: 7,
+                ..Entry::default()
+            },
+        );
+        assert!(fc.get(0, addrs, ports_proto).is_some());
+        // Every epoch of the 16-bit counter once: the entry's comes round.
+        for _ in 0..u16::MAX as u32 {
+            fc.invalidate();
+            assert!(fc.get(0, addrs, ports_proto).is_none());
+        }
+        fc.invalidate();
+        assert!(fc.get(0, addrs, ports_proto).is_none(), "after the wrap");
     }
 
     /// UDP's checksum rules, answered from the cache as the full path
