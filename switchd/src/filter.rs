@@ -155,6 +155,13 @@ impl L4 {
         FlowKey::from_words(self.words)
     }
 
+    /// A SYN, FIN or RST: a packet that opens or closes (or may change the
+    /// state of) a connection; the flow cache answers none of them.
+    #[inline(always)]
+    fn closes_or_opens(&self) -> bool {
+        self.flags & (tcp::SYN | tcp::FIN | tcp::RST) != 0
+    }
+
     /// (TCP at all, a connection-opening SYN (no ACK), a RST).
     #[inline(always)]
     fn tcp_kind(&self) -> (bool, bool, bool) {
@@ -188,7 +195,11 @@ pub fn pre(frame: &[u8], ct: &ConnTable<'_>, flows: &FlowCache, out: &mut Pre) {
     };
     let home = ct.home_of(l4.words);
     ct.prefetch(home);
-    flows.prefetch(home as u32);
+    // The flow cache never answers a SYN, FIN or RST (see `cached`): their
+    // sets are not loaded (a new connection's would be a miss for nothing).
+    if !l4.closes_or_opens() {
+        flows.prefetch(home as u32);
+    }
     l4.home = home as u32;
     out.0 = Some(l4);
 }
@@ -1246,7 +1257,7 @@ impl Fill {
     /// handshake; and a switch with a cache.
     #[inline(always)]
     fn of(hit: &Hit, slot: &ConnSlot, l4: &L4, flows: &FlowCache) -> Option<Fill> {
-        if l4.flags & (tcp::SYN | tcp::FIN | tcp::RST) != 0
+        if l4.closes_or_opens()
             || flows.capacity() == 0
             || l4.l4_off as usize != wire::ETHERNET_HEADER_LEN + 20
         {
@@ -1277,10 +1288,10 @@ impl Fill {
 fn cached(frame: &mut [u8], l4: &L4, ctx: &mut Ctx<'_>) -> Option<(u32, usize)> {
     const ETH: usize = wire::ETHERNET_HEADER_LEN;
     let k = l4.key();
-    let e = ctx.flows.get(l4.home, l4.words.0, l4.words.1)?;
-    if l4.flags & (tcp::SYN | tcp::FIN | tcp::RST) != 0 || l4.l4_off as usize != ETH + 20 {
+    if l4.closes_or_opens() || l4.l4_off as usize != ETH + 20 {
         return None;
     }
+    let e = ctx.flows.get(l4.home, l4.words.0, l4.words.1)?;
     let slot = ctx.ct.slot(e.idx);
     let lock = e.lock as u64;
     let via = ctx.ct.slot(e.via);
