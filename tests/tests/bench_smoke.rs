@@ -43,6 +43,7 @@ fn lbgen_bench_quick_reports_every_scenario() {
             assert!(r[k].as_f64().unwrap() > 0.0, "{k} moved no frame: {r}");
         }
         assert_eq!(r["runs"], 1);
+        assert_eq!(r["flows"], 512, "--quick's flows");
         assert!(r["region_huge_pages"].is_boolean(), "{r}");
     }
     let left: Vec<String> = std::fs::read_dir("/dev/shm")
@@ -64,9 +65,12 @@ fn bench_on_huge_pages_gets_them_without_touching_the_host() {
     let before = mounts();
     let rows = bench_rows(
         &bin("lbgen").to_string_lossy(),
-        &["bench", "--quick", "--json", "--frames", "64"],
+        &[
+            "bench", "--quick", "--json", "--frames", "64", "--flows", "100",
+        ],
     );
     assert_eq!(rows.len(), 1);
+    assert_eq!(rows[0]["flows"], 100);
     assert_eq!(rows[0]["region_huge_pages"], true, "{}", rows[0]);
     assert!(rows[0]["established_mpps"].as_f64().unwrap() > 0.0);
     assert_eq!(mounts(), before, "the host's mounts changed");

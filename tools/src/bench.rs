@@ -85,10 +85,7 @@ impl BenchConfig {
             frame_sizes: vec![64, 1500],
             gen_cpu: 0,
             switch_cpu: 1,
-            flows: std::env::var("LBFLOWS")
-                .ok()
-                .and_then(|v| v.parse().ok())
-                .unwrap_or(4096),
+            flows: 4096,
             connections: 1 << 20,
             verbose: false,
             services: 1,
@@ -117,6 +114,8 @@ pub struct SizeResult {
     /// established over ceiling, same run
     pub ratio_to_ceiling: f64,
     pub runs: usize,
+    /// Established flows the established and mix loads cycle through.
+    pub flows: usize,
     /// Rates of every run (Mpps).
     pub samples: Samples,
     /// The switch's own cost: nanoseconds it spent in poll loops that moved
@@ -467,6 +466,7 @@ pub fn run(cfg: &BenchConfig) -> Result<Vec<SizeResult>> {
                 mix_mpps: median(&s.mix),
                 ratio_to_ceiling: if ceiling > 0.0 { est / ceiling } else { 0.0 },
                 runs: cfg.runs,
+                flows: cfg.flows,
                 samples: s,
                 switch_ns_per_frame: SwitchCost {
                     ceiling: median(&b.ceiling),

@@ -57,6 +57,13 @@ struct BenchArgs {
     /// The appliance's `[limits] connections` (its table has 4 slots each).
     #[arg(long, default_value_t = 1_048_576)]
     connections: usize,
+    /// Established flows the established and mix loads cycle through
+    /// (1..=1048576, at most `--connections`; default 4096, 512 with
+    /// `--quick`). Each flow's table slot and flow-cache entry stay in the
+    /// switch's caches only while there are few: the rate falls as they grow
+    /// (docs/PERFORMANCE.md).
+    #[arg(long)]
+    flows: Option<usize>,
     /// Print every measurement, with the frames the switch received, to stderr.
     #[arg(long)]
     verbose: bool,
@@ -167,6 +174,16 @@ fn bench(b: BenchArgs) -> ExitCode {
     }
     cfg.frame_sizes = b.frames;
     cfg.connections = b.connections;
+    if let Some(f) = b.flows {
+        if !(1..=1 << 20).contains(&f) || f > b.connections {
+            eprintln!(
+                "lbgen bench: --flows {f} is outside 1..=1048576 or above --connections {}",
+                b.connections
+            );
+            return ExitCode::from(2);
+        }
+        cfg.flows = f;
+    }
     cfg.verbose = b.verbose;
     if !(1..=4096).contains(&b.services) {
         eprintln!("lbgen bench: --services {} is outside 1..=4096", b.services);
