@@ -333,7 +333,7 @@ fn burst_in<N: Nic>(
 }
 
 /// The frames of a burst on their way out, in arrival order, each with its
-/// local port: [`send`](Self::send) gives each port its share in one
+/// local port: `send` gives each port its share in one
 /// [`Nic::tx_burst`] (when all go out one port, the whole list as it is).
 #[derive(Debug)]
 pub struct TxBatch {
