@@ -446,10 +446,10 @@ impl VnicHost {
                 }
             }
         }
-        host.free = (0..used.len() as u32)
-            .rev()
-            .filter(|&b| !used[b as usize])
-            .collect();
+        // Room for every buffer, so the data path never grows it.
+        host.free = Vec::with_capacity(used.len());
+        host.free
+            .extend((0..used.len() as u32).rev().filter(|&b| !used[b as usize]));
         for (p, i) in unposted {
             let Some(b) = host.free.pop() else { break };
             let d = &host.dev.ring(p, false).descs[i as usize];
@@ -571,7 +571,9 @@ impl Nic for VnicHost {
         // Locals, not fields (see `desc_at`).
         let ring = self.rings[port].0;
         let (mask, n_frames) = (self.mask, self.n_frames);
-        // A local for the loop, as in `tx_burst`; put back below.
+        // The free list as a local for the loop (nothing below can return
+        // or panic before it is put back): through `self`, its length would
+        // be reloaded and stored around every descriptor store.
         let mut free = core::mem::take(&mut self.free);
         let mut next = self.rx_next[port];
         let mut n = 0;
@@ -664,7 +666,8 @@ impl Nic for VnicHost {
             n += 1;
         }
         // SAFETY: the `back` places after the first `had` were written in
-        // the loop (`room` starts at `had`), within the reserved capacity.
+        // the loop (`room` starts at `had`; at most one per frame, so
+        // `back <= frames.len()`, the room reserved), and a u32 needs no drop.
         unsafe { self.free.set_len(had + back) };
         (self.tx_next[port], self.tx_clean[port]) = (next, clean);
         n

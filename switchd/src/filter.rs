@@ -179,9 +179,10 @@ impl L4 {
 pub struct Pre(Option<L4>);
 
 /// First pass over a burst: parses a common-case IPv4 TCP/UDP frame
-/// (`frame` is its `len` bytes) and starts loading its connection slot, so
-/// the second pass ([`process_pre`]) finds it in cache and parses nothing
-/// again. Writes its facts into `out` (the engine's per-burst array), or
+/// (`frame` is its `len` bytes) and starts loading its connection slot
+/// (and its flow-cache set's first way), so the second pass
+/// ([`answer_pre`], then [`process_missed`]) finds them in cache and parses
+/// nothing again. Writes its facts into `out` (the engine's per-burst array), or
 /// nothing for frames it leaves to [`process`]; reads only what it
 /// bounds-checks.
 #[inline(always)]
@@ -205,8 +206,10 @@ pub fn pre(frame: &[u8], ct: &ConnTable<'_>, flows: &FlowCache, out: &mut Pre) {
 }
 
 /// [`process`] for a frame that went through [`pre`] (same frame, same
-/// length): the same verdict, without parsing it again. The engine calls
-/// its two halves, [`answer_pre`] then [`process_missed`], itself.
+/// length; `frame` the whole buffer, as for [`process`]): the same
+/// verdict, without parsing it again. The engine calls its two halves,
+/// [`answer_pre`] then [`process_missed`], itself (so that a cached
+/// answer's port and length stay in registers); keep the two in step.
 #[inline]
 pub fn process_pre(
     frame: &mut [u8],
@@ -246,20 +249,6 @@ pub fn process_missed(
     }
 }
 
-#[inline(always)]
-fn route_ip(
-    frame: &mut [u8],
-    l4: &L4,
-    in_port: u32,
-    port_mac: &impl Fn(u32) -> Option<[u8; 6]>,
-    ctx: &mut Ctx<'_>,
-) -> Verdict {
-    match cached(frame, l4, ctx) {
-        Some((port, len)) => Verdict::Tx { port, len },
-        None => decide(frame, l4, in_port, port_mac, ctx),
-    }
-}
-
 /// The full path of an IPv4 TCP/UDP packet (the flow cache did not answer).
 #[inline(always)]
 fn decide(
@@ -278,7 +267,11 @@ fn decide(
 
 /// Runs the filter on one frame received on global port `in_port`.
 /// `port_mac(p)` gives the MAC of global port `p` (`None` if this switch
-/// does not serve it).
+/// does not serve it). `frame` is the frame's whole buffer (the NIC's, at
+/// least 2048 bytes; `len` of them are the frame), as for [`process_pre`]:
+/// a rewrite may grow the frame (tunnel), and the flow cache writes its
+/// answers through fixed-size header arrays (a shorter slice only makes
+/// it miss).
 #[inline]
 pub fn process(
     frame: &mut [u8],
@@ -301,7 +294,10 @@ pub fn process(
         Err(v) => return v,
     };
     l4.home = ctx.ct.home_of(l4.words) as u32;
-    route_ip(frame, &l4, in_port, port_mac, ctx)
+    match cached(frame, &l4, ctx) {
+        Some((port, len)) => Verdict::Tx { port, len },
+        None => decide(frame, &l4, in_port, port_mac, ctx),
+    }
 }
 
 /// The 5-tuple of an IPv4 TCP/UDP frame, read without validation (for
@@ -1186,9 +1182,8 @@ fn cache_answer(
             idx: fill.idx,
             via_lock: fill.via_lock,
             via: fill.via,
-            // Both set by `put`.
+            // Set by `put`.
             epoch: 0,
-            second: false,
             new_addr: rw.new_addr.to_be_bytes(),
             timeout_ms: ctx.timeouts.for_state(l4.key().proto, fill.state),
             new_port: rw.new_port.to_be_bytes(),
@@ -1309,7 +1304,7 @@ fn cached(frame: &mut [u8], l4: &L4, ctx: &mut Ctx<'_>) -> Option<(u32, usize)> 
     // The state and time read above belong to the entry only if no insert
     // claimed the slot meanwhile (it writes them while holding the lock).
     core::sync::atomic::fence(Ordering::Acquire);
-    if slot.lock.load(Ordering::Relaxed) != lock || state != (e.kind & 0xf) as u32 {
+    if slot.lock.load(Ordering::Relaxed) != lock || state != e.state() as u32 {
         return None;
     }
     let age = ctx.now_ms.wrapping_sub(last) as i32;
@@ -1342,7 +1337,7 @@ fn cached(frame: &mut [u8], l4: &L4, ctx: &mut Ctx<'_>) -> Option<(u32, usize)> 
     ip[8] = ttl - 1;
     let c = checksum::adjust_ne(u16::from_ne_bytes([ip[10], ip[11]]), e.d_ip);
     ip[10..12].copy_from_slice(&c.to_ne_bytes());
-    let rewrite = e.kind >> 4;
+    let rewrite = e.rewrite();
     if let Some((at, pat)) = flowcache::rewrite_offsets(rewrite) {
         ip[at..at + 4].copy_from_slice(&e.new_addr);
         l4h[pat..pat + 2].copy_from_slice(&e.new_port);

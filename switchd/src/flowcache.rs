@@ -66,12 +66,7 @@ pub struct Entry {
     pub via_lock: u32,
     pub via: u32,
     /// The cache epoch it was filled in (0: never valid).
-    pub epoch: u16,
-    /// In a set's first way: its second way may hold an entry of this
-    /// epoch (one was moved there since the first way was last empty), so
-    /// a key the first way does not hold must be looked for there too.
-    /// Without it, a lookup reads one line, not two.
-    pub second: bool,
+    pub epoch: u32,
     /// The address the rewrite writes (network order), and the port.
     pub new_addr: [u8; 4],
     /// Idle timeout of the connection in its state.
@@ -88,8 +83,35 @@ pub struct Entry {
     /// Global egress port.
     pub port: u8,
     /// The slot's `tcp_state` when filled (low four bits; it must not have
-    /// changed) and the rewrite (high four bits, a `REWRITE_` value).
+    /// changed), the rewrite (bits 4-6, a `REWRITE_` value) and, in a
+    /// set's first way, [`KIND_SECOND`].
     pub kind: u8,
+}
+
+/// [`Entry::kind`]'s bit that says, in a set's first way, that the second
+/// way may hold an entry of this epoch (one was moved there since the
+/// first way was last invalid): a key the first way does not hold is
+/// looked for there too. Without it, a lookup reads one line, not two.
+pub const KIND_SECOND: u8 = 0x80;
+
+impl Entry {
+    /// The slot's TCP state when the entry was filled.
+    #[inline(always)]
+    pub fn state(&self) -> u8 {
+        self.kind & 0xf
+    }
+
+    /// The rewrite (a `REWRITE_` value).
+    #[inline(always)]
+    pub fn rewrite(&self) -> u8 {
+        (self.kind >> 4) & 0x7
+    }
+
+    /// See [`KIND_SECOND`].
+    #[inline(always)]
+    fn second(&self) -> bool {
+        self.kind & KIND_SECOND != 0
+    }
 }
 
 /// [`Entry::kind`]'s rewrite: direct routing (no translation).
@@ -144,7 +166,6 @@ impl Entry {
         via_lock: 0,
         via: 0,
         epoch: 0,
-        second: false,
         new_addr: [0; 4],
         timeout_ms: 0,
         new_port: [0; 2],
@@ -198,7 +219,7 @@ pub struct FlowCache {
     entries: Entries,
     mask: usize,
     /// Entries filled in another epoch are invalid.
-    epoch: u16,
+    epoch: u32,
     /// The configuration's answer fingerprint and the routing stamp of
     /// this epoch.
     stamps: (u64, u64),
@@ -291,7 +312,7 @@ impl FlowCache {
             |e: &Entry| e.addrs == addrs && e.ports_proto == ports_proto && e.epoch == self.epoch;
         if holds(&set[0]) {
             Some(&set[0])
-        } else if set[0].second && holds(&set[1]) {
+        } else if set[0].second() && holds(&set[1]) {
             Some(&set[1])
         } else {
             None
@@ -301,7 +322,7 @@ impl FlowCache {
     /// Stores `e` (its key words set) as the entry for `home`, in the
     /// current epoch, in the first way: over an entry of the same key or an
     /// invalid one; else the entry there moves to the second way (the less
-    /// recently filled of the two leaves). The first way's `second` says
+    /// recently filled of the two leaves). The first way's [`KIND_SECOND`] says
     /// whether the second may hold an entry of this epoch: an entry moves
     /// there only from a valid first way, and an epoch's end invalidates
     /// both, so a first way of another epoch has an invalid second too.
@@ -321,12 +342,13 @@ impl FlowCache {
         // The first way holds the most recently filled entry.
         let valid = set[0].epoch == epoch;
         let same = set[0].addrs == e.addrs && set[0].ports_proto == e.ports_proto;
-        if valid && !same {
+        let second = if valid && !same {
             set[1] = set[0];
-            e.second = true;
+            true
         } else {
-            e.second = valid && set[0].second;
-        }
+            valid && set[0].second()
+        };
+        e.kind = e.kind & !KIND_SECOND | if second { KIND_SECOND } else { 0 };
         set[0] = e;
     }
 }
@@ -533,7 +555,7 @@ mod tests {
         };
         let got = |fc: &FlowCache, n: u64| fc.get(1, key(n).0, key(n).1).map(|e| e.idx);
         // The first way says whether the second may hold an entry.
-        let second = |fc: &FlowCache| fc.set(1)[0].second;
+        let second = |fc: &FlowCache| fc.set(1)[0].second();
         put(&mut fc, 10);
         assert!(!second(&fc), "one flow: the second way is not read");
         put(&mut fc, 11);
@@ -637,6 +659,7 @@ mod tests {
     fn an_epoch_counter_coming_round_brings_no_entry_back() {
         let mut fc = FlowCache::new(4).unwrap();
         let (addrs, ports_proto) = (7, 7 << 32 | 6);
+        // Filled in epoch 1, the first.
         fc.put(
             0,
             Entry {
@@ -647,12 +670,11 @@ mod tests {
             },
         );
         assert!(fc.get(0, addrs, ports_proto).is_some());
-        // Every epoch of the 16-bit counter once: the entry's comes round.
-        for _ in 0..u16::MAX as u32 {
-            fc.invalidate();
-            assert!(fc.get(0, addrs, ports_proto).is_none());
-        }
+        // As after 2^32 - 2 invalidations: the next comes round to 1.
+        fc.epoch = u32::MAX;
+        assert!(fc.get(0, addrs, ports_proto).is_none());
         fc.invalidate();
+        assert_eq!(fc.epoch, 1);
         assert!(fc.get(0, addrs, ports_proto).is_none(), "after the wrap");
     }
 

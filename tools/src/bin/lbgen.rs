@@ -174,15 +174,13 @@ fn bench(b: BenchArgs) -> ExitCode {
     }
     cfg.frame_sizes = b.frames;
     cfg.connections = b.connections;
-    if let Some(f) = b.flows {
-        if !(1..=1 << 20).contains(&f) || f > b.connections {
-            eprintln!(
-                "lbgen bench: --flows {f} is outside 1..=1048576 or above --connections {}",
-                b.connections
-            );
-            return ExitCode::from(2);
-        }
-        cfg.flows = f;
+    cfg.flows = b.flows.unwrap_or(cfg.flows);
+    if !(1..=1 << 20).contains(&cfg.flows) || cfg.flows > b.connections {
+        eprintln!(
+            "lbgen bench: {} flows is outside 1..=1048576 or above --connections {} (set --flows)",
+            cfg.flows, b.connections
+        );
+        return ExitCode::from(2);
     }
     cfg.verbose = b.verbose;
     if !(1..=4096).contains(&b.services) {
