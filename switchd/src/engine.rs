@@ -533,6 +533,7 @@ fn publish_counters(me: &SwitchSlot, counters: &[u64; N_COUNTERS]) {
 mod tests {
     use super::*;
     use netdrv::vnic::{self, PortSpec, VnicHost, VnicWire};
+    use shm_layout::switch_slot::Counter;
 
     /// Unlinks the vnic on every exit path.
     struct Tmp(String);
@@ -540,6 +541,175 @@ mod tests {
         fn drop(&mut self) {
             let _ = shm_layout::shm::Mapping::unlink(&self.0);
         }
+    }
+
+    /// The engine's second pass (the flow cache's answer, else the full
+    /// path) sends what `filter::process_pre` decides, frame by frame:
+    /// one burst through `burst_in` on a real vnic, against a second
+    /// appliance's filter called the way the property tests call it.
+    #[test]
+    fn a_burst_leaves_as_process_pre_decides_each_frame() {
+        use crate::fixture::{CLIENT_GW_MAC, Fixture, VIP, port_mac};
+        use etherparse::PacketBuilder;
+
+        let client = |port: u16, tcp: Option<(bool, bool, bool)>, payload: &[u8]| {
+            let b = PacketBuilder::ethernet2(CLIENT_GW_MAC, [2, 0, 0, 0, 0, 1]).ipv4(
+                [198, 18, 100, 1],
+                VIP.to_be_bytes(),
+                64,
+            );
+            let mut v = Vec::new();
+            match tcp {
+                Some((syn, fin, ack)) => {
+                    let mut t = b.tcp(port, 80, 1, 1000);
+                    if syn {
+                        t = t.syn();
+                    }
+                    if fin {
+                        t = t.fin();
+                    }
+                    if ack {
+                        t = t.ack(2);
+                    }
+                    t.write(&mut v, payload).unwrap();
+                }
+                None => b.udp(port, 53).write(&mut v, payload).unwrap(),
+            }
+            v
+        };
+        let (syn, ack, fin) = (
+            Some((true, false, false)),
+            Some((false, false, true)),
+            Some((false, true, true)),
+        );
+        let mut burst = vec![
+            client(40_000, syn, b""),
+            // Ends the handshake and fills the cache; the next are hits.
+            client(40_000, ack, b""),
+            client(40_000, ack, b"data"),
+            client(40_000, ack, b"more"),
+            client(41_000, syn, b""),
+            client(5353, None, b"query"),
+            client(5353, None, b"again"),
+            client(5353, None, b"and again"),
+            client(40_000, fin, b""),
+            client(40_000, ack, b"after the FIN"),
+            // Not IPv4; too short to be anything.
+            [
+                &[2, 0, 0, 0, 0, 1][..],
+                &CLIENT_GW_MAC,
+                &[0x86, 0xdd],
+                &[0; 40],
+            ]
+            .concat(),
+            vec![0u8; 10],
+        ];
+        // A bad IPv4 header checksum: dropped and counted on both sides.
+        let mut bad = client(42_000, syn, b"");
+        bad[24] ^= 0xff;
+        burst.push(bad);
+
+        let name = format!("switchyard-test-burst-{}", std::process::id());
+        let ports: Vec<PortSpec> = (0..2u8)
+            .map(|p| PortSpec {
+                name: format!("p{p}"),
+                mac: port_mac(p as u32).unwrap(),
+            })
+            .collect();
+        vnic::create(&name, &ports, 64, 2 * 2 * 64 + 256).unwrap();
+        let _tmp = Tmp(name.clone());
+        let mut wire = VnicWire::attach(&name).unwrap();
+        let mut host = VnicHost::attach(&name).unwrap();
+        let mut map = PortMap {
+            global: vec![0, 1],
+            ..PortMap::default()
+        };
+        for p in 0..2 {
+            map.local[p] = Some(p as u8);
+            map.mac[p] = port_mac(p as u32);
+        }
+        // A filter context with a flow cache, synced as the loop syncs it.
+        fn fresh<'a>(
+            fx: &'a Fixture,
+            counters: &'a mut [u64; N_COUNTERS],
+            map: &PortMap,
+        ) -> Ctx<'a> {
+            let mut ctx = fx.ctx(counters);
+            ctx.flows = FlowCache::new(1024).unwrap();
+            let answers = filter::answer_fingerprint(&ctx.cfg, &map.mac, &map.local);
+            ctx.flows.sync(answers, fx.stamps().1);
+            ctx
+        }
+
+        // The reference: process_pre on each frame, in order.
+        let reference = Fixture::new("burst-ref", 1 << 12);
+        let mut want_counters = [0u64; N_COUNTERS];
+        let mut want: [Vec<Vec<u8>>; 2] = Default::default();
+        {
+            let mut ctx = fresh(&reference, &mut want_counters, &map);
+            for f in &burst {
+                let mut buf = vec![0u8; 2048];
+                buf[..f.len()].copy_from_slice(f);
+                let mut p = filter::Pre::default();
+                filter::pre(&buf[..f.len()], &ctx.ct, &ctx.flows, &mut p);
+                let v = filter::process_pre(&mut buf, f.len(), &p, 0, &port_mac, &mut ctx);
+                if let Verdict::Tx { port, len } = v {
+                    want[port as usize].push(buf[..len].to_vec());
+                }
+            }
+        }
+
+        // The engine: the same frames as one burst received on port 0.
+        let fx = Fixture::new("burst-engine", 1 << 12);
+        let mut counters = [0u64; N_COUNTERS];
+        {
+            let mut ctx = fresh(&fx, &mut counters, &map);
+            for f in &burst {
+                assert!(wire.inject(0, f));
+            }
+            let mut frames = [Frame { buf: 0, len: 0 }; 64];
+            let n = host.rx_burst(0, &mut frames);
+            assert_eq!(n, burst.len());
+            let mut pres = [filter::Pre::default(); 64];
+            let (mut synq, mut tx) = (SynQueue::new(16), TxBatch::default());
+            burst_in(
+                &mut host,
+                &frames[..n],
+                &mut pres[..n],
+                0,
+                &map,
+                &port_mac,
+                &mut synq,
+                &mut tx,
+                &mut ctx,
+            );
+        }
+        for (port, want) in want.iter().enumerate() {
+            let mut got = Vec::new();
+            wire.collect(port, 64, |f| got.push(f.to_vec()));
+            assert!(&got == want, "port {port}: {got:02x?}\nwant {want:02x?}");
+        }
+        assert_eq!(
+            counters[Counter::FlowCacheHit as usize],
+            3,
+            "two TCP, one UDP"
+        );
+        assert_eq!(counters[Counter::RxPackets as usize], burst.len() as u64);
+        assert_eq!(
+            counters[Counter::TxPackets as usize],
+            (want[0].len() + want[1].len()) as u64
+        );
+        // Counted by the engine only: what it received and sent.
+        for c in [
+            Counter::RxPackets,
+            Counter::RxBytes,
+            Counter::TxPackets,
+            Counter::TxBytes,
+        ] {
+            counters[c as usize] = 0;
+        }
+        assert_eq!(counters, want_counters, "every other counter the same");
+        host.audit().unwrap();
     }
 
     #[test]
