@@ -533,7 +533,6 @@ fn publish_counters(me: &SwitchSlot, counters: &[u64; N_COUNTERS]) {
 mod tests {
     use super::*;
     use netdrv::vnic::{self, PortSpec, VnicHost, VnicWire};
-    use shm_layout::switch_slot::Counter;
 
     /// Unlinks the vnic on every exit path.
     struct Tmp(String);
