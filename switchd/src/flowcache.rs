@@ -36,9 +36,9 @@
 //! displaces moves to the second, so the less recently filled one leaves.
 //! The first way says whether the second may hold an entry of the current
 //! epoch ([`Entry::second`]): most sets hold one flow, and their lookups
-//! read (and the first pass loads) one cache line, not two. The switch's
-//! rate on established flows is bound by the lines each packet needs (its
-//! table slot and its entry) once they outgrow its L2 (docs/PERFORMANCE.md).
+//! read (and the first pass loads) one cache line, not two. With many
+//! flows the switch's rate on established flows is bound by the lines each
+//! packet needs (its table slot and its entry; docs/PERFORMANCE.md).
 //! A miss costs only the full path.
 
 /// Entries per switch (4 MiB; only the lines of live flows are touched).
