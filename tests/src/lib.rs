@@ -219,6 +219,33 @@ pub fn counter_sum(dump: &serde_json::Value, name: &str) -> u64 {
         .sum()
 }
 
+/// `shmdump --json` (with `extra` arguments) once the switches' counters
+/// have reached `want` (name, total over the switches), polled for up to
+/// 10 s. A switch publishes its counters on the loop after its last frame,
+/// so on a busy machine a test can see that frame's answer first. Counters
+/// only grow: one past its wanted value fails at once.
+pub fn dump_with_counters(
+    instance: &str,
+    extra: &[&str],
+    want: &[(&str, u64)],
+) -> serde_json::Value {
+    wait_for(Duration::from_secs(10), || {
+        let dump = shmdump_json(instance, extra);
+        let got: Vec<(&str, u64, u64)> = want
+            .iter()
+            .map(|&(name, w)| (name, counter_sum(&dump, name), w))
+            .collect();
+        if let Some((name, g, w)) = got.iter().find(|(_, g, w)| g > w) {
+            panic!("counter {name} is {g}, past the {w} wanted");
+        }
+        if got.iter().all(|(_, g, w)| g == w) {
+            Ok(dump)
+        } else {
+            Err(format!("counters (name, seen, wanted): {got:?}"))
+        }
+    })
+}
+
 /// Polls `check` every 20 ms until it returns `Ok`, for at most `limit`,
 /// and returns its value; past the limit, panics with the last `Err` (what
 /// was seen instead of what was awaited).

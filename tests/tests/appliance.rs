@@ -7,7 +7,8 @@ use std::time::Duration;
 use etherparse::{Ethernet2Header, Ipv4Header, TcpHeader};
 use shm_layout::Table;
 use switchyard_tests::{
-    Appliance, Cfg, Wire, counter, counter_sum, render, shmdump_json, unique, wait_for,
+    Appliance, Cfg, Wire, counter, counter_sum, dump_with_counters, render, shmdump_json, unique,
+    wait_for,
 };
 use tools::frames::{self, Spec, TcpFlags};
 use tools::traffic::{GenConfig, Generator};
@@ -250,8 +251,7 @@ fn midflow_packet_without_entry_follows_maglev() {
         first, second,
         "every mid-connection packet went where its SYN went"
     );
-    let dump = shmdump_json(&inst, &["--conns"]);
-    assert_eq!(counter_sum(&dump, "conn_midflow"), 20);
+    let dump = dump_with_counters(&inst, &["--conns"], &[("conn_midflow", 20)]);
     let list = dump["connections"]["list"].as_array().unwrap();
     assert_eq!(list.len(), 20);
     assert!(list.iter().all(|c| c["midflow"] == true));
