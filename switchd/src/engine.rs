@@ -1,7 +1,7 @@
 //! The packet engine: the poll loop. Moves bursts between the NIC and the
 //! filter; updates heartbeat and acknowledgements once per loop, counters
 //! every `PUBLISH_EVERY_NS` while frames keep coming, every 64th loop, and
-//! at once when frames stop.
+//! on the first loop that finds no frame.
 
 use core::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -241,7 +241,8 @@ pub fn run<N: Nic>(
             nap = MIN_NAP;
         }
         // Counters go out at most every PUBLISH_EVERY_NS while frames
-        // keep coming (and with every 64th loop), at once when they stop.
+        // keep coming (and with every 64th loop), and on the first loop
+        // that finds none.
         unpublished |= moved > 0;
         if (unpublished && (moved == 0 || now.saturating_sub(published_ns) >= PUBLISH_EVERY_NS))
             || ctx.counters[Counter::Loops as usize].is_multiple_of(64)
