@@ -14,7 +14,9 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use shm_layout::Table;
-use switchyard_tests::{Appliance, B, Cfg, Wire, bin, counter_sum, render, shmdump_json, unique};
+use switchyard_tests::{
+    Appliance, B, Cfg, Wire, bin, counter_sum, dump_with_counters, render, shmdump_json, unique,
+};
 use tools::appliance::dir_for;
 use tools::frames::{self, Spec, TcpFlags};
 use tools::traffic::{GenConfig, Generator, Report};
@@ -182,7 +184,12 @@ fn show_stats_and_conns_agree_with_the_region() {
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let show: Value = serde_json::from_slice(&o.stdout).unwrap();
     let show = &show["result"];
-    let dump = shmdump_json(&inst, &["--conns", "--limit", "100000"]);
+    // Published by the switch once idle (see `dump_with_counters`).
+    let dump = dump_with_counters(
+        &inst,
+        &["--conns", "--limit", "100000"],
+        &[("conn_new", 3000)],
+    );
     assert_eq!(show["instance"], inst.as_str());
     assert_eq!(show["generation"], dump["config"]["generation"]);
     assert_eq!(show["routing_generation"], dump["routing"]["generation"]);

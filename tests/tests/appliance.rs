@@ -66,8 +66,7 @@ fn nat_rewrite_affinity_and_weighted_distribution() {
             "{backend}: {share:.2}% vs {want:.2}% ({split:?})"
         );
     }
-    let dump = shmdump_json(&inst, &[]);
-    assert_eq!(counter_sum(&dump, "conn_new"), 30_000);
+    let dump = dump_with_counters(&inst, &[], &[("conn_new", 30_000)]);
     assert_eq!(counter_sum(&dump, "drop_malformed"), 0);
     assert_eq!(dump["connections"]["connections"].as_u64().unwrap(), 30_000);
     drop(app);
