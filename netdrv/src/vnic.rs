@@ -571,10 +571,7 @@ impl Nic for VnicHost {
         // Locals, not fields (see `desc_at`).
         let ring = self.rings[port].0;
         let (mask, n_frames) = (self.mask, self.n_frames);
-        // The free list as a local for the loop (nothing below can return
-        // or panic before it is put back): through `self`, its length would
-        // be reloaded and stored around every descriptor store.
-        let mut free = core::mem::take(&mut self.free);
+        let free = &mut self.free;
         let mut next = self.rx_next[port];
         let mut n = 0;
         while n < out.len() {
@@ -602,7 +599,6 @@ impl Nic for VnicHost {
             n += 1;
         }
         self.rx_next[port] = next;
-        self.free = free;
         n
     }
 

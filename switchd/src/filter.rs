@@ -49,7 +49,7 @@ pub struct Ctx<'a> {
     pub now_ms: u32,
     pub pid: u32,
     /// Local counters, published by the engine (every 100 µs under load,
-    /// at once when frames stop).
+    /// and on the first loop that finds no frame).
     pub counters: &'a mut [u64; N_COUNTERS],
     /// This switch's scheduler state (`wrr` credits); it lives as long as
     /// the engine's loop (no allocation per packet).
@@ -1017,14 +1017,7 @@ fn rewrite_l4(
         };
         u[port_at..port_at + 2].copy_from_slice(&port.to_be_bytes());
         let old = u16::from_be_bytes([u[6], u[7]]);
-        if old == 0 {
-            return delta; // UDP without checksum stays without
-        }
-        // A computed 0 is sent as 0xffff (0 means "no checksum").
-        let c = match checksum::adjust(old, delta) {
-            0 => 0xffff,
-            c => c,
-        };
+        let c = checksum::udp_field(old, checksum::adjust(old, delta));
         u[6..8].copy_from_slice(&c.to_be_bytes());
     }
     delta
@@ -1342,15 +1335,11 @@ fn cached(frame: &mut [u8], l4: &L4, ctx: &mut Ctx<'_>) -> Option<(u32, usize)> 
         ip[at..at + 4].copy_from_slice(&e.new_addr);
         l4h[pat..pat + 2].copy_from_slice(&e.new_port);
         let old = u16::from_ne_bytes([l4h[csum_at], l4h[csum_at + 1]]);
+        let c = checksum::adjust_ne(old, e.d_l4);
         let c = if k.proto == PROTO_TCP {
-            checksum::adjust_ne(old, e.d_l4)
+            c
         } else {
-            // UDP without checksum stays without; a computed 0 is sent as 0xffff.
-            match (old, checksum::adjust_ne(old, e.d_l4)) {
-                (0, _) => 0,
-                (_, 0) => 0xffff,
-                (_, c) => c,
-            }
+            checksum::udp_field(old, c)
         };
         l4h[csum_at..csum_at + 2].copy_from_slice(&c.to_ne_bytes());
     }

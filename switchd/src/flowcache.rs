@@ -35,7 +35,7 @@
 //! flows in 65,536 entries). A fill takes the first way, and the entry it
 //! displaces moves to the second, so the less recently filled one leaves.
 //! The first way says whether the second may hold an entry of the current
-//! epoch ([`Entry::second`]): most sets hold one flow, and their lookups
+//! epoch ([`KIND_SECOND`]): most sets hold one flow, and their lookups
 //! read (and the first pass loads) one cache line, not two. With many
 //! flows the switch's rate on established flows is bound by the lines each
 //! packet needs (its table slot and its entry; docs/PERFORMANCE.md).

@@ -101,6 +101,19 @@ pub fn adjust_ne(csum: u16, delta: u16) -> u16 {
     !(((acc & 0xffff) + (acc >> 16)) as u16)
 }
 
+/// A UDP checksum field after a rewrite, given the field before (`old`)
+/// and its adjusted value: a datagram sent without a checksum (0) stays
+/// without, and a computed 0 is sent as 0xffff (RFC 768). Either byte
+/// order: 0 and 0xffff read the same both ways.
+#[inline(always)]
+pub fn udp_field(old: u16, adjusted: u16) -> u16 {
+    match (old, adjusted) {
+        (0, _) => 0,
+        (_, 0) => 0xffff,
+        (_, c) => c,
+    }
+}
+
 /// A folded (big-endian valued) difference as [`adjust_ne`] takes it.
 #[inline]
 pub fn to_ne(delta: u16) -> u16 {
