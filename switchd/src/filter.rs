@@ -140,6 +140,8 @@ struct L4 {
     /// Frame length as the IP header says (Ethernet padding excluded).
     frame_len: u16,
     ip_len: u16,
+    /// See [`L4::cacheable`] (decided once, read on every pass).
+    cacheable: bool,
     /// The connection table's home slot for `key` (filled in once the
     /// frame is known to be TCP/UDP over IPv4).
     home: u32,
@@ -155,11 +157,27 @@ impl L4 {
         FlowKey::from_words(self.words)
     }
 
-    /// A SYN, FIN or RST: a packet that opens or closes (or may change the
-    /// state of) a connection; the flow cache answers none of them.
+    /// A packet the flow cache may answer: no SYN, FIN or RST (those open
+    /// or close a connection, or may change its state), and an IPv4 header
+    /// without options.
     #[inline(always)]
-    fn closes_or_opens(&self) -> bool {
-        self.flags & (tcp::SYN | tcp::FIN | tcp::RST) != 0
+    fn cacheable(&self) -> bool {
+        self.cacheable
+    }
+
+    /// The facts of a parsed packet, its home slot not yet known.
+    #[inline(always)]
+    fn new(words: (u64, u64), flags: u8, l4_off: usize, ip_len: usize) -> Self {
+        Self {
+            words,
+            flags,
+            l4_off: l4_off as u8,
+            frame_len: (wire::ETHERNET_HEADER_LEN + ip_len) as u16,
+            ip_len: ip_len as u16,
+            cacheable: flags & (tcp::SYN | tcp::FIN | tcp::RST) == 0
+                && l4_off == wire::ETHERNET_HEADER_LEN + 20,
+            home: 0,
+        }
     }
 
     /// (TCP at all, a connection-opening SYN (no ACK), a RST).
@@ -195,14 +213,44 @@ pub fn pre(frame: &[u8], ct: &ConnTable<'_>, flows: &FlowCache, out: &mut Pre) {
         return;
     };
     let home = ct.home_of(l4.words);
-    ct.prefetch(home);
-    // The flow cache never answers a SYN, FIN or RST (see `cached`): their
-    // sets are not loaded (a new connection's would be a miss for nothing).
-    if !l4.closes_or_opens() {
+    // The flow cache answers neither a SYN, FIN or RST nor a header with
+    // options (see `cached`): their sets are not loaded (a new
+    // connection's would be a miss for nothing), their slots are. For
+    // the rest, [`look`] decides which slot to load once the set is in.
+    if l4.cacheable() {
         flows.prefetch(home as u32);
+    } else {
+        ct.prefetch(home);
     }
     l4.home = home as u32;
     out.0 = Some(l4);
+}
+
+/// Between the engine's two passes over a burst, with the burst's
+/// flow-cache lines on their way: starts loading the table slots the
+/// second pass will read for a frame [`pre`] left to it. An entry checked
+/// in this millisecond needs none (see [`crate::flowcache`]); one due for
+/// its check needs its connection's slot and the slot the key was found
+/// in; a miss needs the key's home slot for the full path. Changes
+/// nothing.
+#[inline(always)]
+pub fn look(pre: &Pre, ct: &ConnTable<'_>, flows: &FlowCache, now_ms: u32) {
+    let Some(l4) = &pre.0 else {
+        return;
+    };
+    if !l4.cacheable() {
+        return;
+    }
+    match flows.get(l4.home, l4.words.0, l4.words.1) {
+        Some(e) if e.checked_ms == now_ms => {}
+        Some(e) => {
+            ct.prefetch(e.idx as usize);
+            if e.via != e.idx {
+                ct.prefetch(e.via as usize);
+            }
+        }
+        None => ct.prefetch(l4.home as usize),
+    }
 }
 
 /// [`process`] for a frame that went through [`pre`] (same frame, same
@@ -379,17 +427,11 @@ fn parse_ip_common(frame: &[u8]) -> Option<L4> {
     // FlowKey::words straight from the bytes: both addresses, then both
     // ports and the protocol.
     let ports = u32::from_be_bytes([f[L4_OFF], f[L4_OFF + 1], f[L4_OFF + 2], f[L4_OFF + 3]]);
-    Some(L4 {
-        words: (
-            u64::from_be_bytes([f[26], f[27], f[28], f[29], f[30], f[31], f[32], f[33]]),
-            (ports as u64) << 16 | proto as u64,
-        ),
-        flags,
-        l4_off: L4_OFF as u8,
-        frame_len: (ETH + total) as u16,
-        ip_len: total as u16,
-        home: 0,
-    })
+    let words = (
+        u64::from_be_bytes([f[26], f[27], f[28], f[29], f[30], f[31], f[32], f[33]]),
+        (ports as u64) << 16 | proto as u64,
+    );
+    Some(L4::new(words, flags, L4_OFF, total))
 }
 
 /// [`parse_ip`] for every frame: options, short frames, and the verdict
@@ -442,14 +484,7 @@ fn parse_ip_any(frame: &[u8], ctx: &mut Ctx<'_>) -> Result<L4, Verdict> {
         src_port,
         dst_port,
     };
-    Ok(L4 {
-        words: key.words(),
-        flags,
-        l4_off: l4_off as u8,
-        frame_len: (ETH + total) as u16,
-        ip_len: total as u16,
-        home: 0,
-    })
+    Ok(L4::new(key.words(), flags, l4_off, total))
 }
 
 #[inline]
@@ -515,12 +550,14 @@ fn to_vip(
             if down != ON_DOWN_KEEP && !rst && (syn || !is_tcp) {
                 // The flow can move (a UDP flow, or a TCP SYN: nothing was
                 // exchanged yet): schedule it afresh below.
+                ctx.flows.stale(l4.home, l4.words, ctx.now_ms);
                 move_off_down(hit, ctx);
             } else if down == ON_DOWN_RESET && !rst {
                 return reset_down(frame, l4, hit, in_port, ctx);
             } else if syn && slot.tcp_state.load(Ordering::Relaxed) == STATE_CLOSING {
                 // A new connection on the 5-tuple of a closed one: it is
                 // scheduled afresh (the old one gave its slot back).
+                ctx.flows.stale(l4.home, l4.words, ctx.now_ms);
                 retire(hit, ctx);
             } else {
                 ctx.count(Counter::FwdHit);
@@ -1163,30 +1200,28 @@ fn cache_answer(
     ctx: &mut Ctx<'_>,
 ) {
     let (addrs, ports_proto) = l4.words;
-    let mut macs = [0u8; 12];
-    macs[..6].copy_from_slice(&dst);
-    macs[6..].copy_from_slice(&src);
-    ctx.flows.put(
-        l4.home,
-        flowcache::Entry {
-            addrs,
-            ports_proto,
-            lock: fill.lock,
-            idx: fill.idx,
-            via_lock: fill.via_lock,
-            via: fill.via,
-            // Set by `put`.
-            epoch: 0,
-            new_addr: rw.new_addr.to_be_bytes(),
-            timeout_ms: ctx.timeouts.for_state(l4.key().proto, fill.state),
-            new_port: rw.new_port.to_be_bytes(),
-            d_ip: checksum::to_ne(checksum::fold(rw.d_ip)),
-            d_l4: checksum::to_ne(checksum::fold(rw.d_l4)),
-            macs,
-            port: port as u8,
-            kind: fill.state as u8 | rw.kind << 4,
-        },
-    );
+    let entry = flowcache::Entry {
+        addrs,
+        ports_proto,
+        lock: fill.lock,
+        idx: fill.idx,
+        via_lock: fill.via_lock,
+        via: fill.via,
+        // Set by `put`.
+        epoch: 0,
+        // The full path just touched the slot.
+        checked_ms: ctx.now_ms,
+        new_addr: rw.new_addr.to_be_bytes(),
+        pend_bytes: 0,
+        new_port: rw.new_port.to_be_bytes(),
+        d_ip: checksum::to_ne(checksum::fold(rw.d_ip)),
+        d_l4: checksum::to_ne(checksum::fold(rw.d_l4)),
+        pend_pkts: 0,
+        dst_mac: dst,
+        port: port as u8,
+        kind: fill.state as u8 | rw.kind << 4,
+    };
+    ctx.flows.put(l4.home, entry, src, &ctx.ct);
 }
 
 /// A hash of everything in a configuration that an answer of the flow
@@ -1245,10 +1280,7 @@ impl Fill {
     /// handshake; and a switch with a cache.
     #[inline(always)]
     fn of(hit: &Hit, slot: &ConnSlot, l4: &L4, flows: &FlowCache) -> Option<Fill> {
-        if l4.closes_or_opens()
-            || flows.capacity() == 0
-            || l4.l4_off as usize != wire::ETHERNET_HEADER_LEN + 20
-        {
+        if !l4.cacheable() || flows.capacity() == 0 {
             return None;
         }
         let state = slot.tcp_state.load(Ordering::Relaxed);
@@ -1275,33 +1307,7 @@ impl Fill {
 #[inline(always)]
 fn cached(frame: &mut [u8], l4: &L4, ctx: &mut Ctx<'_>) -> Option<(u32, usize)> {
     const ETH: usize = wire::ETHERNET_HEADER_LEN;
-    let k = l4.key();
-    if l4.closes_or_opens() || l4.l4_off as usize != ETH + 20 {
-        return None;
-    }
-    let e = ctx.flows.get(l4.home, l4.words.0, l4.words.1)?;
-    let slot = ctx.ct.slot(e.idx);
-    let lock = e.lock as u64;
-    let via = ctx.ct.slot(e.via);
-    if slot.lock.load(Ordering::Acquire) != lock
-        || (e.via != e.idx && via.lock.load(Ordering::Acquire) != e.via_lock as u64)
-        // The slot the key was found in still holds the key's addresses:
-        // guards against a 32-bit sequence coming round to the same value
-        // (2^31 rewrites of one slot within one epoch).
-        || via.words[1].load(Ordering::Relaxed) != e.addrs
-    {
-        return None;
-    }
-    let state = slot.tcp_state.load(Ordering::Relaxed);
-    let last = slot.last_seen.load(Ordering::Relaxed);
-    // The state and time read above belong to the entry only if no insert
-    // claimed the slot meanwhile (it writes them while holding the lock).
-    core::sync::atomic::fence(Ordering::Acquire);
-    if slot.lock.load(Ordering::Relaxed) != lock || state != e.state() as u32 {
-        return None;
-    }
-    let age = ctx.now_ms.wrapping_sub(last) as i32;
-    if age > 0 && (age as u32).saturating_add(flowcache::EXPIRY_MARGIN_MS) > e.timeout_ms {
+    if !l4.cacheable() {
         return None;
     }
     let (eth, rest) = frame.split_first_chunk_mut::<ETH>()?;
@@ -1310,40 +1316,80 @@ fn cached(frame: &mut [u8], l4: &L4, ctx: &mut Ctx<'_>) -> Option<(u32, usize)> 
     // rewrite writes only within its 8-byte header, and the fixed size
     // lets the compiler drop the bounds checks.
     let l4h = l4h.first_chunk_mut::<18>()?;
-    let csum_at = if k.proto == PROTO_TCP { 16 } else { 6 };
     let ttl = ip[8];
     if ttl <= 1 {
         return None;
     }
-    // Known to answer: the full path's touch of a plain packet (no state
-    // change), rewrite and counts.
-    if last != ctx.now_ms {
-        slot.last_seen.store(ctx.now_ms, Ordering::Relaxed);
+    let now = ctx.now_ms;
+    let e = ctx.flows.get_mut(l4.home, l4.words.0, l4.words.1)?;
+    if e.checked_ms == now && e.pend_pkts < u16::MAX {
+        // Checked in this millisecond: the slot is not read (see
+        // `flowcache`); the counts wait in the entry.
+        e.pend_pkts += 1;
+        // At most 65,535 packets of at most 65,535 bytes.
+        e.pend_bytes += u32::from(l4.ip_len);
+    } else {
+        let slot = ctx.ct.slot(e.idx);
+        let lock = e.lock as u64;
+        let via = ctx.ct.slot(e.via);
+        if slot.lock.load(Ordering::Acquire) != lock
+            || (e.via != e.idx && via.lock.load(Ordering::Acquire) != e.via_lock as u64)
+            // The slot the key was found in still holds the key's
+            // addresses: guards against a 32-bit sequence coming round to
+            // the same value (2^31 rewrites of one slot within one epoch).
+            || via.words[1].load(Ordering::Relaxed) != e.addrs
+        {
+            return None;
+        }
+        let state = slot.tcp_state.load(Ordering::Relaxed);
+        let last = slot.last_seen.load(Ordering::Relaxed);
+        // The state and time read above belong to the entry only if no
+        // insert claimed the slot meanwhile (it writes them while holding
+        // the lock).
+        core::sync::atomic::fence(Ordering::Acquire);
+        if slot.lock.load(Ordering::Relaxed) != lock || state != e.state() as u32 {
+            return None;
+        }
+        let timeout = ctx.timeouts.for_state(l4.key().proto, state);
+        let age = now.wrapping_sub(last) as i32;
+        if age > 0 && (age as u32).saturating_add(flowcache::EXPIRY_MARGIN_MS) > timeout {
+            return None;
+        }
+        // Known to answer: the full path's touch of a plain packet (no
+        // state change), with the counts that waited in the entry.
+        if last != now {
+            slot.last_seen.store(now, Ordering::Relaxed);
+        }
+        slot.packets.store(
+            slot.packets.load(Ordering::Relaxed) + 1 + u64::from(e.pend_pkts),
+            Ordering::Relaxed,
+        );
+        slot.bytes.store(
+            slot.bytes.load(Ordering::Relaxed) + u64::from(l4.ip_len) + u64::from(e.pend_bytes),
+            Ordering::Relaxed,
+        );
+        (e.pend_pkts, e.pend_bytes, e.checked_ms) = (0, 0, now);
     }
-    slot.packets
-        .store(slot.packets.load(Ordering::Relaxed) + 1, Ordering::Relaxed);
-    slot.bytes.store(
-        slot.bytes.load(Ordering::Relaxed) + l4.ip_len as u64,
-        Ordering::Relaxed,
-    );
+    let (port, rewrite, head) = (e.port, e.rewrite(), e.dst_mac_head());
+    let (new_addr, new_port, d_ip, d_l4) = (e.new_addr, e.new_port, e.d_ip, e.d_l4);
     // Checksums adjusted in the machine's byte order (see `Entry::d_ip`).
     ip[8] = ttl - 1;
-    let c = checksum::adjust_ne(u16::from_ne_bytes([ip[10], ip[11]]), e.d_ip);
+    let c = checksum::adjust_ne(u16::from_ne_bytes([ip[10], ip[11]]), d_ip);
     ip[10..12].copy_from_slice(&c.to_ne_bytes());
-    let rewrite = e.rewrite();
     if let Some((at, pat)) = flowcache::rewrite_offsets(rewrite) {
-        ip[at..at + 4].copy_from_slice(&e.new_addr);
-        l4h[pat..pat + 2].copy_from_slice(&e.new_port);
+        let tcp = l4.words.1 as u8 == PROTO_TCP;
+        let csum_at = if tcp { 16 } else { 6 };
+        ip[at..at + 4].copy_from_slice(&new_addr);
+        l4h[pat..pat + 2].copy_from_slice(&new_port);
         let old = u16::from_ne_bytes([l4h[csum_at], l4h[csum_at + 1]]);
-        let c = checksum::adjust_ne(old, e.d_l4);
-        let c = if k.proto == PROTO_TCP {
-            c
-        } else {
-            checksum::udp_field(old, c)
-        };
+        let c = checksum::adjust_ne(old, d_l4);
+        let c = if tcp { c } else { checksum::udp_field(old, c) };
         l4h[csum_at..csum_at + 2].copy_from_slice(&c.to_ne_bytes());
     }
-    eth[..12].copy_from_slice(&e.macs);
+    // Two 8-byte stores: the destination MAC (and two bytes the second
+    // overwrites), then the source MAC and the ethertype (IPv4 already).
+    eth[..8].copy_from_slice(&head);
+    eth[6..].copy_from_slice(ctx.flows.src_mac_type(port));
     let hit = if rewrite == flowcache::REWRITE_SRC {
         Counter::ReplyHit
     } else {
@@ -1351,7 +1397,7 @@ fn cached(frame: &mut [u8], l4: &L4, ctx: &mut Ctx<'_>) -> Option<(u32, usize)> 
     };
     ctx.counters[hit as usize] += 1;
     ctx.counters[Counter::FlowCacheHit as usize] += 1;
-    Some((e.port as u32, l4.frame_len as usize))
+    Some((port as u32, l4.frame_len as usize))
 }
 
 #[cfg(test)]

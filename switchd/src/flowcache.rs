@@ -14,20 +14,43 @@
 //!   and with the routing stamp; a change of either invalidates every
 //!   entry at once, while a publication that only changes weights, limits
 //!   or tables keeps them;
-//! - the connection's slot: its seqlock word must still be the one the
-//!   full path read (the sequence only grows, so an equal word means the
-//!   same entry, not replaced, retired or removed), before and after the
-//!   TCP state and last-seen time are read (an insert reusing the slot
-//!   writes them under the lock), its TCP state the same, and the
-//!   connection not within [`EXPIRY_MARGIN_MS`] of its idle timeout; for a
-//!   reply, the reply slot the full path found it through unchanged too;
-//!   and the slot the key was found in still holding the key's addresses
-//!   (against a 32-bit sequence coming round within one epoch);
+//! - the connection's slot, checked by the first packet of each
+//!   millisecond (of the switch's `now_ms`, read once per loop): its
+//!   seqlock word must still be the one the full path read (the sequence
+//!   only grows, so an equal word means the same entry, not replaced,
+//!   retired or removed), before and after the TCP state and last-seen
+//!   time are read (an insert reusing the slot writes them under the
+//!   lock), its TCP state the same, and the connection not within
+//!   [`EXPIRY_MARGIN_MS`] of its idle timeout; for a reply, the reply slot
+//!   the full path found it through unchanged too; and the slot the key
+//!   was found in still holding the key's addresses (against a 32-bit
+//!   sequence coming round within one epoch);
 //! - the packet: no SYN, FIN or RST (those change state or decisions), a
 //!   TTL that survives the decrement, an IPv4 header without options.
 //!
-//! Everything else (the slot's last-seen time and packet and byte counts,
-//! the switch counters) is updated exactly as the full path would.
+//! The later packets of a flow in the millisecond of its check (or of its
+//! fill) are answered without reading the slot at all: with many flows a
+//! packet's rate is bound by the cache lines it needs, and the slot is a
+//! line at a random place in a table of hundreds of MiB
+//! (docs/PERFORMANCE.md). What that costs, and why it is safe:
+//! - a change another process makes to a connection (the GC, another
+//!   switch) is seen by this switch's cached answers from the next
+//!   millisecond, not the next packet. The GC removes only connections
+//!   idle for their timeout, and a checked entry is at least
+//!   `EXPIRY_MARGIN_MS` from it; a state change by another switch (the
+//!   other direction's FIN) changes no answer, only a timeout. A change
+//!   this switch's full path makes to a connection it may have cached (a
+//!   SYN retiring a closed one) marks the key's entry for a check at
+//!   once ([`FlowCache::stale`]);
+//! - the slot's packet and byte counts of those packets wait in the
+//!   entry (`pend_pkts`, `pend_bytes`) and are added at the next check,
+//!   when the entry is overwritten, or by the engine's
+//!   [`sweep`](FlowCache::sweep) within one round of the cache (a few entries
+//!   per busy loop, many per idle one), and at exit; the slot's last-seen
+//!   time is the check's, in the same millisecond.
+//!
+//! Everything else (the switch counters) is updated exactly as the full
+//! path would.
 //!
 //! Two-way set associative, sets chosen by the connection table's home
 //! slot of the key: two flows that share a set both stay (a direct-mapped
@@ -38,8 +61,12 @@
 //! epoch ([`KIND_SECOND`]): most sets hold one flow, and their lookups
 //! read (and the first pass loads) one cache line, not two. With many
 //! flows the switch's rate on established flows is bound by the lines each
-//! packet needs (its table slot and its entry; docs/PERFORMANCE.md).
+//! packet needs (its entry, and its table slot once a millisecond;
+//! docs/PERFORMANCE.md).
 //! A miss costs only the full path.
+
+use core::sync::atomic::Ordering;
+use shm_layout::conntrack::ConnTable;
 
 /// Entries per switch (4 MiB; only the lines of live flows are touched).
 pub const DEFAULT_ENTRIES: usize = 1 << 16;
@@ -67,10 +94,16 @@ pub struct Entry {
     pub via: u32,
     /// The cache epoch it was filled in (0: never valid).
     pub epoch: u32,
+    /// The millisecond (the switch's `now_ms`) in which the full path
+    /// filled the entry or a packet last checked it against the
+    /// connection's slot: within it, packets are answered without reading
+    /// the slot (see the module doc).
+    pub checked_ms: u32,
     /// The address the rewrite writes (network order), and the port.
     pub new_addr: [u8; 4],
-    /// Idle timeout of the connection in its state.
-    pub timeout_ms: u32,
+    /// IP bytes of the packets answered without the slot since the last
+    /// check, not yet added to the slot's counts ([`FlowCache::flush`]).
+    pub pend_bytes: u32,
     pub new_port: [u8; 2],
     /// RFC 1624 checksum differences, folded to 16 bits: the IPv4 header's
     /// (TTL and address) and the TCP/UDP checksum's (address and port), in
@@ -78,8 +111,11 @@ pub struct Entry {
     /// checksum fields as read, without swapping bytes.
     pub d_ip: u16,
     pub d_l4: u16,
-    /// Destination then source MAC.
-    pub macs: [u8; 12],
+    /// Packets answered without the slot since the last check (see
+    /// `pend_bytes`); at `u16::MAX` the next packet checks.
+    pub pend_pkts: u16,
+    /// Destination MAC (the source is the egress port's: [`FlowCache::src_mac`]).
+    pub dst_mac: [u8; 6],
     /// Global egress port.
     pub port: u8,
     /// The slot's `tcp_state` when filled (low four bits; it must not have
@@ -105,6 +141,17 @@ impl Entry {
     #[inline(always)]
     pub fn rewrite(&self) -> u8 {
         (self.kind >> 4) & 0x7
+    }
+
+    /// The frame's first 8 bytes as the answer writes them before
+    /// [`FlowCache::src_mac_type`] overwrites the last two: the
+    /// destination MAC, then `port` and `kind` (adjacent fields: one load).
+    #[inline(always)]
+    pub fn dst_mac_head(&self) -> [u8; 8] {
+        let mut b = [0u8; 8];
+        b[..6].copy_from_slice(&self.dst_mac);
+        (b[6], b[7]) = (self.port, self.kind);
+        b
     }
 
     /// See [`KIND_SECOND`].
@@ -166,12 +213,14 @@ impl Entry {
         via_lock: 0,
         via: 0,
         epoch: 0,
+        checked_ms: 0,
         new_addr: [0; 4],
-        timeout_ms: 0,
+        pend_bytes: 0,
         new_port: [0; 2],
         d_ip: 0,
         d_l4: 0,
-        macs: [0; 12],
+        pend_pkts: 0,
+        dst_mac: [0; 6],
         port: 0,
         kind: 0,
     };
@@ -223,6 +272,13 @@ pub struct FlowCache {
     /// The configuration's answer fingerprint and the routing stamp of
     /// this epoch.
     stamps: (u64, u64),
+    /// Source MAC of each global egress port, as the full path last filled
+    /// an entry for it (the port MACs are in the answer fingerprint: a
+    /// change starts a new epoch), followed by the IPv4 ethertype: the
+    /// bytes 6-13 of every frame the cache answers.
+    src_macs: [[u8; 8]; 256],
+    /// Where [`FlowCache::sweep`] goes on.
+    cursor: usize,
 }
 
 impl Default for FlowCache {
@@ -233,6 +289,8 @@ impl Default for FlowCache {
             // Above NO_SET's epoch 0.
             epoch: 1,
             stamps: (0, 0),
+            src_macs: [[0, 0, 0, 0, 0, 0, 0x08, 0x00]; 256],
+            cursor: 0,
         }
     }
 }
@@ -254,8 +312,7 @@ impl FlowCache {
         Ok(Self {
             entries: mapped,
             mask: n / WAYS - 1,
-            epoch: 1,
-            stamps: (0, 0),
+            ..Self::default()
         })
     }
 
@@ -279,7 +336,10 @@ impl FlowCache {
         self.epoch = self.epoch.wrapping_add(1);
         if self.epoch == 0 {
             // Wrapped: entries of the first epoch would look valid again.
-            self.entries.as_mut_slice().fill(Entry::default());
+            // (Their pending counts stay, for `put` and `sweep` to flush.)
+            for e in self.entries.as_mut_slice() {
+                e.epoch = 0;
+            }
             self.epoch = 1;
         }
     }
@@ -304,33 +364,127 @@ impl FlowCache {
         shm_layout::conntrack::prefetch(&self.set(home)[0]);
     }
 
-    /// The valid entry for `home` holding this key, if any.
+    /// Which way of `home`'s set holds this key in the current epoch.
     #[inline(always)]
-    pub fn get(&self, home: u32, addrs: u64, ports_proto: u64) -> Option<&Entry> {
+    fn way(&self, home: u32, addrs: u64, ports_proto: u64) -> Option<usize> {
         let set = self.set(home);
         let holds =
             |e: &Entry| e.addrs == addrs && e.ports_proto == ports_proto && e.epoch == self.epoch;
         if holds(&set[0]) {
-            Some(&set[0])
+            Some(0)
         } else if set[0].second() && holds(&set[1]) {
-            Some(&set[1])
+            Some(1)
         } else {
             None
         }
     }
 
-    /// Stores `e` (its key words set) as the entry for `home`, in the
+    /// The valid entry for `home` holding this key, if any.
+    #[inline(always)]
+    pub fn get(&self, home: u32, addrs: u64, ports_proto: u64) -> Option<&Entry> {
+        let w = self.way(home, addrs, ports_proto)?;
+        Some(&self.set(home)[w])
+    }
+
+    /// [`get`](FlowCache::get), to update the entry (its check time and
+    /// pending counts).
+    #[inline(always)]
+    pub fn get_mut(&mut self, home: u32, addrs: u64, ports_proto: u64) -> Option<&mut Entry> {
+        let w = self.way(home, addrs, ports_proto)?;
+        let at = (home as usize & self.mask) * WAYS + w;
+        // SAFETY: a valid entry (epoch >= 1) is never NO_SET's (epoch 0):
+        // `at` is inside the mapping, whose pointer came from a mutable
+        // mapping, and `&mut self` makes the borrow unique.
+        Some(unsafe { &mut *self.entries.first.add(at).cast_mut() })
+    }
+
+    /// Bytes 6-13 of a frame the cache answers out of global port `port`:
+    /// the port's MAC as source, the IPv4 ethertype.
+    #[inline(always)]
+    pub fn src_mac_type(&self, port: u8) -> &[u8; 8] {
+        &self.src_macs[port as usize]
+    }
+
+    /// Makes the entry of this key (if any) check its slot on its next
+    /// packet: the full path changed its connection in this millisecond.
+    #[inline]
+    pub fn stale(&mut self, home: u32, (addrs, ports_proto): (u64, u64), now_ms: u32) {
+        if let Some(e) = self.get_mut(home, addrs, ports_proto) {
+            e.checked_ms = now_ms.wrapping_sub(1);
+        }
+    }
+
+    /// Adds an entry's pending counts to its connection's slot, if the
+    /// slot still holds the connection it was filled for (its lock word
+    /// unchanged: no insert, retire or removal since); otherwise the
+    /// connection is gone, and so are its counts. Like the full path's,
+    /// a plain load and store, approximate under concurrent updates.
+    #[inline]
+    pub fn flush(e: &mut Entry, ct: &ConnTable<'_>) {
+        if e.pend_pkts == 0 {
+            return;
+        }
+        let s = ct.slot(e.idx);
+        if s.lock.load(Ordering::Acquire) == e.lock as u64 {
+            s.packets.store(
+                s.packets.load(Ordering::Relaxed) + u64::from(e.pend_pkts),
+                Ordering::Relaxed,
+            );
+            s.bytes.store(
+                s.bytes.load(Ordering::Relaxed) + u64::from(e.pend_bytes),
+                Ordering::Relaxed,
+            );
+        }
+        (e.pend_pkts, e.pend_bytes) = (0, 0);
+    }
+
+    /// Flushes the pending counts of the next `n` entries (round the whole
+    /// cache) that no packet checked in this millisecond: counts of a flow
+    /// that stopped reach its slot within one round. The engine sweeps a
+    /// few entries per busy loop and many per idle one.
+    #[inline]
+    pub fn sweep(&mut self, n: usize, ct: &ConnTable<'_>, now_ms: u32) {
+        let mut cursor = self.cursor;
+        let entries = self.entries.as_mut_slice();
+        let Some(last) = entries.len().checked_sub(1) else {
+            return;
+        };
+        for _ in 0..n {
+            // `len` is a power of two.
+            cursor = (cursor + 1) & last;
+            let e = &mut entries[cursor];
+            if e.pend_pkts != 0 && e.checked_ms != now_ms {
+                Self::flush(e, ct);
+            }
+        }
+        // The next call's first line, loaded meanwhile.
+        shm_layout::conntrack::prefetch(&entries[(cursor + 1) & last]);
+        self.cursor = cursor;
+    }
+
+    /// Flushes every entry's pending counts (the switch stopping).
+    pub fn flush_all(&mut self, ct: &ConnTable<'_>) {
+        for e in self.entries.as_mut_slice() {
+            Self::flush(e, ct);
+        }
+    }
+
+    /// Stores `e` (its key words set; filled or checked in this
+    /// millisecond, nothing pending) as the entry for `home`, in the
     /// current epoch, in the first way: over an entry of the same key or an
     /// invalid one; else the entry there moves to the second way (the less
     /// recently filled of the two leaves). The first way's [`KIND_SECOND`] says
     /// whether the second may hold an entry of this epoch: an entry moves
     /// there only from a valid first way, and an epoch's end invalidates
     /// both, so a first way of another epoch has an invalid second too.
+    /// The entry overwritten, valid or not, has its pending counts flushed
+    /// first. `port_src` is the source MAC of the entry's egress port.
     #[inline]
-    pub fn put(&mut self, home: u32, mut e: Entry) {
+    pub fn put(&mut self, home: u32, mut e: Entry, port_src: [u8; 6], ct: &ConnTable<'_>) {
         let at = (home as usize & self.mask) * WAYS;
         let epoch = self.epoch;
         e.epoch = epoch;
+        self.src_macs[e.port as usize][..6].copy_from_slice(&port_src);
         let Some(set) = self
             .entries
             .as_mut_slice()
@@ -343,9 +497,11 @@ impl FlowCache {
         let valid = set[0].epoch == epoch;
         let same = set[0].addrs == e.addrs && set[0].ports_proto == e.ports_proto;
         let second = if valid && !same {
+            Self::flush(&mut set[1], ct);
             set[1] = set[0];
             true
         } else {
+            Self::flush(&mut set[0], ct);
             valid && set[0].second()
         };
         e.kind = e.kind & !KIND_SECOND | if second { KIND_SECOND } else { 0 };
@@ -356,7 +512,7 @@ impl FlowCache {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::filter::{Pre, Verdict, answer_fingerprint, pre, process_pre};
+    use crate::filter::{Pre, Verdict, answer_fingerprint, look, pre, process_pre};
     use crate::fixture::{CLIENT_GW_MAC, Fixture, VIP, port_mac};
     use etherparse::PacketBuilder;
     use proptest::prelude::*;
@@ -404,6 +560,7 @@ mod tests {
             ctx.flows = core::mem::take(flows);
             let mut p = Pre::default();
             pre(&buf[..frame.len()], &ctx.ct, &ctx.flows, &mut p);
+            look(&p, &ctx.ct, &ctx.flows, now_ms);
             let v = process_pre(&mut buf, frame.len(), &p, in_port, &port_mac, &mut ctx);
             *flows = core::mem::take(&mut ctx.flows);
             (v, buf)
@@ -426,6 +583,13 @@ mod tests {
             self.send(now_ms, 0, &f);
             assert_eq!(self.hits(), hits + 1, "answered from the cache");
             f
+        }
+
+        /// The engine's sweep of the whole cache at `now_ms`: the counts
+        /// of packets answered in earlier milliseconds reach their slots.
+        fn sweep(&mut self, now_ms: u32) {
+            let ct = self.fx.region.conntrack();
+            self.flows.sweep(self.flows.capacity(), &ct, now_ms);
         }
 
         fn hits(&self) -> u64 {
@@ -540,18 +704,18 @@ mod tests {
     #[test]
     fn sets_keep_two_flows_and_the_less_recently_filled_leaves() {
         let mut fc = FlowCache::new(4).unwrap();
+        let fx = Fixture::new("fc-sets", 1 << 12);
+        let ct = fx.region.conntrack();
         let key = |n: u64| (n, n << 32 | 6);
         let put = |fc: &mut FlowCache, n: u64| {
             let (addrs, ports_proto) = key(n);
-            fc.put(
-                1,
-                Entry {
-                    addrs,
-                    ports_proto,
-                    idx: n as u32,
-                    ..Entry::default()
-                },
-            );
+            let e = Entry {
+                addrs,
+                ports_proto,
+                idx: n as u32,
+                ..Entry::default()
+            };
+            fc.put(1, e, [0; 6], &ct);
         };
         let got = |fc: &FlowCache, n: u64| fc.get(1, key(n).0, key(n).1).map(|e| e.idx);
         // The first way says whether the second may hold an entry.
@@ -640,6 +804,15 @@ mod tests {
         let mut ca = cached.c;
         ca[Counter::FlowCacheHit as usize] = 0;
         assert_eq!(ca, full.c, "every other counter as the full path counts it");
+        // All in one millisecond: the slot counted the packets the full
+        // path handled (the ACK that filled, the first reply); the three
+        // TCP hits and the reply's wait in the entries until a sweep in a
+        // later millisecond (or the next check).
+        let slot = cached.entry(&tcp_key(40_000), now).unwrap();
+        assert_eq!((slot.1, slot.2), (2, 84));
+        cached.sweep(now);
+        assert_eq!(cached.entry(&tcp_key(40_000), now), Some(slot), "not in it");
+        cached.sweep(now.wrapping_add(1));
         assert_eq!(
             cached.entry(&tcp_key(40_000), now),
             full.entry(&tcp_key(40_000), now)
@@ -658,17 +831,16 @@ mod tests {
     #[test]
     fn an_epoch_counter_coming_round_brings_no_entry_back() {
         let mut fc = FlowCache::new(4).unwrap();
+        let fx = Fixture::new("fc-wrap-epoch", 1 << 12);
         let (addrs, ports_proto) = (7, 7 << 32 | 6);
         // Filled in epoch 1, the first.
-        fc.put(
-            0,
-            Entry {
-                addrs,
-                ports_proto,
-                idx: 7,
-                ..Entry::default()
-            },
-        );
+        let e = Entry {
+            addrs,
+            ports_proto,
+            idx: 7,
+            ..Entry::default()
+        };
+        fc.put(0, e, [0; 6], &fx.region.conntrack());
         assert!(fc.get(0, addrs, ports_proto).is_some());
         // As after 2^32 - 2 invalidations: the next comes round to 1.
         fc.epoch = u32::MAX;
@@ -795,13 +967,18 @@ mod tests {
         assert_ne!(hit.via, hit.idx, "found through its reply slot");
         let snap = ct.snapshot(hit.via).unwrap();
         assert!(ct.remove(hit.via, &snap, std::process::id()));
-        assert_eq!(sw.send(now, 1, &r).0, Verdict::Drop);
+        // Another process's change: the cache sees it from the next
+        // millisecond (it answered in this one without reading slots).
+        assert!(matches!(sw.send(now, 1, &r).0, Verdict::Tx { port: 0, .. }));
+        assert_eq!(sw.hits(), 2, "within the millisecond of its check");
+        let next = now.wrapping_add(1);
+        assert_eq!(sw.send(next, 1, &r).0, Verdict::Drop);
         assert_eq!(sw.c[Counter::DropNotOurs as usize], 1);
-        assert_eq!(sw.hits(), 1);
+        assert_eq!(sw.hits(), 2);
         // Forward: 900 s established timeout; 5 ms short of it the full
         // path still forwards, and the cache leaves it to it.
         let f = client(false, 40_002, ACK, 64);
-        sw.send(now, 0, &f);
+        sw.send(next, 0, &f);
         let hits = sw.hits();
         let late = now.wrapping_add(900_000 - 5);
         assert!(matches!(
@@ -840,6 +1017,72 @@ mod tests {
         assert_eq!(sw.hits(), 2, "a VIP change empties it");
     }
 
+    /// The packet and byte counts of packets answered without the slot
+    /// wait in their entry and reach the slot when the entry leaves the
+    /// cache (here a one-set cache: a third flow evicts the first), with
+    /// no sweep.
+    #[test]
+    fn an_evicted_entry_brings_its_waiting_counts_to_its_slot() {
+        let mut sw = Switch::new("fc-evict", 2);
+        let now = sw.fx.region.now_ms();
+        for port in [40_010, 40_011] {
+            sw.open_cached(now, port);
+        }
+        // The ACK that filled (counted by the full path), the hit waiting.
+        assert_eq!(sw.entry(&tcp_key(40_010), now).unwrap().1, 1);
+        sw.open_cached(now, 40_012);
+        assert_eq!(
+            sw.entry(&tcp_key(40_010), now).unwrap().1,
+            2,
+            "flushed as it left"
+        );
+        assert_eq!(sw.entry(&tcp_key(40_011), now).unwrap().1, 1, "still in");
+    }
+
+    /// Waiting counts go to the slot only while it holds the same
+    /// connection: once another process retired it, they are dropped.
+    #[test]
+    fn waiting_counts_of_a_connection_that_is_gone_are_dropped() {
+        let mut sw = Switch::new("fc-gone", DEFAULT_ENTRIES);
+        let now = sw.fx.region.now_ms();
+        let f = sw.open_cached(now, 40_020);
+        sw.send(now, 0, &f);
+        let ct = sw.fx.region.conntrack();
+        let idx = ct.lookup(&tcp_key(40_020)).unwrap().idx;
+        let slot = ct.slot(idx);
+        let ord = core::sync::atomic::Ordering::Relaxed;
+        assert_eq!(slot.packets.load(ord), 1, "two hits waiting");
+        let snap = ct.snapshot(idx).unwrap();
+        assert!(ct.retire(idx, &snap, std::process::id()).is_some());
+        sw.flows.sweep(DEFAULT_ENTRIES, &ct, now.wrapping_add(1));
+        assert_eq!(slot.packets.load(ord), 1, "not added to a retired slot");
+    }
+
+    /// A flow's 65,535th packet waiting in its entry is the last: the
+    /// next is checked against the slot (and brings them all), whatever
+    /// the millisecond.
+    #[test]
+    fn at_most_65535_packets_wait_in_an_entry() {
+        let mut sw = Switch::new("fc-max", DEFAULT_ENTRIES);
+        let now = sw.fx.region.now_ms();
+        let f = sw.open_cached(now, 40_030);
+        let words = tcp_key(40_030).words();
+        let home = sw.fx.region.conntrack().home_of(words) as u32;
+        let e = sw.flows.get_mut(home, words.0, words.1).unwrap();
+        assert_eq!((e.pend_pkts, e.pend_bytes), (1, 44), "one 44-byte packet");
+        // As if 65,533 more had come in this millisecond.
+        e.pend_pkts = u16::MAX - 1;
+        sw.send(now, 0, &f);
+        let e = sw.flows.get_mut(home, words.0, words.1).unwrap();
+        assert_eq!((e.pend_pkts, e.pend_bytes), (u16::MAX, 88));
+        sw.send(now, 0, &f);
+        let e = sw.flows.get_mut(home, words.0, words.1).unwrap();
+        assert_eq!((e.pend_pkts, e.pend_bytes), (0, 0), "checked");
+        let (_, packets, bytes, _) = sw.entry(&tcp_key(40_030), now).unwrap();
+        assert_eq!((packets, bytes), (1 + 65_535 + 1, 44 + 88 + 44));
+        assert_eq!(sw.hits(), 3);
+    }
+
     /// A slot whose 32-bit sequence came back round to the same value
     /// while it took another connection (simulated: its addresses change,
     /// its lock word does not) is not trusted.
@@ -852,7 +1095,8 @@ mod tests {
         let slot = ct.slot(ct.lookup(&tcp_key(40_004)).unwrap().idx);
         let ord = core::sync::atomic::Ordering::Relaxed;
         slot.words[1].store(slot.words[1].load(ord) ^ 1 << 40, ord);
-        sw.send(now, 0, &f);
+        // Seen from the next millisecond (see the test above).
+        sw.send(now.wrapping_add(1), 0, &f);
         assert_eq!(sw.hits(), 1, "not from the cache");
         assert_eq!(
             sw.c[Counter::ConnMidflow as usize],
@@ -997,6 +1241,8 @@ mod tests {
             let mut ca = cached.c;
             ca[Counter::FlowCacheHit as usize] = 0;
             prop_assert_eq!(ca, full.c);
+            // Counts still waiting in entries reach their slots.
+            cached.sweep(now.wrapping_add(1));
             for flow in 0..6 {
                 let key = FlowKey {
                     proto: if flow >= 4 { 17 } else { 6 },
