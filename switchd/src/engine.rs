@@ -90,10 +90,12 @@ const MAX_BURST: usize = 256;
 /// a loop).
 const PUBLISH_EVERY_NS: u64 = 100_000;
 /// Flow-cache entries [`FlowCache::sweep`] visits per loop that moved
-/// frames, and per loop that found none: 65,536 entries take ~65,536 busy
-/// loops (tens of ms under load) or 16 idle ones.
+/// frames, and per loop that found none: a round of the default 65,536
+/// entries takes ~65,536 busy loops (tens of ms under full load) or 256
+/// idle ones. An idle loop's share (16 KiB read in order, about a
+/// microsecond) is what a frame arriving meanwhile may wait.
 const SWEEP_BUSY: usize = 1;
-const SWEEP_IDLE: usize = 4096;
+const SWEEP_IDLE: usize = 256;
 
 const MIN_NAP: Duration = Duration::from_micros(10);
 const MAX_NAP: Duration = Duration::from_micros(500);

@@ -148,10 +148,17 @@ impl Entry {
     /// destination MAC, then `port` and `kind` (adjacent fields: one load).
     #[inline(always)]
     pub fn dst_mac_head(&self) -> [u8; 8] {
-        let mut b = [0u8; 8];
-        b[..6].copy_from_slice(&self.dst_mac);
-        (b[6], b[7]) = (self.port, self.kind);
-        b
+        const AT: usize = core::mem::offset_of!(Entry, dst_mac);
+        // SAFETY: bytes AT..AT + 8 of the entry are `dst_mac`, `port` and
+        // `kind` (asserted below), all initialised integers; the pointer
+        // comes from the whole entry.
+        unsafe {
+            (self as *const Entry)
+                .cast::<u8>()
+                .add(AT)
+                .cast::<[u8; 8]>()
+                .read_unaligned()
+        }
     }
 
     /// See [`KIND_SECOND`].
@@ -187,6 +194,11 @@ pub fn rewrite_offsets(kind: u8) -> Option<(usize, usize)> {
 pub const EXPIRY_MARGIN_MS: u32 = 10;
 
 const _: () = assert!(core::mem::size_of::<Entry>() == 64);
+// `Entry::dst_mac_head` reads the three together.
+const _: () = assert!(
+    core::mem::offset_of!(Entry, port) == core::mem::offset_of!(Entry, dst_mac) + 6
+        && core::mem::offset_of!(Entry, kind) == core::mem::offset_of!(Entry, dst_mac) + 7
+);
 
 /// The entries: anonymous memory that asks for transparent huge pages
 /// (a cache of 65,536 entries then takes two TLB entries, not a thousand)
