@@ -238,7 +238,9 @@ pub fn look(pre: &Pre, ct: &ConnTable<'_>, flows: &FlowCache, now_ms: u32) {
     let Some(l4) = &pre.0 else {
         return;
     };
-    if !l4.cacheable() {
+    if !l4.cacheable() || flows.first_way_checked_at(l4.home) == now_ms {
+        // The set's first way, checked in this millisecond, is almost
+        // always this flow's entry (a guess: this only loads lines).
         return;
     }
     match flows.get(l4.home, l4.words.0, l4.words.1) {

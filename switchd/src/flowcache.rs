@@ -376,6 +376,13 @@ impl FlowCache {
         shm_layout::conntrack::prefetch(&self.set(home)[0]);
     }
 
+    /// When the first way of `home`'s set was last checked (whatever key
+    /// and epoch it holds).
+    #[inline(always)]
+    pub fn first_way_checked_at(&self, home: u32) -> u32 {
+        self.set(home)[0].checked_ms
+    }
+
     /// Which way of `home`'s set holds this key in the current epoch.
     #[inline(always)]
     fn way(&self, home: u32, addrs: u64, ports_proto: u64) -> Option<usize> {
