@@ -304,9 +304,12 @@ fn burst_in<N: Nic>(
         filter::pre(&nic.buf_mut(*f)[..len], &ctx.ct, &ctx.flows, p);
     }
     // With the flow-cache lines on their way: the slots the second pass
-    // will read (none for a flow already checked in this millisecond).
-    for p in pres.iter().take(frames.len()) {
-        filter::look(p, &ctx.ct, &ctx.flows, ctx.now_ms);
+    // will read (none for a flow already checked in this millisecond),
+    // unless the first pass loaded every home slot already.
+    if !ctx.flows.slots_ahead() {
+        for p in pres.iter().take(frames.len()) {
+            filter::look(p, &ctx.ct, &ctx.flows, ctx.now_ms);
+        }
     }
     ctx.counters[Counter::RxPackets as usize] += frames.len() as u64;
     ctx.counters[Counter::RxBytes as usize] += rx_bytes;
@@ -347,6 +350,7 @@ fn burst_in<N: Nic>(
             nic.free(back);
         }
     }
+    ctx.flows.end_burst(frames.len());
     tx.send(nic, ctx.counters);
 }
 

@@ -219,6 +219,9 @@ pub fn pre(frame: &[u8], ct: &ConnTable<'_>, flows: &FlowCache, out: &mut Pre) {
     // the rest, [`look`] decides which slot to load once the set is in.
     if l4.cacheable() {
         flows.prefetch(home as u32);
+        if flows.slots_ahead() {
+            ct.prefetch(home);
+        }
     } else {
         ct.prefetch(home);
     }
@@ -1324,7 +1327,8 @@ fn cached(frame: &mut [u8], l4: &L4, ctx: &mut Ctx<'_>) -> Option<(u32, usize)> 
     }
     let now = ctx.now_ms;
     let e = ctx.flows.get_mut(l4.home, l4.words.0, l4.words.1)?;
-    if e.checked_ms == now && e.pend_pkts < u16::MAX {
+    let fresh = e.checked_ms == now && e.pend_pkts < u16::MAX;
+    if fresh {
         // Checked in this millisecond: the slot is not read (see
         // `flowcache`); the counts wait in the entry.
         e.pend_pkts += 1;
@@ -1374,6 +1378,7 @@ fn cached(frame: &mut [u8], l4: &L4, ctx: &mut Ctx<'_>) -> Option<(u32, usize)> 
     }
     let (port, rewrite, head) = (e.port, e.rewrite(), e.dst_mac_head());
     let (new_addr, new_port, d_ip, d_l4) = (e.new_addr, e.new_port, e.d_ip, e.d_l4);
+    ctx.flows.note_fresh(u32::from(fresh));
     // Checksums adjusted in the machine's byte order (see `Entry::d_ip`).
     ip[8] = ttl - 1;
     let c = checksum::adjust_ne(u16::from_ne_bytes([ip[10], ip[11]]), d_ip);

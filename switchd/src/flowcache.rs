@@ -291,6 +291,11 @@ pub struct FlowCache {
     src_macs: [[u8; 8]; 256],
     /// Where [`FlowCache::sweep`] goes on.
     cursor: usize,
+    /// Packets of the current burst answered without reading their slot.
+    fresh: u32,
+    /// Whether the first pass loads every frame's home slot, as when most
+    /// answers read their slot (see [`FlowCache::end_burst`]).
+    slots_ahead: bool,
 }
 
 impl Default for FlowCache {
@@ -303,6 +308,8 @@ impl Default for FlowCache {
             stamps: (0, 0),
             src_macs: [[0, 0, 0, 0, 0, 0, 0x08, 0x00]; 256],
             cursor: 0,
+            fresh: 0,
+            slots_ahead: true,
         }
     }
 }
@@ -374,6 +381,32 @@ impl FlowCache {
     #[inline(always)]
     pub fn prefetch(&self, home: u32) {
         shm_layout::conntrack::prefetch(&self.set(home)[0]);
+    }
+
+    /// Counts `n` packets answered without reading their slot (0 or 1).
+    #[inline(always)]
+    pub fn note_fresh(&mut self, n: u32) {
+        self.fresh += n;
+    }
+
+    /// Whether the first pass should load every frame's home slot along
+    /// with its set, as it must when most packets' answers read their
+    /// slot: with many flows, each sending less than a packet a
+    /// millisecond, a slot loaded only once the entry is in (by
+    /// `filter::look`) would arrive a whole memory latency later. With
+    /// few, busy flows most answers read no slot, and loading them all
+    /// would cost the lines the cache saves.
+    #[inline(always)]
+    pub fn slots_ahead(&self) -> bool {
+        self.slots_ahead
+    }
+
+    /// Ends a burst of `frames` frames: the next loads slots ahead unless
+    /// at least half of these were answered without their slot.
+    #[inline(always)]
+    pub fn end_burst(&mut self, frames: usize) {
+        self.slots_ahead = (self.fresh as usize) * 2 < frames;
+        self.fresh = 0;
     }
 
     /// When the first way of `home`'s set was last checked (whatever key
