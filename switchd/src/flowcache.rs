@@ -1135,6 +1135,27 @@ mod tests {
         assert_eq!(sw.hits(), 3);
     }
 
+    /// The first pass loads every home slot ahead while most answers read
+    /// their slot, and stops once at least half of a burst's were answered
+    /// without (a flow's packets within the millisecond of its check).
+    #[test]
+    fn slots_are_loaded_ahead_until_most_answers_need_none() {
+        let mut sw = Switch::new("fc-ahead", DEFAULT_ENTRIES);
+        assert!(sw.flows.slots_ahead(), "a cold cache");
+        let now = sw.fx.region.now_ms();
+        let f = sw.open_cached(now, 40_040);
+        sw.flows.end_burst(3);
+        assert!(sw.flows.slots_ahead(), "one of three (SYN, ACK, hit)");
+        sw.send(now, 0, &f);
+        sw.send(now, 0, &f);
+        sw.flows.end_burst(4);
+        assert!(!sw.flows.slots_ahead(), "two of four");
+        // The next millisecond: the first packet checks its slot.
+        sw.send(now.wrapping_add(1), 0, &f);
+        sw.flows.end_burst(1);
+        assert!(sw.flows.slots_ahead());
+    }
+
     /// A slot whose 32-bit sequence came back round to the same value
     /// while it took another connection (simulated: its addresses change,
     /// its lock word does not) is not trusted.
