@@ -555,14 +555,14 @@ fn to_vip(
             if down != ON_DOWN_KEEP && !rst && (syn || !is_tcp) {
                 // The flow can move (a UDP flow, or a TCP SYN: nothing was
                 // exchanged yet): schedule it afresh below.
-                ctx.flows.stale(l4.home, l4.words, ctx.now_ms);
+                stale_answers(l4, hit, ctx);
                 move_off_down(hit, ctx);
             } else if down == ON_DOWN_RESET && !rst {
                 return reset_down(frame, l4, hit, in_port, ctx);
             } else if syn && slot.tcp_state.load(Ordering::Relaxed) == STATE_CLOSING {
                 // A new connection on the 5-tuple of a closed one: it is
                 // scheduled afresh (the old one gave its slot back).
-                ctx.flows.stale(l4.home, l4.words, ctx.now_ms);
+                stale_answers(l4, hit, ctx);
                 retire(hit, ctx);
             } else {
                 ctx.count(Counter::FwdHit);
@@ -657,6 +657,18 @@ fn new_flow(
         ctx.count(Counter::ConnNew);
     }
     forward(frame, l4, &conn, in_port, port_mac, None, ctx)
+}
+
+/// Makes the flow cache check the slot again before it answers for
+/// either direction of a connection this switch is about to retire (its
+/// answers may be from this very millisecond, which no check would
+/// catch: see `flowcache`).
+#[cold]
+fn stale_answers(l4: &L4, hit: &Hit, ctx: &mut Ctx<'_>) {
+    ctx.flows.stale(l4.home, l4.words, ctx.now_ms);
+    let reply = hit.conn().reply_key().words();
+    let home = ctx.ct.home_of(reply) as u32;
+    ctx.flows.stale(home, reply, ctx.now_ms);
 }
 
 /// Removes the entry of a flow leaving its DOWN backend (the scheduler,

@@ -40,8 +40,8 @@
 //!   `EXPIRY_MARGIN_MS` from it; a state change by another switch (the
 //!   other direction's FIN) changes no answer, only a timeout. A change
 //!   this switch's full path makes to a connection it may have cached (a
-//!   SYN retiring a closed one) marks the key's entry for a check at
-//!   once ([`FlowCache::stale`]);
+//!   SYN retiring a closed one) marks the entries of both its directions
+//!   for a check at once ([`FlowCache::stale`]);
 //! - the slot's packet and byte counts of those packets wait in the
 //!   entry (`pend_pkts`, `pend_bytes`) and are added at the next check,
 //!   when the entry is overwritten, or by the engine's
@@ -1133,6 +1133,51 @@ mod tests {
         let (_, packets, bytes, _) = sw.entry(&tcp_key(40_030), now).unwrap();
         assert_eq!((packets, bytes), (1 + 65_535 + 1, 44 + 88 + 44));
         assert_eq!(sw.hits(), 3);
+    }
+
+    /// A connection this switch retires (a SYN on a closed one) takes its
+    /// cached answers with it at once, in both directions: a reply in the
+    /// same millisecond goes the full path's way, and counts where it
+    /// counts.
+    #[test]
+    fn a_connection_this_switch_retires_loses_both_directions_answers_at_once() {
+        let mut cached = Switch::new("fc-retire", DEFAULT_ENTRIES);
+        let mut full = Switch::new("fc-retire-full", 0);
+        let now = cached.fx.region.now_ms();
+        let mut to = None;
+        for f in [
+            client(false, 40_050, SYN, 64),
+            client(false, 40_050, ACK, 64),
+            client(false, 40_050, ACK, 64),
+        ] {
+            let a = cached.send(now, 0, &f);
+            assert_eq!(a.0, full.send(now, 0, &f).0);
+            to = to.or(backend_of(a.0, &a.1));
+        }
+        let (backend, bport) = to.unwrap();
+        let r = reply(false, backend, bport, 40_050, ACK);
+        let frames = [
+            (1, r.clone()),
+            (1, r.clone()),
+            (0, client(false, 40_050, ACK | FIN, 64)),
+            (0, client(false, 40_050, SYN, 64)),
+            (1, r.clone()),
+            (0, client(false, 40_050, ACK, 64)),
+        ];
+        for (i, (port, f)) in frames.iter().enumerate() {
+            let a = cached.send(now, *port, f);
+            let b = full.send(now, *port, f);
+            assert_eq!(a.0, b.0, "frame {i}");
+            assert!(a.1 == b.1, "frame {i}: different bytes out");
+        }
+        let mut ca = cached.c;
+        ca[Counter::FlowCacheHit as usize] = 0;
+        assert_eq!(ca, full.c);
+        cached.sweep(now.wrapping_add(1));
+        assert_eq!(
+            cached.entry(&tcp_key(40_050), now),
+            full.entry(&tcp_key(40_050), now)
+        );
     }
 
     /// The first pass loads every home slot ahead while most answers read
