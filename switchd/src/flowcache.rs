@@ -114,7 +114,8 @@ pub struct Entry {
     /// Packets answered without the slot since the last check (see
     /// `pend_bytes`); at `u16::MAX` the next packet checks.
     pub pend_pkts: u16,
-    /// Destination MAC (the source is the egress port's: [`FlowCache::src_mac`]).
+    /// Destination MAC (the source is the egress port's:
+    /// [`FlowCache::src_mac_type`]).
     pub dst_mac: [u8; 6],
     /// Global egress port.
     pub port: u8,
@@ -186,6 +187,10 @@ pub fn rewrite_offsets(kind: u8) -> Option<(usize, usize)> {
         _ => None,
     }
 }
+
+/// How old (in ms, 12.4 days) a check time [`FlowCache::sweep`] lets
+/// get before it moves it forward (see there).
+const STALE_AFTER_MS: u32 = 1 << 30;
 
 /// How long before its idle timeout an entry stops answering: each
 /// process judges expiry with its own clock (read once per loop or tick),
@@ -507,6 +512,13 @@ impl FlowCache {
             let e = &mut entries[cursor];
             if e.pend_pkts != 0 && e.checked_ms != now_ms {
                 Self::flush(e, ct);
+            }
+            // `now_ms` comes round every 2^32 ms (49.7 days): an entry left
+            // unused that long must not pass for checked in this
+            // millisecond. Rounds take seconds at most, so no check time
+            // ever gets near 2^32 ms old.
+            if now_ms.wrapping_sub(e.checked_ms) > STALE_AFTER_MS {
+                e.checked_ms = now_ms.wrapping_sub(STALE_AFTER_MS);
             }
         }
         // The next call's first line, loaded meanwhile.
@@ -1178,6 +1190,26 @@ mod tests {
             cached.entry(&tcp_key(40_050), now),
             full.entry(&tcp_key(40_050), now)
         );
+    }
+
+    /// The millisecond counter comes round after 2^32 ms: an entry left
+    /// unused that long is not taken for one checked in this millisecond
+    /// (the sweep moves old check times forward), so its slot is checked.
+    #[test]
+    fn a_check_time_does_not_come_round() {
+        let mut sw = Switch::new("fc-ms-wrap", DEFAULT_ENTRIES);
+        let now = sw.fx.region.now_ms();
+        let f = sw.open_cached(now, 40_060);
+        // Meanwhile another process retired the connection.
+        let ct = sw.fx.region.conntrack();
+        let idx = ct.lookup(&tcp_key(40_060)).unwrap().idx;
+        let snap = ct.snapshot(idx).unwrap();
+        assert!(ct.retire(idx, &snap, std::process::id()).is_some());
+        // Sweeps over the next 2^32 ms; then the same `now_ms` again.
+        sw.sweep(now.wrapping_add(1 << 31));
+        let hits = sw.hits();
+        sw.send(now, 0, &f);
+        assert_eq!(sw.hits(), hits, "checked, and the slot is gone");
     }
 
     /// The first pass loads every home slot ahead while most answers read
