@@ -656,6 +656,15 @@ mod tests {
             self.flows.sweep(self.flows.capacity(), &ct, now_ms);
         }
 
+        /// Another process retires TCP connection `port` (as the GC
+        /// does).
+        fn retire_elsewhere(&self, port: u16) {
+            let ct = self.fx.region.conntrack();
+            let idx = ct.lookup(&tcp_key(port)).unwrap().idx;
+            let snap = ct.snapshot(idx).unwrap();
+            assert!(ct.retire(idx, &snap, std::process::id()).is_some());
+        }
+
         fn hits(&self) -> u64 {
             self.c[Counter::FlowCacheHit as usize]
         }
@@ -1112,12 +1121,10 @@ mod tests {
         let f = sw.open_cached(now, 40_020);
         sw.send(now, 0, &f);
         let ct = sw.fx.region.conntrack();
-        let idx = ct.lookup(&tcp_key(40_020)).unwrap().idx;
-        let slot = ct.slot(idx);
+        let slot = ct.slot(ct.lookup(&tcp_key(40_020)).unwrap().idx);
         let ord = core::sync::atomic::Ordering::Relaxed;
         assert_eq!(slot.packets.load(ord), 1, "two hits waiting");
-        let snap = ct.snapshot(idx).unwrap();
-        assert!(ct.retire(idx, &snap, std::process::id()).is_some());
+        sw.retire_elsewhere(40_020);
         sw.flows.sweep(DEFAULT_ENTRIES, &ct, now.wrapping_add(1));
         assert_eq!(slot.packets.load(ord), 1, "not added to a retired slot");
     }
@@ -1201,10 +1208,7 @@ mod tests {
         let now = sw.fx.region.now_ms();
         let f = sw.open_cached(now, 40_060);
         // Meanwhile another process retired the connection.
-        let ct = sw.fx.region.conntrack();
-        let idx = ct.lookup(&tcp_key(40_060)).unwrap().idx;
-        let snap = ct.snapshot(idx).unwrap();
-        assert!(ct.retire(idx, &snap, std::process::id()).is_some());
+        sw.retire_elsewhere(40_060);
         // Sweeps over the next 2^32 ms; then the same `now_ms` again.
         sw.sweep(now.wrapping_add(1 << 31));
         let hits = sw.hits();
