@@ -74,6 +74,21 @@ impl Timeouts {
 }
 
 impl ConnSlot {
+    /// Adds to the connection's packet and byte counts. A plain load and
+    /// store, no locked read-modify-write on the hot path: approximate
+    /// under concurrent updates by two switches.
+    #[inline(always)]
+    pub fn add_counts(&self, packets: u64, bytes: u64) {
+        self.packets.store(
+            self.packets.load(Ordering::Relaxed) + packets,
+            Ordering::Relaxed,
+        );
+        self.bytes.store(
+            self.bytes.load(Ordering::Relaxed) + bytes,
+            Ordering::Relaxed,
+        );
+    }
+
     /// Whether a forward slot's connection has been idle past its timeout.
     #[inline]
     pub fn expired(&self, now_ms: u32, t: &Timeouts) -> bool {

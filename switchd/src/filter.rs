@@ -923,14 +923,7 @@ fn touch(slot: &ConnSlot, l4: &L4, now_ms: u32, dir: Direction) -> Moved {
             };
         }
     }
-    // Approximate under concurrent updates by two switches: plain
-    // load + store, no locked read-modify-write on the hot path.
-    slot.packets
-        .store(slot.packets.load(Ordering::Relaxed) + 1, Ordering::Relaxed);
-    slot.bytes.store(
-        slot.bytes.load(Ordering::Relaxed) + l4.ip_len as u64,
-        Ordering::Relaxed,
-    );
+    slot.add_counts(1, u64::from(l4.ip_len));
     moved
 }
 
@@ -1378,13 +1371,9 @@ fn cached(frame: &mut [u8], l4: &L4, ctx: &mut Ctx<'_>) -> Option<(u32, usize)> 
         if last != now {
             slot.last_seen.store(now, Ordering::Relaxed);
         }
-        slot.packets.store(
-            slot.packets.load(Ordering::Relaxed) + 1 + u64::from(e.pend_pkts),
-            Ordering::Relaxed,
-        );
-        slot.bytes.store(
-            slot.bytes.load(Ordering::Relaxed) + u64::from(l4.ip_len) + u64::from(e.pend_bytes),
-            Ordering::Relaxed,
+        slot.add_counts(
+            1 + u64::from(e.pend_pkts),
+            u64::from(l4.ip_len) + u64::from(e.pend_bytes),
         );
         (e.pend_pkts, e.pend_bytes, e.checked_ms) = (0, 0, now);
     }

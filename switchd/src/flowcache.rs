@@ -474,8 +474,7 @@ impl FlowCache {
     /// Adds an entry's pending counts to its connection's slot, if the
     /// slot still holds the connection it was filled for (its lock word
     /// unchanged: no insert, retire or removal since); otherwise the
-    /// connection is gone, and so are its counts. Like the full path's,
-    /// a plain load and store, approximate under concurrent updates.
+    /// connection is gone, and so are its counts.
     #[inline]
     pub fn flush(e: &mut Entry, ct: &ConnTable<'_>) {
         if e.pend_pkts == 0 {
@@ -483,14 +482,7 @@ impl FlowCache {
         }
         let s = ct.slot(e.idx);
         if s.lock.load(Ordering::Acquire) == e.lock as u64 {
-            s.packets.store(
-                s.packets.load(Ordering::Relaxed) + u64::from(e.pend_pkts),
-                Ordering::Relaxed,
-            );
-            s.bytes.store(
-                s.bytes.load(Ordering::Relaxed) + u64::from(e.pend_bytes),
-                Ordering::Relaxed,
-            );
+            s.add_counts(u64::from(e.pend_pkts), u64::from(e.pend_bytes));
         }
         (e.pend_pkts, e.pend_bytes) = (0, 0);
     }
