@@ -52,6 +52,33 @@ impl IdAllocator {
         }
     }
 
+    /// The allocator of a controld that adopts a live region: the backends
+    /// the region's configuration names keep their ids (so its connections
+    /// and counters stay theirs), ids that only connections still reference
+    /// (`active` non-zero) wait as retired, and the rest are free.
+    pub fn adopt(
+        capacity: u32,
+        published: &[(BackendIdentity, u32)],
+        active: impl Fn(u32) -> u32,
+    ) -> Self {
+        let live: HashMap<BackendIdentity, u32> = published
+            .iter()
+            .filter(|(_, id)| *id < capacity)
+            .copied()
+            .collect();
+        let named: std::collections::HashSet<u32> = live.values().copied().collect();
+        let (retired, free) = (0..capacity)
+            .rev()
+            .filter(|id| !named.contains(id))
+            .partition(|&id| active(id) != 0);
+        Self {
+            capacity,
+            live,
+            retired,
+            free,
+        }
+    }
+
     /// Assigns ids for a new configuration's backends: existing identities
     /// keep theirs, new ones get fresh ids, departed ones are retired.
     pub fn assign(&mut self, wanted: &[BackendIdentity]) -> Result<Vec<u32>, String> {
@@ -115,6 +142,21 @@ mod tests {
             addr: Ipv4Addr::new(198, 19, 1, last),
             port: 8080,
         }
+    }
+
+    #[test]
+    fn an_adopted_allocator_keeps_published_ids_and_waits_for_referenced_ones() {
+        let mut a = IdAllocator::adopt(8, &[(ident(1), 5), (ident(2), 0)], |id| {
+            u32::from(id == 3 || id == 5)
+        });
+        assert_eq!(a.id_of(&ident(1)), Some(5));
+        assert_eq!(a.retired(), &[3]);
+        // The same backends keep their ids; a new one never gets 0, 3 or 5.
+        let ids = a.assign(&[ident(2), ident(1), ident(9)]).unwrap();
+        assert_eq!(ids[..2], [0, 5]);
+        assert!(![0, 3, 5].contains(&ids[2]), "{ids:?}");
+        // Once its connections end, 3 is free again.
+        assert_eq!(a.release_idle(|_| 0), vec![3]);
     }
 
     #[test]

@@ -16,6 +16,8 @@ pub mod loading;
 pub mod maglev;
 pub mod master;
 pub mod overrides;
+pub mod procs;
 pub mod publisher;
 pub mod routing;
 pub mod supervisor;
+pub mod takeover;

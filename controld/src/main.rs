@@ -28,9 +28,10 @@ use controld::master::ConfigSnapshot;
 use controld::overrides::Overrides;
 use controld::routing::{Mirror, Netlink};
 use controld::supervisor::{Supervisor, SwitchSpec};
+use controld::takeover::{self, Start};
 use controld::{events, master, publisher};
 use shm_layout::header::REGION_STOPPING;
-use shm_layout::{Access, Capacities, Mapping, Region, RegionError, Table, region_name};
+use shm_layout::{Mapping, Region, Table};
 
 #[derive(Parser, Debug)]
 #[command(version, about = "switchyard control processor")]
@@ -89,23 +90,6 @@ fn check_machine(cfg: &Config) -> Result<()> {
     Ok(())
 }
 
-fn capacities(cfg: &Config) -> Capacities {
-    Capacities {
-        services: cfg.limits.services,
-        backends: cfg.limits.backends,
-        backend_ids: cfg.limits.backends.saturating_mul(4),
-        // Two slots per NAT connection (forward and reply) at no more than half
-        // load keeps every probe sequence short: four slots per connection.
-        conn_slots: cfg.limits.connections.saturating_mul(4).next_power_of_two(),
-        routes: cfg.limits.routes,
-        neighbours: cfg.limits.neighbours,
-        switches: cfg.switches.len() as u32,
-        maglev_m: cfg.limits.maglev_table_size,
-        ring_slots: 4096,
-        _pad: 0,
-    }
-}
-
 fn vnic_name(instance: &str, switch: &str) -> String {
     format!("switchyard.{instance}.vnic.{switch}")
 }
@@ -145,68 +129,22 @@ fn log_page_size(region: &Region) {
     }
 }
 
-/// Creates the region, taking over a stale one whose controld is gone.
-fn create_region(cfg: &Config) -> Result<Region> {
-    let name = region_name(&cfg.instance);
-    if Mapping::exists(&name) {
-        match Region::attach(&cfg.instance, Access::ReadOnly) {
-            Ok(r) => {
-                let pid = r.header().controld_pid.load(Ordering::Relaxed);
-                if shm_layout::time::pid_alive(pid) && pid != std::process::id() {
-                    bail!(
-                        "instance {:?} is already running (controld pid {pid})",
-                        cfg.instance
-                    );
-                }
-                log::warn!("removing stale region /dev/shm/{name} left by controld pid {pid}");
-                stop_orphaned_switches(&r);
-            }
-            Err(RegionError::Fingerprint { found, .. }) => {
-                log::warn!(
-                    "removing stale region /dev/shm/{name} from a different build (fingerprint {found:#018x})"
-                );
-            }
-            Err(e) => log::warn!("removing unreadable region /dev/shm/{name}: {e}"),
-        }
-        Mapping::unlink(&name)?;
-    }
-    Ok(Region::create(&cfg.instance, capacities(cfg))?)
-}
-
-/// Switches of a dead controld keep forwarding on their own (the data path
-/// survives a control-plane crash); a new controld that takes over the
-/// instance stops them before it replaces their region.
-fn stop_orphaned_switches(r: &Region) {
-    let pids: Vec<u32> = r
-        .switch_slots()
-        .iter()
-        .map(|s| s.pid.load(Ordering::Relaxed))
-        .filter(|&p| p != 0 && shm_layout::time::pid_alive(p))
-        .collect();
-    for &p in &pids {
-        log::warn!("stopping orphaned switchd pid {p} of the previous controld");
-        // SAFETY: kill(2) has no memory-safety preconditions.
-        unsafe { libc::kill(p as libc::pid_t, libc::SIGTERM) };
-    }
-    let deadline = Instant::now() + Duration::from_secs(3);
-    while pids.iter().any(|&p| shm_layout::time::pid_alive(p)) && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    for &p in pids.iter().filter(|&&p| shm_layout::time::pid_alive(p)) {
-        log::warn!("orphaned switchd pid {p} ignored SIGTERM: killing it");
-        // SAFETY: as above.
-        unsafe { libc::kill(p as libc::pid_t, libc::SIGKILL) };
-    }
-}
-
-fn create_vnics(cfg: &Config) -> Result<Vec<String>> {
+/// Creates the virtual NICs of the vnic switches. One that an adopted
+/// switch (`keep`, by switch index) is attached to stays as it is: the
+/// switch and the wire side carry on with it.
+fn create_vnics(cfg: &Config, keep: &[usize]) -> Result<Vec<String>> {
     let mut made = Vec::new();
-    for s in cfg
+    for (i, s) in cfg
         .switches
         .iter()
-        .filter(|s| cfg.ports[s.ports[0]].driver == config::Driver::Vnic)
+        .enumerate()
+        .filter(|(_, s)| cfg.ports[s.ports[0]].driver == config::Driver::Vnic)
     {
         let name = vnic_name(&cfg.instance, &s.name);
+        if keep.contains(&i) && Mapping::exists(&name) {
+            made.push(name);
+            continue;
+        }
         if Mapping::exists(&name) {
             Mapping::unlink(&name)?;
         }
@@ -653,6 +591,31 @@ fn render_metrics(region: &Region, st: &State) -> String {
     metrics::render(&show, &stats(region, st), &extra)
 }
 
+/// How the supervisor starts each `[[switch]]`.
+fn switch_specs(cfg: &Config) -> Vec<SwitchSpec> {
+    cfg.switches
+        .iter()
+        .enumerate()
+        .map(|(i, s)| SwitchSpec {
+            index: i,
+            name: s.name.clone(),
+            cpu: s.cpu,
+            idle: match s.idle {
+                config::Idle::Busy => "busy",
+                config::Idle::Adaptive => "adaptive",
+            },
+            burst: s.burst as usize,
+            nic: nic_args(cfg, s),
+            engine: match s.engine {
+                config::Engine::Filter => "filter",
+                config::Engine::Null => "null",
+            },
+            syn_queue: s.syn_queue,
+            flow_cache: s.flow_cache,
+        })
+        .collect()
+}
+
 fn run(args: &Args) -> Result<()> {
     let mut cfg = config::load(&args.config).map_err(|e| anyhow::anyhow!("{e}"))?;
     resolve_interfaces(&mut cfg).with_context(|| format!("{}", args.config.display()))?;
@@ -691,14 +654,36 @@ fn run(args: &Args) -> Result<()> {
     }
     signal_hook::flag::register(signal_hook::consts::SIGHUP, Arc::clone(&hup))?;
 
-    let region = create_region(&cfg)?;
+    let start = takeover::start(&cfg.instance, takeover::capacities(&cfg))?;
+    let (region, adopted) = match start {
+        Start::Created(r) => (r, Vec::new()),
+        Start::Adopted {
+            region, switches, ..
+        } => (region, switches),
+    };
     log_page_size(&region);
     let mut cleanup = Cleanup {
         names: vec![region.name().to_string()],
     };
-    cleanup.names.extend(create_vnics(&cfg)?);
+    let specs: Vec<SwitchSpec> = switch_specs(&cfg);
+    let mut sup = Supervisor::new(switchd, &cfg.instance, specs);
+    // Adopted switches run on: their vnics stay.
+    let kept = sup.adopt(&region, adopted);
+    cleanup.names.extend(create_vnics(&cfg, &kept)?);
+    let ids = {
+        let counters = region.backend_counters();
+        IdAllocator::adopt(
+            region.caps().backend_ids,
+            &takeover::published_ids(&region),
+            |id| {
+                counters
+                    .get(id as usize)
+                    .map_or(0, |c| c.active.load(Ordering::Relaxed))
+            },
+        )
+    };
     let mut st = State {
-        ids: IdAllocator::new(region.caps().backend_ids),
+        ids,
         cfg: cfg.clone(),
         overrides: Overrides::default(),
         snap: ConfigSnapshot::default(),
@@ -748,35 +733,12 @@ fn run(args: &Args) -> Result<()> {
             }
         );
     }
-    let specs = cfg
-        .switches
-        .iter()
-        .enumerate()
-        .map(|(i, s)| SwitchSpec {
-            index: i,
-            name: s.name.clone(),
-            cpu: s.cpu,
-            idle: match s.idle {
-                config::Idle::Busy => "busy",
-                config::Idle::Adaptive => "adaptive",
-            },
-            burst: s.burst as usize,
-            nic: nic_args(&cfg, s),
-            engine: match s.engine {
-                config::Engine::Filter => "filter",
-                config::Engine::Null => "null",
-            },
-            syn_queue: s.syn_queue,
-            flow_cache: s.flow_cache,
-        })
-        .collect();
     // Before any thread exists (the socket is bound under a narrowed umask).
     let server = Server::start(&admin::socket_path(&cfg), cfg.admin.metrics)?;
     log::info!("admin socket {}", server.socket_path().display());
     if let Some(a) = server.metrics_addr() {
         log::info!("metrics at http://{a}/metrics");
     }
-    let mut sup = Supervisor::new(switchd, &cfg.instance, specs);
     sup.start_all(&region)?;
     if let Some(p) = &args.pidfile {
         // Written once the configuration is published and the switches are

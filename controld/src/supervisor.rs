@@ -1,6 +1,7 @@
-//! The supervisor: starts one switchd per `[[switch]]`, restarts one that
-//! dies (the region and its connections survive), kills one whose heartbeat
-//! stalls, and stops them all on shutdown.
+//! The supervisor: starts one switchd per `[[switch]]` (or adopts the ones a
+//! previous controld left running), restarts one that dies (the region and
+//! its connections survive), kills one whose heartbeat stalls, fences one
+//! the publisher excluded, and stops them all on shutdown.
 
 use std::path::PathBuf;
 use std::process::{Child, Command};
@@ -8,6 +9,9 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use shm_layout::Region;
+
+use crate::procs::Pidfd;
+use crate::takeover::AdoptedSwitch;
 use shm_layout::switch_slot::{SW_RUNNING, SW_STARTING, SW_STOPPED};
 use shm_layout::time::mono_ns;
 
@@ -29,12 +33,111 @@ pub struct SwitchSpec {
     pub flow_cache: u32,
 }
 
+/// A running switch process: our child, or a switch of a previous controld
+/// that [`crate::takeover`] proved ours and handed over (not our child: it
+/// is watched and signalled through its pidfd).
+#[derive(Debug)]
+enum Handle {
+    Child(Child),
+    Adopted(Pidfd),
+}
+
+impl Handle {
+    fn pid(&self) -> u32 {
+        match self {
+            Handle::Child(c) => c.id(),
+            Handle::Adopted(p) => p.pid(),
+        }
+    }
+
+    /// `Some(description)` once the process has exited (a child is reaped).
+    fn exited(&mut self) -> std::io::Result<Option<String>> {
+        match self {
+            Handle::Child(c) => Ok(c.try_wait()?.map(|s| s.to_string())),
+            Handle::Adopted(p) => Ok(p
+                .exited()
+                .then(|| "exited (adopted, status unknown)".into())),
+        }
+    }
+
+    fn kill(&mut self) {
+        match self {
+            Handle::Child(c) => {
+                let _ = c.kill();
+            }
+            Handle::Adopted(p) => {
+                let _ = p.signal(libc::SIGKILL);
+            }
+        }
+    }
+
+    fn terminate(&self) {
+        let r = match self {
+            // SAFETY: kill(2) on our own child's pid, which is not reaped
+            // (so not reused) while we hold the Child.
+            Handle::Child(c) => unsafe { libc::kill(c.id() as libc::pid_t, libc::SIGTERM) },
+            Handle::Adopted(p) => p.signal(libc::SIGTERM).map_or(-1, |()| 0),
+        };
+        let _ = r;
+    }
+
+    /// Waits until the process has exited (a child is reaped); false if it
+    /// has not within `timeout`.
+    fn wait(&mut self, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if matches!(self.exited(), Ok(Some(_)) | Err(_)) {
+                return true;
+            }
+            if Instant::now() >= deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+}
+
 #[derive(Debug)]
 struct Proc {
     spec: SwitchSpec,
-    child: Option<Child>,
-    recent_starts: Vec<Instant>,
+    handle: Option<Handle>,
+    starts: StartHistory,
     not_before: Option<Instant>,
+}
+
+/// When one switch was started: says whether a start is a restart, and
+/// whether it crashes too often to be started at once.
+#[derive(Debug, Default)]
+pub struct StartHistory {
+    /// Whether it was ever started (by this controld or the one before).
+    started: bool,
+    /// Starts within the crash window.
+    recent: Vec<Instant>,
+}
+
+impl StartHistory {
+    /// A switch adopted from a previous controld: its next start is a restart.
+    pub fn adopted() -> Self {
+        Self {
+            started: true,
+            recent: Vec::new(),
+        }
+    }
+
+    /// Records a start at `now`; true when it is a restart.
+    pub fn record(&mut self, now: Instant) -> bool {
+        let restart = self.started;
+        self.started = true;
+        self.recent.push(now);
+        restart
+    }
+
+    /// Whether the next start must wait (`CRASH_BURST` starts in `CRASH_WINDOW`).
+    pub fn crashing(&mut self, now: Instant) -> bool {
+        self.recent
+            .retain(|t| now.duration_since(*t) < CRASH_WINDOW);
+        self.recent.len() >= CRASH_BURST
+    }
 }
 
 /// A switch heartbeat older than this gets the switch killed and restarted.
@@ -60,42 +163,98 @@ impl Supervisor {
                 .into_iter()
                 .map(|spec| Proc {
                     spec,
-                    child: None,
-                    recent_starts: Vec::new(),
+                    handle: None,
+                    starts: StartHistory::default(),
                     not_before: None,
                 })
                 .collect(),
         }
     }
 
+    /// The arguments switchd gets for `s` (after the program name).
+    pub fn args(&self, s: &SwitchSpec) -> Vec<String> {
+        let mut v: Vec<String> = vec![
+            "--instance".into(),
+            self.instance.clone(),
+            "--switch".into(),
+            s.index.to_string(),
+        ];
+        v.extend(s.nic.iter().cloned());
+        for (k, val) in [
+            ("--cpu", s.cpu.to_string()),
+            ("--idle", s.idle.to_string()),
+            ("--burst", s.burst.to_string()),
+            ("--engine", s.engine.to_string()),
+            ("--syn-queue", s.syn_queue.to_string()),
+            ("--flow-cache", s.flow_cache.to_string()),
+        ] {
+            v.push(k.into());
+            v.push(val);
+        }
+        v
+    }
+
+    /// Takes over the switches a previous controld left running. A switch
+    /// started with the arguments this configuration gives it is supervised
+    /// as it runs; one started with others is stopped (its connections live
+    /// in the shared table) and started anew by the next [`Supervisor::poll`].
+    /// Returns the indexes adopted as they run.
+    pub fn adopt(&mut self, region: &Region, switches: Vec<AdoptedSwitch>) -> Vec<usize> {
+        let mut kept = Vec::new();
+        for a in switches {
+            let Some(i) = self.procs.iter().position(|p| p.spec.index == a.index) else {
+                continue;
+            };
+            let want = self.args(&self.procs[i].spec);
+            let p = &mut self.procs[i];
+            p.starts = StartHistory::adopted();
+            if a.args == want {
+                log::info!(
+                    "switch {} ({}) adopted: pid {}",
+                    a.index,
+                    p.spec.name,
+                    a.pidfd.pid()
+                );
+                p.handle = Some(Handle::Adopted(a.pidfd));
+                kept.push(a.index);
+            } else {
+                log::warn!(
+                    "switch {} (pid {}) runs with other arguments than this configuration gives it: replacing it",
+                    a.index,
+                    a.pidfd.pid()
+                );
+                if !a.pidfd.terminate(Duration::from_secs(3)) {
+                    log::error!("switch {} (pid {}) did not exit", a.index, a.pidfd.pid());
+                }
+                region.switch_slots()[a.index]
+                    .state
+                    .store(SW_STOPPED, Ordering::SeqCst);
+            }
+        }
+        kept
+    }
+
     fn start(&mut self, i: usize, region: &Region) -> std::io::Result<()> {
+        let args = self.args(&self.procs[i].spec);
         let p = &mut self.procs[i];
         let s = &p.spec;
-        let child = Command::new(&self.switchd)
-            .arg("--instance")
-            .arg(&self.instance)
-            .arg("--switch")
-            .arg(s.index.to_string())
-            .args(&s.nic)
-            .arg("--cpu")
-            .arg(s.cpu.to_string())
-            .arg("--idle")
-            .arg(s.idle)
-            .arg("--burst")
-            .arg(s.burst.to_string())
-            .arg("--engine")
-            .arg(s.engine)
-            .arg("--syn-queue")
-            .arg(s.syn_queue.to_string())
-            .arg("--flow-cache")
-            .arg(s.flow_cache.to_string())
-            .spawn()?;
         let slot = &region.switch_slots()[s.index];
+        // The slot says STARTING before the child exists: the child's own
+        // RUNNING is never overwritten.
+        slot.pid.store(0, Ordering::Relaxed);
+        slot.proc_start.store(0, Ordering::Relaxed);
         slot.cpu.store(s.cpu as u32, Ordering::Relaxed);
-        slot.pid.store(child.id(), Ordering::Relaxed);
         slot.heartbeat_ns.store(mono_ns(), Ordering::Relaxed);
         slot.state.store(SW_STARTING, Ordering::SeqCst);
-        if !p.recent_starts.is_empty() {
+        let child = Command::new(&self.switchd).args(&args).spawn()?;
+        // The start time is fixed at fork: read now, it names this child
+        // (not yet reaped, so its pid is not reused).
+        slot.proc_start.store(
+            shm_layout::time::process_start(child.id()).unwrap_or(0),
+            Ordering::Relaxed,
+        );
+        slot.pid.store(child.id(), Ordering::Relaxed);
+        if p.starts.record(Instant::now()) {
             slot.restarts.fetch_add(1, Ordering::Relaxed);
         }
         log::info!(
@@ -105,17 +264,41 @@ impl Supervisor {
             child.id(),
             s.cpu
         );
-        p.recent_starts.push(Instant::now());
-        p.child = Some(child);
+        p.handle = Some(Handle::Child(child));
         Ok(())
     }
 
-    /// Starts every switch.
+    /// Starts every switch that is not running (all of them, unless some
+    /// were adopted).
     pub fn start_all(&mut self, region: &Region) -> std::io::Result<()> {
         for i in 0..self.procs.len() {
-            self.start(i, region)?;
+            if self.procs[i].handle.is_none() {
+                self.start(i, region)?;
+            }
         }
         Ok(())
+    }
+
+    /// Fences switch `index`: kills it and returns once it has exited, so
+    /// it can no longer read or write the region (the supervisor restarts
+    /// it on its next poll). False if it could not be made to exit.
+    pub fn fence(&mut self, region: &Region, index: usize, grace: Duration) -> bool {
+        let Some(p) = self.procs.iter_mut().find(|p| p.spec.index == index) else {
+            return false;
+        };
+        let Some(h) = p.handle.as_mut() else {
+            return true;
+        };
+        h.kill();
+        if !h.wait(grace) {
+            return false;
+        }
+        log::warn!("switch {index} (pid {}) fenced: killed and reaped", h.pid());
+        p.handle = None;
+        region.switch_slots()[index]
+            .state
+            .store(SW_STOPPED, Ordering::SeqCst);
+        true
     }
 
     /// Reaps exited switches, restarts them, kills stalled ones.
@@ -124,15 +307,15 @@ impl Supervisor {
         for i in 0..self.procs.len() {
             let idx = self.procs[i].spec.index;
             let slot = &region.switch_slots()[idx];
-            if let Some(child) = self.procs[i].child.as_mut() {
-                match child.try_wait() {
+            if let Some(h) = self.procs[i].handle.as_mut() {
+                match h.exited() {
                     Ok(Some(status)) => {
                         log::warn!(
                             "switch {idx} (pid {}) exited: {status}; restarting",
-                            child.id()
+                            h.pid()
                         );
                         slot.state.store(SW_STOPPED, Ordering::SeqCst);
-                        self.procs[i].child = None;
+                        self.procs[i].handle = None;
                     }
                     Ok(None) => {
                         let hb = slot.heartbeat_ns.load(Ordering::Relaxed);
@@ -142,28 +325,23 @@ impl Supervisor {
                         if (running && age > STALL_LIMIT) || starting_too_long {
                             log::error!(
                                 "switch {idx} (pid {}) heartbeat is {:.1}s old: killing it",
-                                child.id(),
+                                h.pid(),
                                 age.as_secs_f64()
                             );
-                            let _ = child.kill();
+                            h.kill();
                         }
                     }
                     Err(e) => log::error!("switch {idx}: waitpid: {e}"),
                 }
             }
             let p = &mut self.procs[i];
-            if p.child.is_none() {
+            if p.handle.is_none() {
                 if p.not_before.is_some_and(|t| now < t) {
                     continue;
                 }
-                p.recent_starts
-                    .retain(|t| now.duration_since(*t) < CRASH_WINDOW);
-                if p.recent_starts.len() >= CRASH_BURST && p.not_before.is_none() {
+                if p.starts.crashing(now) && p.not_before.is_none() {
                     log::error!(
-                        "switch {idx} crashed {} times in {:?}: next start in {:?}",
-                        p.recent_starts.len(),
-                        CRASH_WINDOW,
-                        CRASH_BACKOFF
+                        "switch {idx} crashed {CRASH_BURST} times in {CRASH_WINDOW:?}: next start in {CRASH_BACKOFF:?}"
                     );
                     p.not_before = Some(now + CRASH_BACKOFF);
                     continue;
@@ -180,30 +358,22 @@ impl Supervisor {
     /// SIGTERM to every switch, SIGKILL after `grace`, and reap all.
     pub fn stop_all(&mut self, region: &Region, grace: Duration) {
         for p in &self.procs {
-            if let Some(c) = &p.child {
-                // SAFETY: kill(2) on our own child's pid; no memory is involved.
-                unsafe { libc::kill(c.id() as libc::pid_t, libc::SIGTERM) };
+            if let Some(h) = &p.handle {
+                h.terminate();
             }
         }
         let deadline = Instant::now() + grace;
         for p in &mut self.procs {
-            let Some(mut c) = p.child.take() else {
+            let Some(mut h) = p.handle.take() else {
                 continue;
             };
-            loop {
-                match c.try_wait() {
-                    Ok(Some(_)) | Err(_) => break,
-                    Ok(None) if Instant::now() >= deadline => {
-                        log::warn!(
-                            "switch {} did not stop in {grace:?}: killing it",
-                            p.spec.index
-                        );
-                        let _ = c.kill();
-                        let _ = c.wait();
-                        break;
-                    }
-                    Ok(None) => std::thread::sleep(Duration::from_millis(10)),
-                }
+            if !h.wait(deadline.saturating_duration_since(Instant::now())) {
+                log::warn!(
+                    "switch {} did not stop in {grace:?}: killing it",
+                    p.spec.index
+                );
+                h.kill();
+                h.wait(Duration::from_secs(5));
             }
             region.switch_slots()[p.spec.index]
                 .state
@@ -215,7 +385,38 @@ impl Supervisor {
     pub fn pids(&self) -> Vec<(usize, Option<u32>)> {
         self.procs
             .iter()
-            .map(|p| (p.spec.index, p.child.as_ref().map(|c| c.id())))
+            .map(|p| (p.spec.index, p.handle.as_ref().map(Handle::pid)))
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_restart_counts_however_long_the_switch_ran() {
+        let t0 = Instant::now();
+        let mut h = StartHistory::default();
+        assert!(!h.record(t0), "the first start is no restart");
+        let later = t0 + CRASH_WINDOW * 3;
+        assert!(!h.crashing(later));
+        assert!(h.record(later), "a start after a long run is a restart");
+        assert!(
+            StartHistory::adopted().record(t0),
+            "an adopted switch was started before"
+        );
+    }
+
+    #[test]
+    fn starts_crowded_into_the_window_hold_the_next_one_back() {
+        let t0 = Instant::now();
+        let mut h = StartHistory::default();
+        for k in 0..CRASH_BURST as u32 {
+            assert!(!h.crashing(t0 + Duration::from_millis(k as u64)));
+            h.record(t0 + Duration::from_millis(k as u64));
+        }
+        assert!(h.crashing(t0 + Duration::from_secs(1)));
+        assert!(!h.crashing(t0 + CRASH_WINDOW + Duration::from_secs(1)));
     }
 }

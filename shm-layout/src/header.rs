@@ -115,7 +115,10 @@ pub struct RegionHeader {
     // --- mutable words ---
     pub state: AtomicU32,
     pub controld_pid: AtomicU32,
-    pub _pad2: [u8; 56],
+    /// Start time of `controld_pid` ([`crate::time::process_start`]): with
+    /// it, a pid the kernel reused is not mistaken for a running controld.
+    pub controld_start: AtomicU64,
+    pub _pad2: [u8; 48],
     pub config: PubWords,
     pub routing: PubWords,
 }
@@ -144,6 +147,7 @@ pub(crate) const fn fingerprint(fp: Fingerprint) -> Fingerprint {
         instance,
         state,
         controld_pid,
+        controld_start,
         config,
         routing
     );

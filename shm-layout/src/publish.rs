@@ -332,6 +332,10 @@ mod tests {
         let r = &t.0;
         let me = &r.switch_slots()[0];
         me.pid.store(std::process::id(), Ordering::Relaxed);
+        me.proc_start.store(
+            crate::time::process_start(std::process::id()).unwrap(),
+            Ordering::Relaxed,
+        );
         me.state.store(SW_RUNNING, Ordering::SeqCst);
         let stop = AtomicBool::new(false);
         let torn = std::sync::atomic::AtomicU64::new(0);
@@ -379,6 +383,10 @@ mod tests {
         r.publish_config(Duration::from_millis(10), |_| {});
         let s = &r.switch_slots()[2];
         s.pid.store(std::process::id(), Ordering::Relaxed);
+        s.proc_start.store(
+            crate::time::process_start(std::process::id()).unwrap(),
+            Ordering::Relaxed,
+        );
         s.state.store(SW_RUNNING, Ordering::SeqCst);
         // Never acknowledges generation 1.
         let rep = r.publish_config(Duration::from_millis(30), |_| {});

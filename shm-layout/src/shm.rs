@@ -31,6 +31,15 @@ pub enum ShmError {
         #[source]
         source: std::io::Error,
     },
+    #[error(
+        "shared-memory object /dev/shm/{name} is not trusted: owned by uid {uid} with mode {mode:04o}, but only an object of uid {expected_uid} with mode 0600 (no access for group or others) is used; anyone could have written it: remove it if it is not yours"
+    )]
+    Untrusted {
+        name: String,
+        uid: u32,
+        mode: u32,
+        expected_uid: u32,
+    },
     #[error("shared-memory object /dev/shm/{name} is {actual} bytes, expected at least {expected}")]
     TooSmall {
         name: String,
@@ -144,6 +153,27 @@ fn smaps_block(base: *mut u8) -> Option<Vec<String>> {
     )
 }
 
+/// Only an object that this user created for itself is trusted: /dev/shm is
+/// world-writable, so anyone can place a file under an instance's name, and
+/// what a region says (pids to signal, addresses to route to) must come
+/// from the appliance. Checked on the open descriptor (fstat), so the object
+/// checked is the object mapped.
+fn check_owner(name: &str, meta: &std::fs::Metadata) -> Result<(), ShmError> {
+    use std::os::unix::fs::MetadataExt;
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let me = unsafe { libc::geteuid() };
+    let mode = meta.mode() & 0o7777;
+    if meta.uid() != me || mode & 0o077 != 0 {
+        return Err(ShmError::Untrusted {
+            name: name.to_string(),
+            uid: meta.uid(),
+            mode,
+            expected_uid: me,
+        });
+    }
+    Ok(())
+}
+
 impl Mapping {
     /// Creates a new object of `len` bytes with mode 0600, zero-filled, and maps it
     /// read-write. Fails with [`ShmError::Exists`] if the name is taken.
@@ -188,7 +218,9 @@ impl Mapping {
         }
     }
 
-    /// Opens an existing object and maps all of it. `min_len` guards against a
+    /// Opens an existing object and maps all of it. The object must belong
+    /// to this process's effective user and give no access to anyone else
+    /// ([`ShmError::Untrusted`] otherwise); `min_len` guards against a
     /// truncated or foreign object before any byte is interpreted.
     pub fn open(name: &str, access: Access, min_len: usize) -> Result<Self, ShmError> {
         let cname = check_name(name)?;
@@ -204,7 +236,9 @@ impl Mapping {
                 e => os(name, "shm_open", e),
             })?;
         let file = File::from(fd);
-        let actual = file.metadata().map_err(|e| os(name, "fstat", e))?.len();
+        let meta = file.metadata().map_err(|e| os(name, "fstat", e))?;
+        check_owner(name, &meta)?;
+        let actual = meta.len();
         if actual < min_len as u64 || actual == 0 {
             return Err(ShmError::TooSmall {
                 name: name.to_string(),
@@ -302,6 +336,34 @@ mod tests {
 
     fn unique(tag: &str) -> String {
         format!("switchyard-test-{tag}-{}", std::process::id())
+    }
+
+    #[test]
+    fn an_object_others_could_write_or_another_user_owns_is_refused() {
+        use std::os::unix::fs::PermissionsExt;
+        let name = unique("shmtrust");
+        let path = std::path::Path::new("/dev/shm").join(&name);
+        drop(Mapping::create(&name, 8192).unwrap());
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o666)).unwrap();
+        let err = Mapping::open(&name, Access::ReadOnly, 1).unwrap_err();
+        assert!(
+            matches!(err, ShmError::Untrusted { mode: 0o666, .. }),
+            "{err}"
+        );
+        assert!(err.to_string().contains("mode 0666"), "{err}");
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+        Mapping::open(&name, Access::ReadOnly, 1).unwrap();
+        // Another owner (as root, the test can hand the file to nobody).
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } == 0 {
+            std::os::unix::fs::chown(&path, Some(65534), None).unwrap();
+            let err = Mapping::open(&name, Access::ReadWrite, 1).unwrap_err();
+            assert!(
+                matches!(err, ShmError::Untrusted { uid: 65534, .. }),
+                "{err}"
+            );
+        }
+        Mapping::unlink(&name).unwrap();
     }
 
     #[test]

@@ -101,7 +101,12 @@ pub struct SwitchSlot {
     /// Routing generation the switch used in its last burst.
     pub seen_routing: AtomicU64,
     pub started_ns: AtomicU64,
-    pub _pad: [u8; 16],
+    /// Start time of `pid` ([`crate::time::process_start`]), written by
+    /// controld with the pid: together they name one process, so a reused
+    /// pid is never taken for this switch (not signalled, not trusted as a
+    /// connection-slot writer).
+    pub proc_start: AtomicU64,
+    pub _pad: [u8; 8],
     pub counters: [AtomicU64; N_COUNTERS],
 }
 
@@ -122,6 +127,7 @@ pub(crate) const fn fingerprint(fp: Fingerprint) -> Fingerprint {
         seen_config,
         seen_routing,
         started_ns,
+        proc_start,
         counters
     );
     fp.mix(N_COUNTERS)
@@ -135,8 +141,17 @@ impl SwitchSlot {
 
     /// Whether the switch is running and its process exists.
     pub fn is_live(&self) -> bool {
-        self.state.load(Ordering::SeqCst) == SW_RUNNING
-            && crate::time::pid_alive(self.pid.load(Ordering::Relaxed))
+        self.state.load(Ordering::SeqCst) == SW_RUNNING && self.process_alive()
+    }
+
+    /// Whether the process this slot names (pid and start time) still
+    /// runs. A slot written before start times were recorded (0) names no
+    /// process that can be proven alive.
+    pub fn process_alive(&self) -> bool {
+        crate::time::process_alive(
+            self.pid.load(Ordering::Relaxed),
+            self.proc_start.load(Ordering::Relaxed),
+        )
     }
 }
 

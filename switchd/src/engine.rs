@@ -147,6 +147,9 @@ pub fn run<N: Nic>(
     };
 
     me.pid.store(pid, Ordering::Relaxed);
+    if let Some(start) = shm_layout::time::process_start(pid) {
+        me.proc_start.store(start, Ordering::Relaxed);
+    }
     me.started_ns.store(mono_ns(), Ordering::Relaxed);
     // Before the first read of `active` (see publish.rs).
     me.state.store(SW_RUNNING, Ordering::SeqCst);

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use shm_layout::switch_slot::Counter;
 
-use switchyard_tests::{Appliance, Cfg, render, shmdump_json, switch_pids, unique};
+use switchyard_tests::{Appliance, Cfg, counter, render, shmdump_json, switch_pids, unique};
 use tools::traffic::{GenConfig, Generator};
 
 #[test]
@@ -106,53 +106,189 @@ fn killed_switch_restarts_and_connections_keep_their_backends() {
     drop(app);
 }
 
-/// controld killed with SIGKILL: the switches keep forwarding on the
-/// abandoned region (which shmdump reports as abandoned), and a new controld
-/// takes the instance over, stopping the orphans and starting fresh switches.
+/// controld killed with SIGKILL while connections are open: the switch
+/// keeps forwarding on the abandoned region (which shmdump reports as
+/// abandoned), and a new controld adopts the region, its connection table
+/// and the running switch: the same connections go on through the kill and
+/// the takeover, each to the backend it started with.
 #[test]
-fn killed_controld_leaves_a_working_data_path_and_a_clean_takeover() {
+fn killed_controld_is_replaced_by_one_that_adopts_the_region_switch_and_connections() {
     let inst = unique("ctlkill");
     let cfg = render(&inst, &Cfg::default());
     let mut app = Appliance::start(&inst, &cfg);
-    let old_switch = switch_pids(&app.region())[0];
+    let region = app.region();
+    let old_switch = switch_pids(&region)[0];
+    let stop = Arc::new(AtomicBool::new(false));
+    // Long flows (many data packets each, both directions) that start before
+    // the kill and are still open across the takeover.
+    let generator = Generator::new(GenConfig {
+        instance: inst.clone(),
+        services: vec!["web".into()],
+        flows: u64::MAX,
+        stop: Some(stop.clone()),
+        concurrency: 64,
+        data_packets: 400,
+        retransmit: Duration::from_millis(200),
+        max_retries: 50,
+        time_limit: Duration::from_secs(120),
+        ..GenConfig::default()
+    })
+    .unwrap();
+    let traffic = std::thread::spawn(move || generator.run());
+    let hits = || -> u64 { region.switch_slots()[0].counter(Counter::ReplyHit) };
+    let wait_hits = |more: u64, what: &str| {
+        let target = hits() + more;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while hits() < target {
+            assert!(Instant::now() < deadline, "{what}: traffic does not flow");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    };
+    wait_hits(2000, "before the kill");
+    let conns_before = region.switch_slots()[0].counter(Counter::ConnNew);
     let mut controld = app.controld.take().unwrap();
     controld.kill().unwrap();
     controld.wait().unwrap();
     let dump = shmdump_json(&inst, &[]);
     assert_eq!(dump["header"]["abandoned"], true);
     assert_eq!(dump["switches"][0]["alive"], true);
-    let run = |seed| {
-        Generator::new(GenConfig {
-            instance: inst.clone(),
-            services: vec!["web".into()],
-            flows: 500,
-            seed,
-            time_limit: Duration::from_secs(20),
-            ..GenConfig::default()
-        })
-        .unwrap()
-        .run()
-    };
-    let rep = run(1);
-    assert!(rep.clean(), "orphaned switch still forwards: {rep:#?}");
+    wait_hits(2000, "while no controld runs");
     // A new controld takes over (the new guard cleans up everything).
     app.disarm();
     let app = Appliance::start(&inst, &cfg);
-    // It exits on the SIGTERM the new controld sent (allow it to finish dying).
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while shm_layout::time::pid_alive(old_switch) {
-        assert!(
-            Instant::now() < deadline,
-            "orphaned switch {old_switch} still alive"
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    assert!(app.log().contains("orphaned switchd"), "{}", app.log());
-    let rep = run(2);
     assert!(
-        rep.clean(),
-        "{rep:#?}\n{:#}",
-        shmdump_json(&inst, &[])["switches"][0]
+        app.log().contains("adopting switch 0"),
+        "the running switch is adopted:\n{}",
+        app.log()
     );
+    assert_eq!(
+        switch_pids(&region)[0],
+        old_switch,
+        "the same switch process runs on:\n{}",
+        app.log()
+    );
+    wait_hits(2000, "after the takeover");
+    stop.store(true, Ordering::Relaxed);
+    let rep = traffic.join().unwrap();
+    assert!(rep.clean(), "{rep:#?}\n{}", app.log());
+    assert_eq!(rep.affinity_violations, 0, "{rep:#?}");
+    assert!(rep.flows_completed > 0 && conns_before > 0, "{rep:#?}");
+    // No connection had to be picked up again: the table was kept.
+    let dump = shmdump_json(&inst, &[]);
+    assert_eq!(counter(&dump, 0, "conn_midflow"), 0, "{dump:#}");
+    assert_eq!(dump["header"]["abandoned"], false);
+    assert_eq!(dump["switches"][0]["restarts"], 0);
     drop(app);
+}
+
+/// Builds a region under an instance's name as someone else could: a
+/// "switch" slot names `victim` (not a switchd) as a running switch, and
+/// the recorded controld is dead.
+fn forge_region(inst: &str, config: &str, victim: u32, start: u64) {
+    use shm_layout::switch_slot::SW_RUNNING;
+    let cfg = controld::config::parse(config).unwrap();
+    let r = shm_layout::Region::create(inst, controld::takeover::capacities(&cfg)).unwrap();
+    r.header()
+        .controld_pid
+        .store(u32::MAX / 2 - 3, Ordering::SeqCst);
+    let s = &r.switch_slots()[0];
+    s.pid.store(victim, Ordering::Relaxed);
+    s.proc_start.store(start, Ordering::Relaxed);
+    s.state.store(SW_RUNNING, Ordering::SeqCst);
+}
+
+struct Victim(std::process::Child);
+
+impl Victim {
+    fn spawn() -> Self {
+        Victim(
+            std::process::Command::new("sleep")
+                .arg("60")
+                .spawn()
+                .unwrap(),
+        )
+    }
+
+    fn alive(&mut self) -> bool {
+        // Give a wrongly sent SIGTERM/SIGKILL time to land.
+        std::thread::sleep(Duration::from_millis(300));
+        self.0.try_wait().unwrap().is_none()
+    }
+}
+
+impl Drop for Victim {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A region under the instance's name that another user owns (anyone can
+/// write /dev/shm): controld refuses it, says what it found, and signals
+/// nobody it names.
+#[test]
+fn a_region_another_user_owns_is_refused_and_the_process_it_names_survives() {
+    let inst = unique("forged");
+    let mut victim = Victim::spawn();
+    let pid = victim.0.id();
+    let cfg = render(&inst, &Cfg::default());
+    forge_region(
+        &inst,
+        &cfg,
+        pid,
+        shm_layout::time::process_start(pid).unwrap(),
+    );
+    let path = format!("/dev/shm/{}", shm_layout::region_name(&inst));
+    std::os::unix::fs::chown(&path, Some(65534), Some(65534)).unwrap();
+    let res = Appliance::try_start(&inst, &cfg);
+    let _ = std::fs::remove_file(&path);
+    let err = match res {
+        Ok(app) => panic!("controld took a foreign region:\n{}", app.log()),
+        Err(e) => e,
+    };
+    assert!(
+        err.contains("is not trusted: owned by uid 65534"),
+        "controld names the problem: {err}"
+    );
+    assert!(victim.alive(), "the process the region named was signalled");
+}
+
+/// A region of our own whose switch slot names a process that is not this
+/// instance's switchd (a pid reused since, or forged by a process of ours):
+/// controld adopts the region but leaves the process alone, says so, and
+/// starts a switch of its own in that slot.
+#[test]
+fn a_region_naming_a_foreign_process_as_switch_gets_a_new_switch_and_the_process_survives() {
+    let inst = unique("reused");
+    let cfg = render(&inst, &Cfg::default());
+    for wrong_start in [false, true] {
+        let mut victim = Victim::spawn();
+        let pid = victim.0.id();
+        let start = shm_layout::time::process_start(pid).unwrap();
+        forge_region(
+            &inst,
+            &cfg,
+            pid,
+            if wrong_start { start - 1 } else { start },
+        );
+        let app = Appliance::start(&inst, &cfg);
+        let log = app.log();
+        let why = if wrong_start {
+            "the pid was reused"
+        } else {
+            "is \"sleep\", not \"switchd\""
+        };
+        assert!(
+            log.contains(&format!(
+                "switch slot 0 names pid {pid}, which is not this instance's switchd"
+            )) && log.contains(why),
+            "{log}"
+        );
+        assert_ne!(switch_pids(&app.region())[0], pid);
+        assert!(
+            victim.alive(),
+            "the process the region named was signalled:\n{log}"
+        );
+        drop(app);
+    }
 }
