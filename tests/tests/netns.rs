@@ -513,3 +513,99 @@ fn init_script_drives_the_afpacket_appliance_in_a_namespace() {
     assert!(!std::path::Path::new(&format!("/dev/shm/switchyard.{inst}")).exists());
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A control processor that crashes loses no connection: four
+/// rate-limited NAT downloads (the server sends, the client only
+/// acknowledges, so nothing from the client would re-create a lost entry)
+/// run while controld is killed with SIGKILL and a new one started with the
+/// same configuration; it adopts the region and the running switch, and
+/// every download completes, byte for byte, well inside curl's limit (the
+/// old behaviour stalled them for a minute, until curl's keepalive).
+#[test]
+fn nat_downloads_survive_a_controld_crash_and_its_replacement() {
+    use std::time::{Duration, Instant};
+    let mut bed = Bed::build();
+    let port = switchyard_tests::netns::prepare(&mut bed, "nat");
+    let (inst, mut app) = switchyard_tests::netns::afpacket_appliance(&bed, "nat", port);
+    let config = std::fs::read_to_string(&app.config_path).unwrap();
+    const SIZE: u64 = 12_000_000;
+    let mut curls: Vec<std::process::Child> = (0..4)
+        .map(|_| {
+            std::process::Command::new("ip")
+                .args(["netns", "exec", &bed.ns("cl")])
+                .args([
+                    "curl",
+                    "-sS",
+                    "--max-time",
+                    "40",
+                    "--limit-rate",
+                    "1500K",
+                    "-o",
+                    "/dev/null",
+                    "-w",
+                    "%{http_code} %{size_download}",
+                    &format!("http://198.18.0.10/bytes/{SIZE}"),
+                ])
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    struct Reap<'a>(&'a mut Vec<std::process::Child>);
+    impl Drop for Reap<'_> {
+        fn drop(&mut self) {
+            for c in self.0.iter_mut() {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+        }
+    }
+    let curls = Reap(&mut curls);
+    // Let the downloads get going (bounded): every one has an entry.
+    let region = app.region();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while region.switch_slots()[0].counter(shm_layout::switch_slot::Counter::ConnNew) < 4 {
+        assert!(
+            Instant::now() < deadline,
+            "downloads did not start:\n{}",
+            app.log()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_secs(2));
+    let switch = switchyard_tests::switch_pids(&region)[0];
+    let mut controld = app.controld.take().unwrap();
+    controld.kill().unwrap();
+    controld.wait().unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    app.disarm();
+    let app = switchyard_tests::Appliance::start_in(Some(&bed.ns("lb")), &inst, &config);
+    assert_eq!(
+        switchyard_tests::switch_pids(&app.region())[0],
+        switch,
+        "the running switch is adopted:\n{}",
+        app.log()
+    );
+    for c in curls.0.iter_mut() {
+        let status = c.wait().unwrap();
+        let mut text = String::new();
+        use std::io::Read;
+        c.stdout.take().unwrap().read_to_string(&mut text).unwrap();
+        let mut err = String::new();
+        c.stderr.take().unwrap().read_to_string(&mut err).unwrap();
+        assert!(
+            status.success() && text == format!("200 {SIZE}"),
+            "download across the takeover: {status} {text:?} {err}\n{}",
+            app.log()
+        );
+    }
+    let dump = switchyard_tests::shmdump_json(&inst, &[]);
+    assert_eq!(
+        switchyard_tests::counter(&dump, 0, "conn_midflow"),
+        0,
+        "no entry had to be re-created: {:#}",
+        dump["switches"][0]["counters"]
+    );
+    drop(app);
+}
