@@ -16,6 +16,7 @@ use anyhow::{Context, Result, bail};
 use clap::Parser;
 use controld::admin::proto::{self, BackendRef, ChangeReply, ReloadReply, Request, StatsReply};
 use controld::admin::rates::Rates;
+use controld::admin::scan::Scanner;
 use controld::admin::server::{Job, Server};
 use controld::admin::{self, metrics, view};
 use controld::agents;
@@ -544,6 +545,8 @@ fn handle(region: &Region, st: &mut State, path: &Path, req: Request) -> String 
             Ok(proto::ok_line(&view::show(&ctx(region, st), g, rg)))
         }
         Request::Stats => Ok(proto::ok_line(&stats(region, st))),
+        // Planned and run off the loop by the caller (`Scanner`); here
+        // only if one reaches this function another way.
         Request::Conns(q) => {
             view::conns(region, &ctx(region, st), &st.timeouts, &q).map(|r| proto::ok_line(&r))
         }
@@ -667,6 +670,7 @@ fn run(args: &Args) -> Result<()> {
     };
     let specs: Vec<SwitchSpec> = switch_specs(&cfg);
     let mut sup = Supervisor::new(switchd, &cfg.instance, specs);
+    let scanner = Scanner::start(&cfg.instance)?;
     // Adopted switches run on: their vnics stay.
     let kept = sup.adopt(&region, adopted);
     cleanup.names.extend(create_vnics(&cfg, &kept)?);
@@ -809,15 +813,34 @@ fn run(args: &Args) -> Result<()> {
             let s = view::sample(&region, &st.snap);
             st.rates.push(s);
         }
-        // Until the next tick, answer admin requests as they come.
+        // Until the next tick, answer admin requests as they come, and no
+        // longer: a queue that never empties waits for the next tick rather
+        // than stopping supervision, the GC and health publication.
         next_tick = (next_tick + TICK).max(Instant::now());
-        while let Some(job) = server.next_job(next_tick) {
+        // One rendering of the metrics serves every scrape until the state
+        // changes (an admin request) or the tick ends.
+        let mut metrics_text: Option<Arc<String>> = None;
+        while Instant::now() < next_tick
+            && let Some(job) = server.next_job(next_tick)
+        {
             match job {
+                Job::Request {
+                    req: Request::Conns(q),
+                    reply,
+                } => match view::conns_plan(&ctx(&region, &st), &st.timeouts, &q) {
+                    Ok(plan) => scanner.submit(plan, reply),
+                    Err(e) => {
+                        let _ = reply.send(proto::error_line(&e));
+                    }
+                },
                 Job::Request { req, reply } => {
+                    metrics_text = None;
                     let _ = reply.send(handle(&region, &mut st, &args.config, req));
                 }
                 Job::Metrics { reply } => {
-                    let _ = reply.send(render_metrics(&region, &st));
+                    let text =
+                        metrics_text.get_or_insert_with(|| Arc::new(render_metrics(&region, &st)));
+                    let _ = reply.send(String::clone(text));
                 }
             }
             if term.load(Ordering::Relaxed) {

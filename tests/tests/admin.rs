@@ -1254,3 +1254,98 @@ fn a_reused_backend_id_starts_from_zero_totals() {
         "others keep theirs"
     );
 }
+
+/// 32 clients hammer /metrics and the admin socket (stats, and `conns`,
+/// which reads the whole connection table) while a switch is killed with
+/// SIGKILL: controld's main loop still supervises, and the switch is
+/// restarted within the deadline crash.rs allows without the load.
+#[test]
+fn admin_and_metrics_floods_do_not_starve_supervision() {
+    use std::sync::Arc;
+    use std::sync::atomic::AtomicBool;
+    let inst = unique("adm-flood");
+    let port = free_port();
+    let cfg = Cfg {
+        connections: 1 << 20,
+        ..Cfg::default()
+    };
+    let admin = format!(
+        "socket = \"{}\"\nmetrics = \"127.0.0.1:{port}\"",
+        socket_in_dir(&inst).display()
+    );
+    let app = Appliance::start(&inst, &config_with(&inst, &cfg, &admin));
+    let sock = socket_in_dir(&inst);
+    let stop = Arc::new(AtomicBool::new(false));
+    let give_up = Instant::now() + Duration::from_secs(60);
+    let mut threads = Vec::new();
+    for i in 0..16 {
+        let stop = stop.clone();
+        threads.push(std::thread::spawn(move || {
+            let mut n = 0u64;
+            while !stop.load(Ordering::Relaxed) && Instant::now() < give_up {
+                if let Ok(mut s) = TcpStream::connect(("127.0.0.1", port)) {
+                    let _ = s.set_read_timeout(Some(Duration::from_secs(30)));
+                    let _ = write!(s, "GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n");
+                    let mut sink = Vec::new();
+                    let _ = s.read_to_end(&mut sink);
+                    n += 1;
+                }
+                let _ = i;
+            }
+            n
+        }));
+    }
+    for i in 0..16 {
+        let (stop, sock) = (stop.clone(), sock.clone());
+        threads.push(std::thread::spawn(move || {
+            let mut n = 0u64;
+            let Ok(s) = UnixStream::connect(&sock) else {
+                return 0;
+            };
+            let _ = s.set_read_timeout(Some(Duration::from_secs(30)));
+            let mut r = BufReader::new(s.try_clone().unwrap());
+            let mut w = s;
+            let req = if i % 2 == 0 {
+                "{\"cmd\":\"conns\"}\n"
+            } else {
+                "{\"cmd\":\"stats\"}\n"
+            };
+            let mut line = String::new();
+            while !stop.load(Ordering::Relaxed) && Instant::now() < give_up {
+                line.clear();
+                if w.write_all(req.as_bytes()).is_err() || r.read_line(&mut line).unwrap_or(0) == 0
+                {
+                    break;
+                }
+                n += 1;
+            }
+            n
+        }));
+    }
+    std::thread::sleep(Duration::from_secs(1));
+    let region = app.region();
+    let before = region.switch_slots()[0].pid.load(Ordering::Relaxed);
+    // SAFETY: kill(2) on the switchd pid the region names.
+    assert_eq!(unsafe { libc::kill(before as i32, libc::SIGKILL) }, 0);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let restarted = loop {
+        let s = &region.switch_slots()[0];
+        let pid = s.pid.load(Ordering::Relaxed);
+        if pid != before && pid != 0 && s.is_live() {
+            break true;
+        }
+        if Instant::now() >= deadline {
+            break false;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    stop.store(true, Ordering::Relaxed);
+    let served: u64 = threads.into_iter().map(|t| t.join().unwrap()).sum();
+    assert!(
+        restarted,
+        "switch 0 not restarted in 20 s under admin load ({served} requests served):\n{}",
+        app.log()
+    );
+    assert!(served > 32, "the clients were served too ({served})");
+    drop(app);
+}

@@ -10,6 +10,7 @@ use crate::config::Config;
 pub mod metrics;
 pub mod proto;
 pub mod rates;
+pub mod scan;
 pub mod server;
 pub mod view;
 

@@ -252,13 +252,19 @@ pub fn stats(region: &Region, ctx: &Ctx, rates: &Rates) -> StatsReply {
     }
 }
 
-/// `conns`: the connection table, filtered.
-pub fn conns(
-    region: &Region,
-    ctx: &Ctx,
-    timeouts: &Timeouts,
-    q: &ConnsQuery,
-) -> Result<ConnsReply, String> {
+/// `conns`, as decided on the main loop: the filter and the names of the
+/// running configuration's backends. Running it ([`ConnsPlan::run`]) reads
+/// the whole connection table, which is done off the main loop
+/// ([`super::scan`]).
+#[derive(Debug, Clone)]
+pub struct ConnsPlan {
+    names: BTreeMap<u32, String>,
+    filter: ConnFilter,
+    timeouts: Timeouts,
+}
+
+/// `conns`: plans the scan of the connection table, filtered.
+pub fn conns_plan(ctx: &Ctx, timeouts: &Timeouts, q: &ConnsQuery) -> Result<ConnsPlan, String> {
     // Backend ids of the running configuration, to name each connection's backend.
     let mut names: BTreeMap<u32, String> = BTreeMap::new();
     for (si, s) in ctx.cfg.services.iter().enumerate() {
@@ -281,33 +287,54 @@ pub fn conns(
             filter.backend_id = Some(rec(ctx, si, bi).id);
         }
     }
-    let census = inspect::scan_conns(region, timeouts, &filter);
-    let ep = |ip: u32, port: u16| format!("{}:{port}", Ipv4Addr::from(ip));
-    Ok(ConnsReply {
-        slots: census.slots,
-        connections: census.connections,
-        matched: census.matched,
-        list: census
-            .list
-            .iter()
-            .map(|x| {
-                let c = &x.conn;
-                ConnView {
-                    protocol: inspect::proto_name(c.proto).to_string(),
-                    client: ep(c.client_ip, c.client_port),
-                    vip: ep(c.vip, c.vip_port),
-                    backend: names.get(&c.backend_id).cloned(),
-                    backend_address: ep(c.backend_ip, c.backend_port),
-                    state: inspect::conn_state_name(x.state).to_string(),
-                    idle_ms: x.idle_ms,
-                    expired: x.expired,
-                    midflow: x.midflow,
-                    packets: x.packets,
-                    bytes: x.bytes,
-                }
-            })
-            .collect(),
+    Ok(ConnsPlan {
+        names,
+        filter,
+        timeouts: *timeouts,
     })
+}
+
+impl ConnsPlan {
+    /// Reads the connection table (any mapping of the region will do).
+    pub fn run(&self, region: &Region) -> ConnsReply {
+        let census = inspect::scan_conns(region, &self.timeouts, &self.filter);
+        let ep = |ip: u32, port: u16| format!("{}:{port}", Ipv4Addr::from(ip));
+        ConnsReply {
+            slots: census.slots,
+            connections: census.connections,
+            matched: census.matched,
+            list: census
+                .list
+                .iter()
+                .map(|x| {
+                    let c = &x.conn;
+                    ConnView {
+                        protocol: inspect::proto_name(c.proto).to_string(),
+                        client: ep(c.client_ip, c.client_port),
+                        vip: ep(c.vip, c.vip_port),
+                        backend: self.names.get(&c.backend_id).cloned(),
+                        backend_address: ep(c.backend_ip, c.backend_port),
+                        state: inspect::conn_state_name(x.state).to_string(),
+                        idle_ms: x.idle_ms,
+                        expired: x.expired,
+                        midflow: x.midflow,
+                        packets: x.packets,
+                        bytes: x.bytes,
+                    }
+                })
+                .collect(),
+        }
+    }
+}
+
+/// `conns` at once, on the caller's thread (tests, tools).
+pub fn conns(
+    region: &Region,
+    ctx: &Ctx,
+    timeouts: &Timeouts,
+    q: &ConnsQuery,
+) -> Result<ConnsReply, String> {
+    Ok(conns_plan(ctx, timeouts, q)?.run(region))
 }
 
 #[cfg(test)]
