@@ -262,7 +262,7 @@ impl Drop for Appliance {
             ])
             .status();
         // A controld that could not stop cleanly leaves its default admin socket.
-        let _ = std::fs::remove_file(controld::admin::default_socket_path(&self.instance));
+        let _ = std::fs::remove_file(admin_proto::default_socket_path(&self.instance));
         if let Ok(rd) = std::fs::read_dir("/dev/shm") {
             let prefix = format!("switchyard.{}", self.instance);
             for e in rd.flatten() {

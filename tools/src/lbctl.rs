@@ -1,6 +1,6 @@
 //! lbctl's library side: talking to controld's admin socket and rendering
 //! its replies as aligned tables (in the spirit of `ipvsadm -Ln --stats`).
-//! The protocol types are controld's (`controld::admin::proto`).
+//! The protocol types are the `admin-proto` crate's, shared with controld.
 
 use std::fmt::Write as _;
 use std::io::{BufRead, BufReader, Write};
@@ -8,7 +8,7 @@ use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use controld::admin::proto::{
+use admin_proto::{
     BackendView, ChangeReply, ConnsReply, CounterSet, ReloadReply, Request, ShowReply, StatsReply,
 };
 
@@ -197,8 +197,8 @@ pub fn render_show(v: &ShowReply) -> String {
                 opt(b.max_conns),
                 b.health
                     .map_or("-", |h| match h {
-                        controld::admin::proto::Health::Up => "up",
-                        controld::admin::proto::Health::Down => "down",
+                        admin_proto::Health::Up => "up",
+                        admin_proto::Health::Down => "down",
                     })
                     .to_string(),
                 override_cell(b),
@@ -449,7 +449,7 @@ pub fn render_reload(v: &ReloadReply) -> String {
 
 #[cfg(test)]
 mod tests {
-    use controld::admin::proto::{BackendState, ServiceView, SwitchStats};
+    use admin_proto::{BackendState, ServiceView, SwitchStats};
 
     use super::*;
 

@@ -51,6 +51,7 @@ pub const DEFAULT_BURST: u32 = 32;
 pub const DEFAULT_WEIGHT: u32 = 1;
 /// Largest backend weight.
 pub const MAX_WEIGHT: u32 = 65535;
+const _: () = assert!(MAX_WEIGHT == admin_proto::MAX_WEIGHT);
 /// Largest `[[service.backend]] max_conns`.
 pub const MAX_MAX_CONNS: u32 = 1 << 30;
 /// Default of `[[service]] queue_timeout_ms`.

@@ -8,13 +8,13 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use clap::builder::TypedValueParser;
-use clap::{Parser, Subcommand};
-use controld::admin::default_socket_path;
-use controld::admin::proto::{
+use admin_proto::default_socket_path;
+use admin_proto::{
     BackendRef, BackendSel, ChangeReply, ConnsQuery, ConnsReply, DEFAULT_CONNS_LIMIT,
     MAX_CONNS_LIMIT, MAX_WEIGHT, ReloadReply, Reply, Request, ShowReply, StatsReply,
 };
+use clap::builder::TypedValueParser;
+use clap::{Parser, Subcommand};
 use serde::de::DeserializeOwned;
 use tools::lbctl::{self, CallError};
 

@@ -24,6 +24,26 @@ use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
+use std::path::PathBuf;
+
+/// Where an instance's socket is when `[admin] socket` is not set:
+/// `/run/switchyard/<instance>.sock` for root; for another user
+/// `$XDG_RUNTIME_DIR/switchyard/<instance>.sock`, or without that variable
+/// `/tmp/switchyard-<uid>/<instance>.sock`. lbctl derives the same path
+/// from `--instance`, so both must run as the same user.
+pub fn default_socket_path(instance: &str) -> PathBuf {
+    // SAFETY: geteuid(2) cannot fail and touches no memory.
+    let uid = unsafe { libc::geteuid() };
+    let dir = if uid == 0 {
+        PathBuf::from("/run/switchyard")
+    } else {
+        match std::env::var_os("XDG_RUNTIME_DIR") {
+            Some(d) if !d.is_empty() => PathBuf::from(d).join("switchyard"),
+            _ => PathBuf::from(format!("/tmp/switchyard-{uid}")),
+        }
+    };
+    dir.join(format!("{instance}.sock"))
+}
 
 /// Longest request line controld reads (longer ones are refused).
 pub const MAX_REQUEST: usize = 64 * 1024;
@@ -31,8 +51,8 @@ pub const MAX_REQUEST: usize = 64 * 1024;
 pub const DEFAULT_CONNS_LIMIT: usize = 100;
 /// Largest `conns` `limit`.
 pub const MAX_CONNS_LIMIT: usize = 100_000;
-/// Largest weight (as in the file).
-pub const MAX_WEIGHT: u32 = crate::config::MAX_WEIGHT;
+/// Largest weight (as in the file: controld's config asserts it is the same).
+pub const MAX_WEIGHT: u32 = 65535;
 
 /// The commands, for error messages and lbctl's help.
 pub const COMMANDS: &[&str] = &[
