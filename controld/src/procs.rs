@@ -344,7 +344,7 @@ mod tests {
         let start = shm_layout::time::process_start(pid).unwrap();
         // Until it has exec'd, the child is a copy of this test (bounded wait).
         for _ in 0..500 {
-            if Facts::read(pid).is_some_and(|f| f.comm == "sleep") {
+            if Facts::read(pid).is_some_and(|f| f.comm == "sleep" && f.argv.len() == 2) {
                 break;
             }
             std::thread::sleep(Duration::from_millis(2));
