@@ -30,14 +30,18 @@ impl Gc {
         let pid = std::process::id();
         let now = region.now_ms();
         let cap = ct.capacity() as u32;
+        let counters = region.backend_counters();
         let mut st = GcStats::default();
         for _ in 0..n.min(cap) {
             let idx = self.cursor;
             self.cursor = (self.cursor + 1) % cap;
             st.visited += 1;
             if ct.holder(idx).is_some() {
-                if ct.reclaim_abandoned(idx, pid) {
+                if let Some(r) = ct.reclaim_abandoned(idx, pid) {
                     st.abandoned += 1;
+                    if let Some(b) = r.release.and_then(|id| counters.get(id as usize)) {
+                        release(b);
+                    }
                 }
                 continue;
             }
@@ -51,7 +55,7 @@ impl Gc {
                     };
                     st.expired += 1;
                     let id = snap.conn().map(|c| c.backend_id).unwrap_or(u32::MAX);
-                    if let Some(b) = region.backend_counters().get(id as usize)
+                    if let Some(b) = counters.get(id as usize)
                         && reserved
                     {
                         release(b);
