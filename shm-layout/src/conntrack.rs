@@ -1185,7 +1185,7 @@ mod tests {
         assert_eq!(ct.reclaim_abandoned(ins.idx, PID), None);
         // A dead writer's tombstone gives nothing back.
         s.lock
-            .store(l + 3 | ((dead as u64) << 32), Ordering::Relaxed);
+            .store((l + 3) | ((dead as u64) << 32), Ordering::Relaxed);
         assert_eq!(
             ct.reclaim_abandoned(ins.idx, PID),
             Some(Reclaimed { release: None })
