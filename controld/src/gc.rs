@@ -1,11 +1,41 @@
 //! Connection-table GC: ages entries out, takes back slots abandoned by a
-//! killed writer, removes orphaned reply slots, compacts tombstones.
-//! Incremental: each step visits a bounded window, so the switches never
-//! see a stop-the-world sweep.
+//! killed writer, removes orphaned reply slots, compacts tombstones, and
+//! reconciles each backend's `active` count with the table once per sweep
+//! round. Incremental: each step visits a bounded window, so the switches
+//! never see a stop-the-world sweep.
+//!
+//! Reconciliation. A backend's reservations are its forward entries that
+//! are not closed, plus those in flight (a switch between `reserve` and
+//! its insert, or between closing an entry and releasing it). A switch
+//! killed in flight loses its reservation for good: `active` stays too
+//! high (a leak). The sweep counts, per backend, the entries it finds
+//! holding a reservation; at the round's end `excess = active - counted`.
+//! The count is spread over the round, so it alone proves nothing while
+//! connections come and go; [`correction`] acts only on two consecutive
+//! rounds that are *quiet* for the backend (no insert completed: its
+//! `total` did not move; and the sweep read every slot), when:
+//! - both excesses are positive: `active` drops by the smaller. With no
+//!   insert, every entry alive at a round's end was alive and not closed
+//!   when the sweep passed it, so `counted` is at least the entries left
+//!   and the excess at most the leak plus what was in flight at that
+//!   instant; taking the smaller of two rounds' excesses, a reservation
+//!   in flight at one round's end does not count.
+//! - both are negative and `active` did not change between the two round
+//!   ends: `active` rises by the smaller deficit. An entry counted and
+//!   closed after its visit would have released its reservation, and
+//!   `active` would have dropped.
+//!
+//! Corrections are read-modify-writes (never a store), so concurrent
+//! reserves and releases are kept; after one, two fresh rounds are needed
+//! for the next. What remains: a reservation of the backend in flight at
+//! both round ends (two failing inserts at those very instants, or one
+//! switch stalled mid-packet for a whole round) is taken as a leak; the
+//! deficit that leaves shows in later quiet rounds and is added back.
 
 use shm_layout::Region;
-use shm_layout::conntrack::{KIND_FWD, KIND_REPLY, KIND_TOMB, Timeouts};
-use shm_layout::switch_slot::release;
+use shm_layout::conntrack::{KIND_FWD, KIND_REPLY, KIND_TOMB, STATE_CLOSING, Timeouts};
+use shm_layout::switch_slot::{BackendCounters, release};
+use std::sync::atomic::Ordering;
 
 /// What one GC step did.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -15,12 +45,122 @@ pub struct GcStats {
     pub orphans: u64,
     pub abandoned: u64,
     pub compacted: u64,
+    /// Sweep rounds completed.
+    pub rounds: u64,
+    /// Leaked reservations taken back from backends' `active` counts.
+    pub reconciled_down: u64,
+    /// Reservations added back to backends' `active` counts.
+    pub reconciled_up: u64,
+}
+
+/// One backend over one sweep round.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RoundObs {
+    /// `active` at the round's end minus the reservations counted.
+    pub excess: i64,
+    /// `active` at the round's end.
+    pub active: u32,
+    /// The backend's `total` at the round's start and at its end.
+    pub total: (u64, u64),
+    /// The sweep read every slot of the round.
+    pub complete: bool,
+}
+
+/// The change to make to a backend's `active` after two consecutive
+/// rounds (see the module's doc): negative takes back leaked reservations.
+pub fn correction(prev: &RoundObs, cur: &RoundObs) -> i64 {
+    let quiet = prev.complete
+        && cur.complete
+        && prev.total.0 == prev.total.1
+        && prev.total.1 == cur.total.0
+        && cur.total.0 == cur.total.1;
+    if !quiet {
+        return 0;
+    }
+    if prev.excess > 0 && cur.excess > 0 {
+        -prev.excess.min(cur.excess)
+    } else if prev.excess < 0 && cur.excess < 0 && prev.active == cur.active {
+        -prev.excess.max(cur.excess)
+    } else {
+        0
+    }
+}
+
+/// The reconciliation's state: this round's counts, the last round's
+/// observations.
+#[derive(Debug, Default)]
+struct Round {
+    /// Whether the current round was seen from its first slot.
+    began: bool,
+    counted: Vec<u32>,
+    total_start: Vec<u64>,
+    skipped: u64,
+    prev: Vec<Option<RoundObs>>,
+}
+
+impl Round {
+    fn begin(&mut self, counters: &[BackendCounters]) {
+        let n = counters.len();
+        self.counted.clear();
+        self.counted.resize(n, 0);
+        self.total_start.clear();
+        self.total_start
+            .extend(counters.iter().map(|c| c.total.load(Ordering::Relaxed)));
+        self.prev.resize(n, None);
+        self.skipped = 0;
+        self.began = true;
+    }
+
+    fn count(&mut self, backend: u32) {
+        if let Some(c) = self.counted.get_mut(backend as usize) {
+            *c += 1;
+        }
+    }
+
+    /// Closes the round: compares and corrects every backend.
+    fn end(&mut self, counters: &[BackendCounters], st: &mut GcStats) {
+        if !self.began {
+            return;
+        }
+        self.began = false;
+        st.rounds += 1;
+        let n = counters.len().min(self.counted.len());
+        for (b, c) in counters.iter().enumerate().take(n) {
+            let active = c.active.load(Ordering::Relaxed);
+            let obs = RoundObs {
+                excess: i64::from(active) - i64::from(self.counted[b]),
+                active,
+                total: (self.total_start[b], c.total.load(Ordering::Relaxed)),
+                complete: self.skipped == 0,
+            };
+            let corr = self.prev[b].map_or(0, |p| correction(&p, &obs));
+            self.prev[b] = (corr == 0).then_some(obs);
+            if corr < 0 {
+                let want = corr.unsigned_abs().min(u64::from(u32::MAX)) as u32;
+                let old = c
+                    .active
+                    .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| {
+                        Some(v.saturating_sub(want))
+                    })
+                    .unwrap_or_else(|v| v);
+                let taken = u64::from(old.min(want));
+                c.reconciled_down.fetch_add(taken, Ordering::Relaxed);
+                st.reconciled_down += taken;
+            } else if corr > 0 {
+                let add = corr.min(i64::from(u32::MAX)) as u32;
+                c.active.fetch_add(add, Ordering::Relaxed);
+                c.reconciled_up.fetch_add(u64::from(add), Ordering::Relaxed);
+                st.reconciled_up += u64::from(add);
+            }
+        }
+    }
 }
 
 #[derive(Debug, Default)]
 pub struct Gc {
     cursor: u32,
     pub totals: GcStats,
+    round: Round,
 }
 
 impl Gc {
@@ -30,49 +170,18 @@ impl Gc {
         let pid = std::process::id();
         let now = region.now_ms();
         let cap = ct.capacity() as u32;
+        let counters = region.backend_counters();
         let mut st = GcStats::default();
         for _ in 0..n.min(cap) {
             let idx = self.cursor;
+            if idx == 0 {
+                self.round.begin(counters);
+            }
             self.cursor = (self.cursor + 1) % cap;
             st.visited += 1;
-            if ct.holder(idx).is_some() {
-                if ct.reclaim_abandoned(idx, pid) {
-                    st.abandoned += 1;
-                }
-                continue;
-            }
-            let Some(snap) = ct.snapshot(idx) else {
-                continue;
-            };
-            match snap.kind() {
-                KIND_FWD if ct.slot(idx).expired(now, timeouts) => {
-                    let Some(reserved) = ct.retire(idx, &snap, pid) else {
-                        continue;
-                    };
-                    st.expired += 1;
-                    let id = snap.conn().map(|c| c.backend_id).unwrap_or(u32::MAX);
-                    if let Some(b) = region.backend_counters().get(id as usize)
-                        && reserved
-                    {
-                        release(b);
-                    }
-                }
-                KIND_REPLY => {
-                    let (rkey, fwd) = snap.reply().expect("reply slot");
-                    // A busy target may be an insert in progress (the reply slot
-                    // is published first): leave it for the next sweep.
-                    let live = match ct.snapshot(fwd) {
-                        None => true,
-                        Some(s) => s.conn().is_some_and(|c| {
-                            c.reply_key() == rkey && !ct.slot(fwd).expired(now, timeouts)
-                        }),
-                    };
-                    if !live && ct.remove(idx, &snap, pid) {
-                        st.orphans += 1;
-                    }
-                }
-                KIND_TOMB if ct.compact(idx, pid) => st.compacted += 1,
-                _ => {}
+            self.visit(region, timeouts, idx, pid, now, &mut st);
+            if self.cursor == 0 {
+                self.round.end(counters, &mut st);
             }
         }
         self.totals.visited += st.visited;
@@ -80,6 +189,255 @@ impl Gc {
         self.totals.orphans += st.orphans;
         self.totals.abandoned += st.abandoned;
         self.totals.compacted += st.compacted;
+        self.totals.rounds += st.rounds;
+        self.totals.reconciled_down += st.reconciled_down;
+        self.totals.reconciled_up += st.reconciled_up;
         st
+    }
+
+    /// One slot: acts on it, then counts a reservation it still holds.
+    fn visit(
+        &mut self,
+        region: &Region,
+        timeouts: &Timeouts,
+        idx: u32,
+        pid: u32,
+        now: u32,
+        st: &mut GcStats,
+    ) {
+        let ct = region.conntrack();
+        let counters = region.backend_counters();
+        if ct.holder(idx).is_some() {
+            match ct.reclaim_abandoned(idx, pid) {
+                Some(r) => {
+                    st.abandoned += 1;
+                    if let Some(b) = r.release.and_then(|id| counters.get(id as usize)) {
+                        release(b);
+                    }
+                }
+                // A live writer's slot: unread this round.
+                None => self.round.skipped += 1,
+            }
+            return;
+        }
+        let Some(snap) = ct.snapshot(idx) else {
+            self.round.skipped += 1;
+            return;
+        };
+        match snap.kind() {
+            KIND_FWD if ct.slot(idx).expired(now, timeouts) => {
+                let Some(reserved) = ct.retire(idx, &snap, pid) else {
+                    self.round.skipped += 1;
+                    return;
+                };
+                st.expired += 1;
+                let id = snap.conn().map(|c| c.backend_id).unwrap_or(u32::MAX);
+                if let Some(b) = counters.get(id as usize)
+                    && reserved
+                {
+                    release(b);
+                }
+            }
+            KIND_FWD => {
+                if ct.slot(idx).tcp_state.load(Ordering::Relaxed) != STATE_CLOSING
+                    && let Some(c) = snap.conn()
+                {
+                    self.round.count(c.backend_id);
+                }
+            }
+            KIND_REPLY => {
+                let (rkey, fwd) = snap.reply().expect("reply slot");
+                // A busy target may be an insert in progress (the reply slot
+                // is published first): leave it for the next sweep.
+                let live = match ct.snapshot(fwd) {
+                    None => true,
+                    Some(s) => s.conn().is_some_and(|c| {
+                        c.reply_key() == rkey && !ct.slot(fwd).expired(now, timeouts)
+                    }),
+                };
+                if !live && ct.remove(idx, &snap, pid) {
+                    st.orphans += 1;
+                }
+            }
+            KIND_TOMB if ct.compact(idx, pid) => st.compacted += 1,
+            _ => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use shm_layout::Capacities;
+    use shm_layout::conntrack::{Conn, STATE_ESTABLISHED};
+    use shm_layout::shm::Mapping;
+    use shm_layout::switch_slot::reserve;
+
+    const T: Timeouts = Timeouts {
+        tcp_syn_ms: 60_000,
+        tcp_established_ms: 60_000,
+        tcp_fin_ms: 60_000,
+        udp_ms: 60_000,
+    };
+
+    struct Temp(Region, String);
+
+    impl Drop for Temp {
+        fn drop(&mut self) {
+            let _ = Mapping::unlink(&self.1);
+        }
+    }
+
+    fn temp(tag: &str) -> Temp {
+        let inst = format!("gc-{tag}-{}", std::process::id());
+        let caps = Capacities {
+            backends: 16,
+            backend_ids: 16,
+            conn_slots: 1 << 10,
+            maglev_m: 251,
+            ..Capacities::default()
+        };
+        Temp(
+            Region::create(&inst, caps).unwrap(),
+            shm_layout::region_name(&inst),
+        )
+    }
+
+    fn conn(i: u32, backend: u32) -> Conn {
+        Conn {
+            proto: 6,
+            backend_id: backend,
+            client_ip: 0xc612_6400,
+            client_port: i as u16,
+            vip: 0xc612_000a,
+            vip_port: 80,
+            backend_ip: 0xc613_0100 + backend,
+            backend_port: 8080,
+            service: 1,
+            created_ms: 1,
+            ..Conn::default()
+        }
+    }
+
+    /// Opens `n` connections on `backend` as a switch does: reserve, insert.
+    fn open(r: &Region, backend: u32, from: u32, n: u32) {
+        let now = r.now_ms();
+        for i in from..from + n {
+            assert!(reserve(&r.backend_counters()[backend as usize], 0));
+            r.conntrack()
+                .insert(&conn(i, backend), true, now, STATE_ESTABLISHED, 7, |_| {
+                    false
+                })
+                .unwrap();
+            r.backend_counters()[backend as usize]
+                .total
+                .fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    fn active(r: &Region, b: usize) -> u32 {
+        r.backend_counters()[b].active.load(Ordering::Relaxed)
+    }
+
+    fn obs(excess: i64, active: u32, total: u64) -> RoundObs {
+        RoundObs {
+            excess,
+            active,
+            total: (total, total),
+            complete: true,
+        }
+    }
+
+    #[test]
+    fn corrections_need_two_quiet_rounds_of_one_sign_and_take_the_smaller() {
+        assert_eq!(correction(&obs(3, 10, 5), &obs(2, 9, 5)), -2);
+        assert_eq!(correction(&obs(2, 9, 5), &obs(3, 10, 5)), -2);
+        assert_eq!(correction(&obs(3, 10, 5), &obs(0, 7, 5)), 0);
+        assert_eq!(correction(&obs(3, 10, 5), &obs(-1, 7, 5)), 0);
+        // A connection inserted during either round: no judgement.
+        assert_eq!(correction(&obs(3, 10, 5), &obs(3, 10, 6)), 0);
+        let mut grew = obs(3, 10, 5);
+        grew.total = (4, 5);
+        assert_eq!(correction(&grew, &obs(3, 10, 5)), 0);
+        // A slot the sweep could not read: no judgement.
+        let mut partial = obs(3, 10, 5);
+        partial.complete = false;
+        assert_eq!(correction(&obs(3, 10, 5), &partial), 0);
+        // Too low: added back only if `active` held still.
+        assert_eq!(correction(&obs(-2, 4, 5), &obs(-3, 4, 5)), 2);
+        assert_eq!(correction(&obs(-2, 4, 5), &obs(-3, 3, 5)), 0);
+    }
+
+    /// Reservations lost by killed switches (taken, never inserted, never
+    /// released) and one released twice: after quiet rounds each backend's
+    /// `active` equals its open connections, and the corrections are
+    /// counted where shmdump shows them.
+    #[test]
+    fn leaked_and_double_released_reservations_are_reconciled() {
+        let t = temp("leak");
+        let r = &t.0;
+        open(r, 1, 0, 5);
+        open(r, 2, 100, 4);
+        let c = r.backend_counters();
+        for _ in 0..3 {
+            assert!(reserve(&c[1], 0));
+        }
+        release(&c[2]);
+        assert_eq!((active(r, 1), active(r, 2)), (8, 3));
+        let mut gc = Gc::default();
+        let cap = r.conntrack().capacity() as u32;
+        for _ in 0..3 {
+            gc.step(r, &T, cap);
+        }
+        assert_eq!((active(r, 1), active(r, 2)), (5, 4));
+        assert_eq!(gc.totals.rounds, 3);
+        assert_eq!((gc.totals.reconciled_down, gc.totals.reconciled_up), (3, 1));
+        assert_eq!(c[1].reconciled_down.load(Ordering::Relaxed), 3);
+        assert_eq!(c[2].reconciled_up.load(Ordering::Relaxed), 1);
+        // Balanced counts stay as they are.
+        for _ in 0..3 {
+            gc.step(r, &T, cap);
+        }
+        assert_eq!((active(r, 1), active(r, 2)), (5, 4));
+        assert_eq!((gc.totals.reconciled_down, gc.totals.reconciled_up), (3, 1));
+    }
+
+    /// Connections opened while the sweep runs (a steady ramp, each
+    /// behind the cursor) look like a leak to a naive count; they are not
+    /// taken back.
+    #[test]
+    fn connections_opened_during_the_sweep_are_not_taken_for_leaks() {
+        let t = temp("ramp");
+        let r = &t.0;
+        let mut gc = Gc::default();
+        let cap = r.conntrack().capacity() as u32;
+        for step in 0..32u32 {
+            open(r, 1, step * 8, 8);
+            gc.step(r, &T, cap / 4);
+        }
+        assert_eq!(active(r, 1), 256);
+        assert_eq!((gc.totals.reconciled_down, gc.totals.reconciled_up), (0, 0));
+    }
+
+    /// A slot held by a dead writer is taken back and the forward entry's
+    /// reservation released.
+    #[test]
+    fn an_abandoned_forward_slot_gives_its_reservation_back() {
+        let t = temp("abandoned");
+        let r = &t.0;
+        open(r, 3, 0, 1);
+        let ct = r.conntrack();
+        let idx = ct.lookup(&conn(0, 3).forward_key()).unwrap().idx;
+        let s = ct.slot(idx);
+        let l = s.lock.load(Ordering::Relaxed);
+        s.lock.store(
+            (l + 1) | (u64::from(i32::MAX as u32 - 3) << 32),
+            Ordering::Relaxed,
+        );
+        let mut gc = Gc::default();
+        gc.step(r, &T, ct.capacity() as u32);
+        assert_eq!(gc.totals.abandoned, 1);
+        assert_eq!(active(r, 3), 0);
+        assert_eq!(gc.totals.reconciled_down, 0, "released, not reconciled");
     }
 }

@@ -18,13 +18,27 @@
 //!   it read (so nothing changed since its snapshot) to odd with its pid,
 //!   writes the key words (Relaxed), then Release-stores the next even value.
 //! - A writer killed while owning a slot leaves it odd with a dead pid; the
-//!   GC (`reclaim_abandoned`) takes it over and turns it into a tombstone.
+//!   GC (`reclaim_abandoned`) takes it over and turns it into a tombstone
+//!   (giving back the backend reservation of a forward entry it held).
 //!   Nothing else waits for it, so nothing wedges.
 //! - `last_seen`, `tcp_state` and the counters are mutable atomics outside
 //!   the seqlock, updated by whichever switch sees the packet.
 //!
 //! Deleted slots become tombstones (lookups probe past them; inserts reuse
 //! them); the GC turns a tombstone followed by an empty slot back into empty.
+//!
+//! Reachability: a lookup stops at the first empty slot, so no key may sit
+//! behind an empty slot of its probe sequence. An insert decides where to
+//! put its key from snapshots that may be stale by the time it holds its
+//! slot (it skipped a busy slot, or a slot it probed past was deleted and
+//! compacted since). So only compaction ever publishes an empty slot, and
+//! it holds the slot with the [`COMPACTING`] mark meanwhile; an insert,
+//! once it holds its slot, reads back the slots between its key's home and
+//! that slot (`reachable`, nearest first) and gives the slot back and
+//! probes again if one is empty or marked. Both sides take their slot with
+//! a sequentially consistent compare-and-swap and then read the other's
+//! slot sequentially consistently, so at least one of them sees the other;
+//! docs/ARCHITECTURE.md has the argument.
 
 use core::mem::size_of;
 use core::sync::atomic::{AtomicU32, AtomicU64, Ordering, fence};
@@ -341,6 +355,23 @@ pub struct Inserted {
     pub evicted_backends: [Option<u32>; 2],
 }
 
+/// A slot [`ConnTable::reclaim_abandoned`] took back from a dead writer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Reclaimed {
+    /// The backend whose `active` count the caller releases: the slot held
+    /// a forward entry that still had its reservation. (If the dead writer
+    /// was inserting a mid-flow connection, which reserves only after the
+    /// insert, this gives back one slot too many; the GC's reconciliation
+    /// of `active` against the table repairs either error.)
+    pub release: Option<u32>,
+}
+
+/// The pid half of a lock word a writer holds.
+#[inline]
+fn tag(pid: u32) -> u64 {
+    (pid as u64) << 32
+}
+
 /// A snapshot of one slot's lock word and key words.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Snapshot {
@@ -365,6 +396,26 @@ impl Snapshot {
 }
 
 const SEQ_MASK: u64 = 0xffff_ffff;
+
+/// The top bit of a held lock word (above the holder's pid, which Linux
+/// keeps below 2^22): the holder is compacting the slot and may publish it
+/// empty. Every other writer publishes a non-empty slot.
+pub const COMPACTING: u64 = 1 << 63;
+
+/// The pid half of a lock word, without the [`COMPACTING`] mark.
+#[inline]
+fn holder_pid(lock: u64) -> u32 {
+    ((lock & !COMPACTING) >> 32) as u32
+}
+
+/// A slot an insert holds: its index, the odd lock word it holds, what the
+/// slot held before and, if that was an expired forward entry, its backend.
+struct Claim {
+    idx: u32,
+    held: u64,
+    was: [u64; 4],
+    evicts: Option<u32>,
+}
 
 /// Starts loading the cache line holding `value` (into every cache level).
 /// A hint: it never faults and has no other effect.
@@ -566,19 +617,22 @@ impl<'a> ConnTable<'a> {
         expired: impl Fn(&ConnSlot) -> bool,
     ) -> Result<Inserted, InsertError> {
         let fkey = conn.forward_key();
-        let (fidx, flock, evicted_f) = self.claim(&fkey, KIND_FWD, pid, None, &expired)?;
+        let fwd = self.claim(&fkey, KIND_FWD, pid, None, &expired)?;
+        let fidx = fwd.idx;
         let mut out = Inserted {
             idx: fidx,
-            evicted_backends: [evicted_f, None],
+            evicted_backends: [None, None],
         };
         if with_reply {
             match self.claim(&conn.reply_key(), KIND_REPLY, pid, Some(fidx), &expired) {
-                Ok((ridx, rlock, evicted_r)) => {
-                    out.evicted_backends[1] = evicted_r;
-                    self.publish(ridx, rlock, &encode_reply(&conn.reply_key(), fidx));
+                Ok(r) => {
+                    out.evicted_backends[1] = self.evict(&r);
+                    self.publish(r.idx, r.held, &encode_reply(&conn.reply_key(), fidx));
                 }
                 Err(e) => {
-                    self.publish(fidx, flock, &[(KIND_TOMB as u64) << 56, 0, 0, 0]);
+                    // The forward slot goes back as it was: an expired
+                    // entry in it keeps its reservation (for the GC).
+                    self.give_back(&fwd);
                     return Err(match e {
                         InsertError::Exists(_) => InsertError::ReplyConflict,
                         e => e,
@@ -586,17 +640,21 @@ impl<'a> ConnTable<'a> {
                 }
             }
         }
+        // Only now, when nothing can fail, is a displaced entry closed.
+        out.evicted_backends[0] = self.evict(&fwd);
         let s = self.slot(fidx);
         s.last_seen.store(now_ms, Ordering::Relaxed);
         s.tcp_state.store(tcp_state, Ordering::Relaxed);
         s.packets.store(0, Ordering::Relaxed);
         s.bytes.store(0, Ordering::Relaxed);
-        self.publish(fidx, flock, &conn.encode());
+        self.publish(fidx, fwd.held, &conn.encode());
         Ok(out)
     }
 
-    /// Claims a slot for `key`: returns (index, the odd lock word we hold,
-    /// backend id of an expired connection we displaced). `own_fwd`: the
+    /// Claims a slot for `key`, from which the key will be reachable (see
+    /// the module's doc). An expired entry in it is not closed yet (see
+    /// [`evict`](Self::evict)); the claim is published or given back
+    /// ([`give_back`](Self::give_back)). `own_fwd`: the
     /// forward slot this insert already holds; a reply slot pointing at it
     /// is a leftover of the connection that slot held before (the same
     /// 5-tuple opened again), not a live conflict.
@@ -607,10 +665,10 @@ impl<'a> ConnTable<'a> {
         pid: u32,
         own_fwd: Option<u32>,
         expired: &impl Fn(&ConnSlot) -> bool,
-    ) -> Result<(u32, u64, Option<u32>), InsertError> {
+    ) -> Result<Claim, InsertError> {
         let home = self.home(key);
         for _attempt in 0..4 {
-            let mut cand: Option<(u32, u64, Option<u32>)> = None;
+            let mut cand: Option<(u32, Snapshot, Option<u32>)> = None;
             for i in 0..MAX_PROBE {
                 let idx = ((home + i) & self.mask) as u32;
                 let Some(snap) = self.snapshot(idx) else {
@@ -618,17 +676,17 @@ impl<'a> ConnTable<'a> {
                 };
                 match snap.kind() {
                     KIND_EMPTY => {
-                        cand.get_or_insert((idx, snap.lock, None));
+                        cand.get_or_insert((idx, snap, None));
                         break;
                     }
                     KIND_TOMB => {
-                        cand.get_or_insert((idx, snap.lock, None));
+                        cand.get_or_insert((idx, snap, None));
                     }
                     KIND_FWD => {
                         let c = Conn::decode(&snap.words);
                         let dead = expired(self.slot(idx));
                         if dead {
-                            cand.get_or_insert((idx, snap.lock, Some(c.backend_id)));
+                            cand.get_or_insert((idx, snap, Some(c.backend_id)));
                         } else if want == KIND_FWD && c.forward_key() == *key {
                             return Err(InsertError::Exists(idx));
                         }
@@ -645,7 +703,7 @@ impl<'a> ConnTable<'a> {
                                 .is_some_and(|c| c.reply_key() == rkey && !expired(self.slot(fwd))),
                         };
                         if !target_live {
-                            cand.get_or_insert((idx, snap.lock, None));
+                            cand.get_or_insert((idx, snap, None));
                         } else if want == KIND_REPLY && rkey == *key {
                             return Err(InsertError::Exists(idx));
                         }
@@ -653,27 +711,79 @@ impl<'a> ConnTable<'a> {
                     _ => {}
                 }
             }
-            let Some((idx, lock, evicted)) = cand else {
+            let Some((idx, snap, evicts)) = cand else {
                 return Err(InsertError::Full);
             };
-            if let Some(held) = self.hold(idx, lock, 1, pid) {
-                // The displaced connection's reservation is released by
-                // whoever closes it first (see `retire`).
-                let evicted = evicted.filter(|_| self.close(idx));
-                return Ok((idx, held, evicted));
+            let Some(held) = self.hold(idx, snap.lock, 1, tag(pid)) else {
+                continue;
+            };
+            let claim = Claim {
+                idx,
+                held,
+                was: snap.words,
+                evicts,
+            };
+            if self.reachable(home, idx) {
+                return Ok(claim);
             }
+            // A slot before ours is empty, or may become so: probe again.
+            self.give_back(&claim);
         }
         Err(InsertError::Full)
     }
 
+    /// Closes the expired entry a claim displaces, if it still held its
+    /// reservation: returns its backend, whose `active` count the caller
+    /// releases. Whoever closes it first releases (see `close`).
+    fn evict(&self, c: &Claim) -> Option<u32> {
+        c.evicts.filter(|_| self.close(c.idx))
+    }
+
+    /// Releases a claimed slot unchanged, except that an empty slot becomes
+    /// a tombstone: another insert may have probed past it while we held it.
+    fn give_back(&self, c: &Claim) {
+        let words = if kind(&c.was) == KIND_EMPTY {
+            [(KIND_TOMB as u64) << 56, 0, 0, 0]
+        } else {
+            c.was
+        };
+        self.publish(c.idx, c.held, &words);
+    }
+
+    /// Whether a key held in slot `at` is reachable from its `home`: no slot
+    /// from `home` up to `at` is empty or held by a compaction. Called with
+    /// `at` held; reads nearest first (the order the argument in
+    /// docs/ARCHITECTURE.md needs), sequentially consistent.
+    fn reachable(&self, home: usize, at: u32) -> bool {
+        let dist = (at as usize).wrapping_sub(home) & self.mask;
+        for d in (0..dist).rev() {
+            let s = self.slot(((home + d) & self.mask) as u32);
+            let l1 = s.lock.load(Ordering::SeqCst);
+            if busy(l1) {
+                // Any other writer publishes a non-empty slot.
+                if l1 & COMPACTING != 0 {
+                    return false;
+                }
+                continue;
+            }
+            let w0 = s.words[0].load(Ordering::Relaxed);
+            fence(Ordering::Acquire);
+            if s.lock.load(Ordering::Relaxed) != l1 || (w0 >> 56) as u8 == KIND_EMPTY {
+                return false;
+            }
+        }
+        true
+    }
+
     /// Takes a slot whose lock word is exactly `seen` by compare-and-swap,
     /// advancing the sequence by `step` (1 from even to odd; 2 to take over
-    /// an odd word) and tagging it with our pid. `None` if the word changed.
-    fn hold(&self, idx: u32, seen: u64, step: u64, pid: u32) -> Option<u64> {
-        let held = (((seen & SEQ_MASK) + step) & SEQ_MASK) | ((pid as u64) << 32);
+    /// an odd word) and tagging it with `tag` (see [`tag`]). `None` if the
+    /// word changed. Sequentially consistent: see `reachable`.
+    fn hold(&self, idx: u32, seen: u64, step: u64, tag: u64) -> Option<u64> {
+        let held = (((seen & SEQ_MASK) + step) & SEQ_MASK) | tag;
         self.slot(idx)
             .lock
-            .compare_exchange(seen, held, Ordering::Acquire, Ordering::Relaxed)
+            .compare_exchange(seen, held, Ordering::SeqCst, Ordering::Relaxed)
             .ok()
             .map(|_| held)
     }
@@ -712,7 +822,7 @@ impl<'a> ConnTable<'a> {
         if busy(snap.lock) {
             return None;
         }
-        let held = self.hold(idx, snap.lock, 1, pid)?;
+        let held = self.hold(idx, snap.lock, 1, tag(pid))?;
         let reserved = self.close(idx);
         self.publish(idx, held, &[(KIND_TOMB as u64) << 56, 0, 0, 0]);
         Some(reserved)
@@ -724,7 +834,7 @@ impl<'a> ConnTable<'a> {
         if busy(snap.lock) {
             return false;
         }
-        let Some(held) = self.hold(idx, snap.lock, 1, pid) else {
+        let Some(held) = self.hold(idx, snap.lock, 1, tag(pid)) else {
             return false;
         };
         self.publish(idx, held, &[(KIND_TOMB as u64) << 56, 0, 0, 0]);
@@ -732,23 +842,29 @@ impl<'a> ConnTable<'a> {
     }
 
     /// Turns a tombstone into an empty slot when the next slot is empty (no
-    /// probe chain can pass through it then). Returns whether it did.
+    /// probe chain can pass through it then). Returns whether it did. The
+    /// slot is held with the [`COMPACTING`] mark meanwhile, and the next
+    /// slot read after taking it, sequentially consistent: an insert that
+    /// skipped this slot either sees the mark or the empty slot when it
+    /// checks its key's reachability, or holds the next slot already (and
+    /// then this tombstone stays).
     pub fn compact(&self, idx: u32, pid: u32) -> bool {
-        let (Some(me), Some(next)) = (self.snapshot(idx), self.snapshot(idx.wrapping_add(1)))
-        else {
+        let next = idx.wrapping_add(1);
+        let (Some(me), Some(n)) = (self.snapshot(idx), self.snapshot(next)) else {
             return false;
         };
-        if me.kind() != KIND_TOMB || next.kind() != KIND_EMPTY {
+        if me.kind() != KIND_TOMB || n.kind() != KIND_EMPTY {
             return false;
         }
-        let Some(held) = self.hold(idx, me.lock, 1, pid) else {
+        let Some(held) = self.hold(idx, me.lock, 1, tag(pid) | COMPACTING) else {
             return false;
         };
-        // Re-check the successor while holding this slot: an insert may have
-        // filled it meanwhile, and then our tombstone must stay.
-        let still_empty = self
-            .snapshot(idx.wrapping_add(1))
-            .is_some_and(|n| n.kind() == KIND_EMPTY);
+        let s = self.slot(next);
+        let l1 = s.lock.load(Ordering::SeqCst);
+        let w0 = s.words[0].load(Ordering::Relaxed);
+        fence(Ordering::Acquire);
+        let still_empty =
+            !busy(l1) && s.lock.load(Ordering::Relaxed) == l1 && (w0 >> 56) as u8 == KIND_EMPTY;
         let words = if still_empty {
             [0, 0, 0, 0]
         } else {
@@ -759,29 +875,28 @@ impl<'a> ConnTable<'a> {
     }
 
     /// If the slot is held by a writer whose process is dead, takes it over
-    /// and makes it a tombstone. Returns whether it did.
-    pub fn reclaim_abandoned(&self, idx: u32, pid: u32) -> bool {
+    /// and makes it a tombstone; `None` if it did not. A forward entry the
+    /// dead writer held (an entry it was retiring, or one it was writing)
+    /// is closed, and its backend returned for the caller to release.
+    pub fn reclaim_abandoned(&self, idx: u32, pid: u32) -> Option<Reclaimed> {
         let s = self.slot(idx);
         let lock = s.lock.load(Ordering::Acquire);
-        if !busy(lock) {
-            return false;
-        }
-        let owner = (lock >> 32) as u32;
-        if crate::time::pid_alive(owner) {
-            return false;
+        if !busy(lock) || crate::time::pid_alive(holder_pid(lock)) {
+            return None;
         }
         // Keep it odd (held) but with a new sequence and our pid.
-        let Some(held) = self.hold(idx, lock, 2, pid) else {
-            return false;
-        };
+        let held = self.hold(idx, lock, 2, tag(pid))?;
+        // The dead writer stores nothing more: the words are stable.
+        let w0 = s.words[0].load(Ordering::Relaxed);
+        let release = ((w0 >> 56) as u8 == KIND_FWD && self.close(idx)).then_some(w0 as u32);
         self.publish(idx, held, &[(KIND_TOMB as u64) << 56, 0, 0, 0]);
-        true
+        Some(Reclaimed { release })
     }
 
     /// Whether a writer currently holds the slot, and its pid.
     pub fn holder(&self, idx: u32) -> Option<u32> {
         let lock = self.slot(idx).lock.load(Ordering::Acquire);
-        busy(lock).then_some((lock >> 32) as u32)
+        busy(lock).then_some(holder_pid(lock))
     }
 }
 
@@ -876,25 +991,159 @@ mod tests {
         }
     }
 
+    /// Connections whose forward key has the home slot `home`, numbered
+    /// from `from` (a search over client ports: about one key in 4,096).
+    fn homed_at(ct: &ConnTable<'_>, home: usize, from: u32, n: usize) -> Vec<Conn> {
+        (from..)
+            .map(conn)
+            .filter(|c| ct.home(&c.forward_key()) == home)
+            .take(n)
+            .collect()
+    }
+
+    /// Inserts live connections homed at `home` until every slot of its
+    /// probe window holds one (`first` included, inserted first).
+    fn fill_window(ct: &ConnTable<'_>, first: &Conn, backend: u32) -> u32 {
+        let home = ct.home(&first.forward_key());
+        let first_idx = ct
+            .insert(first, false, 1, STATE_SYN, PID, |_| false)
+            .unwrap()
+            .idx;
+        assert_eq!(first_idx as usize, home);
+        for mut c in homed_at(ct, home, 100_000, MAX_PROBE - 1) {
+            c.backend_id = backend;
+            ct.insert(&c, false, 1, STATE_ESTABLISHED, PID, |_| false)
+                .unwrap();
+        }
+        for i in 0..MAX_PROBE {
+            let k = ct.snapshot((home + i) as u32).unwrap().kind();
+            assert_eq!(k, KIND_FWD, "window slot {i} is filled");
+        }
+        first_idx
+    }
+
     #[test]
     fn expired_entries_are_reused_and_report_their_backend() {
         let t = temp("ct3");
         let ct = t.0.conntrack();
-        let a = conn(1);
-        let ia = ct.insert(&a, false, 1, STATE_SYN, PID, |_| false).unwrap();
-        // Same home slot region: fill the probe window so the next insert must evict.
-        let mut b = a;
-        b.client_port = 9;
+        // `a` and 63 live connections fill `a`'s probe window; `b` shares
+        // its home, so its only claimable slot is `a`'s, once `a` expired.
+        let mut a = conn(1);
+        a.backend_id = 5;
+        let home = ct.home(&a.forward_key());
+        let ia = fill_window(&ct, &a, 6);
+        let b = homed_at(&ct, home, 2_000_000, 1)[0];
+        assert_eq!(
+            ct.insert(&b, false, 1, STATE_SYN, PID, |_| false),
+            Err(InsertError::Full),
+            "nothing expired: no room"
+        );
         let ins = ct
             .insert(&b, false, 1, STATE_SYN, PID, |s| {
-                core::ptr::eq(s, ct.slot(ia.idx))
+                core::ptr::eq(s, ct.slot(ia))
             })
             .unwrap();
-        // Either it took an empty slot, or it evicted `a` and says so.
-        if ins.idx == ia.idx {
-            assert_eq!(ins.evicted_backends[0], Some(a.backend_id));
-        }
+        assert_eq!(ins.idx, ia, "the expired entry's slot is reused");
+        assert_eq!(ins.evicted_backends, [Some(5), None]);
         assert_eq!(ct.lookup(&b.forward_key()).unwrap().conn(), b);
+        assert!(ct.lookup(&a.forward_key()).is_none());
+    }
+
+    /// Per backend, the forward entries that hold a reservation (not
+    /// closed): what the backends' `active` counts must add up to.
+    fn reservations(ct: &ConnTable<'_>) -> std::collections::BTreeMap<u32, u32> {
+        let mut m = std::collections::BTreeMap::new();
+        for idx in 0..ct.capacity() as u32 {
+            if let Some(c) = ct.snapshot(idx).and_then(|s| s.conn())
+                && ct.slot(idx).tcp_state.load(Ordering::Relaxed) != STATE_CLOSING
+            {
+                *m.entry(c.backend_id).or_insert(0) += 1;
+            }
+        }
+        m
+    }
+
+    /// An insert that evicts an expired entry for its forward slot, then
+    /// fails on its reply slot, must not lose the evicted entry's
+    /// reservation: counted as a switch and the GC count (reserve per
+    /// insert, release what an insert reports evicted, release what a
+    /// retire closes), `active` ends equal to the table's reservations.
+    #[test]
+    fn a_failed_reply_claim_keeps_the_evicted_entrys_reservation() {
+        let t = temp("ct-evict-fail");
+        let ct = t.0.conntrack();
+        let mut active = std::collections::BTreeMap::<u32, u32>::new();
+        let mut a = conn(1);
+        a.backend_id = 5;
+        let home = ct.home(&a.forward_key());
+        let ia = fill_window(&ct, &a, 6);
+        *active.entry(5).or_insert(0) += 1;
+        *active.entry(6).or_insert(0) += (MAX_PROBE - 1) as u32;
+        // `b` evicts `a` for its forward slot, but a live connection `c`
+        // already owns `b`'s reply key (same client and backend, other VIP).
+        let mut b = homed_at(&ct, home, 2_000_000, 1)[0];
+        b.backend_id = 3;
+        let mut c = b;
+        c.vip += 1;
+        c.backend_id = 3;
+        ct.insert(&c, true, 1, STATE_ESTABLISHED, PID, |_| false)
+            .unwrap();
+        *active.entry(3).or_insert(0) += 1;
+        // The switch reserved a slot of backend 3 for `b`...
+        *active.entry(3).or_insert(0) += 1;
+        let expired = |s: &ConnSlot| core::ptr::eq(s, ct.slot(ia));
+        let res = ct.insert(&b, true, 1, STATE_SYN, PID, expired);
+        assert_eq!(res, Err(InsertError::ReplyConflict));
+        // ...and gives it back: the insert failed.
+        *active.get_mut(&3).unwrap() -= 1;
+        // The GC retires what expired, releasing what it closes.
+        for idx in 0..ct.capacity() as u32 {
+            if let Some(snap) = ct.snapshot(idx)
+                && let Some(conn) = snap.conn()
+                && expired(ct.slot(idx))
+                && ct.retire(idx, &snap, PID) == Some(true)
+            {
+                *active.get_mut(&conn.backend_id).unwrap() -= 1;
+            }
+        }
+        active.retain(|_, n| *n > 0);
+        assert_eq!(active, reservations(&ct));
+        assert_eq!(active.get(&5), None, "a's reservation was released");
+    }
+
+    /// A key placed past a slot that another process empties meanwhile
+    /// would be unreachable: here the slot the insert just probed past (a
+    /// live entry) is retired and compacted while the insert decides (the
+    /// `expired` callback runs inside the probe), and the insert must not
+    /// put its key behind the now empty slot.
+    #[test]
+    fn an_insert_never_lands_behind_a_slot_compacted_while_it_probes() {
+        let t = temp("ct-compact-race");
+        let ct = t.0.conntrack();
+        let a = conn(1);
+        let home = ct.home(&a.forward_key());
+        let ia = ct.insert(&a, false, 1, STATE_SYN, PID, |_| false).unwrap();
+        assert_eq!(ia.idx as usize, home);
+        let k = homed_at(&ct, home, 2_000_000, 1)[0];
+        let fired = std::cell::Cell::new(false);
+        let ins = ct
+            .insert(&k, false, 1, STATE_SYN, PID, |s| {
+                if core::ptr::eq(s, ct.slot(ia.idx)) && !fired.replace(true) {
+                    // Another switch retires `a`, and the GC compacts its
+                    // tombstone (the next slot is empty).
+                    let snap = ct.snapshot(ia.idx).unwrap();
+                    assert_eq!(ct.retire(ia.idx, &snap, 2), Some(true));
+                    assert!(ct.compact(ia.idx, 3));
+                }
+                false
+            })
+            .unwrap();
+        assert!(fired.get());
+        assert_eq!(
+            ct.lookup(&k.forward_key()).map(|h| h.idx),
+            Some(ins.idx),
+            "the key is reachable from its home"
+        );
     }
 
     #[test]
@@ -914,7 +1163,17 @@ mod tests {
             ct.lookup(&c.forward_key()).is_none(),
             "busy slot is skipped, not waited on"
         );
-        assert!(ct.reclaim_abandoned(ins.idx, PID));
+        // It held a live forward entry: its reservation comes back once.
+        assert_eq!(
+            ct.reclaim_abandoned(ins.idx, PID),
+            Some(Reclaimed {
+                release: Some(c.backend_id)
+            })
+        );
+        assert_eq!(
+            ct.slot(ins.idx).tcp_state.load(Ordering::Relaxed),
+            STATE_CLOSING
+        );
         assert_eq!(ct.holder(ins.idx), None);
         assert_eq!(ct.snapshot(ins.idx).unwrap().kind(), KIND_TOMB);
         // A live holder is left alone.
@@ -923,7 +1182,14 @@ mod tests {
             (l + 1) | ((std::process::id() as u64) << 32),
             Ordering::Relaxed,
         );
-        assert!(!ct.reclaim_abandoned(ins.idx, PID));
+        assert_eq!(ct.reclaim_abandoned(ins.idx, PID), None);
+        // A dead writer's tombstone gives nothing back.
+        s.lock
+            .store((l + 3) | ((dead as u64) << 32), Ordering::Relaxed);
+        assert_eq!(
+            ct.reclaim_abandoned(ins.idx, PID),
+            Some(Reclaimed { release: None })
+        );
     }
 
     #[test]
@@ -936,6 +1202,99 @@ mod tests {
         assert!(ct.remove(ins.idx, &snap, PID));
         let next_empty = ct.snapshot(ins.idx + 1).unwrap().kind() == KIND_EMPTY;
         assert_eq!(ct.compact(ins.idx, PID), next_empty);
+    }
+
+    /// Compaction concurrent with inserts and removals on a small table:
+    /// every key an insert placed is found by its lookup, exactly once,
+    /// until its own thread removes it. Keys crowd a few home slots, so
+    /// probes pass tombstones the compactor is turning back into empty
+    /// slots (a key placed behind one would be unreachable, and inserted
+    /// again: a duplicate).
+    #[test]
+    fn compaction_concurrent_with_inserts_never_hides_a_key() {
+        const SLOTS: usize = 64;
+        const ROUNDS: u32 = 16_000_000;
+        let slots: Vec<ConnSlot> = (0..SLOTS)
+            .map(|_| ConnSlot {
+                lock: AtomicU64::new(0),
+                words: [const { AtomicU64::new(0) }; 4],
+                last_seen: AtomicU32::new(0),
+                tcp_state: AtomicU32::new(0),
+                packets: AtomicU64::new(0),
+                bytes: AtomicU64::new(0),
+            })
+            .collect();
+        let ct = ConnTable::new(&slots, 0x5eed);
+        // Per inserter, keys homed at slots 8..12: chains of a few slots.
+        let keys = |w: u32| -> Vec<Conn> {
+            (0..)
+                .map(|i| conn(w << 20 | i))
+                .filter(|c| (8..12).contains(&ct.home(&c.forward_key())))
+                .take(64)
+                .collect()
+        };
+        let stop = std::sync::atomic::AtomicBool::new(false);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(8);
+        let (hidden, copies) = std::thread::scope(|sc| {
+            let compactor = sc.spawn(|| {
+                let mut n = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    for idx in 0..SLOTS as u32 {
+                        n += u64::from(ct.compact(idx, 3));
+                    }
+                }
+                n
+            });
+            let inserters: Vec<_> = (0..2u32)
+                .map(|w| {
+                    let ct = &ct;
+                    let keys = keys(w + 1);
+                    sc.spawn(move || {
+                        let pid = 10 + w;
+                        // Three live keys at a time, the oldest removed first.
+                        let mut live = std::collections::VecDeque::new();
+                        let (mut hidden, mut copies) = (0u32, 0u32);
+                        for r in 0..ROUNDS {
+                            if r % 1024 == 0 && std::time::Instant::now() > deadline {
+                                break;
+                            }
+                            let c = keys[r as usize % keys.len()];
+                            if live.len() == 3 {
+                                let old: Conn = live.pop_front().unwrap();
+                                match ct.lookup(&old.forward_key()) {
+                                    Some(h) => {
+                                        let snap = ct.snapshot(h.idx).unwrap();
+                                        assert!(ct.remove(h.idx, &snap, pid));
+                                    }
+                                    None => hidden += 1,
+                                }
+                            }
+                            if ct.insert(&c, false, 1, STATE_SYN, pid, |_| false).is_err() {
+                                continue;
+                            }
+                            live.push_back(c);
+                            if ct.lookup(&c.forward_key()).is_none() {
+                                hidden += 1;
+                                // As a switch would on its next packet.
+                                if ct.insert(&c, false, 1, STATE_SYN, pid, |_| false).is_ok() {
+                                    copies += 1;
+                                }
+                            }
+                        }
+                        (hidden, copies)
+                    })
+                })
+                .collect();
+            let mut sum = (0, 0);
+            for i in inserters {
+                let (h, c) = i.join().unwrap();
+                sum = (sum.0 + h, sum.1 + c);
+            }
+            stop.store(true, Ordering::Relaxed);
+            assert!(compactor.join().unwrap() > 0, "the compactor compacted");
+            sum
+        });
+        assert_eq!((hidden, copies), (0, 0), "keys hidden, then inserted twice");
     }
 
     /// Concurrent inserters and readers: every reader snapshot of a forward

@@ -166,6 +166,10 @@ impl SwitchSlot {
 /// whoever moves the entry's `tcp_state` to `STATE_CLOSING` with an atomic
 /// read-modify-write (a switch on a FIN or RST, the GC or an insert that
 /// reuses an expired entry). `total` counts connections ever inserted.
+/// A reservation a killed switch held in flight is lost to that protocol;
+/// the GC reconciles `active` against the table once per sweep round and
+/// counts what it took back in `reconciled_down` (leaked reservations) and
+/// what it added in `reconciled_up` (over-releases). See controld's `gc`.
 ///
 /// `syn_ack_*` are written once per NAT connection, on the SYN-ACK that
 /// establishes it: the sample is the time from the connection's SYN
@@ -181,7 +185,9 @@ pub struct BackendCounters {
     pub syn_ack_count: AtomicU64,
     pub syn_ack_sum_ms: AtomicU64,
     pub syn_ack_slow: AtomicU64,
-    pub _pad1: [u64; 3],
+    pub reconciled_down: AtomicU64,
+    pub reconciled_up: AtomicU64,
+    pub _pad1: [u64; 1],
 }
 
 impl BackendCounters {
@@ -193,6 +199,8 @@ impl BackendCounters {
         self.syn_ack_count.store(0, Ordering::Relaxed);
         self.syn_ack_sum_ms.store(0, Ordering::Relaxed);
         self.syn_ack_slow.store(0, Ordering::Relaxed);
+        self.reconciled_down.store(0, Ordering::Relaxed);
+        self.reconciled_up.store(0, Ordering::Relaxed);
     }
 }
 
@@ -206,7 +214,9 @@ pub(crate) const fn backend_fingerprint(fp: Fingerprint) -> Fingerprint {
         total,
         syn_ack_count,
         syn_ack_sum_ms,
-        syn_ack_slow
+        syn_ack_slow,
+        reconciled_down,
+        reconciled_up
     )
 }
 

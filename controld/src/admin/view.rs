@@ -366,7 +366,9 @@ mod tests {
                 syn_ack_count: AtomicU64::new(0),
                 syn_ack_sum_ms: AtomicU64::new(0),
                 syn_ack_slow: AtomicU64::new(0),
-                _pad1: [0; 3],
+                reconciled_down: AtomicU64::new(0),
+                reconciled_up: AtomicU64::new(0),
+                _pad1: [0; 1],
             })
             .collect()
     }

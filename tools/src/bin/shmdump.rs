@@ -129,6 +129,8 @@ fn collect(r: &Region, a: &Args) -> Value {
                         "table_share": if table.is_empty() { 0.0 } else { share[i] as f64 / table.len() as f64 },
                         "active_conns": c.map(|c| c.active.load(Ordering::Relaxed)).unwrap_or(0),
                         "total_conns": c.map(|c| c.total.load(Ordering::Relaxed)).unwrap_or(0),
+                        "reconciled_down": c.map(|c| c.reconciled_down.load(Ordering::Relaxed)).unwrap_or(0),
+                        "reconciled_up": c.map(|c| c.reconciled_up.load(Ordering::Relaxed)).unwrap_or(0),
                         "max_conns": b.max_conns, "max_conns_configured": b.max_conns_cfg,
                         "syn_ack_samples": c.map(|c| c.syn_ack_count.load(Ordering::Relaxed)).unwrap_or(0),
                         "syn_ack_slow": c.map(|c| c.syn_ack_slow.load(Ordering::Relaxed)).unwrap_or(0),
