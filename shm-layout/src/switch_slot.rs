@@ -151,6 +151,10 @@ impl SwitchSlot {
 /// whoever moves the entry's `tcp_state` to `STATE_CLOSING` with an atomic
 /// read-modify-write (a switch on a FIN or RST, the GC or an insert that
 /// reuses an expired entry). `total` counts connections ever inserted.
+/// `released` counts the reservations given back ([`release`]): a switch
+/// holding new connections for a full backend runs them through its
+/// filter again only once this count (of one of their service's
+/// backends) has moved, not every loop.
 ///
 /// `syn_ack_*` are written once per NAT connection, on the SYN-ACK that
 /// establishes it: the sample is the time from the connection's SYN
@@ -166,7 +170,8 @@ pub struct BackendCounters {
     pub syn_ack_count: AtomicU64,
     pub syn_ack_sum_ms: AtomicU64,
     pub syn_ack_slow: AtomicU64,
-    pub _pad1: [u64; 3],
+    pub released: AtomicU64,
+    pub _pad1: [u64; 2],
 }
 
 impl BackendCounters {
@@ -191,7 +196,8 @@ pub(crate) const fn backend_fingerprint(fp: Fingerprint) -> Fingerprint {
         total,
         syn_ack_count,
         syn_ack_sum_ms,
-        syn_ack_slow
+        syn_ack_slow,
+        released
     )
 }
 
@@ -211,10 +217,15 @@ pub fn reserve(c: &BackendCounters, max: u32) -> bool {
         .is_ok()
 }
 
-/// Gives back one connection slot (never below zero).
+/// Gives back one connection slot (never below zero) and counts it in
+/// `released` (Release: whoever reads the new count with Acquire then
+/// sees `active` without this slot).
 #[inline]
 pub fn release(c: &BackendCounters) {
-    let _ = c
-        .active
-        .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| v.checked_sub(1));
+    if c.active
+        .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| v.checked_sub(1))
+        .is_ok()
+    {
+        c.released.fetch_add(1, Ordering::Release);
+    }
 }

@@ -339,7 +339,8 @@ mod tests {
                 syn_ack_count: AtomicU64::new(0),
                 syn_ack_sum_ms: AtomicU64::new(0),
                 syn_ack_slow: AtomicU64::new(0),
-                _pad1: [0; 3],
+                released: AtomicU64::new(0),
+                _pad1: [0; 2],
             })
             .collect()
     }
