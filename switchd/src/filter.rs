@@ -566,7 +566,7 @@ fn to_vip(
                 retire(hit, ctx);
             } else {
                 ctx.count(Counter::FwdHit);
-                if touch(&ctx.ct, hit, l4, ctx.now_ms, ctx.pid) == Moved::Closed {
+                if touch(ctx, slot, hit, l4) == Moved::Closed {
                     release_backend(ctx, hit.conn().backend_id);
                 }
                 let fill = Fill::of(hit, slot, l4, &ctx.flows);
@@ -741,42 +741,60 @@ fn reset_down(frame: &mut [u8], l4: &L4, hit: &Hit, in_port: u32, ctx: &mut Ctx<
 /// whose slot keeps changing that long is dropped (counted in
 /// `drop_table_full`), never sent with an entry that is not its own.
 fn insert(conn: &Conn, state: u32, reserved: bool, ctx: &mut Ctx<'_>) -> Result<Conn, Verdict> {
+    insert_tries(conn, state, reserved, INSERT_TRIES, ctx)
+}
+
+/// [`insert`] with `tries` left.
+fn insert_tries(
+    conn: &Conn,
+    state: u32,
+    reserved: bool,
+    tries: usize,
+    ctx: &mut Ctx<'_>,
+) -> Result<Conn, Verdict> {
     let with_reply = conn.mode == MODE_NAT;
-    let b = ctx.backends.get(conn.backend_id as usize);
-    let give_back = || {
-        if let (Some(b), true) = (b, reserved) {
-            sched::release(b);
-        }
+    let res = {
+        let c = &*ctx;
+        c.ct.insert(conn, with_reply, c.now_ms, state, c.pid, |s| c.expired(s))
     };
-    for _ in 0..INSERT_TRIES {
-        let res = {
-            let c = &*ctx;
-            c.ct.insert(conn, with_reply, c.now_ms, state, c.pid, |s| c.expired(s))
-        };
-        match res {
-            Ok(ins) => {
-                if let Some(b) = b {
-                    if !reserved {
-                        sched::reserve(b, 0);
-                    }
-                    b.total.fetch_add(1, Ordering::Relaxed);
+    let b = ctx.backends.get(conn.backend_id as usize);
+    match res {
+        Ok(ins) => {
+            if let Some(b) = b {
+                if !reserved {
+                    sched::reserve(b, 0);
                 }
-                for id in ins.evicted_backends.into_iter().flatten() {
-                    release_backend(ctx, id);
-                }
-                return Ok(*conn);
+                b.total.fetch_add(1, Ordering::Relaxed);
             }
-            Err(InsertError::Exists(idx)) => {
-                if let Some(c) = existing(&ctx.ct, idx, conn) {
-                    give_back();
-                    return Ok(c);
-                }
+            for id in ins.evicted_backends.into_iter().flatten() {
+                release_backend(ctx, id);
             }
-            Err(InsertError::Full | InsertError::ReplyConflict) => break,
+            Ok(*conn)
+        }
+        Err(InsertError::Exists(idx)) => match existing(&ctx.ct, idx, conn) {
+            Some(c) => {
+                if let (Some(b), true) = (b, reserved) {
+                    sched::release(b);
+                }
+                Ok(c)
+            }
+            // Gone or changing: the insert goes round again, keeping
+            // the reservation.
+            None if tries > 1 => insert_tries(conn, state, reserved, tries - 1, ctx),
+            None => {
+                if let (Some(b), true) = (b, reserved) {
+                    sched::release(b);
+                }
+                Err(ctx.drop(Counter::DropTableFull))
+            }
+        },
+        Err(InsertError::Full | InsertError::ReplyConflict) => {
+            if let (Some(b), true) = (b, reserved) {
+                sched::release(b);
+            }
+            Err(ctx.drop(Counter::DropTableFull))
         }
     }
-    give_back();
-    Err(ctx.drop(Counter::DropTableFull))
 }
 
 /// How many times [`insert`] tries a flow whose found entry vanished.
@@ -858,7 +876,7 @@ fn from_backend(
         return ctx.drop(Counter::DropNotOurs);
     }
     ctx.count(Counter::ReplyHit);
-    match touch(&ctx.ct, hit, l4, ctx.now_ms, ctx.pid) {
+    match touch(ctx, slot, hit, l4) {
         Moved::Stay => {}
         Moved::Closed => release_backend(ctx, hit.conn().backend_id),
         Moved::Established => syn_ack_sample(&hit.conn(), ctx),
@@ -902,13 +920,13 @@ enum Moved {
 }
 
 /// Refreshes the time, TCP state and counters of the entry `hit` found
-/// for a packet (`hit.dir` is the packet's direction); says which state
-/// change it made. Changes are atomic read-modify-writes, so of several
-/// switches seeing the same change only one reports it.
+/// (in `slot`, `ctx.ct.slot(hit.idx)`) for a packet (`hit.dir` is the
+/// packet's direction); says which state change it made. Changes are
+/// atomic read-modify-writes, so of several switches seeing the same
+/// change only one reports it.
 #[inline]
-fn touch(ct: &ConnTable<'_>, hit: &Hit, l4: &L4, now_ms: u32, pid: u32) -> Moved {
-    let slot = ct.slot(hit.idx);
-    let dir = hit.dir;
+fn touch(ctx: &Ctx<'_>, slot: &ConnSlot, hit: &Hit, l4: &L4) -> Moved {
+    let (dir, now_ms) = (hit.dir, ctx.now_ms);
     if slot.last_seen.load(Ordering::Relaxed) != now_ms {
         slot.last_seen.store(now_ms, Ordering::Relaxed);
     }
@@ -933,28 +951,36 @@ fn touch(ct: &ConnTable<'_>, hit: &Hit, l4: &L4, now_ms: u32, pid: u32) -> Moved
             cur
         };
         if next != cur {
-            // Under the slot's lock as the lookup read it: a packet of a
-            // connection whose slot was reused meanwhile changes nothing.
-            let closing = next == STATE_CLOSING;
-            moved = ct
-                .update_state(hit, pid, |state| {
-                    if closing {
-                        state.swap(STATE_CLOSING, Ordering::AcqRel) != STATE_CLOSING
-                    } else {
-                        state
-                            .compare_exchange(cur, next, Ordering::Relaxed, Ordering::Relaxed)
-                            .is_ok()
-                    }
-                })
-                .map_or(Moved::Stay, |changed| match (changed, closing, dir) {
-                    (true, true, _) => Moved::Closed,
-                    (true, false, Direction::Reply) => Moved::Established,
-                    _ => Moved::Stay,
-                });
+            moved = change_state(ctx, hit, cur, next);
         }
     }
     slot.add_counts(1, u64::from(l4.ip_len));
     moved
+}
+
+/// [`touch`]'s state change from `cur` to `next`, once per connection
+/// and direction at most: under the slot's lock as the lookup read it, so
+/// a packet of a connection whose slot was reused meanwhile changes
+/// nothing (see `ConnTable::update_state`).
+#[cold]
+#[inline(never)]
+fn change_state(ctx: &Ctx<'_>, hit: &Hit, cur: u32, next: u32) -> Moved {
+    let closing = next == STATE_CLOSING;
+    ctx.ct
+        .update_state(hit, ctx.pid, |state| {
+            if closing {
+                state.swap(STATE_CLOSING, Ordering::AcqRel) != STATE_CLOSING
+            } else {
+                state
+                    .compare_exchange(cur, next, Ordering::Relaxed, Ordering::Relaxed)
+                    .is_ok()
+            }
+        })
+        .map_or(Moved::Stay, |changed| match (changed, closing, hit.dir) {
+            (true, true, _) => Moved::Closed,
+            (true, false, Direction::Reply) => Moved::Established,
+            _ => Moved::Stay,
+        })
 }
 
 /// Client -> backend: rewrite per the connection's mode, then route.
@@ -1948,14 +1974,23 @@ mod tests {
         assert_eq!(active(&fx)[id], 1);
         let state = || ct.slot(fresh.idx).tcp_state.load(Ordering::Relaxed);
         assert_eq!(state(), STATE_SYN);
-        let (now, pid) = (fx.region.now_ms(), std::process::id());
-        assert_eq!(touch(&ct, &stale_fin, &fin_l4, now, pid), Moved::Stay);
+        let ctx = fx.ctx(&mut c);
+        assert_eq!(
+            touch(&ctx, ct.slot(stale_fin.idx), &stale_fin, &fin_l4),
+            Moved::Stay
+        );
         assert_eq!(state(), STATE_SYN, "the old FIN closed the new connection");
-        assert_eq!(touch(&ct, &stale_synack, &synack_l4, now, pid), Moved::Stay);
+        assert_eq!(
+            touch(&ctx, ct.slot(stale_synack.idx), &stale_synack, &synack_l4),
+            Moved::Stay
+        );
         assert_eq!(state(), STATE_SYN, "the old SYN-ACK established it");
         // The new connection's own FIN closes it and gives its slot back.
         let fresh_fin = ct.lookup(&fin_l4.key()).unwrap();
-        assert_eq!(touch(&ct, &fresh_fin, &fin_l4, now, pid), Moved::Closed);
+        assert_eq!(
+            touch(&ctx, ct.slot(fresh_fin.idx), &fresh_fin, &fin_l4),
+            Moved::Closed
+        );
         assert_eq!(state(), STATE_CLOSING);
     }
 
