@@ -28,7 +28,7 @@ SWITCHYARD_BIN_DIR="$work" target/release/lbgen bench --runs 1 --seconds "$secs"
 python3 - "$work" <<'EOF'
 import glob, re, sys
 work = sys.argv[1]
-names = ["null", "established", "new_flows", "mix"]
+names = ["null", "established", "new_flows", "mix", "established_full_queue"]
 frames = dict(re.findall(r"^run \d+ \d+ B (\w+): .*received (\d+) frames", open(work + "/frames").read(), re.M))
 for k, name in enumerate(names):
     for f in glob.glob(work + "/cg.*"):

@@ -814,6 +814,44 @@ impl<'a> ConnTable<'a> {
             != STATE_CLOSING
     }
 
+    /// Runs `f` on the `tcp_state` of the connection `hit` found, holding
+    /// its forward slot's seqlock from exactly the word the lookup read
+    /// (`hit.lock`) until `f` returns: no insert can reuse the slot in
+    /// between, so a state change (and the reservation release a move to
+    /// `STATE_CLOSING` implies) applies to that connection and no later
+    /// one. `None`, with nothing done, if the slot changed since the
+    /// lookup (the connection was removed or replaced) or stayed held by
+    /// another writer through a few tries.
+    ///
+    /// The lock word goes back to `hit.lock` itself, not to the next even
+    /// sequence: the key words did not change, so a reader's snapshot
+    /// under that word stays true, and other switches' hits of the same
+    /// entry stay valid for their own state changes.
+    pub fn update_state<R>(
+        &self,
+        hit: &Hit,
+        pid: u32,
+        f: impl FnOnce(&AtomicU32) -> R,
+    ) -> Option<R> {
+        if busy(hit.lock) {
+            return None;
+        }
+        let s = self.slot(hit.idx);
+        for _ in 0..4 {
+            if self.hold(hit.idx, hit.lock, 1, tag(pid)).is_some() {
+                let r = f(&s.tcp_state);
+                // The state change is ordered before the release of the slot.
+                s.lock.store(hit.lock, Ordering::Release);
+                return Some(r);
+            }
+            if !busy(s.lock.load(Ordering::Relaxed)) {
+                return None;
+            }
+            core::hint::spin_loop();
+        }
+        None
+    }
+
     /// Deletes a forward slot that still holds exactly `snap`, closing it
     /// while it is held (so no insert can reuse the slot in between).
     /// `None` if the slot changed; else whether the connection still held

@@ -170,6 +170,10 @@ impl SwitchSlot {
 /// the GC reconciles `active` against the table once per sweep round and
 /// counts what it took back in `reconciled_down` (leaked reservations) and
 /// what it added in `reconciled_up` (over-releases). See controld's `gc`.
+/// `released` counts the reservations given back ([`release`]): a switch
+/// holding new connections for a full backend runs them through its
+/// filter again only once this count (of one of their service's
+/// backends) has moved, not every loop.
 ///
 /// `syn_ack_*` are written once per NAT connection, on the SYN-ACK that
 /// establishes it: the sample is the time from the connection's SYN
@@ -187,7 +191,8 @@ pub struct BackendCounters {
     pub syn_ack_slow: AtomicU64,
     pub reconciled_down: AtomicU64,
     pub reconciled_up: AtomicU64,
-    pub _pad1: [u64; 1],
+    pub released: AtomicU64,
+    pub _pad1: [u64; 0],
 }
 
 impl BackendCounters {
@@ -216,7 +221,8 @@ pub(crate) const fn backend_fingerprint(fp: Fingerprint) -> Fingerprint {
         syn_ack_sum_ms,
         syn_ack_slow,
         reconciled_down,
-        reconciled_up
+        reconciled_up,
+        released
     )
 }
 
@@ -236,10 +242,15 @@ pub fn reserve(c: &BackendCounters, max: u32) -> bool {
         .is_ok()
 }
 
-/// Gives back one connection slot (never below zero).
+/// Gives back one connection slot (never below zero) and counts it in
+/// `released` (Release: whoever reads the new count with Acquire then
+/// sees `active` without this slot).
 #[inline]
 pub fn release(c: &BackendCounters) {
-    let _ = c
-        .active
-        .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| v.checked_sub(1));
+    if c.active
+        .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| v.checked_sub(1))
+        .is_ok()
+    {
+        c.released.fetch_add(1, Ordering::Release);
+    }
 }

@@ -7,7 +7,8 @@ use core::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use netdrv::{Frame, Nic};
-use shm_layout::config_slot::MAX_PORTS;
+use shm_layout::config_slot::{ConfigView, MAX_PORTS};
+use shm_layout::conntrack::FlowKey;
 use shm_layout::publish::Table;
 use shm_layout::region::{Region, ms_since};
 use shm_layout::switch_slot::{Counter, N_COUNTERS, SW_RUNNING, SwitchSlot};
@@ -16,8 +17,9 @@ use shm_layout::time::mono_ns;
 use crate::filter::{self, Ctx, IcmpBudget, Verdict};
 use crate::flowcache::FlowCache;
 use crate::hops::HopCache;
+use crate::sched;
 use crate::sched::SchedState;
-use crate::synq::{Retry, SynQueue};
+use crate::synq::{NO_SERVICE, Retry, SynQueue};
 
 /// How the loop waits when there is no traffic.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -223,9 +225,7 @@ pub fn run<N: Nic>(
                     &mut ctx,
                 );
             }
-            if !synq.is_empty() {
-                retry_held(nic, &mut synq, map, &port_mac, &mut ctx);
-            }
+            serve_queue(nic, &mut synq, map, &port_mac, ctok.stamp, &mut ctx);
             // Counts that wait in the flow cache reach their slots.
             let sweep = if moved > 0 { SWEEP_BUSY } else { SWEEP_IDLE };
             ctx.flows.sweep(sweep, &ctx.ct, ctx.now_ms);
@@ -478,25 +478,87 @@ fn hold(
         ctx.counters[Counter::DropQueueDup as usize] += 1;
         return Verdict::Drop;
     }
-    if synq.push(frame, key, in_port, ctx.now_ms, timeout_ms) {
+    let (cfg, backends) = (ctx.cfg, ctx.backends);
+    let service = service_index(&cfg, &key);
+    // The service's mark, read after the filter found it full; then
+    // whether a slot came free before that read (it would not move the
+    // mark again).
+    let mark = || {
+        let svc = cfg.services().get(service as usize)?;
+        let mark = sched::released(&cfg, svc, backends);
+        (!sched::has_room(&cfg, svc, backends)).then_some(mark)
+    };
+    let stamp = cfg.header.stamp.load(Ordering::Relaxed);
+    if synq.push(
+        frame,
+        key,
+        (stamp, service),
+        mark,
+        in_port,
+        ctx.now_ms,
+        timeout_ms,
+    ) {
         ctx.counters[Counter::ConnQueued as usize] += 1;
         return Verdict::Hold { timeout_ms };
     }
     filter::refuse(buf, len, in_port, ctx)
 }
 
-/// Runs the held frames through the filter again (oldest first): sends
-/// those that now get a backend, refuses those that waited too long.
-fn retry_held<N: Nic>(
+/// Once per loop: the queue of held new connections, under the
+/// configuration of stamp `cfg_stamp`. The queued frames run through the
+/// filter again only when one of them may get a backend now: a backend of
+/// their services gave a connection slot back, or the configuration
+/// changed (see [`crate::synq`]); otherwise only those whose time is up
+/// are taken out (refused), and a loop with neither leaves the queue be.
+fn serve_queue<N: Nic>(
     nic: &mut N,
     synq: &mut SynQueue,
     map: &PortMap,
     port_mac: &impl Fn(u32) -> Option<[u8; 6]>,
+    cfg_stamp: u64,
+    ctx: &mut Ctx<'_>,
+) {
+    if synq.is_empty() {
+        return;
+    }
+    let (cfg, backends) = (ctx.cfg, ctx.backends);
+    if synq.stamp() != cfg_stamp {
+        // Service indexes are per configuration.
+        synq.reindex(|k| service_index(&cfg, k));
+    }
+    let mark_of = |s: u16| {
+        cfg.services()
+            .get(s as usize)
+            .map_or(0, |svc| sched::released(&cfg, svc, backends))
+    };
+    if synq.needs_retry(cfg_stamp, mark_of) {
+        run_queue(nic, synq, map, port_mac, false, ctx);
+    } else if synq.due(ctx.now_ms) {
+        run_queue(nic, synq, map, port_mac, true, ctx);
+    }
+}
+
+/// The index of the service of a held frame's flow in `cfg`
+/// ([`NO_SERVICE`] if it has none).
+fn service_index(cfg: &ConfigView<'_>, key: &FlowKey) -> u16 {
+    cfg.find_service(key.dst_ip, key.dst_port, key.proto)
+        .map_or(NO_SERVICE, |(i, _)| i as u16)
+}
+
+/// Runs the held frames through the filter again (oldest first): sends
+/// those that now get a backend, refuses those that waited too long. With
+/// `expired_only`, refuses those that waited too long and leaves the rest.
+fn run_queue<N: Nic>(
+    nic: &mut N,
+    synq: &mut SynQueue,
+    map: &PortMap,
+    port_mac: &impl Fn(u32) -> Option<[u8; 6]>,
+    expired_only: bool,
     ctx: &mut Ctx<'_>,
 ) {
     let mut tx_dirty = [false; MAX_PORTS];
     let now_ms = ctx.now_ms;
-    synq.retry(now_ms, |buf, len, in_port, expired| {
+    let mut each = |buf: &mut [u8], len: usize, in_port: u32, expired: bool| {
         let verdict = if expired {
             filter::refuse(buf, len, in_port, ctx)
         } else {
@@ -523,7 +585,12 @@ fn retry_held<N: Nic>(
             }
         }
         Retry::Done
-    });
+    };
+    if expired_only {
+        synq.expire(now_ms, &mut each);
+    } else {
+        synq.retry(now_ms, &mut each);
+    }
     for (p, dirty) in tx_dirty.iter().enumerate() {
         if *dirty {
             nic.flush(p);
@@ -749,6 +816,181 @@ mod tests {
             }
             assert_eq!(counters, want_counters, "every other counter the same");
         }
+        host.audit().unwrap();
+    }
+
+    /// Frames injected on port 0 of `wire`, received by `host` and run as
+    /// one burst through `burst_in`.
+    #[allow(clippy::too_many_arguments)]
+    fn one_burst(
+        wire: &mut VnicWire,
+        host: &mut VnicHost,
+        map: &PortMap,
+        synq: &mut SynQueue,
+        tx: &mut TxBatch,
+        ctx: &mut Ctx<'_>,
+        burst: &[Vec<u8>],
+    ) {
+        for f in burst {
+            assert!(wire.inject(0, f));
+        }
+        let mut frames = [Frame { buf: 0, len: 0 }; 64];
+        let n = host.rx_burst(0, &mut frames);
+        assert_eq!(n, burst.len());
+        let mut pres = [filter::Pre::default(); 64];
+        let port_mac = crate::fixture::port_mac;
+        burst_in(
+            host,
+            &frames[..n],
+            &mut pres[..n],
+            0,
+            map,
+            &port_mac,
+            synq,
+            tx,
+            ctx,
+        );
+    }
+
+    /// The queue of held SYNs is run through the filter again only when a
+    /// backend may have room: one of the queued services' backends gave a
+    /// connection slot back (its `released` count moved), or a new
+    /// configuration was published. A SYN whose time is up is refused
+    /// without being run through the filter. Loops with none of these do
+    /// not touch the queue.
+    #[test]
+    fn held_syns_are_retried_only_after_a_release_or_a_new_configuration() {
+        use crate::fixture::{CLIENT_GW_MAC, Fixture, VIP, port_mac};
+        use etherparse::PacketBuilder;
+
+        let seg = |port: u16, flags: &str| {
+            let mut b = PacketBuilder::ethernet2(CLIENT_GW_MAC, [2, 0, 0, 0, 0, 1])
+                .ipv4([198, 18, 100, 1], VIP.to_be_bytes(), 64)
+                .tcp(port, 80, 1, 1000);
+            for f in flags.chars() {
+                b = match f {
+                    'S' => b.syn(),
+                    'A' => b.ack(2),
+                    'F' => b.fin(),
+                    _ => panic!("flag {f}"),
+                };
+            }
+            let mut v = Vec::new();
+            b.write(&mut v, &[]).unwrap();
+            v
+        };
+        let limit = |fx: &Fixture, max: u32| {
+            fx.configure(|s| {
+                s.services[0].queue_timeout_ms = 250;
+                for b in &mut s.backends[..3] {
+                    b.max_conns = max;
+                }
+            })
+        };
+        let fx = Fixture::new("engine-synq", 1 << 12);
+        limit(&fx, 1);
+        let name = format!("switchyard-test-synq-{}", std::process::id());
+        let ports: Vec<PortSpec> = (0..2u8)
+            .map(|p| PortSpec {
+                name: format!("p{p}"),
+                mac: port_mac(p as u32).unwrap(),
+            })
+            .collect();
+        vnic::create(&name, &ports, 64, 2 * 2 * 64 + 256).unwrap();
+        let _tmp = Tmp(name.clone());
+        let mut wire = VnicWire::attach(&name).unwrap();
+        let mut host = VnicHost::attach(&name).unwrap();
+        let mut map = PortMap {
+            global: vec![0, 1],
+            ..PortMap::default()
+        };
+        for p in 0..2 {
+            map.local[p] = Some(p as u8);
+            map.mac[p] = port_mac(p as u32);
+        }
+        // The client ports of the frames sent out `port` (port 1: toward
+        // the backends, from the client; port 0: back to the client).
+        let sent = |wire: &mut VnicWire, port: usize| {
+            let at = if port == 1 { 34 } else { 36 };
+            let mut ports = Vec::new();
+            wire.collect(port, 64, |f| {
+                ports.push(u16::from_be_bytes([f[at], f[at + 1]]));
+            });
+            ports
+        };
+
+        let mut counters = [0u64; N_COUNTERS];
+        let mut ctx = fx.ctx(&mut counters);
+        ctx.now_ms = 1_000;
+        let mut stamp = fx.stamps().0;
+        let (mut synq, mut tx) = (SynQueue::new(16), TxBatch::default());
+        // Three connections fill the three backends; two more are held.
+        let syns: Vec<_> = (50_000..50_005).map(|p| seg(p, "S")).collect();
+        one_burst(
+            &mut wire, &mut host, &map, &mut synq, &mut tx, &mut ctx, &syns,
+        );
+        assert_eq!(sent(&mut wire, 1), [50_000, 50_001, 50_002]);
+        assert_eq!(synq.len(), 2);
+        // Loops in which nothing was given back leave the queue alone.
+        for _ in 0..10 {
+            ctx.now_ms += 1;
+            serve_queue(&mut host, &mut synq, &map, &port_mac, stamp, &mut ctx);
+        }
+        assert_eq!(synq.replays(), 0, "held SYNs run through the filter");
+        assert_eq!(synq.len(), 2);
+        // A FIN gives a slot back: the next loop runs the queue once and
+        // the oldest held SYN gets it.
+        one_burst(
+            &mut wire,
+            &mut host,
+            &map,
+            &mut synq,
+            &mut tx,
+            &mut ctx,
+            &[seg(50_000, "AF")],
+        );
+        for _ in 0..10 {
+            ctx.now_ms += 1;
+            serve_queue(&mut host, &mut synq, &map, &port_mac, stamp, &mut ctx);
+        }
+        assert_eq!(sent(&mut wire, 1), [50_000, 50_003]);
+        assert_eq!(synq.replays(), 2, "both held SYNs, once");
+        assert_eq!(synq.len(), 1);
+        // Its time up (250 ms after it was held), the last is refused
+        // (a RST to the client) without another run through the filter.
+        while ctx.now_ms < 1_000 + 250 {
+            ctx.now_ms += 1;
+            serve_queue(&mut host, &mut synq, &map, &port_mac, stamp, &mut ctx);
+        }
+        assert!(synq.is_empty());
+        assert_eq!(synq.replays(), 2);
+        assert_eq!(sent(&mut wire, 0), [50_004], "its RST");
+        // A new configuration (more room) runs the queue too.
+        one_burst(
+            &mut wire,
+            &mut host,
+            &map,
+            &mut synq,
+            &mut tx,
+            &mut ctx,
+            &[seg(50_005, "S")],
+        );
+        assert_eq!(synq.len(), 1);
+        ctx.now_ms += 1;
+        serve_queue(&mut host, &mut synq, &map, &port_mac, stamp, &mut ctx);
+        assert_eq!(synq.replays(), 2);
+        limit(&fx, 2);
+        let r = &fx.region;
+        ctx.cfg = r.config_view(r.begin_read(shm_layout::publish::Table::Config).slot);
+        stamp = fx.stamps().0;
+        serve_queue(&mut host, &mut synq, &map, &port_mac, stamp, &mut ctx);
+        assert_eq!(synq.replays(), 3);
+        assert!(synq.is_empty());
+        assert_eq!(sent(&mut wire, 1), [50_005]);
+        drop(ctx);
+        assert_eq!(counters[Counter::ConnQueued as usize], 3);
+        assert_eq!(counters[Counter::ConnDequeued as usize], 2);
+        assert_eq!(counters[Counter::ConnRefused as usize], 1);
         host.audit().unwrap();
     }
 

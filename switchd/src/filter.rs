@@ -566,7 +566,7 @@ fn to_vip(
                 retire(hit, ctx);
             } else {
                 ctx.count(Counter::FwdHit);
-                if touch(slot, l4, ctx.now_ms, Direction::Forward) == Moved::Closed {
+                if touch(ctx, slot, hit, l4) == Moved::Closed {
                     release_backend(ctx, hit.conn().backend_id);
                 }
                 let fill = Fill::of(hit, slot, l4, &ctx.flows);
@@ -685,10 +685,11 @@ fn move_off_down(hit: &Hit, ctx: &mut Ctx<'_>) {
 /// gives back its backend slot if it still held one. Returns whether it
 /// removed the entry.
 fn retire(hit: &Hit, ctx: &mut Ctx<'_>) -> bool {
+    // Only the entry the lookup read: its lock word unchanged.
     let res = ctx
         .ct
         .snapshot(hit.idx)
-        .filter(|s| s.conn() == Some(hit.conn()))
+        .filter(|s| s.lock == hit.lock)
         .and_then(|s| ctx.ct.retire(hit.idx, &s, ctx.pid));
     if res == Some(true) {
         release_backend(ctx, hit.conn().backend_id);
@@ -708,8 +709,11 @@ fn release_backend(ctx: &Ctx<'_>, id: u32) {
 /// answered with a RST from the VIP, so the client fails fast and
 /// reconnects; the entry closes (it expires after `tcp_fin`).
 fn reset_down(frame: &mut [u8], l4: &L4, hit: &Hit, in_port: u32, ctx: &mut Ctx<'_>) -> Verdict {
+    // Closed under the lock the lookup read (see `touch`).
     if ctx.ct.slot(hit.idx).tcp_state.load(Ordering::Relaxed) != STATE_CLOSING
-        && ctx.ct.close(hit.idx)
+        && ctx.ct.update_state(hit, ctx.pid, |state| {
+            state.swap(STATE_CLOSING, Ordering::AcqRel) != STATE_CLOSING
+        }) == Some(true)
     {
         release_backend(ctx, hit.conn().backend_id);
     }
@@ -730,7 +734,24 @@ fn reset_down(frame: &mut [u8], l4: &L4, hit: &Hit, in_port: u32, ctx: &mut Ctx<
 /// took the backend slot (given back if the insert does not happen);
 /// otherwise (mid-flow recovery: the connection exists at the backend
 /// already) one is taken here, whatever the limit.
+///
+/// An entry the insert found ([`InsertError::Exists`]) but that was gone
+/// or being rewritten by the time it was read back (see [`existing`])
+/// sends the insert round again, [`INSERT_TRIES`] times in all; a flow
+/// whose slot keeps changing that long is dropped (counted in
+/// `drop_table_full`), never sent with an entry that is not its own.
 fn insert(conn: &Conn, state: u32, reserved: bool, ctx: &mut Ctx<'_>) -> Result<Conn, Verdict> {
+    insert_tries(conn, state, reserved, INSERT_TRIES, ctx)
+}
+
+/// [`insert`] with `tries` left.
+fn insert_tries(
+    conn: &Conn,
+    state: u32,
+    reserved: bool,
+    tries: usize,
+    ctx: &mut Ctx<'_>,
+) -> Result<Conn, Verdict> {
     let with_reply = conn.mode == MODE_NAT;
     let res = {
         let c = &*ctx;
@@ -750,21 +771,43 @@ fn insert(conn: &Conn, state: u32, reserved: bool, ctx: &mut Ctx<'_>) -> Result<
             }
             Ok(*conn)
         }
-        Err(e) => {
+        Err(InsertError::Exists(idx)) => match existing(&ctx.ct, idx, conn) {
+            Some(c) => {
+                if let (Some(b), true) = (b, reserved) {
+                    sched::release(b);
+                }
+                Ok(c)
+            }
+            // Gone or changing: the insert goes round again, keeping
+            // the reservation.
+            None if tries > 1 => insert_tries(conn, state, reserved, tries - 1, ctx),
+            None => {
+                if let (Some(b), true) = (b, reserved) {
+                    sched::release(b);
+                }
+                Err(ctx.drop(Counter::DropTableFull))
+            }
+        },
+        Err(InsertError::Full | InsertError::ReplyConflict) => {
             if let (Some(b), true) = (b, reserved) {
                 sched::release(b);
             }
-            match e {
-                InsertError::Exists(idx) => match ctx.ct.snapshot(idx).and_then(|s| s.conn()) {
-                    Some(c) => Ok(c),
-                    None => Ok(*conn),
-                },
-                InsertError::Full | InsertError::ReplyConflict => {
-                    Err(ctx.drop(Counter::DropTableFull))
-                }
-            }
+            Err(ctx.drop(Counter::DropTableFull))
         }
     }
+}
+
+/// How many times [`insert`] tries a flow whose found entry vanished.
+const INSERT_TRIES: usize = 3;
+
+/// The entry an insert of `conn` found in slot `idx`
+/// ([`InsertError::Exists`]), read back: `None` unless the slot still
+/// holds a forward entry of `conn`'s flow (another switch may have
+/// retired it and a new connection, of any flow, taken the slot; or a
+/// writer holds it right now).
+fn existing(ct: &ConnTable<'_>, idx: u32, conn: &Conn) -> Option<Conn> {
+    let found = ct.snapshot(idx)?.conn()?;
+    (found.forward_key() == conn.forward_key()).then_some(found)
 }
 
 /// The backend of a packet to a VIP without an entry. A new connection
@@ -833,7 +876,7 @@ fn from_backend(
         return ctx.drop(Counter::DropNotOurs);
     }
     ctx.count(Counter::ReplyHit);
-    match touch(slot, l4, ctx.now_ms, Direction::Reply) {
+    match touch(ctx, slot, hit, l4) {
         Moved::Stay => {}
         Moved::Closed => release_backend(ctx, hit.conn().backend_id),
         Moved::Established => syn_ack_sample(&hit.conn(), ctx),
@@ -876,11 +919,14 @@ enum Moved {
     Closed,
 }
 
-/// Refreshes an entry's time, TCP state and counters; says which state
-/// change it made. Changes are atomic read-modify-writes, so of several
-/// switches seeing the same change only one reports it.
+/// Refreshes the time, TCP state and counters of the entry `hit` found
+/// (in `slot`, `ctx.ct.slot(hit.idx)`) for a packet (`hit.dir` is the
+/// packet's direction); says which state change it made. Changes are
+/// atomic read-modify-writes, so of several switches seeing the same
+/// change only one reports it.
 #[inline]
-fn touch(slot: &ConnSlot, l4: &L4, now_ms: u32, dir: Direction) -> Moved {
+fn touch(ctx: &Ctx<'_>, slot: &ConnSlot, hit: &Hit, l4: &L4) -> Moved {
+    let (dir, now_ms) = (hit.dir, ctx.now_ms);
     if slot.last_seen.load(Ordering::Relaxed) != now_ms {
         slot.last_seen.store(now_ms, Ordering::Relaxed);
     }
@@ -905,26 +951,36 @@ fn touch(slot: &ConnSlot, l4: &L4, now_ms: u32, dir: Direction) -> Moved {
             cur
         };
         if next != cur {
-            moved = if next == STATE_CLOSING {
-                if slot.tcp_state.swap(STATE_CLOSING, Ordering::AcqRel) != STATE_CLOSING {
-                    Moved::Closed
-                } else {
-                    Moved::Stay
-                }
-            } else if slot
-                .tcp_state
-                .compare_exchange(cur, next, Ordering::Relaxed, Ordering::Relaxed)
-                .is_ok()
-                && dir == Direction::Reply
-            {
-                Moved::Established
-            } else {
-                Moved::Stay
-            };
+            moved = change_state(ctx, hit, cur, next);
         }
     }
     slot.add_counts(1, u64::from(l4.ip_len));
     moved
+}
+
+/// [`touch`]'s state change from `cur` to `next`, once per connection
+/// and direction at most: under the slot's lock as the lookup read it, so
+/// a packet of a connection whose slot was reused meanwhile changes
+/// nothing (see `ConnTable::update_state`).
+#[cold]
+#[inline(never)]
+fn change_state(ctx: &Ctx<'_>, hit: &Hit, cur: u32, next: u32) -> Moved {
+    let closing = next == STATE_CLOSING;
+    ctx.ct
+        .update_state(hit, ctx.pid, |state| {
+            if closing {
+                state.swap(STATE_CLOSING, Ordering::AcqRel) != STATE_CLOSING
+            } else {
+                state
+                    .compare_exchange(cur, next, Ordering::Relaxed, Ordering::Relaxed)
+                    .is_ok()
+            }
+        })
+        .map_or(Moved::Stay, |changed| match (changed, closing, hit.dir) {
+            (true, true, _) => Moved::Closed,
+            (true, false, Direction::Reply) => Moved::Established,
+            _ => Moved::Stay,
+        })
 }
 
 /// Client -> backend: rewrite per the connection's mode, then route.
@@ -1882,6 +1938,95 @@ mod tests {
             dst_port: 80,
         });
         hit.unwrap().conn().backend_ip.to_be_bytes()
+    }
+
+    /// A packet looked up before its connection's slot was reused (here
+    /// by a new connection of the same 5-tuple: the old one was retired
+    /// by another switch or the GC in between) changes nothing of the new
+    /// connection: an old FIN closing it would give the backend slot back
+    /// a second time and leave the new connection holding one nobody
+    /// releases; an old SYN-ACK would mark it established.
+    #[test]
+    fn a_stale_hit_changes_no_state_of_the_connection_that_reused_its_slot() {
+        let fx = Fixture::new("unit-stalehit", 1 << 12);
+        let mut c = [0u64; N_COUNTERS];
+        let (v, buf) = run(&fx, &mut c, &tcp_seg(45_000, "S"));
+        let backend = sent_to(v, &buf).1;
+        let ct = fx.region.conntrack();
+        let fin = tcp_seg(45_000, "AF");
+        let fin_l4 = parse_ip_common(&fin).unwrap();
+        let synack = reply(backend, 45_000, true);
+        let synack_l4 = parse_ip_common(&synack).unwrap();
+        let stale_fin = ct.lookup(&fin_l4.key()).unwrap();
+        let stale_synack = ct.lookup(&synack_l4.key()).unwrap();
+        assert_eq!(stale_synack.dir, Direction::Reply);
+        // Between those lookups and their touches: the connection is
+        // retired, its backend slot given back, and a new SYN of the same
+        // 5-tuple takes the slot.
+        let snap = ct.snapshot(stale_fin.idx).unwrap();
+        assert_eq!(ct.retire(stale_fin.idx, &snap, 1), Some(true));
+        let id = stale_fin.conn().backend_id as usize;
+        sched::release(&fx.region.backend_counters()[id]);
+        assert_eq!(active(&fx).iter().sum::<u32>(), 0);
+        run(&fx, &mut c, &tcp_seg(45_000, "S"));
+        let fresh = ct.lookup(&fin_l4.key()).unwrap();
+        assert_eq!(fresh.idx, stale_fin.idx, "the slot was reused");
+        assert_eq!(active(&fx)[id], 1);
+        let state = || ct.slot(fresh.idx).tcp_state.load(Ordering::Relaxed);
+        assert_eq!(state(), STATE_SYN);
+        let ctx = fx.ctx(&mut c);
+        assert_eq!(
+            touch(&ctx, ct.slot(stale_fin.idx), &stale_fin, &fin_l4),
+            Moved::Stay
+        );
+        assert_eq!(state(), STATE_SYN, "the old FIN closed the new connection");
+        assert_eq!(
+            touch(&ctx, ct.slot(stale_synack.idx), &stale_synack, &synack_l4),
+            Moved::Stay
+        );
+        assert_eq!(state(), STATE_SYN, "the old SYN-ACK established it");
+        // The new connection's own FIN closes it and gives its slot back.
+        let fresh_fin = ct.lookup(&fin_l4.key()).unwrap();
+        assert_eq!(
+            touch(&ctx, ct.slot(fresh_fin.idx), &fresh_fin, &fin_l4),
+            Moved::Closed
+        );
+        assert_eq!(state(), STATE_CLOSING);
+    }
+
+    /// An insert that found the flow's entry ([`InsertError::Exists`])
+    /// takes that entry only if the slot still holds it: here another
+    /// switch replaced it (retired, then reused by another connection)
+    /// before the entry was read back.
+    #[test]
+    fn an_existing_entry_is_taken_only_while_its_slot_still_holds_it() {
+        let fx = Fixture::new("unit-exists", 1 << 12);
+        let mut c = [0u64; N_COUNTERS];
+        run(&fx, &mut c, &tcp_seg(46_000, "S"));
+        let ct = fx.region.conntrack();
+        let key = parse_ip_common(&tcp_seg(46_000, "S")).unwrap().key();
+        let mine = ct.lookup(&key).unwrap();
+        assert_eq!(existing(&ct, mine.idx, &mine.conn()), Some(mine.conn()));
+        // The slot now holds another connection: a client port whose key
+        // starts its probe in the same slot.
+        let snap = ct.snapshot(mine.idx).unwrap();
+        assert!(ct.retire(mine.idx, &snap, 1).is_some());
+        let other = (1..=u16::MAX)
+            .map(|p| Conn {
+                client_port: p,
+                ..mine.conn()
+            })
+            .find(|o| o.client_port != 46_000 && ct.home(&o.forward_key()) == mine.idx as usize)
+            .expect("a port with the same home slot");
+        let ins = ct
+            .insert(&other, false, fx.region.now_ms(), STATE_SYN, 1, |_| false)
+            .unwrap();
+        assert_eq!(ins.idx, mine.idx, "the other connection took the slot");
+        assert_eq!(existing(&ct, mine.idx, &mine.conn()), None);
+        // A slot left a tombstone holds no entry either.
+        let snap = ct.snapshot(mine.idx).unwrap();
+        assert!(ct.retire(mine.idx, &snap, 1).is_some());
+        assert_eq!(existing(&ct, mine.idx, &mine.conn()), None);
     }
 
     #[test]

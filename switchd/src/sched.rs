@@ -105,6 +105,27 @@ fn try_reserve(counters: &[BackendCounters], b: &BackendRec) -> bool {
         .is_none_or(|c| reserve(c, b.max_conns))
 }
 
+/// The sum of the `released` counts of a service's backends (wrapping):
+/// it moves whenever one of them gives a connection slot back, so a
+/// switch holding new connections for the service knows when to try them
+/// again (see `crate::synq`). Acquire: whoever sees the new sum then sees
+/// the backend's `active` without that slot.
+pub fn released(cfg: &ConfigView<'_>, svc: &ServiceRec, counters: &[BackendCounters]) -> u64 {
+    cfg.service_backends(svc).iter().fold(0u64, |sum, b| {
+        let n = counters.get(b.id as usize).map_or(0, |c| {
+            c.released.load(core::sync::atomic::Ordering::Acquire)
+        });
+        sum.wrapping_add(n)
+    })
+}
+
+/// Whether an eligible backend of the service is below its limit.
+pub fn has_room(cfg: &ConfigView<'_>, svc: &ServiceRec, counters: &[BackendCounters]) -> bool {
+    cfg.service_backends(svc)
+        .iter()
+        .any(|b| eligible(b) && !full(counters, b))
+}
+
 /// The backend the service's table gives a flow (`sh`: by client address;
 /// otherwise by 5-tuple), without a reservation. Used for new connections
 /// of `maglev` and `sh`, and for every scheduler's mid-flow recovery.

@@ -38,7 +38,9 @@ fn lbgen_bench_quick_reports_every_scenario() {
             "established_mpps",
             "new_flow_mpps",
             "mix_mpps",
+            "full_queue_mpps",
             "ratio_to_ceiling",
+            "full_queue_to_established",
         ] {
             assert!(r[k].as_f64().unwrap() > 0.0, "{k} moved no frame: {r}");
         }

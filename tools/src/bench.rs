@@ -1,8 +1,10 @@
 //! `lbgen bench`: per-core forwarding rate on vnic rings, measured side by
 //! side in one run: a null forwarder (descriptor handover only: the ceiling
 //! of these rings on this machine), established NAT flows, new connections
-//! (SYN + table insert), and a mix (9 established : 1 new), for each frame
-//! size, repeated; medians reported.
+//! (SYN + table insert), a mix (9 established : 1 new), and established
+//! flows again while the switch's queue of held SYNs is full (another
+//! service's backend at its `max_conns`), for each frame size, repeated;
+//! medians reported.
 //!
 //! lbgen pins itself to one CPU and the appliance's single switch (idle
 //! policy `busy`) to another. The generator keeps the switch's RX ring full
@@ -14,6 +16,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use netdrv::vnic::VnicWire;
 use serde::Serialize;
+use shm_layout::Region;
 use shm_layout::switch_slot::Counter;
 
 use crate::appliance::Appliance;
@@ -111,8 +114,14 @@ pub struct SizeResult {
     pub established_mpps: f64,
     pub new_flow_mpps: f64,
     pub mix_mpps: f64,
+    /// Established flows while the switch holds a full queue of SYNs for
+    /// another service (see [`FULL_QUEUE_VIP`]).
+    pub full_queue_mpps: f64,
     /// established over ceiling, same run
     pub ratio_to_ceiling: f64,
+    /// Established with a full SYN queue over established, run by run
+    /// (the two measured side by side); the median of the runs.
+    pub full_queue_to_established: f64,
     pub runs: usize,
     /// Established flows the established and mix loads cycle through.
     pub flows: usize,
@@ -134,6 +143,7 @@ pub struct SwitchCost {
     pub established: f64,
     pub new_flow: f64,
     pub mix: f64,
+    pub full_queue: f64,
 }
 
 #[derive(Clone, Debug, Default, Serialize)]
@@ -142,9 +152,18 @@ pub struct Samples {
     pub established: Vec<f64>,
     pub new_flow: Vec<f64>,
     pub mix: Vec<f64>,
+    pub full_queue: Vec<f64>,
 }
 
 const VIP: [u8; 4] = [198, 18, 0, 10];
+/// The VIP of the service whose one backend takes one connection
+/// (`max_conns = 1`) and whose new connections wait up to a minute: the
+/// full-queue scenario sends it enough SYNs to fill the switch's queue
+/// ([`SYN_QUEUE`] entries) before the established flows' data. Every
+/// configuration has it; only that scenario sends to it.
+pub const FULL_QUEUE_VIP: [u8; 4] = [198, 18, 0, 11];
+/// The switch's `syn_queue` (its default).
+const SYN_QUEUE: usize = 256;
 const GW: [u8; 6] = [2, 0, 0, 0, 2, 1];
 const PORT0: [u8; 6] = [2, 0, 0, 0, 0, 1];
 
@@ -152,13 +171,20 @@ fn config(instance: &str, engine: &str, cpu: usize, conns: usize, services: usiz
     // Many services get smaller Maglev tables (still over 100 entries per
     // backend), so the region stays small.
     let maglev = if services > 16 { 4093 } else { 65537 };
-    // One backend per other service, three for the measured one.
-    let backends = (services + 2).max(1024);
+    // One backend per other service and for the full-queue one, three for
+    // the measured one.
+    let backends = (services + 3).max(1024);
     let mut s = format!(
-        "instance = \"{instance}\"\n[limits]\nconnections = {conns}\nservices = {services}\nbackends = {backends}\nmaglev_table_size = {maglev}\n[timeouts]\ntcp_syn = 1\ntcp_fin = 1\n\n\
+        "instance = \"{instance}\"\n[limits]\nconnections = {conns}\nservices = {}\nbackends = {backends}\nmaglev_table_size = {maglev}\n[timeouts]\ntcp_syn = 1\ntcp_fin = 1\n\n\
          [[port]]\nname = \"client\"\ndriver = \"vnic\"\nmac = \"02:00:00:00:00:01\"\nring_size = 1024\n\n\
          [[port]]\nname = \"backend\"\ndriver = \"vnic\"\nmac = \"02:00:00:00:00:02\"\nring_size = 1024\n\n\
-         [[switch]]\nname = \"sw0\"\ncpu = {cpu}\nports = [\"client\", \"backend\"]\nidle = \"busy\"\nburst = 32\nengine = \"{engine}\"\n\n"
+         [[switch]]\nname = \"sw0\"\ncpu = {cpu}\nports = [\"client\", \"backend\"]\nidle = \"busy\"\nburst = 32\nengine = \"{engine}\"\nsyn_queue = {SYN_QUEUE}\n\n",
+        services + 1
+    );
+    let [a, b, c, d] = FULL_QUEUE_VIP;
+    s += &format!(
+        "[[service]]\nname = \"full\"\nvip = \"{a}.{b}.{c}.{d}\"\nport = 80\nprotocol = \"tcp\"\nmode = \"nat\"\nqueue_timeout_ms = 60000\n  \
+         [[service.backend]]\n  name = \"full1\"\n  address = \"198.19.1.1\"\n  port = 8081\n  max_conns = 1\n"
     );
     // Other services first, so the measured one is the last of the list.
     for i in 1..services {
@@ -197,13 +223,18 @@ fn pin(cpu: usize) {
 
 /// A client TCP frame of exactly `size` bytes from client (ip, port).
 fn client_frame(size: usize, ip: [u8; 4], port: u16, syn: bool) -> Vec<u8> {
+    client_frame_to(VIP, size, ip, port, syn)
+}
+
+/// [`client_frame`] to `vip`:80.
+fn client_frame_to(vip: [u8; 4], size: usize, ip: [u8; 4], port: u16, syn: bool) -> Vec<u8> {
     let mut v = Vec::new();
     frames::build(
         &Spec {
             src_mac: GW,
             dst_mac: PORT0,
             src: (ip, port),
-            dst: (VIP, 80),
+            dst: (vip, 80),
             tcp: Some(TcpFlags {
                 syn,
                 ack: !syn,
@@ -248,6 +279,8 @@ enum Load {
     Established,
     NewFlows,
     Mix,
+    /// Established, with the switch's SYN queue filled first.
+    FullQueue,
 }
 
 /// Keeps the RX ring full for `dur`; returns frames per second leaving `out`.
@@ -274,7 +307,7 @@ fn pump(
     loop {
         for _ in 0..64 {
             let new = match load {
-                Load::Established => false,
+                Load::Established | Load::FullQueue => false,
                 Load::NewFlows => true,
                 Load::Mix => i % 10 == 9,
             };
@@ -316,6 +349,7 @@ fn scenario_name(engine: &str, load: Load) -> &'static str {
         (_, Load::Established) => "established",
         (_, Load::NewFlows) => "new_flows",
         (_, Load::Mix) => "mix",
+        (_, Load::FullQueue) => "established_full_queue",
     }
 }
 
@@ -358,6 +392,33 @@ fn establish(wire: &mut VnicWire, inp: usize, out: usize, flows: usize) {
     }
 }
 
+/// Fills the switch's queue of held SYNs: one SYN takes the full service's
+/// only connection slot, [`SYN_QUEUE`] more wait in the queue, and a few
+/// beyond are refused (their RSTs go back out the client port). Untimed;
+/// checks with the switch's counters that the queue is full.
+fn fill_queue(wire: &mut VnicWire, inp: usize, out: usize, region: &Region) -> Result<()> {
+    let c = &region.switch_slots()[0].counters;
+    let read = |k: Counter| c[k as usize].load(Ordering::Relaxed);
+    let before = read(Counter::ConnQueued);
+    for n in 0..(1 + SYN_QUEUE + 16) as u16 {
+        let s = client_frame_to(FULL_QUEUE_VIP, 64, client_ip(0), 1024 + n, true);
+        while !wire.inject(inp, &s) {
+            wire.collect(out, 256, |_| {});
+            wire.collect(inp, 256, |_| {});
+        }
+    }
+    let t = Instant::now();
+    while t.elapsed() < Duration::from_millis(50) {
+        wire.collect(out, 256, |_| {});
+        wire.collect(inp, 256, |_| {});
+    }
+    let held = read(Counter::ConnQueued) - before;
+    if held < SYN_QUEUE as u64 {
+        bail!("the full-queue scenario held {held} SYNs, not {SYN_QUEUE}");
+    }
+    Ok(())
+}
+
 /// Runs the whole benchmark.
 pub fn run(cfg: &BenchConfig) -> Result<Vec<SizeResult>> {
     let cpus = std::thread::available_parallelism()
@@ -386,6 +447,7 @@ pub fn run(cfg: &BenchConfig) -> Result<Vec<SizeResult>> {
         ("filter", Load::Established),
         ("filter", Load::NewFlows),
         ("filter", Load::Mix),
+        ("filter", Load::FullQueue),
     ];
     for (si, &size) in cfg.frame_sizes.iter().enumerate() {
         let templates: Vec<Vec<u8>> = (0..cfg.flows as u32)
@@ -406,6 +468,9 @@ pub fn run(cfg: &BenchConfig) -> Result<Vec<SizeResult>> {
                 let (mut wire, inp, out) = wire_for(&app)?;
                 if engine == "filter" {
                     establish(&mut wire, inp, out, cfg.flows);
+                }
+                if load == Load::FullQueue {
+                    fill_queue(&mut wire, inp, out, &app.region())?;
                 }
                 let tr = Traffic {
                     templates: &templates,
@@ -444,6 +509,7 @@ pub fn run(cfg: &BenchConfig) -> Result<Vec<SizeResult>> {
                         (_, Load::Established) => s.established.push(v),
                         (_, Load::NewFlows) => s.new_flow.push(v),
                         (_, Load::Mix) => s.mix.push(v),
+                        (_, Load::FullQueue) => s.full_queue.push(v),
                     }
                 }
                 drop(wire);
@@ -458,13 +524,21 @@ pub fn run(cfg: &BenchConfig) -> Result<Vec<SizeResult>> {
         .map(|(&frame_bytes, ((s, b), region_huge_pages))| {
             let ceiling = median(&s.ceiling);
             let est = median(&s.established);
+            let paired: Vec<f64> = s
+                .full_queue
+                .iter()
+                .zip(&s.established)
+                .map(|(q, e)| if *e > 0.0 { q / e } else { 0.0 })
+                .collect();
             SizeResult {
                 frame_bytes,
                 ceiling_mpps: ceiling,
                 established_mpps: est,
                 new_flow_mpps: median(&s.new_flow),
                 mix_mpps: median(&s.mix),
+                full_queue_mpps: median(&s.full_queue),
                 ratio_to_ceiling: if ceiling > 0.0 { est / ceiling } else { 0.0 },
+                full_queue_to_established: median(&paired),
                 runs: cfg.runs,
                 flows: cfg.flows,
                 samples: s,
@@ -473,6 +547,7 @@ pub fn run(cfg: &BenchConfig) -> Result<Vec<SizeResult>> {
                     established: median(&b.established),
                     new_flow: median(&b.new_flow),
                     mix: median(&b.mix),
+                    full_queue: median(&b.full_queue),
                 },
                 region_huge_pages,
             }

@@ -368,7 +368,8 @@ mod tests {
                 syn_ack_slow: AtomicU64::new(0),
                 reconciled_down: AtomicU64::new(0),
                 reconciled_up: AtomicU64::new(0),
-                _pad1: [0; 1],
+                released: AtomicU64::new(0),
+                _pad1: [],
             })
             .collect()
     }

@@ -210,10 +210,16 @@ fn bench(b: BenchArgs) -> ExitCode {
                 r.mix_mpps,
                 r.runs
             );
+            println!(
+                "{:>5}   established with the SYN queue full (another service at its max_conns) {:>6.2} Mpps ({:>4.0}% of established, median of the runs' ratios)",
+                "",
+                r.full_queue_mpps,
+                r.full_queue_to_established * 100.0
+            );
             let ns = &r.switch_ns_per_frame;
             println!(
-                "{:>5}   the switch's own cost (busy ns per frame): null {:.1} | established {:.1} | new flows {:.1} | mix {:.1}",
-                "", ns.ceiling, ns.established, ns.new_flow, ns.mix
+                "{:>5}   the switch's own cost (busy ns per frame): null {:.1} | established {:.1} | new flows {:.1} | mix {:.1} | queue full {:.1}",
+                "", ns.ceiling, ns.established, ns.new_flow, ns.mix, ns.full_queue
             );
             if !r.region_huge_pages {
                 println!(
