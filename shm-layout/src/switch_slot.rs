@@ -1,8 +1,8 @@
 //! Per-switch slot: identity, heartbeat, acknowledged generations, counters.
 //!
 //! controld writes `pid`, `cpu` and `state` when it starts a switch and when
-//! it reaps one; the switch itself writes everything else, once per poll
-//! loop iteration, never per packet.
+//! it reaps or fences one (and `restarts`, `fenced`); the switch itself
+//! writes everything else, once per poll loop iteration, never per packet.
 
 use core::mem::{offset_of, size_of};
 use core::sync::atomic::{AtomicU32, AtomicU64, Ordering};
@@ -101,7 +101,11 @@ pub struct SwitchSlot {
     /// Routing generation the switch used in its last burst.
     pub seen_routing: AtomicU64,
     pub started_ns: AtomicU64,
-    pub _pad: [u8; 16],
+    /// Times the publisher fenced this switch (excluded it for not
+    /// acknowledging in time, and had it stopped before rewriting the slot
+    /// it may still read). Written by controld only.
+    pub fenced: AtomicU32,
+    pub _pad: [u8; 12],
     pub counters: [AtomicU64; N_COUNTERS],
 }
 
@@ -122,6 +126,7 @@ pub(crate) const fn fingerprint(fp: Fingerprint) -> Fingerprint {
         seen_config,
         seen_routing,
         started_ns,
+        fenced,
         counters
     );
     fp.mix(N_COUNTERS)

@@ -103,14 +103,16 @@ mod tests {
         assert_eq!(old.mac, [2, 0, 0, 0, 1, 1]);
         // The same table, but the backend's neighbour has another MAC.
         let cur = r.routing_view(tok.slot);
-        r.publish_routing(std::time::Duration::from_millis(10), |s| {
+        let fence = &mut shm_layout::publish::cannot_fence;
+        r.publish_routing(std::time::Duration::from_millis(10), fence, |s| {
             s.header.n_routes = cur.header.n_routes;
             s.header.n_neighbours = cur.header.n_neighbours;
             s.routes.copy_from_slice(cur.routes);
             s.neighbours.copy_from_slice(cur.neighbours);
             let n = s.neighbours.iter_mut().find(|n| n.ip == backend).unwrap();
             n.mac = [2, 0, 0, 0, 9, 9];
-        });
+        })
+        .unwrap();
         let tok2 = r.begin_read(Table::Routing);
         assert_ne!(tok2.stamp, tok.stamp);
         let rt2 = r.routing_view(tok2.slot);
