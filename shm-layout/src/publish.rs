@@ -122,9 +122,10 @@ pub fn cannot_fence(_switch: usize, _pid: u32) -> bool {
     false
 }
 
-/// A reader's verdict on the slots it used, kept across bursts so the
+/// A reader's verdict on the slots it uses, kept across bursts so the
 /// checksum of a slot is computed once per generation it sees (a pass over
-/// the whole slot: far too slow for every burst), not per burst.
+/// the whole slot, about a millisecond for a few MiB: far too slow for
+/// every burst), not per burst.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct SlotCheck {
     stamp: u64,
@@ -132,20 +133,15 @@ pub struct SlotCheck {
 }
 
 impl SlotCheck {
-    /// Whether the slot of `tok` may be used: published (stamp not 0) and
-    /// its checksum matching its contents. Verifies when the stamp differs
-    /// from the last one checked; `on_verify(ok)` is called then only.
+    /// Whether the slot of `tok` may be used: published (stamp not 0: 0 is
+    /// a slot never published or being written) and its checksum matching
+    /// its contents. Verifies when the stamp differs from the last one
+    /// checked, and then adds one to `bad` if the checksum is wrong.
     #[inline]
-    pub fn usable(
-        &mut self,
-        region: &Region,
-        t: Table,
-        tok: ReadToken,
-        on_verify: impl FnOnce(bool),
-    ) -> bool {
+    pub fn usable(&mut self, region: &Region, t: Table, tok: ReadToken, bad: &mut u64) -> bool {
         if tok.stamp != self.stamp {
             *self = Self::verify(region, t, tok);
-            on_verify(self.ok);
+            *bad += (tok.stamp != 0 && !self.ok) as u64;
         }
         self.ok
     }

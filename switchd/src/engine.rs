@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use netdrv::{Frame, Nic};
 use shm_layout::config_slot::MAX_PORTS;
-use shm_layout::publish::Table;
+use shm_layout::publish::{SlotCheck, Table};
 use shm_layout::region::{Region, ms_since};
 use shm_layout::switch_slot::{Counter, N_COUNTERS, SW_RUNNING, SwitchSlot};
 use shm_layout::time::mono_ns;
@@ -128,6 +128,9 @@ pub fn run<N: Nic>(
     // The views of both A/B slots: fixed places in the region, built once.
     let cfg_views = [region.config_view(0), region.config_view(1)];
     let rt_views = [region.routing_view(0), region.routing_view(1)];
+    // Each slot generation is checked (stamp, checksum) once, when first seen.
+    let (mut cfg_check, mut rt_check) = (SlotCheck::default(), SlotCheck::default());
+    let bad = Counter::BadChecksum as usize;
     // The filter's context lives as long as the loop; each loop sets what
     // changes (the slots read, the time, the ICMP budget).
     let mut ctx = Ctx {
@@ -168,8 +171,11 @@ pub fn run<N: Nic>(
 
         if settings.null {
             moved += null_forward(nic, &mut frames[..burst], ctx.counters);
-        } else if ctok.stamp == 0 {
-            // Nothing published yet: receive and drop, so rings keep moving.
+        } else if !cfg_check.usable(region, Table::Config, ctok, &mut ctx.counters[bad])
+            || !rt_check.usable(region, Table::Routing, rtok, &mut ctx.counters[bad])
+        {
+            // Nothing published yet (or a slot with a wrong checksum, never
+            // used): receive and drop, so rings keep moving.
             for local in 0..nic.port_count() {
                 let n = nic.rx_burst(local, &mut frames[..burst]);
                 for f in &frames[..n] {
@@ -229,12 +235,15 @@ pub fn run<N: Nic>(
             icmp.put_back(core::mem::take(&mut ctx.icmp_tokens));
         }
         nic.reclaim();
-        if !region.end_read(Table::Config, ctok, me) {
+        // Non-short-circuit: both acknowledge.
+        if !region.end_read(Table::Config, ctok, me) | !region.end_read(Table::Routing, rtok, me) {
+            // A slot was rewritten under the burst: the protocol failed
+            // (a switch stalled past the deadline is fenced, never
+            // resumed). Counted; answers filled from it are forgotten.
             ctx.counters[Counter::TornBursts as usize] += 1;
-            // Answers filled from a slot rewritten under them.
             ctx.flows.invalidate();
+            ctx.hops = HopCache::default();
         }
-        region.end_read(Table::Routing, rtok, me);
         ctx.counters[Counter::Loops as usize] += 1;
         (prev_start, prev_moved) = (now, moved > 0);
 
