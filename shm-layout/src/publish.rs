@@ -137,21 +137,36 @@ impl SlotCheck {
     /// a slot never published or being written) and its checksum matching
     /// its contents. Verifies when the stamp differs from the last one
     /// checked, and then adds one to `bad` if the checksum is wrong.
+    ///
+    /// # Safety
+    /// Verifying reads the slot: call it only as a switch, between
+    /// `begin_read` (which gave `tok`) and `end_read`, under the rule of
+    /// [`Region::config_view`].
     #[inline]
-    pub fn usable(&mut self, region: &Region, t: Table, tok: ReadToken, bad: &mut u64) -> bool {
+    pub unsafe fn usable(
+        &mut self,
+        region: &Region,
+        t: Table,
+        tok: ReadToken,
+        bad: &mut u64,
+    ) -> bool {
         if tok.stamp != self.stamp {
-            *self = Self::verify(region, t, tok);
+            // SAFETY: the caller's contract.
+            *self = unsafe { Self::verify(region, t, tok) };
             *bad += (tok.stamp != 0 && !self.ok) as u64;
         }
         self.ok
     }
 
+    /// # Safety
+    /// As for [`SlotCheck::usable`].
     #[cold]
     #[inline(never)]
-    fn verify(region: &Region, t: Table, tok: ReadToken) -> Self {
+    unsafe fn verify(region: &Region, t: Table, tok: ReadToken) -> Self {
         Self {
             stamp: tok.stamp,
-            ok: tok.stamp != 0 && region.verify_slot(t, tok.slot),
+            // SAFETY: the caller's contract.
+            ok: tok.stamp != 0 && unsafe { region.verify_slot(t, tok.slot) },
         }
     }
 }
@@ -176,8 +191,10 @@ impl Region {
         self.pub_words(t).generation.load(Ordering::Acquire)
     }
 
+    /// The stamp (seqlock word) of slot `ab` of a table: 0 while the slot
+    /// is written, its generation once complete.
     #[inline]
-    fn stamp_of(&self, t: Table, ab: usize) -> &core::sync::atomic::AtomicU64 {
+    pub fn slot_stamp(&self, t: Table, ab: usize) -> &core::sync::atomic::AtomicU64 {
         // Only the header: a whole view would bounds-check every array of
         // the slot, twice per table per poll loop.
         match t {
@@ -190,7 +207,7 @@ impl Region {
     #[inline]
     pub fn begin_read(&self, t: Table) -> ReadToken {
         let slot = self.pub_words(t).active.load(Ordering::SeqCst) as usize & 1;
-        let stamp = self.stamp_of(t, slot).load(Ordering::Acquire);
+        let stamp = self.slot_stamp(t, slot).load(Ordering::Acquire);
         ReadToken { slot, stamp }
     }
 
@@ -199,7 +216,7 @@ impl Region {
     #[inline]
     pub fn end_read(&self, t: Table, tok: ReadToken, me: &SwitchSlot) -> bool {
         fence(Ordering::Acquire);
-        let now = self.stamp_of(t, tok.slot).load(Ordering::Relaxed);
+        let now = self.slot_stamp(t, tok.slot).load(Ordering::Relaxed);
         // Stamp 0 means nothing was published when the burst began, so the
         // reader used no slot content (the first publication may fill the
         // slot it pointed at meanwhile): nothing to tear.
@@ -320,13 +337,13 @@ impl Region {
         // Each access to the stamp borrows it anew: no reference into the
         // slot's header may live across the `&mut` views `write` and
         // `write_checksum` make of the whole slot, header included.
-        self.stamp_of(t, slot).store(0, Ordering::Relaxed);
+        self.slot_stamp(t, slot).store(0, Ordering::Relaxed);
         // Make the zero stamp visible before any content store.
         fence(Ordering::Release);
         write(slot);
         let sum = self.slot_checksum(t.section(slot));
         self.write_checksum(t, slot, sum);
-        self.stamp_of(t, slot).store(g + 1, Ordering::Release);
+        self.slot_stamp(t, slot).store(g + 1, Ordering::Release);
         words.active.store(slot as u32, Ordering::SeqCst);
         words.generation.store(g + 1, Ordering::SeqCst);
         Ok(PublishReport {
@@ -347,11 +364,15 @@ impl Region {
         }
     }
 
-    /// Whether a slot's stored checksum matches its contents (inspection).
-    pub fn verify_slot(&self, t: Table, ab: usize) -> bool {
+    /// Whether a slot's stored checksum matches its contents.
+    ///
+    /// # Safety
+    /// Reads the slot in place: the rule of [`Region::config_view`] applies
+    /// (tools: [`SlotCopy::checksum_ok`](crate::region::SlotCopy::checksum_ok)).
+    pub unsafe fn verify_slot(&self, t: Table, ab: usize) -> bool {
         let stored = match t {
-            Table::Config => self.config_view(ab).header.checksum,
-            Table::Routing => self.routing_view(ab).header.checksum,
+            Table::Config => self.config_header(ab).checksum,
+            Table::Routing => self.routing_header(ab).checksum,
         };
         stored == self.slot_checksum(t.section(ab))
     }
@@ -378,8 +399,12 @@ mod tests {
         assert!(rep.excluded.is_empty());
         let tok = r.begin_read(Table::Config);
         assert_eq!(tok.stamp, 1);
-        assert_eq!(r.config_view(tok.slot).header.n_services, 3);
-        assert!(r.verify_slot(Table::Config, tok.slot));
+        let copy = r.config_copy();
+        assert_eq!((copy.slot, copy.stamp), (tok.slot, 1));
+        assert_eq!(copy.config().header.n_services, 3);
+        assert!(copy.checksum_ok());
+        // SAFETY: this thread is the only publisher, between publications.
+        assert!(unsafe { r.verify_slot(Table::Config, tok.slot) });
     }
 
     /// The VIP and service indexes answer as a scan of the services would,
@@ -418,7 +443,7 @@ mod tests {
                 }
             })
             .unwrap();
-            r.config_view(r.begin_read(Table::Config).slot)
+            r.config_copy()
         };
         let scan_vip = |v: &crate::config_slot::ConfigView<'_>, ip: u32| {
             v.services().iter().any(|s| s.vip == ip)
@@ -429,7 +454,8 @@ mod tests {
                 .position(|s| s.vip == ip && s.port == port && s.proto == proto)
         };
         for n in [300, 40] {
-            let v = publish(n);
+            let copy = publish(n);
+            let v = copy.config();
             let mut found = 0;
             for ip in 0xc612_07f0..0xc612_0900u32 {
                 assert_eq!(v.is_vip(ip), scan_vip(&v, ip), "n {n} vip {ip:#x}");
@@ -465,7 +491,10 @@ mod tests {
             sc.spawn(|| {
                 while !stop.load(Ordering::Relaxed) {
                     let tok = r.begin_read(Table::Config);
-                    let v = r.config_view(tok.slot);
+                    // SAFETY: this thread is a switch: RUNNING before its
+                    // first begin_read, reads between begin_read and
+                    // end_read, acknowledges; the publisher waits for it.
+                    let v = unsafe { r.config_view(tok.slot) };
                     if tok.stamp != 0 {
                         let want = tok.stamp as u32;
                         let bad =
@@ -610,7 +639,8 @@ mod tests {
             (a.stamp.load(Ordering::Relaxed), a.n_services, a.checksum),
             (1, 1, sum)
         );
-        assert!(r.verify_slot(Table::Config, 0));
+        // SAFETY: this thread is the only publisher, between publications.
+        assert!(unsafe { r.verify_slot(Table::Config, 0) });
         assert_eq!(s.state.load(Ordering::SeqCst), SW_RUNNING);
         assert_eq!(s.fenced.load(Ordering::Relaxed), 0);
         let words = r.pub_words(Table::Config);

@@ -126,8 +126,18 @@ pub fn run<N: Nic>(
     let mut synq = SynQueue::new(settings.syn_queue);
     let mut tx = TxBatch::default();
     // The views of both A/B slots: fixed places in the region, built once.
-    let cfg_views = [region.config_view(0), region.config_view(1)];
-    let rt_views = [region.routing_view(0), region.routing_view(1)];
+    // SAFETY: this loop is a switch under the A/B protocol: it stores
+    // RUNNING before its first `begin_read`, reads a slot only through the
+    // view of its burst's token (non-zero stamp) between `begin_read` and
+    // `end_read`, and acknowledges each burst; the publisher rewrites a slot
+    // only after every running switch acknowledged past it or was fenced
+    // (killed, gone). Views of the slot being written are held, not read.
+    let (cfg_views, rt_views) = unsafe {
+        (
+            [region.config_view(0), region.config_view(1)],
+            [region.routing_view(0), region.routing_view(1)],
+        )
+    };
     // Each slot generation is checked (stamp, checksum) once, when first seen.
     let (mut cfg_check, mut rt_check) = (SlotCheck::default(), SlotCheck::default());
     let bad = Counter::BadChecksum as usize;
@@ -169,11 +179,15 @@ pub fn run<N: Nic>(
         let rtok = region.begin_read(Table::Routing);
         let mut moved = 0usize;
 
+        // SAFETY: inside this burst's tokens, as a switch (see the views).
+        let usable = unsafe {
+            cfg_check.usable(region, Table::Config, ctok, &mut ctx.counters[bad])
+                && rt_check.usable(region, Table::Routing, rtok, &mut ctx.counters[bad])
+        };
+
         if settings.null {
             moved += null_forward(nic, &mut frames[..burst], ctx.counters);
-        } else if !cfg_check.usable(region, Table::Config, ctok, &mut ctx.counters[bad])
-            || !rt_check.usable(region, Table::Routing, rtok, &mut ctx.counters[bad])
-        {
+        } else if !usable {
             // Nothing published yet (or a slot with a wrong checksum, never
             // used): receive and drop, so rings keep moving.
             for local in 0..nic.port_count() {

@@ -122,11 +122,20 @@ impl Fixture {
     /// A filter context over the active slots (fresh scheduler state).
     pub fn ctx<'a>(&'a self, counters: &'a mut [u64; N_COUNTERS]) -> Ctx<'a> {
         let r = &self.region;
-        let cfg = r.config_view(r.begin_read(Table::Config).slot);
+        // SAFETY: a fixture's region has no switch and no other publisher
+        // than the test's own thread, which publishes between uses of a
+        // context; a test that keeps a context across two publications
+        // (the second rewrites the slot it views) must not use it again.
+        let (cfg, rt) = unsafe {
+            (
+                r.config_view(r.begin_read(Table::Config).slot),
+                r.routing_view(r.begin_read(Table::Routing).slot),
+            )
+        };
         Ctx {
             timeouts: cfg.header.timeouts(),
             cfg,
-            rt: r.routing_view(r.begin_read(Table::Routing).slot),
+            rt,
             ct: r.conntrack(),
             backends: r.backend_counters(),
             events: None,

@@ -135,7 +135,8 @@ fn a_routing_slot_with_stamp_zero_is_not_used() {
     let fx = Fixture::new("slots-zero", 1 << 10);
     let r = &fx.region;
     let active = r.begin_read(Table::Routing).slot;
-    r.routing_header(active).stamp.store(0, Ordering::Relaxed);
+    r.slot_stamp(Table::Routing, active)
+        .store(0, Ordering::Relaxed);
     let (out, c) = run(&fx, "zero", &[syn(40_000)], &|_| {});
     assert_eq!((out[0].len(), out[1].len()), (0, 0), "{out:02x?}");
     assert_eq!(c[Counter::DropNoConfig as usize], 1);
@@ -160,7 +161,7 @@ fn a_slot_whose_checksum_does_not_match_is_not_used() {
     // SAFETY: the last byte of the active routing slot, inside the
     // mapping; no reference into it is alive in this process.
     unsafe { *m.as_ptr().add((sec.offset + sec.len - 1) as usize) ^= 0x5a };
-    assert!(!r.verify_slot(Table::Routing, active));
+    assert!(!r.routing_copy().checksum_ok());
     let (out, c) = run(&fx, "sum", &[syn(40_000), syn(40_001)], &|_| {});
     assert_eq!((out[0].len(), out[1].len()), (0, 0), "{out:02x?}");
     assert_eq!(c[Counter::DropNoConfig as usize], 2);
@@ -181,7 +182,8 @@ fn a_routing_slot_rewritten_under_a_burst_is_counted_torn() {
         }
         let before = r.generation(Table::Routing);
         for _ in 0..2 {
-            let cur = r.routing_view(r.begin_read(Table::Routing).slot);
+            let copy = r.routing_copy();
+            let cur = copy.routing();
             let (routes, neighbours) = (cur.routes().to_vec(), cur.neighbours().to_vec());
             r.publish_routing(Duration::from_millis(1), &mut |_, _| true, |s| {
                 s.header.n_routes = routes.len() as u32;

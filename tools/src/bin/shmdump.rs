@@ -100,8 +100,10 @@ fn collect(r: &Region, a: &Args) -> Value {
         },
     });
 
-    let ctok = r.begin_read(Table::Config);
-    let cfg = r.config_view(ctok.slot);
+    // Private copies (tools acknowledge nothing: the publisher may rewrite
+    // a slot while we read it; a copy is checked whole by its stamp).
+    let ccopy = r.config_copy();
+    let cfg = ccopy.config();
     let cw = r.pub_words(Table::Config);
     let counters = r.backend_counters();
     let services: Vec<Value> = cfg
@@ -155,8 +157,8 @@ fn collect(r: &Region, a: &Args) -> Value {
         .collect();
     let config = json!({
         "generation": cw.generation.load(Ordering::Acquire),
-        "active_slot": if ctok.slot == 0 { "A" } else { "B" },
-        "checksum_ok": r.verify_slot(Table::Config, ctok.slot),
+        "active_slot": if ccopy.slot == 0 { "A" } else { "B" },
+        "checksum_ok": ccopy.checksum_ok(),
         "excluded_switches_total": cw.excluded.load(Ordering::Relaxed),
         "refused_publications_total": cw.refused.load(Ordering::Relaxed),
         "timeouts_ms": {
@@ -167,15 +169,15 @@ fn collect(r: &Region, a: &Args) -> Value {
         "services": services,
     });
 
-    let rtok = r.begin_read(Table::Routing);
-    let rt = r.routing_view(rtok.slot);
+    let rcopy = r.routing_copy();
+    let rt = rcopy.routing();
     let rw = r.pub_words(Table::Routing);
     let routing = json!({
         "generation": rw.generation.load(Ordering::Acquire),
         "excluded_switches_total": rw.excluded.load(Ordering::Relaxed),
         "refused_publications_total": rw.refused.load(Ordering::Relaxed),
-        "active_slot": if rtok.slot == 0 { "A" } else { "B" },
-        "checksum_ok": r.verify_slot(Table::Routing, rtok.slot),
+        "active_slot": if rcopy.slot == 0 { "A" } else { "B" },
+        "checksum_ok": rcopy.checksum_ok(),
         "routes": rt.routes().iter().map(|x| json!({
             "prefix": format!("{}/{}", ip(x.prefix), x.len), "port": x.port,
             "via": if x.via == 0 { Value::Null } else { json!(ip(x.via)) },
