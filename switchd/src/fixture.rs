@@ -51,40 +51,40 @@ impl Fixture {
         };
         let region = Region::create(&inst, caps).expect("create fixture region");
         publish(&region, &[], &|_| {});
-        region
-            .publish_routing(Duration::from_millis(10), &mut cannot_fence, |s| {
-                s.header.n_routes = 2;
-                s.header.n_neighbours = 4;
-                s.routes[0] = RouteRec {
-                    prefix: 0xc613_0100,
-                    len: 24,
-                    port: 1,
-                    ..Default::default()
+        let fence = &mut cannot_fence;
+        let routing = region.publish_routing(Duration::from_millis(10), fence, |s| {
+            s.header.n_routes = 2;
+            s.header.n_neighbours = 4;
+            s.routes[0] = RouteRec {
+                prefix: 0xc613_0100,
+                len: 24,
+                port: 1,
+                ..Default::default()
+            };
+            s.routes[1] = RouteRec {
+                prefix: 0xc612_6400,
+                len: 24,
+                port: 0,
+                via: 0xc612_0001,
+                ..Default::default()
+            };
+            let n = [
+                (0xc612_0001u32, 0u32, CLIENT_GW_MAC),
+                (0xc613_0101, 1, [2, 0, 0, 0, 1, 1]),
+                (0xc613_0102, 1, [2, 0, 0, 0, 1, 2]),
+                (0xc613_0103, 1, [2, 0, 0, 0, 1, 3]),
+            ];
+            for (i, (ip, port, mac)) in n.iter().enumerate() {
+                s.neighbours[i] = NeighbourRec {
+                    ip: *ip,
+                    port: *port,
+                    mac: *mac,
+                    state: NEIGH_VALID,
+                    _pad: 0,
                 };
-                s.routes[1] = RouteRec {
-                    prefix: 0xc612_6400,
-                    len: 24,
-                    port: 0,
-                    via: 0xc612_0001,
-                    ..Default::default()
-                };
-                let n = [
-                    (0xc612_0001u32, 0u32, CLIENT_GW_MAC),
-                    (0xc613_0101, 1, [2, 0, 0, 0, 1, 1]),
-                    (0xc613_0102, 1, [2, 0, 0, 0, 1, 2]),
-                    (0xc613_0103, 1, [2, 0, 0, 0, 1, 3]),
-                ];
-                for (i, (ip, port, mac)) in n.iter().enumerate() {
-                    s.neighbours[i] = NeighbourRec {
-                        ip: *ip,
-                        port: *port,
-                        mac: *mac,
-                        state: NEIGH_VALID,
-                        _pad: 0,
-                    };
-                }
-            })
-            .expect("no switch runs on a fixture");
+            }
+        });
+        routing.expect("no switch runs on a fixture");
         Self {
             region,
             name: region_name(&inst),
@@ -154,68 +154,68 @@ impl Fixture {
 /// then applies `edit`.
 fn publish(region: &Region, down: &[(u32, u8)], edit: &dyn Fn(&mut ConfigSlotMut<'_>)) {
     const M: usize = 65537;
-    region
-        .publish_config(Duration::from_millis(10), &mut cannot_fence, |s| {
-            let h = &mut *s.header;
-            h.n_services = 3;
-            h.n_backends = 9;
-            h.n_ports = 2;
-            h.maglev_m = M as u32;
-            h.tcp_syn_ms = 10_000;
-            h.tcp_established_ms = 900_000;
-            h.tcp_fin_ms = 30_000;
-            h.udp_ms = 60_000;
-            h.ports[0].mac = [2, 0, 0, 0, 0, 1];
-            h.ports[1].mac = [2, 0, 0, 0, 0, 2];
-            h.ports[0].mtu = 1500;
-            h.ports[1].mtu = 1500;
-            h.tunnel_src = TUNNEL_SRC;
-            s.down_action.fill(0);
-            for (si, (port, proto, bport, mode)) in [
-                (80, PROTO_TCP, 8080, MODE_NAT),
-                (53, PROTO_UDP, 5353, MODE_NAT),
-                (443, PROTO_TCP, 443, MODE_TUNNEL),
-            ]
-            .into_iter()
-            .enumerate()
-            {
-                let svc = &mut s.services[si];
-                svc.vip = VIP;
-                svc.port = port;
-                svc.proto = proto;
-                svc.mode = mode;
-                svc.backend_start = 3 * si as u32;
-                svc.backend_count = 3;
-                svc.table_start = (si * M) as u32;
-                svc.table_len = M as u32;
-                svc.scheduler = 0;
-                svc.queue_timeout_ms = 0;
-                svc.latency_target_ms = 0;
-                let mut live = Vec::new();
-                for (i, b) in s.backends[3 * si..3 * si + 3].iter_mut().enumerate() {
-                    b.id = (3 * si + i) as u32;
-                    b.ip = 0xc613_0101 + i as u32;
-                    b.port = bport;
-                    b.weight = 1;
-                    b.service = si as u32;
-                    b.flags = 0;
-                    b.max_conns = 0;
-                    match down.iter().find(|(id, _)| *id == b.id) {
-                        Some(&(id, action)) => {
-                            b.flags = BACKEND_DOWN;
-                            s.down_action[id as usize] = action;
-                        }
-                        None => live.push(i as u16),
+    let fence = &mut cannot_fence;
+    let published = region.publish_config(Duration::from_millis(10), fence, |s| {
+        let h = &mut *s.header;
+        h.n_services = 3;
+        h.n_backends = 9;
+        h.n_ports = 2;
+        h.maglev_m = M as u32;
+        h.tcp_syn_ms = 10_000;
+        h.tcp_established_ms = 900_000;
+        h.tcp_fin_ms = 30_000;
+        h.udp_ms = 60_000;
+        h.ports[0].mac = [2, 0, 0, 0, 0, 1];
+        h.ports[1].mac = [2, 0, 0, 0, 0, 2];
+        h.ports[0].mtu = 1500;
+        h.ports[1].mtu = 1500;
+        h.tunnel_src = TUNNEL_SRC;
+        s.down_action.fill(0);
+        for (si, (port, proto, bport, mode)) in [
+            (80, PROTO_TCP, 8080, MODE_NAT),
+            (53, PROTO_UDP, 5353, MODE_NAT),
+            (443, PROTO_TCP, 443, MODE_TUNNEL),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let svc = &mut s.services[si];
+            svc.vip = VIP;
+            svc.port = port;
+            svc.proto = proto;
+            svc.mode = mode;
+            svc.backend_start = 3 * si as u32;
+            svc.backend_count = 3;
+            svc.table_start = (si * M) as u32;
+            svc.table_len = M as u32;
+            svc.scheduler = 0;
+            svc.queue_timeout_ms = 0;
+            svc.latency_target_ms = 0;
+            let mut live = Vec::new();
+            for (i, b) in s.backends[3 * si..3 * si + 3].iter_mut().enumerate() {
+                b.id = (3 * si + i) as u32;
+                b.ip = 0xc613_0101 + i as u32;
+                b.port = bport;
+                b.weight = 1;
+                b.service = si as u32;
+                b.flags = 0;
+                b.max_conns = 0;
+                match down.iter().find(|(id, _)| *id == b.id) {
+                    Some(&(id, action)) => {
+                        b.flags = BACKEND_DOWN;
+                        s.down_action[id as usize] = action;
                     }
-                }
-                if live.is_empty() {
-                    s.services[si].table_len = 0;
-                }
-                for (i, e) in s.maglev[si * M..(si + 1) * M].iter_mut().enumerate() {
-                    *e = live.get(i % live.len().max(1)).copied().unwrap_or(0);
+                    None => live.push(i as u16),
                 }
             }
-            edit(s);
-        })
-        .expect("no switch runs on a fixture");
+            if live.is_empty() {
+                s.services[si].table_len = 0;
+            }
+            for (i, e) in s.maglev[si * M..(si + 1) * M].iter_mut().enumerate() {
+                *e = live.get(i % live.len().max(1)).copied().unwrap_or(0);
+            }
+        }
+        edit(s);
+    });
+    published.expect("no switch runs on a fixture");
 }
