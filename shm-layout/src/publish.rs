@@ -528,6 +528,54 @@ mod tests {
         assert_eq!(r.generation(Table::Config), 300);
     }
 
+    /// A reader outside the protocol (a tool: nobody waits for it) copies
+    /// the active slot while the publisher rewrites slots as fast as it
+    /// can: every copy it gets is whole (every word of the generation its
+    /// stamp names, checksum matching), or empty.
+    #[test]
+    fn copies_are_whole_however_the_publisher_runs() {
+        let t = temp("pubcopy");
+        let r = &t.0;
+        let stop = AtomicBool::new(false);
+        let (whole, empty) = (
+            std::sync::atomic::AtomicU64::new(0),
+            std::sync::atomic::AtomicU64::new(0),
+        );
+        std::thread::scope(|sc| {
+            sc.spawn(|| {
+                while !stop.load(Ordering::Relaxed) {
+                    let copy = r.config_copy();
+                    if copy.stamp == 0 {
+                        empty.fetch_add(1, Ordering::Relaxed);
+                        continue;
+                    }
+                    let v = copy.config();
+                    let want = copy.stamp as u32;
+                    assert!(v.services.iter().all(|s| s.vip == want));
+                    assert_eq!(v.header.n_backends, want);
+                    assert!(copy.checksum_ok());
+                    whole.fetch_add(1, Ordering::Relaxed);
+                }
+            });
+            // Until the reader has its copies (bounded in count).
+            while whole.load(Ordering::Relaxed) < 100 && r.generation(Table::Config) < 1_000_000 {
+                let g = r.generation(Table::Config) + 1;
+                r.publish_config(Duration::from_secs(5), &mut cannot_fence, |s| {
+                    for svc in s.services.iter_mut() {
+                        svc.vip = g as u32;
+                    }
+                    s.header.n_backends = g as u32;
+                })
+                .unwrap();
+            }
+            stop.store(true, Ordering::Relaxed);
+        });
+        assert!(whole.load(Ordering::Relaxed) >= 100);
+        let copy = r.config_copy();
+        assert_eq!(copy.stamp, r.generation(Table::Config));
+        assert!(copy.checksum_ok());
+    }
+
     /// A switch that never acknowledges is fenced before the slot is
     /// written (the slot is as it was when the fence runs), then marked
     /// stopped and counted; the next publication does not wait for it.
