@@ -1,7 +1,7 @@
 //! controld: the control processor. Pure parts (config, master, maglev,
 //! ids, overrides, routing's table and mirror logic, the health hysteresis,
 //! the agents' rule, the loading rule) are separate from the parts that
-//! touch the region, processes or sockets (publisher, supervisor, gc,
+//! touch the region, processes or sockets (publisher, supervisor, fence, gc,
 //! events, routing::netlink, health probes, admin's and the agents'
 //! listeners).
 
@@ -9,6 +9,7 @@ pub mod admin;
 pub mod agents;
 pub mod config;
 pub mod events;
+pub mod fence;
 pub mod gc;
 pub mod health;
 pub mod ids;

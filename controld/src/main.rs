@@ -21,6 +21,7 @@ use controld::admin::server::{Job, Server};
 use controld::admin::{self, metrics, view};
 use controld::agents;
 use controld::config::{self, Config};
+use controld::fence::fence_switch;
 use controld::gc::Gc;
 use controld::health::Monitor;
 use controld::ids::{BackendIdentity, IdAllocator};
@@ -315,7 +316,8 @@ fn publish_config(
     .map_err(anyhow::Error::msg)?;
     publisher::check_fits(region, &snap).map_err(anyhow::Error::msg)?;
     let ack = Duration::from_millis(cfg.publish.ack_timeout_ms as u64);
-    let rep = publisher::publish_config(region, &snap, ack).map_err(anyhow::Error::msg)?;
+    let rep = publisher::publish_config(region, &snap, ack, &mut |i, p| fence_switch(region, i, p))
+        .map_err(anyhow::Error::msg)?;
     log_excluded(&rep, "configuration", ack);
     st.health_dirty = false;
     st.agents_dirty = false;
@@ -344,7 +346,9 @@ fn publish_routing(region: &Region, st: &mut State, cfg: &Config) -> Result<u64>
         None => master::routing_snapshot(cfg),
     };
     let ack = Duration::from_millis(cfg.publish.ack_timeout_ms as u64);
-    let rrep = publisher::publish_routing(region, &rsnap, ack).map_err(anyhow::Error::msg)?;
+    let rrep =
+        publisher::publish_routing(region, &rsnap, ack, &mut |i, p| fence_switch(region, i, p))
+            .map_err(anyhow::Error::msg)?;
     log_excluded(&rrep, "routing", ack);
     Ok(rrep.generation)
 }
@@ -377,7 +381,7 @@ fn publish_all(
 fn log_excluded(rep: &shm_layout::PublishReport, table: &str, ack: Duration) {
     for e in &rep.excluded {
         log::error!(
-            "switch {} (pid {}) did not acknowledge {table} generation {} within {ack:?}: excluded",
+            "switch {} (pid {}) did not acknowledge {table} generation {} within {ack:?}: excluded and fenced",
             e.switch,
             e.pid,
             rep.generation - 1
@@ -394,7 +398,7 @@ fn poll_mirror(region: &Region, st: &mut State) {
         return;
     };
     let ack = Duration::from_millis(st.cfg.publish.ack_timeout_ms as u64);
-    match publisher::publish_routing(region, &snap, ack) {
+    match publisher::publish_routing(region, &snap, ack, &mut |i, p| fence_switch(region, i, p)) {
         Ok(rep) => {
             log_excluded(&rep, "routing", ack);
             log::info!(

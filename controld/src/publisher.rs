@@ -42,48 +42,56 @@ pub fn check_fits(region: &Region, snap: &ConfigSnapshot) -> Result<(), String> 
     Ok(())
 }
 
+/// Publishes a configuration snapshot. `fence` stops a switch that does
+/// not acknowledge within `ack_timeout` (see `shm_layout::publish`;
+/// [`crate::fence::fence_child`] for controld's own switches).
 pub fn publish_config(
     region: &Region,
     snap: &ConfigSnapshot,
     ack_timeout: Duration,
+    fence: &mut dyn FnMut(usize, u32) -> bool,
 ) -> Result<PublishReport, String> {
     check_fits(region, snap)?;
     let m = snap.maglev_m as usize;
-    Ok(region.publish_config(ack_timeout, |slot| {
-        let h = &mut *slot.header;
-        h.n_services = snap.services.len() as u32;
-        h.n_backends = snap.backends.len() as u32;
-        h.n_ports = snap.ports.len() as u32;
-        h.maglev_m = snap.maglev_m;
-        h.tcp_syn_ms = snap.tcp_syn_ms;
-        h.tcp_established_ms = snap.tcp_established_ms;
-        h.tcp_fin_ms = snap.tcp_fin_ms;
-        h.udp_ms = snap.udp_ms;
-        h.tunnel_src = snap.tunnel_src;
-        h.ports = Default::default();
-        h.ports[..snap.ports.len()].copy_from_slice(&snap.ports);
-        slot.services.fill(Default::default());
-        slot.services[..snap.services.len()].copy_from_slice(&snap.services);
-        slot.backends.fill(Default::default());
-        slot.backends[..snap.backends.len()].copy_from_slice(&snap.backends);
-        slot.down_action.fill(0);
-        for &(id, action) in &snap.down_actions {
-            if let Some(a) = slot.down_action.get_mut(id as usize) {
-                *a = action;
+    region
+        .publish_config(ack_timeout, fence, |slot| {
+            let h = &mut *slot.header;
+            h.n_services = snap.services.len() as u32;
+            h.n_backends = snap.backends.len() as u32;
+            h.n_ports = snap.ports.len() as u32;
+            h.maglev_m = snap.maglev_m;
+            h.tcp_syn_ms = snap.tcp_syn_ms;
+            h.tcp_established_ms = snap.tcp_established_ms;
+            h.tcp_fin_ms = snap.tcp_fin_ms;
+            h.udp_ms = snap.udp_ms;
+            h.tunnel_src = snap.tunnel_src;
+            h.ports = Default::default();
+            h.ports[..snap.ports.len()].copy_from_slice(&snap.ports);
+            slot.services.fill(Default::default());
+            slot.services[..snap.services.len()].copy_from_slice(&snap.services);
+            slot.backends.fill(Default::default());
+            slot.backends[..snap.backends.len()].copy_from_slice(&snap.backends);
+            slot.down_action.fill(0);
+            for &(id, action) in &snap.down_actions {
+                if let Some(a) = slot.down_action.get_mut(id as usize) {
+                    *a = action;
+                }
             }
-        }
-        for (i, t) in snap.tables.iter().enumerate() {
-            let area = &mut slot.maglev[i * m..(i + 1) * m];
-            area[..t.len()].copy_from_slice(t);
-            area[t.len()..].fill(0);
-        }
-    }))
+            for (i, t) in snap.tables.iter().enumerate() {
+                let area = &mut slot.maglev[i * m..(i + 1) * m];
+                area[..t.len()].copy_from_slice(t);
+                area[t.len()..].fill(0);
+            }
+        })
+        .map_err(|e| e.to_string())
 }
 
+/// Publishes a routing snapshot; `fence` as for [`publish_config`].
 pub fn publish_routing(
     region: &Region,
     snap: &RoutingSnapshot,
     ack_timeout: Duration,
+    fence: &mut dyn FnMut(usize, u32) -> bool,
 ) -> Result<PublishReport, String> {
     let caps = region.caps();
     if snap.routes.len() > caps.routes as usize || snap.neighbours.len() > caps.neighbours as usize
@@ -96,12 +104,14 @@ pub fn publish_routing(
             caps.neighbours
         ));
     }
-    Ok(region.publish_routing(ack_timeout, |slot| {
-        slot.header.n_routes = snap.routes.len() as u32;
-        slot.header.n_neighbours = snap.neighbours.len() as u32;
-        slot.routes.fill(Default::default());
-        slot.routes[..snap.routes.len()].copy_from_slice(&snap.routes);
-        slot.neighbours.fill(Default::default());
-        slot.neighbours[..snap.neighbours.len()].copy_from_slice(&snap.neighbours);
-    }))
+    region
+        .publish_routing(ack_timeout, fence, |slot| {
+            slot.header.n_routes = snap.routes.len() as u32;
+            slot.header.n_neighbours = snap.neighbours.len() as u32;
+            slot.routes.fill(Default::default());
+            slot.routes[..snap.routes.len()].copy_from_slice(&snap.routes);
+            slot.neighbours.fill(Default::default());
+            slot.neighbours[..snap.neighbours.len()].copy_from_slice(&snap.neighbours);
+        })
+        .map_err(|e| e.to_string())
 }

@@ -302,9 +302,10 @@ pub fn published_ids(region: &Region) -> Vec<(BackendIdentity, u32)> {
         return Vec::new();
     }
     let active = words.active.load(Ordering::SeqCst) as usize & 1;
-    // controld is the only writer of configuration slots, and it is us:
-    // nothing writes the active slot while we read it.
-    let view = region.config_view(active);
+    // SAFETY: controld is the only writer of configuration slots, and it is
+    // us (the previous controld is proven gone): nothing writes the active
+    // slot while we read it.
+    let view = unsafe { region.config_view(active) };
     let n = view.header.n_backends as usize;
     view.backends[..n.min(view.backends.len())]
         .iter()

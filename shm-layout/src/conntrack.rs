@@ -938,6 +938,64 @@ impl<'a> ConnTable<'a> {
     }
 }
 
+/// The connection table as a read-only mapping may use it: lookups,
+/// snapshots and a slot's counters, none of [`ConnTable`]'s writes (a
+/// read-only [`Region`](crate::Region) gives only this; see
+/// `Region::conntrack_reader`).
+#[derive(Clone, Copy, Debug)]
+pub struct ConnReader<'a>(ConnTable<'a>);
+
+/// What a slot says besides its key words, read with Relaxed loads.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SlotReading {
+    pub tcp_state: u32,
+    pub last_seen: u32,
+    pub packets: u64,
+    pub bytes: u64,
+}
+
+impl<'a> ConnReader<'a> {
+    /// `slots.len()` must be a power of two (the region guarantees it).
+    pub fn new(slots: &'a [ConnSlot], seed: u64) -> Self {
+        Self(ConnTable::new(slots, seed))
+    }
+
+    pub fn capacity(&self) -> usize {
+        self.0.capacity()
+    }
+
+    /// See [`ConnTable::snapshot`].
+    pub fn snapshot(&self, idx: u32) -> Option<Snapshot> {
+        self.0.snapshot(idx)
+    }
+
+    /// See [`ConnTable::lookup`].
+    pub fn lookup(&self, key: &FlowKey) -> Option<Hit> {
+        self.0.lookup(key)
+    }
+
+    /// See [`ConnTable::holder`].
+    pub fn holder(&self, idx: u32) -> Option<u32> {
+        self.0.holder(idx)
+    }
+
+    /// The state, last-seen time and counters of slot `idx`.
+    pub fn reading(&self, idx: u32) -> SlotReading {
+        let s = self.0.slot(idx);
+        SlotReading {
+            tcp_state: s.tcp_state.load(Ordering::Relaxed),
+            last_seen: s.last_seen.load(Ordering::Relaxed),
+            packets: s.packets.load(Ordering::Relaxed),
+            bytes: s.bytes.load(Ordering::Relaxed),
+        }
+    }
+
+    /// See [`ConnSlot::expired`].
+    pub fn expired(&self, idx: u32, now_ms: u32, t: &Timeouts) -> bool {
+        self.0.slot(idx).expired(now_ms, t)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

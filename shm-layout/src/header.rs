@@ -87,9 +87,13 @@ pub struct PubWords {
     pub _pad: u32,
     /// Generation of the active slot; 0 = nothing published yet.
     pub generation: AtomicU64,
-    /// Switches excluded from acknowledgement (dead or stalled), total.
+    /// Switches excluded from acknowledgement (stalled past the deadline),
+    /// total; each was fenced before the publication went on.
     pub excluded: AtomicU64,
-    pub _pad1: [u8; 40],
+    /// Publications refused because an excluded switch could not be
+    /// fenced (nothing was written; the writer retries), total.
+    pub refused: AtomicU64,
+    pub _pad1: [u8; 32],
 }
 
 /// The region header. Immutable fields are written before `state` becomes
@@ -165,5 +169,5 @@ pub(crate) const fn fingerprint(fp: Fingerprint) -> Fingerprint {
         ring_slots
     );
     let fp = fp_type!(fp, SectionRec, offset, len);
-    fp_type!(fp, PubWords, active, generation, excluded).mix(N_SECTIONS)
+    fp_type!(fp, PubWords, active, generation, excluded, refused).mix(N_SECTIONS)
 }

@@ -5,8 +5,6 @@
 //! Everything here only reads (seqlock snapshots and relaxed loads), so it
 //! works on a read-only mapping of a live or abandoned region.
 
-use core::sync::atomic::Ordering;
-
 use crate::Region;
 use crate::config_slot::{
     MODE_DR, MODE_NAT, MODE_TUNNEL, PROTO_TCP, PROTO_UDP, SCHED_MAGLEV, SCHED_SH, SCHED_WLC,
@@ -139,7 +137,7 @@ pub struct ConnCensus {
 /// lists the connections `filter` keeps. `timeouts` judge expiry (use the
 /// active configuration's).
 pub fn scan_conns(r: &Region, timeouts: &Timeouts, filter: &ConnFilter) -> ConnCensus {
-    let ct = r.conntrack();
+    let ct = r.conntrack_reader();
     let now_ms = r.now_ms();
     let mut out = ConnCensus {
         slots: ct.capacity() as u64,
@@ -158,8 +156,7 @@ pub fn scan_conns(r: &Region, timeouts: &Timeouts, filter: &ConnFilter) -> ConnC
             KIND_TOMB => out.tombstones += 1,
             KIND_FWD => {
                 out.connections += 1;
-                let slot = ct.slot(idx);
-                let expired = slot.expired(now_ms, timeouts);
+                let expired = ct.expired(idx, now_ms, timeouts);
                 out.expired_not_collected += expired as u64;
                 let Some(conn) = snap.conn() else { continue };
                 if !filter.matches(&conn) {
@@ -167,15 +164,16 @@ pub fn scan_conns(r: &Region, timeouts: &Timeouts, filter: &ConnFilter) -> ConnC
                 }
                 out.matched += 1;
                 if out.list.len() < filter.limit {
+                    let slot = ct.reading(idx);
                     out.list.push(ConnInfo {
                         slot: idx,
                         conn,
-                        state: slot.tcp_state.load(Ordering::Relaxed),
-                        idle_ms: now_ms.wrapping_sub(slot.last_seen.load(Ordering::Relaxed)),
+                        state: slot.tcp_state,
+                        idle_ms: now_ms.wrapping_sub(slot.last_seen),
                         expired,
                         midflow: conn.flags & CONN_MIDFLOW != 0,
-                        packets: slot.packets.load(Ordering::Relaxed),
-                        bytes: slot.bytes.load(Ordering::Relaxed),
+                        packets: slot.packets,
+                        bytes: slot.bytes,
                     });
                 }
             }

@@ -3,17 +3,26 @@
 //! Writer (controld, the single writer of both tables):
 //! 1. wait until every live switch acknowledges the current generation
 //!    (`seen_* == generation`), so no switch still reads the inactive slot;
-//!    a switch that does not within the deadline is excluded and reported;
+//!    a switch that does not within the deadline is excluded, and **fenced**
+//!    before anything is written: the writer's fencing callback returns
+//!    true only once that process can no longer touch the region (controld
+//!    kills it and waits until it is gone). If any excluded switch cannot
+//!    be fenced, nothing is written and the publication fails
+//!    ([`PublishError::Unfenced`]): a stalled switch may still be inside a
+//!    burst that reads the inactive slot, and a rewrite under it would
+//!    hand that burst half-written tables when it resumes;
 //! 2. write the inactive slot: stamp 0 first, then contents and checksum,
 //!    then the new generation as its stamp (Release);
 //! 3. store `active` = that slot, then `generation` (both SeqCst).
 //!
 //! Reader (switchd), per burst: [`Region::begin_read`] loads `active` (SeqCst)
-//! and the slot's stamp (Acquire); at the end [`Region::end_read`] re-checks
+//! and the slot's stamp (Acquire); it uses the slot only if the stamp is not
+//! 0 (0: never published, or being written) and, once per generation, the
+//! checksum matches ([`SlotCheck`]). At the end [`Region::end_read`] re-checks
 //! the stamp after an Acquire fence (a seqlock: a changed stamp means the
-//! burst saw a slot being rewritten, which the protocol prevents for every
-//! switch that acknowledges in time) and stores the stamp as its
-//! acknowledgement (Release).
+//! burst saw a slot being rewritten, which acknowledgement plus fencing
+//! prevents: a switch either acknowledges in time or is gone before the
+//! rewrite) and stores the stamp as its acknowledgement (Release).
 //!
 //! A switch marks itself RUNNING (SeqCst) before its first `begin_read`, so a
 //! writer that did not see it RUNNING published before the switch's first
@@ -26,7 +35,7 @@ use crate::config_slot::ConfigSlotMut;
 use crate::header::{PubWords, Section};
 use crate::region::Region;
 use crate::routing_slot::RoutingSlotMut;
-use crate::switch_slot::SwitchSlot;
+use crate::switch_slot::{SW_RUNNING, SW_STOPPED, SwitchSlot};
 
 /// Which published table.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -36,6 +45,14 @@ pub enum Table {
 }
 
 impl Table {
+    /// "configuration" or "routing", for messages.
+    pub fn name(self) -> &'static str {
+        match self {
+            Table::Config => "configuration",
+            Table::Routing => "routing",
+        }
+    }
+
     fn seen(self, s: &SwitchSlot) -> u64 {
         match self {
             Table::Config => s.seen_config.load(Ordering::Acquire),
@@ -53,11 +70,12 @@ impl Table {
     }
 }
 
-/// A switch the writer stopped waiting for.
+/// A switch the writer stopped waiting for, and fenced.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Excluded {
     pub switch: usize,
     pub pid: u32,
+    /// The generation it had acknowledged last.
     pub seen: u64,
 }
 
@@ -67,7 +85,90 @@ pub struct PublishReport {
     pub generation: u64,
     pub slot: usize,
     pub waited: Duration,
+    /// Switches excluded for not acknowledging in time; every one was
+    /// fenced before the slot was written.
     pub excluded: Vec<Excluded>,
+}
+
+/// Why a publication wrote nothing.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum PublishError {
+    #[error(
+        "switch {switch} (pid {pid}) did not acknowledge {} generation {generation} within {timeout:?} \
+         and could not be fenced: generation {} not written, since the slot it may still read would be rewritten{}",
+        table.name(),
+        generation + 1,
+        if fenced.is_empty() { String::new() } else {
+            format!(" (fenced meanwhile: {})", fenced.iter()
+                .map(|e| format!("switch {} pid {}", e.switch, e.pid))
+                .collect::<Vec<_>>().join(", "))
+        }
+    )]
+    Unfenced {
+        table: Table,
+        /// The generation every switch was to acknowledge (still current).
+        generation: u64,
+        timeout: Duration,
+        switch: usize,
+        pid: u32,
+        /// Switches of the same wait that were fenced before this one.
+        fenced: Vec<Excluded>,
+    },
+}
+
+/// A fencing callback for a writer that can stop no process (tests,
+/// fixtures, tools): an excluded switch makes the publication fail.
+pub fn cannot_fence(_switch: usize, _pid: u32) -> bool {
+    false
+}
+
+/// A reader's verdict on the slots it uses, kept across bursts so the
+/// checksum of a slot is computed once per generation it sees (a pass over
+/// the whole slot, about a millisecond for a few MiB: far too slow for
+/// every burst), not per burst.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SlotCheck {
+    stamp: u64,
+    ok: bool,
+}
+
+impl SlotCheck {
+    /// Whether the slot of `tok` may be used: published (stamp not 0: 0 is
+    /// a slot never published or being written) and its checksum matching
+    /// its contents. Verifies when the stamp differs from the last one
+    /// checked, and then adds one to `bad` if the checksum is wrong.
+    ///
+    /// # Safety
+    /// Verifying reads the slot: call it only as a switch, between
+    /// `begin_read` (which gave `tok`) and `end_read`, under the rule of
+    /// [`Region::config_view`].
+    #[inline]
+    pub unsafe fn usable(
+        &mut self,
+        region: &Region,
+        t: Table,
+        tok: ReadToken,
+        bad: &mut u64,
+    ) -> bool {
+        if tok.stamp != self.stamp {
+            // SAFETY: the caller's contract.
+            *self = unsafe { Self::verify(region, t, tok) };
+            *bad += (tok.stamp != 0 && !self.ok) as u64;
+        }
+        self.ok
+    }
+
+    /// # Safety
+    /// As for [`SlotCheck::usable`].
+    #[cold]
+    #[inline(never)]
+    unsafe fn verify(region: &Region, t: Table, tok: ReadToken) -> Self {
+        Self {
+            stamp: tok.stamp,
+            // SAFETY: the caller's contract.
+            ok: tok.stamp != 0 && unsafe { region.verify_slot(t, tok.slot) },
+        }
+    }
 }
 
 /// A reader's hold on one slot for one burst.
@@ -90,8 +191,10 @@ impl Region {
         self.pub_words(t).generation.load(Ordering::Acquire)
     }
 
+    /// The stamp (seqlock word) of slot `ab` of a table: 0 while the slot
+    /// is written, its generation once complete.
     #[inline]
-    fn stamp_of(&self, t: Table, ab: usize) -> &core::sync::atomic::AtomicU64 {
+    pub fn slot_stamp(&self, t: Table, ab: usize) -> &core::sync::atomic::AtomicU64 {
         // Only the header: a whole view would bounds-check every array of
         // the slot, twice per table per poll loop.
         match t {
@@ -104,7 +207,7 @@ impl Region {
     #[inline]
     pub fn begin_read(&self, t: Table) -> ReadToken {
         let slot = self.pub_words(t).active.load(Ordering::SeqCst) as usize & 1;
-        let stamp = self.stamp_of(t, slot).load(Ordering::Acquire);
+        let stamp = self.slot_stamp(t, slot).load(Ordering::Acquire);
         ReadToken { slot, stamp }
     }
 
@@ -113,7 +216,7 @@ impl Region {
     #[inline]
     pub fn end_read(&self, t: Table, tok: ReadToken, me: &SwitchSlot) -> bool {
         fence(Ordering::Acquire);
-        let now = self.stamp_of(t, tok.slot).load(Ordering::Relaxed);
+        let now = self.slot_stamp(t, tok.slot).load(Ordering::Relaxed);
         // Stamp 0 means nothing was published when the burst began, so the
         // reader used no slot content (the first publication may fill the
         // slot it pointed at meanwhile): nothing to tear.
@@ -126,17 +229,23 @@ impl Region {
         ok
     }
 
-    /// Writer: waits for acknowledgements (at most `ack_timeout`), fills the
-    /// inactive configuration slot with `fill`, and makes it active.
+    /// Writer: waits for acknowledgements (at most `ack_timeout`), fences
+    /// every switch that did not acknowledge (see the module doc; `fence`
+    /// gets the switch's index and pid and must return true only once that
+    /// process can no longer touch the region), fills the inactive
+    /// configuration slot with `fill`, and makes it active. Writes nothing
+    /// if a switch could not be fenced.
     pub fn publish_config(
         &self,
         ack_timeout: Duration,
+        fence: &mut dyn FnMut(usize, u32) -> bool,
         fill: impl FnOnce(&mut ConfigSlotMut<'_>),
-    ) -> PublishReport {
-        self.publish(Table::Config, ack_timeout, |ab| {
+    ) -> Result<PublishReport, PublishError> {
+        self.publish(Table::Config, ack_timeout, fence, |ab| {
             // SAFETY: we are the single publisher (controld holds the only
             // writable Region that publishes), and `publish` calls us only for
-            // the inactive slot after every live switch acknowledged.
+            // the inactive slot after every live switch acknowledged or was
+            // fenced; no other reference into the slot is alive meanwhile.
             let mut slot = unsafe { self.config_slot_mut(ab) };
             fill(&mut slot);
             // Derived from the services just written, whoever wrote them.
@@ -148,9 +257,10 @@ impl Region {
     pub fn publish_routing(
         &self,
         ack_timeout: Duration,
+        fence: &mut dyn FnMut(usize, u32) -> bool,
         fill: impl FnOnce(&mut RoutingSlotMut<'_>),
-    ) -> PublishReport {
-        self.publish(Table::Routing, ack_timeout, |ab| {
+    ) -> Result<PublishReport, PublishError> {
+        self.publish(Table::Routing, ack_timeout, fence, |ab| {
             // SAFETY: as in `publish_config`.
             let mut slot = unsafe { self.routing_slot_mut(ab) };
             fill(&mut slot);
@@ -167,7 +277,13 @@ impl Region {
             .collect()
     }
 
-    fn publish(&self, t: Table, ack_timeout: Duration, write: impl FnOnce(usize)) -> PublishReport {
+    fn publish(
+        &self,
+        t: Table,
+        ack_timeout: Duration,
+        fence_switch: &mut dyn FnMut(usize, u32) -> bool,
+        write: impl FnOnce(usize),
+    ) -> Result<PublishReport, PublishError> {
         let words = self.pub_words(t);
         let g = words.generation.load(Ordering::SeqCst);
         let start = Instant::now();
@@ -181,15 +297,35 @@ impl Region {
             if start.elapsed() >= ack_timeout {
                 for i in pending {
                     let s = &self.switch_slots()[i];
+                    let pid = s.pid.load(Ordering::Relaxed);
+                    let seen = t.seen(s);
+                    if !fence_switch(i, pid) {
+                        words.refused.fetch_add(1, Ordering::Relaxed);
+                        return Err(PublishError::Unfenced {
+                            table: t,
+                            generation: g,
+                            timeout: ack_timeout,
+                            switch: i,
+                            pid,
+                            fenced: excluded,
+                        });
+                    }
+                    // Gone: not waited for again (the supervisor, which
+                    // reaps and restarts it, stores STOPPED as well).
+                    let _ = s.state.compare_exchange(
+                        SW_RUNNING,
+                        SW_STOPPED,
+                        Ordering::SeqCst,
+                        Ordering::SeqCst,
+                    );
+                    s.fenced.fetch_add(1, Ordering::Relaxed);
+                    words.excluded.fetch_add(1, Ordering::Relaxed);
                     excluded.push(Excluded {
                         switch: i,
-                        pid: s.pid.load(Ordering::Relaxed),
-                        seen: t.seen(s),
+                        pid,
+                        seen,
                     });
                 }
-                words
-                    .excluded
-                    .fetch_add(excluded.len() as u64, Ordering::Relaxed);
                 break;
             }
             std::thread::sleep(nap);
@@ -198,38 +334,45 @@ impl Region {
         let waited = start.elapsed();
         let active = words.active.load(Ordering::SeqCst) as usize & 1;
         let slot = if g == 0 { 0 } else { active ^ 1 };
-        let stamp = self.stamp_of(t, slot);
-        stamp.store(0, Ordering::Relaxed);
+        // Each access to the stamp borrows it anew: no reference into the
+        // slot's header may live across the `&mut` views `write` and
+        // `write_checksum` make of the whole slot, header included.
+        self.slot_stamp(t, slot).store(0, Ordering::Relaxed);
         // Make the zero stamp visible before any content store.
         fence(Ordering::Release);
         write(slot);
         let sum = self.slot_checksum(t.section(slot));
         self.write_checksum(t, slot, sum);
-        stamp.store(g + 1, Ordering::Release);
+        self.slot_stamp(t, slot).store(g + 1, Ordering::Release);
         words.active.store(slot as u32, Ordering::SeqCst);
         words.generation.store(g + 1, Ordering::SeqCst);
-        PublishReport {
+        Ok(PublishReport {
             generation: g + 1,
             slot,
             waited,
             excluded,
-        }
+        })
     }
 
     fn write_checksum(&self, t: Table, ab: usize, sum: u64) {
         match t {
-            // SAFETY: still inside `publish`, which owns the inactive slot.
+            // SAFETY: still inside `publish`, which owns the inactive slot
+            // and holds no other reference into it.
             Table::Config => unsafe { self.config_slot_mut(ab) }.header.checksum = sum,
             // SAFETY: as above.
             Table::Routing => unsafe { self.routing_slot_mut(ab) }.header.checksum = sum,
         }
     }
 
-    /// Whether a slot's stored checksum matches its contents (inspection).
-    pub fn verify_slot(&self, t: Table, ab: usize) -> bool {
+    /// Whether a slot's stored checksum matches its contents.
+    ///
+    /// # Safety
+    /// Reads the slot in place: the rule of [`Region::config_view`] applies
+    /// (tools: [`SlotCopy::checksum_ok`](crate::region::SlotCopy::checksum_ok)).
+    pub unsafe fn verify_slot(&self, t: Table, ab: usize) -> bool {
         let stored = match t {
-            Table::Config => self.config_view(ab).header.checksum,
-            Table::Routing => self.routing_view(ab).header.checksum,
+            Table::Config => self.config_header(ab).checksum,
+            Table::Routing => self.routing_header(ab).checksum,
         };
         stored == self.slot_checksum(t.section(ab))
     }
@@ -247,15 +390,21 @@ mod tests {
         let t = temp("pub1");
         let r = &t.0;
         assert_eq!(r.generation(Table::Config), 0);
-        let rep = r.publish_config(Duration::from_millis(100), |s| {
-            s.header.n_services = 3;
-        });
+        let rep = r
+            .publish_config(Duration::from_millis(100), &mut cannot_fence, |s| {
+                s.header.n_services = 3;
+            })
+            .unwrap();
         assert_eq!(rep.generation, 1);
         assert!(rep.excluded.is_empty());
         let tok = r.begin_read(Table::Config);
         assert_eq!(tok.stamp, 1);
-        assert_eq!(r.config_view(tok.slot).header.n_services, 3);
-        assert!(r.verify_slot(Table::Config, tok.slot));
+        let copy = r.config_copy();
+        assert_eq!((copy.slot, copy.stamp), (tok.slot, 1));
+        assert_eq!(copy.config().header.n_services, 3);
+        assert!(copy.checksum_ok());
+        // SAFETY: this thread is the only publisher, between publications.
+        assert!(unsafe { r.verify_slot(Table::Config, tok.slot) });
     }
 
     /// The VIP and service indexes answer as a scan of the services would,
@@ -284,7 +433,7 @@ mod tests {
             ..Default::default()
         };
         let publish = |n: u32| {
-            r.publish_config(Duration::from_millis(100), |s| {
+            r.publish_config(Duration::from_millis(100), &mut cannot_fence, |s| {
                 s.header.n_services = n;
                 for i in 0..n {
                     s.services[i as usize] = svc(i);
@@ -292,8 +441,9 @@ mod tests {
                 if n == 300 {
                     s.services[299] = svc(5);
                 }
-            });
-            r.config_view(r.begin_read(Table::Config).slot)
+            })
+            .unwrap();
+            r.config_copy()
         };
         let scan_vip = |v: &crate::config_slot::ConfigView<'_>, ip: u32| {
             v.services().iter().any(|s| s.vip == ip)
@@ -304,7 +454,8 @@ mod tests {
                 .position(|s| s.vip == ip && s.port == port && s.proto == proto)
         };
         for n in [300, 40] {
-            let v = publish(n);
+            let copy = publish(n);
+            let v = copy.config();
             let mut found = 0;
             for ip in 0xc612_07f0..0xc612_0900u32 {
                 assert_eq!(v.is_vip(ip), scan_vip(&v, ip), "n {n} vip {ip:#x}");
@@ -344,7 +495,10 @@ mod tests {
             sc.spawn(|| {
                 while !stop.load(Ordering::Relaxed) {
                     let tok = r.begin_read(Table::Config);
-                    let v = r.config_view(tok.slot);
+                    // SAFETY: this thread is a switch: RUNNING before its
+                    // first begin_read, reads between begin_read and
+                    // end_read, acknowledges; the publisher waits for it.
+                    let v = unsafe { r.config_view(tok.slot) };
                     if tok.stamp != 0 {
                         let want = tok.stamp as u32;
                         let bad =
@@ -361,12 +515,14 @@ mod tests {
             });
             for _ in 0..300 {
                 let g = r.generation(Table::Config) + 1;
-                let rep = r.publish_config(Duration::from_secs(5), |s| {
-                    for svc in s.services.iter_mut() {
-                        svc.vip = g as u32;
-                    }
-                    s.header.n_backends = g as u32;
-                });
+                let rep = r
+                    .publish_config(Duration::from_secs(5), &mut cannot_fence, |s| {
+                        for svc in s.services.iter_mut() {
+                            svc.vip = g as u32;
+                        }
+                        s.header.n_backends = g as u32;
+                    })
+                    .unwrap();
                 assert!(rep.excluded.is_empty());
             }
             stop.store(true, Ordering::Relaxed);
@@ -376,30 +532,189 @@ mod tests {
         assert_eq!(r.generation(Table::Config), 300);
     }
 
+    /// A reader outside the protocol (a tool: nobody waits for it) copies
+    /// the active slot while the publisher rewrites slots as fast as it
+    /// can: every copy it gets is whole (every word of the generation its
+    /// stamp names, checksum matching), or empty.
     #[test]
-    fn stalled_switch_is_excluded_and_reported() {
+    fn copies_are_whole_however_the_publisher_runs() {
+        let t = temp("pubcopy");
+        let r = &t.0;
+        let stop = AtomicBool::new(false);
+        let (whole, empty) = (
+            std::sync::atomic::AtomicU64::new(0),
+            std::sync::atomic::AtomicU64::new(0),
+        );
+        std::thread::scope(|sc| {
+            sc.spawn(|| {
+                while !stop.load(Ordering::Relaxed) {
+                    let copy = r.config_copy();
+                    if copy.stamp == 0 {
+                        empty.fetch_add(1, Ordering::Relaxed);
+                        continue;
+                    }
+                    let v = copy.config();
+                    let want = copy.stamp as u32;
+                    assert!(v.services.iter().all(|s| s.vip == want));
+                    assert_eq!(v.header.n_backends, want);
+                    assert!(copy.checksum_ok());
+                    whole.fetch_add(1, Ordering::Relaxed);
+                }
+            });
+            // Until the reader has its copies (bounded in count).
+            while whole.load(Ordering::Relaxed) < 100 && r.generation(Table::Config) < 1_000_000 {
+                let g = r.generation(Table::Config) + 1;
+                r.publish_config(Duration::from_secs(5), &mut cannot_fence, |s| {
+                    for svc in s.services.iter_mut() {
+                        svc.vip = g as u32;
+                    }
+                    s.header.n_backends = g as u32;
+                })
+                .unwrap();
+            }
+            stop.store(true, Ordering::Relaxed);
+        });
+        assert!(whole.load(Ordering::Relaxed) >= 100);
+        let copy = r.config_copy();
+        assert_eq!(copy.stamp, r.generation(Table::Config));
+        assert!(copy.checksum_ok());
+    }
+
+    /// A switch that never acknowledges is fenced before the slot is
+    /// written (the slot is as it was when the fence runs), then marked
+    /// stopped and counted; the next publication does not wait for it.
+    #[test]
+    fn stalled_switch_is_fenced_before_the_slot_is_written() {
         let t = temp("pubstall");
         let r = &t.0;
-        r.publish_config(Duration::from_millis(10), |_| {});
+        r.publish_config(Duration::from_millis(10), &mut cannot_fence, |s| {
+            s.header.n_services = 1;
+        })
+        .unwrap();
+        r.publish_config(Duration::from_millis(10), &mut cannot_fence, |s| {
+            s.header.n_services = 2;
+        })
+        .unwrap();
         let s = &r.switch_slots()[2];
-        s.pid.store(std::process::id(), Ordering::Relaxed);
-        s.proc_start.store(
-            crate::time::process_start(std::process::id()).unwrap(),
-            Ordering::Relaxed,
-        );
+        let pid = std::process::id();
+        s.pid.store(pid, Ordering::Relaxed);
+        s.proc_start
+            .store(crate::time::process_start(pid).unwrap(), Ordering::Relaxed);
         s.state.store(SW_RUNNING, Ordering::SeqCst);
-        // Never acknowledges generation 1.
-        let rep = r.publish_config(Duration::from_millis(30), |_| {});
-        assert_eq!(rep.generation, 2);
-        assert_eq!(rep.excluded.len(), 1);
-        assert_eq!(rep.excluded[0].switch, 2);
+        // Acknowledged generation 1, read slot A ever since: generation 3
+        // would rewrite it.
+        s.seen_config.store(1, Ordering::Release);
+        let mut calls = Vec::new();
+        let rep = r
+            .publish_config(
+                Duration::from_millis(30),
+                &mut |i, p| {
+                    // Nothing of the slot the switch reads is touched yet.
+                    assert_eq!(r.begin_read(Table::Config).stamp, 2);
+                    assert_eq!(r.config_header(0).stamp.load(Ordering::Relaxed), 1);
+                    assert_eq!(r.config_header(0).n_services, 1);
+                    calls.push((i, p));
+                    true
+                },
+                |s| s.header.n_services = 3,
+            )
+            .unwrap();
+        assert_eq!(calls, [(2, pid)]);
+        assert_eq!((rep.generation, rep.slot), (3, 0));
         assert_eq!(
-            r.pub_words(Table::Config).excluded.load(Ordering::Relaxed),
-            1
+            rep.excluded,
+            [Excluded {
+                switch: 2,
+                pid,
+                seen: 1
+            }]
         );
-        // A dead pid is not waited for at all.
+        assert_eq!(s.state.load(Ordering::SeqCst), SW_STOPPED);
+        assert_eq!(s.fenced.load(Ordering::Relaxed), 1);
+        let words = r.pub_words(Table::Config);
+        assert_eq!(words.excluded.load(Ordering::Relaxed), 1);
+        assert_eq!(words.refused.load(Ordering::Relaxed), 0);
+        // Fenced: not waited for, not fenced again.
+        let rep = r
+            .publish_config(
+                Duration::from_millis(30),
+                &mut |i, p| panic!("switch {i} pid {p} fenced twice"),
+                |_| {},
+            )
+            .unwrap();
+        assert!(rep.excluded.is_empty());
+        assert_eq!(rep.generation, 4);
+    }
+
+    /// A stalled switch that cannot be fenced blocks the publication:
+    /// nothing is written, the generation stays, and the error names it.
+    #[test]
+    fn unfenceable_switch_blocks_the_publication() {
+        let t = temp("pubunfenced");
+        let r = &t.0;
+        for n in [1, 2] {
+            r.publish_config(Duration::from_millis(10), &mut cannot_fence, |s| {
+                s.header.n_services = n;
+            })
+            .unwrap();
+        }
+        let s = &r.switch_slots()[1];
+        let pid = std::process::id();
+        s.pid.store(pid, Ordering::Relaxed);
+        s.state.store(SW_RUNNING, Ordering::SeqCst);
+        s.seen_config.store(1, Ordering::Release);
+        let sum = r.config_header(0).checksum;
+        let e = r
+            .publish_config(Duration::from_millis(30), &mut cannot_fence, |s| {
+                s.header.n_services = 3;
+            })
+            .unwrap_err();
+        assert_eq!(
+            e,
+            PublishError::Unfenced {
+                table: Table::Config,
+                generation: 2,
+                timeout: Duration::from_millis(30),
+                switch: 1,
+                pid,
+                fenced: Vec::new(),
+            }
+        );
+        assert_eq!(
+            e.to_string(),
+            format!(
+                "switch 1 (pid {pid}) did not acknowledge configuration generation 2 within 30ms \
+                 and could not be fenced: generation 3 not written, since the slot it may still read would be rewritten"
+            )
+        );
+        assert_eq!(r.generation(Table::Config), 2);
+        let a = r.config_header(0);
+        assert_eq!(
+            (a.stamp.load(Ordering::Relaxed), a.n_services, a.checksum),
+            (1, 1, sum)
+        );
+        // SAFETY: this thread is the only publisher, between publications.
+        assert!(unsafe { r.verify_slot(Table::Config, 0) });
+        assert_eq!(s.state.load(Ordering::SeqCst), SW_RUNNING);
+        assert_eq!(s.fenced.load(Ordering::Relaxed), 0);
+        let words = r.pub_words(Table::Config);
+        assert_eq!(words.refused.load(Ordering::Relaxed), 1);
+        assert_eq!(words.excluded.load(Ordering::Relaxed), 0);
+    }
+
+    /// A dead pid is not waited for at all.
+    #[test]
+    fn dead_switch_is_not_waited_for() {
+        let t = temp("pubdead");
+        let r = &t.0;
+        r.publish_config(Duration::from_millis(10), &mut cannot_fence, |_| {})
+            .unwrap();
+        let s = &r.switch_slots()[2];
         s.pid.store(u32::MAX / 2 - 7, Ordering::Relaxed);
-        let rep = r.publish_config(Duration::from_secs(10), |_| {});
+        s.state.store(SW_RUNNING, Ordering::SeqCst);
+        let rep = r
+            .publish_config(Duration::from_millis(30), &mut cannot_fence, |_| {})
+            .unwrap();
         assert!(rep.excluded.is_empty());
     }
 }

@@ -5,14 +5,15 @@
 //! the mapping, bounds-checked against the section table at attach time.
 
 use core::mem::size_of;
-use core::sync::atomic::Ordering;
+use core::sync::atomic::{AtomicU64, Ordering, fence};
 
 use crate::config_slot::{
     BackendRec, ConfigHeader, ConfigSlotMut, ConfigView, ServiceRec, index_len,
 };
-use crate::conntrack::{ConnSlot, ConnTable};
+use crate::conntrack::{ConnReader, ConnSlot, ConnTable};
 use crate::fingerprint::{Fingerprint, checksum};
 use crate::header::*;
+use crate::publish::Table;
 use crate::ring::{Ring, RingHeader, RingSlot};
 use crate::routing_slot::{NeighbourRec, RouteRec, RoutingHeader, RoutingSlotMut, RoutingView};
 use crate::shm::{Access, Mapping, ShmError};
@@ -378,8 +379,24 @@ impl Region {
         self.slice(Section::BackendCounters, 0, self.caps.backend_ids as usize)
     }
 
+    /// The connection table, writable. Only a read-write mapping has one:
+    /// panics on a read-only mapping (whose stores would fault), which
+    /// reads the table through [`Region::conntrack_reader`].
     pub fn conntrack(&self) -> ConnTable<'_> {
+        assert!(
+            self.is_writable(),
+            "{}: a read-only mapping has no writable connection table (use conntrack_reader)",
+            self.name()
+        );
         ConnTable::new(
+            self.slice(Section::ConnTable, 0, self.caps.conn_slots as usize),
+            self.header().hash_seed,
+        )
+    }
+
+    /// The connection table, read-only (any mapping: tools).
+    pub fn conntrack_reader(&self) -> ConnReader<'_> {
+        ConnReader::new(
             self.slice(Section::ConnTable, 0, self.caps.conn_slots as usize),
             self.header().hash_seed,
         )
@@ -422,49 +439,115 @@ impl Region {
         }
     }
 
-    /// Read view of configuration slot `ab` (0 = A, 1 = B).
-    /// The header of configuration slot `ab` alone.
+    /// The header of configuration slot `ab` (0 = A, 1 = B) alone. Its
+    /// plain fields are read under the rule of [`Region::config_view`]
+    /// (crate-internal: outside, only the stamp is exposed, by
+    /// [`Region::slot_stamp`]).
     #[inline]
-    pub fn config_header(&self, ab: usize) -> &ConfigHeader {
+    pub(crate) fn config_header(&self, ab: usize) -> &ConfigHeader {
         // SAFETY: in bounds (`ptr` asserts); see `slice`.
         unsafe { &*self.ptr::<ConfigHeader>(Self::config_section(ab), 0, 1) }
     }
 
-    /// The header of routing slot `ab` alone.
+    /// The header of routing slot `ab` alone (as [`Region::config_header`]).
     #[inline]
-    pub fn routing_header(&self, ab: usize) -> &RoutingHeader {
+    pub(crate) fn routing_header(&self, ab: usize) -> &RoutingHeader {
         // SAFETY: in bounds (`ptr` asserts); see `slice`.
         unsafe { &*self.ptr::<RoutingHeader>(Self::routing_section(ab), 0, 1) }
     }
 
-    pub fn config_view(&self, ab: usize) -> ConfigView<'_> {
+    /// Read view of configuration slot `ab` (0 = A, 1 = B), in place.
+    ///
+    /// # Safety
+    /// The view reads the slot with plain loads: no write to the slot may
+    /// overlap a read through the view (that would be a data race). The
+    /// publisher writes a slot only after every RUNNING switch has
+    /// acknowledged a generation that no longer uses it, or has been
+    /// fenced (killed and gone; `publish.rs`). So the caller must be
+    /// either
+    /// - a switch that stores RUNNING before its first
+    ///   [`Region::begin_read`], reads through the view only between
+    ///   `begin_read` and [`Region::end_read`] of a token for this slot
+    ///   with a non-zero stamp, and acknowledges with `end_read`; or
+    /// - the only publisher of the region, on the same thread, reading
+    ///   only between its publications (tests and fixtures).
+    ///
+    /// Holding a view of a slot while it is rewritten is allowed; reading
+    /// through it then is not. Readers that acknowledge nothing (tools)
+    /// take a private copy instead: [`Region::config_copy`].
+    pub unsafe fn config_view(&self, ab: usize) -> ConfigView<'_> {
         let s = Self::config_section(ab);
-        let l = config_layout(&self.caps);
-        ConfigView {
-            // SAFETY: in bounds (`ptr` asserts); see `slice`.
-            header: unsafe { &*self.ptr::<ConfigHeader>(s, 0, 1) },
-            services: self.slice(s, l.services, self.caps.services as usize),
-            backends: self.slice(s, l.backends, self.caps.backends as usize),
-            maglev: self.slice(
-                s,
-                l.maglev,
-                self.caps.services as usize * self.caps.maglev_m as usize,
-            ),
-            down_action: self.slice(s, l.down_action, self.caps.backend_ids as usize),
-            service_index: self.slice(s, l.service_index, index_len(self.caps.services)),
-            vip_index: self.slice(s, l.vip_index, index_len(self.caps.services)),
-        }
+        let base = self.ptr::<u8>(s, 0, self.sections[s as usize].len as usize);
+        // SAFETY: `base` is the slot, in bounds and page aligned; reads
+        // through the view follow the caller's contract above.
+        unsafe { config_view_at(base, &self.caps) }
     }
 
-    /// Read view of routing slot `ab`.
-    pub fn routing_view(&self, ab: usize) -> RoutingView<'_> {
+    /// Read view of routing slot `ab`, in place.
+    ///
+    /// # Safety
+    /// As for [`Region::config_view`] (tools: [`Region::routing_copy`]).
+    pub unsafe fn routing_view(&self, ab: usize) -> RoutingView<'_> {
         let s = Self::routing_section(ab);
-        let l = routing_layout(&self.caps);
-        RoutingView {
-            // SAFETY: in bounds (`ptr` asserts); see `slice`.
-            header: unsafe { &*self.ptr::<RoutingHeader>(s, 0, 1) },
-            routes: self.slice(s, l.routes, self.caps.routes as usize),
-            neighbours: self.slice(s, l.neighbours, self.caps.neighbours as usize),
+        let base = self.ptr::<u8>(s, 0, self.sections[s as usize].len as usize);
+        // SAFETY: as in `config_view`.
+        unsafe { routing_view_at(base, &self.caps) }
+    }
+
+    /// A private copy of the active configuration slot, consistent however
+    /// the publisher runs meanwhile (a seqlock read: the slot's stamp is the
+    /// same, and not 0, before and after the copy; retried a bounded number
+    /// of times). For readers outside the acknowledgement protocol: tools.
+    /// An unpublished slot, or one rewritten under every attempt, gives an
+    /// empty copy (stamp 0, all zero).
+    pub fn config_copy(&self) -> SlotCopy {
+        self.copy_slot(Table::Config)
+    }
+
+    /// A private copy of the active routing slot (as [`Region::config_copy`]).
+    pub fn routing_copy(&self) -> SlotCopy {
+        self.copy_slot(Table::Routing)
+    }
+
+    fn copy_slot(&self, t: Table) -> SlotCopy {
+        const TRIES: usize = 64;
+        let sections = |ab| match (t, ab) {
+            (Table::Config, 0) => Section::ConfigA,
+            (Table::Config, _) => Section::ConfigB,
+            (Table::Routing, 0) => Section::RoutingA,
+            (Table::Routing, _) => Section::RoutingB,
+        };
+        let len = self.sections[sections(0) as usize].len as usize;
+        let mut buf = vec![Line([0; 8]); len.div_ceil(64)];
+        for _ in 0..TRIES {
+            let tok = self.begin_read(t);
+            if tok.stamp == 0 {
+                break;
+            }
+            let words = self.slice::<AtomicU64>(sections(tok.slot), 0, len / 8);
+            for (i, w) in words.iter().enumerate() {
+                // Atomic loads: the publisher may be writing (the stamp
+                // check below then discards the copy).
+                buf[i / 8].0[i % 8] = w.load(Ordering::Relaxed);
+            }
+            fence(Ordering::Acquire);
+            if self.slot_stamp(t, tok.slot).load(Ordering::Relaxed) == tok.stamp {
+                return SlotCopy {
+                    table: t,
+                    slot: tok.slot,
+                    stamp: tok.stamp,
+                    caps: self.caps,
+                    buf,
+                };
+            }
+        }
+        buf.fill(Line([0; 8]));
+        SlotCopy {
+            table: t,
+            slot: 0,
+            stamp: 0,
+            caps: self.caps,
+            buf,
         }
     }
 
@@ -530,9 +613,125 @@ impl Region {
         self.slice::<u8>(s, 16, (sec.len - 16) as usize)
     }
 
-    /// Checksum of a slot as it is now.
-    pub fn slot_checksum(&self, s: Section) -> u64 {
+    /// Checksum of a slot as it is now (plain reads: the caller is the
+    /// publisher, or meets the rule of [`Region::config_view`]).
+    pub(crate) fn slot_checksum(&self, s: Section) -> u64 {
         checksum(self.slot_bytes(s))
+    }
+}
+
+/// One cache line of a [`SlotCopy`] (64-byte aligned, as the slot's header).
+#[derive(Clone, Copy)]
+#[repr(C, align(64))]
+struct Line([u64; 8]);
+
+/// A private copy of a published slot (see [`Region::config_copy`]):
+/// nothing else writes it, so its views are plain safe reads.
+pub struct SlotCopy {
+    table: Table,
+    /// The slot it was copied from (0 = A, 1 = B).
+    pub slot: usize,
+    /// The slot's generation stamp (0: nothing consistent was published).
+    pub stamp: u64,
+    caps: Capacities,
+    buf: Vec<Line>,
+}
+
+impl core::fmt::Debug for SlotCopy {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("SlotCopy")
+            .field("table", &self.table)
+            .field("slot", &self.slot)
+            .field("stamp", &self.stamp)
+            .finish()
+    }
+}
+
+impl SlotCopy {
+    fn bytes(&self) -> &[u8] {
+        // SAFETY: `buf` is plain u64 words, any byte of which is a valid u8.
+        unsafe { core::slice::from_raw_parts(self.buf.as_ptr().cast::<u8>(), self.buf.len() * 64) }
+    }
+
+    /// The copy as a configuration slot. Panics on a routing copy.
+    pub fn config(&self) -> ConfigView<'_> {
+        assert_eq!(self.table, Table::Config, "a routing slot copy");
+        assert!(self.bytes().len() as u64 >= config_layout(&self.caps).len);
+        // SAFETY: the buffer is 64-byte aligned, as long as a slot and
+        // private to us: nothing writes it while the view borrows it.
+        unsafe { config_view_at(self.bytes().as_ptr(), &self.caps) }
+    }
+
+    /// The copy as a routing slot. Panics on a configuration copy.
+    pub fn routing(&self) -> RoutingView<'_> {
+        assert_eq!(self.table, Table::Routing, "a configuration slot copy");
+        assert!(self.bytes().len() as u64 >= routing_layout(&self.caps).len);
+        // SAFETY: as in `config`.
+        unsafe { routing_view_at(self.bytes().as_ptr(), &self.caps) }
+    }
+
+    /// Whether the copy's stored checksum matches its contents (an empty
+    /// copy has none).
+    pub fn checksum_ok(&self) -> bool {
+        let len = match self.table {
+            Table::Config => config_layout(&self.caps).len,
+            Table::Routing => routing_layout(&self.caps).len,
+        } as usize;
+        let b = self.bytes();
+        let stored = u64::from_le_bytes(b[8..16].try_into().expect("8 bytes"));
+        self.stamp != 0 && stored == checksum(&b[16..len])
+    }
+}
+
+/// A slice of `count` `T` at `off` bytes from `base`.
+///
+/// # Safety
+/// `base + off .. + count * size_of::<T>()` lies inside one live
+/// allocation or mapping, aligned for `T`, holding valid `T`s for `'a`.
+unsafe fn slice_at<'a, T>(base: *const u8, off: u64, count: usize) -> &'a [T] {
+    let p = base.wrapping_add(off as usize).cast::<T>();
+    debug_assert!(p.is_aligned());
+    // SAFETY: the caller's contract.
+    unsafe { core::slice::from_raw_parts(p, count) }
+}
+
+/// The views of a configuration slot of capacities `c` starting at `base`.
+///
+/// # Safety
+/// `base` is 64-byte aligned and starts `config_layout(c).len` readable
+/// bytes that nothing writes while the view is read through.
+unsafe fn config_view_at<'a>(base: *const u8, c: &Capacities) -> ConfigView<'a> {
+    let l = config_layout(c);
+    let ns = c.services as usize;
+    let nx = index_len(c.services);
+    // SAFETY: each array lies inside the slot (`config_layout`), aligned
+    // (64-byte aligned offsets), of plain data valid for any bits.
+    unsafe {
+        ConfigView {
+            header: &*base.cast::<ConfigHeader>(),
+            services: slice_at(base, l.services, ns),
+            backends: slice_at(base, l.backends, c.backends as usize),
+            maglev: slice_at(base, l.maglev, ns * c.maglev_m as usize),
+            down_action: slice_at(base, l.down_action, c.backend_ids as usize),
+            service_index: slice_at(base, l.service_index, nx),
+            vip_index: slice_at(base, l.vip_index, nx),
+        }
+    }
+}
+
+/// The views of a routing slot of capacities `c` starting at `base`.
+///
+/// # Safety
+/// As for [`config_view_at`], with `routing_layout(c).len` bytes.
+unsafe fn routing_view_at<'a>(base: *const u8, c: &Capacities) -> RoutingView<'a> {
+    let l = routing_layout(c);
+    // SAFETY: as in `config_view_at`.
+    unsafe {
+        RoutingView {
+            header: &*base.cast::<RoutingHeader>(),
+            routes: slice_at(base, l.routes, c.routes as usize),
+            neighbours: slice_at(base, l.neighbours, c.neighbours as usize),
+        }
     }
 }
 
@@ -584,13 +783,27 @@ pub(crate) mod tests {
         assert_eq!(r.caps(), &small_caps());
         assert_eq!(r.header().hash_seed, t.0.header().hash_seed);
         assert_eq!(r.switch_slots().len(), 4);
-        assert_eq!(r.conntrack().capacity(), 4096);
+        assert_eq!(r.conntrack_reader().capacity(), 4096);
         // Sections do not overlap and are page aligned.
         let mut end = 0;
         for s in r.header().sections {
             assert!(s.offset >= end && s.offset % PAGE == 0);
             end = s.offset + s.len;
         }
+    }
+
+    /// A read-only mapping reads the table but gives no writable one: its
+    /// write methods are out of reach (their stores would fault).
+    #[test]
+    #[should_panic(expected = "a read-only mapping has no writable connection table")]
+    fn a_read_only_mapping_has_no_writable_table() {
+        let t = temp("rotable");
+        let r = Region::attach_name(&t.1, Access::ReadOnly).unwrap();
+        let reader = r.conntrack_reader();
+        assert_eq!(reader.capacity(), 4096);
+        assert_eq!(reader.holder(0), None);
+        assert_eq!(reader.reading(0).packets, 0);
+        let _ = r.conntrack();
     }
 
     #[test]

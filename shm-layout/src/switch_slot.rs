@@ -1,8 +1,8 @@
 //! Per-switch slot: identity, heartbeat, acknowledged generations, counters.
 //!
 //! controld writes `pid`, `cpu` and `state` when it starts a switch and when
-//! it reaps one; the switch itself writes everything else, once per poll
-//! loop iteration, never per packet.
+//! it reaps or fences one (and `restarts`, `fenced`); the switch itself
+//! writes everything else, once per poll loop iteration, never per packet.
 
 use core::mem::{offset_of, size_of};
 use core::sync::atomic::{AtomicU32, AtomicU64, Ordering};
@@ -62,9 +62,9 @@ counters! {
     DropTxFull = 18, "drop_tx_full", "frames dropped because a TX ring was full";
     DropTableFull = 19, "drop_table_full", "new connections dropped because the connection table had no free slot";
     DropNonIp = 20, "drop_non_ip", "non-IPv4, non-ARP frames";
-    DropNoConfig = 21, "drop_no_config", "frames received before any configuration was published";
+    DropNoConfig = 21, "drop_no_config", "frames received while no usable configuration and routing were published (none yet, or a slot whose checksum does not match its contents)";
     DropEgressPort = 22, "drop_egress_port", "frames routed to a port this switch does not serve";
-    TornBursts = 23, "torn_bursts", "bursts that saw their configuration slot change under them (must stay 0)";
+    TornBursts = 23, "torn_bursts", "bursts that saw their configuration or routing slot change under them (must stay 0)";
     Loops = 24, "loops", "poll loop iterations";
     IdleSleeps = 25, "idle_sleeps", "times the adaptive idle policy slept";
     DropTcpNoEntry = 26, "drop_tcp_no_entry", "TCP RST or non-SYN packets to a VIP that could not be matched";
@@ -79,12 +79,13 @@ counters! {
     DropQueueDup = 34, "drop_queue_dup", "retransmitted SYNs (or datagrams) of a flow already waiting in the queue";
     BusyNs = 36, "busy_ns", "nanoseconds the switch spent in poll loops that moved frames (its utilisation is the growth of busy_ns over wall time; while it is saturated, busy_ns over rx_packets is its cost per frame)";
     FlowCacheHit = 37, "flow_cache_hit", "packets of known connections answered from the switch's flow cache (the full path's cached rewrite; counted in fwd_hit or reply_hit as well)";
+    BadChecksum = 38, "bad_checksum", "published configuration or routing generations the switch refused because the slot's checksum did not match its contents (must stay 0; its frames count in drop_no_config)";
 }
 
 /// Number of counter words per switch (room to grow without a layout change).
 pub const N_COUNTERS: usize = 64;
 
-const _: () = assert!((Counter::FlowCacheHit as usize) < N_COUNTERS);
+const _: () = assert!((Counter::BadChecksum as usize) < N_COUNTERS);
 
 /// One switch's slot. Two cache lines of identity and liveness, then counters.
 #[repr(C, align(64))]
@@ -106,7 +107,11 @@ pub struct SwitchSlot {
     /// pid is never taken for this switch (not signalled, not trusted as a
     /// connection-slot writer).
     pub proc_start: AtomicU64,
-    pub _pad: [u8; 8],
+    /// Times the publisher fenced this switch (excluded it for not
+    /// acknowledging in time, and had it stopped before rewriting the slot
+    /// it may still read). Written by controld only.
+    pub fenced: AtomicU32,
+    pub _pad: [u8; 4],
     pub counters: [AtomicU64; N_COUNTERS],
 }
 
@@ -128,6 +133,7 @@ pub(crate) const fn fingerprint(fp: Fingerprint) -> Fingerprint {
         seen_routing,
         started_ns,
         proc_start,
+        fenced,
         counters
     );
     fp.mix(N_COUNTERS)

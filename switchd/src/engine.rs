@@ -9,7 +9,7 @@ use std::time::Duration;
 use netdrv::{Frame, Nic};
 use shm_layout::config_slot::{ConfigView, MAX_PORTS};
 use shm_layout::conntrack::FlowKey;
-use shm_layout::publish::Table;
+use shm_layout::publish::{SlotCheck, Table};
 use shm_layout::region::{Region, ms_since};
 use shm_layout::switch_slot::{Counter, N_COUNTERS, SW_RUNNING, SwitchSlot};
 use shm_layout::time::mono_ns;
@@ -128,8 +128,21 @@ pub fn run<N: Nic>(
     let mut synq = SynQueue::new(settings.syn_queue);
     let mut tx = TxBatch::default();
     // The views of both A/B slots: fixed places in the region, built once.
-    let cfg_views = [region.config_view(0), region.config_view(1)];
-    let rt_views = [region.routing_view(0), region.routing_view(1)];
+    // SAFETY: this loop is a switch under the A/B protocol: it stores
+    // RUNNING before its first `begin_read`, reads a slot only through the
+    // view of its burst's token (non-zero stamp) between `begin_read` and
+    // `end_read`, and acknowledges each burst; the publisher rewrites a slot
+    // only after every running switch acknowledged past it or was fenced
+    // (killed, gone). Views of the slot being written are held, not read.
+    let (cfg_views, rt_views) = unsafe {
+        (
+            [region.config_view(0), region.config_view(1)],
+            [region.routing_view(0), region.routing_view(1)],
+        )
+    };
+    // Each slot generation is checked (stamp, checksum) once, when first seen.
+    let (mut cfg_check, mut rt_check) = (SlotCheck::default(), SlotCheck::default());
+    let bad = Counter::BadChecksum as usize;
     // The filter's context lives as long as the loop; each loop sets what
     // changes (the slots read, the time, the ICMP budget).
     let mut ctx = Ctx {
@@ -171,10 +184,17 @@ pub fn run<N: Nic>(
         let rtok = region.begin_read(Table::Routing);
         let mut moved = 0usize;
 
+        // SAFETY: inside this burst's tokens, as a switch (see the views).
+        let usable = unsafe {
+            cfg_check.usable(region, Table::Config, ctok, &mut ctx.counters[bad])
+                && rt_check.usable(region, Table::Routing, rtok, &mut ctx.counters[bad])
+        };
+
         if settings.null {
             moved += null_forward(nic, &mut frames[..burst], ctx.counters);
-        } else if ctok.stamp == 0 {
-            // Nothing published yet: receive and drop, so rings keep moving.
+        } else if !usable {
+            // Nothing published yet (or a slot with a wrong checksum, never
+            // used): receive and drop, so rings keep moving.
             for local in 0..nic.port_count() {
                 let n = nic.rx_burst(local, &mut frames[..burst]);
                 for f in &frames[..n] {
@@ -232,12 +252,15 @@ pub fn run<N: Nic>(
             icmp.put_back(core::mem::take(&mut ctx.icmp_tokens));
         }
         nic.reclaim();
-        if !region.end_read(Table::Config, ctok, me) {
+        // Non-short-circuit: both acknowledge.
+        if !region.end_read(Table::Config, ctok, me) | !region.end_read(Table::Routing, rtok, me) {
+            // A slot was rewritten under the burst: the protocol failed
+            // (a switch stalled past the deadline is fenced, never
+            // resumed). Counted; answers filled from it are forgotten.
             ctx.counters[Counter::TornBursts as usize] += 1;
-            // Answers filled from a slot rewritten under them.
             ctx.flows.invalidate();
+            ctx.hops = HopCache::default();
         }
-        region.end_read(Table::Routing, rtok, me);
         ctx.counters[Counter::Loops as usize] += 1;
         (prev_start, prev_moved) = (now, moved > 0);
 

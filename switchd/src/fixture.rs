@@ -10,6 +10,7 @@ use std::time::Duration;
 use shm_layout::config_slot::{
     BACKEND_DOWN, ConfigSlotMut, MODE_NAT, MODE_TUNNEL, PROTO_TCP, PROTO_UDP,
 };
+use shm_layout::publish::cannot_fence;
 use shm_layout::routing_slot::{NEIGH_VALID, NeighbourRec, RouteRec};
 use shm_layout::switch_slot::N_COUNTERS;
 use shm_layout::{Capacities, Mapping, Region, Table, region_name};
@@ -50,7 +51,8 @@ impl Fixture {
         };
         let region = Region::create(&inst, caps).expect("create fixture region");
         publish(&region, &[], &|_| {});
-        region.publish_routing(Duration::from_millis(10), |s| {
+        let fence = &mut cannot_fence;
+        let routing = region.publish_routing(Duration::from_millis(10), fence, |s| {
             s.header.n_routes = 2;
             s.header.n_neighbours = 4;
             s.routes[0] = RouteRec {
@@ -82,6 +84,7 @@ impl Fixture {
                 };
             }
         });
+        routing.expect("no switch runs on a fixture");
         Self {
             region,
             name: region_name(&inst),
@@ -119,11 +122,20 @@ impl Fixture {
     /// A filter context over the active slots (fresh scheduler state).
     pub fn ctx<'a>(&'a self, counters: &'a mut [u64; N_COUNTERS]) -> Ctx<'a> {
         let r = &self.region;
-        let cfg = r.config_view(r.begin_read(Table::Config).slot);
+        // SAFETY: a fixture's region has no switch and no other publisher
+        // than the test's own thread, which publishes between uses of a
+        // context; a test that keeps a context across two publications
+        // (the second rewrites the slot it views) must not use it again.
+        let (cfg, rt) = unsafe {
+            (
+                r.config_view(r.begin_read(Table::Config).slot),
+                r.routing_view(r.begin_read(Table::Routing).slot),
+            )
+        };
         Ctx {
             timeouts: cfg.header.timeouts(),
             cfg,
-            rt: r.routing_view(r.begin_read(Table::Routing).slot),
+            rt,
             ct: r.conntrack(),
             backends: r.backend_counters(),
             events: None,
@@ -142,7 +154,8 @@ impl Fixture {
 /// then applies `edit`.
 fn publish(region: &Region, down: &[(u32, u8)], edit: &dyn Fn(&mut ConfigSlotMut<'_>)) {
     const M: usize = 65537;
-    region.publish_config(Duration::from_millis(10), |s| {
+    let fence = &mut cannot_fence;
+    let published = region.publish_config(Duration::from_millis(10), fence, |s| {
         let h = &mut *s.header;
         h.n_services = 3;
         h.n_backends = 9;
@@ -204,4 +217,5 @@ fn publish(region: &Region, down: &[(u32, u8)], edit: &dyn Fn(&mut ConfigSlotMut
         }
         edit(s);
     });
+    published.expect("no switch runs on a fixture");
 }

@@ -69,7 +69,8 @@ mod tests {
     fn answers_as_the_routing_slot_does_whether_cached_or_not() {
         let fx = Fixture::new("unit-hops", 1 << 10);
         let r = &fx.region;
-        let rt = r.routing_view(r.begin_read(Table::Routing).slot);
+        let copy = r.routing_copy();
+        let rt = copy.routing();
         let mut cache = HopCache::default();
         // Backends, clients behind the gateway, an unrouted address, and
         // enough distinct destinations to evict entries.
@@ -99,21 +100,27 @@ mod tests {
         let mut cache = HopCache::default();
         let tok = r.begin_read(Table::Routing);
         cache.sync(tok.stamp);
-        let old = cache.next_hop(&r.routing_view(tok.slot), backend).unwrap();
+        let copy = r.routing_copy();
+        assert_eq!(copy.slot, tok.slot);
+        let cur = copy.routing();
+        let old = cache.next_hop(&cur, backend).unwrap();
         assert_eq!(old.mac, [2, 0, 0, 0, 1, 1]);
         // The same table, but the backend's neighbour has another MAC.
-        let cur = r.routing_view(tok.slot);
-        r.publish_routing(std::time::Duration::from_millis(10), |s| {
+        let fence = &mut shm_layout::publish::cannot_fence;
+        r.publish_routing(std::time::Duration::from_millis(10), fence, |s| {
             s.header.n_routes = cur.header.n_routes;
             s.header.n_neighbours = cur.header.n_neighbours;
             s.routes.copy_from_slice(cur.routes);
             s.neighbours.copy_from_slice(cur.neighbours);
             let n = s.neighbours.iter_mut().find(|n| n.ip == backend).unwrap();
             n.mac = [2, 0, 0, 0, 9, 9];
-        });
+        })
+        .unwrap();
         let tok2 = r.begin_read(Table::Routing);
         assert_ne!(tok2.stamp, tok.stamp);
-        let rt2 = r.routing_view(tok2.slot);
+        let copy2 = r.routing_copy();
+        assert_eq!(copy2.slot, tok2.slot);
+        let rt2 = copy2.routing();
         // Without a sync the cache still answers from the old slot...
         assert_eq!(cache.next_hop(&rt2, backend).unwrap().mac, old.mac);
         // ...which is why the engine syncs it with every loop's stamp.

@@ -132,7 +132,11 @@ fn serve<N: Nic>(region: &Region, nic: &mut N, settings: Settings) -> Result<(),
     let macs: Vec<[u8; 6]> = (0..nic.port_count()).map(|p| nic.port_mac(p)).collect();
     let ports = move |r: &Region| -> Result<PortMap, String> {
         let tok = r.begin_read(shm_layout::Table::Config);
-        let cfg = r.config_view(tok.slot);
+        // SAFETY: called by the engine inside a burst, as a switch (see
+        // `engine::run`); the slot it reads is its token's or a newer one,
+        // which the publisher rewrites only after this switch acknowledges
+        // past it.
+        let cfg = unsafe { r.config_view(tok.slot) };
         let cfg_ports: Vec<(String, [u8; 6])> = cfg
             .ports()
             .iter()

@@ -7,7 +7,7 @@ use std::net::Ipv4Addr;
 use anyhow::{Context, Result, bail};
 use shm_layout::config_slot::MODE_DR;
 use shm_layout::routing_slot::{NeighbourRec, RouteRec, mask};
-use shm_layout::{Access, Region, Table, names};
+use shm_layout::{Access, Region, names};
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ServiceInfo {
@@ -32,8 +32,8 @@ pub struct Topology {
 impl Topology {
     /// Reads the currently published configuration and routing.
     pub fn read(r: &Region) -> Self {
-        let tok = r.begin_read(Table::Config);
-        let cfg = r.config_view(tok.slot);
+        let copy = r.config_copy();
+        let cfg = copy.config();
         let services = cfg
             .services()
             .iter()
@@ -55,14 +55,14 @@ impl Topology {
             .iter()
             .map(|p| (names::get(&p.name).to_string(), p.mac))
             .collect();
-        let rtok = r.begin_read(Table::Routing);
-        let rt = r.routing_view(rtok.slot);
+        let rcopy = r.routing_copy();
+        let rt = rcopy.routing();
         Self {
             services,
             ports,
             routes: rt.routes().to_vec(),
             neighbours: rt.neighbours().to_vec(),
-            config_generation: tok.stamp,
+            config_generation: copy.stamp,
         }
     }
 

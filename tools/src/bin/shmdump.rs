@@ -100,8 +100,10 @@ fn collect(r: &Region, a: &Args) -> Value {
         },
     });
 
-    let ctok = r.begin_read(Table::Config);
-    let cfg = r.config_view(ctok.slot);
+    // Private copies (tools acknowledge nothing: the publisher may rewrite
+    // a slot while we read it; a copy is checked whole by its stamp).
+    let ccopy = r.config_copy();
+    let cfg = ccopy.config();
     let cw = r.pub_words(Table::Config);
     let counters = r.backend_counters();
     let services: Vec<Value> = cfg
@@ -157,9 +159,10 @@ fn collect(r: &Region, a: &Args) -> Value {
         .collect();
     let config = json!({
         "generation": cw.generation.load(Ordering::Acquire),
-        "active_slot": if ctok.slot == 0 { "A" } else { "B" },
-        "checksum_ok": r.verify_slot(Table::Config, ctok.slot),
+        "active_slot": if ccopy.slot == 0 { "A" } else { "B" },
+        "checksum_ok": ccopy.checksum_ok(),
         "excluded_switches_total": cw.excluded.load(Ordering::Relaxed),
+        "refused_publications_total": cw.refused.load(Ordering::Relaxed),
         "timeouts_ms": {
             "tcp_syn": cfg.header.tcp_syn_ms, "tcp_established": cfg.header.tcp_established_ms,
             "tcp_fin": cfg.header.tcp_fin_ms, "udp": cfg.header.udp_ms,
@@ -168,12 +171,15 @@ fn collect(r: &Region, a: &Args) -> Value {
         "services": services,
     });
 
-    let rtok = r.begin_read(Table::Routing);
-    let rt = r.routing_view(rtok.slot);
+    let rcopy = r.routing_copy();
+    let rt = rcopy.routing();
+    let rw = r.pub_words(Table::Routing);
     let routing = json!({
-        "generation": r.pub_words(Table::Routing).generation.load(Ordering::Acquire),
-        "active_slot": if rtok.slot == 0 { "A" } else { "B" },
-        "checksum_ok": r.verify_slot(Table::Routing, rtok.slot),
+        "generation": rw.generation.load(Ordering::Acquire),
+        "excluded_switches_total": rw.excluded.load(Ordering::Relaxed),
+        "refused_publications_total": rw.refused.load(Ordering::Relaxed),
+        "active_slot": if rcopy.slot == 0 { "A" } else { "B" },
+        "checksum_ok": rcopy.checksum_ok(),
         "routes": rt.routes().iter().map(|x| json!({
             "prefix": format!("{}/{}", ip(x.prefix), x.len), "port": x.port,
             "via": if x.via == 0 { Value::Null } else { json!(ip(x.via)) },
@@ -198,6 +204,7 @@ fn collect(r: &Region, a: &Args) -> Value {
             json!({
                 "index": i, "pid": pid, "alive": pid_alive(pid), "cpu": s.cpu.load(Ordering::Relaxed),
                 "state": st, "restarts": s.restarts.load(Ordering::Relaxed),
+                "fenced": s.fenced.load(Ordering::Relaxed),
                 "heartbeat_age_ms": if hb == 0 { Value::Null } else { json!(now.saturating_sub(hb) / 1_000_000) },
                 "seen_config": s.seen_config.load(Ordering::Acquire),
                 "seen_routing": s.seen_routing.load(Ordering::Acquire),
@@ -274,7 +281,7 @@ fn print_text(v: &Value, a: &Args) {
     );
     let c = &v["config"];
     println!(
-        "config generation {} (slot {}, checksum {})  routing generation {} (slot {}, checksum {})  excluded switches {}",
+        "config generation {} (slot {}, checksum {})  routing generation {} (slot {}, checksum {})  excluded and fenced switches {}  publications refused {}",
         c["generation"],
         c["active_slot"].as_str().unwrap_or(""),
         if c["checksum_ok"].as_bool() == Some(true) {
@@ -289,7 +296,14 @@ fn print_text(v: &Value, a: &Args) {
         } else {
             "MISMATCH"
         },
-        c["excluded_switches_total"],
+        c["excluded_switches_total"].as_u64().unwrap_or(0)
+            + v["routing"]["excluded_switches_total"]
+                .as_u64()
+                .unwrap_or(0),
+        c["refused_publications_total"].as_u64().unwrap_or(0)
+            + v["routing"]["refused_publications_total"]
+                .as_u64()
+                .unwrap_or(0),
     );
     println!();
     println!(
@@ -357,8 +371,21 @@ fn print_text(v: &Value, a: &Args) {
     }
     println!();
     println!(
-        "{:<3} {:>8} {:<6} {:>3} {:<9} {:>8} {:>6} {:>6} {:>12} {:>12} {:>10} {:>10}",
-        "SW", "PID", "ALIVE", "CPU", "STATE", "HB_MS", "CFG", "RT", "RX", "TX", "NEW", "DROPS"
+        "{:<3} {:>8} {:<6} {:>3} {:<9} {:>8} {:>6} {:>6} {:>12} {:>12} {:>10} {:>10} {:>8} {:>6}",
+        "SW",
+        "PID",
+        "ALIVE",
+        "CPU",
+        "STATE",
+        "HB_MS",
+        "CFG",
+        "RT",
+        "RX",
+        "TX",
+        "NEW",
+        "DROPS",
+        "RESTARTS",
+        "FENCED"
     );
     for s in v["switches"].as_array().into_iter().flatten() {
         if s["state"] == "empty" {
@@ -373,7 +400,7 @@ fn print_text(v: &Value, a: &Args) {
             .map(|(_, v)| v.as_u64().unwrap_or(0))
             .sum();
         println!(
-            "{:<3} {:>8} {:<6} {:>3} {:<9} {:>8} {:>6} {:>6} {:>12} {:>12} {:>10} {:>10}",
+            "{:<3} {:>8} {:<6} {:>3} {:<9} {:>8} {:>6} {:>6} {:>12} {:>12} {:>10} {:>10} {:>8} {:>6}",
             t(&s["index"]),
             t(&s["pid"]),
             t(&s["alive"]),
@@ -386,6 +413,8 @@ fn print_text(v: &Value, a: &Args) {
             t(&k["tx_packets"]),
             t(&k["conn_new"]),
             drops,
+            t(&s["restarts"]),
+            t(&s["fenced"]),
         );
         let nonzero: Vec<String> = k
             .as_object()
