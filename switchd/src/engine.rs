@@ -1004,7 +1004,9 @@ mod tests {
         assert_eq!(synq.replays(), 2);
         limit(&fx, 2);
         let r = &fx.region;
-        ctx.cfg = r.config_view(r.begin_read(shm_layout::publish::Table::Config).slot);
+        // SAFETY: this test is the region's only publisher and publishes
+        // nothing more while the view is in use.
+        ctx.cfg = unsafe { r.config_view(r.begin_read(shm_layout::publish::Table::Config).slot) };
         stamp = fx.stamps().0;
         serve_queue(&mut host, &mut synq, &map, &port_mac, stamp, &mut ctx);
         assert_eq!(synq.replays(), 3);
