@@ -661,6 +661,8 @@ mod tests {
         let s = &r.switch_slots()[1];
         let pid = std::process::id();
         s.pid.store(pid, Ordering::Relaxed);
+        s.proc_start
+            .store(crate::time::process_start(pid).unwrap(), Ordering::Relaxed);
         s.state.store(SW_RUNNING, Ordering::SeqCst);
         s.seen_config.store(1, Ordering::Release);
         let sum = r.config_header(0).checksum;

@@ -19,7 +19,9 @@ use tools::traffic::{GenConfig, Generator};
 
 /// Per backend id, its `active` count and its open forward entries.
 fn counts(region: &Region, ids: &[u32]) -> BTreeMap<u32, (u32, u32)> {
-    let ct = region.conntrack();
+    // The slots' TCP states are read through the writable table's API.
+    let rw = Region::attach_name(region.name(), shm_layout::Access::ReadWrite).unwrap();
+    let ct = rw.conntrack();
     let mut table = BTreeMap::<u32, u32>::new();
     for idx in 0..ct.capacity() as u32 {
         if let Some(c) = ct.snapshot(idx).and_then(|s| s.conn())
