@@ -208,7 +208,7 @@ impl Gc {
         let ct = region.conntrack();
         let counters = region.backend_counters();
         if ct.holder(idx).is_some() {
-            match ct.reclaim_abandoned(idx, pid) {
+            match ct.reclaim_abandoned(idx, pid, |owner| writer_alive(region, owner)) {
                 Some(r) => {
                     st.abandoned += 1;
                     if let Some(b) = r.release.and_then(|id| counters.get(id as usize)) {
@@ -263,6 +263,18 @@ impl Gc {
             _ => {}
         }
     }
+}
+
+/// Whether `owner` (the pid in a held slot's lock word) is a live writer of
+/// the region: this controld, or a switch whose slot names that pid with a
+/// matching start time. Any other process with that pid took it over after
+/// the writer died.
+fn writer_alive(region: &Region, owner: u32) -> bool {
+    owner == std::process::id()
+        || region
+            .switch_slots()
+            .iter()
+            .any(|s| s.pid.load(Ordering::Relaxed) == owner && s.process_alive())
 }
 
 #[cfg(test)]
@@ -421,6 +433,31 @@ mod tests {
 
     /// A slot held by a dead writer is taken back and the forward entry's
     /// reservation released.
+    #[test]
+    fn a_slot_held_by_a_pid_reused_since_its_writer_died_is_taken_back() {
+        let t = temp("reused");
+        let r = &t.0;
+        open(r, 3, 0, 1);
+        // A live process that is no writer of this region holds the slot's
+        // pid (as if the kernel had handed the dead switch's pid out again).
+        let mut other = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .unwrap();
+        let ct = r.conntrack();
+        let idx = ct.lookup(&conn(0, 3).forward_key()).unwrap().idx;
+        let s = ct.slot(idx);
+        let l = s.lock.load(Ordering::Relaxed);
+        s.lock
+            .store((l + 1) | (u64::from(other.id()) << 32), Ordering::Relaxed);
+        let mut gc = Gc::default();
+        gc.step(r, &T, ct.capacity() as u32);
+        let _ = other.kill();
+        let _ = other.wait();
+        assert_eq!(gc.totals.abandoned, 1);
+        assert_eq!(active(r, 3), 0);
+    }
+
     #[test]
     fn an_abandoned_forward_slot_gives_its_reservation_back() {
         let t = temp("abandoned");

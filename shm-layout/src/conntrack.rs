@@ -916,10 +916,20 @@ impl<'a> ConnTable<'a> {
     /// and makes it a tombstone; `None` if it did not. A forward entry the
     /// dead writer held (an entry it was retiring, or one it was writing)
     /// is closed, and its backend returned for the caller to release.
-    pub fn reclaim_abandoned(&self, idx: u32, pid: u32) -> Option<Reclaimed> {
+    ///
+    /// `writer_alive` says whether the pid holding the slot is a live
+    /// writer of this region (controld, or a switch whose slot names that
+    /// pid with its start time): a pid that merely exists may have been
+    /// reused by another process since the writer died.
+    pub fn reclaim_abandoned(
+        &self,
+        idx: u32,
+        pid: u32,
+        writer_alive: impl Fn(u32) -> bool,
+    ) -> Option<Reclaimed> {
         let s = self.slot(idx);
         let lock = s.lock.load(Ordering::Acquire);
-        if !busy(lock) || crate::time::pid_alive(holder_pid(lock)) {
+        if !busy(lock) || writer_alive(holder_pid(lock)) {
             return None;
         }
         // Keep it odd (held) but with a new sequence and our pid.
@@ -1261,7 +1271,7 @@ mod tests {
         );
         // It held a live forward entry: its reservation comes back once.
         assert_eq!(
-            ct.reclaim_abandoned(ins.idx, PID),
+            ct.reclaim_abandoned(ins.idx, PID, crate::time::pid_alive),
             Some(Reclaimed {
                 release: Some(c.backend_id)
             })
@@ -1278,12 +1288,15 @@ mod tests {
             (l + 1) | ((std::process::id() as u64) << 32),
             Ordering::Relaxed,
         );
-        assert_eq!(ct.reclaim_abandoned(ins.idx, PID), None);
+        assert_eq!(
+            ct.reclaim_abandoned(ins.idx, PID, crate::time::pid_alive),
+            None
+        );
         // A dead writer's tombstone gives nothing back.
         s.lock
             .store((l + 3) | ((dead as u64) << 32), Ordering::Relaxed);
         assert_eq!(
-            ct.reclaim_abandoned(ins.idx, PID),
+            ct.reclaim_abandoned(ins.idx, PID, crate::time::pid_alive),
             Some(Reclaimed { release: None })
         );
     }
