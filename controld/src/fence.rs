@@ -10,8 +10,8 @@
 //! supervisor does that on its next poll, logs the exit and restarts the
 //! switch; the shared connection table carries its connections on.
 
+use crate::procs::{NotOurs, Pidfd};
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::time::{Duration, Instant};
 
 /// How long a killed switch may take to be gone before fencing fails (and
@@ -119,13 +119,13 @@ pub fn kill_child_and_wait(pid: u32) -> Result<Fenced, FenceError> {
     if pid == 0 {
         return Err(FenceError::NoPid);
     }
-    let fd = match pidfd_open(pid) {
+    let fd = match Pidfd::open(pid) {
         Ok(fd) => fd,
-        Err(e) if e.raw_os_error() == Some(libc::ESRCH) => return Ok(Fenced::AlreadyGone),
-        Err(source) => {
+        Err(NotOurs::Gone { .. }) => return Ok(Fenced::AlreadyGone),
+        Err(e) => {
             return Err(FenceError::Os {
                 op: "pidfd_open",
-                source,
+                source: io::Error::other(e.to_string()),
             });
         }
     };
@@ -144,18 +144,7 @@ pub fn kill_child_and_wait(pid: u32) -> Result<Fenced, FenceError> {
         return Err(FenceError::NotOurChild { pid, parent });
     }
     let start = Instant::now();
-    // SAFETY: pidfd_send_signal(2) on a descriptor we own, no siginfo.
-    let r = unsafe {
-        libc::syscall(
-            libc::SYS_pidfd_send_signal,
-            fd.as_raw_fd(),
-            libc::SIGKILL,
-            core::ptr::null::<libc::siginfo_t>(),
-            0,
-        )
-    };
-    if r != 0 {
-        let e = io::Error::last_os_error();
+    if let Err(e) = fd.signal(libc::SIGKILL) {
         // ESRCH: it has exited already; the wait below returns at once.
         if e.raw_os_error() != Some(libc::ESRCH) {
             return Err(FenceError::Os {
@@ -165,42 +154,11 @@ pub fn kill_child_and_wait(pid: u32) -> Result<Fenced, FenceError> {
         }
     }
     // A pidfd becomes readable once the whole thread group has exited.
-    let mut p = libc::pollfd {
-        fd: fd.as_raw_fd(),
-        events: libc::POLLIN,
-        revents: 0,
-    };
-    let deadline = start + FENCE_WAIT;
-    loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        // SAFETY: one valid pollfd, for the duration of the call.
-        let n = unsafe { libc::poll(&mut p, 1, left.as_millis().max(1) as i32) };
-        if n > 0 {
-            return Ok(Fenced::Killed(start.elapsed()));
-        }
-        if n < 0 {
-            let e = io::Error::last_os_error();
-            if e.kind() != io::ErrorKind::Interrupted {
-                return Err(FenceError::Os {
-                    op: "poll on a pidfd",
-                    source: e,
-                });
-            }
-        }
-        if Instant::now() >= deadline {
-            return Err(FenceError::Timeout);
-        }
+    if fd.wait_exit(FENCE_WAIT) {
+        Ok(Fenced::Killed(start.elapsed()))
+    } else {
+        Err(FenceError::Timeout)
     }
-}
-
-fn pidfd_open(pid: u32) -> io::Result<OwnedFd> {
-    // SAFETY: pidfd_open(2) takes a pid and flags, no memory.
-    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: a fresh descriptor that nothing else owns.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
 }
 
 /// The parent pid of `pid`, from /proc/PID/stat (field 4, after the

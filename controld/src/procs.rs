@@ -109,10 +109,22 @@ impl Pidfd {
             events: libc::POLLIN,
             revents: 0,
         };
-        let ms = timeout.as_millis().min(i32::MAX as u128) as i32;
-        // SAFETY: poll on one valid pollfd we own for the call's duration.
-        let r = unsafe { libc::poll(&mut pfd, 1, ms) };
-        r > 0 && pfd.revents != 0
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let ms = left.as_millis().min(i32::MAX as u128) as i32;
+            // SAFETY: poll on one valid pollfd we own for the call's duration.
+            let r = unsafe { libc::poll(&mut pfd, 1, ms) };
+            if r > 0 {
+                return pfd.revents != 0;
+            }
+            // A signal handler (SIGHUP, SIGTERM) interrupts poll: wait on.
+            let interrupted =
+                r < 0 && std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted;
+            if !interrupted || Instant::now() >= deadline {
+                return false;
+            }
+        }
     }
 
     pub fn exited(&self) -> bool {
