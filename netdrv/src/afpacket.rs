@@ -253,45 +253,34 @@ impl Drop for Port {
 /// to offload (TP_STATUS_CSUMNOTREADY: sent by a local stack over a veth or
 /// similar, the field holds only the pseudo-header sum). The NIC would have
 /// filled it in; we do it here, so the rest of the data path sees complete
-/// frames and can update checksums incrementally.
+/// frames and can update checksums incrementally. Only a frame that
+/// [`wire::ipv4_l4`] (the filter's validator) accepts is touched; the
+/// checksum covers the TCP segment, or the UDP datagram its length field
+/// gives (RFC 768).
 fn complete_checksum(f: &mut [u8]) {
-    if f.len() < 34 || f[12..14] != [0x08, 0x00] || f[14] >> 4 != 4 {
+    const ETH: usize = wire::ETHERNET_HEADER_LEN;
+    if f.get(12..14) != Some(&[0x08, 0x00]) {
         return;
     }
-    let hl = (f[14] & 0xf) as usize * 4;
-    let total = u16::from_be_bytes([f[16], f[17]]) as usize;
-    let proto = f[23];
-    let (l4, end) = (14 + hl, 14 + total);
-    let at = match proto {
-        6 => 16,
-        17 => 6,
-        _ => return,
+    let Ok(p) = wire::ipv4_l4(&f[ETH..], wire::HeaderChecksum::Ignore) else {
+        return;
     };
-    if hl < 20 || end > f.len() || l4 + at + 2 > end {
-        return;
-    }
-    f[l4 + at] = 0;
-    f[l4 + at + 1] = 0;
-    let mut sum: u64 = 0;
-    for c in f[26..34].chunks_exact(2) {
-        sum += u16::from_be_bytes([c[0], c[1]]) as u64;
-    }
-    sum += proto as u64 + (end - l4) as u64;
-    let mut chunks = f[l4..end].chunks_exact(2);
-    for c in &mut chunks {
-        sum += u16::from_be_bytes([c[0], c[1]]) as u64;
-    }
-    if let [b] = chunks.remainder() {
-        sum += (*b as u64) << 8;
-    }
-    while sum > 0xffff {
-        sum = (sum & 0xffff) + (sum >> 16);
-    }
-    let mut c = !(sum as u16);
-    if proto == 17 && c == 0 {
+    let (udp, at) = match p.protocol {
+        wire::PROTO_UDP => (true, 6),
+        _ => (false, 16),
+    };
+    let l4 = &mut f[ETH + p.header_len..ETH + p.header_len + p.l4_len];
+    l4[at..at + 2].copy_from_slice(&[0, 0]);
+    let mut c = wire::checksum::tcp_udp_ipv4(
+        p.src_addr.to_be_bytes(),
+        p.dst_addr.to_be_bytes(),
+        p.protocol,
+        l4,
+    );
+    if udp && c == 0 {
         c = 0xffff;
     }
-    f[l4 + at..l4 + at + 2].copy_from_slice(&c.to_be_bytes());
+    l4[at..at + 2].copy_from_slice(&c.to_be_bytes());
 }
 
 /// The interface's MAC, asked through the socket (so it answers for the
@@ -462,5 +451,82 @@ impl Nic for AfPacket {
         // SAFETY: `fds[..n]` are initialised pollfds of our open sockets;
         // ppoll only writes their `revents`.
         unsafe { libc::ppoll(fds.as_mut_ptr(), n as libc::nfds_t, &ts, core::ptr::null()) };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::complete_checksum;
+    use wire::checksum;
+
+    /// An Ethernet/IPv4 frame of protocol `proto` carrying `l4` (its
+    /// checksum field left as the offload left it), `trailer` bytes of IP
+    /// payload after it, and Ethernet padding to 60 bytes.
+    fn frame(proto: u8, l4: &[u8], trailer: usize) -> Vec<u8> {
+        let total = 20 + l4.len() + trailer;
+        let mut f = vec![2, 0, 0, 0, 0, 2, 2, 0, 0, 0, 0, 1, 0x08, 0x00];
+        f.extend_from_slice(&[0x45, 0, 0, 0, 0, 0, 0x40, 0, 64, proto, 0, 0]);
+        f[16..18].copy_from_slice(&(total as u16).to_be_bytes());
+        f.extend_from_slice(&[198, 18, 0, 1, 198, 18, 0, 2]);
+        let c = checksum::ipv4_header(&f[14..34]);
+        f[24..26].copy_from_slice(&c.to_be_bytes());
+        f.extend_from_slice(l4);
+        f.resize(14 + total, 0xee);
+        f.resize(f.len().max(60), 0);
+        f
+    }
+
+    fn udp(payload: &[u8]) -> Vec<u8> {
+        let mut u = vec![0x03, 0xe8, 0x00, 0x35, 0, 0, 0x12, 0x34];
+        u[4..6].copy_from_slice(&((8 + payload.len()) as u16).to_be_bytes());
+        u.extend_from_slice(payload);
+        u
+    }
+
+    fn want(l4: &[u8], at: usize, proto: u8) -> u16 {
+        let mut z = l4.to_vec();
+        z[at..at + 2].copy_from_slice(&[0, 0]);
+        checksum::tcp_udp_ipv4([198, 18, 0, 1], [198, 18, 0, 2], proto, &z)
+    }
+
+    #[test]
+    fn a_tcp_segment_gets_its_full_checksum() {
+        let mut t = vec![0x03, 0xe8, 0, 80, 0, 0, 0, 1, 0, 0, 0, 0, 0x50, 0x18, 1, 0, 0xab, 0xcd, 0, 0];
+        t.extend_from_slice(b"hello, world");
+        let mut f = frame(6, &t, 0);
+        complete_checksum(&mut f);
+        assert_eq!(u16::from_be_bytes([f[50], f[51]]), want(&t, 16, 6));
+    }
+
+    #[test]
+    fn a_udp_datagram_gets_its_full_checksum() {
+        let u = udp(b"ping");
+        let mut f = frame(17, &u, 0);
+        complete_checksum(&mut f);
+        assert_eq!(u16::from_be_bytes([f[40], f[41]]), want(&u, 6, 17));
+    }
+
+    /// The UDP checksum covers the datagram its length field gives (RFC
+    /// 768), not IP payload beyond it: the receiver checks it that way.
+    #[test]
+    fn a_udp_checksum_covers_the_udp_length_not_the_ip_payload() {
+        let u = udp(b"ping");
+        let mut f = frame(17, &u, 6);
+        complete_checksum(&mut f);
+        assert_eq!(u16::from_be_bytes([f[40], f[41]]), want(&u, 6, 17));
+    }
+
+    /// A frame the one validator refuses is left as it came.
+    #[test]
+    fn frames_that_are_not_valid_ipv4_tcp_udp_are_left_alone() {
+        let u = udp(b"ping");
+        let good = frame(17, &u, 0);
+        for (at, v) in [(12, 0x86), (14, 0x65), (14, 0x44), (16, 0xff), (20, 0x20), (23, 1), (38, 0xff)] {
+            let mut f = good.clone();
+            f[at] = v;
+            let before = f.clone();
+            complete_checksum(&mut f);
+            assert_eq!(f, before, "byte {at} = {v:#x}");
+        }
     }
 }

@@ -1,14 +1,23 @@
-//! Packet views over byte buffers, after smoltcp's `wire` module.
+//! Packet views over byte buffers, after smoltcp's `wire` module: the
+//! layer below both the NIC drivers (netdrv) and the packet filter
+//! (switchd), so the two check a frame by the same rules.
 //!
 //! A view wraps a buffer (`T: AsRef<[u8]>` to read, `AsMut<[u8]>` to write).
 //! `new_checked` validates lengths once; after it succeeds no accessor
-//! panics. Field offsets are named constants in each file. No allocation.
+//! panics. Field offsets are named constants in each file. No allocation,
+//! no `std` (tests aside).
+//!
+//! [`ipv4_l4`] is the one validator of an IPv4 TCP/UDP packet: every pass
+//! of switchd's filter and afpacket's checksum completion use it.
+
+#![cfg_attr(not(test), no_std)]
 
 pub mod arp;
 pub mod checksum;
 pub mod ethernet;
 pub mod ipip;
 pub mod ipv4;
+pub mod ipv4_l4;
 pub mod reply;
 pub mod tcp;
 pub mod udp;
@@ -16,6 +25,7 @@ pub mod udp;
 pub use arp::{ARP_REPLY, ARP_REQUEST, ArpPacket};
 pub use ethernet::{ETHERNET_HEADER_LEN, ETHERTYPE_ARP, ETHERTYPE_IPV4, EthernetFrame};
 pub use ipv4::Ipv4Packet;
+pub use ipv4_l4::{HeaderChecksum, Ipv4L4, PROTO_TCP, PROTO_UDP, ipv4_l4};
 pub use reply::{arp_reply_in_place, icmp_frag_needed_in_place, tcp_rst_in_place};
 pub use tcp::TcpSegment;
 pub use udp::UdpDatagram;
@@ -31,6 +41,12 @@ pub enum WireError {
     BadIhl,
     #[error("IPv4 total length smaller than the header or larger than the buffer")]
     BadTotalLength,
+    #[error("IPv4 header checksum wrong")]
+    BadChecksum,
+    #[error("an IPv4 fragment")]
+    Fragment,
+    #[error("IPv4 packet neither TCP nor UDP")]
+    NotTcpUdp,
     #[error("TCP data offset below 5 words or beyond the segment")]
     BadDataOffset,
     #[error("UDP length below 8 or beyond the datagram")]
