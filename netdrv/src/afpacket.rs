@@ -491,7 +491,9 @@ mod tests {
 
     #[test]
     fn a_tcp_segment_gets_its_full_checksum() {
-        let mut t = vec![0x03, 0xe8, 0, 80, 0, 0, 0, 1, 0, 0, 0, 0, 0x50, 0x18, 1, 0, 0xab, 0xcd, 0, 0];
+        let mut t = vec![
+            0x03, 0xe8, 0, 80, 0, 0, 0, 1, 0, 0, 0, 0, 0x50, 0x18, 1, 0, 0xab, 0xcd, 0, 0,
+        ];
         t.extend_from_slice(b"hello, world");
         let mut f = frame(6, &t, 0);
         complete_checksum(&mut f);
@@ -521,7 +523,15 @@ mod tests {
     fn frames_that_are_not_valid_ipv4_tcp_udp_are_left_alone() {
         let u = udp(b"ping");
         let good = frame(17, &u, 0);
-        for (at, v) in [(12, 0x86), (14, 0x65), (14, 0x44), (16, 0xff), (20, 0x20), (23, 1), (38, 0xff)] {
+        for (at, v) in [
+            (12, 0x86),
+            (14, 0x65),
+            (14, 0x44),
+            (16, 0xff),
+            (20, 0x20),
+            (23, 1),
+            (38, 0xff),
+        ] {
             let mut f = good.clone();
             f[at] = v;
             let before = f.clone();

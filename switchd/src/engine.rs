@@ -119,7 +119,7 @@ pub fn run<N: Nic>(
     }
     let burst = settings.burst.clamp(1, MAX_BURST);
     let mut frames = [Frame { buf: 0, len: 0 }; MAX_BURST];
-    let mut pres = [filter::Pre::default(); MAX_BURST];
+    let mut parsed = [filter::Parsed::default(); MAX_BURST];
     // The port map of a configuration stamp, and its answer fingerprint.
     let mut port_map: Option<(u64, PortMap, u64)> = None;
     let mut empty_loops = 0u32;
@@ -236,7 +236,7 @@ pub fn run<N: Nic>(
                 burst_in(
                     nic,
                     &frames[..n],
-                    &mut pres[..n],
+                    &mut parsed[..n],
                     in_port,
                     map,
                     &port_mac,
@@ -304,7 +304,7 @@ pub fn run<N: Nic>(
 fn burst_in<N: Nic>(
     nic: &mut N,
     frames: &[Frame],
-    pres: &mut [filter::Pre],
+    parsed: &mut [filter::Parsed],
     in_port: u32,
     map: &PortMap,
     port_mac: &impl Fn(u32) -> Option<[u8; 6]>,
@@ -325,31 +325,37 @@ fn burst_in<N: Nic>(
     // First pass: parse the burst and start its connection-slot
     // loads, so the second pass finds them in cache.
     let mut rx_bytes = 0u64;
-    for (f, p) in frames.iter().zip(pres.iter_mut()) {
+    for (f, p) in frames.iter().zip(parsed.iter_mut()) {
         rx_bytes += f.len as u64;
         let len = (f.len as usize).min(nic.frame_capacity());
-        filter::pre(&nic.buf_mut(*f)[..len], &ctx.ct, &ctx.flows, p);
+        filter::parse_and_prefetch(&nic.buf_mut(*f)[..len], &ctx.ct, &ctx.flows, p);
     }
     // With the flow-cache lines on their way: the slots the second pass
     // will read (none for a flow already checked in this millisecond),
     // unless the first pass loaded every home slot already.
     if !ctx.flows.slots_ahead() {
-        for p in pres.iter().take(frames.len()) {
-            filter::look(p, &ctx.ct, &ctx.flows, ctx.now_ms);
+        for p in parsed.iter().take(frames.len()) {
+            filter::prefetch_table_slots(p, &ctx.ct, &ctx.flows, ctx.now_ms);
         }
     }
     ctx.counters[Counter::RxPackets as usize] += frames.len() as u64;
     ctx.counters[Counter::RxBytes as usize] += rx_bytes;
-    for (f, pre) in frames.iter().zip(pres.iter()) {
+    for (f, p) in frames.iter().zip(parsed.iter()) {
         let buf = nic.buf_mut(*f);
         // The flow cache's answers go straight out (the common case of an
         // established flow, kept apart so its port and length stay in
         // registers); the rest takes the filter's full path.
-        let (port, len) = match filter::answer_pre(buf, pre, ctx) {
+        let (port, len) = match filter::answer_from_flow_cache(buf, p, ctx) {
             Some(tx) => tx,
             None => {
-                let mut verdict =
-                    filter::process_missed(buf, f.len as usize, pre, in_port, &port_mac, ctx);
+                let mut verdict = filter::switch_after_cache_miss(
+                    buf,
+                    f.len as usize,
+                    p,
+                    in_port,
+                    &port_mac,
+                    ctx,
+                );
                 if let Verdict::Hold { timeout_ms } = verdict {
                     verdict = hold(synq, buf, f.len as usize, in_port, timeout_ms, ctx);
                 }
@@ -494,7 +500,7 @@ fn hold(
     ctx: &mut Ctx<'_>,
 ) -> Verdict {
     let frame = &buf[..len.min(buf.len())];
-    let Some(key) = filter::peek_key(frame) else {
+    let Some(key) = filter::flow_key(frame) else {
         return filter::refuse(buf, len, in_port, ctx);
     };
     if synq.contains(&key) {
@@ -659,11 +665,11 @@ mod tests {
     }
 
     /// The engine's second pass (the flow cache's answer, else the full
-    /// path) sends what `filter::process_pre` decides, frame by frame:
+    /// path) sends what `filter::switch_parsed` decides, frame by frame:
     /// one burst through `burst_in` on a real vnic, against a second
     /// appliance's filter called the way the property tests call it.
     #[test]
-    fn a_burst_leaves_as_process_pre_decides_each_frame() {
+    fn a_burst_leaves_as_switch_parsed_decides_each_frame() {
         use crate::fixture::{CLIENT_GW_MAC, Fixture, VIP, port_mac};
         use etherparse::PacketBuilder;
 
@@ -759,7 +765,7 @@ mod tests {
             ctx
         }
 
-        // The reference: process_pre on each frame, in order.
+        // The reference: switch_parsed on each frame, in order.
         let reference = Fixture::new("burst-ref", 1 << 12);
         let mut want_counters = [0u64; N_COUNTERS];
         let mut want: [Vec<Vec<u8>>; 2] = Default::default();
@@ -768,9 +774,9 @@ mod tests {
             for f in &burst {
                 let mut buf = vec![0u8; 2048];
                 buf[..f.len()].copy_from_slice(f);
-                let mut p = filter::Pre::default();
-                filter::pre(&buf[..f.len()], &ctx.ct, &ctx.flows, &mut p);
-                let v = filter::process_pre(&mut buf, f.len(), &p, 0, &port_mac, &mut ctx);
+                let mut p = filter::Parsed::default();
+                filter::parse_and_prefetch(&buf[..f.len()], &ctx.ct, &ctx.flows, &mut p);
+                let v = filter::switch_parsed(&mut buf, f.len(), &p, 0, &port_mac, &mut ctx);
                 if let Verdict::Tx { port, len } = v {
                     want[port as usize].push(buf[..len].to_vec());
                 }
@@ -779,7 +785,7 @@ mod tests {
 
         // The engine: the same frames as one burst received on port 0,
         // with the first pass loading every home slot (a cold cache's
-        // way), then with the look pass deciding (as after bursts
+        // way), then with the slot-prefetch pass deciding (as after bursts
         // answered from the cache).
         for ahead in [true, false] {
             let fx = Fixture::new(&format!("burst-engine-{ahead}"), 1 << 12);
@@ -796,12 +802,12 @@ mod tests {
                 let mut frames = [Frame { buf: 0, len: 0 }; 64];
                 let n = host.rx_burst(0, &mut frames);
                 assert_eq!(n, burst.len());
-                let mut pres = [filter::Pre::default(); 64];
+                let mut parsed = [filter::Parsed::default(); 64];
                 let (mut synq, mut tx) = (SynQueue::new(16), TxBatch::default());
                 burst_in(
                     &mut host,
                     &frames[..n],
-                    &mut pres[..n],
+                    &mut parsed[..n],
                     0,
                     &map,
                     &port_mac,
@@ -860,12 +866,12 @@ mod tests {
         let mut frames = [Frame { buf: 0, len: 0 }; 64];
         let n = host.rx_burst(0, &mut frames);
         assert_eq!(n, burst.len());
-        let mut pres = [filter::Pre::default(); 64];
+        let mut parsed = [filter::Parsed::default(); 64];
         let port_mac = crate::fixture::port_mac;
         burst_in(
             host,
             &frames[..n],
-            &mut pres[..n],
+            &mut parsed[..n],
             0,
             map,
             &port_mac,

@@ -398,7 +398,7 @@ impl FlowCache {
     /// with its set, as it must when most packets' answers read their
     /// slot: with many flows, each sending less than a packet a
     /// millisecond, a slot loaded only once the entry is in (by
-    /// `filter::look`) would arrive a whole memory latency later. With
+    /// `filter::prefetch_table_slots`) would arrive a whole memory latency later. With
     /// few, busy flows most answers read no slot, and loading them all
     /// would cost the lines the cache saves.
     #[inline(always)]
@@ -568,7 +568,10 @@ impl FlowCache {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::filter::{Pre, Verdict, answer_fingerprint, look, pre, process_pre};
+    use crate::filter::{
+        Parsed, Verdict, answer_fingerprint, parse_and_prefetch, prefetch_table_slots,
+        switch_parsed,
+    };
     use crate::fixture::{CLIENT_GW_MAC, Fixture, VIP, port_mac};
     use etherparse::PacketBuilder;
     use proptest::prelude::*;
@@ -614,10 +617,10 @@ mod tests {
                 answer_fingerprint(&ctx.cfg, &[port_mac(0), port_mac(1)], &[Some(0), Some(1)]);
             flows.sync(answers, routing);
             ctx.flows = core::mem::take(flows);
-            let mut p = Pre::default();
-            pre(&buf[..frame.len()], &ctx.ct, &ctx.flows, &mut p);
-            look(&p, &ctx.ct, &ctx.flows, now_ms);
-            let v = process_pre(&mut buf, frame.len(), &p, in_port, &port_mac, &mut ctx);
+            let mut p = Parsed::default();
+            parse_and_prefetch(&buf[..frame.len()], &ctx.ct, &ctx.flows, &mut p);
+            prefetch_table_slots(&p, &ctx.ct, &ctx.flows, now_ms);
+            let v = switch_parsed(&mut buf, frame.len(), &p, in_port, &port_mac, &mut ctx);
             *flows = core::mem::take(&mut ctx.flows);
             (v, buf)
         }

@@ -9,4 +9,3 @@ pub mod hash;
 pub mod hops;
 pub mod sched;
 pub mod synq;
-pub mod wire;

@@ -257,13 +257,22 @@ mod tests {
         assert_eq!(with(&|p| p.truncate(19), false), Err(WireError::Truncated));
         assert_eq!(with(&|p| p[0] = 0x65, false), Err(WireError::BadVersion));
         assert_eq!(with(&|p| p[0] = 0x44, false), Err(WireError::BadIhl));
-        assert_eq!(with(&|p| p[2..4].copy_from_slice(&[0, 41]), true), Err(WireError::BadTotalLength));
+        assert_eq!(
+            with(&|p| p[2..4].copy_from_slice(&[0, 41]), true),
+            Err(WireError::BadTotalLength)
+        );
         assert_eq!(with(&|p| p[10] ^= 1, false), Err(WireError::BadChecksum));
         assert_eq!(with(&|p| p[6] = 0x20, true), Err(WireError::Fragment));
         assert_eq!(with(&|p| p[7] = 1, true), Err(WireError::Fragment));
         assert_eq!(with(&|p| p[9] = 1, true), Err(WireError::NotTcpUdp));
-        assert_eq!(with(&|p| p[32] = 0x40, false), Err(WireError::BadDataOffset));
-        assert_eq!(with(&|p| p[32] = 0x60, false), Err(WireError::BadDataOffset));
+        assert_eq!(
+            with(&|p| p[32] = 0x40, false),
+            Err(WireError::BadDataOffset)
+        );
+        assert_eq!(
+            with(&|p| p[32] = 0x60, false),
+            Err(WireError::BadDataOffset)
+        );
         // A TCP header cut short by the total length.
         assert_eq!(
             with(&|p| p[2..4].copy_from_slice(&[0, 39]), true),
@@ -272,9 +281,15 @@ mod tests {
         let udp = udp_packet(b"abcd");
         let mut u = udp.clone();
         u[24..26].copy_from_slice(&[0, 7]);
-        assert_eq!(ipv4_l4(&u, HeaderChecksum::Verify), Err(WireError::BadUdpLength));
+        assert_eq!(
+            ipv4_l4(&u, HeaderChecksum::Verify),
+            Err(WireError::BadUdpLength)
+        );
         u[24..26].copy_from_slice(&[0, 13]);
-        assert_eq!(ipv4_l4(&u, HeaderChecksum::Verify), Err(WireError::BadUdpLength));
+        assert_eq!(
+            ipv4_l4(&u, HeaderChecksum::Verify),
+            Err(WireError::BadUdpLength)
+        );
         // Ignore reads no checksum.
         let mut p = ok.clone();
         p[10] ^= 1;

@@ -1,0 +1,474 @@
+//! Decide: connection-table lookup, new flows (scheduling, insert),
+//! TCP state changes, the reply direction of NAT.
+
+use core::sync::atomic::Ordering;
+
+use shm_layout::config_slot::{
+    ConfigView, MODE_NAT, ON_DOWN_KEEP, ON_DOWN_RESET, PROTO_TCP, ServiceRec,
+};
+use shm_layout::conntrack::{
+    CONN_MIDFLOW, Conn, ConnSlot, ConnTable, Direction, FlowKey, Hit, InsertError, STATE_ACTIVE,
+    STATE_CLOSING, STATE_ESTABLISHED, STATE_SYN,
+};
+use shm_layout::ring::midflow_event;
+use shm_layout::switch_slot::Counter;
+
+use crate::sched::{self, Pick};
+use wire::{self, tcp};
+
+use super::answers::{Fill, refuse};
+use super::parse::L4;
+use super::rewrite::{forward, reverse};
+use super::{Ctx, Verdict};
+
+#[inline]
+pub(super) fn is_vip(cfg: &ConfigView<'_>, ip: u32) -> bool {
+    cfg.is_vip(ip)
+}
+
+#[inline]
+pub(super) fn find_service<'a>(
+    cfg: &ConfigView<'a>,
+    k: &FlowKey,
+) -> Option<(usize, &'a ServiceRec)> {
+    cfg.find_service(k.dst_ip, k.dst_port, k.proto)
+}
+
+/// Client -> VIP. A packet of a known connection is handled here, inline;
+/// a new connection in [`new_flow`].
+#[inline(always)]
+pub(super) fn to_vip(
+    frame: &mut [u8],
+    l4: &L4,
+    in_port: u32,
+    port_mac: &impl Fn(u32) -> Option<[u8; 6]>,
+    ctx: &mut Ctx<'_>,
+) -> Verdict {
+    let (is_tcp, syn, rst) = l4.tcp_kind();
+    let found = ctx.ct.lookup_at(&l4.key(), l4.home as usize);
+    if let Some(hit) = &found
+        && hit.dir == Direction::Forward
+    {
+        let slot = ctx.ct.slot(hit.idx);
+        if !ctx.expired(slot) {
+            // One byte per forward hit: what to do if its backend is DOWN.
+            let down = ctx.cfg.down_action(hit.conn().backend_id);
+            if down != ON_DOWN_KEEP && !rst && (syn || !is_tcp) {
+                // The flow can move (a UDP flow, or a TCP SYN: nothing was
+                // exchanged yet): schedule it afresh below.
+                stale_answers(l4, hit, ctx);
+                move_off_down(hit, ctx);
+            } else if down == ON_DOWN_RESET && !rst {
+                return reset_down(frame, l4, hit, in_port, ctx);
+            } else if syn && slot.tcp_state.load(Ordering::Relaxed) == STATE_CLOSING {
+                // A new connection on the 5-tuple of a closed one: it is
+                // scheduled afresh (the old one gave its slot back).
+                stale_answers(l4, hit, ctx);
+                retire(hit, ctx);
+            } else {
+                ctx.count(Counter::FwdHit);
+                if touch(ctx, slot, hit, l4) == Moved::Closed {
+                    release_backend(ctx, hit.conn().backend_id);
+                }
+                let fill = Fill::of(hit, slot, l4, &ctx.flows);
+                return forward(frame, l4, &hit.conn(), in_port, port_mac, fill, ctx);
+            }
+        }
+    }
+    new_flow(frame, l4, in_port, port_mac, ctx)
+}
+
+/// Client -> VIP with no live entry to follow: schedule, insert, forward
+/// (or refuse, hold, drop).
+#[inline(never)]
+pub(super) fn new_flow(
+    frame: &mut [u8],
+    l4: &L4,
+    in_port: u32,
+    port_mac: &impl Fn(u32) -> Option<[u8; 6]>,
+    ctx: &mut Ctx<'_>,
+) -> Verdict {
+    let (is_tcp, syn, rst) = l4.tcp_kind();
+    let key = l4.key();
+    let Some((svc_idx, svc)) = find_service(&ctx.cfg, &key) else {
+        if !is_tcp {
+            return ctx.drop(Counter::DropNoServiceUdp);
+        }
+        if rst {
+            return ctx.drop(Counter::DropTcpNoEntry);
+        }
+        return match wire::tcp_rst_in_place(frame, l4.frame_len as usize) {
+            Ok(n) => {
+                ctx.count(Counter::RstSent);
+                Verdict::Tx {
+                    port: in_port,
+                    len: n,
+                }
+            }
+            Err(_) => ctx.drop(Counter::DropMalformed),
+        };
+    };
+    let (backend, reserved) = match schedule(svc, &key, syn || !is_tcp, ctx) {
+        Ok(b) => b,
+        Err(Pick::Full) if svc.queue_timeout_ms > 0 => {
+            return Verdict::Hold {
+                timeout_ms: u32::from(svc.queue_timeout_ms),
+            };
+        }
+        // Full, and this service does not queue: refused at once.
+        Err(Pick::Full) => return refuse(frame, l4.frame_len as usize, in_port, ctx),
+        Err(_) => return ctx.drop(Counter::DropNoBackend),
+    };
+    let conn = Conn {
+        proto: key.proto,
+        mode: svc.mode,
+        flags: if is_tcp && !syn { CONN_MIDFLOW } else { 0 },
+        backend_id: backend.id,
+        client_ip: key.src_ip,
+        client_port: key.src_port,
+        vip: key.dst_ip,
+        vip_port: key.dst_port,
+        backend_ip: backend.ip,
+        backend_port: backend.port,
+        service: svc_idx as u16,
+        created_ms: ctx.now_ms,
+    };
+    if rst {
+        // Never create state for a RST; send it where the connection lives.
+        ctx.count(Counter::DropTcpNoEntry);
+        return forward(frame, l4, &conn, in_port, port_mac, None, ctx);
+    }
+    // Only a SYN or a UDP datagram got a reservation (see `schedule`).
+    debug_assert_eq!(reserved, syn || !is_tcp);
+    let state = match (is_tcp, syn) {
+        (false, _) => STATE_ACTIVE,
+        (true, true) => STATE_SYN,
+        (true, false) => STATE_ESTABLISHED,
+    };
+    let conn = match insert(&conn, state, reserved, ctx) {
+        Ok(c) => c,
+        Err(v) => return v,
+    };
+    if conn.flags & CONN_MIDFLOW != 0 {
+        ctx.count(Counter::ConnMidflow);
+        if let Some(r) = &ctx.events {
+            r.push(midflow_event(&conn, ctx.now_ms));
+        }
+    } else {
+        ctx.count(Counter::ConnNew);
+    }
+    forward(frame, l4, &conn, in_port, port_mac, None, ctx)
+}
+
+/// Makes the flow cache check the slot again before it answers for
+/// either direction of a connection this switch is about to retire (its
+/// answers may be from this very millisecond, which no check would
+/// catch: see `flowcache`).
+#[cold]
+pub(super) fn stale_answers(l4: &L4, hit: &Hit, ctx: &mut Ctx<'_>) {
+    ctx.flows.stale(l4.home, l4.words, ctx.now_ms);
+    let reply = hit.conn().reply_key().words();
+    let home = ctx.ct.home_of(reply) as u32;
+    ctx.flows.stale(home, reply, ctx.now_ms);
+}
+
+/// Removes the entry of a flow leaving its DOWN backend (the scheduler,
+/// which no longer lists that backend, then picks the flow's new one). The
+/// NAT reply slot is left to the GC; late replies from the old backend no
+/// longer match. If another switch changed the entry first, nothing is done.
+pub(super) fn move_off_down(hit: &Hit, ctx: &mut Ctx<'_>) {
+    if retire(hit, ctx) {
+        ctx.count(Counter::DownMoved);
+    }
+}
+
+/// Removes a connection's entry (if no other switch changed it first) and
+/// gives back its backend slot if it still held one. Returns whether it
+/// removed the entry.
+pub(super) fn retire(hit: &Hit, ctx: &mut Ctx<'_>) -> bool {
+    // Only the entry the lookup read: its lock word unchanged.
+    let res = ctx
+        .ct
+        .snapshot(hit.idx)
+        .filter(|s| s.lock == hit.lock)
+        .and_then(|s| ctx.ct.retire(hit.idx, &s, ctx.pid));
+    if res == Some(true) {
+        release_backend(ctx, hit.conn().backend_id);
+    }
+    res.is_some()
+}
+
+/// Gives back one connection slot of backend `id`.
+#[inline]
+pub(super) fn release_backend(ctx: &Ctx<'_>, id: u32) {
+    if let Some(b) = ctx.backends.get(id as usize) {
+        sched::release(b);
+    }
+}
+
+/// Policy reset: an established TCP connection to a DOWN backend is
+/// answered with a RST from the VIP, so the client fails fast and
+/// reconnects; the entry closes (it expires after `tcp_fin`).
+pub(super) fn reset_down(
+    frame: &mut [u8],
+    l4: &L4,
+    hit: &Hit,
+    in_port: u32,
+    ctx: &mut Ctx<'_>,
+) -> Verdict {
+    // Closed under the lock the lookup read (see `touch`).
+    if ctx.ct.slot(hit.idx).tcp_state.load(Ordering::Relaxed) != STATE_CLOSING
+        && ctx.ct.update_state(hit, ctx.pid, |state| {
+            state.swap(STATE_CLOSING, Ordering::AcqRel) != STATE_CLOSING
+        }) == Some(true)
+    {
+        release_backend(ctx, hit.conn().backend_id);
+    }
+    match wire::tcp_rst_in_place(frame, l4.frame_len as usize) {
+        Ok(n) => {
+            ctx.count(Counter::DownRst);
+            Verdict::Tx {
+                port: in_port,
+                len: n,
+            }
+        }
+        Err(_) => ctx.drop(Counter::DropMalformed),
+    }
+}
+
+/// Inserts a new connection; on a race with another switch inserting the
+/// same flow, uses the winner's entry. `reserved`: the scheduler already
+/// took the backend slot (given back if the insert does not happen);
+/// otherwise (mid-flow recovery: the connection exists at the backend
+/// already) one is taken here, whatever the limit.
+///
+/// An entry the insert found ([`InsertError::Exists`]) but that was gone
+/// or being rewritten by the time it was read back (see [`existing`])
+/// sends the insert round again, [`INSERT_TRIES`] times in all; a flow
+/// whose slot keeps changing that long is dropped (counted in
+/// `drop_table_full`), never sent with an entry that is not its own.
+pub(super) fn insert(
+    conn: &Conn,
+    state: u32,
+    reserved: bool,
+    ctx: &mut Ctx<'_>,
+) -> Result<Conn, Verdict> {
+    insert_tries(conn, state, reserved, INSERT_TRIES, ctx)
+}
+
+/// [`insert`] with `tries` left.
+pub(super) fn insert_tries(
+    conn: &Conn,
+    state: u32,
+    reserved: bool,
+    tries: usize,
+    ctx: &mut Ctx<'_>,
+) -> Result<Conn, Verdict> {
+    let with_reply = conn.mode == MODE_NAT;
+    let res = {
+        let c = &*ctx;
+        c.ct.insert(conn, with_reply, c.now_ms, state, c.pid, |s| c.expired(s))
+    };
+    let b = ctx.backends.get(conn.backend_id as usize);
+    match res {
+        Ok(ins) => {
+            if let Some(b) = b {
+                if !reserved {
+                    sched::reserve(b, 0);
+                }
+                b.total.fetch_add(1, Ordering::Relaxed);
+            }
+            for id in ins.evicted_backends.into_iter().flatten() {
+                release_backend(ctx, id);
+            }
+            Ok(*conn)
+        }
+        Err(InsertError::Exists(idx)) => match existing(&ctx.ct, idx, conn) {
+            Some(c) => {
+                if let (Some(b), true) = (b, reserved) {
+                    sched::release(b);
+                }
+                Ok(c)
+            }
+            // Gone or changing: the insert goes round again, keeping
+            // the reservation.
+            None if tries > 1 => insert_tries(conn, state, reserved, tries - 1, ctx),
+            None => {
+                if let (Some(b), true) = (b, reserved) {
+                    sched::release(b);
+                }
+                Err(ctx.drop(Counter::DropTableFull))
+            }
+        },
+        Err(InsertError::Full | InsertError::ReplyConflict) => {
+            if let (Some(b), true) = (b, reserved) {
+                sched::release(b);
+            }
+            Err(ctx.drop(Counter::DropTableFull))
+        }
+    }
+}
+
+/// How many times [`insert`] tries a flow whose found entry vanished.
+pub(super) const INSERT_TRIES: usize = 3;
+
+/// The entry an insert of `conn` found in slot `idx`
+/// ([`InsertError::Exists`]), read back: `None` unless the slot still
+/// holds a forward entry of `conn`'s flow (another switch may have
+/// retired it and a new connection, of any flow, taken the slot; or a
+/// writer holds it right now).
+pub(super) fn existing(ct: &ConnTable<'_>, idx: u32, conn: &Conn) -> Option<Conn> {
+    let found = ct.snapshot(idx)?.conn()?;
+    (found.forward_key() == conn.forward_key()).then_some(found)
+}
+
+/// The backend of a packet to a VIP without an entry. A new connection
+/// (`new`: a TCP SYN or a UDP datagram) goes to its service's scheduler,
+/// which reserves a slot on the backend (`(backend, true)`), or says that
+/// every eligible backend is full (`Err(Pick::Full)`: the caller holds or
+/// refuses it). Anything else (mid-flow recovery, a RST) goes to the table
+/// choice without a reservation (`(backend, false)`).
+#[inline]
+pub(super) fn schedule<'a>(
+    svc: &ServiceRec,
+    key: &FlowKey,
+    new: bool,
+    ctx: &mut Ctx<'a>,
+) -> Result<(&'a shm_layout::config_slot::BackendRec, bool), Pick<'a>> {
+    if !new {
+        return sched::table_choice(&ctx.cfg, svc, key)
+            .map(|b| (b, false))
+            .ok_or(Pick::NoBackend);
+    }
+    let cfg = ctx.cfg;
+    match sched::pick(&cfg, svc, key, ctx.backends, &mut ctx.sched) {
+        Pick::Reserved(b) => Ok((b, true)),
+        other => Err(other),
+    }
+}
+
+/// Backend -> client (NAT replies).
+pub(super) fn from_backend(
+    frame: &mut [u8],
+    l4: &L4,
+    port_mac: &impl Fn(u32) -> Option<[u8; 6]>,
+    ctx: &mut Ctx<'_>,
+) -> Verdict {
+    let found = ctx.ct.lookup_at(&l4.key(), l4.home as usize);
+    let Some(hit) = &found else {
+        return ctx.drop(Counter::DropNotOurs);
+    };
+    if hit.dir != Direction::Reply {
+        return ctx.drop(Counter::DropNotOurs);
+    }
+    let slot = ctx.ct.slot(hit.idx);
+    if ctx.expired(slot) {
+        return ctx.drop(Counter::DropNotOurs);
+    }
+    ctx.count(Counter::ReplyHit);
+    match touch(ctx, slot, hit, l4) {
+        Moved::Stay => {}
+        Moved::Closed => release_backend(ctx, hit.conn().backend_id),
+        Moved::Established => syn_ack_sample(&hit.conn(), ctx),
+    }
+    let fill = Fill::of(hit, slot, l4, &ctx.flows);
+    reverse(frame, l4, hit, port_mac, fill, ctx)
+}
+
+/// Folds the time from a NAT connection's SYN (its entry's creation) to
+/// the backend's SYN-ACK into the backend's shared latency counters. The
+/// only shared writes of the reply path, once per connection.
+#[cold]
+pub(super) fn syn_ack_sample(conn: &Conn, ctx: &Ctx<'_>) {
+    let Some(b) = ctx.backends.get(conn.backend_id as usize) else {
+        return;
+    };
+    let ms = (ctx.now_ms.wrapping_sub(conn.created_ms) as i32).max(0) as u64;
+    b.syn_ack_count.fetch_add(1, Ordering::Relaxed);
+    b.syn_ack_sum_ms.fetch_add(ms, Ordering::Relaxed);
+    // The service index may be stale across a reload that renumbered
+    // services: one sample judged against another target, at worst.
+    let target = ctx
+        .cfg
+        .services()
+        .get(conn.service as usize)
+        .map_or(0, |s| s.latency_target_ms);
+    if target > 0 && ms > u64::from(target) {
+        b.syn_ack_slow.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// Which TCP state change a packet made (see [`touch`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Moved {
+    Stay,
+    /// SYN to ESTABLISHED by the backend's SYN-ACK (NAT reply direction).
+    Established,
+    /// To CLOSING by this packet, first of all switches: the caller gives
+    /// the backend slot back.
+    Closed,
+}
+
+/// Refreshes the time, TCP state and counters of the entry `hit` found
+/// (in `slot`, `ctx.ct.slot(hit.idx)`) for a packet (`hit.dir` is the
+/// packet's direction); says which state change it made. Changes are
+/// atomic read-modify-writes, so of several switches seeing the same
+/// change only one reports it.
+#[inline]
+pub(super) fn touch(ctx: &Ctx<'_>, slot: &ConnSlot, hit: &Hit, l4: &L4) -> Moved {
+    let (dir, now_ms) = (hit.dir, ctx.now_ms);
+    if slot.last_seen.load(Ordering::Relaxed) != now_ms {
+        slot.last_seen.store(now_ms, Ordering::Relaxed);
+    }
+    let mut moved = Moved::Stay;
+    if l4.key().proto == PROTO_TCP {
+        let cur = slot.tcp_state.load(Ordering::Relaxed);
+        let next = if l4.flags & (tcp::FIN | tcp::RST) != 0 {
+            STATE_CLOSING
+        } else if cur == STATE_SYN
+            && dir == Direction::Reply
+            && l4.flags & (tcp::SYN | tcp::ACK) == tcp::SYN | tcp::ACK
+        {
+            STATE_ESTABLISHED
+        } else if cur == STATE_SYN
+            && dir == Direction::Forward
+            && l4.flags & tcp::ACK != 0
+            && l4.flags & tcp::SYN == 0
+        {
+            // Client's ACK of the handshake (DR/tunnel never see the SYN-ACK).
+            STATE_ESTABLISHED
+        } else {
+            cur
+        };
+        if next != cur {
+            moved = change_state(ctx, hit, cur, next);
+        }
+    }
+    slot.add_counts(1, u64::from(l4.ip_len));
+    moved
+}
+
+/// [`touch`]'s state change from `cur` to `next`, once per connection
+/// and direction at most: under the slot's lock as the lookup read it, so
+/// a packet of a connection whose slot was reused meanwhile changes
+/// nothing (see `ConnTable::update_state`).
+#[cold]
+#[inline(never)]
+pub(super) fn change_state(ctx: &Ctx<'_>, hit: &Hit, cur: u32, next: u32) -> Moved {
+    let closing = next == STATE_CLOSING;
+    ctx.ct
+        .update_state(hit, ctx.pid, |state| {
+            if closing {
+                state.swap(STATE_CLOSING, Ordering::AcqRel) != STATE_CLOSING
+            } else {
+                state
+                    .compare_exchange(cur, next, Ordering::Relaxed, Ordering::Relaxed)
+                    .is_ok()
+            }
+        })
+        .map_or(Moved::Stay, |changed| match (changed, closing, hit.dir) {
+            (true, true, _) => Moved::Closed,
+            (true, false, Direction::Reply) => Moved::Established,
+            _ => Moved::Stay,
+        })
+}

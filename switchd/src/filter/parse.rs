@@ -1,0 +1,116 @@
+//! Parse: the one validation of an IPv4 TCP/UDP frame every pass shares
+//! ([`wire::ipv4_l4`]) and the facts the later stages read.
+
+use shm_layout::config_slot::PROTO_TCP;
+use shm_layout::conntrack::FlowKey;
+use shm_layout::switch_slot::Counter;
+use wire::{HeaderChecksum, WireError, tcp};
+
+use super::{Ctx, Verdict};
+
+/// Parsed facts about an IPv4 TCP/UDP packet that the decision needs.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct L4 {
+    /// TCP flags (0 for UDP).
+    pub(super) flags: u8,
+    /// Offset of the L4 header in the frame.
+    pub(super) l4_off: u8,
+    /// Frame length as the IP header says (Ethernet padding excluded).
+    pub(super) frame_len: u16,
+    pub(super) ip_len: u16,
+    /// See [`L4::cacheable`] (decided once, read on every pass).
+    pub(super) cacheable: bool,
+    /// The connection table's home slot for `key` (filled in once the
+    /// frame is known to be TCP/UDP over IPv4).
+    pub(super) home: u32,
+    /// The packet's key as the table's hash mixes it ([`FlowKey::words`]);
+    /// the flow cache's key too. [`L4::key`] decodes it.
+    pub(super) words: (u64, u64),
+}
+
+impl L4 {
+    /// The 5-tuple.
+    #[inline(always)]
+    pub(super) fn key(&self) -> FlowKey {
+        FlowKey::from_words(self.words)
+    }
+
+    /// A packet the flow cache may answer: no SYN, FIN or RST (those open
+    /// or close a connection, or may change its state), and an IPv4 header
+    /// without options.
+    #[inline(always)]
+    pub(super) fn cacheable(&self) -> bool {
+        self.cacheable
+    }
+
+    /// The facts of a parsed packet, its home slot not yet known.
+    #[inline(always)]
+    pub(super) fn new(words: (u64, u64), flags: u8, l4_off: usize, ip_len: usize) -> Self {
+        Self {
+            words,
+            flags,
+            l4_off: l4_off as u8,
+            frame_len: (wire::ETHERNET_HEADER_LEN + ip_len) as u16,
+            ip_len: ip_len as u16,
+            cacheable: flags & (tcp::SYN | tcp::FIN | tcp::RST) == 0
+                && l4_off == wire::ETHERNET_HEADER_LEN + 20,
+            home: 0,
+        }
+    }
+
+    /// (TCP at all, a connection-opening SYN (no ACK), a RST).
+    #[inline(always)]
+    pub(super) fn tcp_kind(&self) -> (bool, bool, bool) {
+        let is_tcp = self.words.1 as u8 == PROTO_TCP;
+        let syn = is_tcp && self.flags & tcp::SYN != 0 && self.flags & tcp::ACK == 0;
+        let rst = is_tcp && self.flags & tcp::RST != 0;
+        (is_tcp, syn, rst)
+    }
+}
+
+/// The 5-tuple of a frame that [`wire::ipv4_l4`] accepts as IPv4 TCP/UDP
+/// (the same validation as every pass of the filter), `None` for any
+/// other frame. The engine keys the queue of held connections with it.
+#[inline]
+pub fn flow_key(frame: &[u8]) -> Option<FlowKey> {
+    if frame.get(12..14) != Some(&[0x08, 0x00]) {
+        return None;
+    }
+    let p = wire::ipv4_l4(&frame[wire::ETHERNET_HEADER_LEN..], HeaderChecksum::Verify).ok()?;
+    Some(FlowKey {
+        proto: p.protocol,
+        src_ip: p.src_addr,
+        dst_ip: p.dst_addr,
+        src_port: p.src_port,
+        dst_port: p.dst_port,
+    })
+}
+
+/// Validates an Ethernet/IPv4 TCP/UDP frame (`frame` is its bytes, the
+/// Ethernet header already checked by the caller) with the one validator,
+/// [`wire::ipv4_l4`], and returns the facts the decision needs, or
+/// `Err(rule)`: the rule the frame broke (see [`dropped_as`]).
+#[inline(always)]
+pub(super) fn parse_ip(frame: &[u8]) -> Result<L4, WireError> {
+    const ETH: usize = wire::ETHERNET_HEADER_LEN;
+    let p = wire::ipv4_l4(frame.get(ETH..).unwrap_or(&[]), HeaderChecksum::Verify)?;
+    // FlowKey::words: both addresses, then both ports and the protocol.
+    let ports = u32::from(p.src_port) << 16 | u32::from(p.dst_port);
+    let words = (
+        u64::from(p.src_addr) << 32 | u64::from(p.dst_addr),
+        u64::from(ports) << 16 | u64::from(p.protocol),
+    );
+    Ok(L4::new(words, p.tcp_flags, ETH + p.header_len, p.total_len))
+}
+
+/// The counted verdict of a frame [`parse_ip`] refused: a fragment goes
+/// to the fragment policy (dropped, counted apart), a packet neither TCP
+/// nor UDP is not ours, anything else is malformed.
+#[cold]
+pub(super) fn dropped_as(rule: WireError, ctx: &mut Ctx<'_>) -> Verdict {
+    ctx.drop(match rule {
+        WireError::Fragment => Counter::DropFragment,
+        WireError::NotTcpUdp => Counter::DropNotOurs,
+        _ => Counter::DropMalformed,
+    })
+}
