@@ -272,8 +272,8 @@ fn complete_checksum(f: &mut [u8]) {
     let l4 = &mut f[ETH + p.header_len..ETH + p.header_len + p.l4_len];
     l4[at..at + 2].copy_from_slice(&[0, 0]);
     let mut c = wire::checksum::tcp_udp_ipv4(
-        p.src_addr.to_be_bytes(),
-        p.dst_addr.to_be_bytes(),
+        p.src_addr().to_be_bytes(),
+        p.dst_addr().to_be_bytes(),
         p.protocol,
         l4,
     );

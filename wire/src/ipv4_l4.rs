@@ -33,13 +33,37 @@ pub struct Ipv4L4 {
     pub protocol: u8,
     /// TCP flags (0 for UDP).
     pub tcp_flags: u8,
-    pub src_addr: u32,
-    pub dst_addr: u32,
-    pub src_port: u16,
-    pub dst_port: u16,
+    /// Source then destination address, as on the wire (see
+    /// [`Ipv4L4::src_addr`]; kept as bytes so a caller that wants them as
+    /// one word reads them as one).
+    pub addrs: [u8; 8],
+    /// Source then destination port, as on the wire.
+    pub ports: [u8; 4],
     /// The length the TCP/UDP checksum covers: the IP payload for TCP,
     /// the UDP length field for UDP.
     pub l4_len: usize,
+}
+
+impl Ipv4L4 {
+    #[inline(always)]
+    pub fn src_addr(&self) -> u32 {
+        u32::from_be_bytes([self.addrs[0], self.addrs[1], self.addrs[2], self.addrs[3]])
+    }
+
+    #[inline(always)]
+    pub fn dst_addr(&self) -> u32 {
+        u32::from_be_bytes([self.addrs[4], self.addrs[5], self.addrs[6], self.addrs[7]])
+    }
+
+    #[inline(always)]
+    pub fn src_port(&self) -> u16 {
+        u16::from_be_bytes([self.ports[0], self.ports[1]])
+    }
+
+    #[inline(always)]
+    pub fn dst_port(&self) -> u16 {
+        u16::from_be_bytes([self.ports[2], self.ports[3]])
+    }
 }
 
 /// Validates an IPv4 TCP/UDP packet in `ip` (the bytes from the IPv4
@@ -61,24 +85,36 @@ pub struct Ipv4L4 {
 ///    payload ([`WireError::Truncated`]) and a length field of 8 or more
 ///    within it ([`WireError::BadUdpLength`]).
 ///
-/// The common case (a 20-byte header) is read from one fixed-size array,
-/// so it costs no bounds check past the first; anything else takes an
-/// out-of-line path with the same rules.
+/// The common case (a 20-byte header) is checked by
+/// [`ipv4_l4_common`], inline; anything else takes an out-of-line path with
+/// the same rules.
 #[inline(always)]
 pub fn ipv4_l4(ip: &[u8], csum: HeaderChecksum) -> Result<Ipv4L4, WireError> {
+    match ipv4_l4_common(ip, csum) {
+        Some(p) => Ok(p),
+        None => ipv4_l4_any(ip, csum),
+    }
+}
+
+/// [`ipv4_l4`]'s common case alone: a valid packet with a 20-byte IPv4
+/// header and the TCP header or UDP datagram within the first 40 bytes of
+/// `ip`, read from one fixed-size array (no bounds check past the first).
+/// `None` says nothing more: the packet may be valid (options, a short
+/// UDP datagram) or not; [`ipv4_l4`] tells. For a caller that keeps the
+/// common case's facts apart (its header length is a constant there).
+#[inline(always)]
+pub fn ipv4_l4_common(ip: &[u8], csum: HeaderChecksum) -> Option<Ipv4L4> {
     const L4: usize = ipv4::MIN_HEADER_LEN;
-    let Some(f) = ip.first_chunk::<{ L4 + tcp::MIN_HEADER_LEN }>() else {
-        return ipv4_l4_any(ip, csum);
-    };
+    let f = ip.first_chunk::<{ L4 + tcp::MIN_HEADER_LEN }>()?;
     let total = be16(f, 2) as usize;
     // Version 4, 20-byte header, not a fragment, length within the buffer.
     if f[0] != 0x45 || be16(f, 6) & 0x3fff != 0 || total < L4 || total > ip.len() {
-        return ipv4_l4_any(ip, csum);
+        return None;
     }
     if csum == HeaderChecksum::Verify {
         let h: &[u8; 20] = f.first_chunk::<20>().expect("40 bytes hold 20");
         if !checksum::ipv4_header_ok(h) {
-            return ipv4_l4_any(ip, csum);
+            return None;
         }
     }
     let protocol = f[9];
@@ -87,28 +123,26 @@ pub fn ipv4_l4(ip: &[u8], csum: HeaderChecksum) -> Result<Ipv4L4, WireError> {
         PROTO_TCP => {
             let doff = (f[L4 + 12] >> 4) as usize * 4;
             if doff < tcp::MIN_HEADER_LEN || doff > payload {
-                return ipv4_l4_any(ip, csum);
+                return None;
             }
             (f[L4 + 13], payload)
         }
         PROTO_UDP => {
             let ulen = be16(f, L4 + 4) as usize;
             if ulen < udp::HEADER_LEN || ulen > payload {
-                return ipv4_l4_any(ip, csum);
+                return None;
             }
             (0, ulen)
         }
-        _ => return ipv4_l4_any(ip, csum),
+        _ => return None,
     };
-    Ok(Ipv4L4 {
+    Some(Ipv4L4 {
         header_len: L4,
         total_len: total,
         protocol,
         tcp_flags,
-        src_addr: u32::from_be_bytes([f[12], f[13], f[14], f[15]]),
-        dst_addr: u32::from_be_bytes([f[16], f[17], f[18], f[19]]),
-        src_port: be16(f, L4),
-        dst_port: be16(f, L4 + 2),
+        addrs: [f[12], f[13], f[14], f[15], f[16], f[17], f[18], f[19]],
+        ports: [f[L4], f[L4 + 1], f[L4 + 2], f[L4 + 3]],
         l4_len,
     })
 }
@@ -140,7 +174,7 @@ fn ipv4_l4_any(ip: &[u8], csum: HeaderChecksum) -> Result<Ipv4L4, WireError> {
     }
     let protocol = h[9];
     let l4 = &ip[hl..total];
-    let (src_port, dst_port, tcp_flags, l4_len) = match protocol {
+    let (ports, tcp_flags, l4_len) = match protocol {
         PROTO_TCP => {
             let t = l4
                 .first_chunk::<{ tcp::MIN_HEADER_LEN }>()
@@ -149,7 +183,7 @@ fn ipv4_l4_any(ip: &[u8], csum: HeaderChecksum) -> Result<Ipv4L4, WireError> {
             if doff < tcp::MIN_HEADER_LEN || doff > l4.len() {
                 return Err(WireError::BadDataOffset);
             }
-            (be16(t, 0), be16(t, 2), t[13], l4.len())
+            ([t[0], t[1], t[2], t[3]], t[13], l4.len())
         }
         PROTO_UDP => {
             let u = l4
@@ -159,7 +193,7 @@ fn ipv4_l4_any(ip: &[u8], csum: HeaderChecksum) -> Result<Ipv4L4, WireError> {
             if ulen < udp::HEADER_LEN || ulen > l4.len() {
                 return Err(WireError::BadUdpLength);
             }
-            (be16(u, 0), be16(u, 2), 0, ulen)
+            ([u[0], u[1], u[2], u[3]], 0, ulen)
         }
         _ => return Err(WireError::NotTcpUdp),
     };
@@ -168,10 +202,8 @@ fn ipv4_l4_any(ip: &[u8], csum: HeaderChecksum) -> Result<Ipv4L4, WireError> {
         total_len: total,
         protocol,
         tcp_flags,
-        src_addr: u32::from_be_bytes([h[12], h[13], h[14], h[15]]),
-        dst_addr: u32::from_be_bytes([h[16], h[17], h[18], h[19]]),
-        src_port,
-        dst_port,
+        addrs: [h[12], h[13], h[14], h[15], h[16], h[17], h[18], h[19]],
+        ports,
         l4_len,
     })
 }
@@ -225,10 +257,8 @@ mod tests {
                 total_len: 45,
                 protocol: PROTO_TCP,
                 tcp_flags: tcp::ACK,
-                src_addr: u32::from_be_bytes([198, 18, 0, 1]),
-                dst_addr: u32::from_be_bytes([198, 18, 0, 2]),
-                src_port: 1000,
-                dst_port: 80,
+                addrs: [198, 18, 0, 1, 198, 18, 0, 2],
+                ports: [0x03, 0xe8, 0, 80],
                 l4_len: 25,
             }
         );
@@ -240,7 +270,7 @@ mod tests {
         let ip = udp_packet(b"");
         let v = ipv4_l4(&ip, HeaderChecksum::Verify).unwrap();
         assert_eq!((v.protocol, v.l4_len, v.total_len), (PROTO_UDP, 8, 28));
-        assert_eq!((v.src_port, v.dst_port, v.tcp_flags), (1000, 53, 0));
+        assert_eq!((v.src_port(), v.dst_port(), v.tcp_flags), (1000, 53, 0));
     }
 
     #[test]
@@ -327,6 +357,9 @@ mod tests {
                 fix_header_checksum(&mut b);
             }
             let csum = if verify { HeaderChecksum::Verify } else { HeaderChecksum::Ignore };
+            if let Some(p) = ipv4_l4_common(&b, csum) {
+                prop_assert_eq!(Ok(p), ipv4_l4_any(&b, csum));
+            }
             prop_assert_eq!(ipv4_l4(&b, csum), ipv4_l4_any(&b, csum));
         }
     }

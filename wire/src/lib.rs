@@ -25,7 +25,7 @@ pub mod udp;
 pub use arp::{ARP_REPLY, ARP_REQUEST, ArpPacket};
 pub use ethernet::{ETHERNET_HEADER_LEN, ETHERTYPE_ARP, ETHERTYPE_IPV4, EthernetFrame};
 pub use ipv4::Ipv4Packet;
-pub use ipv4_l4::{HeaderChecksum, Ipv4L4, PROTO_TCP, PROTO_UDP, ipv4_l4};
+pub use ipv4_l4::{HeaderChecksum, Ipv4L4, PROTO_TCP, PROTO_UDP, ipv4_l4, ipv4_l4_common};
 pub use reply::{arp_reply_in_place, icmp_frag_needed_in_place, tcp_rst_in_place};
 pub use tcp::TcpSegment;
 pub use udp::UdpDatagram;

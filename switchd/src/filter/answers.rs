@@ -17,6 +17,8 @@ use super::parse::{dropped_as, parse_ip};
 use super::rewrite::Rewrite;
 use super::{Ctx, Verdict};
 
+/// An ARP request for a VIP, answered on the port it came in on with the
+/// port's MAC; any other ARP frame is dropped (counted).
 pub(super) fn arp(
     frame: &mut [u8],
     len: usize,
@@ -45,6 +47,60 @@ pub(super) fn arp(
             }
         }
         Err(_) => ctx.drop(Counter::DropMalformed),
+    }
+}
+
+/// A TCP segment to a VIP answered with a RST from the VIP (counted in
+/// `counter`), sent back out of `in_port`. The caller has ruled out a RST.
+pub(super) fn answer_with_rst(
+    frame: &mut [u8],
+    l4: &L4,
+    in_port: u32,
+    counter: Counter,
+    ctx: &mut Ctx<'_>,
+) -> Verdict {
+    match wire::tcp_rst_in_place(frame, l4.frame_len as usize) {
+        Ok(n) => {
+            ctx.count(counter);
+            Verdict::Tx {
+                port: in_port,
+                len: n,
+            }
+        }
+        Err(_) => ctx.drop(Counter::DropMalformed),
+    }
+}
+
+/// A packet too big for the path ahead (`inner_mtu`: what fits): with DF
+/// it is answered with ICMP fragmentation-needed (the client then lowers
+/// its path MTU toward the VIP), within the switch's ICMP budget; without
+/// DF it is dropped. Counted either way.
+#[cold]
+pub(super) fn answer_too_big(
+    frame: &mut [u8],
+    l4: &L4,
+    in_port: u32,
+    inner_mtu: usize,
+    ctx: &mut Ctx<'_>,
+) -> Verdict {
+    const ETH: usize = wire::ETHERNET_HEADER_LEN;
+    let df = wire::Ipv4Packet::new_unchecked(&frame[ETH..l4.frame_len as usize]).dont_fragment();
+    if !df {
+        return ctx.drop(Counter::DropTooBig);
+    }
+    if ctx.icmp_tokens == 0 {
+        return ctx.drop(Counter::IcmpRateLimited);
+    }
+    match wire::icmp_frag_needed_in_place(frame, l4.frame_len as usize, inner_mtu as u16) {
+        Ok(n) => {
+            ctx.icmp_tokens -= 1;
+            ctx.count(Counter::IcmpFragNeeded);
+            Verdict::Tx {
+                port: in_port,
+                len: n,
+            }
+        }
+        Err(_) => ctx.drop(Counter::DropTooBig),
     }
 }
 

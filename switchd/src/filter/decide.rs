@@ -16,7 +16,7 @@ use shm_layout::switch_slot::Counter;
 use crate::sched::{self, Pick};
 use wire::{self, tcp};
 
-use super::answers::{Fill, refuse};
+use super::answers::{Fill, answer_with_rst, refuse};
 use super::parse::L4;
 use super::rewrite::{forward, reverse};
 use super::{Ctx, Verdict};
@@ -97,16 +97,7 @@ pub(super) fn new_flow(
         if rst {
             return ctx.drop(Counter::DropTcpNoEntry);
         }
-        return match wire::tcp_rst_in_place(frame, l4.frame_len as usize) {
-            Ok(n) => {
-                ctx.count(Counter::RstSent);
-                Verdict::Tx {
-                    port: in_port,
-                    len: n,
-                }
-            }
-            Err(_) => ctx.drop(Counter::DropMalformed),
-        };
+        return answer_with_rst(frame, l4, in_port, Counter::RstSent, ctx);
     };
     let (backend, reserved) = match schedule(svc, &key, syn || !is_tcp, ctx) {
         Ok(b) => b,
@@ -224,16 +215,7 @@ pub(super) fn reset_down(
     {
         release_backend(ctx, hit.conn().backend_id);
     }
-    match wire::tcp_rst_in_place(frame, l4.frame_len as usize) {
-        Ok(n) => {
-            ctx.count(Counter::DownRst);
-            Verdict::Tx {
-                port: in_port,
-                len: n,
-            }
-        }
-        Err(_) => ctx.drop(Counter::DropMalformed),
-    }
+    answer_with_rst(frame, l4, in_port, Counter::DownRst, ctx)
 }
 
 /// Inserts a new connection; on a race with another switch inserting the

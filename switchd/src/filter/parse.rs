@@ -4,7 +4,7 @@
 use shm_layout::config_slot::PROTO_TCP;
 use shm_layout::conntrack::FlowKey;
 use shm_layout::switch_slot::Counter;
-use wire::{HeaderChecksum, WireError, tcp};
+use wire::{HeaderChecksum, Ipv4L4, WireError, tcp};
 
 use super::{Ctx, Verdict};
 
@@ -79,28 +79,51 @@ pub fn flow_key(frame: &[u8]) -> Option<FlowKey> {
     let p = wire::ipv4_l4(&frame[wire::ETHERNET_HEADER_LEN..], HeaderChecksum::Verify).ok()?;
     Some(FlowKey {
         proto: p.protocol,
-        src_ip: p.src_addr,
-        dst_ip: p.dst_addr,
-        src_port: p.src_port,
-        dst_port: p.dst_port,
+        src_ip: p.src_addr(),
+        dst_ip: p.dst_addr(),
+        src_port: p.src_port(),
+        dst_port: p.dst_port(),
     })
 }
 
 /// Validates an Ethernet/IPv4 TCP/UDP frame (`frame` is its bytes, the
 /// Ethernet header already checked by the caller) with the one validator,
 /// [`wire::ipv4_l4`], and returns the facts the decision needs, or
-/// `Err(rule)`: the rule the frame broke (see [`dropped_as`]).
+/// `Err(rule)`: the rule the frame broke (see [`dropped_as`]). The common
+/// case is built apart from the rest ([`wire::ipv4_l4_common`]), so its
+/// facts stay constants where they are.
 #[inline(always)]
 pub(super) fn parse_ip(frame: &[u8]) -> Result<L4, WireError> {
-    const ETH: usize = wire::ETHERNET_HEADER_LEN;
-    let p = wire::ipv4_l4(frame.get(ETH..).unwrap_or(&[]), HeaderChecksum::Verify)?;
-    // FlowKey::words: both addresses, then both ports and the protocol.
-    let ports = u32::from(p.src_port) << 16 | u32::from(p.dst_port);
+    let ip = frame.get(wire::ETHERNET_HEADER_LEN..).unwrap_or(&[]);
+    match wire::ipv4_l4_common(ip, HeaderChecksum::Verify) {
+        Some(p) => Ok(facts(&p)),
+        None => parse_ip_uncommon(ip),
+    }
+}
+
+/// [`parse_ip`] of everything but the common case: IPv4 options, short
+/// frames, and the rule a frame broke.
+#[cold]
+#[inline(never)]
+fn parse_ip_uncommon(ip: &[u8]) -> Result<L4, WireError> {
+    wire::ipv4_l4(ip, HeaderChecksum::Verify).map(|p| facts(&p))
+}
+
+/// The facts of a valid packet.
+#[inline(always)]
+fn facts(p: &Ipv4L4) -> L4 {
+    // FlowKey::words straight from the bytes: both addresses, then both
+    // ports and the protocol.
     let words = (
-        u64::from(p.src_addr) << 32 | u64::from(p.dst_addr),
-        u64::from(ports) << 16 | u64::from(p.protocol),
+        u64::from_be_bytes(p.addrs),
+        u64::from(u32::from_be_bytes(p.ports)) << 16 | u64::from(p.protocol),
     );
-    Ok(L4::new(words, p.tcp_flags, ETH + p.header_len, p.total_len))
+    L4::new(
+        words,
+        p.tcp_flags,
+        wire::ETHERNET_HEADER_LEN + p.header_len,
+        p.total_len,
+    )
 }
 
 /// The counted verdict of a frame [`parse_ip`] refused: a fragment goes

@@ -9,7 +9,7 @@ use shm_layout::switch_slot::Counter;
 use crate::flowcache::{self};
 use wire::{self, checksum, ipip};
 
-use super::answers::{Fill, cache_answer};
+use super::answers::{Fill, answer_too_big, cache_answer};
 use super::parse::L4;
 use super::{Ctx, Verdict};
 
@@ -63,7 +63,6 @@ pub(super) fn tunnel(
     port_mac: &impl Fn(u32) -> Option<[u8; 6]>,
     ctx: &mut Ctx<'_>,
 ) -> Verdict {
-    const ETH: usize = wire::ETHERNET_HEADER_LEN;
     let (port, dst_mac, src_mac) = match next_hop(backend_ip, port_mac, ctx) {
         Ok(h) => h,
         Err(v) => return v,
@@ -71,26 +70,7 @@ pub(super) fn tunnel(
     let mtu = ctx.cfg.ports().get(port as usize).map_or(0, |p| p.mtu) as usize;
     let mtu = if mtu == 0 { DEFAULT_MTU } else { mtu };
     if l4.ip_len as usize + ipip::OVERHEAD > mtu {
-        let df =
-            wire::Ipv4Packet::new_unchecked(&frame[ETH..l4.frame_len as usize]).dont_fragment();
-        if !df {
-            return ctx.drop(Counter::DropTooBig);
-        }
-        if ctx.icmp_tokens == 0 {
-            return ctx.drop(Counter::IcmpRateLimited);
-        }
-        let inner_mtu = (mtu - ipip::OVERHEAD) as u16;
-        return match wire::icmp_frag_needed_in_place(frame, l4.frame_len as usize, inner_mtu) {
-            Ok(n) => {
-                ctx.icmp_tokens -= 1;
-                ctx.count(Counter::IcmpFragNeeded);
-                Verdict::Tx {
-                    port: in_port,
-                    len: n,
-                }
-            }
-            Err(_) => ctx.drop(Counter::DropTooBig),
-        };
+        return answer_too_big(frame, l4, in_port, mtu - ipip::OVERHEAD, ctx);
     }
     if let Err(v) = decrement_ttl(frame, ctx) {
         return v;
