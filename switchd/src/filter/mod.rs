@@ -150,13 +150,14 @@ impl Ctx<'_> {
 
 /// What [`parse_and_prefetch`] learned of one frame of a burst: its
 /// validated facts and table slot (whose lines are on their way), or
-/// nothing (not an IPv4 TCP/UDP frame that passed validation: it goes the
-/// whole way through [`process`]).
+/// nothing (anything but a valid IPv4 TCP/UDP frame without IP options:
+/// it goes the whole way through [`process`]).
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Parsed(Option<L4>);
 
 /// First pass over a burst. Contract: validates `frame` (its `len` bytes)
-/// as IPv4 TCP/UDP ([`wire::ipv4_l4`]), finds its connection table home
+/// as IPv4 TCP/UDP with a 20-byte header (the common case of
+/// [`wire::ipv4_l4`]), finds its connection table home
 /// slot and starts loading it and its flow-cache set, so the later passes
 /// find them in cache and parse nothing again. Writes its facts into `out`
 /// (the engine's per-burst array), or `Parsed(None)` for a frame it leaves
@@ -167,7 +168,7 @@ pub fn parse_and_prefetch(frame: &[u8], ct: &ConnTable<'_>, flows: &FlowCache, o
     if frame.get(12..14) != Some(&[0x08, 0x00]) {
         return;
     }
-    let Ok(mut l4) = parse::parse_ip(frame) else {
+    let Some(mut l4) = parse::parse_ip_common(frame) else {
         return;
     };
     let home = ct.home_of(l4.words);

@@ -94,11 +94,20 @@ pub fn flow_key(frame: &[u8]) -> Option<FlowKey> {
 /// facts stay constants where they are.
 #[inline(always)]
 pub(super) fn parse_ip(frame: &[u8]) -> Result<L4, WireError> {
-    let ip = frame.get(wire::ETHERNET_HEADER_LEN..).unwrap_or(&[]);
-    match wire::ipv4_l4_common(ip, HeaderChecksum::Verify) {
-        Some(p) => Ok(facts(&p)),
-        None => parse_ip_uncommon(ip),
+    match parse_ip_common(frame) {
+        Some(l4) => Ok(l4),
+        None => parse_ip_uncommon(frame.get(wire::ETHERNET_HEADER_LEN..).unwrap_or(&[])),
     }
+}
+
+/// [`parse_ip`]'s common case alone ([`wire::ipv4_l4_common`]: a 20-byte
+/// IPv4 header, TCP or UDP): `None` for anything else, valid or not. The
+/// first pass takes only this (its facts stay in registers, no merge with
+/// the out-of-line path) and leaves the rest to [`super::process`].
+#[inline(always)]
+pub(super) fn parse_ip_common(frame: &[u8]) -> Option<L4> {
+    let ip = frame.get(wire::ETHERNET_HEADER_LEN..)?;
+    wire::ipv4_l4_common(ip, HeaderChecksum::Verify).map(|p| facts(&p))
 }
 
 /// [`parse_ip`] of everything but the common case: IPv4 options, short
