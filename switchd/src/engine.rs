@@ -295,10 +295,9 @@ pub fn run<N: Nic>(
     Ok(())
 }
 
-/// One received burst of `in_port`: the first pass over every frame, then
-/// the verdicts, transmissions and flushes. (Kept out of line: the poll
-/// loop stays short to read, and the count per frame is the same, 595 vs
-/// 597 instructions in situ.)
+/// One received burst of `in_port`: the filter's passes over every frame
+/// (see [`crate::filter`]), then the transmissions and flushes. Kept out
+/// of line so the poll loop stays short to read (docs/PERFORMANCE.md).
 #[inline(never)]
 #[allow(clippy::too_many_arguments)]
 fn burst_in<N: Nic>(
