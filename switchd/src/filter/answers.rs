@@ -9,11 +9,10 @@ use shm_layout::conntrack::{ConnSlot, Hit, STATE_SYN};
 use shm_layout::switch_slot::Counter;
 
 use crate::flowcache::{self, FlowCache};
-use wire::{self, checksum, tcp};
+use wire::{checksum, tcp};
 
 use super::decide::is_vip;
-use super::parse::L4;
-use super::parse::{dropped_as, parse_ip};
+use super::parse::{L4, dropped_as, parse_ip};
 use super::rewrite::Rewrite;
 use super::{Ctx, Verdict};
 

@@ -14,7 +14,7 @@ use shm_layout::ring::midflow_event;
 use shm_layout::switch_slot::Counter;
 
 use crate::sched::{self, Pick};
-use wire::{self, tcp};
+use wire::tcp;
 
 use super::answers::{Fill, answer_with_rst, refuse};
 use super::parse::L4;

@@ -38,7 +38,6 @@ use shm_layout::switch_slot::{BackendCounters, Counter, N_COUNTERS};
 use crate::flowcache::FlowCache;
 use crate::hops::HopCache;
 use crate::sched::SchedState;
-use wire::{self};
 
 use parse::L4;
 

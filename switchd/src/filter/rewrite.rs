@@ -6,8 +6,8 @@ use shm_layout::conntrack::{Conn, Hit};
 use shm_layout::routing_slot::NoRoute;
 use shm_layout::switch_slot::Counter;
 
-use crate::flowcache::{self};
-use wire::{self, checksum, ipip};
+use crate::flowcache;
+use wire::{checksum, ipip};
 
 use super::answers::{Fill, answer_too_big, cache_answer};
 use super::parse::L4;
