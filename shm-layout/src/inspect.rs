@@ -12,7 +12,7 @@ use crate::config_slot::{
 };
 use crate::conntrack::{
     CONN_MIDFLOW, Conn, KIND_FWD, KIND_REPLY, KIND_TOMB, STATE_ACTIVE, STATE_CLOSING,
-    STATE_ESTABLISHED, STATE_SYN, Timeouts,
+    STATE_ESTABLISHED, STATE_PROVISIONAL, STATE_SYN, STATE_SYN_ACKED, Timeouts,
 };
 use crate::header::{REGION_INIT, REGION_READY, REGION_STOPPING};
 use crate::switch_slot::{SW_EMPTY, SW_RUNNING, SW_STARTING, SW_STOPPED};
@@ -54,6 +54,8 @@ pub fn conn_state_name(s: u32) -> &'static str {
         STATE_ESTABLISHED => "established",
         STATE_CLOSING => "closing",
         STATE_ACTIVE => "active",
+        STATE_SYN_ACKED => "syn_acked",
+        STATE_PROVISIONAL => "provisional",
         _ => "?",
     }
 }
