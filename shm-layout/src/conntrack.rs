@@ -712,7 +712,7 @@ impl<'a> ConnTable<'a> {
             }
         }
         // Only now, when nothing can fail, is a displaced entry closed.
-        out.evicted_backends[0] = self.evict(&fwd);
+        out.evicted_backends[0] = self.evict(&fwd).or(fwd.retired);
         let s = self.slot(fidx);
         s.last_seen.store(now_ms, Ordering::Relaxed);
         s.tcp_state.store(tcp_state, Ordering::Relaxed);
