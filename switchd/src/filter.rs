@@ -12,8 +12,9 @@ use shm_layout::config_slot::{
     ServiceRec,
 };
 use shm_layout::conntrack::{
-    CONN_MIDFLOW, Conn, ConnSlot, ConnTable, Direction, FlowKey, Hit, InsertError, STATE_ACTIVE,
-    STATE_CLOSING, STATE_ESTABLISHED, STATE_SYN, Timeouts,
+    CONN_MIDFLOW, Conn, ConnSlot, ConnTable, Direction, Evicted, FlowKey, Hit, InsertError,
+    STATE_ACTIVE, STATE_CLOSING, STATE_ESTABLISHED, STATE_PROVISIONAL, STATE_SYN, STATE_SYN_ACKED,
+    Timeouts, holds_reservation,
 };
 use shm_layout::ring::{Ring, midflow_event};
 use shm_layout::routing_slot::{NoRoute, RoutingView};
@@ -415,14 +416,16 @@ fn parse_ip_common(frame: &[u8]) -> Option<L4> {
     let flags = match proto {
         PROTO_TCP => {
             let doff = (f[L4_OFF + 12] >> 4) as usize * 4;
-            if doff < 20 || doff > l4_len {
+            // An impossible flag set is left to `parse_ip_any`, which
+            // counts it.
+            if doff < 20 || doff > l4_len || tcp_flags_impossible(f[L4_OFF + 13]) {
                 return None;
             }
             f[L4_OFF + 13]
         }
         PROTO_UDP => {
-            let ulen = be16(L4_OFF + 4) as usize;
-            if ulen < 8 || ulen > l4_len {
+            // Exactly the IP payload (see `parse_ip_any`).
+            if be16(L4_OFF + 4) as usize != l4_len {
                 return None;
             }
             0
@@ -469,15 +472,21 @@ fn parse_ip_any(frame: &[u8], ctx: &mut Ctx<'_>) -> Result<L4, Verdict> {
     let l4 = &frame[l4_off..ETH + total];
     let (src_port, dst_port, flags) = match proto {
         PROTO_TCP => match l4.first_chunk::<20>() {
+            Some(t) if tcp_flags_impossible(t[13]) => return Err(ctx.drop(Counter::DropBadFlags)),
             Some(t) if (t[12] >> 4) as usize * 4 >= 20 && (t[12] >> 4) as usize * 4 <= l4.len() => {
                 (be16(t, 0), be16(t, 2), t[13])
             }
             _ => return Err(ctx.drop(Counter::DropMalformed)),
         },
+        // A UDP length other than the IP payload's: either bytes the IP
+        // header carries that the datagram disowns, or a datagram longer
+        // than its packet. A receiver's stack would take either its own
+        // way; the appliance forwards neither (issue 22 item 5).
         PROTO_UDP => match l4.first_chunk::<8>() {
-            Some(u) if be16(u, 4) as usize >= 8 && be16(u, 4) as usize <= l4.len() => {
+            Some(u) if be16(u, 4) as usize >= 8 && be16(u, 4) as usize == l4.len() => {
                 (be16(u, 0), be16(u, 2), 0)
             }
+            Some(_) => return Err(ctx.drop(Counter::DropUdpLength)),
             _ => return Err(ctx.drop(Counter::DropMalformed)),
         },
         _ => return Err(ctx.drop(Counter::DropNotOurs)),
@@ -490,6 +499,40 @@ fn parse_ip_any(frame: &[u8], ctx: &mut Ctx<'_>) -> Result<L4, Verdict> {
         dst_port,
     };
     Ok(L4::new(key.words(), flags, l4_off, total))
+}
+
+/// A TCP flag set no real stack sends: SYN with FIN or RST, or none of
+/// FIN, SYN, RST, PSH, ACK and URG (a "null" segment). Dropped and counted
+/// in `drop_bad_flags` wherever it comes from.
+#[inline(always)]
+fn tcp_flags_impossible(flags: u8) -> bool {
+    const SYN_FIN: u8 = tcp::SYN | tcp::FIN;
+    const SYN_RST: u8 = tcp::SYN | tcp::RST;
+    flags & SYN_FIN == SYN_FIN || flags & SYN_RST == SYN_RST || flags & 0x3f == 0
+}
+
+/// A source address no client of a VIP can have (RFC 1122 3.2.1.3, RFC
+/// 5735): "this network" 0.0.0.0/8, loopback 127.0.0.0/8, multicast
+/// 224.0.0.0/4, reserved 240.0.0.0/4 (with the limited broadcast
+/// 255.255.255.255), and any VIP of this appliance. A backend's address
+/// from the client side is judged in [`new_flow`], where the service is known.
+#[inline]
+fn martian_source(cfg: &ConfigView<'_>, src: u32) -> bool {
+    let top = src >> 24;
+    top == 0 || top == 127 || top >= 224 || is_vip(cfg, src)
+}
+
+/// Whether a packet from `src` received on port `in_port` claims the
+/// address of one of `svc`'s backends while arriving from another side
+/// than the one routes to that backend lead to (a spoofed backend source,
+/// which would make the backend talk to itself through the VIP).
+fn backend_spoofed(ctx: &mut Ctx<'_>, svc: &ServiceRec, src: u32, in_port: u32) -> bool {
+    if !ctx.cfg.service_backends(svc).iter().any(|b| b.ip == src) {
+        return false;
+    }
+    // Without a next hop for it the side is unknown: not judged here
+    // (the flow is refused for its own reasons, or forwarded).
+    matches!(ctx.hops.next_hop(&ctx.rt, src), Ok(hop) if hop.port != in_port)
 }
 
 #[inline]
@@ -559,15 +602,23 @@ fn to_vip(
                 move_off_down(hit, ctx);
             } else if down == ON_DOWN_RESET && !rst {
                 return reset_down(frame, l4, hit, in_port, ctx);
-            } else if syn && slot.tcp_state.load(Ordering::Relaxed) == STATE_CLOSING {
-                // A new connection on the 5-tuple of a closed one: it is
-                // scheduled afresh (the old one gave its slot back).
+            } else if syn
+                && matches!(
+                    slot.tcp_state.load(Ordering::Relaxed),
+                    STATE_CLOSING | STATE_PROVISIONAL
+                )
+            {
+                // A new connection on the 5-tuple of a closed one (which
+                // gave its slot back), or of an unconfirmed pickup (which
+                // never took one): it is scheduled afresh.
                 stale_answers(l4, hit, ctx);
                 retire(hit, ctx);
             } else {
                 ctx.count(Counter::FwdHit);
-                if touch(ctx, slot, hit, l4) == Moved::Closed {
-                    release_backend(ctx, hit.conn().backend_id);
+                match touch(ctx, slot, hit, l4) {
+                    Moved::Closed => release_backend(ctx, hit.conn().backend_id),
+                    Moved::Confirmed => ctx.count(Counter::ConnConfirmed),
+                    Moved::Stay | Moved::SynAcked => {}
                 }
                 let fill = Fill::of(hit, slot, l4, &ctx.flows);
                 return forward(frame, l4, &hit.conn(), in_port, port_mac, fill, ctx);
@@ -589,6 +640,12 @@ fn new_flow(
 ) -> Verdict {
     let (is_tcp, syn, rst) = l4.tcp_kind();
     let key = l4.key();
+    // Issue 22 item 5: no entry, no answer, nothing forwarded for a source
+    // no client can have (checked here, where entries are made: a martian
+    // never gets one, so the hit path needs no check).
+    if martian_source(&ctx.cfg, key.src_ip) {
+        return ctx.drop(Counter::DropMartian);
+    }
     let Some((svc_idx, svc)) = find_service(&ctx.cfg, &key) else {
         if !is_tcp {
             return ctx.drop(Counter::DropNoServiceUdp);
@@ -596,8 +653,14 @@ fn new_flow(
         if rst {
             return ctx.drop(Counter::DropTcpNoEntry);
         }
+        // RSTs come out of the answer budget the ICMP answers use: a flood
+        // to unserved ports must not make the switch a RST generator.
+        if ctx.icmp_tokens == 0 {
+            return ctx.drop(Counter::RstRateLimited);
+        }
         return match wire::tcp_rst_in_place(frame, l4.frame_len as usize) {
             Ok(n) => {
+                ctx.icmp_tokens -= 1;
                 ctx.count(Counter::RstSent);
                 Verdict::Tx {
                     port: in_port,
@@ -607,6 +670,9 @@ fn new_flow(
             Err(_) => ctx.drop(Counter::DropMalformed),
         };
     };
+    if backend_spoofed(ctx, svc, key.src_ip, in_port) {
+        return ctx.drop(Counter::DropMartian);
+    }
     let (backend, reserved) = match schedule(svc, &key, syn || !is_tcp, ctx) {
         Ok(b) => b,
         Err(Pick::Full) if svc.queue_timeout_ms > 0 => {
@@ -639,10 +705,13 @@ fn new_flow(
     }
     // Only a SYN or a UDP datagram got a reservation (see `schedule`).
     debug_assert_eq!(reserved, syn || !is_tcp);
+    // A mid-flow pickup is provisional (short timeout, no reservation)
+    // until the flow proves itself (see `touch`): a spoofed segment must
+    // not hold a slot of the table or of its backend for long.
     let state = match (is_tcp, syn) {
         (false, _) => STATE_ACTIVE,
         (true, true) => STATE_SYN,
-        (true, false) => STATE_ESTABLISHED,
+        (true, false) => STATE_PROVISIONAL,
     };
     let conn = match insert(&conn, state, reserved, ctx) {
         Ok(c) => c,
@@ -761,13 +830,21 @@ fn insert_tries(
     match res {
         Ok(ins) => {
             if let Some(b) = b {
-                if !reserved {
+                // A provisional entry takes its reservation when it is
+                // confirmed (see `change_state`), not here.
+                if !reserved && holds_reservation(state) {
                     sched::reserve(b, 0);
                 }
                 b.total.fetch_add(1, Ordering::Relaxed);
             }
             for id in ins.evicted_backends.into_iter().flatten() {
                 release_backend(ctx, id);
+            }
+            for kind in ins.evicted_live.into_iter().flatten() {
+                ctx.count(match kind {
+                    Evicted::Provisional => Counter::EvictedProvisional,
+                    Evicted::HalfOpen => Counter::EvictedHalfOpen,
+                });
             }
             Ok(*conn)
         }
@@ -879,7 +956,8 @@ fn from_backend(
     match touch(ctx, slot, hit, l4) {
         Moved::Stay => {}
         Moved::Closed => release_backend(ctx, hit.conn().backend_id),
-        Moved::Established => syn_ack_sample(&hit.conn(), ctx),
+        Moved::SynAcked => syn_ack_sample(&hit.conn(), ctx),
+        Moved::Confirmed => ctx.count(Counter::ConnConfirmed),
     }
     let fill = Fill::of(hit, slot, l4, &ctx.flows);
     reverse(frame, l4, hit, port_mac, fill, ctx)
@@ -912,8 +990,11 @@ fn syn_ack_sample(conn: &Conn, ctx: &Ctx<'_>) {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Moved {
     Stay,
-    /// SYN to ESTABLISHED by the backend's SYN-ACK (NAT reply direction).
-    Established,
+    /// SYN to SYN_ACKED by the backend's SYN-ACK (NAT reply direction).
+    SynAcked,
+    /// PROVISIONAL to ESTABLISHED: the pickup proved itself, and took its
+    /// backend reservation.
+    Confirmed,
     /// To CLOSING by this packet, first of all switches: the caller gives
     /// the backend slot back.
     Closed,
@@ -933,29 +1014,55 @@ fn touch(ctx: &Ctx<'_>, slot: &ConnSlot, hit: &Hit, l4: &L4) -> Moved {
     let mut moved = Moved::Stay;
     if l4.key().proto == PROTO_TCP {
         let cur = slot.tcp_state.load(Ordering::Relaxed);
-        let next = if l4.flags & (tcp::FIN | tcp::RST) != 0 {
-            STATE_CLOSING
-        } else if cur == STATE_SYN
-            && dir == Direction::Reply
-            && l4.flags & (tcp::SYN | tcp::ACK) == tcp::SYN | tcp::ACK
-        {
-            STATE_ESTABLISHED
-        } else if cur == STATE_SYN
-            && dir == Direction::Forward
-            && l4.flags & tcp::ACK != 0
-            && l4.flags & tcp::SYN == 0
-        {
-            // Client's ACK of the handshake (DR/tunnel never see the SYN-ACK).
-            STATE_ESTABLISHED
-        } else {
-            cur
-        };
+        let next = next_state(cur, dir, l4.flags, hit, now_ms);
         if next != cur {
             moved = change_state(ctx, hit, cur, next);
         }
     }
     slot.add_counts(1, u64::from(l4.ip_len));
     moved
+}
+
+/// How long a provisional DR or tunnel entry must live before a further
+/// client packet confirms it (see [`next_state`]).
+pub const CONFIRM_AFTER_MS: u32 = 1_000;
+
+/// The TCP state a packet with `flags` moves the connection `hit` found
+/// from `cur` to (`cur` if none). The rules (docs/ARCHITECTURE.md,
+/// "Provisional entries"):
+/// - FIN or RST, either direction: CLOSING.
+/// - SYN (half-open): the backend's SYN-ACK (NAT) makes it SYN_ACKED,
+///   still half-open: a backend answers a spoofed SYN as readily as a
+///   real one. Only the client's ACK establishes. (Whether the SYN-ACK
+///   passed first is not required: without sequence numbers in the entry
+///   that would stop no blind spoofer, and in DR and tunnel mode the
+///   SYN-ACK never passes.)
+/// - PROVISIONAL (a pickup): in NAT, any packet of the backend (the other
+///   direction) confirms it; in DR and tunnel mode (one-armed), a client
+///   packet at least [`CONFIRM_AFTER_MS`] after the pickup: a spoofed
+///   flood sends one segment per 5-tuple, a live connection keeps sending.
+#[inline]
+fn next_state(cur: u32, dir: Direction, flags: u8, hit: &Hit, now_ms: u32) -> u32 {
+    if flags & (tcp::FIN | tcp::RST) != 0 {
+        return STATE_CLOSING;
+    }
+    let client_ack = dir == Direction::Forward && flags & tcp::ACK != 0 && flags & tcp::SYN == 0;
+    match cur {
+        STATE_SYN
+            if dir == Direction::Reply && flags & (tcp::SYN | tcp::ACK) == tcp::SYN | tcp::ACK =>
+        {
+            STATE_SYN_ACKED
+        }
+        STATE_SYN | STATE_SYN_ACKED if client_ack => STATE_ESTABLISHED,
+        STATE_PROVISIONAL if dir == Direction::Reply => STATE_ESTABLISHED,
+        STATE_PROVISIONAL
+            if hit.conn().mode != MODE_NAT
+                && now_ms.wrapping_sub(hit.conn().created_ms) as i32 >= CONFIRM_AFTER_MS as i32 =>
+        {
+            STATE_ESTABLISHED
+        }
+        _ => cur,
+    }
 }
 
 /// [`touch`]'s state change from `cur` to `next`, once per connection
@@ -966,19 +1073,40 @@ fn touch(ctx: &Ctx<'_>, slot: &ConnSlot, hit: &Hit, l4: &L4) -> Moved {
 #[inline(never)]
 fn change_state(ctx: &Ctx<'_>, hit: &Hit, cur: u32, next: u32) -> Moved {
     let closing = next == STATE_CLOSING;
+    let confirming = cur == STATE_PROVISIONAL;
+    let backend = ctx.backends.get(hit.conn().backend_id as usize);
     ctx.ct
         .update_state(hit, ctx.pid, |state| {
             if closing {
-                state.swap(STATE_CLOSING, Ordering::AcqRel) != STATE_CLOSING
+                // Released only if it held a reservation (a provisional
+                // entry never took one).
+                holds_reservation(state.swap(STATE_CLOSING, Ordering::AcqRel))
+            } else if confirming {
+                // A confirmed pickup takes its backend reservation (over
+                // any limit: the connection exists at the backend already)
+                // before it becomes ESTABLISHED, so whoever closes it later
+                // releases one that was taken.
+                if let Some(b) = backend {
+                    sched::reserve(b, 0);
+                }
+                let ok = state
+                    .compare_exchange(cur, next, Ordering::AcqRel, Ordering::Relaxed)
+                    .is_ok();
+                if let (false, Some(b)) = (ok, backend) {
+                    b.active.fetch_sub(1, Ordering::Relaxed);
+                }
+                ok
             } else {
                 state
                     .compare_exchange(cur, next, Ordering::Relaxed, Ordering::Relaxed)
                     .is_ok()
             }
         })
-        .map_or(Moved::Stay, |changed| match (changed, closing, hit.dir) {
-            (true, true, _) => Moved::Closed,
-            (true, false, Direction::Reply) => Moved::Established,
+        .map_or(Moved::Stay, |changed| match (changed, closing) {
+            (false, _) => Moved::Stay,
+            (true, true) => Moved::Closed,
+            (true, false) if confirming => Moved::Confirmed,
+            (true, false) if next == STATE_SYN_ACKED => Moved::SynAcked,
             _ => Moved::Stay,
         })
 }
@@ -1355,7 +1483,9 @@ impl Fill {
         else {
             return None;
         };
-        (state != STATE_SYN && state <= 0xf).then_some(Fill {
+        // Half-open and provisional entries are not cached: their next
+        // packets may change their state (see `next_state`).
+        matches!(state, STATE_ESTABLISHED | STATE_CLOSING | STATE_ACTIVE).then_some(Fill {
             idx: hit.idx,
             lock,
             via: hit.via,
@@ -1471,6 +1601,7 @@ mod tests {
     use etherparse::PacketBuilder;
     use proptest::prelude::*;
     use shm_layout::config_slot::ON_DOWN_RESCHEDULE;
+    use shm_layout::conntrack::{STATE_PROVISIONAL, STATE_SYN_ACKED};
 
     fn syn(client_port: u16) -> Vec<u8> {
         let mut v = Vec::new();
@@ -2230,5 +2361,290 @@ mod tests {
                 Ok(())
             })?;
         }
+    }
+
+    // ---- Provisional entries, half-open entries, martians (issue 22) ----
+
+    /// [`run_on`] at the time `now_ms` (the filter's clock) and with
+    /// `tokens` answer tokens.
+    fn run_at(
+        fx: &Fixture,
+        c: &mut [u64; N_COUNTERS],
+        port: u32,
+        frame: &[u8],
+        now_ms: u32,
+        tokens: u32,
+    ) -> (Verdict, Vec<u8>) {
+        let mut buf = vec![0u8; 2048];
+        buf[..frame.len()].copy_from_slice(frame);
+        let mut ctx = fx.ctx(c);
+        ctx.now_ms = now_ms;
+        ctx.icmp_tokens = tokens;
+        let v = process(&mut buf, frame.len(), port, &port_mac, &mut ctx);
+        (v, buf)
+    }
+
+    /// The state of the entry of a client-to-VIP frame.
+    fn state_of(fx: &Fixture, frame: &[u8]) -> u32 {
+        let ct = fx.region.conntrack();
+        let hit = ct.lookup(&parse_ip_common(frame).unwrap().key()).unwrap();
+        ct.slot(hit.idx).tcp_state.load(Ordering::Relaxed)
+    }
+
+    /// A client segment to the tunnel service (port 443).
+    fn tunnel_seg(client_port: u16, flags: &str) -> Vec<u8> {
+        let mut f = tcp_seg(client_port, flags);
+        f[36..38].copy_from_slice(&443u16.to_be_bytes());
+        let ip = etherparse::Ipv4HeaderSlice::from_slice(&f[14..34])
+            .unwrap()
+            .to_header();
+        let tcp = etherparse::TcpHeaderSlice::from_slice(&f[34..54])
+            .unwrap()
+            .to_header();
+        let sum = tcp.calc_checksum_ipv4(&ip, &f[54..]).unwrap();
+        f[50..52].copy_from_slice(&sum.to_be_bytes());
+        f
+    }
+
+    /// A lone ACK with no entry is forwarded (mid-flow pickup) and creates
+    /// a provisional entry: no backend reservation, and the short timeout.
+    #[test]
+    fn a_lone_ack_creates_a_provisional_entry_that_expires_after_the_short_timeout() {
+        let fx = Fixture::new("unit-prov", 1 << 12);
+        let mut c = [0u64; N_COUNTERS];
+        let ack = tcp_seg(46_000, "A");
+        let (v, buf) = run_at(&fx, &mut c, 0, &ack, 1_000, 0);
+        sent_to(v, &buf);
+        assert_eq!(c[Counter::ConnMidflow as usize], 1);
+        assert_eq!(state_of(&fx, &ack), STATE_PROVISIONAL);
+        assert_eq!(
+            active(&fx),
+            [0, 0, 0],
+            "a provisional entry reserves nothing"
+        );
+        let ct = fx.region.conntrack();
+        let idx = ct
+            .lookup(&parse_ip_common(&ack).unwrap().key())
+            .unwrap()
+            .idx;
+        let t = fx.ctx(&mut c).timeouts;
+        assert_eq!(t.tcp_provisional_ms, 3_000);
+        assert!(!ct.slot(idx).expired(1_000 + 3_000, &t));
+        assert!(ct.slot(idx).expired(1_000 + 3_001, &t));
+        // Expired, the GC's retire releases nothing.
+        let snap = ct.snapshot(idx).unwrap();
+        assert_eq!(ct.retire(idx, &snap, 1), Some(false));
+    }
+
+    /// NAT: the backend's SYN-ACK does not establish a connection; the
+    /// client's ACK after it does. A provisional entry is confirmed by a
+    /// reply from its backend, and only then reserves a backend slot.
+    #[test]
+    fn a_backend_syn_ack_alone_does_not_establish_and_a_reply_confirms_a_pickup() {
+        let fx = Fixture::new("unit-synack", 1 << 12);
+        let mut c = [0u64; N_COUNTERS];
+        let (v, buf) = run_at(&fx, &mut c, 0, &tcp_seg(46_001, "S"), 1_000, 0);
+        let backend = sent_to(v, &buf).1;
+        let syn = tcp_seg(46_001, "S");
+        assert_eq!(state_of(&fx, &syn), STATE_SYN);
+        let (v, _) = run_at(&fx, &mut c, 1, &reply(backend, 46_001, true), 1_001, 0);
+        assert!(matches!(v, Verdict::Tx { port: 0, .. }), "{v:?}");
+        assert_eq!(
+            state_of(&fx, &syn),
+            STATE_SYN_ACKED,
+            "not established by the backend"
+        );
+        let id = tcp_id(backend) as usize;
+        assert_eq!(
+            fx.region.backend_counters()[id]
+                .syn_ack_count
+                .load(Ordering::Relaxed),
+            1
+        );
+        run_at(&fx, &mut c, 0, &tcp_seg(46_001, "A"), 1_002, 0);
+        assert_eq!(state_of(&fx, &syn), STATE_ESTABLISHED, "the client's ACK");
+        assert_eq!(active(&fx).iter().sum::<u32>(), 1);
+
+        // A pickup: provisional until the backend answers.
+        let ack = tcp_seg(46_002, "A");
+        let (v, buf) = run_at(&fx, &mut c, 0, &ack, 2_000, 0);
+        let backend = sent_to(v, &buf).1;
+        assert_eq!(state_of(&fx, &ack), STATE_PROVISIONAL);
+        run_at(&fx, &mut c, 0, &ack, 3_500, 0);
+        assert_eq!(
+            state_of(&fx, &ack),
+            STATE_PROVISIONAL,
+            "NAT waits for the reply"
+        );
+        run_at(&fx, &mut c, 1, &reply(backend, 46_002, false), 3_600, 0);
+        assert_eq!(state_of(&fx, &ack), STATE_ESTABLISHED);
+        assert_eq!(c[Counter::ConnConfirmed as usize], 1);
+        assert_eq!(active(&fx).iter().sum::<u32>(), 2, "confirmed: it reserves");
+    }
+
+    /// NAT: a pickup the backend answers with a RST (it knows no such
+    /// connection: a spoofed segment) closes without releasing anything.
+    #[test]
+    fn a_pickup_the_backend_resets_closes_without_a_release() {
+        let fx = Fixture::new("unit-prov-rst", 1 << 12);
+        let mut c = [0u64; N_COUNTERS];
+        let ack = tcp_seg(46_003, "A");
+        let (v, buf) = run_at(&fx, &mut c, 0, &ack, 1_000, 0);
+        let backend = sent_to(v, &buf).1;
+        let mut rst = Vec::new();
+        PacketBuilder::ethernet2([2, 0, 0, 0, 1, backend[3]], [2, 0, 0, 0, 0, 2])
+            .ipv4(backend, [198, 18, 100, 1], 64)
+            .tcp(8080, 46_003, 2, 0)
+            .rst()
+            .write(&mut rst, &[])
+            .unwrap();
+        run_at(&fx, &mut c, 1, &rst, 1_001, 0);
+        assert_eq!(state_of(&fx, &ack), STATE_CLOSING);
+        assert_eq!(c[Counter::ConnConfirmed as usize], 0);
+        let b = &fx.region.backend_counters()[tcp_id(backend) as usize];
+        assert_eq!(b.active.load(Ordering::Relaxed), 0);
+        assert_eq!(b.released.load(Ordering::Relaxed), 0, "nothing to release");
+    }
+
+    /// Tunnel (one-armed, no reply seen): a pickup is confirmed by a
+    /// further client packet at least 1 s after it, not sooner.
+    #[test]
+    fn a_tunnel_pickup_is_confirmed_by_a_client_packet_a_second_later() {
+        let fx = Fixture::new("unit-prov-tun", 1 << 12);
+        let mut c = [0u64; N_COUNTERS];
+        let ack = tunnel_seg(46_004, "A");
+        let (v, _) = run_at(&fx, &mut c, 0, &ack, 10_000, 0);
+        assert!(matches!(v, Verdict::Tx { port: 1, .. }), "{v:?}");
+        assert_eq!(state_of(&fx, &ack), STATE_PROVISIONAL);
+        run_at(&fx, &mut c, 0, &ack, 10_999, 0);
+        assert_eq!(state_of(&fx, &ack), STATE_PROVISIONAL, "too soon");
+        run_at(&fx, &mut c, 0, &ack, 11_000, 0);
+        assert_eq!(state_of(&fx, &ack), STATE_ESTABLISHED);
+        assert_eq!(c[Counter::ConnConfirmed as usize], 1);
+        let reserved: u32 = fx.region.backend_counters()[6..9]
+            .iter()
+            .map(|b| b.active.load(Ordering::Relaxed))
+            .sum();
+        assert_eq!(reserved, 1);
+    }
+
+    /// A table filled by a flood of spoofed ACKs and SYNs still takes a
+    /// new connection's SYN: it evicts a provisional or half-open entry,
+    /// counted, and the backends' `active` counts stay exact.
+    #[test]
+    fn a_flooded_table_still_takes_a_new_syn() {
+        let fx = Fixture::new("unit-flood", 64);
+        let mut c = [0u64; N_COUNTERS];
+        for i in 0..400u16 {
+            let mut f = tcp_seg(1_000 + i, if i % 2 == 0 { "A" } else { "S" });
+            f[28] = (i >> 8) as u8 + 10;
+            f[29] = i as u8;
+            fix_ip_checksum(&mut f);
+            run_at(&fx, &mut c, 0, &f, 1_000, 0);
+        }
+        let evicted =
+            c[Counter::EvictedProvisional as usize] + c[Counter::EvictedHalfOpen as usize];
+        assert!(evicted > 0, "the flood filled the table");
+        let before = c[Counter::DropTableFull as usize];
+        let (v, buf) = run_at(&fx, &mut c, 0, &tcp_seg(50_000, "S"), 1_001, 0);
+        sent_to(v, &buf);
+        assert_eq!(c[Counter::DropTableFull as usize], before);
+        // Every reservation is an entry holding one.
+        let ct = fx.region.conntrack();
+        let mut held = [0u32; 3];
+        for idx in 0..ct.capacity() as u32 {
+            if let Some(conn) = ct.snapshot(idx).and_then(|s| s.conn())
+                && shm_layout::conntrack::holds_reservation(
+                    ct.slot(idx).tcp_state.load(Ordering::Relaxed),
+                )
+            {
+                held[conn.backend_id as usize] += 1;
+            }
+        }
+        assert_eq!(active(&fx), held);
+    }
+
+    /// Packets that should never pass: martian sources, impossible TCP
+    /// flag sets, UDP lengths that disagree with the IP length. Each is
+    /// dropped and counted, and none creates an entry.
+    #[test]
+    fn impossible_packets_are_dropped_and_counted() {
+        let fx = Fixture::new("unit-martian", 1 << 12);
+        let mut c = [0u64; N_COUNTERS];
+        let martians: [[u8; 4]; 8] = [
+            [0, 0, 0, 0],
+            [0, 1, 2, 3],
+            [255, 255, 255, 255],
+            [127, 0, 0, 1],
+            [224, 0, 0, 5],
+            [240, 0, 0, 1],
+            VIP.to_be_bytes(),
+            [198, 19, 1, 2], // a backend, arriving on the client side
+        ];
+        for (n, src) in martians.iter().enumerate() {
+            for flags in ["S", "A"] {
+                let mut f = tcp_seg(47_000 + n as u16, flags);
+                f[26..30].copy_from_slice(src);
+                fix_ip_checksum(&mut f);
+                let (v, _) = run_at(&fx, &mut c, 0, &f, 1_000, 0);
+                assert_eq!(v, Verdict::Drop, "source {src:?} flags {flags}");
+            }
+        }
+        assert_eq!(c[Counter::DropMartian as usize], 16);
+        for (n, flags) in ["SF", "SR", ""].iter().enumerate() {
+            let f = tcp_seg(47_100 + n as u16, flags);
+            let (v, _) = run_at(&fx, &mut c, 0, &f, 1_000, 0);
+            assert_eq!(v, Verdict::Drop, "flags {flags:?}");
+        }
+        assert_eq!(c[Counter::DropBadFlags as usize], 3);
+        // UDP length 8 + 5 in a datagram the IP header says is longer.
+        let mut u = udp_dgram(47_200);
+        u.extend_from_slice(&[0; 4]);
+        let total = (u.len() - 14) as u16;
+        u[16..18].copy_from_slice(&total.to_be_bytes());
+        fix_ip_checksum(&mut u);
+        let (v, _) = run_at(&fx, &mut c, 0, &u, 1_000, 0);
+        assert_eq!(v, Verdict::Drop);
+        assert_eq!(c[Counter::DropUdpLength as usize], 1);
+        assert_eq!(
+            c[Counter::ConnNew as usize] + c[Counter::ConnMidflow as usize],
+            0
+        );
+        // The backend's address from the backend side is no martian: a
+        // NAT reply without an entry is simply not ours.
+        let (v, _) = run_at(
+            &fx,
+            &mut c,
+            1,
+            &reply([198, 19, 1, 2], 47_300, false),
+            1_000,
+            0,
+        );
+        assert_eq!(v, Verdict::Drop);
+        assert_eq!(c[Counter::DropMartian as usize], 16);
+    }
+
+    /// RSTs for a VIP port without a service come out of the answer budget.
+    #[test]
+    fn rsts_for_unserved_ports_are_rate_limited() {
+        let fx = Fixture::new("unit-rst-rate", 1 << 12);
+        let mut c = [0u64; N_COUNTERS];
+        let mut f = tcp_seg(48_000, "S");
+        f[36..38].copy_from_slice(&81u16.to_be_bytes());
+        let ip = etherparse::Ipv4HeaderSlice::from_slice(&f[14..34])
+            .unwrap()
+            .to_header();
+        let tcp = etherparse::TcpHeaderSlice::from_slice(&f[34..54])
+            .unwrap()
+            .to_header();
+        let sum = tcp.calc_checksum_ipv4(&ip, &f[54..]).unwrap();
+        f[50..52].copy_from_slice(&sum.to_be_bytes());
+        let (v, _) = run_at(&fx, &mut c, 0, &f, 1_000, 1);
+        assert!(matches!(v, Verdict::Tx { port: 0, .. }), "{v:?}");
+        assert_eq!(c[Counter::RstSent as usize], 1);
+        let (v, _) = run_at(&fx, &mut c, 0, &f, 1_000, 0);
+        assert_eq!(v, Verdict::Drop);
+        assert_eq!(c[Counter::RstRateLimited as usize], 1);
+        assert_eq!(c[Counter::RstSent as usize], 1);
     }
 }
