@@ -1030,7 +1030,8 @@ pub const CONFIRM_AFTER_MS: u32 = 1_000;
 /// The TCP state a packet with `flags` moves the connection `hit` found
 /// from `cur` to (`cur` if none). The rules (docs/ARCHITECTURE.md,
 /// "Provisional entries"):
-/// - FIN or RST, either direction: CLOSING.
+/// - FIN or RST, either direction: CLOSING (a provisional entry stays
+///   provisional and expires).
 /// - SYN (half-open): the backend's SYN-ACK (NAT) makes it SYN_ACKED,
 ///   still half-open: a backend answers a spoofed SYN as readily as a
 ///   real one. Only the client's ACK establishes. (Whether the SYN-ACK
@@ -1044,7 +1045,14 @@ pub const CONFIRM_AFTER_MS: u32 = 1_000;
 #[inline]
 fn next_state(cur: u32, dir: Direction, flags: u8, hit: &Hit, now_ms: u32) -> u32 {
     if flags & (tcp::FIN | tcp::RST) != 0 {
-        return STATE_CLOSING;
+        // An unconfirmed pickup stays provisional: it holds nothing to
+        // release, and its short timeout ends it sooner than `tcp_fin`
+        // would (a backend answers each spoofed ACK with a RST).
+        return if cur == STATE_PROVISIONAL {
+            cur
+        } else {
+            STATE_CLOSING
+        };
     }
     let client_ack = dir == Direction::Forward && flags & tcp::ACK != 0 && flags & tcp::SYN == 0;
     match cur {
@@ -2483,9 +2491,10 @@ mod tests {
     }
 
     /// NAT: a pickup the backend answers with a RST (it knows no such
-    /// connection: a spoofed segment) closes without releasing anything.
+    /// connection: a spoofed segment) is not confirmed, releases nothing,
+    /// and stays provisional (its short timeout, not `tcp_fin`'s, ends it).
     #[test]
-    fn a_pickup_the_backend_resets_closes_without_a_release() {
+    fn a_pickup_the_backend_resets_stays_provisional_and_releases_nothing() {
         let fx = Fixture::new("unit-prov-rst", 1 << 12);
         let mut c = [0u64; N_COUNTERS];
         let ack = tcp_seg(46_003, "A");
@@ -2498,8 +2507,12 @@ mod tests {
             .rst()
             .write(&mut rst, &[])
             .unwrap();
-        run_at(&fx, &mut c, 1, &rst, 1_001, 0);
-        assert_eq!(state_of(&fx, &ack), STATE_CLOSING);
+        let (v, _) = run_at(&fx, &mut c, 1, &rst, 1_001, 0);
+        assert!(
+            matches!(v, Verdict::Tx { port: 0, .. }),
+            "the RST reaches the client"
+        );
+        assert_eq!(state_of(&fx, &ack), STATE_PROVISIONAL);
         assert_eq!(c[Counter::ConnConfirmed as usize], 0);
         let b = &fx.region.backend_counters()[tcp_id(backend) as usize];
         assert_eq!(b.active.load(Ordering::Relaxed), 0);
