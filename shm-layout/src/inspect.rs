@@ -129,6 +129,12 @@ pub struct ConnCensus {
     /// Slots a writer held during the scan (not counted elsewhere).
     pub busy_slots: u64,
     pub expired_not_collected: u64,
+    /// Live (not expired) connections picked up mid-flow and not yet
+    /// confirmed (`STATE_PROVISIONAL`).
+    pub provisional: u64,
+    /// Live TCP connections whose handshake has not completed
+    /// (`STATE_SYN`, `STATE_SYN_ACKED`).
+    pub half_open: u64,
     /// Connections that matched the filter (listed or not).
     pub matched: u64,
     /// The first `limit` matches, in slot order.
@@ -160,6 +166,13 @@ pub fn scan_conns(r: &Region, timeouts: &Timeouts, filter: &ConnFilter) -> ConnC
                 out.connections += 1;
                 let expired = ct.expired(idx, now_ms, timeouts);
                 out.expired_not_collected += expired as u64;
+                if !expired {
+                    match ct.reading(idx).tcp_state {
+                        STATE_PROVISIONAL => out.provisional += 1,
+                        STATE_SYN | STATE_SYN_ACKED => out.half_open += 1,
+                        _ => {}
+                    }
+                }
                 let Some(conn) = snap.conn() else { continue };
                 if !filter.matches(&conn) {
                     continue;
