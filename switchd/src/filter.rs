@@ -781,7 +781,8 @@ fn reset_down(frame: &mut [u8], l4: &L4, hit: &Hit, in_port: u32, ctx: &mut Ctx<
     // Closed under the lock the lookup read (see `touch`).
     if ctx.ct.slot(hit.idx).tcp_state.load(Ordering::Relaxed) != STATE_CLOSING
         && ctx.ct.update_state(hit, ctx.pid, |state| {
-            state.swap(STATE_CLOSING, Ordering::AcqRel) != STATE_CLOSING
+            // A provisional entry held no reservation to give back.
+            holds_reservation(state.swap(STATE_CLOSING, Ordering::AcqRel))
         }) == Some(true)
     {
         release_backend(ctx, hit.conn().backend_id);
@@ -2517,6 +2518,29 @@ mod tests {
         let b = &fx.region.backend_counters()[tcp_id(backend) as usize];
         assert_eq!(b.active.load(Ordering::Relaxed), 0);
         assert_eq!(b.released.load(Ordering::Relaxed), 0, "nothing to release");
+    }
+
+    /// A pickup whose backend is DOWN under policy reset is answered with
+    /// a RST and gives back no backend slot: it never held one (here the
+    /// backend's one slot belongs to another connection and stays taken).
+    #[test]
+    fn a_provisional_entry_reset_for_a_down_backend_releases_nothing() {
+        let fx = Fixture::new("unit-prov-down", 1 << 12);
+        let mut c = [0u64; N_COUNTERS];
+        let ack = tcp_seg(46_005, "A");
+        let (v, buf) = run_at(&fx, &mut c, 0, &ack, 1_000, 0);
+        let id = tcp_id(sent_to(v, &buf).1);
+        let b = &fx.region.backend_counters()[id as usize];
+        sched::reserve(b, 0);
+        fx.mark_down(&[(id, ON_DOWN_RESET)]);
+        let (v, _) = run_at(&fx, &mut c, 0, &ack, 1_001, 0);
+        assert!(matches!(v, Verdict::Tx { port: 0, .. }), "{v:?}");
+        assert_eq!(c[Counter::DownRst as usize], 1);
+        assert_eq!(
+            b.active.load(Ordering::Relaxed),
+            1,
+            "the other connection's slot"
+        );
     }
 
     /// Tunnel (one-armed, no reply seen): a pickup is confirmed by a
