@@ -65,10 +65,11 @@ pub struct Ctx<'a> {
     pub icmp_tokens: u32,
 }
 
-/// The rate limit of ICMP answers per switch: a token bucket of
-/// [`IcmpBudget::BURST`] refilled at [`IcmpBudget::PER_SECOND`]. An
-/// oversized packet costs one ICMP answer, smaller than itself, but a
-/// flood of them must not turn the switch into an ICMP generator.
+/// The rate limit of ICMP answers (and of RSTs for VIP ports without a
+/// service) per switch: a token bucket of [`IcmpBudget::BURST`] refilled
+/// at [`IcmpBudget::PER_SECOND`]. An oversized packet costs one ICMP
+/// answer, smaller than itself, but a flood of them must not turn the
+/// switch into an ICMP (or RST) generator.
 #[derive(Clone, Copy, Debug)]
 pub struct IcmpBudget {
     tokens: u32,
