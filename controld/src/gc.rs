@@ -33,7 +33,7 @@
 //! deficit that leaves shows in later quiet rounds and is added back.
 
 use shm_layout::Region;
-use shm_layout::conntrack::{KIND_FWD, KIND_REPLY, KIND_TOMB, STATE_CLOSING, Timeouts};
+use shm_layout::conntrack::{KIND_FWD, KIND_REPLY, KIND_TOMB, Timeouts, holds_reservation};
 use shm_layout::switch_slot::{BackendCounters, release};
 use std::sync::atomic::Ordering;
 
@@ -239,7 +239,7 @@ impl Gc {
                 }
             }
             KIND_FWD => {
-                if ct.slot(idx).tcp_state.load(Ordering::Relaxed) != STATE_CLOSING
+                if holds_reservation(ct.slot(idx).tcp_state.load(Ordering::Relaxed))
                     && let Some(c) = snap.conn()
                 {
                     self.round.count(c.backend_id);
@@ -290,6 +290,7 @@ mod tests {
         tcp_established_ms: 60_000,
         tcp_fin_ms: 60_000,
         udp_ms: 60_000,
+        tcp_provisional_ms: 60_000,
     };
 
     struct Temp(Region, String);

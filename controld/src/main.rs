@@ -326,6 +326,7 @@ fn publish_config(
         tcp_established_ms: snap.tcp_established_ms,
         tcp_fin_ms: snap.tcp_fin_ms,
         udp_ms: snap.udp_ms,
+        tcp_provisional_ms: snap.tcp_provisional_ms,
     };
     st.snap = snap;
     st.overrides = overrides.clone();
@@ -700,6 +701,7 @@ fn run(args: &Args) -> Result<()> {
             tcp_established_ms: 0,
             tcp_fin_ms: 0,
             udp_ms: 0,
+            tcp_provisional_ms: 0,
         },
         mirror: None,
         health: Monitor::new(),

@@ -34,6 +34,7 @@ pub struct ConfigSnapshot {
     pub ports: Vec<PortRec>,
     pub maglev_m: u32,
     pub tcp_syn_ms: u32,
+    pub tcp_provisional_ms: u32,
     pub tcp_established_ms: u32,
     pub tcp_fin_ms: u32,
     pub udp_ms: u32,
@@ -81,6 +82,7 @@ pub fn config_snapshot(
     let mut snap = ConfigSnapshot {
         maglev_m: m,
         tcp_syn_ms: cfg.timeouts.tcp_syn.saturating_mul(1000),
+        tcp_provisional_ms: cfg.timeouts.tcp_provisional.saturating_mul(1000),
         tcp_established_ms: cfg.timeouts.tcp_established.saturating_mul(1000),
         tcp_fin_ms: cfg.timeouts.tcp_fin.saturating_mul(1000),
         udp_ms: cfg.timeouts.udp.saturating_mul(1000),

@@ -61,6 +61,7 @@ pub fn publish_config(
             h.n_ports = snap.ports.len() as u32;
             h.maglev_m = snap.maglev_m;
             h.tcp_syn_ms = snap.tcp_syn_ms;
+            h.tcp_provisional_ms = snap.tcp_provisional_ms;
             h.tcp_established_ms = snap.tcp_established_ms;
             h.tcp_fin_ms = snap.tcp_fin_ms;
             h.udp_ms = snap.udp_ms;

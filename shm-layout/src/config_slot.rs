@@ -64,7 +64,9 @@ pub struct ConfigHeader {
     pub udp_ms: u32,
     /// Outer source address of IP-in-IP packets (`[tunnel] source`; 0 = none).
     pub tunnel_src: u32,
-    pub _pad: u32,
+    /// Idle timeout of a provisional connection entry (see
+    /// `conntrack::STATE_PROVISIONAL`).
+    pub tcp_provisional_ms: u32,
     pub ports: [PortRec; MAX_PORTS],
 }
 
@@ -198,6 +200,7 @@ pub(crate) const fn fingerprint(fp: Fingerprint) -> Fingerprint {
         tcp_fin_ms,
         udp_ms,
         tunnel_src,
+        tcp_provisional_ms,
         ports
     );
     let fp = fp_type!(fp, PortRec, mac, driver, mtu, name);
@@ -242,6 +245,7 @@ impl ConfigHeader {
             tcp_established_ms: self.tcp_established_ms,
             tcp_fin_ms: self.tcp_fin_ms,
             udp_ms: self.udp_ms,
+            tcp_provisional_ms: self.tcp_provisional_ms,
         }
     }
 }

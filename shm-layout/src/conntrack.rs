@@ -62,6 +62,14 @@ pub const STATE_SYN: u32 = 1;
 pub const STATE_ESTABLISHED: u32 = 2;
 pub const STATE_CLOSING: u32 = 3;
 pub const STATE_ACTIVE: u32 = 4;
+/// Half-open, NAT: the backend answered the client's SYN with a SYN-ACK;
+/// the client's ACK is still due. Only that ACK establishes the
+/// connection (a backend answers a spoofed SYN as readily as a real one).
+pub const STATE_SYN_ACKED: u32 = 5;
+/// Provisional: picked up from a mid-connection packet (no SYN seen), not
+/// yet confirmed (see docs/ARCHITECTURE.md, "Provisional entries"). Holds
+/// no reservation of its backend's `active` count; short timeout.
+pub const STATE_PROVISIONAL: u32 = 6;
 
 /// Idle timeouts per state, in milliseconds (from the configuration slot).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -70,6 +78,37 @@ pub struct Timeouts {
     pub tcp_established_ms: u32,
     pub tcp_fin_ms: u32,
     pub udp_ms: u32,
+    /// A provisional entry (picked up mid-flow, not yet confirmed).
+    pub tcp_provisional_ms: u32,
+}
+
+/// Whether a forward entry in `state` holds a reservation of its
+/// backend's `active` count: every state but `STATE_CLOSING` (released on
+/// the way there) and `STATE_PROVISIONAL` (takes one only when confirmed).
+#[inline]
+pub fn holds_reservation(state: u32) -> bool {
+    state != STATE_CLOSING && state != STATE_PROVISIONAL
+}
+
+/// A live entry a full probe window may give up for a new connection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Evicted {
+    /// `STATE_PROVISIONAL`.
+    Provisional,
+    /// `STATE_SYN` or `STATE_SYN_ACKED`.
+    HalfOpen,
+}
+
+impl Evicted {
+    /// Which kind of evictable entry a TCP forward entry in `state` is, if any.
+    #[inline]
+    pub fn of_state(state: u32) -> Option<Evicted> {
+        match state {
+            STATE_PROVISIONAL => Some(Evicted::Provisional),
+            STATE_SYN | STATE_SYN_ACKED => Some(Evicted::HalfOpen),
+            _ => None,
+        }
+    }
 }
 
 impl Timeouts {
@@ -80,7 +119,8 @@ impl Timeouts {
             return self.udp_ms;
         }
         match state {
-            STATE_SYN => self.tcp_syn_ms,
+            STATE_SYN | STATE_SYN_ACKED => self.tcp_syn_ms,
+            STATE_PROVISIONAL => self.tcp_provisional_ms,
             STATE_CLOSING => self.tcp_fin_ms,
             _ => self.tcp_established_ms,
         }
@@ -347,12 +387,16 @@ pub enum InsertError {
     ReplyConflict,
 }
 
-/// What an insert displaced: an expired connection whose backend's active
-/// count the caller must decrement (only if it was not closed already).
+/// What an insert displaced: an expired connection, or a live provisional
+/// or half-open one, whose backend's active count the caller must
+/// decrement (only if it still held a reservation), and which live
+/// entries it evicted (for the caller's counters).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct Inserted {
     pub idx: u32,
     pub evicted_backends: [Option<u32>; 2],
+    /// Per claimed slot (forward, reply): the live entry it evicted.
+    pub evicted_live: [Option<Evicted>; 2],
 }
 
 /// A slot [`ConnTable::reclaim_abandoned`] took back from a dead writer.
@@ -415,6 +459,30 @@ struct Claim {
     held: u64,
     was: [u64; 4],
     evicts: Option<u32>,
+    /// A live provisional or half-open entry this claim gives up.
+    live: Option<Evicted>,
+    /// The backend of a live connection whose forward entry this claim
+    /// already retired (a reply claim evicting a connection whole), if
+    /// that entry held a reservation.
+    retired: Option<u32>,
+}
+
+/// A live entry a claim may evict when its window has no free or expired
+/// slot: the oldest (by `last_seen`) provisional or half-open connection
+/// with a slot in the window. A forward slot is evicted like an expired
+/// one (closed when the insert publishes, its reply slot left to the GC);
+/// a reply slot's connection is evicted whole (`target`: its forward
+/// slot, retired before the claim returns).
+#[derive(Clone, Copy, Debug)]
+struct Victim {
+    idx: u32,
+    snap: Snapshot,
+    /// Milliseconds since the connection was last seen (signed: another
+    /// switch may have stored a slightly newer time than ours).
+    age: i32,
+    kind: Evicted,
+    backend: u32,
+    target: Option<(u32, Snapshot)>,
 }
 
 /// Starts loading the cache line holding `value` (into every cache level).
@@ -617,16 +685,19 @@ impl<'a> ConnTable<'a> {
         expired: impl Fn(&ConnSlot) -> bool,
     ) -> Result<Inserted, InsertError> {
         let fkey = conn.forward_key();
-        let fwd = self.claim(&fkey, KIND_FWD, pid, None, &expired)?;
+        let fwd = self.claim(&fkey, KIND_FWD, pid, None, now_ms, &expired)?;
         let fidx = fwd.idx;
         let mut out = Inserted {
             idx: fidx,
             evicted_backends: [None, None],
+            evicted_live: [fwd.live, None],
         };
         if with_reply {
-            match self.claim(&conn.reply_key(), KIND_REPLY, pid, Some(fidx), &expired) {
+            let rkey = conn.reply_key();
+            match self.claim(&rkey, KIND_REPLY, pid, Some(fidx), now_ms, &expired) {
                 Ok(r) => {
-                    out.evicted_backends[1] = self.evict(&r);
+                    out.evicted_backends[1] = self.evict(&r).or(r.retired);
+                    out.evicted_live[1] = r.live;
                     self.publish(r.idx, r.held, &encode_reply(&conn.reply_key(), fidx));
                 }
                 Err(e) => {
@@ -641,7 +712,7 @@ impl<'a> ConnTable<'a> {
             }
         }
         // Only now, when nothing can fail, is a displaced entry closed.
-        out.evicted_backends[0] = self.evict(&fwd);
+        out.evicted_backends[0] = self.evict(&fwd).or(fwd.retired);
         let s = self.slot(fidx);
         s.last_seen.store(now_ms, Ordering::Relaxed);
         s.tcp_state.store(tcp_state, Ordering::Relaxed);
@@ -652,7 +723,10 @@ impl<'a> ConnTable<'a> {
     }
 
     /// Claims a slot for `key`, from which the key will be reachable (see
-    /// the module's doc). An expired entry in it is not closed yet (see
+    /// the module's doc): the first free or expired slot of its window,
+    /// else the slot of the oldest live provisional or half-open
+    /// connection (see [`Victim`]); `Full` if there is none. An expired
+    /// (or evicted forward) entry in it is not closed yet (see
     /// [`evict`](Self::evict)); the claim is published or given back
     /// ([`give_back`](Self::give_back)). `own_fwd`: the
     /// forward slot this insert already holds; a reply slot pointing at it
@@ -664,11 +738,20 @@ impl<'a> ConnTable<'a> {
         want: u8,
         pid: u32,
         own_fwd: Option<u32>,
+        now_ms: u32,
         expired: &impl Fn(&ConnSlot) -> bool,
     ) -> Result<Claim, InsertError> {
         let home = self.home(key);
         for _attempt in 0..4 {
             let mut cand: Option<(u32, Snapshot, Option<u32>)> = None;
+            // The oldest live entry the window may give up if it has no
+            // free slot (see `Victim`).
+            let mut victim: Option<Victim> = None;
+            let mut consider = |v: Victim| {
+                if victim.is_none_or(|o| v.age > o.age) {
+                    victim = Some(v);
+                }
+            };
             for i in 0..MAX_PROBE {
                 let idx = ((home + i) & self.mask) as u32;
                 let Some(snap) = self.snapshot(idx) else {
@@ -689,13 +772,16 @@ impl<'a> ConnTable<'a> {
                             cand.get_or_insert((idx, snap, Some(c.backend_id)));
                         } else if want == KIND_FWD && c.forward_key() == *key {
                             return Err(InsertError::Exists(idx));
+                        } else if let Some(v) = self.victim(idx, snap, &c, None, now_ms) {
+                            consider(v);
                         }
                     }
                     KIND_REPLY => {
                         let (rkey, fwd) = (key_of(&snap.words), snap.words[0] as u32);
                         // A busy target may be an insert in progress (reply
                         // slots are published first): treat it as live.
-                        let target_live = match self.snapshot(fwd) {
+                        let target = self.snapshot(fwd);
+                        let target_live = match target {
                             _ if own_fwd == Some(fwd) => false,
                             None => true,
                             Some(t) => t
@@ -706,30 +792,118 @@ impl<'a> ConnTable<'a> {
                             cand.get_or_insert((idx, snap, None));
                         } else if want == KIND_REPLY && rkey == *key {
                             return Err(InsertError::Exists(idx));
+                        } else if let Some(t) = target
+                            && let Some(c) = t.conn()
+                            && let Some(v) = self.victim(idx, snap, &c, Some((fwd, t)), now_ms)
+                        {
+                            consider(v);
                         }
                     }
                     _ => {}
                 }
             }
-            let Some((idx, snap, evicts)) = cand else {
-                return Err(InsertError::Full);
+            let (idx, snap, evicts, live) = match (cand, victim) {
+                (Some((idx, snap, evicts)), _) => (idx, snap, evicts, None),
+                // No free or expired slot: give up the oldest provisional
+                // or half-open entry (a forward slot's own, or the whole
+                // connection a reply slot belongs to).
+                (None, Some(v)) => (
+                    v.idx,
+                    v.snap,
+                    v.target.is_none().then_some(v.backend),
+                    Some(v),
+                ),
+                (None, None) => return Err(InsertError::Full),
             };
             let Some(held) = self.hold(idx, snap.lock, 1, tag(pid)) else {
                 continue;
             };
-            let claim = Claim {
+            let mut claim = Claim {
                 idx,
                 held,
                 was: snap.words,
                 evicts,
+                live: live.map(|v| v.kind),
+                retired: None,
             };
-            if self.reachable(home, idx) {
-                return Ok(claim);
+            if !self.reachable(home, idx) {
+                // A slot before ours is empty, or may become so: probe again.
+                self.give_back(&claim);
+                continue;
             }
-            // A slot before ours is empty, or may become so: probe again.
+            let Some(v) = live else {
+                return Ok(claim);
+            };
+            // A live victim: it must still be evictable now that no state
+            // change can reach it (`update_state` needs the slot's lock,
+            // which the claim or the retire below holds).
+            match v.target {
+                None if self.evictable(idx) == Some(v.kind) => return Ok(claim),
+                None => {}
+                Some((fwd, t)) => {
+                    if let Some(reserved) = self.retire_evictable(fwd, &t, v.kind, pid) {
+                        claim.retired = reserved.then_some(v.backend);
+                        return Ok(claim);
+                    }
+                }
+            }
             self.give_back(&claim);
         }
         Err(InsertError::Full)
+    }
+
+    /// The kind of evictable entry a forward slot holds (a TCP entry in a
+    /// provisional or half-open state), if it does.
+    #[inline]
+    fn evictable(&self, idx: u32) -> Option<Evicted> {
+        let s = self.slot(idx);
+        let proto = (s.words[0].load(Ordering::Relaxed) >> 48) as u8;
+        if proto != crate::config_slot::PROTO_TCP {
+            return None;
+        }
+        Evicted::of_state(s.tcp_state.load(Ordering::Acquire))
+    }
+
+    /// Slot `idx` (as `snap`) as a victim for a full window, if the
+    /// connection `c` it belongs to (whose forward entry is `target`, for
+    /// a reply slot; else `idx` itself) is live and evictable.
+    fn victim(
+        &self,
+        idx: u32,
+        snap: Snapshot,
+        c: &Conn,
+        target: Option<(u32, Snapshot)>,
+        now_ms: u32,
+    ) -> Option<Victim> {
+        let fwd = target.map_or(idx, |(f, _)| f);
+        let kind = self.evictable(fwd)?;
+        let seen = self.slot(fwd).last_seen.load(Ordering::Relaxed);
+        Some(Victim {
+            idx,
+            snap,
+            age: now_ms.wrapping_sub(seen) as i32,
+            kind,
+            backend: c.backend_id,
+            target,
+        })
+    }
+
+    /// Retires the forward entry of a connection a reply claim evicts
+    /// whole: if slot `fwd` still holds exactly `t` and is still an
+    /// evictable entry of `kind`, it is closed and made a tombstone;
+    /// returns whether it held a reservation. `None` if it changed.
+    fn retire_evictable(&self, fwd: u32, t: &Snapshot, kind: Evicted, pid: u32) -> Option<bool> {
+        if busy(t.lock) {
+            return None;
+        }
+        let held = self.hold(fwd, t.lock, 1, tag(pid))?;
+        if self.evictable(fwd) != Some(kind) {
+            self.publish(fwd, held, &t.words);
+            return None;
+        }
+        let reserved = self.close(fwd);
+        self.publish(fwd, held, &[(KIND_TOMB as u64) << 56, 0, 0, 0]);
+        Some(reserved)
     }
 
     /// Closes the expired entry a claim displaces, if it still held its
@@ -802,16 +976,18 @@ impl<'a> ConnTable<'a> {
     }
 
     /// Moves a forward slot's `tcp_state` to `STATE_CLOSING`; true if this
-    /// call made the move (the connection still held its backend's
-    /// `active` reservation, which the caller now releases). Atomic, so of
+    /// call made the move and the connection still held its backend's
+    /// `active` reservation (see [`holds_reservation`]: a provisional
+    /// entry never took one), which the caller now releases. Atomic, so of
     /// a switch closing the connection on a FIN, the GC expiring it and an
     /// insert reusing its slot, exactly one releases.
     #[inline]
     pub fn close(&self, idx: u32) -> bool {
-        self.slot(idx)
-            .tcp_state
-            .swap(STATE_CLOSING, Ordering::AcqRel)
-            != STATE_CLOSING
+        holds_reservation(
+            self.slot(idx)
+                .tcp_state
+                .swap(STATE_CLOSING, Ordering::AcqRel),
+        )
     }
 
     /// Runs `f` on the `tcp_state` of the connection `hit` found, holding
@@ -1112,7 +1288,7 @@ mod tests {
     fn fill_window(ct: &ConnTable<'_>, first: &Conn, backend: u32) -> u32 {
         let home = ct.home(&first.forward_key());
         let first_idx = ct
-            .insert(first, false, 1, STATE_SYN, PID, |_| false)
+            .insert(first, false, 1, STATE_ESTABLISHED, PID, |_| false)
             .unwrap()
             .idx;
         assert_eq!(first_idx as usize, home);
@@ -1153,6 +1329,149 @@ mod tests {
         assert_eq!(ins.evicted_backends, [Some(5), None]);
         assert_eq!(ct.lookup(&b.forward_key()).unwrap().conn(), b);
         assert!(ct.lookup(&a.forward_key()).is_none());
+    }
+
+    /// Fills `home`'s probe window with live connections in `state`,
+    /// the one in slot `home + i` last seen at `10 + i` (so the one in
+    /// `home + oldest` is made the oldest: last seen at 1), backend 4 for
+    /// every entry but the oldest (backend 5). Returns the oldest's slot.
+    fn fill_window_in(ct: &ConnTable<'_>, home: usize, state: u32, oldest: usize) -> u32 {
+        for (i, mut c) in homed_at(ct, home, 100_000, MAX_PROBE)
+            .into_iter()
+            .enumerate()
+        {
+            let seen = if i == oldest { 1 } else { 10 + i as u32 };
+            c.backend_id = if i == oldest { 5 } else { 4 };
+            let ins = ct.insert(&c, false, seen, state, PID, |_| false).unwrap();
+            assert_eq!(ins.idx as usize, home + i);
+        }
+        (home + oldest) as u32
+    }
+
+    /// A window full of provisional entries (picked up mid-flow, no
+    /// reservation) does not refuse a new connection: the oldest one is
+    /// evicted, and it reports no backend to release (it held none).
+    #[test]
+    fn a_full_window_of_provisional_entries_evicts_the_oldest() {
+        let t = temp("ct-evict-prov");
+        let ct = t.0.conntrack();
+        let home = ct.home(&conn(1).forward_key());
+        let victim = fill_window_in(&ct, home, STATE_PROVISIONAL, 17);
+        let old = ct.snapshot(victim).unwrap().conn().unwrap();
+        let b = homed_at(&ct, home, 2_000_000, 1)[0];
+        let ins = ct
+            .insert(&b, false, 100, STATE_SYN, PID, |_| false)
+            .expect("a provisional entry makes room");
+        assert_eq!(ins.idx, victim, "the oldest provisional entry's slot");
+        assert_eq!(ins.evicted_backends, [None, None], "it held no reservation");
+        assert_eq!(ins.evicted_live, [Some(Evicted::Provisional), None]);
+        assert_eq!(ct.lookup(&b.forward_key()).unwrap().conn(), b);
+        assert!(ct.lookup(&old.forward_key()).is_none());
+    }
+
+    /// A window full of half-open entries (SYN seen, or SYN-ACK too):
+    /// the oldest is evicted, and its backend reported so the caller gives
+    /// its reservation back (counts stay exact).
+    #[test]
+    fn a_full_window_of_half_open_entries_evicts_the_oldest_and_reports_its_backend() {
+        for state in [STATE_SYN, STATE_SYN_ACKED] {
+            let t = temp("ct-evict-half");
+            let ct = t.0.conntrack();
+            let home = ct.home(&conn(1).forward_key());
+            let victim = fill_window_in(&ct, home, state, 40);
+            let b = homed_at(&ct, home, 2_000_000, 1)[0];
+            let ins = ct
+                .insert(&b, false, 100, STATE_SYN, PID, |_| false)
+                .expect("a half-open entry makes room");
+            assert_eq!(ins.idx, victim, "state {state}: the oldest entry's slot");
+            assert_eq!(ins.evicted_backends, [Some(5), None], "state {state}");
+            assert_eq!(ins.evicted_live, [Some(Evicted::HalfOpen), None]);
+        }
+    }
+
+    /// Established entries are never evicted: with no expired, provisional
+    /// or half-open entry in the window, the insert is refused.
+    #[test]
+    fn a_full_window_of_established_entries_refuses() {
+        let t = temp("ct-evict-est");
+        let ct = t.0.conntrack();
+        let home = ct.home(&conn(1).forward_key());
+        fill_window_in(&ct, home, STATE_ESTABLISHED, 3);
+        let b = homed_at(&ct, home, 2_000_000, 1)[0];
+        assert_eq!(
+            ct.insert(&b, false, 100, STATE_PROVISIONAL, PID, |_| false),
+            Err(InsertError::Full)
+        );
+    }
+
+    /// NAT: a new connection's reply key whose window is full of reply
+    /// slots of live half-open connections evicts the oldest of those
+    /// connections whole (its forward entry too), and reports its backend.
+    #[test]
+    fn a_full_reply_window_evicts_the_oldest_half_open_connection() {
+        let t = temp("ct-evict-reply");
+        let ct = t.0.conntrack();
+        // 64 half-open NAT connections whose reply keys share one home;
+        // the one at reply window position 9 is the oldest.
+        let rhome = ct.home(&conn(1).reply_key());
+        let mut n = 0;
+        let mut oldest_fwd = None;
+        for i in 100_000u32.. {
+            let mut c = conn(i);
+            c.backend_ip = 0xc613_0100;
+            if ct.home(&c.reply_key()) != rhome {
+                continue;
+            }
+            let seen = if n == 9 { 1 } else { 10 + n };
+            c.backend_id = if n == 9 { 5 } else { 4 };
+            // Forward slots of these connections may land in the window
+            // too: stop once every slot of it is taken.
+            let full = (0..MAX_PROBE).all(|i| {
+                let k = ct.snapshot((rhome + i) as u32).unwrap().kind();
+                k == KIND_REPLY || k == KIND_FWD
+            });
+            if full {
+                break;
+            }
+            let ins = ct
+                .insert(&c, true, seen, STATE_SYN, PID, |_| false)
+                .unwrap();
+            if n == 9 {
+                oldest_fwd = Some((ins.idx, c));
+            }
+            n += 1;
+        }
+        let (old_idx, old) = oldest_fwd.unwrap();
+        for i in 0..MAX_PROBE {
+            let s = ct.snapshot((rhome + i) as u32).unwrap();
+            assert!(
+                matches!(s.kind(), KIND_REPLY | KIND_FWD),
+                "reply window slot {i} is filled"
+            );
+        }
+        // A new connection with that reply home; its forward slot is free.
+        let b = (2_000_000u32..)
+            .map(|i| {
+                let mut c = conn(i);
+                c.backend_ip = 0xc613_0100;
+                c.backend_id = 6;
+                c
+            })
+            .find(|c| ct.home(&c.reply_key()) == rhome)
+            .unwrap();
+        let ins = ct
+            .insert(&b, true, 100, STATE_SYN, PID, |_| false)
+            .expect("a half-open connection makes room");
+        assert_eq!(ins.evicted_backends, [None, Some(5)]);
+        assert_eq!(ins.evicted_live[1], Some(Evicted::HalfOpen));
+        assert_eq!(ct.lookup(&b.reply_key()).unwrap().conn(), b);
+        assert!(ct.lookup(&old.forward_key()).is_none());
+        assert!(ct.lookup(&old.reply_key()).is_none());
+        assert_ne!(
+            ct.snapshot(old_idx).unwrap().kind(),
+            KIND_FWD,
+            "the evicted connection's forward entry is gone too"
+        );
     }
 
     /// Per backend, the forward entries that hold a reservation (not

@@ -12,7 +12,7 @@ use crate::config_slot::{
 };
 use crate::conntrack::{
     CONN_MIDFLOW, Conn, KIND_FWD, KIND_REPLY, KIND_TOMB, STATE_ACTIVE, STATE_CLOSING,
-    STATE_ESTABLISHED, STATE_SYN, Timeouts,
+    STATE_ESTABLISHED, STATE_PROVISIONAL, STATE_SYN, STATE_SYN_ACKED, Timeouts,
 };
 use crate::header::{REGION_INIT, REGION_READY, REGION_STOPPING};
 use crate::switch_slot::{SW_EMPTY, SW_RUNNING, SW_STARTING, SW_STOPPED};
@@ -54,6 +54,8 @@ pub fn conn_state_name(s: u32) -> &'static str {
         STATE_ESTABLISHED => "established",
         STATE_CLOSING => "closing",
         STATE_ACTIVE => "active",
+        STATE_SYN_ACKED => "syn_acked",
+        STATE_PROVISIONAL => "provisional",
         _ => "?",
     }
 }
@@ -127,6 +129,12 @@ pub struct ConnCensus {
     /// Slots a writer held during the scan (not counted elsewhere).
     pub busy_slots: u64,
     pub expired_not_collected: u64,
+    /// Live (not expired) connections picked up mid-flow and not yet
+    /// confirmed (`STATE_PROVISIONAL`).
+    pub provisional: u64,
+    /// Live TCP connections whose handshake has not completed
+    /// (`STATE_SYN`, `STATE_SYN_ACKED`).
+    pub half_open: u64,
     /// Connections that matched the filter (listed or not).
     pub matched: u64,
     /// The first `limit` matches, in slot order.
@@ -158,6 +166,13 @@ pub fn scan_conns(r: &Region, timeouts: &Timeouts, filter: &ConnFilter) -> ConnC
                 out.connections += 1;
                 let expired = ct.expired(idx, now_ms, timeouts);
                 out.expired_not_collected += expired as u64;
+                if !expired {
+                    match ct.reading(idx).tcp_state {
+                        STATE_PROVISIONAL => out.provisional += 1,
+                        STATE_SYN | STATE_SYN_ACKED => out.half_open += 1,
+                        _ => {}
+                    }
+                }
                 let Some(conn) = snap.conn() else { continue };
                 if !filter.matches(&conn) {
                     continue;

@@ -80,12 +80,19 @@ counters! {
     BusyNs = 36, "busy_ns", "nanoseconds the switch spent in poll loops that moved frames (its utilisation is the growth of busy_ns over wall time; while it is saturated, busy_ns over rx_packets is its cost per frame)";
     FlowCacheHit = 37, "flow_cache_hit", "packets of known connections answered from the switch's flow cache (the full path's cached rewrite; counted in fwd_hit or reply_hit as well)";
     BadChecksum = 38, "bad_checksum", "published configuration or routing generations the switch refused because the slot's checksum did not match its contents (must stay 0; its frames count in drop_no_config)";
+    EvictedProvisional = 39, "evicted_provisional", "provisional connection entries (picked up mid-flow, not yet confirmed) evicted to make room for a new connection in a full table";
+    EvictedHalfOpen = 40, "evicted_half_open", "half-open TCP connection entries (handshake not completed) evicted to make room for a new connection in a full table";
+    ConnConfirmed = 41, "conn_confirmed", "provisional connection entries confirmed (NAT: a reply from the backend; DR/tunnel: a client packet at least 1 s after the pickup) and made established";
+    RstRateLimited = 42, "rst_rate_limited", "TCP RSTs for a VIP port without a service not sent because the switch's answer budget (1000/s, bursts of 100, shared with ICMP) was spent; the packet was dropped";
+    DropMartian = 43, "drop_martian", "packets to a VIP from an impossible source: 0.0.0.0/8, 127.0.0.0/8, 224.0.0.0/4 (multicast), 240.0.0.0/4 (reserved, broadcast), a VIP, or a backend of the service arriving from the client side";
+    DropBadFlags = 44, "drop_bad_flags", "TCP segments to a VIP with an impossible flag set: SYN with FIN or RST, or no flag at all";
+    DropUdpLength = 45, "drop_udp_length", "UDP datagrams to a VIP whose UDP length disagrees with the IP length";
 }
 
 /// Number of counter words per switch (room to grow without a layout change).
 pub const N_COUNTERS: usize = 64;
 
-const _: () = assert!((Counter::BadChecksum as usize) < N_COUNTERS);
+const _: () = assert!((Counter::DropUdpLength as usize) < N_COUNTERS);
 
 /// One switch's slot. Two cache lines of identity and liveness, then counters.
 #[repr(C, align(64))]

@@ -165,6 +165,7 @@ fn publish(region: &Region, down: &[(u32, u8)], edit: &dyn Fn(&mut ConfigSlotMut
         h.tcp_established_ms = 900_000;
         h.tcp_fin_ms = 30_000;
         h.udp_ms = 60_000;
+        h.tcp_provisional_ms = 3_000;
         h.ports[0].mac = [2, 0, 0, 0, 0, 1];
         h.ports[1].mac = [2, 0, 0, 0, 0, 2];
         h.ports[0].mtu = 1500;

@@ -989,8 +989,17 @@ mod tests {
         sw.send(later, 0, &client(false, 40_001, ACK, 64));
         assert_eq!(sw.hits(), 2, "an idle entry is not answered from the cache");
         assert_eq!(sw.c[Counter::ConnMidflow as usize], 1);
-        // The new entry's next packet fills the cache, the one after hits;
-        // a FIN takes the full path (it closes the connection).
+        // The new entry is provisional (a pickup): not cached until the
+        // backend's reply confirms it; then the next packet fills the
+        // cache, the one after hits; a FIN takes the full path (it closes
+        // the connection).
+        sw.send(later, 0, &client(false, 40_001, ACK, 64));
+        assert_eq!(
+            sw.hits(),
+            2,
+            "a provisional entry is not answered from the cache"
+        );
+        sw.send(later, 1, &reply(false, backend, 8080, 40_001, ACK));
         sw.send(later, 0, &client(false, 40_001, ACK, 64));
         sw.send(later, 0, &client(false, 40_001, ACK, 64));
         assert_eq!(sw.hits(), 3);

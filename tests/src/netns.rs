@@ -361,12 +361,22 @@ pub fn start_backends(
 /// both in `mode`; tunnels start at the appliance's br0 address. Routing
 /// comes from the kernel mirror alone.
 pub fn afpacket_appliance(bed: &Bed, mode: &str, backend_port: u16) -> (String, crate::Appliance) {
+    afpacket_appliance_sized(bed, mode, backend_port, 65536)
+}
+
+/// [`afpacket_appliance`] with `[limits] connections` set.
+pub fn afpacket_appliance_sized(
+    bed: &Bed,
+    mode: &str,
+    backend_port: u16,
+    connections: u32,
+) -> (String, crate::Appliance) {
     let inst = crate::unique(&format!("af{mode}"));
     let cpus = std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(1);
     let mut cfg = format!(
-        "instance = \"{inst}\"\n[limits]\nconnections = 65536\n\n\
+        "instance = \"{inst}\"\n[limits]\nconnections = {connections}\n\n\
          [[port]]\nname = \"client\"\ndriver = \"afpacket\"\ninterface = \"l0\"\n\n\
          [[port]]\nname = \"backend\"\ndriver = \"afpacket\"\ninterface = \"br0\"\n\n\
          [[switch]]\nname = \"sw0\"\ncpu = {}\nports = [\"client\", \"backend\"]\nidle = \"adaptive\"\n\n\

@@ -8,6 +8,8 @@
 mod admin;
 #[path = "netns/agents.rs"]
 mod agents;
+#[path = "netns/flood.rs"]
+mod flood;
 #[path = "netns/health.rs"]
 mod health;
 #[path = "netns/routing.rs"]

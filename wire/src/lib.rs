@@ -51,6 +51,10 @@ pub enum WireError {
     BadDataOffset,
     #[error("UDP length below 8 or beyond the datagram")]
     BadUdpLength,
+    #[error("TCP flags no stack sends (SYN with FIN or RST, or none)")]
+    ImpossibleTcpFlags,
+    #[error("UDP length differs from the IP payload length")]
+    UdpLengthMismatch,
     #[error("not an Ethernet/IPv4 ARP packet")]
     BadArp,
     #[error("refusing to answer a RST")]

@@ -9,6 +9,15 @@ pub const PSH: u8 = 0x08;
 pub const ACK: u8 = 0x10;
 pub const URG: u8 = 0x20;
 
+/// A flag set no real stack sends: SYN with FIN or RST, or none of FIN,
+/// SYN, RST, PSH, ACK and URG (a "null" segment).
+#[inline(always)]
+pub fn flags_impossible(flags: u8) -> bool {
+    const SYN_FIN: u8 = SYN | FIN;
+    const SYN_RST: u8 = SYN | RST;
+    flags & SYN_FIN == SYN_FIN || flags & SYN_RST == SYN_RST || flags & 0x3f == 0
+}
+
 mod field {
     pub const SRC_PORT: usize = 0;
     pub const DST_PORT: usize = 2;

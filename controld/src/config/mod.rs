@@ -175,6 +175,12 @@ pub struct Timeouts {
     pub tcp_fin: u32,
     /// `udp` (default 60): a UDP flow.
     pub udp: u32,
+    /// `tcp_provisional` (default 3, at least 2): a TCP connection picked
+    /// up from a mid-connection packet and not yet confirmed (a reply from
+    /// the backend in NAT; a client packet at least 1 s later in DR and
+    /// tunnel mode). Short, so a flood of spoofed segments cannot hold the
+    /// table; at least 2 s, so a DR/tunnel flow can confirm itself.
+    pub tcp_provisional: u32,
 }
 
 impl Default for Timeouts {
@@ -184,6 +190,7 @@ impl Default for Timeouts {
             tcp_established: 900,
             tcp_fin: 30,
             udp: 60,
+            tcp_provisional: 3,
         }
     }
 }

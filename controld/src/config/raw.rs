@@ -83,6 +83,8 @@ pub(super) struct RawTimeouts {
     pub tcp_fin: Option<i64>,
     /// `udp`: see [`super::Timeouts::udp`].
     pub udp: Option<i64>,
+    /// `tcp_provisional`: see [`super::Timeouts::tcp_provisional`].
+    pub tcp_provisional: Option<i64>,
 }
 
 /// `[publish]`; every key optional.

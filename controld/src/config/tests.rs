@@ -89,6 +89,7 @@ fn demo_example_parses_with_all_fields() {
             tcp_established: 900,
             tcp_fin: 30,
             udp: 60,
+            tcp_provisional: 3,
         },
         publish: Publish {
             ack_timeout_ms: 500,
@@ -562,6 +563,10 @@ fn maglev_table_size_prime_and_range() {
 
 #[test]
 fn timeouts_and_publish_ranges() {
+    assert_eq!(
+        err(&head("[timeouts]\ntcp_provisional = 1")),
+        "timeouts: tcp_provisional 1 is less than 2"
+    );
     assert_eq!(
         err(&head("[timeouts]\ntcp_syn = 0")),
         "timeouts: tcp_syn 0 is less than 1"

@@ -273,6 +273,14 @@ fn timeouts(raw: &RawTimeouts) -> R<Timeouts> {
         )?,
         tcp_fin: int(ctx, "tcp_fin", raw.tcp_fin, d.tcp_fin, 1, max)?,
         udp: int(ctx, "udp", raw.udp, d.udp, 1, max)?,
+        tcp_provisional: int(
+            ctx,
+            "tcp_provisional",
+            raw.tcp_provisional,
+            d.tcp_provisional,
+            2,
+            max,
+        )?,
     })
 }
 

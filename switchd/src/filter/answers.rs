@@ -5,7 +5,7 @@
 use core::sync::atomic::Ordering;
 
 use shm_layout::config_slot::{ConfigView, PROTO_TCP};
-use shm_layout::conntrack::{ConnSlot, Hit, STATE_SYN};
+use shm_layout::conntrack::{ConnSlot, Hit, STATE_ACTIVE, STATE_CLOSING, STATE_ESTABLISHED};
 use shm_layout::switch_slot::Counter;
 
 use crate::flowcache::{self, FlowCache};
@@ -225,7 +225,9 @@ impl Fill {
         else {
             return None;
         };
-        (state != STATE_SYN && state <= 0xf).then_some(Fill {
+        // Half-open and provisional entries are not cached: their next
+        // packets may change their state (see `state::next_state`).
+        matches!(state, STATE_ESTABLISHED | STATE_CLOSING | STATE_ACTIVE).then_some(Fill {
             idx: hit.idx,
             lock,
             via: hit.via,

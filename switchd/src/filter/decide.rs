@@ -1,24 +1,23 @@
-//! Decide: connection-table lookup, new flows (scheduling, insert),
-//! TCP state changes, the reply direction of NAT.
+//! Decide: connection-table lookup, new flows (sources no client can
+//! have, scheduling, insert), the reply direction of NAT. TCP state
+//! changes are in [`super::state`].
 
 use core::sync::atomic::Ordering;
 
-use shm_layout::config_slot::{
-    ConfigView, MODE_NAT, ON_DOWN_KEEP, ON_DOWN_RESET, PROTO_TCP, ServiceRec,
-};
+use shm_layout::config_slot::{ConfigView, MODE_NAT, ON_DOWN_KEEP, ON_DOWN_RESET, ServiceRec};
 use shm_layout::conntrack::{
-    CONN_MIDFLOW, Conn, ConnSlot, ConnTable, Direction, FlowKey, Hit, InsertError, STATE_ACTIVE,
-    STATE_CLOSING, STATE_ESTABLISHED, STATE_SYN,
+    CONN_MIDFLOW, Conn, ConnTable, Direction, Evicted, FlowKey, Hit, InsertError, STATE_ACTIVE,
+    STATE_CLOSING, STATE_PROVISIONAL, STATE_SYN, holds_reservation,
 };
 use shm_layout::ring::midflow_event;
 use shm_layout::switch_slot::Counter;
 
 use crate::sched::{self, Pick};
-use wire::tcp;
 
 use super::answers::{Fill, answer_with_rst, refuse};
 use super::parse::L4;
 use super::rewrite::{forward, reverse};
+use super::state::{Moved, touch};
 use super::{Ctx, Verdict};
 
 #[inline]
@@ -32,6 +31,30 @@ pub(super) fn find_service<'a>(
     k: &FlowKey,
 ) -> Option<(usize, &'a ServiceRec)> {
     cfg.find_service(k.dst_ip, k.dst_port, k.proto)
+}
+
+/// A source address no client of a VIP can have (RFC 1122 3.2.1.3, RFC
+/// 5735): "this network" 0.0.0.0/8, loopback 127.0.0.0/8, multicast
+/// 224.0.0.0/4, reserved 240.0.0.0/4 (with the limited broadcast
+/// 255.255.255.255), and any VIP of this appliance. A backend's address
+/// from the client side is judged in [`new_flow`], where the service is known.
+#[inline]
+pub(super) fn martian_source(cfg: &ConfigView<'_>, src: u32) -> bool {
+    let top = src >> 24;
+    top == 0 || top == 127 || top >= 224 || is_vip(cfg, src)
+}
+
+/// Whether a packet from `src` received on port `in_port` claims the
+/// address of one of `svc`'s backends while arriving from another side
+/// than the one routes to that backend lead to (a spoofed backend source,
+/// which would make the backend talk to itself through the VIP).
+fn backend_spoofed(ctx: &mut Ctx<'_>, svc: &ServiceRec, src: u32, in_port: u32) -> bool {
+    if !ctx.cfg.service_backends(svc).iter().any(|b| b.ip == src) {
+        return false;
+    }
+    // Without a next hop for it the side is unknown: not judged here
+    // (the flow is refused for its own reasons, or forwarded).
+    matches!(ctx.hops.next_hop(&ctx.rt, src), Ok(hop) if hop.port != in_port)
 }
 
 /// Client -> VIP. A packet of a known connection is handled here, inline;
@@ -60,15 +83,23 @@ pub(super) fn to_vip(
                 move_off_down(hit, ctx);
             } else if down == ON_DOWN_RESET && !rst {
                 return reset_down(frame, l4, hit, in_port, ctx);
-            } else if syn && slot.tcp_state.load(Ordering::Relaxed) == STATE_CLOSING {
-                // A new connection on the 5-tuple of a closed one: it is
-                // scheduled afresh (the old one gave its slot back).
+            } else if syn
+                && matches!(
+                    slot.tcp_state.load(Ordering::Relaxed),
+                    STATE_CLOSING | STATE_PROVISIONAL
+                )
+            {
+                // A new connection on the 5-tuple of a closed one (which
+                // gave its slot back), or of an unconfirmed pickup (which
+                // never took one): it is scheduled afresh.
                 stale_answers(l4, hit, ctx);
                 retire(hit, ctx);
             } else {
                 ctx.count(Counter::FwdHit);
-                if touch(ctx, slot, hit, l4) == Moved::Closed {
-                    release_backend(ctx, hit.conn().backend_id);
+                match touch(ctx, slot, hit, l4) {
+                    Moved::Closed => release_backend(ctx, hit.conn().backend_id),
+                    Moved::Confirmed => ctx.count(Counter::ConnConfirmed),
+                    Moved::Stay | Moved::SynAcked => {}
                 }
                 let fill = Fill::of(hit, slot, l4, &ctx.flows);
                 return forward(frame, l4, &hit.conn(), in_port, port_mac, fill, ctx);
@@ -90,6 +121,12 @@ pub(super) fn new_flow(
 ) -> Verdict {
     let (is_tcp, syn, rst) = l4.tcp_kind();
     let key = l4.key();
+    // No entry, no answer, nothing forwarded for a source no client can
+    // have (checked here, where entries are made: a martian never gets
+    // one, so the hit path needs no check).
+    if martian_source(&ctx.cfg, key.src_ip) {
+        return ctx.drop(Counter::DropMartian);
+    }
     let Some((svc_idx, svc)) = find_service(&ctx.cfg, &key) else {
         if !is_tcp {
             return ctx.drop(Counter::DropNoServiceUdp);
@@ -97,8 +134,20 @@ pub(super) fn new_flow(
         if rst {
             return ctx.drop(Counter::DropTcpNoEntry);
         }
-        return answer_with_rst(frame, l4, in_port, Counter::RstSent, ctx);
+        // RSTs come out of the answer budget the ICMP answers use: a flood
+        // to unserved ports must not make the switch a RST generator.
+        if ctx.icmp_tokens == 0 {
+            return ctx.drop(Counter::RstRateLimited);
+        }
+        let v = answer_with_rst(frame, l4, in_port, Counter::RstSent, ctx);
+        if matches!(v, Verdict::Tx { .. }) {
+            ctx.icmp_tokens -= 1;
+        }
+        return v;
     };
+    if backend_spoofed(ctx, svc, key.src_ip, in_port) {
+        return ctx.drop(Counter::DropMartian);
+    }
     let (backend, reserved) = match schedule(svc, &key, syn || !is_tcp, ctx) {
         Ok(b) => b,
         Err(Pick::Full) if svc.queue_timeout_ms > 0 => {
@@ -131,10 +180,13 @@ pub(super) fn new_flow(
     }
     // Only a SYN or a UDP datagram got a reservation (see `schedule`).
     debug_assert_eq!(reserved, syn || !is_tcp);
+    // A mid-flow pickup is provisional (short timeout, no reservation)
+    // until the flow proves itself (see `state::next_state`): a spoofed
+    // segment must not hold a slot of the table or of its backend for long.
     let state = match (is_tcp, syn) {
         (false, _) => STATE_ACTIVE,
         (true, true) => STATE_SYN,
-        (true, false) => STATE_ESTABLISHED,
+        (true, false) => STATE_PROVISIONAL,
     };
     let conn = match insert(&conn, state, reserved, ctx) {
         Ok(c) => c,
@@ -210,7 +262,8 @@ pub(super) fn reset_down(
     // Closed under the lock the lookup read (see `touch`).
     if ctx.ct.slot(hit.idx).tcp_state.load(Ordering::Relaxed) != STATE_CLOSING
         && ctx.ct.update_state(hit, ctx.pid, |state| {
-            state.swap(STATE_CLOSING, Ordering::AcqRel) != STATE_CLOSING
+            // A provisional entry held no reservation to give back.
+            holds_reservation(state.swap(STATE_CLOSING, Ordering::AcqRel))
         }) == Some(true)
     {
         release_backend(ctx, hit.conn().backend_id);
@@ -255,13 +308,21 @@ pub(super) fn insert_tries(
     match res {
         Ok(ins) => {
             if let Some(b) = b {
-                if !reserved {
+                // A provisional entry takes its reservation when it is
+                // confirmed (see `state::change_state`), not here.
+                if !reserved && holds_reservation(state) {
                     sched::reserve(b, 0);
                 }
                 b.total.fetch_add(1, Ordering::Relaxed);
             }
             for id in ins.evicted_backends.into_iter().flatten() {
                 release_backend(ctx, id);
+            }
+            for kind in ins.evicted_live.into_iter().flatten() {
+                ctx.count(match kind {
+                    Evicted::Provisional => Counter::EvictedProvisional,
+                    Evicted::HalfOpen => Counter::EvictedHalfOpen,
+                });
             }
             Ok(*conn)
         }
@@ -351,7 +412,8 @@ pub(super) fn from_backend(
     match touch(ctx, slot, hit, l4) {
         Moved::Stay => {}
         Moved::Closed => release_backend(ctx, hit.conn().backend_id),
-        Moved::Established => syn_ack_sample(&hit.conn(), ctx),
+        Moved::SynAcked => syn_ack_sample(&hit.conn(), ctx),
+        Moved::Confirmed => ctx.count(Counter::ConnConfirmed),
     }
     let fill = Fill::of(hit, slot, l4, &ctx.flows);
     reverse(frame, l4, hit, port_mac, fill, ctx)
@@ -378,79 +440,4 @@ pub(super) fn syn_ack_sample(conn: &Conn, ctx: &Ctx<'_>) {
     if target > 0 && ms > u64::from(target) {
         b.syn_ack_slow.fetch_add(1, Ordering::Relaxed);
     }
-}
-
-/// Which TCP state change a packet made (see [`touch`]).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(super) enum Moved {
-    Stay,
-    /// SYN to ESTABLISHED by the backend's SYN-ACK (NAT reply direction).
-    Established,
-    /// To CLOSING by this packet, first of all switches: the caller gives
-    /// the backend slot back.
-    Closed,
-}
-
-/// Refreshes the time, TCP state and counters of the entry `hit` found
-/// (in `slot`, `ctx.ct.slot(hit.idx)`) for a packet (`hit.dir` is the
-/// packet's direction); says which state change it made. Changes are
-/// atomic read-modify-writes, so of several switches seeing the same
-/// change only one reports it.
-#[inline]
-pub(super) fn touch(ctx: &Ctx<'_>, slot: &ConnSlot, hit: &Hit, l4: &L4) -> Moved {
-    let (dir, now_ms) = (hit.dir, ctx.now_ms);
-    if slot.last_seen.load(Ordering::Relaxed) != now_ms {
-        slot.last_seen.store(now_ms, Ordering::Relaxed);
-    }
-    let mut moved = Moved::Stay;
-    if l4.key().proto == PROTO_TCP {
-        let cur = slot.tcp_state.load(Ordering::Relaxed);
-        let next = if l4.flags & (tcp::FIN | tcp::RST) != 0 {
-            STATE_CLOSING
-        } else if cur == STATE_SYN
-            && dir == Direction::Reply
-            && l4.flags & (tcp::SYN | tcp::ACK) == tcp::SYN | tcp::ACK
-        {
-            STATE_ESTABLISHED
-        } else if cur == STATE_SYN
-            && dir == Direction::Forward
-            && l4.flags & tcp::ACK != 0
-            && l4.flags & tcp::SYN == 0
-        {
-            // Client's ACK of the handshake (DR/tunnel never see the SYN-ACK).
-            STATE_ESTABLISHED
-        } else {
-            cur
-        };
-        if next != cur {
-            moved = change_state(ctx, hit, cur, next);
-        }
-    }
-    slot.add_counts(1, u64::from(l4.ip_len));
-    moved
-}
-
-/// [`touch`]'s state change from `cur` to `next`, once per connection
-/// and direction at most: under the slot's lock as the lookup read it, so
-/// a packet of a connection whose slot was reused meanwhile changes
-/// nothing (see `ConnTable::update_state`).
-#[cold]
-#[inline(never)]
-pub(super) fn change_state(ctx: &Ctx<'_>, hit: &Hit, cur: u32, next: u32) -> Moved {
-    let closing = next == STATE_CLOSING;
-    ctx.ct
-        .update_state(hit, ctx.pid, |state| {
-            if closing {
-                state.swap(STATE_CLOSING, Ordering::AcqRel) != STATE_CLOSING
-            } else {
-                state
-                    .compare_exchange(cur, next, Ordering::Relaxed, Ordering::Relaxed)
-                    .is_ok()
-            }
-        })
-        .map_or(Moved::Stay, |changed| match (changed, closing, hit.dir) {
-            (true, true, _) => Moved::Closed,
-            (true, false, Direction::Reply) => Moved::Established,
-            _ => Moved::Stay,
-        })
 }

@@ -23,11 +23,13 @@ mod answers;
 mod decide;
 mod parse;
 mod rewrite;
+mod state;
 #[cfg(test)]
 mod tests;
 
 pub use answers::{answer_fingerprint, refuse};
 pub use parse::flow_key;
+pub use state::CONFIRM_AFTER_MS;
 
 use shm_layout::config_slot::ConfigView;
 use shm_layout::conntrack::{ConnSlot, ConnTable, Timeouts};

@@ -107,7 +107,24 @@ pub(super) fn parse_ip(frame: &[u8]) -> Result<L4, WireError> {
 #[inline(always)]
 pub(super) fn parse_ip_common(frame: &[u8]) -> Option<L4> {
     let ip = frame.get(wire::ETHERNET_HEADER_LEN..)?;
-    wire::ipv4_l4_common(ip, HeaderChecksum::Verify).map(|p| facts(&p))
+    let p = wire::ipv4_l4_common(ip, HeaderChecksum::Verify)?;
+    // A packet the filter refuses is left to the full parse, which counts it.
+    refused(&p).is_none().then(|| facts(&p))
+}
+
+/// Why the filter refuses a packet the validator accepts (well formed, but
+/// nothing a real stack sends): TCP with an impossible flag set
+/// ([`tcp::flags_impossible`]), or UDP whose length is not the IP
+/// payload's (bytes the IP header carries that the datagram disowns: a
+/// receiver's stack would take its own view of them; the appliance
+/// forwards neither).
+#[inline(always)]
+fn refused(p: &Ipv4L4) -> Option<WireError> {
+    if p.protocol == wire::PROTO_TCP {
+        tcp::flags_impossible(p.tcp_flags).then_some(WireError::ImpossibleTcpFlags)
+    } else {
+        (p.l4_len != p.total_len - p.header_len).then_some(WireError::UdpLengthMismatch)
+    }
 }
 
 /// [`parse_ip`] of everything but the common case: IPv4 options, short
@@ -115,7 +132,11 @@ pub(super) fn parse_ip_common(frame: &[u8]) -> Option<L4> {
 #[cold]
 #[inline(never)]
 fn parse_ip_uncommon(ip: &[u8]) -> Result<L4, WireError> {
-    wire::ipv4_l4(ip, HeaderChecksum::Verify).map(|p| facts(&p))
+    let p = wire::ipv4_l4(ip, HeaderChecksum::Verify)?;
+    match refused(&p) {
+        None => Ok(facts(&p)),
+        Some(e) => Err(e),
+    }
 }
 
 /// The facts of a valid packet.
@@ -137,12 +158,15 @@ fn facts(p: &Ipv4L4) -> L4 {
 
 /// The counted verdict of a frame [`parse_ip`] refused: a fragment goes
 /// to the fragment policy (dropped, counted apart), a packet neither TCP
-/// nor UDP is not ours, anything else is malformed.
+/// nor UDP is not ours, impossible TCP flags and a UDP length other than
+/// the payload's have their own counters, anything else is malformed.
 #[cold]
 pub(super) fn dropped_as(rule: WireError, ctx: &mut Ctx<'_>) -> Verdict {
     ctx.drop(match rule {
         WireError::Fragment => Counter::DropFragment,
         WireError::NotTcpUdp => Counter::DropNotOurs,
+        WireError::ImpossibleTcpFlags => Counter::DropBadFlags,
+        WireError::UdpLengthMismatch => Counter::DropUdpLength,
         _ => Counter::DropMalformed,
     })
 }

@@ -244,7 +244,8 @@ fn collect(r: &Region, a: &Args) -> Value {
     let conns = json!({
         "slots": census.slots, "connections": census.connections, "reply_slots": census.reply_slots,
         "tombstones": census.tombstones, "busy_slots": census.busy_slots,
-        "expired_not_collected": census.expired_not_collected, "list": list,
+        "expired_not_collected": census.expired_not_collected,
+        "provisional": census.provisional, "half_open": census.half_open, "list": list,
     });
     json!({"header": header, "config": config, "routing": routing, "switches": switches, "connections": conns})
 }

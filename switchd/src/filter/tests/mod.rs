@@ -6,14 +6,17 @@ use shm_layout::config_slot::{ON_DOWN_KEEP, ON_DOWN_RESET, PROTO_TCP};
 use shm_layout::conntrack::{Conn, Direction, FlowKey, STATE_CLOSING, STATE_SYN};
 use wire::checksum;
 
-use super::decide::{Moved, existing, touch};
+use super::decide::existing;
 use super::parse::parse_ip;
+use super::state::{Moved, touch};
 use super::*;
 use crate::fixture::{CLIENT_GW_MAC, Fixture, TUNNEL_SRC, VIP, port_mac};
 use crate::sched;
 use etherparse::PacketBuilder;
 use proptest::prelude::*;
 use shm_layout::config_slot::ON_DOWN_RESCHEDULE;
+
+mod provisional;
 
 fn syn(client_port: u16) -> Vec<u8> {
     let mut v = Vec::new();
