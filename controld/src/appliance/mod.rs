@@ -289,14 +289,25 @@ impl Appliance {
     pub fn render_metrics(&self) -> String {
         let (g, rg) = self.generations();
         let show = view::show(&self.ctx(), g, rg);
+        let words = [Table::Config, Table::Routing].map(|t| self.region.pub_words(t));
         let extra = metrics::Extra {
             reloads_ok: self.reloads_ok,
             reloads_refused: self.reloads_refused,
-            excluded_switches: self
+            excluded_switches: words
+                .iter()
+                .map(|w| w.excluded.load(Ordering::Relaxed))
+                .sum(),
+            refused_publications: words
+                .iter()
+                .map(|w| w.refused.load(Ordering::Relaxed))
+                .sum(),
+            fenced: self
                 .region
-                .pub_words(Table::Config)
-                .excluded
-                .load(Ordering::Relaxed),
+                .switch_slots()
+                .iter()
+                .map(|s| u64::from(s.fenced.load(Ordering::Relaxed)))
+                .collect(),
+            gc: self.gc.totals,
             overrides: self.overrides.iter().count(),
             agents: self
                 .cfg

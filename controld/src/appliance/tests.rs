@@ -116,8 +116,12 @@ impl Fixture {
     /// which fencing cannot prove to be a switchd and is not our child)
     /// and never acknowledges, so every publication is refused.
     fn stall_switch(&self) {
+        self.stall_switch_as(std::process::id());
+    }
+
+    /// Switch 0 is process `pid`, running, and acknowledged nothing.
+    fn stall_switch_as(&self, pid: u32) {
         let s = &self.app.region().switch_slots()[0];
-        let pid = std::process::id();
         s.pid.store(pid, Ordering::Relaxed);
         s.proc_start.store(
             shm_layout::time::process_start(pid).unwrap(),
@@ -274,4 +278,46 @@ fn drain_names_an_unknown_backend_and_publishes_a_known_one() {
             .collect::<Vec<_>>(),
         ["web/web1"]
     );
+}
+
+#[test]
+fn metrics_count_fenced_switches_refused_publications_and_gc_rounds() {
+    let mut f = Fixture::new("met");
+    // A child that never acknowledges: fenced (killed) by the next publication.
+    let mut child = std::process::Command::new("sleep")
+        .arg("30")
+        .spawn()
+        .unwrap();
+    f.stall_switch_as(child.id());
+    let line = f.app.handle(Request::Drain("web/web1".parse().unwrap()));
+    assert!(line.starts_with("{\"ok\":true"), "{line}");
+    use std::os::unix::process::ExitStatusExt;
+    assert_eq!(child.wait().unwrap().signal(), Some(libc::SIGKILL));
+    // One that cannot be fenced: the next publication is refused.
+    f.stall_switch();
+    let line = f.app.handle(Request::Enable("web/web1".parse().unwrap()));
+    assert!(
+        line.starts_with(
+            "{\"error\":\"enable web/web1: not published, nothing changed: switch 0 (pid "
+        ),
+        "{line}"
+    );
+    // The region has 4096 slots, the GC visits 1024 a tick: one round.
+    for _ in 0..4 {
+        f.app.tick();
+    }
+    let text = f.app.render_metrics();
+    for line in [
+        "switchyard_publish_excluded_switches_total 1",
+        "switchyard_publish_refused_total 1",
+        "switchyard_switch_fenced_total{switch=\"sw0\"} 1",
+        "switchyard_gc_rounds_total 1",
+        "switchyard_gc_reclaimed_total{reason=\"expired\"} 0",
+        "switchyard_gc_reconciled_total{direction=\"down\"} 0",
+    ] {
+        assert!(
+            text.contains(&format!("\n{line}\n")),
+            "{line} not in:\n{text}"
+        );
+    }
 }
