@@ -17,7 +17,7 @@ use clap::Parser;
 use controld::admin;
 use controld::admin::scan::Scanner;
 use controld::admin::server::Server;
-use controld::appliance::{Appliance, host};
+use controld::appliance::{Appliance, host, saved};
 use controld::config;
 use controld::ids::IdAllocator;
 use controld::master;
@@ -126,11 +126,11 @@ fn run(args: &Args) -> Result<()> {
     signal_hook::flag::register(signal_hook::consts::SIGHUP, Arc::clone(&hup))?;
 
     let start = takeover::start(&cfg.instance, takeover::capacities(&cfg))?;
-    let (region, adopted) = match start {
-        Start::Created(r) => (r, Vec::new()),
+    let (region, adopted, was_adopted) = match start {
+        Start::Created(r) => (r, Vec::new(), false),
         Start::Adopted {
             region, switches, ..
-        } => (region, switches),
+        } => (region, switches, true),
     };
     log_page_size(&region);
     let mut cleanup = Cleanup {
@@ -142,6 +142,10 @@ fn run(args: &Args) -> Result<()> {
     let kept = sup.adopt(&region, adopted);
     cleanup.names.extend(host::create_vnics(&cfg, &kept)?);
     let mut app = Appliance::new(region, cfg.clone(), args.config.clone());
+    // Beside the socket, in the directory the admin server makes (0700);
+    // over an adopted region it is there already.
+    let socket = admin::socket_path(&cfg);
+    app.save_overrides_at(saved::path_beside(&socket), was_adopted);
     let (cg, rg) = app.publish_initial()?;
     if app.health_checked() > 0 {
         log::info!(
@@ -173,7 +177,7 @@ fn run(args: &Args) -> Result<()> {
         );
     }
     // Before any thread exists (the socket is bound under a narrowed umask).
-    let server = Server::start(&admin::socket_path(&cfg), cfg.admin.metrics)?;
+    let server = Server::start(&socket, cfg.admin.metrics)?;
     log::info!("admin socket {}", server.socket_path().display());
     if let Some(a) = server.metrics_addr() {
         log::info!("metrics at http://{a}/metrics");
@@ -222,6 +226,7 @@ fn run(args: &Args) -> Result<()> {
     if let Some(p) = &args.pidfile {
         let _ = std::fs::remove_file(p);
     }
+    app.forget_saved_overrides();
     drop(app);
     drop(cleanup);
     log::info!("stopped; region and virtual NICs removed");

@@ -137,6 +137,102 @@ fn killed_controld_is_replaced_by_one_that_adopts_the_region_switch_and_connecti
     drop(app);
 }
 
+/// `lbctl --socket SOCKET --json ARGS`: its result, or what went wrong.
+fn try_lbctl(socket: &std::path::Path, args: &[&str]) -> Result<serde_json::Value, String> {
+    let out = std::process::Command::new(switchyard_tests::bin("lbctl"))
+        .arg("--socket")
+        .arg(socket)
+        .arg("--json")
+        .args(args)
+        .output()
+        .expect("run lbctl");
+    let text = String::from_utf8_lossy(&out.stdout);
+    if !out.status.success() {
+        return Err(format!(
+            "lbctl {args:?}: {text}{}",
+            String::from_utf8_lossy(&out.stderr)
+        ));
+    }
+    let v: serde_json::Value = serde_json::from_str(text.trim()).expect("one JSON line");
+    assert_eq!(v["ok"], true, "{v}");
+    Ok(v["result"].clone())
+}
+
+/// An operator's `lbctl drain` and `weight` outlive a controld killed
+/// with SIGKILL: the controld that adopts the region publishes them.
+#[test]
+fn runtime_overrides_survive_a_killed_controld() {
+    let inst = unique("ovkill");
+    // Not in the appliance's directory: the test harness empties that when
+    // it hands the instance to the next controld.
+    struct Dir(std::path::PathBuf);
+    impl Drop for Dir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+    let dir = Dir(std::env::temp_dir().join(format!("switchyard-admin-{inst}")));
+    let socket = dir.0.join("admin.sock");
+    let cfg = format!(
+        "{}\n[admin]\nsocket = \"{}\"\n",
+        render(&inst, &Cfg::default()),
+        socket.display()
+    );
+    let mut app = Appliance::start(&inst, &cfg);
+    try_lbctl(&socket, &["drain", "web/web1"]).unwrap();
+    try_lbctl(&socket, &["weight", "web/web2", "7"]).unwrap();
+    let mut controld = app.controld.take().unwrap();
+    controld.kill().unwrap();
+    controld.wait().unwrap();
+    app.disarm();
+    let app = Appliance::start(&inst, &cfg);
+    // The adopted switch is ready before the admin socket may be served
+    // (the killed controld's socket file stays until then).
+    let show =
+        switchyard_tests::wait_for(Duration::from_secs(10), || try_lbctl(&socket, &["show"]));
+    let web = show["services"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["name"] == "web")
+        .unwrap();
+    let backends: Vec<(String, bool, u64, Option<u64>)> = web["backends"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| {
+            (
+                b["name"].as_str().unwrap().to_string(),
+                b["admin_drained"].as_bool().unwrap(),
+                b["effective_weight"].as_u64().unwrap(),
+                b["weight_override"].as_u64(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        backends,
+        [
+            ("web1".to_string(), true, 0, None),
+            ("web2".to_string(), false, 7, Some(7)),
+            ("web3".to_string(), false, 3, None),
+        ],
+        "{}",
+        app.log()
+    );
+    assert!(
+        app.log().contains(
+            "runtime override web/web1: drained restored from the controld this one replaces"
+        ),
+        "{}",
+        app.log()
+    );
+    drop(app);
+    assert!(
+        !dir.0.join("admin.overrides").exists(),
+        "a clean stop removes the saved overrides"
+    );
+}
+
 /// Builds a region under an instance's name as someone else could: a
 /// "switch" slot names `victim` (not a switchd) as a running switch, and
 /// the recorded controld is dead.

@@ -36,6 +36,7 @@ use crate::takeover;
 pub mod host;
 pub mod publish;
 pub mod reload;
+pub mod saved;
 
 pub use publish::PublishError;
 pub use reload::{Refusal, ReloadError, restart_only_changes};
@@ -89,6 +90,11 @@ pub struct Appliance {
     events: EventDrain,
     last_release: Instant,
     last_publish_error: Option<Instant>,
+    /// Where the overrides are saved for a controld that replaces this one
+    /// (`None`: not saved).
+    saved: Option<PathBuf>,
+    /// Overrides a crashed controld saved, for the first publication.
+    restored: Overrides,
 }
 
 impl Appliance {
@@ -137,14 +143,50 @@ impl Appliance {
             events: EventDrain::default(),
             last_release: Instant::now(),
             last_publish_error: None,
+            saved: None,
+            restored: Overrides::default(),
         }
     }
 
-    /// Publishes the running configuration and routing for the first time
-    /// (no overrides): `(configuration generation, routing generation)`.
+    /// Saves the overrides at `path` from now on (see [`saved`]). Over an
+    /// adopted region, the overrides saved there by the controld that
+    /// crashed are restored by [`Appliance::publish_initial`]; over a
+    /// fresh one, a stale file is removed.
+    pub fn save_overrides_at(&mut self, path: PathBuf, adopted: bool) {
+        if adopted {
+            match saved::load(&path) {
+                Ok(o) => self.restored = o,
+                Err(e) => log::error!("runtime overrides not restored: {e}"),
+            }
+        } else {
+            saved::remove(&path);
+        }
+        self.saved = Some(path);
+    }
+
+    /// Stops saving the overrides and removes their file (a clean stop:
+    /// the next controld starts over).
+    pub fn forget_saved_overrides(&mut self) {
+        if let Some(p) = self.saved.take() {
+            saved::remove(&p);
+        }
+    }
+
+    /// Publishes the running configuration and routing for the first time,
+    /// with the overrides restored from a crashed controld (those of
+    /// backends the configuration still has; the reload rule):
+    /// `(configuration generation, routing generation)`.
     pub fn publish_initial(&mut self) -> Result<(u64, u64), PublishError> {
         let cfg = self.cfg.clone();
-        self.publish_all(cfg, Overrides::default())
+        let mut overrides = std::mem::take(&mut self.restored);
+        let carried = overrides.carry_over(&cfg);
+        for (n, o) in &carried.kept {
+            log::info!("runtime override {n}: {o} restored from the controld this one replaces");
+        }
+        for (n, o) in &carried.dropped {
+            log::warn!("runtime override {n}: {o} not restored: backend not configured");
+        }
+        self.publish_all(cfg, overrides)
     }
 
     pub fn region(&self) -> &Region {

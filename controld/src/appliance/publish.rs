@@ -92,6 +92,14 @@ impl Appliance {
             udp_ms: snap.udp_ms,
         };
         self.snap = snap;
+        if *overrides != self.overrides
+            && let Some(path) = &self.saved
+            && let Err(e) = super::saved::save(path, overrides)
+        {
+            log::error!(
+                "runtime overrides not saved (a controld that replaces this one would not have them): {e}"
+            );
+        }
         self.overrides = overrides.clone();
         self.cfg = cfg.clone();
         Ok(rep.generation)

@@ -321,3 +321,44 @@ fn metrics_count_fenced_switches_refused_publications_and_gc_rounds() {
         );
     }
 }
+
+/// A controld that replaces a crashed one (adopting its region) publishes
+/// the overrides the crashed one had; one that creates a fresh region
+/// starts without them.
+#[test]
+fn overrides_survive_a_crashed_controld_and_a_fresh_start_forgets_them() {
+    let mut f = Fixture::new("keep");
+    let saved = std::env::temp_dir().join(format!("controld-{}.overrides", f.instance));
+    f.app.save_overrides_at(saved.clone(), false);
+    let line = f.app.handle(Request::Drain("web/web1".parse().unwrap()));
+    assert!(line.starts_with("{\"ok\":true"), "{line}");
+    let line = f
+        .app
+        .handle(Request::Weight("web/web1".parse().unwrap(), Some(9)));
+    assert!(line.starts_with("{\"ok\":true"), "{line}");
+    // The next controld adopts the region as it is.
+    let region = Region::attach_name(
+        &shm_layout::region_name(&f.instance),
+        shm_layout::Access::ReadWrite,
+    )
+    .unwrap();
+    let mut next = Appliance::new(region, f.app.config().clone(), f.path.clone());
+    next.save_overrides_at(saved.clone(), true);
+    assert_eq!(next.publish_initial().unwrap(), (4, 2));
+    let kept: Vec<String> = next
+        .overrides()
+        .iter()
+        .map(|(s, b, o)| format!("{s}/{b}: {o}"))
+        .collect();
+    assert_eq!(kept, ["web/web1: drained, weight 9"]);
+    let rec = next.snap.backends[0];
+    assert_eq!(rec.weight, 0, "drained: no new connections");
+    // A clean stop removes the file; a fresh start finds nothing.
+    next.forget_saved_overrides();
+    assert!(!saved.exists());
+    let line = f.app.handle(Request::Enable("web/web1".parse().unwrap()));
+    assert!(line.starts_with("{\"ok\":true"), "{line}");
+    assert!(saved.exists());
+    next.save_overrides_at(saved.clone(), false);
+    assert!(!saved.exists());
+}
