@@ -73,18 +73,79 @@ fn valid_name(n: &str) -> bool {
             .all(|c| c.is_ascii_alphanumeric() || c == b'_' || c == b'-')
 }
 
-impl FromStr for BackendRef {
-    type Err = String;
+/// A backend argument that names nothing valid.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum NameError {
+    #[error(
+        "backend {0:?} is not SERVICE/BACKEND (two names of 1 to 32 characters from A-Z a-z 0-9 _ -, like web/web1)"
+    )]
+    NotBackend(String),
+    #[error("backend {0:?} is neither an IPv4 address nor SERVICE/BACKEND (like web/web1)")]
+    NotBackendOrAddress(String),
+}
 
-    fn from_str(s: &str) -> Result<Self, String> {
+/// Why a request line was refused; the message names the problem and
+/// what is accepted.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum RequestError {
+    #[error("request is not JSON ({0}); send one object per line, like {{\"cmd\":\"show\"}}")]
+    NotJson(String),
+    #[error(
+        "request {0} is not a JSON object; send one object per line, like {{\"cmd\":\"show\"}}"
+    )]
+    NotObject(String),
+    #[error("cmd {0} is not a string (one of: {commands})", commands = COMMANDS.join(", "))]
+    CmdNotString(String),
+    #[error("request has no \"cmd\" (one of: {commands})", commands = COMMANDS.join(", "))]
+    NoCmd,
+    #[error("unknown command {0:?} (one of: {commands})", commands = COMMANDS.join(", "))]
+    UnknownCommand(String),
+    #[error("{cmd}: unknown key {key:?} ({})", if allowed.is_empty() {
+        format!("{cmd} takes no arguments")
+    } else {
+        format!("accepted: {}", allowed.join(", "))
+    })]
+    UnknownKey {
+        cmd: String,
+        key: String,
+        allowed: &'static [&'static str],
+    },
+    #[error("{cmd}: {key} {value} is not a string")]
+    NotString {
+        cmd: String,
+        key: &'static str,
+        value: String,
+    },
+    #[error("{cmd}: {key} {value:?} is not an IPv4 address (like 198.18.0.10)")]
+    NotIpv4 {
+        cmd: String,
+        key: &'static str,
+        value: String,
+    },
+    #[error("{cmd}: {error}")]
+    Name { cmd: String, error: NameError },
+    #[error("{cmd}: missing \"backend\" (SERVICE/BACKEND, like web/web1)")]
+    NoBackend { cmd: String },
+    #[error("{cmd}: limit {value} is not a number 1..={MAX_CONNS_LIMIT}")]
+    Limit { cmd: String, value: String },
+    #[error("{cmd}: missing \"weight\" (a number 0..={MAX_WEIGHT}, or null for the file's weight)")]
+    NoWeight { cmd: String },
+    #[error(
+        "{cmd}: weight {value} is not a number 0..={MAX_WEIGHT} (or null for the file's weight)"
+    )]
+    Weight { cmd: String, value: String },
+}
+
+impl FromStr for BackendRef {
+    type Err = NameError;
+
+    fn from_str(s: &str) -> Result<Self, NameError> {
         match s.split_once('/') {
             Some((svc, b)) if valid_name(svc) && valid_name(b) => Ok(BackendRef {
                 service: svc.to_string(),
                 backend: b.to_string(),
             }),
-            _ => Err(format!(
-                "backend {s:?} is not SERVICE/BACKEND (two names of 1 to 32 characters from A-Z a-z 0-9 _ -, like web/web1)"
-            )),
+            _ => Err(NameError::NotBackend(s.to_string())),
         }
     }
 }
@@ -103,15 +164,15 @@ pub enum BackendSel {
 }
 
 impl FromStr for BackendSel {
-    type Err = String;
+    type Err = NameError;
 
-    fn from_str(s: &str) -> Result<Self, String> {
+    fn from_str(s: &str) -> Result<Self, NameError> {
         if let Ok(a) = s.parse() {
             return Ok(BackendSel::Address(a));
         }
-        s.parse().map(BackendSel::Name).map_err(|_| {
-            format!("backend {s:?} is neither an IPv4 address nor SERVICE/BACKEND (like web/web1)")
-        })
+        s.parse()
+            .map(BackendSel::Name)
+            .map_err(|_| NameError::NotBackendOrAddress(s.to_string()))
     }
 }
 
@@ -159,57 +220,32 @@ pub enum Request {
 
 impl Request {
     /// Parses one request line; the error names the problem and what is accepted.
-    pub fn parse(line: &str) -> Result<Request, String> {
-        let v: Value = serde_json::from_str(line).map_err(|e| {
-            format!(
-                "request is not JSON ({e}); send one object per line, like {{\"cmd\":\"show\"}}"
-            )
-        })?;
+    pub fn parse(line: &str) -> Result<Request, RequestError> {
+        let v: Value =
+            serde_json::from_str(line).map_err(|e| RequestError::NotJson(e.to_string()))?;
         let Value::Object(obj) = v else {
-            return Err(format!(
-                "request {} is not a JSON object; send one object per line, like {{\"cmd\":\"show\"}}",
-                short(&v)
-            ));
+            return Err(RequestError::NotObject(short(&v)));
         };
         let cmd = match obj.get("cmd") {
             Some(Value::String(c)) => c.as_str(),
-            Some(other) => {
-                return Err(format!(
-                    "cmd {} is not a string (one of: {})",
-                    short(other),
-                    COMMANDS.join(", ")
-                ));
-            }
-            None => {
-                return Err(format!(
-                    "request has no \"cmd\" (one of: {})",
-                    COMMANDS.join(", ")
-                ));
-            }
+            Some(other) => return Err(RequestError::CmdNotString(short(other))),
+            None => return Err(RequestError::NoCmd),
         };
-        let allowed: &[&str] = match cmd {
+        let allowed: &'static [&'static str] = match cmd {
             "show" | "stats" | "reload" => &[],
             "conns" => &["vip", "client", "backend", "limit"],
             "drain" | "enable" => &["backend"],
             "weight" => &["backend", "weight"],
-            other => {
-                return Err(format!(
-                    "unknown command {other:?} (one of: {})",
-                    COMMANDS.join(", ")
-                ));
-            }
+            other => return Err(RequestError::UnknownCommand(other.to_string())),
         };
         if let Some(k) = obj
             .keys()
             .find(|k| *k != "cmd" && !allowed.contains(&k.as_str()))
         {
-            return Err(if allowed.is_empty() {
-                format!("{cmd}: unknown key {k:?} ({cmd} takes no arguments)")
-            } else {
-                format!(
-                    "{cmd}: unknown key {k:?} (accepted: {})",
-                    allowed.join(", ")
-                )
+            return Err(RequestError::UnknownKey {
+                cmd: cmd.to_string(),
+                key: k.clone(),
+                allowed,
             });
         }
         Ok(match cmd {
@@ -224,17 +260,22 @@ impl Request {
                     .map(|s| ipv4(cmd, "client", s))
                     .transpose()?,
                 backend: opt_str(&obj, cmd, "backend")?
-                    .map(|s| s.parse().map_err(|e| format!("{cmd}: {e}")))
+                    .map(|s| {
+                        s.parse().map_err(|error| RequestError::Name {
+                            cmd: cmd.to_string(),
+                            error,
+                        })
+                    })
                     .transpose()?,
                 limit: match obj.get("limit") {
                     None => DEFAULT_CONNS_LIMIT,
                     Some(l) => match l.as_u64() {
                         Some(n) if (1..=MAX_CONNS_LIMIT as u64).contains(&n) => n as usize,
                         _ => {
-                            return Err(format!(
-                                "{cmd}: limit {} is not a number 1..={MAX_CONNS_LIMIT}",
-                                short(l)
-                            ));
+                            return Err(RequestError::Limit {
+                                cmd: cmd.to_string(),
+                                value: short(l),
+                            });
                         }
                     },
                 },
@@ -245,18 +286,18 @@ impl Request {
                 let b = backend(&obj, cmd)?;
                 let w = match obj.get("weight") {
                     None => {
-                        return Err(format!(
-                            "{cmd}: missing \"weight\" (a number 0..={MAX_WEIGHT}, or null for the file's weight)"
-                        ));
+                        return Err(RequestError::NoWeight {
+                            cmd: cmd.to_string(),
+                        });
                     }
                     Some(Value::Null) => None,
                     Some(w) => match w.as_u64() {
                         Some(n) if n <= MAX_WEIGHT as u64 => Some(n as u32),
                         _ => {
-                            return Err(format!(
-                                "{cmd}: weight {} is not a number 0..={MAX_WEIGHT} (or null for the file's weight)",
-                                short(w)
-                            ));
+                            return Err(RequestError::Weight {
+                                cmd: cmd.to_string(),
+                                value: short(w),
+                            });
                         }
                     },
                 };
@@ -322,24 +363,35 @@ fn short(v: &Value) -> String {
 fn opt_str<'a>(
     obj: &'a Map<String, Value>,
     cmd: &str,
-    key: &str,
-) -> Result<Option<&'a str>, String> {
+    key: &'static str,
+) -> Result<Option<&'a str>, RequestError> {
     match obj.get(key) {
         None => Ok(None),
         Some(Value::String(s)) => Ok(Some(s)),
-        Some(other) => Err(format!("{cmd}: {key} {} is not a string", short(other))),
+        Some(other) => Err(RequestError::NotString {
+            cmd: cmd.to_string(),
+            key,
+            value: short(other),
+        }),
     }
 }
 
-fn ipv4(cmd: &str, key: &str, s: &str) -> Result<Ipv4Addr, String> {
-    s.parse()
-        .map_err(|_| format!("{cmd}: {key} {s:?} is not an IPv4 address (like 198.18.0.10)"))
+fn ipv4(cmd: &str, key: &'static str, s: &str) -> Result<Ipv4Addr, RequestError> {
+    s.parse().map_err(|_| RequestError::NotIpv4 {
+        cmd: cmd.to_string(),
+        key,
+        value: s.to_string(),
+    })
 }
 
-fn backend(obj: &Map<String, Value>, cmd: &str) -> Result<BackendRef, String> {
-    let s = opt_str(obj, cmd, "backend")?
-        .ok_or_else(|| format!("{cmd}: missing \"backend\" (SERVICE/BACKEND, like web/web1)"))?;
-    s.parse().map_err(|e| format!("{cmd}: {e}"))
+fn backend(obj: &Map<String, Value>, cmd: &str) -> Result<BackendRef, RequestError> {
+    let s = opt_str(obj, cmd, "backend")?.ok_or_else(|| RequestError::NoBackend {
+        cmd: cmd.to_string(),
+    })?;
+    s.parse().map_err(|error| RequestError::Name {
+        cmd: cmd.to_string(),
+        error,
+    })
 }
 
 /// A reply line: `{"ok":true,"result":...}`.
@@ -685,7 +737,11 @@ mod tests {
             ),
         ];
         for (line, want) in cases {
-            assert_eq!(Request::parse(line), Err(want.to_string()), "{line}");
+            assert_eq!(
+                Request::parse(line).map_err(|e| e.to_string()),
+                Err(want.to_string()),
+                "{line}"
+            );
         }
     }
 

@@ -33,6 +33,13 @@ impl BackendIdentity {
     }
 }
 
+/// Why backends could not get ids.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum IdError {
+    #[error("no free backend id: all {capacity} ids are in use or still referenced by connections")]
+    Exhausted { capacity: u32 },
+}
+
 #[derive(Debug)]
 pub struct IdAllocator {
     capacity: u32,
@@ -81,7 +88,7 @@ impl IdAllocator {
 
     /// Assigns ids for a new configuration's backends: existing identities
     /// keep theirs, new ones get fresh ids, departed ones are retired.
-    pub fn assign(&mut self, wanted: &[BackendIdentity]) -> Result<Vec<u32>, String> {
+    pub fn assign(&mut self, wanted: &[BackendIdentity]) -> Result<Vec<u32>, IdError> {
         // Work on a copy so a failed assignment changes nothing.
         let mut free = self.free.clone();
         let mut next: HashMap<BackendIdentity, u32> = HashMap::new();
@@ -90,11 +97,8 @@ impl IdAllocator {
             let id = match self.live.get(w).or_else(|| next.get(w)) {
                 Some(&id) => id,
                 // A returning backend simply gets a fresh id.
-                None => free.pop().ok_or_else(|| {
-                    format!(
-                        "no free backend id: all {} ids are in use or still referenced by connections",
-                        self.capacity
-                    )
+                None => free.pop().ok_or(IdError::Exhausted {
+                    capacity: self.capacity,
                 })?,
             };
             next.insert(*w, id);

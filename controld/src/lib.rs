@@ -7,6 +7,7 @@
 
 pub mod admin;
 pub mod agents;
+pub mod appliance;
 pub mod config;
 pub mod events;
 pub mod fence;

@@ -17,11 +17,23 @@ use std::net::Ipv4Addr;
 
 use crate::agents::{Steer, effective_weight};
 use crate::config::{Config, Mode, OnDown, Scheduler};
-use crate::ids::{BackendIdentity, IdAllocator};
+use crate::ids::{BackendIdentity, IdAllocator, IdError};
 use crate::maglev;
 use crate::overrides::Overrides;
 
 /// Everything published in one configuration generation.
+/// Why a configuration snapshot could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum SnapshotError {
+    #[error(transparent)]
+    Ids(#[from] IdError),
+    #[error("service {service:?}: maglev table: {error}")]
+    Maglev {
+        service: String,
+        error: maglev::MaglevError,
+    },
+}
+
 #[derive(Clone, Debug, Default)]
 pub struct ConfigSnapshot {
     pub services: Vec<ServiceRec>,
@@ -70,7 +82,7 @@ pub fn config_snapshot(
     is_down: impl Fn(&BackendIdentity) -> bool,
     steer: impl Fn(Ipv4Addr) -> Steer,
     limit: impl Fn(&BackendIdentity) -> Option<u32>,
-) -> Result<ConfigSnapshot, String> {
+) -> Result<ConfigSnapshot, SnapshotError> {
     let m = cfg.limits.maglev_table_size;
     let mut identities = Vec::new();
     for s in &cfg.services {
@@ -145,8 +157,12 @@ pub fn config_snapshot(
             weighted.push((maglev::backend_key(b.address, b.port), eligible));
         }
         let mut table = Vec::new();
-        maglev::build(&weighted, m as usize, &mut table)
-            .map_err(|e| format!("service {:?}: maglev table: {e}", s.name))?;
+        maglev::build(&weighted, m as usize, &mut table).map_err(|error| {
+            SnapshotError::Maglev {
+                service: s.name.clone(),
+                error,
+            }
+        })?;
         let mut rec = ServiceRec {
             vip: u32::from(s.vip),
             port: s.port,
@@ -182,7 +198,7 @@ pub fn config_snapshot(
 
 /// The snapshot of the file alone: no runtime overrides, every backend up,
 /// no agent steering, the configured limits (`controld --check`, tests).
-pub fn file_snapshot(cfg: &Config, ids: &mut IdAllocator) -> Result<ConfigSnapshot, String> {
+pub fn file_snapshot(cfg: &Config, ids: &mut IdAllocator) -> Result<ConfigSnapshot, SnapshotError> {
     config_snapshot(
         cfg,
         ids,

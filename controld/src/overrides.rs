@@ -16,8 +16,9 @@
 //!   file weight changed: the operator's decision outlives an edit of the
 //!   file) and drops the others; both are logged. To let the file decide
 //!   again, `enable` and `weight reset` the backend.
-//! - Overrides live in controld's memory only: a restart of controld
-//!   forgets them.
+//! - A controld that adopts the region of a crashed one restores them
+//!   (saved beside the admin socket, `crate::appliance::saved`) under the
+//!   reload rule; a clean stop or a fresh region forgets them.
 
 use std::collections::BTreeMap;
 

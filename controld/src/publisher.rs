@@ -9,35 +9,59 @@ use shm_layout::{PublishReport, Region};
 
 use crate::master::{ConfigSnapshot, RoutingSnapshot};
 
+/// Why a snapshot was not published.
+#[derive(Debug, thiserror::Error)]
+pub enum PublishError {
+    #[error("{n} services exceed the region's capacity of {cap}")]
+    Services { n: usize, cap: u32 },
+    #[error("{n} backends exceed the region's capacity of {cap}")]
+    Backends { n: usize, cap: u32 },
+    #[error("{n} ports exceed the maximum of {MAX_PORTS}")]
+    Ports { n: usize },
+    #[error(
+        "maglev_table_size {snap} differs from the region's {region} (changing it needs a restart)"
+    )]
+    MaglevSize { snap: u32, region: u32 },
+    #[error(
+        "{routes} routes / {neighbours} neighbours exceed the region's capacity of {cap_routes} / {cap_neighbours}"
+    )]
+    Routing {
+        routes: usize,
+        neighbours: usize,
+        cap_routes: u32,
+        cap_neighbours: u32,
+    },
+    /// The A/B protocol wrote nothing (a stalled switch could not be fenced).
+    #[error(transparent)]
+    Protocol(#[from] shm_layout::publish::PublishError),
+}
+
 /// Whether a snapshot fits the region's capacities (checked before publishing,
 /// so a too-large configuration is refused, never truncated).
-pub fn check_fits(region: &Region, snap: &ConfigSnapshot) -> Result<(), String> {
+pub fn check_fits(region: &Region, snap: &ConfigSnapshot) -> Result<(), PublishError> {
     let caps = region.caps();
     if snap.services.len() > caps.services as usize {
-        return Err(format!(
-            "{} services exceed the region's capacity of {}",
-            snap.services.len(),
-            caps.services
-        ));
+        return Err(PublishError::Services {
+            n: snap.services.len(),
+            cap: caps.services,
+        });
     }
     if snap.backends.len() > caps.backends as usize {
-        return Err(format!(
-            "{} backends exceed the region's capacity of {}",
-            snap.backends.len(),
-            caps.backends
-        ));
+        return Err(PublishError::Backends {
+            n: snap.backends.len(),
+            cap: caps.backends,
+        });
     }
     if snap.ports.len() > MAX_PORTS {
-        return Err(format!(
-            "{} ports exceed the maximum of {MAX_PORTS}",
-            snap.ports.len()
-        ));
+        return Err(PublishError::Ports {
+            n: snap.ports.len(),
+        });
     }
     if snap.maglev_m != caps.maglev_m {
-        return Err(format!(
-            "maglev_table_size {} differs from the region's {} (changing it needs a restart)",
-            snap.maglev_m, caps.maglev_m
-        ));
+        return Err(PublishError::MaglevSize {
+            snap: snap.maglev_m,
+            region: caps.maglev_m,
+        });
     }
     Ok(())
 }
@@ -50,7 +74,7 @@ pub fn publish_config(
     snap: &ConfigSnapshot,
     ack_timeout: Duration,
     fence: &mut dyn FnMut(usize, u32) -> bool,
-) -> Result<PublishReport, String> {
+) -> Result<PublishReport, PublishError> {
     check_fits(region, snap)?;
     let m = snap.maglev_m as usize;
     region
@@ -84,7 +108,7 @@ pub fn publish_config(
                 area[t.len()..].fill(0);
             }
         })
-        .map_err(|e| e.to_string())
+        .map_err(PublishError::from)
 }
 
 /// Publishes a routing snapshot; `fence` as for [`publish_config`].
@@ -93,17 +117,16 @@ pub fn publish_routing(
     snap: &RoutingSnapshot,
     ack_timeout: Duration,
     fence: &mut dyn FnMut(usize, u32) -> bool,
-) -> Result<PublishReport, String> {
+) -> Result<PublishReport, PublishError> {
     let caps = region.caps();
     if snap.routes.len() > caps.routes as usize || snap.neighbours.len() > caps.neighbours as usize
     {
-        return Err(format!(
-            "{} routes / {} neighbours exceed the region's capacity of {} / {}",
-            snap.routes.len(),
-            snap.neighbours.len(),
-            caps.routes,
-            caps.neighbours
-        ));
+        return Err(PublishError::Routing {
+            routes: snap.routes.len(),
+            neighbours: snap.neighbours.len(),
+            cap_routes: caps.routes,
+            cap_neighbours: caps.neighbours,
+        });
     }
     region
         .publish_routing(ack_timeout, fence, |slot| {
@@ -114,5 +137,5 @@ pub fn publish_routing(
             slot.neighbours.fill(Default::default());
             slot.neighbours[..snap.neighbours.len()].copy_from_slice(&snap.neighbours);
         })
-        .map_err(|e| e.to_string())
+        .map_err(PublishError::from)
 }

@@ -3,6 +3,7 @@
 //! instance name, and always clean up — processes, region and NICs — even
 //! when a test fails.
 
+pub mod churn;
 pub mod netns;
 
 pub use tools::appliance::{Appliance, bin, bin_dir};

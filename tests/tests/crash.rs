@@ -1,14 +1,16 @@
 //! kill -9 a switchd while traffic flows: controld restarts it, the region
 //! and its connections survive, established connections keep their backends.
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use shm_layout::switch_slot::Counter;
 
+use switchyard_tests::churn::{
+    Traffic, kill_switch, new_conns, wait_new_conns, wait_restarted, web,
+};
 use switchyard_tests::{Appliance, Cfg, counter, render, shmdump_json, switch_pids, unique};
-use tools::traffic::{GenConfig, Generator};
+use tools::traffic::GenConfig;
 
 #[test]
 fn killed_switch_restarts_and_connections_keep_their_backends() {
@@ -20,59 +22,21 @@ fn killed_switch_restarts_and_connections_keep_their_backends() {
     let app = Appliance::start(&inst, &render(&inst, &cfg));
     let region = app.region();
     let before = switch_pids(&region);
-    let stop = Arc::new(AtomicBool::new(false));
-    let generator = Generator::new(GenConfig {
-        instance: inst.clone(),
-        services: vec!["web".into()],
-        flows: u64::MAX,
-        stop: Some(stop.clone()),
+    let traffic = Traffic::start(GenConfig {
         concurrency: 200,
         data_packets: 30,
         retransmit: Duration::from_millis(200),
         max_retries: 50,
         time_limit: Duration::from_secs(300),
-        ..GenConfig::default()
-    })
-    .unwrap();
-    let traffic = std::thread::spawn(move || generator.run());
-    let new_conns = || -> u64 {
-        region.switch_slots()[..2]
-            .iter()
-            .map(|s| s.counter(Counter::ConnNew))
-            .sum()
-    };
-    let wait_conns = |at_least: u64| {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while new_conns() < at_least {
-            assert!(
-                Instant::now() < deadline,
-                "traffic does not flow:\n{}",
-                app.log()
-            );
-            std::thread::sleep(Duration::from_millis(5));
-        }
-    };
+        ..web(&inst)
+    });
     // Let connections establish, then kill switch 0 mid-traffic.
-    wait_conns(1000);
-    // SAFETY: kill(2) on a switchd pid we read from the region.
-    assert_eq!(unsafe { libc::kill(before[0] as i32, libc::SIGKILL) }, 0);
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let pids = switch_pids(&region);
-        if pids[0] != before[0] && shm_layout::time::pid_alive(pids[0]) {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "switch 0 not restarted:\n{}",
-            app.log()
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    wait_new_conns(&app, &region, &[0, 1], 1000);
+    kill_switch(&region, 0);
+    wait_restarted(&app, &region, 0, before[0], String::new);
     // Traffic keeps flowing through the restarted switch, then stops.
-    wait_conns(new_conns() + 2000);
-    stop.store(true, Ordering::Relaxed);
-    let rep = traffic.join().unwrap();
+    wait_new_conns(&app, &region, &[0, 1], new_conns(&region, &[0, 1]) + 2000);
+    let rep = traffic.stop();
     assert!(rep.clean(), "{rep:#?}");
     assert!(rep.flows_completed >= 3000);
     assert_eq!(
@@ -118,23 +82,16 @@ fn killed_controld_is_replaced_by_one_that_adopts_the_region_switch_and_connecti
     let mut app = Appliance::start(&inst, &cfg);
     let region = app.region();
     let old_switch = switch_pids(&region)[0];
-    let stop = Arc::new(AtomicBool::new(false));
     // Long flows (many data packets each, both directions) that start before
     // the kill and are still open across the takeover.
-    let generator = Generator::new(GenConfig {
-        instance: inst.clone(),
-        services: vec!["web".into()],
-        flows: u64::MAX,
-        stop: Some(stop.clone()),
+    let traffic = Traffic::start(GenConfig {
         concurrency: 64,
         data_packets: 400,
         retransmit: Duration::from_millis(200),
         max_retries: 50,
         time_limit: Duration::from_secs(120),
-        ..GenConfig::default()
-    })
-    .unwrap();
-    let traffic = std::thread::spawn(move || generator.run());
+        ..web(&inst)
+    });
     let hits = || -> u64 { region.switch_slots()[0].counter(Counter::ReplyHit) };
     let wait_hits = |more: u64, what: &str| {
         let target = hits() + more;
@@ -168,8 +125,7 @@ fn killed_controld_is_replaced_by_one_that_adopts_the_region_switch_and_connecti
         app.log()
     );
     wait_hits(2000, "after the takeover");
-    stop.store(true, Ordering::Relaxed);
-    let rep = traffic.join().unwrap();
+    let rep = traffic.stop();
     assert!(rep.clean(), "{rep:#?}\n{}", app.log());
     assert_eq!(rep.affinity_violations, 0, "{rep:#?}");
     assert!(rep.flows_completed > 0 && conns_before > 0, "{rep:#?}");
@@ -179,6 +135,102 @@ fn killed_controld_is_replaced_by_one_that_adopts_the_region_switch_and_connecti
     assert_eq!(dump["header"]["abandoned"], false);
     assert_eq!(dump["switches"][0]["restarts"], 0);
     drop(app);
+}
+
+/// `lbctl --socket SOCKET --json ARGS`: its result, or what went wrong.
+fn try_lbctl(socket: &std::path::Path, args: &[&str]) -> Result<serde_json::Value, String> {
+    let out = std::process::Command::new(switchyard_tests::bin("lbctl"))
+        .arg("--socket")
+        .arg(socket)
+        .arg("--json")
+        .args(args)
+        .output()
+        .expect("run lbctl");
+    let text = String::from_utf8_lossy(&out.stdout);
+    if !out.status.success() {
+        return Err(format!(
+            "lbctl {args:?}: {text}{}",
+            String::from_utf8_lossy(&out.stderr)
+        ));
+    }
+    let v: serde_json::Value = serde_json::from_str(text.trim()).expect("one JSON line");
+    assert_eq!(v["ok"], true, "{v}");
+    Ok(v["result"].clone())
+}
+
+/// An operator's `lbctl drain` and `weight` outlive a controld killed
+/// with SIGKILL: the controld that adopts the region publishes them.
+#[test]
+fn runtime_overrides_survive_a_killed_controld() {
+    let inst = unique("ovkill");
+    // Not in the appliance's directory: the test harness empties that when
+    // it hands the instance to the next controld.
+    struct Dir(std::path::PathBuf);
+    impl Drop for Dir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+    let dir = Dir(std::env::temp_dir().join(format!("switchyard-admin-{inst}")));
+    let socket = dir.0.join("admin.sock");
+    let cfg = format!(
+        "{}\n[admin]\nsocket = \"{}\"\n",
+        render(&inst, &Cfg::default()),
+        socket.display()
+    );
+    let mut app = Appliance::start(&inst, &cfg);
+    try_lbctl(&socket, &["drain", "web/web1"]).unwrap();
+    try_lbctl(&socket, &["weight", "web/web2", "7"]).unwrap();
+    let mut controld = app.controld.take().unwrap();
+    controld.kill().unwrap();
+    controld.wait().unwrap();
+    app.disarm();
+    let app = Appliance::start(&inst, &cfg);
+    // The adopted switch is ready before the admin socket may be served
+    // (the killed controld's socket file stays until then).
+    let show =
+        switchyard_tests::wait_for(Duration::from_secs(10), || try_lbctl(&socket, &["show"]));
+    let web = show["services"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["name"] == "web")
+        .unwrap();
+    let backends: Vec<(String, bool, u64, Option<u64>)> = web["backends"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| {
+            (
+                b["name"].as_str().unwrap().to_string(),
+                b["admin_drained"].as_bool().unwrap(),
+                b["effective_weight"].as_u64().unwrap(),
+                b["weight_override"].as_u64(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        backends,
+        [
+            ("web1".to_string(), true, 0, None),
+            ("web2".to_string(), false, 7, Some(7)),
+            ("web3".to_string(), false, 3, None),
+        ],
+        "{}",
+        app.log()
+    );
+    assert!(
+        app.log().contains(
+            "runtime override web/web1: drained restored from the controld this one replaces"
+        ),
+        "{}",
+        app.log()
+    );
+    drop(app);
+    assert!(
+        !dir.0.join("admin.overrides").exists(),
+        "a clean stop removes the saved overrides"
+    );
 }
 
 /// Builds a region under an instance's name as someone else could: a

@@ -6,49 +6,12 @@
 //! continued (SIGCONT), there is nothing left to continue: no burst ends
 //! torn, no connection keeps a wrong backend.
 
-use std::os::fd::{FromRawFd, OwnedFd};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use shm_layout::switch_slot::Counter;
-use switchyard_tests::{
-    Appliance, B, Cfg, counter_sum, render, shmdump_json, switch_pids, unique, wait_for,
-};
-use tools::traffic::{GenConfig, Generator};
-
-/// A handle on one process that stays with it (no pid reuse).
-struct Pidfd(OwnedFd);
-
-impl Pidfd {
-    fn open(pid: u32) -> Self {
-        // SAFETY: pidfd_open(2) takes a pid and flags, no memory.
-        let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
-        assert!(
-            fd >= 0,
-            "pidfd_open({pid}): {}",
-            std::io::Error::last_os_error()
-        );
-        // SAFETY: a fresh descriptor that nothing else owns.
-        Self(unsafe { OwnedFd::from_raw_fd(fd as i32) })
-    }
-
-    /// Sends `sig`; false if the process has exited.
-    fn signal(&self, sig: i32) -> bool {
-        use std::os::fd::AsRawFd;
-        // SAFETY: pidfd_send_signal(2) on our descriptor, no siginfo.
-        let r = unsafe {
-            libc::syscall(
-                libc::SYS_pidfd_send_signal,
-                self.0.as_raw_fd(),
-                sig,
-                core::ptr::null::<libc::siginfo_t>(),
-                0,
-            )
-        };
-        r == 0
-    }
-}
+use controld::procs::Pidfd;
+use switchyard_tests::churn::{Traffic, new_conns, wait_new_conns, wait_restarted, web};
+use switchyard_tests::{Appliance, B, Cfg, counter_sum, render, shmdump_json, switch_pids, unique};
+use tools::traffic::GenConfig;
 
 /// The default web service with weights `w` (each publication moves flows).
 fn weights(w: [u32; 3]) -> Cfg {
@@ -81,33 +44,20 @@ fn stalled_switch_is_fenced_before_its_slot_is_rewritten() {
     let app = Appliance::start(&inst, &config(&inst, [1, 2, 3]));
     let region = app.region();
     let before = switch_pids(&region);
-    let stalled = Pidfd::open(before[0]);
-    let stop = Arc::new(AtomicBool::new(false));
-    let generator = Generator::new(GenConfig {
-        instance: inst.clone(),
-        services: vec!["web".into()],
-        flows: u64::MAX,
-        stop: Some(stop.clone()),
+    let stalled = Pidfd::open(before[0]).unwrap();
+    let traffic = Traffic::start(GenConfig {
         concurrency: 100,
         data_packets: 20,
         retransmit: Duration::from_millis(500),
         max_retries: 20,
         time_limit: Duration::from_secs(120),
-        ..GenConfig::default()
-    })
-    .unwrap();
-    let traffic = std::thread::spawn(move || generator.run());
-    let new_conns = |i: usize| region.switch_slots()[i].counter(Counter::ConnNew);
-    wait_for(Duration::from_secs(30), || {
-        if new_conns(0) >= 300 && new_conns(1) >= 300 {
-            Ok(())
-        } else {
-            Err(format!("traffic: {} / {} new", new_conns(0), new_conns(1)))
-        }
+        ..web(&inst)
     });
+    wait_new_conns(&app, &region, &[0], 300);
+    wait_new_conns(&app, &region, &[1], 300);
 
     // Switch 0 stops, busy with traffic: most likely inside a burst.
-    assert!(stalled.signal(libc::SIGSTOP));
+    stalled.signal(libc::SIGSTOP).unwrap();
     let g0 = region.generation(shm_layout::Table::Config);
     // Two publications: the second needs the slot switch 0 read last.
     for w in [[3, 2, 1], [2, 3, 1]] {
@@ -116,32 +66,15 @@ fn stalled_switch_is_fenced_before_its_slot_is_rewritten() {
     }
     assert_eq!(region.generation(shm_layout::Table::Config), g0 + 2);
     // What a stopped process would do next: carry on with its burst.
-    let continued = stalled.signal(libc::SIGCONT);
+    let continued = stalled.signal(libc::SIGCONT).is_ok();
 
     // The supervisor restarts switch 0 and traffic flows through it again.
-    let restarted = wait_for(Duration::from_secs(20), || {
-        let pid = switch_pids(&region)[0];
-        if pid != before[0] && shm_layout::time::pid_alive(pid) {
-            Ok(pid)
-        } else {
-            let torn = counter_sum(&shmdump_json(&inst, &[]), "torn_bursts");
-            Err(format!(
-                "switch 0 pid {pid} (was {}), torn bursts {torn}\n{}",
-                before[0],
-                app.log()
-            ))
-        }
+    let restarted = wait_restarted(&app, &region, 0, before[0], || {
+        let torn = counter_sum(&shmdump_json(&inst, &[]), "torn_bursts");
+        format!("torn bursts {torn}")
     });
-    let base = new_conns(0);
-    wait_for(Duration::from_secs(30), || {
-        if new_conns(0) >= base + 300 {
-            Ok(())
-        } else {
-            Err(format!("switch 0 forwards again: {} new", new_conns(0)))
-        }
-    });
-    stop.store(true, Ordering::Relaxed);
-    let rep = traffic.join().unwrap();
+    wait_new_conns(&app, &region, &[0], new_conns(&region, &[0]) + 300);
+    let rep = traffic.stop();
     // Frames queued at switch 0 while it was stopped are answered after its
     // restart next to their retransmissions: late duplicates may then meet
     // a flow that has finished (unexpected frames), nothing worse.

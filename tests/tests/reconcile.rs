@@ -6,16 +6,17 @@
 //! holds). Every wait is bounded; nothing asserts a duration.
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use shm_layout::Region;
 use shm_layout::conntrack::STATE_CLOSING;
-use shm_layout::switch_slot::Counter;
 
-use switchyard_tests::{Appliance, Cfg, render, shmdump_json, switch_pids, unique};
-use tools::traffic::{GenConfig, Generator};
+use switchyard_tests::churn::{
+    Traffic, kill_switch, new_conns, wait_new_conns, wait_restarted, web,
+};
+use switchyard_tests::{Appliance, Cfg, render, shmdump_json, unique};
+use tools::traffic::GenConfig;
 
 /// Per backend id, its `active` count and its open forward entries.
 fn counts(region: &Region, ids: &[u32]) -> BTreeMap<u32, (u32, u32)> {
@@ -75,12 +76,7 @@ fn killed_switches_leave_no_reservation_behind() {
         .map(|b| b["id"].as_u64().unwrap() as u32)
         .collect();
     assert_eq!(ids.len(), 3);
-    let stop = Arc::new(AtomicBool::new(false));
-    let generator = Generator::new(GenConfig {
-        instance: inst.clone(),
-        services: vec!["web".into()],
-        flows: u64::MAX,
-        stop: Some(stop.clone()),
+    let traffic = Traffic::start(GenConfig {
         // Three times what the backends take: SYNs keep meeting full
         // backends, and every switch is always inside a new connection.
         concurrency: 72,
@@ -88,48 +84,16 @@ fn killed_switches_leave_no_reservation_behind() {
         retransmit: Duration::from_millis(100),
         max_retries: 5,
         time_limit: Duration::from_secs(120),
-        ..GenConfig::default()
-    })
-    .unwrap();
-    let traffic = std::thread::spawn(move || generator.run());
-    let new_conns = || -> u64 {
-        region.switch_slots()[..2]
-            .iter()
-            .map(|s| s.counter(Counter::ConnNew))
-            .sum()
-    };
+        ..web(&inst)
+    });
     for kill in 0..20usize {
         // Let connections come and go (a fresh switch counts from 0).
-        let deadline = Instant::now() + Duration::from_secs(30);
-        let start = new_conns();
-        while new_conns() < start + 300 {
-            assert!(
-                Instant::now() < deadline,
-                "traffic does not flow:\n{}",
-                app.log()
-            );
-            std::thread::sleep(Duration::from_millis(5));
-        }
+        wait_new_conns(&app, &region, &[0, 1], new_conns(&region, &[0, 1]) + 300);
         let sw = kill % 2;
-        let before = switch_pids(&region)[sw];
-        // SAFETY: kill(2) on a switchd pid we read from the region.
-        assert_eq!(unsafe { libc::kill(before as i32, libc::SIGKILL) }, 0);
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            let pid = switch_pids(&region)[sw];
-            if pid != before && shm_layout::time::pid_alive(pid) {
-                break;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "switch {sw} not restarted:\n{}",
-                app.log()
-            );
-            std::thread::sleep(Duration::from_millis(10));
-        }
+        let before = kill_switch(&region, sw);
+        wait_restarted(&app, &region, sw, before, String::new);
     }
-    stop.store(true, Ordering::Relaxed);
-    let rep = traffic.join().unwrap();
+    let rep = traffic.stop();
     assert!(rep.flows_completed > 0, "{rep:#?}");
     // Traffic has stopped: the entries idle out (seconds) and the GC
     // retires them; a reservation nothing in the table holds any more is

@@ -22,8 +22,16 @@ pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
 pub struct Extra {
     pub reloads_ok: u64,
     pub reloads_refused: u64,
-    /// Switches the publisher excluded from acknowledgement, in total.
+    /// Switches the publisher excluded from acknowledgement (and fenced),
+    /// configuration and routing publications together, in total.
     pub excluded_switches: u64,
+    /// Publications refused because an excluded switch could not be
+    /// fenced (nothing was written), configuration and routing together.
+    pub refused_publications: u64,
+    /// Times each switch was fenced, by switch index (the region's slots).
+    pub fenced: Vec<u64>,
+    /// The connection-table GC's totals since this controld started.
+    pub gc: crate::gc::GcStats,
     /// Backends with a runtime override.
     pub overrides: usize,
     /// Load-agent reports by outcome (`None` without `[agents]`).
@@ -151,6 +159,49 @@ pub fn render(show: &ShowReply, stats: &StatsReply, extra: &Extra) -> String {
         extra.excluded_switches,
     );
     o.family(
+        "switchyard_publish_refused_total",
+        "counter",
+        "Publications refused because a switch that did not acknowledge could not be fenced (nothing was written; retried)",
+    );
+    o.sample(
+        "switchyard_publish_refused_total",
+        &[],
+        extra.refused_publications,
+    );
+    o.family(
+        "switchyard_gc_rounds_total",
+        "counter",
+        "Full sweeps of the connection table by controld's GC since controld started",
+    );
+    o.sample("switchyard_gc_rounds_total", &[], extra.gc.rounds);
+    o.family(
+        "switchyard_gc_reclaimed_total",
+        "counter",
+        "Connection-table entries the GC removed since controld started, by reason: expired (idle past its timeout), orphan (reply entry without its forward entry), abandoned (slot a killed writer held)",
+    );
+    for (reason, n) in [
+        ("expired", extra.gc.expired),
+        ("orphan", extra.gc.orphans),
+        ("abandoned", extra.gc.abandoned),
+    ] {
+        o.sample("switchyard_gc_reclaimed_total", &[("reason", reason)], n);
+    }
+    o.family(
+        "switchyard_gc_reconciled_total",
+        "counter",
+        "Corrections of backends' active connection counts by the GC since controld started, summed over backends: down (leaked reservations taken back), up (reservations added back)",
+    );
+    for (direction, n) in [
+        ("down", extra.gc.reconciled_down),
+        ("up", extra.gc.reconciled_up),
+    ] {
+        o.sample(
+            "switchyard_gc_reconciled_total",
+            &[("direction", direction)],
+            n,
+        );
+    }
+    o.family(
         "switchyard_runtime_overrides",
         "gauge",
         "Backends with a runtime override (lbctl drain or weight)",
@@ -191,6 +242,18 @@ pub fn render(show: &ShowReply, stats: &StatsReply, extra: &Extra) -> String {
             "switchyard_switch_restarts_total",
             &[("switch", &s.name)],
             s.restarts,
+        );
+    }
+    o.family(
+        "switchyard_switch_fenced_total",
+        "counter",
+        "Times the switch was fenced (killed before a publication rewrote the slot it may still read) because it did not acknowledge in time",
+    );
+    for s in &stats.switches {
+        o.sample(
+            "switchyard_switch_fenced_total",
+            &[("switch", &s.name)],
+            extra.fenced.get(s.index).copied().unwrap_or(0),
         );
     }
     for &c in Counter::ALL {
@@ -409,7 +472,18 @@ mod tests {
             &Extra {
                 reloads_ok: 3,
                 reloads_refused: 1,
-                excluded_switches: 0,
+                excluded_switches: 2,
+                refused_publications: 1,
+                fenced: vec![2],
+                gc: crate::gc::GcStats {
+                    rounds: 5,
+                    expired: 6,
+                    orphans: 7,
+                    abandoned: 8,
+                    reconciled_down: 9,
+                    reconciled_up: 10,
+                    ..Default::default()
+                },
                 overrides: 1,
                 agents: Some(crate::agents::Counters {
                     accepted: 7,
@@ -451,6 +525,19 @@ mod tests {
             }
         }
         assert!(text.contains("switchyard_reloads_total{result=\"refused\"} 1\n"));
+        for line in [
+            "switchyard_publish_excluded_switches_total 2",
+            "switchyard_publish_refused_total 1",
+            "switchyard_switch_fenced_total{switch=\"sw0\"} 2",
+            "switchyard_gc_rounds_total 5",
+            "switchyard_gc_reclaimed_total{reason=\"expired\"} 6",
+            "switchyard_gc_reclaimed_total{reason=\"orphan\"} 7",
+            "switchyard_gc_reclaimed_total{reason=\"abandoned\"} 8",
+            "switchyard_gc_reconciled_total{direction=\"down\"} 9",
+            "switchyard_gc_reconciled_total{direction=\"up\"} 10",
+        ] {
+            assert!(text.contains(&format!("\n{line}\n")), "{line}");
+        }
         assert!(text.contains("switchyard_switch_rx_packets_total{switch=\"sw0\"} 42\n"));
         assert!(text.contains("switchyard_switch_restarts_total{switch=\"sw0\"} 2\n"));
         assert!(text.contains("switchyard_config_generation 7\n"));

@@ -308,7 +308,7 @@ fn serve_unix(stream: UnixStream, jobs: &Sender<Job>) {
             continue;
         }
         let answer = match Request::parse(text) {
-            Err(e) => error_line(&e),
+            Err(e) => error_line(&e.to_string()),
             Ok(req) => {
                 let (tx, rx) = mpsc::channel();
                 if jobs.send(Job::Request { req, reply: tx }).is_err() {

@@ -38,37 +38,44 @@ pub struct Ctx<'a> {
     pub health: HealthOf<'a>,
 }
 
+/// Why an admin request names nothing that runs.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum ViewError {
+    #[error("no service {service:?} (services: {})", known.join(", "))]
+    NoService { service: String, known: Vec<String> },
+    #[error(
+        "service {service:?} has no backend {backend:?} (backends: {})",
+        if known.is_empty() { "none".to_string() } else { known.join(", ") }
+    )]
+    NoBackend {
+        service: String,
+        backend: String,
+        known: Vec<String>,
+    },
+    /// `conns` named a backend that does not run.
+    #[error("conns: {0}")]
+    Conns(Box<ViewError>),
+}
+
 /// Finds `service/backend` in the configuration: `(service index, backend index)`.
-pub fn find_backend(cfg: &Config, b: &BackendRef) -> Result<(usize, usize), String> {
+pub fn find_backend(cfg: &Config, b: &BackendRef) -> Result<(usize, usize), ViewError> {
     let si = cfg
         .services
         .iter()
         .position(|s| s.name == b.service)
-        .ok_or_else(|| {
-            let names: Vec<&str> = cfg.services.iter().map(|s| s.name.as_str()).collect();
-            format!(
-                "no service {:?} (services: {})",
-                b.service,
-                names.join(", ")
-            )
+        .ok_or_else(|| ViewError::NoService {
+            service: b.service.clone(),
+            known: cfg.services.iter().map(|s| s.name.clone()).collect(),
         })?;
     let s = &cfg.services[si];
     let bi = s
         .backends
         .iter()
         .position(|x| x.name == b.backend)
-        .ok_or_else(|| {
-            let names: Vec<&str> = s.backends.iter().map(|x| x.name.as_str()).collect();
-            format!(
-                "service {:?} has no backend {:?} (backends: {})",
-                s.name,
-                b.backend,
-                if names.is_empty() {
-                    "none".to_string()
-                } else {
-                    names.join(", ")
-                }
-            )
+        .ok_or_else(|| ViewError::NoBackend {
+            service: s.name.clone(),
+            backend: b.backend.clone(),
+            known: s.backends.iter().map(|x| x.name.clone()).collect(),
         })?;
     Ok((si, bi))
 }
@@ -264,7 +271,7 @@ pub struct ConnsPlan {
 }
 
 /// `conns`: plans the scan of the connection table, filtered.
-pub fn conns_plan(ctx: &Ctx, timeouts: &Timeouts, q: &ConnsQuery) -> Result<ConnsPlan, String> {
+pub fn conns_plan(ctx: &Ctx, timeouts: &Timeouts, q: &ConnsQuery) -> Result<ConnsPlan, ViewError> {
     // Backend ids of the running configuration, to name each connection's backend.
     let mut names: BTreeMap<u32, String> = BTreeMap::new();
     for (si, s) in ctx.cfg.services.iter().enumerate() {
@@ -283,7 +290,7 @@ pub fn conns_plan(ctx: &Ctx, timeouts: &Timeouts, q: &ConnsQuery) -> Result<Conn
         None => {}
         Some(BackendSel::Address(a)) => filter.backend_ip = Some(u32::from(*a)),
         Some(BackendSel::Name(b)) => {
-            let (si, bi) = find_backend(ctx.cfg, b).map_err(|e| format!("conns: {e}"))?;
+            let (si, bi) = find_backend(ctx.cfg, b).map_err(|e| ViewError::Conns(Box::new(e)))?;
             filter.backend_id = Some(rec(ctx, si, bi).id);
         }
     }
@@ -333,7 +340,7 @@ pub fn conns(
     ctx: &Ctx,
     timeouts: &Timeouts,
     q: &ConnsQuery,
-) -> Result<ConnsReply, String> {
+) -> Result<ConnsReply, ViewError> {
     Ok(conns_plan(ctx, timeouts, q)?.run(region))
 }
 
@@ -447,7 +454,7 @@ mod tests {
     #[test]
     fn backends_are_found_by_name_or_the_error_lists_the_names() {
         let cfg = config();
-        let r = |s: &str| find_backend(&cfg, &s.parse().unwrap());
+        let r = |s: &str| find_backend(&cfg, &s.parse().unwrap()).map_err(|e| e.to_string());
         assert_eq!(r("web/b"), Ok((0, 1)));
         assert_eq!(
             r("www/b"),

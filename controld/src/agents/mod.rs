@@ -57,6 +57,6 @@ pub mod rule;
 pub mod tracker;
 pub mod verify;
 
-pub use monitor::{AgentStatus, Monitor, Status, describe};
+pub use monitor::{AgentStatus, AgentsError, Monitor, Status, describe};
 pub use rule::{Steer, effective_weight};
 pub use verify::Counters;

@@ -41,6 +41,16 @@ pub struct Status {
     pub agents: Vec<AgentStatus>,
 }
 
+/// Why the agents' listener could not follow a configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentsError {
+    #[error("agents: listen {addr}: {error}")]
+    Listen {
+        addr: SocketAddrV4,
+        error: std::io::Error,
+    },
+}
+
 #[derive(Debug)]
 pub struct Monitor {
     shared: Arc<Mutex<Shared>>,
@@ -88,7 +98,7 @@ impl Monitor {
     /// the secret, the window and the backends' addresses, and the tracker
     /// its parameters. Without `[agents]` the listener stops and every
     /// backend has its configured weight.
-    pub fn configure(&mut self, cfg: &Config) -> Result<(), String> {
+    pub fn configure(&mut self, cfg: &Config) -> Result<(), AgentsError> {
         let Some(a) = &cfg.agents else {
             if let Some(l) = self.listener.take() {
                 log::info!("agents: no longer listening on {}", l.addr());
@@ -110,8 +120,12 @@ impl Monitor {
             return Ok(());
         };
         if self.listener.as_ref().map(Listener::addr) != Some(a.listen) {
-            let l = Listener::start(a.listen, Arc::clone(&self.shared))
-                .map_err(|e| format!("agents: listen {}: {e}", a.listen))?;
+            let l = Listener::start(a.listen, Arc::clone(&self.shared)).map_err(|error| {
+                AgentsError::Listen {
+                    addr: a.listen,
+                    error,
+                }
+            })?;
             log::info!("agents: listening for lb-agent reports on {}", a.listen);
             self.listener = Some(l);
         }
@@ -385,7 +399,11 @@ mod tests {
         let listen = taken.local_addr().unwrap().to_string();
         let mut m = Monitor::new();
         let e = m.configure(&config(&listen, "")).unwrap_err();
-        assert!(e.starts_with(&format!("agents: listen {listen}: ")), "{e}");
+        assert!(
+            e.to_string()
+                .starts_with(&format!("agents: listen {listen}: ")),
+            "{e}"
+        );
         assert!(!m.is_listening());
     }
 

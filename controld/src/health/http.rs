@@ -6,7 +6,7 @@ use std::io::{Read, Write};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use super::io_error;
+use super::{HttpFailure, ProbeError, io_error};
 
 /// Longest status line read.
 const MAX_STATUS_LINE: usize = 512;
@@ -18,14 +18,23 @@ pub fn check(
     host: &str,
     expect_status: u16,
     timeout: Duration,
-) -> Result<(), String> {
+) -> Result<(), ProbeError> {
     let deadline = Instant::now() + timeout;
-    let what = || format!("GET http://{addr}{path}");
-    let left = |stage: &str| {
+    let fail = |why: HttpFailure| ProbeError::Http {
+        addr,
+        path: path.to_string(),
+        why,
+    };
+    let left = |stage: &'static str| {
         deadline
             .checked_duration_since(Instant::now())
             .filter(|d| !d.is_zero())
-            .ok_or_else(|| format!("{}: no {stage} within {} ms", what(), timeout.as_millis()))
+            .ok_or_else(|| {
+                fail(HttpFailure::Deadline {
+                    stage,
+                    ms: timeout.as_millis(),
+                })
+            })
     };
     let mut s = super::tcp::connect(addr, timeout)?;
     let request = format!(
@@ -33,32 +42,30 @@ pub fn check(
     );
     s.set_write_timeout(Some(left("request sent")?))
         .and_then(|()| s.write_all(request.as_bytes()))
-        .map_err(|e| format!("{}: sending: {}", what(), io_error(&e, timeout)))?;
+        .map_err(|e| fail(HttpFailure::Send(io_error(&e, timeout))))?;
     let mut buf = [0u8; MAX_STATUS_LINE];
     let mut n = 0;
     while !buf[..n].contains(&b'\n') && n < buf.len() {
         s.set_read_timeout(Some(left("answer")?))
-            .map_err(|e| format!("{}: {e}", what()))?;
+            .map_err(|e| fail(HttpFailure::Socket(e.to_string())))?;
         match s.read(&mut buf[n..]) {
             Ok(0) => break,
             Ok(k) => n += k,
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(format!("{}: reading: {}", what(), io_error(&e, timeout))),
+            Err(e) => return Err(fail(HttpFailure::Read(io_error(&e, timeout)))),
         }
     }
     let line = buf[..n].split(|&b| b == b'\n').next().unwrap_or(&[]);
     match status(line) {
         Some(code) if code == expect_status => Ok(()),
-        Some(code) => Err(format!(
-            "{}: status {code}, expected {expect_status}",
-            what()
-        )),
-        None if n == 0 => Err(format!("{}: connection closed without an answer", what())),
-        None => Err(format!(
-            "{}: not an HTTP status line: {:?}",
-            what(),
-            String::from_utf8_lossy(&line[..line.len().min(64)])
-        )),
+        Some(code) => Err(fail(HttpFailure::Status {
+            code,
+            expect: expect_status,
+        })),
+        None if n == 0 => Err(fail(HttpFailure::Closed)),
+        None => Err(fail(HttpFailure::NotStatus(
+            String::from_utf8_lossy(&line[..line.len().min(64)]).into_owned(),
+        ))),
     }
 }
 
@@ -120,26 +127,28 @@ mod tests {
     fn fails_on_other_status_garbage_and_silence() {
         let (addr, h) = serve_once(b"HTTP/1.0 503 Service Unavailable\r\n\r\n");
         assert_eq!(
-            check(addr, "/", "h", 200, T).unwrap_err(),
+            check(addr, "/", "h", 200, T).unwrap_err().to_string(),
             format!("GET http://{addr}/: status 503, expected 200")
         );
         h.join().unwrap();
         let (addr, h) = serve_once(b"SSH-2.0-OpenSSH\r\n");
         assert_eq!(
-            check(addr, "/", "h", 200, T).unwrap_err(),
+            check(addr, "/", "h", 200, T).unwrap_err().to_string(),
             format!("GET http://{addr}/: not an HTTP status line: \"SSH-2.0-OpenSSH\\r\"")
         );
         h.join().unwrap();
         let (addr, h) = serve_once(b"");
         assert_eq!(
-            check(addr, "/", "h", 200, T).unwrap_err(),
+            check(addr, "/", "h", 200, T).unwrap_err().to_string(),
             format!("GET http://{addr}/: connection closed without an answer")
         );
         h.join().unwrap();
         // Accepted but never answered: the check ends at its timeout.
         let l = TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = l.local_addr().unwrap();
-        let e = check(addr, "/", "h", 200, Duration::from_millis(100)).unwrap_err();
+        let e = check(addr, "/", "h", 200, Duration::from_millis(100))
+            .unwrap_err()
+            .to_string();
         assert!(
             e.starts_with(&format!("GET http://{addr}/: ")) && e.contains("within 100 ms"),
             "{e}"

@@ -48,6 +48,7 @@ mod state;
 mod tcp;
 mod udp;
 
+use std::net::SocketAddr;
 use std::time::Duration;
 
 pub use monitor::{Change, MAX_WORKERS, Monitor, Target};
@@ -55,8 +56,62 @@ pub use state::{Health, State, Transition};
 
 use crate::config::Probe;
 
+/// Why an I/O step of a check failed.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum IoFailure {
+    #[error("no answer within {ms} ms")]
+    Timeout { ms: u128 },
+    /// The system's error, as it reads.
+    #[error("{0}")]
+    Os(String),
+}
+
+/// What went wrong in an HTTP check, after its connection was made.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum HttpFailure {
+    #[error("no {stage} within {ms} ms")]
+    Deadline { stage: &'static str, ms: u128 },
+    #[error("sending: {0}")]
+    Send(IoFailure),
+    #[error("{0}")]
+    Socket(String),
+    #[error("reading: {0}")]
+    Read(IoFailure),
+    #[error("status {code}, expected {expect}")]
+    Status { code: u16, expect: u16 },
+    #[error("connection closed without an answer")]
+    Closed,
+    /// The first line (at most 64 bytes) of what came back.
+    #[error("not an HTTP status line: {0:?}")]
+    NotStatus(String),
+}
+
+/// Why a backend failed one check; the message names the check's target.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum ProbeError {
+    #[error("connect to {addr}: {why}")]
+    Connect { addr: SocketAddr, why: IoFailure },
+    #[error("UDP {addr}: {why}")]
+    Udp { addr: SocketAddr, why: IoFailure },
+    #[error("UDP {addr}: port unreachable (ICMP)")]
+    UdpUnreachable { addr: SocketAddr },
+    /// `reply` (its first 64 bytes) and `expect` as text.
+    #[error("UDP {addr}: reply {reply:?} does not start with {expect:?}")]
+    UdpReply {
+        addr: SocketAddr,
+        reply: String,
+        expect: String,
+    },
+    #[error("GET http://{addr}{path}: {why}")]
+    Http {
+        addr: SocketAddr,
+        path: String,
+        why: HttpFailure,
+    },
+}
+
 /// Runs one check of `t` (blocking, at most about its timeout).
-pub fn probe(t: &Target) -> Result<(), String> {
+pub fn probe(t: &Target) -> Result<(), ProbeError> {
     let timeout = Duration::from_millis(u64::from(t.check.timeout_ms));
     match &t.check.probe {
         Probe::Tcp => tcp::check(t.addr, timeout),
@@ -74,11 +129,11 @@ pub fn probe(t: &Target) -> Result<(), String> {
 }
 
 /// An I/O error as a check failure: a timeout says how long it waited.
-fn io_error(e: &std::io::Error, timeout: Duration) -> String {
+fn io_error(e: &std::io::Error, timeout: Duration) -> IoFailure {
     match e.kind() {
-        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => {
-            format!("no answer within {} ms", timeout.as_millis())
-        }
-        _ => e.to_string(),
+        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => IoFailure::Timeout {
+            ms: timeout.as_millis(),
+        },
+        _ => IoFailure::Os(e.to_string()),
     }
 }

@@ -7,6 +7,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, mpsc};
 use std::time::{Duration, Instant};
 
+use super::ProbeError;
 use super::state::{Health, Transition};
 use crate::config::{Config, HealthCheck};
 use crate::ids::BackendIdentity;
@@ -36,7 +37,7 @@ pub struct Change {
     pub transition: Transition,
 }
 
-type ProbeFn = dyn Fn(&Target) -> Result<(), String> + Send + Sync;
+type ProbeFn = dyn Fn(&Target) -> Result<(), ProbeError> + Send + Sync;
 
 struct Job {
     ident: BackendIdentity,
@@ -47,7 +48,7 @@ struct Job {
 struct Outcome {
     ident: BackendIdentity,
     epoch: u64,
-    result: Result<(), String>,
+    result: Result<(), ProbeError>,
 }
 
 struct Entry {
@@ -102,7 +103,7 @@ impl Monitor {
 
     /// A monitor running `probe` on its threads (tests substitute one).
     pub fn with_probe(
-        probe: impl Fn(&Target) -> Result<(), String> + Send + Sync + 'static,
+        probe: impl Fn(&Target) -> Result<(), ProbeError> + Send + Sync + 'static,
     ) -> Self {
         let (jobs, job_rx) = mpsc::channel();
         let (results_tx, results) = mpsc::channel();
@@ -282,7 +283,7 @@ impl Monitor {
 impl Entry {
     /// Folds in one result and logs what an operator needs: every state
     /// change, and failures at most once per [`FAILURE_LOG_EVERY`].
-    fn record(&mut self, result: Result<(), String>, now: Instant) -> Option<Transition> {
+    fn record(&mut self, result: Result<(), ProbeError>, now: Instant) -> Option<Transition> {
         let t = &self.target;
         let who = format!(
             "service {:?} backend {:?} ({} check of {})",
@@ -402,7 +403,10 @@ mod tests {
             if g.0.pop_front().expect("script exhausted") {
                 Ok(())
             } else {
-                Err("scripted failure".into())
+                Err(ProbeError::Udp {
+                    addr: SocketAddr::from(([198, 19, 1, 1], 53)),
+                    why: crate::health::IoFailure::Os("scripted failure".into()),
+                })
             }
         });
         (m, script)

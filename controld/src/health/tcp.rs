@@ -3,17 +3,19 @@
 use std::net::{SocketAddr, TcpStream};
 use std::time::Duration;
 
-use super::io_error;
+use super::{ProbeError, io_error};
 
 /// Connects to `addr` within `timeout`, then closes.
-pub fn check(addr: SocketAddr, timeout: Duration) -> Result<(), String> {
+pub fn check(addr: SocketAddr, timeout: Duration) -> Result<(), ProbeError> {
     connect(addr, timeout).map(drop)
 }
 
 /// A connection to `addr` within `timeout`, or why not.
-pub(super) fn connect(addr: SocketAddr, timeout: Duration) -> Result<TcpStream, String> {
-    TcpStream::connect_timeout(&addr, timeout)
-        .map_err(|e| format!("connect to {addr}: {}", io_error(&e, timeout)))
+pub(super) fn connect(addr: SocketAddr, timeout: Duration) -> Result<TcpStream, ProbeError> {
+    TcpStream::connect_timeout(&addr, timeout).map_err(|e| ProbeError::Connect {
+        addr,
+        why: io_error(&e, timeout),
+    })
 }
 
 #[cfg(test)]
@@ -29,7 +31,7 @@ mod tests {
         drop(l);
         let e = check(addr, Duration::from_secs(5)).unwrap_err();
         assert_eq!(
-            e,
+            e.to_string(),
             format!("connect to {addr}: Connection refused (os error 111)")
         );
     }

@@ -7,7 +7,7 @@ use std::io::ErrorKind;
 use std::net::{SocketAddr, UdpSocket};
 use std::time::Duration;
 
-use super::io_error;
+use super::{ProbeError, io_error};
 
 /// Runs one check against `addr` within `timeout`.
 pub fn check(
@@ -16,9 +16,11 @@ pub fn check(
     expect: &[u8],
     require_reply: bool,
     timeout: Duration,
-) -> Result<(), String> {
-    let what = || format!("UDP {addr}");
-    let fail = |e: std::io::Error| format!("{}: {}", what(), io_error(&e, timeout));
+) -> Result<(), ProbeError> {
+    let fail = |e: std::io::Error| ProbeError::Udp {
+        addr,
+        why: io_error(&e, timeout),
+    };
     let s = UdpSocket::bind(("0.0.0.0", 0)).map_err(fail)?;
     s.connect(addr).map_err(fail)?;
     s.send(payload).map_err(fail)?;
@@ -27,12 +29,11 @@ pub fn check(
     let mut buf = [0u8; 2048];
     match s.recv(&mut buf) {
         Ok(n) if !require_reply || buf[..n].starts_with(expect) => Ok(()),
-        Ok(n) => Err(format!(
-            "{}: reply {:?} does not start with {:?}",
-            what(),
-            String::from_utf8_lossy(&buf[..n.min(64)]),
-            String::from_utf8_lossy(expect)
-        )),
+        Ok(n) => Err(ProbeError::UdpReply {
+            addr,
+            reply: String::from_utf8_lossy(&buf[..n.min(64)]).into_owned(),
+            expect: String::from_utf8_lossy(expect).into_owned(),
+        }),
         Err(e)
             if !require_reply
                 && matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) =>
@@ -40,7 +41,7 @@ pub fn check(
             Ok(())
         }
         Err(e) if e.kind() == ErrorKind::ConnectionRefused => {
-            Err(format!("{}: port unreachable (ICMP)", what()))
+            Err(ProbeError::UdpUnreachable { addr })
         }
         Err(e) => Err(fail(e)),
     }
@@ -73,7 +74,9 @@ mod tests {
         let (addr, h) = echo("backend1", 2);
         check(addr, b"ping", b"backend1 ping", true, T).unwrap();
         assert_eq!(
-            check(addr, b"ping", b"backend2", true, T).unwrap_err(),
+            check(addr, b"ping", b"backend2", true, T)
+                .unwrap_err()
+                .to_string(),
             format!("UDP {addr}: reply \"backend1 ping\" does not start with \"backend2\"")
         );
         h.join().unwrap();
@@ -84,7 +87,9 @@ mod tests {
         let s = UdpSocket::bind("127.0.0.1:0").unwrap();
         let addr = s.local_addr().unwrap();
         // Bound but silent.
-        let e = check(addr, b"x", b"", true, Duration::from_millis(100)).unwrap_err();
+        let e = check(addr, b"x", b"", true, Duration::from_millis(100))
+            .unwrap_err()
+            .to_string();
         assert!(
             e.starts_with(&format!("UDP {addr}: ")) && e.contains("within 100 ms"),
             "{e}"
@@ -94,7 +99,7 @@ mod tests {
         // Closed: the kernel answers with ICMP port unreachable.
         for require in [true, false] {
             assert_eq!(
-                check(addr, b"x", b"", require, T).unwrap_err(),
+                check(addr, b"x", b"", require, T).unwrap_err().to_string(),
                 format!("UDP {addr}: port unreachable (ICMP)")
             );
         }
