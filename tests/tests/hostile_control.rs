@@ -7,7 +7,8 @@ use std::io::Read;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use switchyard_tests::{bin, unique};
+use switchyard_tests::{Appliance, Cfg, bin, render, unique};
+use tools::appliance::dir_for;
 
 /// What a bounded run of a process gave: its exit code (None when killed
 /// by a signal or by the timeout), whether the timeout killed it, its output.
@@ -20,9 +21,24 @@ struct Outcome {
     stderr: String,
 }
 
-/// Runs `cmd` for at most `limit`, killing it past that.
+/// Runs `cmd` for at most `limit`, killing it past that. Its address space
+/// is limited to 1 GiB, so a program that reads a file without bound fails
+/// fast instead of taking the machine's memory.
 fn run_bounded(cmd: &mut Command, limit: Duration) -> Outcome {
-    use std::os::unix::process::ExitStatusExt;
+    use std::os::unix::process::{CommandExt, ExitStatusExt};
+    // SAFETY: setrlimit is async-signal-safe; the closure allocates nothing.
+    unsafe {
+        cmd.pre_exec(|| {
+            let lim = libc::rlimit {
+                rlim_cur: 1 << 30,
+                rlim_max: 1 << 30,
+            };
+            if libc::setrlimit(libc::RLIMIT_AS, &lim) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        })
+    };
     let mut child = cmd
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -129,4 +145,190 @@ fn shmdump_names_a_corrupted_backend_count_instead_of_aborting() {
             "{out:?}"
         );
     }
+}
+
+/// A temporary directory, removed on drop.
+struct TempDir(std::path::PathBuf);
+impl TempDir {
+    fn new(tag: &str) -> Self {
+        let d = std::env::temp_dir().join(unique(tag));
+        std::fs::create_dir_all(&d).unwrap();
+        Self(d)
+    }
+}
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn mkfifo(path: &std::path::Path) {
+    let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).unwrap();
+    // SAFETY: a valid NUL-terminated path.
+    assert_eq!(
+        unsafe { libc::mkfifo(c.as_ptr(), 0o600) },
+        0,
+        "mkfifo {path:?}"
+    );
+}
+
+fn check(config: &std::path::Path) -> Outcome {
+    run_bounded(
+        Command::new(bin("controld"))
+            .arg("--config")
+            .arg(config)
+            .arg("--check"),
+        Duration::from_secs(20),
+    )
+}
+
+/// A configuration or secret file that is a FIFO or a device is refused at
+/// once, naming the path and what it is (a FIFO blocked the read forever,
+/// /dev/zero was read without bound).
+#[test]
+fn check_refuses_config_and_secret_files_that_are_not_regular_files() {
+    let dir = TempDir::new("fifo");
+    let fifo = dir.0.join("fifo.toml");
+    mkfifo(&fifo);
+
+    let out = check(&fifo);
+    assert!(!out.timed_out, "{out:?}");
+    assert_eq!(out.code, Some(1), "{out:?}");
+    assert!(
+        out.stderr.contains(&format!(
+            "{}: is a FIFO, not a regular file",
+            fifo.display()
+        )),
+        "{out:?}"
+    );
+
+    let out = check(std::path::Path::new("/dev/zero"));
+    assert!(!out.timed_out, "{out:?}");
+    assert_eq!(out.code, Some(1), "{out:?}");
+    assert!(
+        out.stderr
+            .contains("/dev/zero: is a character device, not a regular file"),
+        "{out:?}"
+    );
+
+    let inst = unique("secret");
+    let base = render(&inst, &Cfg::default());
+    for (secret, found) in [
+        (fifo.display().to_string(), "a FIFO"),
+        ("/dev/zero".to_string(), "a character device"),
+    ] {
+        let path = dir.0.join("c.toml");
+        std::fs::write(
+            &path,
+            format!("{base}\n[agents]\nlisten = \"127.0.0.1:7007\"\nsecret_file = \"{secret}\"\n"),
+        )
+        .unwrap();
+        let out = check(&path);
+        assert!(!out.timed_out, "{out:?}");
+        assert_eq!(out.code, Some(1), "{out:?}");
+        assert!(
+            out.stderr.contains(&format!(
+                "agents: secret_file \"{secret}\": is {found}, not a regular file"
+            )),
+            "{out:?}"
+        );
+    }
+}
+
+/// A config file replaced by a FIFO: the reload is refused at once and
+/// controld keeps serving (it blocked in open(2), so the admin socket and
+/// the GC stopped).
+#[test]
+fn reload_from_a_fifo_is_refused_and_controld_keeps_answering() {
+    let inst = unique("rlfifo");
+    let sock = dir_for(&inst).join("admin.sock");
+    let cfg =
+        render(&inst, &Cfg::default()) + &format!("\n[admin]\nsocket = \"{}\"\n", sock.display());
+    let app = Appliance::start(&inst, &cfg);
+    std::fs::remove_file(&app.config_path).unwrap();
+    mkfifo(&app.config_path);
+    app.signal(libc::SIGHUP);
+    let want = format!(
+        "{}: is a FIFO, not a regular file",
+        app.config_path.display()
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !app.log().contains(&want) {
+        assert!(
+            Instant::now() < deadline,
+            "no refusal logged:\n{}",
+            app.log()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let out = run_bounded(
+        Command::new(bin("lbctl"))
+            .arg("--socket")
+            .arg(&sock)
+            .args(["--timeout", "10", "show"]),
+        Duration::from_secs(20),
+    );
+    assert_eq!(out.code, Some(0), "{out:?}");
+    assert!(out.stdout.contains("web1"), "{out:?}");
+    // lbctl reload reads the same path: refused with the same words.
+    let out = run_bounded(
+        Command::new(bin("lbctl"))
+            .arg("--socket")
+            .arg(&sock)
+            .args(["--timeout", "10", "reload"]),
+        Duration::from_secs(20),
+    );
+    assert_eq!(out.code, Some(1), "{out:?}");
+    assert!(
+        out.stderr.contains(&want) || out.stdout.contains(&want),
+        "{out:?}"
+    );
+}
+
+/// Removes every /dev/shm object of an instance on drop.
+struct RmInstance(String);
+impl Drop for RmInstance {
+    fn drop(&mut self) {
+        let prefix = format!("switchyard.{}", self.0);
+        if let Ok(rd) = std::fs::read_dir("/dev/shm") {
+            for e in rd.flatten() {
+                let n = e.file_name().to_string_lossy().into_owned();
+                if n == prefix || n.starts_with(&format!("{prefix}.")) {
+                    let _ = std::fs::remove_file(e.path());
+                }
+            }
+        }
+        let _ = std::fs::remove_dir_all(dir_for(&self.0));
+    }
+}
+
+/// A FIFO planted at the region's path: controld refuses to start and
+/// shmdump refuses to read, both at once and naming it (both hung in open).
+#[test]
+fn fifo_at_the_region_path_is_refused_by_controld_and_shmdump() {
+    let inst = unique("shmfifo");
+    let _rm = RmInstance(inst.clone());
+    let region = std::path::PathBuf::from(format!("/dev/shm/switchyard.{inst}"));
+    mkfifo(&region);
+    let want = format!("switchyard.{inst}: is a FIFO, not a regular file");
+
+    let out = run_bounded(
+        Command::new(bin("shmdump")).args(["--instance", &inst]),
+        Duration::from_secs(20),
+    );
+    assert!(!out.timed_out, "{out:?}");
+    assert_eq!(out.code, Some(2), "{out:?}");
+    assert!(out.stderr.contains(&want), "{out:?}");
+
+    let dir = TempDir::new("shmfifo-cfg");
+    let path = dir.0.join("c.toml");
+    std::fs::write(&path, render(&inst, &Cfg::default())).unwrap();
+    let out = run_bounded(
+        Command::new(bin("controld")).arg("--config").arg(&path),
+        Duration::from_secs(20),
+    );
+    assert!(!out.timed_out, "{out:?}");
+    assert_eq!(out.code, Some(1), "{out:?}");
+    assert!(out.stderr.contains(&want), "{out:?}");
+    assert!(region.exists(), "controld removed what it did not create");
 }
