@@ -164,12 +164,9 @@ impl Drop for TempDir {
 
 fn mkfifo(path: &std::path::Path) {
     let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).unwrap();
-    // SAFETY: a valid NUL-terminated path.
-    assert_eq!(
-        unsafe { libc::mkfifo(c.as_ptr(), 0o600) },
-        0,
-        "mkfifo {path:?}"
-    );
+    // SAFETY: a valid NUL-terminated path that outlives the call.
+    let rc = unsafe { libc::mkfifo(c.as_ptr(), 0o600) };
+    assert_eq!(rc, 0, "mkfifo {path:?}");
 }
 
 fn check(config: &std::path::Path) -> Outcome {
@@ -331,4 +328,50 @@ fn fifo_at_the_region_path_is_refused_by_controld_and_shmdump() {
     assert_eq!(out.code, Some(1), "{out:?}");
     assert!(out.stderr.contains(&want), "{out:?}");
     assert!(region.exists(), "controld removed what it did not create");
+}
+
+/// 40 idle admin clients and 32 that drip a request byte by byte held
+/// every one of the 32 client slots (the idle timeout was per read), so
+/// lbctl was turned away ("too many admin clients") for as long as they
+/// liked. A new client now takes the slot of the longest-idle one; and a
+/// request with a repeated key is refused, not run as its last value.
+#[test]
+fn idle_and_dripping_admin_clients_do_not_lock_lbctl_out() {
+    use std::io::{BufRead, BufReader, Write};
+    use std::os::unix::net::UnixStream;
+    let inst = unique("lockout");
+    let sock = dir_for(&inst).join("admin.sock");
+    let cfg =
+        render(&inst, &Cfg::default()) + &format!("\n[admin]\nsocket = \"{}\"\n", sock.display());
+    let _app = Appliance::start(&inst, &cfg);
+    let mut held = Vec::new();
+    for _ in 0..40 {
+        held.push(UnixStream::connect(&sock).unwrap());
+    }
+    for _ in 0..32 {
+        let mut s = UnixStream::connect(&sock).unwrap();
+        let _ = s.write_all(b"{");
+        held.push(s);
+    }
+    let out = run_bounded(
+        Command::new(bin("lbctl"))
+            .arg("--socket")
+            .arg(&sock)
+            .args(["--timeout", "30", "show"]),
+        Duration::from_secs(60),
+    );
+    assert_eq!(out.code, Some(0), "{out:?}");
+    assert!(out.stdout.contains("web1"), "{out:?}");
+
+    let mut c = UnixStream::connect(&sock).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    c.write_all(b"{\"cmd\":\"show\",\"cmd\":\"reload\"}\n")
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(&c).read_line(&mut line).unwrap();
+    assert_eq!(
+        line,
+        "{\"error\":\"request has the key \\\"cmd\\\" more than once; give each key once\",\"ok\":false}\n"
+    );
+    drop(held);
 }
