@@ -16,7 +16,7 @@ use crate::conntrack::{
 };
 use crate::header::{REGION_INIT, REGION_READY, REGION_STOPPING};
 use crate::routing_slot::RoutingView;
-use crate::switch_slot::{SW_EMPTY, SW_RUNNING, SW_STARTING, SW_STOPPED};
+use crate::switch_slot::{SW_EMPTY, SW_FAILED, SW_RUNNING, SW_STARTING, SW_STOPPED};
 
 /// `"tcp"`, `"udp"` or `"?"`.
 pub fn proto_name(p: u8) -> &'static str {
@@ -66,6 +66,7 @@ pub fn switch_state_name(s: u32) -> &'static str {
         SW_STARTING => "starting",
         SW_RUNNING => "running",
         SW_STOPPED => "stopped",
+        SW_FAILED => "failed",
         _ => "?",
     }
 }
