@@ -504,3 +504,40 @@ fn a_switchd_that_cannot_be_executed_is_named() {
     assert!(log.contains(&want), "{log}");
     assert_eq!(log.matches("Permission denied").count(), 1, "{log}");
 }
+
+/// The metrics port is taken: controld exits, saying so once, and removes
+/// the admin socket it had bound (it was left behind, and the error text
+/// came twice).
+#[test]
+fn a_taken_metrics_port_leaves_no_admin_socket_and_one_error() {
+    let inst = unique("metricsport");
+    let _rm = RmInstance(inst.clone());
+    let dir = TempDir::new("metricsport");
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap();
+    let sock = dir.0.join("admin.sock");
+    let path = dir.0.join("c.toml");
+    std::fs::write(
+        &path,
+        render(&inst, &Cfg::default())
+            + &format!(
+                "\n[admin]\nsocket = \"{}\"\nmetrics = \"{addr}\"\n",
+                sock.display()
+            ),
+    )
+    .unwrap();
+    let out = run_bounded(
+        Command::new(bin("controld")).arg("--config").arg(&path),
+        Duration::from_secs(30),
+    );
+    assert_eq!(out.code, Some(1), "{out:?}");
+    let want = format!("[admin] metrics {addr}: cannot listen: ");
+    assert_eq!(out.stderr.matches(&want).count(), 1, "{out:?}");
+    assert_eq!(
+        out.stderr.matches("Address already in use").count(),
+        1,
+        "{out:?}"
+    );
+    assert!(!sock.exists(), "admin socket left behind: {out:?}");
+    drop(taken);
+}

@@ -62,14 +62,16 @@ const HTTP_TIMEOUT: Duration = Duration::from_secs(5);
 /// Longest HTTP request head read.
 const MAX_HTTP_HEAD: usize = 8192;
 
+/// The I/O errors are part of each message and deliberately not a
+/// `source` (thiserror takes a field named `source` as one): a chain
+/// printer (anyhow's `{:#}`, as controld's main uses) would say them twice.
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
-    #[error("admin socket {}: {what}: {source}", path.display())]
+    #[error("admin socket {}: {what}: {error}", path.display())]
     Io {
         path: PathBuf,
         what: &'static str,
-        #[source]
-        source: std::io::Error,
+        error: std::io::Error,
     },
     #[error(
         "admin socket {}: another process is serving it (another controld with the same [admin] socket?)",
@@ -83,11 +85,10 @@ pub enum ServerError {
         path.display()
     )]
     ForeignDir { path: PathBuf, uid: u32 },
-    #[error("[admin] metrics {addr}: cannot listen: {source}")]
+    #[error("[admin] metrics {addr}: cannot listen: {error}")]
     Metrics {
         addr: SocketAddr,
-        #[source]
-        source: std::io::Error,
+        error: std::io::Error,
     },
 }
 
@@ -95,10 +96,27 @@ pub enum ServerError {
 #[derive(Debug)]
 pub struct Server {
     jobs: Receiver<Job>,
-    socket: PathBuf,
+    socket: SocketFile,
+    metrics: Option<SocketAddr>,
+}
+
+/// The socket file we bound; removed on drop if it is still ours, so a
+/// start that fails after binding (the metrics port taken) leaves none.
+#[derive(Debug)]
+struct SocketFile {
+    path: PathBuf,
     /// Device and inode of the socket we bound, so we never remove a successor's.
     ident: (u64, u64),
-    metrics: Option<SocketAddr>,
+}
+
+impl Drop for SocketFile {
+    fn drop(&mut self) {
+        if let Ok(m) = std::fs::symlink_metadata(&self.path)
+            && (m.dev(), m.ino()) == self.ident
+        {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
 }
 
 impl Server {
@@ -115,10 +133,14 @@ impl Server {
         limits: Limits,
     ) -> Result<Server, ServerError> {
         let (listener, ident) = bind_socket(socket)?;
+        let file = SocketFile {
+            path: socket.to_path_buf(),
+            ident,
+        };
         let http = match metrics {
             None => None,
             Some(addr) => Some(
-                TcpListener::bind(addr).map_err(|source| ServerError::Metrics { addr, source })?,
+                TcpListener::bind(addr).map_err(|error| ServerError::Metrics { addr, error })?,
             ),
         };
         let (tx, rx) = mpsc::channel();
@@ -128,31 +150,30 @@ impl Server {
             std::thread::Builder::new()
                 .name("admin-socket".into())
                 .spawn(move || accept_unix(listener, tx, limits))
-                .map_err(|source| ServerError::Io {
+                .map_err(|error| ServerError::Io {
                     path: socket.to_path_buf(),
                     what: "cannot start its thread",
-                    source,
+                    error,
                 })?;
         }
         if let Some(l) = http {
             std::thread::Builder::new()
                 .name("admin-metrics".into())
                 .spawn(move || accept_http(l, tx))
-                .map_err(|source| ServerError::Metrics {
+                .map_err(|error| ServerError::Metrics {
                     addr: metrics.expect("bound"),
-                    source,
+                    error,
                 })?;
         }
         Ok(Server {
             jobs: rx,
-            socket: socket.to_path_buf(),
-            ident,
+            socket: file,
             metrics,
         })
     }
 
     pub fn socket_path(&self) -> &Path {
-        &self.socket
+        &self.socket.path
     }
 
     /// The address the metrics listener is bound to.
@@ -176,24 +197,14 @@ impl Server {
     }
 }
 
-impl Drop for Server {
-    fn drop(&mut self) {
-        if let Ok(m) = std::fs::symlink_metadata(&self.socket)
-            && (m.dev(), m.ino()) == self.ident
-        {
-            let _ = std::fs::remove_file(&self.socket);
-        }
-    }
-}
-
 fn io_err<'a>(
     path: &'a Path,
     what: &'static str,
 ) -> impl FnOnce(std::io::Error) -> ServerError + 'a {
-    move |source| ServerError::Io {
+    move |error| ServerError::Io {
         path: path.to_path_buf(),
         what,
-        source,
+        error,
     }
 }
 
