@@ -1799,3 +1799,18 @@ fn afpacket_example_parses_with_every_mode_and_feature() {
     assert!(c.agents.is_some());
     assert!(c.admin.metrics.is_some());
 }
+
+/// Two ports on one interface would each see every frame of it; an
+/// AF_PACKET port on a loopback interface has no MAC (00:00:00:00:00:00)
+/// and no wire. Both were accepted.
+#[test]
+fn afpacket_ports_need_distinct_interfaces_that_are_not_loopback() {
+    assert_eq!(
+        err(&afpacket_base().replace("interface = \"l1\"", "interface = \"l0\"")),
+        "port \"backend\": interface \"l0\" is already used by port \"client\" (one port per interface)"
+    );
+    assert_eq!(
+        err(&afpacket_base().replace("interface = \"l0\"", "interface = \"lo\"")),
+        "port \"client\": interface \"lo\" is the loopback interface: it has no MAC and no wire (use a real or veth interface, or driver \"vnic\")"
+    );
+}

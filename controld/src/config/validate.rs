@@ -56,6 +56,15 @@ pub(super) fn validate(raw: RawConfig) -> R<Config> {
                 q.name
             ));
         }
+        // Two ports on one interface would each take every frame of it.
+        if let Some(i) = &port.interface
+            && let Some(q) = ports.iter().find(|q| q.interface.as_ref() == Some(i))
+        {
+            return Err(format!(
+                "port {:?}: interface {i:?} is already used by port {:?} (one port per interface)",
+                port.name, q.name
+            ));
+        }
         ports.push(port);
     }
 
@@ -374,6 +383,11 @@ fn port(raw: &RawPort) -> R<Port> {
             if i.is_empty() || i.len() > 15 || i.contains('/') || i.contains(char::is_whitespace) {
                 return Err(format!(
                     "{ctx}interface {i:?} is not an interface name (1 to 15 characters, no '/' or spaces)"
+                ));
+            }
+            if i == "lo" {
+                return Err(format!(
+                    "{ctx}interface \"lo\" is the loopback interface: it has no MAC and no wire (use a real or veth interface, or driver \"vnic\")"
                 ));
             }
             Some(i.clone())
