@@ -134,6 +134,16 @@ pub(super) fn validate(raw: RawConfig) -> R<Config> {
             s.vip, s.name
         ));
     }
+    if let Some(src) = tunnel.source {
+        for s in &services {
+            if let Some(b) = s.backends.iter().find(|b| b.address == src) {
+                return Err(format!(
+                    "tunnel: source {src} is the address of backend {:?} of service {:?} (use an address of the appliance)",
+                    b.name, s.name
+                ));
+            }
+        }
+    }
     let total: usize = services.iter().map(|s| s.backends.len()).sum();
     if total > limits.backends as usize {
         return Err(format!(
@@ -191,6 +201,12 @@ pub(super) fn validate(raw: RawConfig) -> R<Config> {
         let neigh = neighbour(n, &ports)?;
         if neighbours.iter().any(|m| m.address == neigh.address) {
             return Err(format!("neighbour {:?} is defined twice", n.address));
+        }
+        if let Some(owner) = vips.get(&neigh.address) {
+            return Err(format!(
+                "neighbour {:?} is the VIP of service {owner:?} (switchd answers ARP for VIPs; a neighbour entry would send the VIP's traffic away)",
+                n.address
+            ));
         }
         neighbours.push(neigh);
     }
