@@ -96,6 +96,8 @@ pub enum RequestError {
     NotObject(String),
     #[error("cmd {0} is not a string (one of: {commands})", commands = COMMANDS.join(", "))]
     CmdNotString(String),
+    #[error("request has the key {0:?} more than once; give each key once")]
+    RepeatedKey(String),
     #[error("request has no \"cmd\" (one of: {commands})", commands = COMMANDS.join(", "))]
     NoCmd,
     #[error("unknown command {0:?} (one of: {commands})", commands = COMMANDS.join(", "))]
@@ -226,6 +228,11 @@ impl Request {
         let Value::Object(obj) = v else {
             return Err(RequestError::NotObject(short(&v)));
         };
+        // A JSON object may repeat a key and serde_json keeps the last: the
+        // line is read again for that alone (it is JSON, so this succeeds).
+        if let Ok(RepeatedKey(Some(k))) = serde_json::from_str::<RepeatedKey>(line) {
+            return Err(RequestError::RepeatedKey(k));
+        }
         let cmd = match obj.get("cmd") {
             Some(Value::String(c)) => c.as_str(),
             Some(other) => return Err(RequestError::CmdNotString(short(other))),
@@ -347,6 +354,39 @@ impl Request {
 }
 
 /// A value as it appears in an error message (cut if long).
+/// The first key a JSON object repeats (`None`: every key once).
+struct RepeatedKey(Option<String>);
+
+impl<'de> Deserialize<'de> for RepeatedKey {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = RepeatedKey;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<RepeatedKey, A::Error> {
+                let mut seen: Vec<String> = Vec::new();
+                let mut repeated = None;
+                // Every entry is consumed (the deserializer wants the whole map).
+                while let Some(k) = m.next_key::<String>()? {
+                    m.next_value::<serde::de::IgnoredAny>()?;
+                    if repeated.is_none() && seen.contains(&k) {
+                        repeated = Some(k);
+                    } else {
+                        seen.push(k);
+                    }
+                }
+                Ok(RepeatedKey(repeated))
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
 fn short(v: &Value) -> String {
     let s = v.to_string();
     if s.len() > 40 {
@@ -645,6 +685,20 @@ mod tests {
         assert_eq!(
             Request::parse(r#"{"cmd":"weight","backend":"a/b","weight":7}"#),
             Ok(Request::Weight(b("a/b"), Some(7)))
+        );
+    }
+
+    /// JSON leaves a repeated key to the reader (serde_json keeps the last):
+    /// `{"cmd":"show","cmd":"reload"}` ran a reload. Refused instead.
+    #[test]
+    fn a_repeated_key_is_refused_by_name() {
+        assert_eq!(
+            Request::parse(r#"{"cmd":"show","cmd":"reload"}"#),
+            Err("request has the key \"cmd\" more than once; give each key once".to_string())
+        );
+        assert_eq!(
+            Request::parse(r#"{"cmd":"weight","backend":"a/b","weight":1,"weight":2}"#),
+            Err("request has the key \"weight\" more than once; give each key once".to_string())
         );
     }
 

@@ -12,7 +12,7 @@ use shm_layout::Region;
 
 use crate::procs::Pidfd;
 use crate::takeover::AdoptedSwitch;
-use shm_layout::switch_slot::{SW_RUNNING, SW_STARTING, SW_STOPPED};
+use shm_layout::switch_slot::{SW_FAILED, SW_RUNNING, SW_STARTING, SW_STOPPED};
 use shm_layout::time::mono_ns;
 
 /// How one switch is started.
@@ -97,21 +97,36 @@ impl Handle {
     }
 }
 
+/// A switch that could not be started: the program, and why.
+#[derive(Debug, thiserror::Error)]
+#[error("switch {index} ({name}): cannot start {}: {error}", path.display())]
+pub struct StartError {
+    pub index: usize,
+    pub name: String,
+    pub path: PathBuf,
+    // In the message already: not a source (thiserror takes a field named
+    // `source` as one), or a chain printer (anyhow's `{:#}`) says it twice.
+    pub error: std::io::Error,
+}
+
 #[derive(Debug)]
 struct Proc {
     spec: SwitchSpec,
     handle: Option<Handle>,
     starts: StartHistory,
     not_before: Option<Instant>,
+    /// Restarted `RESTART_LIMIT` times within `RESTART_WINDOW` and down
+    /// again: not started any more.
+    failed: bool,
 }
 
 /// When one switch was started: says whether a start is a restart, and
-/// whether it crashes too often to be started at once.
+/// whether it was restarted too often to be restarted again.
 #[derive(Debug, Default)]
 pub struct StartHistory {
     /// Whether it was ever started (by this controld or the one before).
     started: bool,
-    /// Starts within the crash window.
+    /// Restarts (and attempts that could not start it) within the window.
     recent: Vec<Instant>,
 }
 
@@ -128,24 +143,35 @@ impl StartHistory {
     pub fn record(&mut self, now: Instant) -> bool {
         let restart = self.started;
         self.started = true;
-        self.recent.push(now);
+        if restart {
+            self.recent.push(now);
+        }
         restart
     }
 
-    /// Whether the next start must wait (`CRASH_BURST` starts in `CRASH_WINDOW`).
-    pub fn crashing(&mut self, now: Instant) -> bool {
+    /// Records an attempt that could not start the process (it counts
+    /// against the limit like a restart).
+    pub fn record_failure(&mut self, now: Instant) {
+        self.recent.push(now);
+    }
+
+    /// Whether the switch, down again, may not be restarted: it was
+    /// restarted `RESTART_LIMIT` times within `RESTART_WINDOW` already.
+    pub fn exhausted(&mut self, now: Instant) -> bool {
         self.recent
-            .retain(|t| now.duration_since(*t) < CRASH_WINDOW);
-        self.recent.len() >= CRASH_BURST
+            .retain(|t| now.duration_since(*t) < RESTART_WINDOW);
+        self.recent.len() >= RESTART_LIMIT
     }
 }
 
 /// A switch heartbeat older than this gets the switch killed and restarted.
 pub const STALL_LIMIT: Duration = Duration::from_secs(3);
-/// More than this many starts within `CRASH_WINDOW` delays the next start.
-const CRASH_BURST: usize = 5;
-const CRASH_WINDOW: Duration = Duration::from_secs(10);
-const CRASH_BACKOFF: Duration = Duration::from_secs(1);
+/// A switch is restarted at most this many times within `RESTART_WINDOW`;
+/// down once more, it is marked failed and left alone.
+pub const RESTART_LIMIT: usize = 5;
+pub const RESTART_WINDOW: Duration = Duration::from_secs(10);
+/// The wait before another attempt after a start that failed (fork/exec).
+const START_RETRY: Duration = Duration::from_secs(1);
 
 #[derive(Debug)]
 pub struct Supervisor {
@@ -166,6 +192,7 @@ impl Supervisor {
                     handle: None,
                     starts: StartHistory::default(),
                     not_before: None,
+                    failed: false,
                 })
                 .collect(),
         }
@@ -234,7 +261,7 @@ impl Supervisor {
         kept
     }
 
-    fn start(&mut self, i: usize, region: &Region) -> std::io::Result<()> {
+    fn start(&mut self, i: usize, region: &Region) -> Result<(), StartError> {
         let args = self.args(&self.procs[i].spec);
         let p = &mut self.procs[i];
         let s = &p.spec;
@@ -246,7 +273,18 @@ impl Supervisor {
         slot.cpu.store(s.cpu as u32, Ordering::Relaxed);
         slot.heartbeat_ns.store(mono_ns(), Ordering::Relaxed);
         slot.state.store(SW_STARTING, Ordering::SeqCst);
-        let child = Command::new(&self.switchd).args(&args).spawn()?;
+        let child = match Command::new(&self.switchd).args(&args).spawn() {
+            Ok(c) => c,
+            Err(error) => {
+                slot.state.store(SW_STOPPED, Ordering::SeqCst);
+                return Err(StartError {
+                    index: s.index,
+                    name: s.name.clone(),
+                    path: self.switchd.clone(),
+                    error,
+                });
+            }
+        };
         // The start time is fixed at fork: read now, it names this child
         // (not yet reaped, so its pid is not reused).
         slot.proc_start.store(
@@ -270,7 +308,7 @@ impl Supervisor {
 
     /// Starts every switch that is not running (all of them, unless some
     /// were adopted).
-    pub fn start_all(&mut self, region: &Region) -> std::io::Result<()> {
+    pub fn start_all(&mut self, region: &Region) -> Result<(), StartError> {
         for i in 0..self.procs.len() {
             if self.procs[i].handle.is_none() {
                 self.start(i, region)?;
@@ -310,10 +348,7 @@ impl Supervisor {
             if let Some(h) = self.procs[i].handle.as_mut() {
                 match h.exited() {
                     Ok(Some(status)) => {
-                        log::warn!(
-                            "switch {idx} (pid {}) exited: {status}; restarting",
-                            h.pid()
-                        );
+                        log::warn!("switch {idx} (pid {}) exited: {status}", h.pid());
                         slot.state.store(SW_STOPPED, Ordering::SeqCst);
                         self.procs[i].handle = None;
                     }
@@ -335,21 +370,25 @@ impl Supervisor {
                 }
             }
             let p = &mut self.procs[i];
-            if p.handle.is_none() {
+            if p.handle.is_none() && !p.failed {
                 if p.not_before.is_some_and(|t| now < t) {
                     continue;
                 }
-                if p.starts.crashing(now) && p.not_before.is_none() {
+                p.not_before = None;
+                if p.starts.exhausted(now) {
+                    p.failed = true;
+                    slot.state.store(SW_FAILED, Ordering::SeqCst);
                     log::error!(
-                        "switch {idx} crashed {CRASH_BURST} times in {CRASH_WINDOW:?}: next start in {CRASH_BACKOFF:?}"
+                        "switch {idx} ({}) failed: restarted {RESTART_LIMIT} times within {RESTART_WINDOW:?} and exited again; not restarting it (fix the cause, then restart controld: the region and its connections are adopted)",
+                        p.spec.name
                     );
-                    p.not_before = Some(now + CRASH_BACKOFF);
                     continue;
                 }
-                p.not_before = None;
                 if let Err(e) = self.start(i, region) {
-                    log::error!("switch {idx}: cannot start {}: {e}", self.switchd.display());
-                    self.procs[i].not_before = Some(now + CRASH_BACKOFF);
+                    log::error!("{e}");
+                    let p = &mut self.procs[i];
+                    p.starts.record_failure(now);
+                    p.not_before = Some(now + START_RETRY);
                 }
             }
         }
@@ -399,8 +438,8 @@ mod tests {
         let t0 = Instant::now();
         let mut h = StartHistory::default();
         assert!(!h.record(t0), "the first start is no restart");
-        let later = t0 + CRASH_WINDOW * 3;
-        assert!(!h.crashing(later));
+        let later = t0 + RESTART_WINDOW * 3;
+        assert!(!h.exhausted(later));
         assert!(h.record(later), "a start after a long run is a restart");
         assert!(
             StartHistory::adopted().record(t0),
@@ -409,14 +448,30 @@ mod tests {
     }
 
     #[test]
-    fn starts_crowded_into_the_window_hold_the_next_one_back() {
+    fn the_limit_is_five_restarts_within_the_window() {
         let t0 = Instant::now();
+        let ms = |k: u64| t0 + Duration::from_millis(k);
         let mut h = StartHistory::default();
-        for k in 0..CRASH_BURST as u32 {
-            assert!(!h.crashing(t0 + Duration::from_millis(k as u64)));
-            h.record(t0 + Duration::from_millis(k as u64));
+        assert!(!h.record(ms(0)), "the first start is no restart");
+        for k in 1..=RESTART_LIMIT as u64 {
+            assert!(!h.exhausted(ms(k)));
+            assert!(h.record(ms(k)));
         }
-        assert!(h.crashing(t0 + Duration::from_secs(1)));
-        assert!(!h.crashing(t0 + CRASH_WINDOW + Duration::from_secs(1)));
+        assert!(h.exhausted(ms(10)));
+        // Restarts spread wider than the window never exhaust it.
+        let mut h = StartHistory::default();
+        h.record(t0);
+        for k in 1..=20u32 {
+            let t = t0 + RESTART_WINDOW / 4 * k;
+            assert!(!h.exhausted(t), "restart {k}");
+            h.record(t);
+        }
+        // Attempts that could not start it count too.
+        let mut h = StartHistory::default();
+        for k in 0..RESTART_LIMIT as u64 {
+            assert!(!h.exhausted(ms(k)));
+            h.record_failure(ms(k));
+        }
+        assert!(h.exhausted(ms(10)));
     }
 }

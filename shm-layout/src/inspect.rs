@@ -7,15 +7,16 @@
 
 use crate::Region;
 use crate::config_slot::{
-    MODE_DR, MODE_NAT, MODE_TUNNEL, PROTO_TCP, PROTO_UDP, SCHED_MAGLEV, SCHED_SH, SCHED_WLC,
-    SCHED_WRR,
+    ConfigView, MAX_PORTS, MODE_DR, MODE_NAT, MODE_TUNNEL, PROTO_TCP, PROTO_UDP, SCHED_MAGLEV,
+    SCHED_SH, SCHED_WLC, SCHED_WRR,
 };
 use crate::conntrack::{
     CONN_MIDFLOW, Conn, KIND_FWD, KIND_REPLY, KIND_TOMB, STATE_ACTIVE, STATE_CLOSING,
     STATE_ESTABLISHED, STATE_PROVISIONAL, STATE_SYN, STATE_SYN_ACKED, Timeouts,
 };
 use crate::header::{REGION_INIT, REGION_READY, REGION_STOPPING};
-use crate::switch_slot::{SW_EMPTY, SW_RUNNING, SW_STARTING, SW_STOPPED};
+use crate::routing_slot::RoutingView;
+use crate::switch_slot::{SW_EMPTY, SW_FAILED, SW_RUNNING, SW_STARTING, SW_STOPPED};
 
 /// `"tcp"`, `"udp"` or `"?"`.
 pub fn proto_name(p: u8) -> &'static str {
@@ -67,6 +68,7 @@ pub fn switch_state_name(s: u32) -> &'static str {
         SW_STARTING => "starting",
         SW_RUNNING => "running",
         SW_STOPPED => "stopped",
+        SW_FAILED => "failed",
         _ => "?",
     }
 }
@@ -79,6 +81,122 @@ pub fn region_state_name(s: u32) -> &'static str {
         REGION_STOPPING => "stopping",
         _ => "?",
     }
+}
+
+/// A count or range in a published slot that the slot cannot hold. The
+/// views clamp every such count (a reader never indexes past a slot), so a
+/// defect means a corrupted region, not a crash; readers report defects so
+/// that clamped output is never mistaken for the truth.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum SlotDefect {
+    #[error("{table}: {field} {found} exceeds the slot's capacity of {capacity}")]
+    CountOverCapacity {
+        table: &'static str,
+        field: &'static str,
+        found: u32,
+        capacity: usize,
+    },
+    #[error(
+        "config: service {service}: backend_count {count} (from backend_start {start}) exceeds the slot's {available} backends"
+    )]
+    BackendRange {
+        service: usize,
+        start: u32,
+        count: u32,
+        available: usize,
+    },
+    #[error(
+        "config: service {service}: table_len {len} (from table_start {start}) exceeds the slot's {available} table entries"
+    )]
+    TableRange {
+        service: usize,
+        start: u32,
+        len: u32,
+        available: usize,
+    },
+    #[error(
+        "config: service {service}: lookup table entry {index} names backend {entry} of its {backends}"
+    )]
+    TableEntry {
+        service: usize,
+        index: usize,
+        entry: u16,
+        backends: usize,
+    },
+}
+
+/// Every count and range of a configuration slot that its capacities do not
+/// hold (at most one table-entry defect per service).
+pub fn config_defects(v: &ConfigView<'_>) -> Vec<SlotDefect> {
+    let mut out = Vec::new();
+    let h = v.header;
+    for (field, found, capacity) in [
+        ("n_services", h.n_services, v.services.len()),
+        ("n_backends", h.n_backends, v.backends.len()),
+        ("n_ports", h.n_ports, MAX_PORTS),
+    ] {
+        if found as usize > capacity {
+            out.push(SlotDefect::CountOverCapacity {
+                table: "config",
+                field,
+                found,
+                capacity,
+            });
+        }
+    }
+    let available = v.backends().len();
+    for (i, s) in v.services().iter().enumerate() {
+        let end = (s.backend_start as u64) + s.backend_count as u64;
+        if end > available as u64 {
+            out.push(SlotDefect::BackendRange {
+                service: i,
+                start: s.backend_start,
+                count: s.backend_count,
+                available,
+            });
+        }
+        let tend = (s.table_start as u64) + s.table_len as u64;
+        if tend > v.maglev.len() as u64 {
+            out.push(SlotDefect::TableRange {
+                service: i,
+                start: s.table_start,
+                len: s.table_len,
+                available: v.maglev.len(),
+            });
+        }
+        let backends = v.service_backends(s).len();
+        if let Some((index, &entry)) = v
+            .service_table(s)
+            .iter()
+            .enumerate()
+            .find(|&(_, &e)| e as usize >= backends)
+        {
+            out.push(SlotDefect::TableEntry {
+                service: i,
+                index,
+                entry,
+                backends,
+            });
+        }
+    }
+    out
+}
+
+/// Every count of a routing slot that its capacities do not hold.
+pub fn routing_defects(v: &RoutingView<'_>) -> Vec<SlotDefect> {
+    [
+        ("n_routes", v.header.n_routes, v.routes.len()),
+        ("n_neighbours", v.header.n_neighbours, v.neighbours.len()),
+    ]
+    .into_iter()
+    .filter(|&(_, found, capacity)| found as usize > capacity)
+    .map(|(field, found, capacity)| SlotDefect::CountOverCapacity {
+        table: "routing",
+        field,
+        found,
+        capacity,
+    })
+    .collect()
 }
 
 /// Which connections a listing keeps (every `Some` must match) and how many.

@@ -40,6 +40,10 @@ pub enum ShmError {
         mode: u32,
         expected_uid: u32,
     },
+    #[error(
+        "shared-memory object /dev/shm/{name}: is {found}, not a regular file; anyone could have placed it: remove it if it is not yours"
+    )]
+    NotRegular { name: String, found: &'static str },
     #[error("shared-memory object /dev/shm/{name} is {actual} bytes, expected at least {expected}")]
     TooSmall {
         name: String,
@@ -174,6 +178,32 @@ fn check_owner(name: &str, meta: &std::fs::Metadata) -> Result<(), ShmError> {
     Ok(())
 }
 
+/// Only a regular file is a region (checked on the open descriptor).
+fn check_regular(name: &str, meta: &std::fs::Metadata) -> Result<(), ShmError> {
+    use std::os::unix::fs::FileTypeExt;
+    let t = meta.file_type();
+    if t.is_file() {
+        return Ok(());
+    }
+    let found = if t.is_fifo() {
+        "a FIFO"
+    } else if t.is_char_device() {
+        "a character device"
+    } else if t.is_block_device() {
+        "a block device"
+    } else if t.is_socket() {
+        "a socket"
+    } else if t.is_dir() {
+        "a directory"
+    } else {
+        "not a file"
+    };
+    Err(ShmError::NotRegular {
+        name: name.to_string(),
+        found,
+    })
+}
+
 impl Mapping {
     /// Creates a new object of `len` bytes with mode 0600, zero-filled, and maps it
     /// read-write. Fails with [`ShmError::Exists`] if the name is taken.
@@ -224,10 +254,15 @@ impl Mapping {
     /// truncated or foreign object before any byte is interpreted.
     pub fn open(name: &str, access: Access, min_len: usize) -> Result<Self, ShmError> {
         let cname = check_name(name)?;
-        let flags = match access {
-            Access::ReadWrite => OFlag::O_RDWR,
-            Access::ReadOnly => OFlag::O_RDONLY,
-        };
+        // O_NONBLOCK: a FIFO planted under the name (/dev/shm is world
+        // writable) would block open(2) until a writer came; it is refused
+        // below by its type instead. (glibc's shm_open adds O_NOFOLLOW.)
+        let flags = OFlag::O_NONBLOCK
+            | OFlag::O_NOFOLLOW
+            | match access {
+                Access::ReadWrite => OFlag::O_RDWR,
+                Access::ReadOnly => OFlag::O_RDONLY,
+            };
         let fd: OwnedFd =
             shm_open(cname.as_c_str(), flags, Mode::empty()).map_err(|e| match e {
                 nix::errno::Errno::ENOENT => ShmError::NotFound {
@@ -237,6 +272,7 @@ impl Mapping {
             })?;
         let file = File::from(fd);
         let meta = file.metadata().map_err(|e| os(name, "fstat", e))?;
+        check_regular(name, &meta)?;
         check_owner(name, &meta)?;
         let actual = meta.len();
         if actual < min_len as u64 || actual == 0 {

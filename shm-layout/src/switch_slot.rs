@@ -18,6 +18,8 @@ pub const SW_STARTING: u32 = 1;
 pub const SW_RUNNING: u32 = 2;
 /// Exited or reaped.
 pub const SW_STOPPED: u32 = 3;
+/// Exited too often in too short a time: controld no longer restarts it.
+pub const SW_FAILED: u32 = 4;
 
 macro_rules! counters {
     ($($name:ident = $idx:expr, $snake:literal, $doc:expr;)*) => {

@@ -6,14 +6,14 @@
 //! thread writes the answer back. Requests are therefore handled one at a
 //! time, in the order they arrive, and never block the main loop's work.
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::unix::fs::{DirBuilderExt, FileTypeExt, MetadataExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use super::metrics::CONTENT_TYPE;
@@ -28,23 +28,50 @@ pub enum Job {
     Metrics { reply: Sender<String> },
 }
 
-/// Clients served at once per listener (more are turned away).
+/// Clients served at once per listener. At the cap, a new lbctl client
+/// takes the place of the one idle longest; it is turned away only when
+/// every client's request is being answered.
 pub const MAX_CLIENTS: usize = 32;
-/// An lbctl connection idle this long is closed.
+/// An lbctl connection waiting this long for its next request is closed
+/// (the whole wait, however the bytes trickle in).
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// One request line must arrive whole within this time of its first byte.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+/// Writing one answer to a client that does not read gives up after this.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The lbctl socket's limits (see the constants; tests shorten them).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Limits {
+    pub clients: usize,
+    pub idle: Duration,
+    pub request: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            clients: MAX_CLIENTS,
+            idle: IDLE_TIMEOUT,
+            request: REQUEST_TIMEOUT,
+        }
+    }
+}
 /// An HTTP client that has not sent its request head by then is dropped.
 const HTTP_TIMEOUT: Duration = Duration::from_secs(5);
 /// Longest HTTP request head read.
 const MAX_HTTP_HEAD: usize = 8192;
 
+/// The I/O errors are part of each message and deliberately not a
+/// `source` (thiserror takes a field named `source` as one): a chain
+/// printer (anyhow's `{:#}`, as controld's main uses) would say them twice.
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
-    #[error("admin socket {}: {what}: {source}", path.display())]
+    #[error("admin socket {}: {what}: {error}", path.display())]
     Io {
         path: PathBuf,
         what: &'static str,
-        #[source]
-        source: std::io::Error,
+        error: std::io::Error,
     },
     #[error(
         "admin socket {}: another process is serving it (another controld with the same [admin] socket?)",
@@ -58,11 +85,10 @@ pub enum ServerError {
         path.display()
     )]
     ForeignDir { path: PathBuf, uid: u32 },
-    #[error("[admin] metrics {addr}: cannot listen: {source}")]
+    #[error("[admin] metrics {addr}: cannot listen: {error}")]
     Metrics {
         addr: SocketAddr,
-        #[source]
-        source: std::io::Error,
+        error: std::io::Error,
     },
 }
 
@@ -70,21 +96,51 @@ pub enum ServerError {
 #[derive(Debug)]
 pub struct Server {
     jobs: Receiver<Job>,
-    socket: PathBuf,
+    socket: SocketFile,
+    metrics: Option<SocketAddr>,
+}
+
+/// The socket file we bound; removed on drop if it is still ours, so a
+/// start that fails after binding (the metrics port taken) leaves none.
+#[derive(Debug)]
+struct SocketFile {
+    path: PathBuf,
     /// Device and inode of the socket we bound, so we never remove a successor's.
     ident: (u64, u64),
-    metrics: Option<SocketAddr>,
+}
+
+impl Drop for SocketFile {
+    fn drop(&mut self) {
+        if let Ok(m) = std::fs::symlink_metadata(&self.path)
+            && (m.dev(), m.ino()) == self.ident
+        {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
 }
 
 impl Server {
     /// Binds the Unix socket (mode 0600, replacing a stale one) and, if
     /// `metrics` is given, the HTTP listener, and starts their threads.
     pub fn start(socket: &Path, metrics: Option<SocketAddr>) -> Result<Server, ServerError> {
+        Self::start_with(socket, metrics, Limits::default())
+    }
+
+    /// [`Server::start`] with other limits for the lbctl socket.
+    pub fn start_with(
+        socket: &Path,
+        metrics: Option<SocketAddr>,
+        limits: Limits,
+    ) -> Result<Server, ServerError> {
         let (listener, ident) = bind_socket(socket)?;
+        let file = SocketFile {
+            path: socket.to_path_buf(),
+            ident,
+        };
         let http = match metrics {
             None => None,
             Some(addr) => Some(
-                TcpListener::bind(addr).map_err(|source| ServerError::Metrics { addr, source })?,
+                TcpListener::bind(addr).map_err(|error| ServerError::Metrics { addr, error })?,
             ),
         };
         let (tx, rx) = mpsc::channel();
@@ -93,32 +149,31 @@ impl Server {
             let tx = tx.clone();
             std::thread::Builder::new()
                 .name("admin-socket".into())
-                .spawn(move || accept_unix(listener, tx))
-                .map_err(|source| ServerError::Io {
+                .spawn(move || accept_unix(listener, tx, limits))
+                .map_err(|error| ServerError::Io {
                     path: socket.to_path_buf(),
                     what: "cannot start its thread",
-                    source,
+                    error,
                 })?;
         }
         if let Some(l) = http {
             std::thread::Builder::new()
                 .name("admin-metrics".into())
                 .spawn(move || accept_http(l, tx))
-                .map_err(|source| ServerError::Metrics {
+                .map_err(|error| ServerError::Metrics {
                     addr: metrics.expect("bound"),
-                    source,
+                    error,
                 })?;
         }
         Ok(Server {
             jobs: rx,
-            socket: socket.to_path_buf(),
-            ident,
+            socket: file,
             metrics,
         })
     }
 
     pub fn socket_path(&self) -> &Path {
-        &self.socket
+        &self.socket.path
     }
 
     /// The address the metrics listener is bound to.
@@ -142,24 +197,14 @@ impl Server {
     }
 }
 
-impl Drop for Server {
-    fn drop(&mut self) {
-        if let Ok(m) = std::fs::symlink_metadata(&self.socket)
-            && (m.dev(), m.ino()) == self.ident
-        {
-            let _ = std::fs::remove_file(&self.socket);
-        }
-    }
-}
-
 fn io_err<'a>(
     path: &'a Path,
     what: &'static str,
 ) -> impl FnOnce(std::io::Error) -> ServerError + 'a {
-    move |source| ServerError::Io {
+    move |error| ServerError::Io {
         path: path.to_path_buf(),
         what,
-        source,
+        error,
     }
 }
 
@@ -245,18 +290,113 @@ impl Throttle {
     }
 }
 
-fn accept_unix(listener: UnixListener, jobs: Sender<Job>) {
-    let live = Arc::new(AtomicUsize::new(0));
+/// One lbctl connection being served.
+#[derive(Debug)]
+struct Client {
+    id: u64,
+    /// A second handle on the connection, to close it from the accept thread.
+    stream: UnixStream,
+    /// Its request is with the main loop or its answer being written.
+    busy: bool,
+    /// When it last became idle (connected or answered).
+    since: Instant,
+}
+
+/// The lbctl connections being served. The lock is only ever held by this
+/// process's admin threads for a few list operations, never across I/O
+/// that waits (shutdown(2) does not).
+#[derive(Debug)]
+struct Clients {
+    limits: Limits,
+    list: Mutex<(u64, Vec<Client>)>,
+}
+
+impl Clients {
+    fn lock(&self) -> std::sync::MutexGuard<'_, (u64, Vec<Client>)> {
+        // No holder panics; a poisoned list is still a valid list.
+        self.list.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Admits a new connection. At the cap, the connection idle longest
+    /// (waiting for or still receiving a request) is shut down to make
+    /// room, so idle or dripping clients cannot lock lbctl out; `None`
+    /// only when every connection's request is being answered.
+    fn admit(self: &Arc<Self>, stream: &UnixStream) -> Option<Registration> {
+        let handle = stream.try_clone().ok()?;
+        let mut g = self.lock();
+        if g.1.len() >= self.limits.clients {
+            let (i, _) =
+                g.1.iter()
+                    .enumerate()
+                    .filter(|(_, c)| !c.busy)
+                    .min_by_key(|(_, c)| c.since)?;
+            let old = g.1.swap_remove(i);
+            let _ = old.stream.shutdown(std::net::Shutdown::Both);
+            log::debug!("admin socket: closed the client idle longest to admit a new one");
+        }
+        g.0 += 1;
+        let id = g.0;
+        g.1.push(Client {
+            id,
+            stream: handle,
+            busy: false,
+            since: Instant::now(),
+        });
+        Some(Registration {
+            clients: Arc::clone(self),
+            id,
+        })
+    }
+}
+
+/// A connection's place in [`Clients`]; given back on drop.
+#[derive(Debug)]
+struct Registration {
+    clients: Arc<Clients>,
+    id: u64,
+}
+
+impl Registration {
+    /// Marks the connection busy (or idle again). False if it was closed
+    /// to make room meanwhile: its request must then not run.
+    fn set_busy(&self, busy: bool) -> bool {
+        let mut g = self.clients.lock();
+        match g.1.iter_mut().find(|c| c.id == self.id) {
+            Some(c) => {
+                c.busy = busy;
+                if !busy {
+                    c.since = Instant::now();
+                }
+                true
+            }
+            None => false,
+        }
+    }
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        let mut g = self.clients.lock();
+        g.1.retain(|c| c.id != self.id);
+    }
+}
+
+fn accept_unix(listener: UnixListener, jobs: Sender<Job>, limits: Limits) {
+    let clients = Arc::new(Clients {
+        limits,
+        list: Mutex::new((0, Vec::new())),
+    });
     let mut throttle = Throttle(None);
     for conn in listener.incoming() {
         match conn {
             Ok(mut stream) => {
-                let Some(slot) = Slot::take(&live) else {
+                let Some(reg) = clients.admit(&stream) else {
                     let _ = writeln!(
                         stream,
                         "{}",
                         error_line(&format!(
-                            "too many admin clients ({MAX_CLIENTS} connected); try again"
+                            "too many admin clients ({} requests being answered); try again",
+                            limits.clients
                         ))
                     );
                     continue;
@@ -264,10 +404,7 @@ fn accept_unix(listener: UnixListener, jobs: Sender<Job>) {
                 let jobs = jobs.clone();
                 let spawned = std::thread::Builder::new()
                     .name("admin-client".into())
-                    .spawn(move || {
-                        let _slot = slot;
-                        serve_unix(stream, &jobs);
-                    });
+                    .spawn(move || serve_unix(stream, &jobs, &reg));
                 if let Err(e) = spawned {
                     log::warn!("admin socket: cannot start a client thread: {e}");
                 }
@@ -277,24 +414,53 @@ fn accept_unix(listener: UnixListener, jobs: Sender<Job>) {
     }
 }
 
-/// Reads request lines until EOF, error, idle timeout or an oversized line.
-fn serve_unix(stream: UnixStream, jobs: &Sender<Job>) {
-    let _ = stream.set_read_timeout(Some(IDLE_TIMEOUT));
-    let Ok(mut out) = stream.try_clone() else {
-        return;
-    };
-    let mut input = BufReader::new(stream);
-    let mut line = Vec::new();
+/// Reads request lines until EOF, error, an oversized line, or a deadline:
+/// the wait for a request is bounded as a whole (`idle`), and so is the
+/// arrival of one request from its first byte (`request`); neither restarts
+/// with each byte read.
+fn serve_unix(stream: UnixStream, jobs: &Sender<Job>, me: &Registration) {
+    let limits = me.clients.limits;
+    let _ = stream.set_write_timeout(Some(WRITE_TIMEOUT));
+    let mut out = &stream;
+    let mut pending: Vec<u8> = Vec::new();
+    let mut buf = [0u8; 4096];
+    let mut idle_since = Instant::now();
+    let mut started: Option<Instant> = None;
     loop {
-        line.clear();
-        let n = match (&mut input)
-            .take(MAX_REQUEST as u64 + 1)
-            .read_until(b'\n', &mut line)
-        {
-            Ok(0) | Err(_) => return,
-            Ok(n) => n,
-        };
-        if n > MAX_REQUEST && line.last() != Some(&b'\n') {
+        while let Some(pos) = pending.iter().position(|&b| b == b'\n') {
+            if pos > MAX_REQUEST {
+                break;
+            }
+            let line: Vec<u8> = pending.drain(..=pos).collect();
+            let text = String::from_utf8_lossy(&line);
+            let text = text.trim();
+            if !text.is_empty() {
+                let answer = match Request::parse(text) {
+                    Err(e) => error_line(&e.to_string()),
+                    Ok(req) => {
+                        if !me.set_busy(true) {
+                            return;
+                        }
+                        let (tx, rx) = mpsc::channel();
+                        if jobs.send(Job::Request { req, reply: tx }).is_err() {
+                            let _ = writeln!(out, "{}", error_line("controld is shutting down"));
+                            return;
+                        }
+                        match rx.recv() {
+                            Ok(a) => a,
+                            Err(_) => error_line("controld is shutting down"),
+                        }
+                    }
+                };
+                if writeln!(out, "{answer}").is_err() {
+                    return;
+                }
+                me.set_busy(false);
+            }
+            idle_since = Instant::now();
+            started = (!pending.is_empty()).then_some(idle_since);
+        }
+        if pending.len() > MAX_REQUEST {
             let _ = writeln!(
                 out,
                 "{}",
@@ -302,27 +468,39 @@ fn serve_unix(stream: UnixStream, jobs: &Sender<Job>) {
             );
             return;
         }
-        let text = String::from_utf8_lossy(&line);
-        let text = text.trim();
-        if text.is_empty() {
-            continue;
-        }
-        let answer = match Request::parse(text) {
-            Err(e) => error_line(&e.to_string()),
-            Ok(req) => {
-                let (tx, rx) = mpsc::channel();
-                if jobs.send(Job::Request { req, reply: tx }).is_err() {
-                    let _ = writeln!(out, "{}", error_line("controld is shutting down"));
-                    return;
-                }
-                match rx.recv() {
-                    Ok(a) => a,
-                    Err(_) => error_line("controld is shutting down"),
-                }
-            }
+        let deadline = match started {
+            Some(t) => t + limits.request,
+            None => idle_since + limits.idle,
         };
-        if writeln!(out, "{answer}").is_err() {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            if started.is_some() {
+                let _ = writeln!(
+                    out,
+                    "{}",
+                    error_line(&format!(
+                        "request not complete within {:?} of its first byte; closing",
+                        limits.request
+                    ))
+                );
+            }
             return;
+        }
+        let _ = stream.set_read_timeout(Some(left));
+        match (&stream).read(&mut buf) {
+            Ok(0) => return,
+            Ok(n) => {
+                started.get_or_insert_with(Instant::now);
+                pending.extend_from_slice(&buf[..n]);
+            }
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock
+                        | std::io::ErrorKind::TimedOut
+                        | std::io::ErrorKind::Interrupted
+                ) => {}
+            Err(_) => return,
         }
     }
 }
@@ -388,12 +566,18 @@ pub fn parse_http_head(head: &str) -> HttpAsk {
 }
 
 fn serve_http(stream: TcpStream, jobs: &Sender<Job>) {
-    let _ = stream.set_read_timeout(Some(HTTP_TIMEOUT));
     let _ = stream.set_write_timeout(Some(HTTP_TIMEOUT));
+    // The whole head within HTTP_TIMEOUT, not each read.
+    let deadline = Instant::now() + HTTP_TIMEOUT;
     let mut head = Vec::new();
     let mut buf = [0u8; 1024];
     let mut reader = &stream;
     while !head.windows(4).any(|w| w == b"\r\n\r\n") && !head.windows(2).any(|w| w == b"\n\n") {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return;
+        }
+        let _ = stream.set_read_timeout(Some(left));
         match reader.read(&mut buf) {
             Ok(0) | Err(_) => return,
             Ok(n) => head.extend_from_slice(&buf[..n]),
@@ -467,6 +651,77 @@ fn respond(mut stream: TcpStream, status: &str, ctype: &str, body: &str) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::io::{BufRead, BufReader};
+
+    /// A client that drips a request byte by byte is closed, with the
+    /// reason, once the request is not whole by its deadline (a per-read
+    /// timeout let it stay for ever); at the cap a new client takes the
+    /// place of the one idle longest, and is answered.
+    #[test]
+    fn dripping_clients_are_closed_and_idle_ones_make_room() {
+        let dir = std::env::temp_dir().join(format!("sy-admin-drip-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let path = dir.join("t.sock");
+        let limits = Limits {
+            clients: 2,
+            idle: Duration::from_secs(600),
+            request: Duration::from_millis(300),
+        };
+        let srv = Server::start_with(&path, None, limits).unwrap();
+
+        let mut drip = UnixStream::connect(&path).unwrap();
+        drip.set_read_timeout(Some(Duration::from_secs(30)))
+            .unwrap();
+        let mut got = String::new();
+        // At most 30 s of dripping; the server closes it long before.
+        for _ in 0..300 {
+            if drip.write_all(b" ").is_err() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+            let mut b = [0u8; 256];
+            drip.set_nonblocking(true).unwrap();
+            match drip.read(&mut b) {
+                Ok(0) => break,
+                Ok(n) => got.push_str(&String::from_utf8_lossy(&b[..n])),
+                Err(_) => {}
+            }
+            drip.set_nonblocking(false).unwrap();
+            if got.ends_with('\n') {
+                break;
+            }
+        }
+        assert_eq!(
+            got,
+            format!(
+                "{}\n",
+                error_line("request not complete within 300ms of its first byte; closing")
+            )
+        );
+
+        let idle1 = UnixStream::connect(&path).unwrap();
+        let idle2 = UnixStream::connect(&path).unwrap();
+        let mut c = UnixStream::connect(&path).unwrap();
+        c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        writeln!(c, "{{\"cmd\":\"show\"}}").unwrap();
+        match srv.next_job(Instant::now() + Duration::from_secs(10)) {
+            Some(Job::Request { req, reply }) => {
+                assert_eq!(req, Request::Show);
+                reply.send("{\"ok\":true}".into()).unwrap();
+            }
+            other => panic!("{other:?}"),
+        }
+        let mut line = String::new();
+        BufReader::new(&c).read_line(&mut line).unwrap();
+        assert_eq!(line, "{\"ok\":true}\n");
+        // The first idle client was the one closed to make room.
+        idle1
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        assert_eq!((&idle1).read(&mut [0u8; 8]).unwrap(), 0);
+        drop((idle2, srv));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 
     #[test]
     fn http_request_lines() {

@@ -33,6 +33,12 @@ pub enum Reject {
     Stale { skew_ms: i64, max_skew_ms: u64 },
     /// The sequence number is not above the last accepted one.
     Replayed { seq: u64, last: u64 },
+    /// The sequence number is above `limit`, controld's clock plus
+    /// `max_skew_ms` in µs since the Unix epoch: sequence numbers count up
+    /// from the agent's start in µs, so no agent sent it yet, and accepting
+    /// it would make every genuine report after it look replayed. Counted
+    /// as `stale`.
+    SeqAhead { seq: u64, limit: u64 },
 }
 
 /// The counters' names, in the order they are reported.
@@ -43,7 +49,7 @@ impl Reject {
     pub fn reason(&self) -> usize {
         match self {
             Reject::Forged => 0,
-            Reject::Stale { .. } => 1,
+            Reject::Stale { .. } | Reject::SeqAhead { .. } => 1,
             Reject::Replayed { .. } => 2,
             Reject::UnknownAgent => 3,
             Reject::Malformed(_) => 4,
@@ -72,6 +78,10 @@ impl std::fmt::Display for Reject {
             Reject::Replayed { seq, last } => write!(
                 f,
                 "sequence number {seq} is not above the last accepted {last}"
+            ),
+            Reject::SeqAhead { seq, limit } => write!(
+                f,
+                "sequence number {seq} is ahead of controld's clock: above {limit} (the clock plus max_skew_ms, in µs since the Unix epoch)"
             ),
         }
     }
@@ -103,7 +113,7 @@ impl Counters {
     fn count(&mut self, r: &Reject) {
         match r {
             Reject::Forged => self.forged += 1,
-            Reject::Stale { .. } => self.stale += 1,
+            Reject::Stale { .. } | Reject::SeqAhead { .. } => self.stale += 1,
             Reject::Replayed { .. } => self.replayed += 1,
             Reject::UnknownAgent => self.unknown_agent += 1,
             Reject::Malformed(_) => self.malformed += 1,
@@ -198,6 +208,18 @@ impl Verifier {
             return Err(Reject::Stale {
                 skew_ms: skew_ms.clamp(i64::MIN as i128, i64::MAX as i128) as i64,
                 max_skew_ms: self.settings.max_skew_ms,
+            });
+        }
+        // Checked before the replay rule and never recorded: one report
+        // from the future must not move the agent's mark out of reach.
+        let limit = now_ms
+            .saturating_add(self.settings.max_skew_ms)
+            .saturating_mul(1000)
+            .saturating_add(999);
+        if report.seq > limit {
+            return Err(Reject::SeqAhead {
+                seq: report.seq,
+                limit,
             });
         }
         if let Some(&last) = self.last_seq.get(&source)
@@ -384,6 +406,52 @@ mod tests {
                 seq: 101,
                 last: 500
             })
+        );
+    }
+
+    /// A correctly signed report numbered 2^64-1 was accepted and made
+    /// every later genuine report "replayed" until controld restarted.
+    /// Sequence numbers count from the agent's start in µs since the epoch,
+    /// so one ahead of controld's clock (plus the skew allowed) is refused
+    /// and leaves no mark.
+    #[test]
+    fn a_sequence_number_ahead_of_the_clock_is_refused_and_leaves_no_trace() {
+        let mut v = Verifier::new(settings());
+        let genuine = NOW * 1000 + 17;
+        assert!(v.check(&datagram(A, NOW, genuine), A, NOW).is_ok());
+        let limit = (NOW + 5000) * 1000 + 999;
+        assert_eq!(
+            v.check(&datagram(A, NOW, u64::MAX), A, NOW),
+            Err(Reject::SeqAhead {
+                seq: u64::MAX,
+                limit
+            })
+        );
+        assert_eq!(
+            v.check(&datagram(A, NOW, limit + 1), A, NOW),
+            Err(Reject::SeqAhead {
+                seq: limit + 1,
+                limit
+            })
+        );
+        assert!(v.check(&datagram(A, NOW, genuine + 1), A, NOW).is_ok());
+        assert!(
+            v.check(&datagram(A, NOW + 10, genuine + 2), A, NOW + 10)
+                .is_ok()
+        );
+        // The bound itself is accepted (the skew allowed, in µs).
+        assert!(v.check(&datagram(A, NOW, limit), A, NOW).is_ok());
+        assert_eq!(v.counters().stale, 2);
+        assert_eq!(
+            Reject::SeqAhead {
+                seq: u64::MAX,
+                limit
+            }
+            .to_string(),
+            format!(
+                "sequence number {} is ahead of controld's clock: above {limit} (the clock plus max_skew_ms, in µs since the Unix epoch)",
+                u64::MAX
+            )
         );
     }
 

@@ -188,8 +188,32 @@ pub(super) fn read_secret(a: &mut Agents) -> R<()> {
     let Some(path) = &a.secret_file else {
         return Ok(());
     };
-    let mut bytes = std::fs::read(path)
-        .map_err(|e| format!("agents: secret_file {:?}: cannot read: {e}", path.display()))?;
+    // One byte past the longest secret (plus a line end) is enough to say
+    // it is too long; nothing more is read.
+    let mut bytes = match super::file::read_regular(path, MAX_SECRET_LEN as u64 + 2) {
+        Ok(b) => b,
+        Err(super::file::FileError::NotRegular { found, .. }) => {
+            return Err(format!(
+                "agents: secret_file {:?}: is {found}, not a regular file",
+                path.display()
+            ));
+        }
+        Err(super::file::FileError::TooLarge { .. }) => {
+            return Err(format!(
+                "agents: secret_file {:?}: is longer than {MAX_SECRET_LEN} bytes",
+                path.display()
+            ));
+        }
+        Err(
+            super::file::FileError::Open { source: e, .. }
+            | super::file::FileError::Read { source: e, .. },
+        ) => {
+            return Err(format!(
+                "agents: secret_file {:?}: cannot read: {e}",
+                path.display()
+            ));
+        }
+    };
     if bytes.last() == Some(&b'\n') {
         bytes.pop();
         if bytes.last() == Some(&b'\r') {

@@ -14,6 +14,7 @@ use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 
 mod agents;
+pub mod file;
 mod health;
 mod raw;
 mod validate;
@@ -70,13 +71,13 @@ pub const MAX_PORTS: usize = shm_layout::config_slot::MAX_PORTS;
 /// Why a configuration was refused.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    /// The file could not be read.
-    #[error("{}: cannot read: {source}", path.display())]
-    Read {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
+    /// The file could not be read: missing, not a regular file (a FIFO, a
+    /// device), or larger than [`file::MAX_CONFIG_BYTES`].
+    #[error(transparent)]
+    Read(#[from] file::FileError),
+    /// The file is not UTF-8 text.
+    #[error("{}: is not UTF-8 text (byte {valid_up_to})", path.display())]
+    NotText { path: PathBuf, valid_up_to: usize },
     /// The text is not TOML or does not fit the schema (unknown key, missing
     /// key, wrong type). toml's message names the key and its line.
     #[error("{}", .0.to_string().trim_end())]
@@ -532,9 +533,10 @@ pub fn parse(text: &str) -> Result<Config, ConfigError> {
 /// Reads, parses and validates the file `path`, and reads the files it
 /// names (`[agents] secret_file`); the error names the file.
 pub fn load(path: &Path) -> Result<Config, ConfigError> {
-    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+    let bytes = file::read_regular(path, file::MAX_CONFIG_BYTES)?;
+    let text = String::from_utf8(bytes).map_err(|e| ConfigError::NotText {
         path: path.to_path_buf(),
-        source,
+        valid_up_to: e.utf8_error().valid_up_to(),
     })?;
     let in_file = |e| ConfigError::File {
         path: path.to_path_buf(),

@@ -1804,3 +1804,45 @@ fn afpacket_example_parses_with_every_mode_and_feature() {
     assert!(c.agents.is_some());
     assert!(c.admin.metrics.is_some());
 }
+
+/// Two ports on one interface would each see every frame of it; an
+/// AF_PACKET port on a loopback interface has no MAC (00:00:00:00:00:00)
+/// and no wire. Both were accepted.
+#[test]
+fn afpacket_ports_need_distinct_interfaces_that_are_not_loopback() {
+    assert_eq!(
+        err(&afpacket_base().replace("interface = \"l1\"", "interface = \"l0\"")),
+        "port \"backend\": interface \"l0\" is already used by port \"client\" (one port per interface)"
+    );
+    assert_eq!(
+        err(&afpacket_base().replace("interface = \"l0\"", "interface = \"lo\"")),
+        "port \"client\": interface \"lo\" is the loopback interface: it has no MAC and no wire (use a real or veth interface, or driver \"vnic\")"
+    );
+}
+
+/// A tunnel source that is a backend's address (the backend would get
+/// packets from itself) and a static neighbour that is a VIP (frames for
+/// the VIP sent to that MAC) were accepted.
+#[test]
+fn tunnel_source_and_neighbours_are_not_backends_or_vips() {
+    let tunnel = with(
+        "protocol = \"tcp\"",
+        "protocol = \"tcp\"\nmode = \"tunnel\"",
+    )
+    .replace("port = 8080", "port = 80")
+    .replacen(
+        "[[port]]",
+        "[tunnel]\nsource = \"198.19.1.1\"\n\n[[port]]",
+        1,
+    );
+    assert_eq!(
+        err(&tunnel),
+        "tunnel: source 198.19.1.1 is the address of backend \"web1\" of service \"web\" (use an address of the appliance)"
+    );
+    assert_eq!(
+        err(&plus(
+            "[[neighbour]]\naddress = \"198.18.0.10\"\nmac = \"02:00:00:00:09:01\"\nport = \"client\""
+        )),
+        "neighbour \"198.18.0.10\" is the VIP of service \"web\" (switchd answers ARP for VIPs; a neighbour entry would send the VIP's traffic away)"
+    );
+}

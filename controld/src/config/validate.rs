@@ -56,6 +56,15 @@ pub(super) fn validate(raw: RawConfig) -> R<Config> {
                 q.name
             ));
         }
+        // Two ports on one interface would each take every frame of it.
+        if let Some(i) = &port.interface
+            && let Some(q) = ports.iter().find(|q| q.interface.as_ref() == Some(i))
+        {
+            return Err(format!(
+                "port {:?}: interface {i:?} is already used by port {:?} (one port per interface)",
+                port.name, q.name
+            ));
+        }
         ports.push(port);
     }
 
@@ -125,6 +134,16 @@ pub(super) fn validate(raw: RawConfig) -> R<Config> {
             s.vip, s.name
         ));
     }
+    if let Some(src) = tunnel.source {
+        for s in &services {
+            if let Some(b) = s.backends.iter().find(|b| b.address == src) {
+                return Err(format!(
+                    "tunnel: source {src} is the address of backend {:?} of service {:?} (use an address of the appliance)",
+                    b.name, s.name
+                ));
+            }
+        }
+    }
     let total: usize = services.iter().map(|s| s.backends.len()).sum();
     if total > limits.backends as usize {
         return Err(format!(
@@ -182,6 +201,12 @@ pub(super) fn validate(raw: RawConfig) -> R<Config> {
         let neigh = neighbour(n, &ports)?;
         if neighbours.iter().any(|m| m.address == neigh.address) {
             return Err(format!("neighbour {:?} is defined twice", n.address));
+        }
+        if let Some(owner) = vips.get(&neigh.address) {
+            return Err(format!(
+                "neighbour {:?} is the VIP of service {owner:?} (switchd answers ARP for VIPs; a neighbour entry would send the VIP's traffic away)",
+                n.address
+            ));
         }
         neighbours.push(neigh);
     }
@@ -382,6 +407,11 @@ fn port(raw: &RawPort) -> R<Port> {
             if i.is_empty() || i.len() > 15 || i.contains('/') || i.contains(char::is_whitespace) {
                 return Err(format!(
                     "{ctx}interface {i:?} is not an interface name (1 to 15 characters, no '/' or spaces)"
+                ));
+            }
+            if i == "lo" {
+                return Err(format!(
+                    "{ctx}interface \"lo\" is the loopback interface: it has no MAC and no wire (use a real or veth interface, or driver \"vnic\")"
                 ));
             }
             Some(i.clone())

@@ -10,8 +10,8 @@ use shm_layout::config_slot::{
     BACKEND_CHECKED, BACKEND_DOWN, ON_DOWN_KEEP, ON_DOWN_RESCHEDULE, ON_DOWN_RESET,
 };
 use shm_layout::inspect::{
-    ConnFilter, conn_state_name, mode_name, proto_name, region_state_name, scan_conns,
-    scheduler_name, switch_state_name,
+    ConnFilter, config_defects, conn_state_name, mode_name, proto_name, region_state_name,
+    routing_defects, scan_conns, scheduler_name, switch_state_name,
 };
 use shm_layout::switch_slot::Counter;
 use shm_layout::time::{mono_ns, pid_alive};
@@ -111,7 +111,8 @@ fn collect(r: &Region, a: &Args) -> Value {
         .iter()
         .map(|s| {
             let table = cfg.service_table(s);
-            let mut share = vec![0usize; s.backend_count as usize];
+            // Sized by what the slot holds, never by a count read from it.
+            let mut share = vec![0usize; cfg.service_backends(s).len()];
             for &e in table {
                 if let Some(c) = share.get_mut(e as usize) {
                     *c += 1;
@@ -247,7 +248,13 @@ fn collect(r: &Region, a: &Args) -> Value {
         "expired_not_collected": census.expired_not_collected,
         "provisional": census.provisional, "half_open": census.half_open, "list": list,
     });
-    json!({"header": header, "config": config, "routing": routing, "switches": switches, "connections": conns})
+    // What the clamped views above hid: counts the slots cannot hold.
+    let defects: Vec<String> = config_defects(&cfg)
+        .iter()
+        .chain(routing_defects(&rt).iter())
+        .map(ToString::to_string)
+        .collect();
+    json!({"header": header, "config": config, "routing": routing, "switches": switches, "connections": conns, "defects": defects})
 }
 
 /// A JSON value as plain text (strings unquoted, null as "-").
@@ -485,5 +492,15 @@ fn main() -> ExitCode {
     } else {
         print_text(&v, &a);
     }
-    ExitCode::SUCCESS
+    // The output above is clamped to the slots' capacities; a corrupted
+    // count is named here and makes the exit status say so.
+    let defects = v["defects"].as_array().map_or(&[][..], |d| d.as_slice());
+    for d in defects {
+        eprintln!("shmdump: region corrupt: {}", d.as_str().unwrap_or(""));
+    }
+    if defects.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(3)
+    }
 }
