@@ -693,11 +693,12 @@ mod tests {
     #[test]
     fn a_repeated_key_is_refused_by_name() {
         assert_eq!(
-            Request::parse(r#"{"cmd":"show","cmd":"reload"}"#),
+            Request::parse(r#"{"cmd":"show","cmd":"reload"}"#).map_err(|e| e.to_string()),
             Err("request has the key \"cmd\" more than once; give each key once".to_string())
         );
         assert_eq!(
-            Request::parse(r#"{"cmd":"weight","backend":"a/b","weight":1,"weight":2}"#),
+            Request::parse(r#"{"cmd":"weight","backend":"a/b","weight":1,"weight":2}"#)
+                .map_err(|e| e.to_string()),
             Err("request has the key \"weight\" more than once; give each key once".to_string())
         );
     }
