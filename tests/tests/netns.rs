@@ -10,6 +10,8 @@ mod admin;
 mod agents;
 #[path = "netns/health.rs"]
 mod health;
+#[path = "netns/icmp.rs"]
+mod icmp;
 #[path = "netns/routing.rs"]
 mod routing;
 #[path = "netns/sched.rs"]
