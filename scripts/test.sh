@@ -11,6 +11,7 @@ command -v ip >/dev/null 2>&1 || missing+=(iproute2)
 command -v ethtool >/dev/null 2>&1 || missing+=(ethtool)
 command -v python3 >/dev/null 2>&1 || missing+=(python3)
 command -v wrk >/dev/null 2>&1 || missing+=(wrk)
+command -v ping >/dev/null 2>&1 || missing+=(iputils-ping)
 if [ ${#missing[@]} -gt 0 ]; then
     if [ "$(id -u)" = 0 ]; then
         apt-get update -qq && apt-get install -y -qq "${missing[@]}"
