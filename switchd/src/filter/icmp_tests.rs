@@ -458,3 +458,54 @@ fn echo_to_a_vip_is_answered_within_the_budget_and_to_others_not_ours() {
     assert_eq!(c[Counter::IcmpRateLimited as usize], 1);
     assert_eq!(c[Counter::IcmpEchoAnswered as usize], 1);
 }
+
+proptest::proptest! {
+    /// Arbitrary quotes (the ICMP checksum made right, so they get past
+    /// it) in errors to the VIP and from the backend side: never a panic,
+    /// never a transmission without a flow, one drop counted each, and
+    /// nothing created in the table.
+    #[test]
+    fn arbitrary_quotes_without_a_flow_are_dropped_and_counted_once(
+        quote in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..80),
+        head in proptest::prelude::any::<[u8; 20]>(),
+        ipv4_tcp in proptest::prelude::any::<bool>(),
+        time_exceeded in proptest::prelude::any::<bool>(),
+        from_backend in proptest::prelude::any::<bool>(),
+    ) {
+        let fx = Fixture::new("icmp-prop", 1 << 8);
+        let mut c = [0u64; N_COUNTERS];
+        let mut q = quote;
+        if ipv4_tcp {
+            // A plausible quoted header: version 4, IHL 5, TCP, random rest.
+            let mut h = head;
+            h[0] = 0x45;
+            h[6] &= 0x40;
+            h[7] = 0;
+            h[9] = 6;
+            h[12..16].copy_from_slice(&VIP.to_be_bytes());
+            let mut v = h.to_vec();
+            v.extend_from_slice(&q);
+            q = v;
+        }
+        let t = if time_exceeded {
+            Icmpv4Type::TimeExceeded(icmpv4::TimeExceededCode::TtlExceededInTransit)
+        } else {
+            frag_needed()
+        };
+        let frame = if from_backend {
+            icmp_frame([2, 0, 0, 0, 1, 1], [198, 19, 1, 1], CLIENT, t, &q)
+        } else {
+            icmp_frame(CLIENT_GW_MAC, ROUTER, VIP.to_be_bytes(), t, &q)
+        };
+        let port = u32::from(from_backend);
+        let (v, _) = run(&fx, &mut c, port, &frame);
+        proptest::prop_assert_eq!(v, Verdict::Drop);
+        let drops: u64 = Counter::ALL
+            .iter()
+            .filter(|k| k.name().starts_with("drop_"))
+            .map(|k| c[*k as usize])
+            .sum();
+        proptest::prop_assert_eq!(drops, 1);
+        proptest::prop_assert_eq!(table_len(&fx), 0);
+    }
+}
