@@ -13,7 +13,10 @@
 //! VIP. Only if the appliance hands that error on to the backend (outer
 //! destination and quoted header rewritten back to the backend's address
 //! and port) does the backend's TCP lower its path MTU; otherwise the
-//! transfer stalls (Linux does no black-hole probing by default).
+//! transfer stalls (Linux does no black-hole probing by default). The
+//! same holds for DR and tunnel backends, whose replies leave with the VIP
+//! as source through the appliance's kernel: the error, sent to the VIP,
+//! reaches them only through the switch (MACs only; encapsulated).
 
 use std::process::Command;
 
@@ -126,10 +129,30 @@ fn far_client_behind_router(bed: &Bed, mtu: u32) -> FarClient {
 /// `drop_not_ours` and the download stalled until curl's limit.
 #[test]
 fn frag_needed_from_a_client_side_router_reaches_the_nat_backend() {
+    download_behind_a_small_mtu("nat");
+}
+
+/// As for NAT, with direct routing: the backend's replies leave through
+/// the appliance's kernel with the VIP as source, the router's error goes
+/// to the VIP, and the switch hands it to the backend (MACs only), which
+/// owns the VIP.
+#[test]
+fn frag_needed_from_a_client_side_router_reaches_the_dr_backend() {
+    download_behind_a_small_mtu("dr");
+}
+
+/// As for DR, with IP-in-IP: the error is encapsulated toward the backend
+/// like the flow's data.
+#[test]
+fn frag_needed_from_a_client_side_router_reaches_the_tunnel_backend() {
+    download_behind_a_small_mtu("tunnel");
+}
+
+fn download_behind_a_small_mtu(mode: &str) {
     let mut bed = Bed::build();
     let _far = far_client_behind_router(&bed, 1280);
-    let port = prepare(&mut bed, "nat");
-    let (inst, app) = afpacket_appliance(&bed, "nat", port);
+    let port = prepare(&mut bed, mode);
+    let (inst, app) = afpacket_appliance(&bed, mode, port);
     let url = format!("http://198.18.0.10/bytes/{SIZE}");
     let out = bed
         .exec(
@@ -152,12 +175,12 @@ fn frag_needed_from_a_client_side_router_reaches_the_nat_backend() {
     assert_eq!(
         out,
         Ok(format!("200 {SIZE}")),
-        "the download through the 1280-byte link: {c}\n{}",
+        "{mode}: the download through the 1280-byte link: {c}\n{}",
         app.log()
     );
     assert!(
         counter_sum(&dump, "icmp_forwarded") >= 1,
-        "the router's frag-needed went to the backend: {c}"
+        "{mode}: the router's frag-needed went to the backend: {c}"
     );
     assert_eq!(counter_sum(&dump, "drop_icmp_no_flow"), 0, "{c}");
     assert_eq!(counter_sum(&dump, "drop_icmp_malformed"), 0, "{c}");
@@ -178,7 +201,7 @@ fn frag_needed_from_a_client_side_router_reaches_the_nat_backend() {
             "198.18.0.10",
         ],
     );
-    assert!(ping.is_ok(), "ping the VIP: {ping:?}");
+    assert!(ping.is_ok(), "{mode}: ping the VIP: {ping:?}");
     let dump =
         switchyard_tests::dump_with_counters(&inst, &[], &[("icmp_echo_answered", before + 3)]);
     assert_eq!(counter_sum(&dump, "icmp_echo_answered"), before + 3);
