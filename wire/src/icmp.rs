@@ -351,4 +351,46 @@ mod tests {
         // Back to the sender (the builder takes the source MAC first).
         assert_eq!(&f[..12], &[2, 0, 0, 0, 0, 9, 2, 0, 0, 0, 0, 1]);
     }
+
+    #[test]
+    fn echo_request_with_ip_options_gets_a_reply_without_them() {
+        let mut h = etherparse::Ipv4Header::new(
+            0,
+            64,
+            etherparse::IpNumber::ICMP,
+            [198, 18, 100, 1],
+            [198, 18, 0, 10],
+        )
+        .unwrap();
+        h.options = [1, 1, 1, 0].into(); // NOP NOP NOP EOL
+        let icmp = etherparse::Icmpv4Header::with_checksum(
+            Icmpv4Type::EchoRequest(etherparse::IcmpEchoHeader { id: 9, seq: 4 }),
+            b"opts",
+        );
+        h.set_payload_len(icmp.header_len() + 4).unwrap();
+        let mut f = vec![2, 0, 0, 0, 0, 1, 2, 0, 0, 0, 0, 9, 8, 0];
+        h.write(&mut f).unwrap();
+        icmp.write(&mut f).unwrap();
+        f.extend_from_slice(b"opts");
+        let len = f.len();
+        let n = echo_reply_in_place(&mut f, len).unwrap();
+        assert_eq!(n, len - 4);
+        let p = SlicedPacket::from_ethernet(&f[..n]).unwrap();
+        let Some(etherparse::NetSlice::Ipv4(ip)) = p.net else {
+            panic!()
+        };
+        let iph = ip.header().to_header();
+        assert_eq!(iph.header_checksum, iph.calc_header_checksum());
+        assert_eq!(iph.header_len(), 20);
+        let Some(TransportSlice::Icmpv4(r)) = p.transport else {
+            panic!()
+        };
+        assert_eq!(
+            r.icmp_type(),
+            Icmpv4Type::EchoReply(etherparse::IcmpEchoHeader { id: 9, seq: 4 })
+        );
+        let want = etherparse::Icmpv4Header::with_checksum(r.icmp_type(), r.payload());
+        assert_eq!(r.checksum(), want.checksum);
+        assert_eq!(r.payload(), b"opts");
+    }
 }
