@@ -12,6 +12,7 @@ command -v ethtool >/dev/null 2>&1 || missing+=(ethtool)
 command -v python3 >/dev/null 2>&1 || missing+=(python3)
 command -v wrk >/dev/null 2>&1 || missing+=(wrk)
 command -v hping3 >/dev/null 2>&1 || missing+=(hping3)
+command -v ping >/dev/null 2>&1 || missing+=(iputils-ping)
 if [ ${#missing[@]} -gt 0 ]; then
     if [ "$(id -u)" = 0 ]; then
         apt-get update -qq && apt-get install -y -qq "${missing[@]}"

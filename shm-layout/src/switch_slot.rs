@@ -77,7 +77,7 @@ counters! {
     ConnQueued = 31, "conn_queued", "new connections held in the switch's queue because every eligible backend was at its max_conns";
     ConnDequeued = 32, "conn_dequeued", "queued new connections sent to a backend once one had room";
     ConnRefused = 33, "conn_refused", "new connections refused (TCP: RST to the client; UDP: dropped) because every eligible backend stayed full: queue full, queue timeout, or no queueing";
-    IcmpRateLimited = 35, "icmp_rate_limited", "ICMP fragmentation-needed answers not sent because the switch's ICMP budget (1000/s, bursts of 100) was spent; the packet was dropped";
+    IcmpRateLimited = 35, "icmp_rate_limited", "ICMP answers (fragmentation-needed, echo replies to a VIP) not sent because the switch's ICMP budget (1000/s, bursts of 100) was spent; the packet was dropped";
     DropQueueDup = 34, "drop_queue_dup", "retransmitted SYNs (or datagrams) of a flow already waiting in the queue";
     BusyNs = 36, "busy_ns", "nanoseconds the switch spent in poll loops that moved frames (its utilisation is the growth of busy_ns over wall time; while it is saturated, busy_ns over rx_packets is its cost per frame)";
     FlowCacheHit = 37, "flow_cache_hit", "packets of known connections answered from the switch's flow cache (the full path's cached rewrite; counted in fwd_hit or reply_hit as well)";
@@ -89,12 +89,18 @@ counters! {
     DropMartian = 43, "drop_martian", "packets to a VIP from an impossible source: 0.0.0.0/8, 127.0.0.0/8, 224.0.0.0/4 (multicast), 240.0.0.0/4 (reserved, broadcast), a VIP, or a backend of the service arriving from the client side";
     DropBadFlags = 44, "drop_bad_flags", "TCP segments to a VIP with an impossible flag set: SYN with FIN or RST, or no flag at all";
     DropUdpLength = 45, "drop_udp_length", "UDP datagrams to a VIP whose UDP length disagrees with the IP length";
+    IcmpForwarded = 46, "icmp_forwarded", "ICMP errors (destination unreachable, time exceeded) sent to the VIP about a packet of a VIP flow, forwarded to that flow's backend (NAT: outer destination and quoted header rewritten to the backend; DR: MACs only; tunnel: encapsulated)";
+    IcmpToClient = 47, "icmp_to_client", "ICMP errors from the backend side quoting a packet the switch forwarded to a NAT backend, sent on to the client with the quoted header and outer source rewritten to the VIP";
+    IcmpEchoAnswered = 48, "icmp_echo_answered", "ICMP echo requests to a VIP answered by the switch (within the ICMP budget; spent budget counts in icmp_rate_limited)";
+    DropIcmpMalformed = 49, "drop_icmp_malformed", "ICMP to a VIP or quoting a VIP flow dropped as malformed: bad ICMP checksum, a quote shorter than an IP header and 8 bytes, a quote not TCP/UDP, an outer destination that is not the quoted source";
+    DropIcmpNoFlow = 50, "drop_icmp_no_flow", "ICMP errors quoting a packet from a VIP whose connection is unknown or expired (the table is only read: ICMP never creates an entry)";
+    DropIcmpType = 51, "drop_icmp_type", "ICMP to a VIP of a type the switch neither answers nor relays (anything but echo request, destination unreachable, time exceeded)";
 }
 
 /// Number of counter words per switch (room to grow without a layout change).
 pub const N_COUNTERS: usize = 64;
 
-const _: () = assert!((Counter::DropUdpLength as usize) < N_COUNTERS);
+const _: () = assert!((Counter::DropIcmpType as usize) < N_COUNTERS);
 
 /// One switch's slot. Two cache lines of identity and liveness, then counters.
 #[repr(C, align(64))]

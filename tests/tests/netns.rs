@@ -12,6 +12,8 @@ mod agents;
 mod flood;
 #[path = "netns/health.rs"]
 mod health;
+#[path = "netns/icmp.rs"]
+mod icmp;
 #[path = "netns/routing.rs"]
 mod routing;
 #[path = "netns/sched.rs"]

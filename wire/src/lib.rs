@@ -15,6 +15,7 @@
 pub mod arp;
 pub mod checksum;
 pub mod ethernet;
+pub mod icmp;
 pub mod ipip;
 pub mod ipv4;
 pub mod ipv4_l4;
@@ -61,6 +62,14 @@ pub enum WireError {
     WouldAnswerRst,
     #[error("the buffer has no room for the bytes to add")]
     NoRoom,
+    #[error(
+        "ICMP message is not an error this appliance relays (destination unreachable, time exceeded)"
+    )]
+    NotIcmpError,
+    #[error("ICMP error quotes no IPv4 header and 8 bytes of its payload")]
+    BadQuote,
+    #[error("ICMP message is not an echo request")]
+    NotEchoRequest,
 }
 
 #[inline]

@@ -11,7 +11,9 @@
 //! - [`rewrite`]: NAT, direct routing and tunnel rewrites, TTL, next hop,
 //!   egress;
 //! - [`answers`]: frames the switch answers itself (ARP, TCP RST,
-//!   ICMP fragmentation-needed) and the flow cache's answers.
+//!   ICMP fragmentation-needed) and the flow cache's answers;
+//! - [`icmp`]: ICMP for VIP flows (errors relayed to the flow's backend
+//!   or client, echo requests to a VIP answered), off the TCP/UDP path.
 //!
 //! The engine drives a burst through the passes below: first
 //! [`parse_and_prefetch`] on every frame, then [`prefetch_table_slots`] on
@@ -21,6 +23,7 @@
 
 mod answers;
 mod decide;
+mod icmp;
 mod parse;
 mod rewrite;
 mod state;
@@ -316,6 +319,9 @@ pub fn process(
     }
     let mut l4 = match parse::parse_ip(&frame[..frame_len]) {
         Ok(l4) => l4,
+        Err(wire::WireError::NotTcpUdp) if icmp::is_icmp(frame) => {
+            return icmp::switch_icmp(frame, frame_len, in_port, port_mac, ctx);
+        }
         Err(rule) => return parse::dropped_as(rule, ctx),
     };
     l4.home = ctx.ct.home_of(l4.words) as u32;
