@@ -80,12 +80,17 @@ counters! {
     BusyNs = 36, "busy_ns", "nanoseconds the switch spent in poll loops that moved frames (its utilisation is the growth of busy_ns over wall time; while it is saturated, busy_ns over rx_packets is its cost per frame)";
     FlowCacheHit = 37, "flow_cache_hit", "packets of known connections answered from the switch's flow cache (the full path's cached rewrite; counted in fwd_hit or reply_hit as well)";
     BadChecksum = 38, "bad_checksum", "published configuration or routing generations the switch refused because the slot's checksum did not match its contents (must stay 0; its frames count in drop_no_config)";
+    DropVlan = 39, "drop_vlan", "802.1Q/802.1ad tagged frames (tagged ports are not supported; tagged ARP is not answered)";
+    DropL2Dest = 40, "drop_l2_dest", "frames to a broadcast, multicast or zero MAC or to another host's MAC (ARP requests excepted: they are broadcast)";
+    DropL2Src = 41, "drop_l2_src", "frames from a broadcast, multicast or zero MAC or from the port's own MAC, and ARP whose sender MAC is one of those";
+    DropIpOptions = 42, "drop_ip_options", "IPv4 TCP/UDP packets with IP options (source routing included), dropped as Katran does";
+    ClientHopUsed = 43, "client_hop_used", "NAT replies sent to the client MAC learned from the frame that opened the connection (on-link client the routing table has no neighbour for)";
 }
 
 /// Number of counter words per switch (room to grow without a layout change).
 pub const N_COUNTERS: usize = 64;
 
-const _: () = assert!((Counter::BadChecksum as usize) < N_COUNTERS);
+const _: () = assert!((Counter::ClientHopUsed as usize) < N_COUNTERS);
 
 /// One switch's slot. Two cache lines of identity and liveness, then counters.
 #[repr(C, align(64))]

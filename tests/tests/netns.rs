@@ -8,6 +8,8 @@
 mod admin;
 #[path = "netns/agents.rs"]
 mod agents;
+#[path = "netns/first_contact.rs"]
+mod first_contact;
 #[path = "netns/health.rs"]
 mod health;
 #[path = "netns/routing.rs"]
