@@ -177,9 +177,18 @@ impl Port {
             }
         }
         if let Some(g) = o.fanout {
-            let arg: libc::c_int =
-                (g as libc::c_int) | ((libc::PACKET_FANOUT_HASH as libc::c_int) << 16);
-            if setopt(fd, libc::SOL_PACKET, libc::PACKET_FANOUT, &arg) != 0 {
+            // A socket in a fanout group receives through the group's
+            // hook, which ignores PACKET_IGNORE_OUTGOING above: the group
+            // needs the flag itself, or every frame the kernel sends on the
+            // interface comes back to the switch (kernels before 4.20
+            // refuse the flag: then without it).
+            let fanout = |flags: u32| -> libc::c_int {
+                (g as libc::c_int) | (((libc::PACKET_FANOUT_HASH | flags) as libc::c_int) << 16)
+            };
+            let with = fanout(libc::PACKET_FANOUT_FLAG_IGNORE_OUTGOING);
+            if setopt(fd, libc::SOL_PACKET, libc::PACKET_FANOUT, &with) != 0
+                && setopt(fd, libc::SOL_PACKET, libc::PACKET_FANOUT, &fanout(0)) != 0
+            {
                 return Err(os(name, "PACKET_FANOUT"));
             }
         }
