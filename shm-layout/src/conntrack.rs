@@ -534,7 +534,7 @@ impl<'a> ConnTable<'a> {
     }
 
     /// Seqlock snapshot of a slot; `None` if a writer holds it.
-    #[inline]
+    #[inline(always)]
     pub fn snapshot(&self, idx: u32) -> Option<Snapshot> {
         let s = self.slot(idx);
         for _ in 0..4 {

@@ -36,38 +36,67 @@ pub(super) const TPID_8021AD: u16 = 0x88a8;
 /// The pre-standard Q-in-Q tag some switches still send.
 pub(super) const TPID_QINQ_OLD: u16 = 0x9100;
 
-const BROADCAST: [u8; 6] = [0xff; 6];
+/// The group bit of a MAC read by [`mac48`] (the first byte's lowest).
+const GROUP: u64 = 1;
+const BROADCAST: u64 = (1 << 48) - 1;
+
+/// A MAC as the low 48 bits of a number, its first byte lowest (little
+/// endian: no byte swap; only equality and the group bit are asked of it).
+#[inline(always)]
+fn mac48(m: &[u8]) -> u64 {
+    let (Some(a), Some(b)) = (m.first_chunk::<4>(), m.get(4..6)) else {
+        return 0;
+    };
+    u64::from(u32::from_le_bytes(*a)) | (u64::from(u16::from_le_bytes([b[0], b[1]])) << 32)
+}
 
 /// Whether no host can send from `mac`: a group (broadcast or multicast)
 /// address or zero.
 #[inline]
 pub(super) fn not_a_host(mac: [u8; 6]) -> bool {
-    mac[0] & 1 != 0 || mac == [0; 6]
+    let m = mac48(&mac);
+    m & GROUP != 0 || m == 0
+}
+
+#[inline(always)]
+fn is_tag(ethertype: u16) -> bool {
+    matches!(ethertype, TPID_8021Q | TPID_8021AD | TPID_QINQ_OLD)
 }
 
 /// The counter under which a frame must be dropped for its Ethernet header
 /// (`frame` at least its 14 bytes), received on a port whose MAC is
 /// `port_mac` (`None`: a port this switch does not serve; its own-MAC
 /// rules are then not judged); `None` for a frame the switch may act on.
-#[inline]
+#[inline(always)]
 pub(super) fn refused(frame: &[u8], port_mac: Option<[u8; 6]>) -> Option<Counter> {
-    let (Some(dst), Some(src), Some(&[t0, t1])) = (
-        frame.get(0..6).and_then(|m| <[u8; 6]>::try_from(m).ok()),
-        frame.get(6..12).and_then(|m| <[u8; 6]>::try_from(m).ok()),
-        frame.get(12..14),
-    ) else {
+    let Some(h) = frame.first_chunk::<14>() else {
         return Some(Counter::DropMalformed);
     };
-    let ethertype = u16::from_be_bytes([t0, t1]);
-    if matches!(ethertype, TPID_8021Q | TPID_8021AD | TPID_QINQ_OLD) {
+    let (dst, src) = (mac48(&h[0..6]), mac48(&h[6..12]));
+    let ethertype = u16::from_be_bytes([h[12], h[13]]);
+    // No 48-bit MAC equals it.
+    let own = port_mac.map_or(u64::MAX, |m| mac48(&m));
+    // The common case in a few comparisons; the rest out of line.
+    if dst == own && src & GROUP == 0 && src != 0 && src != own && !is_tag(ethertype) {
+        return None;
+    }
+    refused_which(dst, src, ethertype, own)
+}
+
+/// [`refused`] past its common case: which rule the frame breaks, if any.
+#[cold]
+#[inline(never)]
+fn refused_which(dst: u64, src: u64, ethertype: u16, own: u64) -> Option<Counter> {
+    if is_tag(ethertype) {
         return Some(Counter::DropVlan);
     }
-    if not_a_host(src) || Some(src) == port_mac {
+    if src & GROUP != 0 || src == 0 || src == own {
         return Some(Counter::DropL2Src);
     }
-    let to_us = match port_mac {
-        Some(m) => dst == m,
-        None => !not_a_host(dst),
+    let to_us = if own == u64::MAX {
+        dst & GROUP == 0 && dst != 0
+    } else {
+        dst == own
     };
     if !to_us && !(ethertype == wire::ETHERTYPE_ARP && dst == BROADCAST) {
         return Some(Counter::DropL2Dest);

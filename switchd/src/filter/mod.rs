@@ -324,13 +324,19 @@ pub fn process(
     let Ok(eth) = wire::EthernetFrame::new_checked(&frame[..frame_len]) else {
         return ctx.drop(Counter::DropMalformed);
     };
-    if let Some(c) = l2::refused(&frame[..frame_len], port_mac(in_port)) {
-        return ctx.drop(c);
-    }
+    // The L2 rules (see `l2`): at once for anything but IPv4; for IPv4
+    // as the passes apply them, the flow cache answering only frames
+    // between unicast MACs and the full path checking the rest.
+    let refused = |frame: &[u8]| l2::refused(&frame[..frame_len], port_mac(in_port));
     match eth.ethertype() {
         wire::ETHERTYPE_IPV4 => {}
-        wire::ETHERTYPE_ARP => return answers::arp(frame, frame_len, in_port, port_mac, ctx),
-        _ => return ctx.drop(Counter::DropNonIp),
+        wire::ETHERTYPE_ARP => {
+            if let Some(c) = refused(frame) {
+                return ctx.drop(c);
+            }
+            return answers::arp(frame, frame_len, in_port, port_mac, ctx);
+        }
+        _ => return ctx.drop(refused(frame).unwrap_or(Counter::DropNonIp)),
     }
     let mut l4 = match parse::parse_ip(&frame[..frame_len]) {
         Ok(l4) => l4,
@@ -340,8 +346,13 @@ pub fn process(
         return ctx.drop(Counter::DropIpOptions);
     }
     l4.home = ctx.ct.home_of(l4.words) as u32;
-    match answers::cached(frame, &l4, ctx) {
-        Some((port, len)) => Verdict::Tx { port, len },
-        None => full_path(frame, &l4, in_port, port_mac, ctx),
+    if !l2_group_bits(frame)
+        && let Some((port, len)) = answers::cached(frame, &l4, ctx)
+    {
+        return Verdict::Tx { port, len };
     }
+    if let Some(c) = refused(frame) {
+        return ctx.drop(c);
+    }
+    full_path(frame, &l4, in_port, port_mac, ctx)
 }
