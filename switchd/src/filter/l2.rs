@@ -98,10 +98,8 @@ fn refused_which(dst: u64, src: u64, ethertype: u16, own: u64) -> Option<Counter
     } else {
         dst == own
     };
-    if !to_us && !(ethertype == wire::ETHERTYPE_ARP && dst == BROADCAST) {
-        return Some(Counter::DropL2Dest);
-    }
-    None
+    let arp_broadcast = ethertype == wire::ETHERTYPE_ARP && dst == BROADCAST;
+    (!to_us && !arp_broadcast).then_some(Counter::DropL2Dest)
 }
 
 /// The counter under which an ARP packet must be dropped for its sender
