@@ -177,9 +177,18 @@ impl Port {
             }
         }
         if let Some(g) = o.fanout {
-            let arg: libc::c_int =
-                (g as libc::c_int) | ((libc::PACKET_FANOUT_HASH as libc::c_int) << 16);
-            if setopt(fd, libc::SOL_PACKET, libc::PACKET_FANOUT, &arg) != 0 {
+            // A socket in a fanout group receives through the group's
+            // hook, which ignores PACKET_IGNORE_OUTGOING above: the group
+            // needs the flag itself, or every frame the kernel sends on the
+            // interface comes back to the switch (kernels before 4.20
+            // refuse the flag: then without it).
+            let fanout = |flags: u32| -> libc::c_int {
+                (g as libc::c_int) | (((libc::PACKET_FANOUT_HASH | flags) as libc::c_int) << 16)
+            };
+            let with = fanout(libc::PACKET_FANOUT_FLAG_IGNORE_OUTGOING);
+            if setopt(fd, libc::SOL_PACKET, libc::PACKET_FANOUT, &with) != 0
+                && setopt(fd, libc::SOL_PACKET, libc::PACKET_FANOUT, &fanout(0)) != 0
+            {
                 return Err(os(name, "PACKET_FANOUT"));
             }
         }
@@ -227,6 +236,59 @@ impl Port {
             .store(libc::TP_STATUS_SEND_REQUEST, Ordering::Release);
         self.tx_next = self.tx_next.wrapping_add(1);
         self.tx_dirty = true;
+        true
+    }
+
+    /// Puts the VLAN tag the kernel took out of a received frame
+    /// (`TP_STATUS_VLAN_VALID`: the TCI, and the TPID if
+    /// `TP_STATUS_VLAN_TPID_VALID`, else 802.1Q) back in front of the
+    /// frame's ethertype, as it was on the wire, so the filter sees a
+    /// tagged frame for what it is (ports are untagged: it drops it,
+    /// counted in `drop_vlan`). The MACs move 4 bytes toward the slot's
+    /// header, into the gap the kernel leaves before `tp_mac`; `tp_mac`,
+    /// `tp_snaplen` and `tp_len` follow. `false` (nothing changed) if the
+    /// gap is too small. The slot must be user-owned.
+    fn restore_vlan_tag(&self, i: usize) -> bool {
+        // Where the frame may start at the earliest: after the tpacket2
+        // header and the sockaddr_ll the kernel writes behind it.
+        const FIRST_FREE: usize = TX_DATA + core::mem::size_of::<libc::sockaddr_ll>();
+        let p = self.slot(false, i);
+        let h = p as *mut libc::tpacket2_hdr;
+        // SAFETY: a user-owned RX slot starts with a tpacket2_hdr that only
+        // this process touches until it gives the slot back; fields are
+        // read and written through raw pointers (tp_status is also read
+        // as an atomic elsewhere, never written here).
+        let (status, mac, snap, tci, tpid) = unsafe {
+            (
+                (*h).tp_status,
+                (*h).tp_mac as usize,
+                (*h).tp_snaplen as usize,
+                (*h).tp_vlan_tci,
+                (*h).tp_vlan_tpid,
+            )
+        };
+        if mac < FIRST_FREE + 4 || snap < 12 || mac + snap > FRAME_SIZE {
+            return false;
+        }
+        let tpid = if status & libc::TP_STATUS_VLAN_TPID_VALID != 0 && tpid != 0 {
+            tpid
+        } else {
+            0x8100
+        };
+        let mut tag = [0u8; 4];
+        tag[..2].copy_from_slice(&tpid.to_be_bytes());
+        tag[2..].copy_from_slice(&tci.to_be_bytes());
+        // SAFETY: mac - 4 .. mac + snap lies inside the slot (checked
+        // above) and after the header and its sockaddr_ll; `copy` allows
+        // the overlap of the MACs' old and new places.
+        unsafe {
+            core::ptr::copy(p.add(mac), p.add(mac - 4), 12);
+            core::ptr::copy_nonoverlapping(tag.as_ptr(), p.add(mac + 8), 4);
+            core::ptr::addr_of_mut!((*h).tp_mac).write((mac - 4) as u16);
+            core::ptr::addr_of_mut!((*h).tp_snaplen).write((snap + 4) as u32);
+            let len = core::ptr::addr_of!((*h).tp_len).read();
+            core::ptr::addr_of_mut!((*h).tp_len).write(len + 4);
+        }
         true
     }
 
@@ -351,6 +413,16 @@ impl Nic for AfPacket {
             let i = p.rx_next & (p.slots - 1);
             if p.status(false, i).load(Ordering::Acquire) & libc::TP_STATUS_USER == 0 {
                 break;
+            }
+            if p.status(false, i).load(Ordering::Relaxed) & libc::TP_STATUS_VLAN_VALID != 0
+                && !p.restore_vlan_tag(i)
+            {
+                // A tagged frame must not pass for an untagged one.
+                p.status(false, i)
+                    .store(libc::TP_STATUS_KERNEL, Ordering::Release);
+                p.rx_next = p.rx_next.wrapping_add(1);
+                self.truncated += 1;
+                continue;
             }
             let (mac_off, snap) = p.rx_hdr(i);
             // SAFETY: user-owned slot, starts with a tpacket2_hdr.

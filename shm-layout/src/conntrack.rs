@@ -311,13 +311,54 @@ fn kind(w: &[u64; 4]) -> u8 {
     (w[0] >> 56) as u8
 }
 
-fn encode_reply(key: &FlowKey, fwd: u32) -> [u64; 4] {
+fn encode_reply(key: &FlowKey, fwd: u32, hop: ClientHop) -> [u64; 4] {
     [
         ((KIND_REPLY as u64) << 56) | ((key.proto as u64) << 48) | fwd as u64,
         ((key.src_ip as u64) << 32) | key.dst_ip as u64,
         ((key.src_port as u64) << 48) | ((key.dst_port as u64) << 32),
-        0,
+        hop.0,
     ]
+}
+
+/// The client-side next hop a NAT connection learned from the frame that
+/// opened it: that frame's source MAC and the port it came in on. It lives
+/// in the reply slot's last word, which holds nothing else (so the layout
+/// is unchanged), and reaches the reply path in [`Hit::client_hop`]: a
+/// reply to a client the routing table has no neighbour for yet can still
+/// go out (see the filter's `client_hop`). Bits 0..48 the MAC, 48..64 the
+/// port; zero is "none" (a zero MAC is never learned).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ClientHop(u64);
+
+impl ClientHop {
+    pub const NONE: ClientHop = ClientHop(0);
+
+    /// The hop of a frame from `mac` received on `port`; [`NONE`](Self::NONE)
+    /// for a MAC no host can have (broadcast, multicast, zero) or a port
+    /// number that does not fit.
+    #[inline]
+    pub fn new(mac: [u8; 6], port: u32) -> Self {
+        if mac[0] & 1 != 0 || mac == [0; 6] || port > u32::from(u16::MAX) {
+            return Self::NONE;
+        }
+        let mut w = [0u8; 8];
+        w[2..].copy_from_slice(&mac);
+        Self(u64::from(port) << 48 | u64::from_be_bytes(w))
+    }
+
+    /// The learned MAC, if any.
+    #[inline]
+    pub fn mac(&self) -> Option<[u8; 6]> {
+        let b = self.0.to_be_bytes();
+        let mac = [b[2], b[3], b[4], b[5], b[6], b[7]];
+        (mac != [0; 6]).then_some(mac)
+    }
+
+    /// The port the frame came in on.
+    #[inline]
+    pub fn port(&self) -> u32 {
+        (self.0 >> 48) as u32
+    }
 }
 
 /// The key a slot is found by. Forward and reply slots store their key in
@@ -365,6 +406,9 @@ pub struct Hit {
     /// slot itself, or (`Direction::Reply`) the reply slot that points to it.
     pub via: u32,
     pub via_lock: u64,
+    /// For a reply hit: the client-side next hop the connection learned
+    /// when it was created (NAT); [`ClientHop::NONE`] otherwise.
+    pub client_hop: ClientHop,
     words: [u64; 4],
 }
 
@@ -558,7 +602,7 @@ impl<'a> ConnTable<'a> {
     }
 
     /// Seqlock snapshot of a slot; `None` if a writer holds it.
-    #[inline]
+    #[inline(always)]
     pub fn snapshot(&self, idx: u32) -> Option<Snapshot> {
         let s = self.slot(idx);
         for _ in 0..4 {
@@ -611,6 +655,7 @@ impl<'a> ConnTable<'a> {
                     lock: snap.lock,
                     via: home as u32,
                     via_lock: snap.lock,
+                    client_hop: ClientHop::NONE,
                     words: *w,
                 });
             }
@@ -648,6 +693,7 @@ impl<'a> ConnTable<'a> {
                         lock: snap.lock,
                         via: idx,
                         via_lock: snap.lock,
+                        client_hop: ClientHop::NONE,
                         words: snap.words,
                     });
                 }
@@ -662,6 +708,7 @@ impl<'a> ConnTable<'a> {
                             lock: s.lock,
                             via: idx,
                             via_lock: snap.lock,
+                            client_hop: ClientHop(snap.words[3]),
                             words: s.words,
                         });
                     }
@@ -684,6 +731,30 @@ impl<'a> ConnTable<'a> {
         pid: u32,
         expired: impl Fn(&ConnSlot) -> bool,
     ) -> Result<Inserted, InsertError> {
+        self.insert_with_hop(
+            conn,
+            with_reply,
+            ClientHop::NONE,
+            now_ms,
+            tcp_state,
+            pid,
+            expired,
+        )
+    }
+
+    /// [`insert`](Self::insert), keeping `hop` in the reply slot (if there
+    /// is one) for the reply path.
+    #[allow(clippy::too_many_arguments)]
+    pub fn insert_with_hop(
+        &self,
+        conn: &Conn,
+        with_reply: bool,
+        hop: ClientHop,
+        now_ms: u32,
+        tcp_state: u32,
+        pid: u32,
+        expired: impl Fn(&ConnSlot) -> bool,
+    ) -> Result<Inserted, InsertError> {
         let fkey = conn.forward_key();
         let fwd = self.claim(&fkey, KIND_FWD, pid, None, now_ms, &expired)?;
         let fidx = fwd.idx;
@@ -698,7 +769,7 @@ impl<'a> ConnTable<'a> {
                 Ok(r) => {
                     out.evicted_backends[1] = self.evict(&r).or(r.retired);
                     out.evicted_live[1] = r.live;
-                    self.publish(r.idx, r.held, &encode_reply(&conn.reply_key(), fidx));
+                    self.publish(r.idx, r.held, &encode_reply(&conn.reply_key(), fidx, hop));
                 }
                 Err(e) => {
                     // The forward slot goes back as it was: an expired
@@ -1212,6 +1283,29 @@ mod tests {
             let k = FlowKey { proto, src_ip, dst_ip, src_port, dst_port };
             proptest::prop_assert_eq!(FlowKey::from_words(k.words()), k);
         }
+    }
+
+    /// The client hop an insert was given comes back with a reply hit
+    /// (and only with it), and a reply slot without one reads as none.
+    #[test]
+    fn a_reply_hit_carries_the_client_hop_its_insert_kept() {
+        let t = temp("cthop");
+        let ct = t.0.conntrack();
+        let hop = ClientHop::new([2, 0, 0, 0, 3, 2], 5);
+        let c = conn(43);
+        ct.insert_with_hop(&c, true, hop, 10, STATE_SYN, PID, |_| false)
+            .unwrap();
+        assert_eq!(ct.lookup(&c.reply_key()).unwrap().client_hop, hop);
+        assert_eq!(
+            ct.lookup(&c.forward_key()).unwrap().client_hop,
+            ClientHop::NONE
+        );
+        let d = conn(44);
+        ct.insert(&d, true, 10, STATE_SYN, PID, |_| false).unwrap();
+        assert_eq!(
+            ct.lookup(&d.reply_key()).unwrap().client_hop,
+            ClientHop::NONE
+        );
     }
 
     #[test]

@@ -95,12 +95,17 @@ counters! {
     DropIcmpMalformed = 49, "drop_icmp_malformed", "ICMP to a VIP or quoting a VIP flow dropped as malformed: bad ICMP checksum, a quote shorter than an IP header and 8 bytes, a quote not TCP/UDP, an outer destination that is not the quoted source";
     DropIcmpNoFlow = 50, "drop_icmp_no_flow", "ICMP errors quoting a packet from a VIP whose connection is unknown or expired (the table is only read: ICMP never creates an entry)";
     DropIcmpType = 51, "drop_icmp_type", "ICMP to a VIP of a type the switch neither answers nor relays (anything but echo request, destination unreachable, time exceeded)";
+    DropVlan = 52, "drop_vlan", "802.1Q/802.1ad tagged frames (tagged ports are not supported; tagged ARP is not answered)";
+    DropL2Dest = 53, "drop_l2_dest", "frames to a broadcast, multicast or zero MAC or to another host's MAC (ARP requests excepted: they are broadcast)";
+    DropL2Src = 54, "drop_l2_src", "frames from a broadcast, multicast or zero MAC or from the port's own MAC, and ARP whose sender MAC is one of those";
+    DropIpOptions = 55, "drop_ip_options", "IPv4 TCP/UDP packets with IP options (source routing included), dropped as Katran does";
+    ClientHopUsed = 56, "client_hop_used", "NAT replies sent to the client MAC learned from the frame that opened the connection (on-link client the routing table has no neighbour for)";
 }
 
 /// Number of counter words per switch (room to grow without a layout change).
 pub const N_COUNTERS: usize = 64;
 
-const _: () = assert!((Counter::DropIcmpType as usize) < N_COUNTERS);
+const _: () = assert!((Counter::ClientHopUsed as usize) < N_COUNTERS);
 
 /// One switch's slot. Two cache lines of identity and liveness, then counters.
 #[repr(C, align(64))]

@@ -22,6 +22,9 @@ pub const VIP: u32 = 0xc612_000a;
 /// Outer source address of the tunnel service.
 pub const TUNNEL_SRC: u32 = 0xc613_01fe;
 pub const CLIENT_GW_MAC: [u8; 6] = [2, 0, 0, 0, 2, 1];
+/// An on-link client subnet (198.18.1.0/24), published only by
+/// [`Fixture::with_onlink_clients`].
+pub const ONLINK_CLIENTS: u32 = 0xc612_0100;
 
 /// Port MACs of the fixture: port p has 02:00:00:00:00:(p+1).
 pub fn port_mac(p: u32) -> Option<[u8; 6]> {
@@ -107,6 +110,39 @@ impl Fixture {
     /// in one publication.
     pub fn publish(&self, down: &[(u32, u8)], edit: impl Fn(&mut ConfigSlotMut<'_>)) {
         publish(&self.region, down, &edit);
+    }
+
+    /// Republishes the routing slot: the fixture's routes and neighbours
+    /// with `edit` applied (routes must stay longest prefix first).
+    pub fn edit_routing(&self, edit: impl Fn(&mut shm_layout::routing_slot::RoutingSlotMut<'_>)) {
+        let copy = self.region.routing_copy();
+        let cur = copy.routing();
+        let fence = &mut cannot_fence;
+        self.region
+            .publish_routing(Duration::from_millis(10), fence, |s| {
+                s.header.n_routes = cur.header.n_routes;
+                s.header.n_neighbours = cur.header.n_neighbours;
+                s.routes.copy_from_slice(cur.routes);
+                s.neighbours.copy_from_slice(cur.neighbours);
+                edit(s);
+            })
+            .expect("no switch runs on a fixture");
+    }
+
+    /// [`edit_routing`](Self::edit_routing): adds the on-link client
+    /// subnet [`ONLINK_CLIENTS`]/24 on port 0, with no neighbour (clients
+    /// the kernel has not resolved).
+    pub fn with_onlink_clients(&self) {
+        self.edit_routing(|s| {
+            let n = s.header.n_routes as usize;
+            s.routes[n] = RouteRec {
+                prefix: ONLINK_CLIENTS,
+                len: 24,
+                port: 0,
+                ..Default::default()
+            };
+            s.header.n_routes += 1;
+        });
     }
 
     /// The stamps of the active configuration and routing slots (what the

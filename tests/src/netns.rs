@@ -410,6 +410,108 @@ pub fn afpacket_appliance_sized(
     (inst, app)
 }
 
+/// Starts controld (and its switch) in the appliance namespace on
+/// AF_PACKET ports l0 and br0 with one NAT service "web" (`vip`:80 to the
+/// backends' :8080, weights 1:2:3), routing mirrored from the kernel, as
+/// [`afpacket_appliance`] does; `vip` may be on the clients' own subnet
+/// (198.18.1.0/24).
+pub fn afpacket_appliance_vip(bed: &Bed, vip: &str) -> (String, crate::Appliance) {
+    let inst = crate::unique("afvip");
+    let cpus = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
+    let mut cfg = format!(
+        "instance = \"{inst}\"\n[limits]\nconnections = 65536\n\n\
+         [[port]]\nname = \"client\"\ndriver = \"afpacket\"\ninterface = \"l0\"\n\n\
+         [[port]]\nname = \"backend\"\ndriver = \"afpacket\"\ninterface = \"br0\"\n\n\
+         [[switch]]\nname = \"sw0\"\ncpu = {}\nports = [\"client\", \"backend\"]\nidle = \"adaptive\"\n\n\
+         [[service]]\nname = \"web\"\nvip = \"{vip}\"\nport = 80\nprotocol = \"tcp\"\nmode = \"nat\"\n",
+        cpus - 1
+    );
+    for (i, addr) in BACKEND_ADDRS.iter().enumerate() {
+        cfg += &format!(
+            "  [[service.backend]]\n  name = \"backend{}\"\n  address = \"{addr}\"\n  port = 8080\n  weight = {}\n",
+            i + 1,
+            i + 1
+        );
+    }
+    let app = crate::Appliance::start_in(Some(&bed.ns("lb")), &inst, &cfg);
+    (inst, app)
+}
+
+/// The MAC of interface `ifname` in namespace `role`, as "aa:bb:..".
+pub fn mac_of(bed: &Bed, role: &str, ifname: &str) -> String {
+    let out = bed
+        .exec(role, &["cat", &format!("/sys/class/net/{ifname}/address")])
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+/// Sends one raw Ethernet frame (`frame`, given in hex) out of `ifname`
+/// in namespace `role` (python3's AF_PACKET socket).
+pub fn send_raw_frame(bed: &Bed, role: &str, ifname: &str, frame_hex: &str) {
+    let py = format!(
+        "import socket; s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW); \
+         s.bind(('{ifname}', 0)); s.send(bytes.fromhex('{frame_hex}'))"
+    );
+    bed.exec(role, &["python3", "-c", &py]).unwrap();
+}
+
+/// The TCP segments the kernel of namespace `role` retransmitted
+/// (`RetransSegs` of its /proc/net/snmp; SYN retransmissions included).
+pub fn tcp_retransmits(bed: &Bed, role: &str) -> u64 {
+    let out = bed.exec(role, &["cat", "/proc/net/snmp"]).unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    let tcp: Vec<&str> = text.lines().filter(|l| l.starts_with("Tcp:")).collect();
+    let (names, values) = (tcp[0].split_whitespace(), tcp[1].split_whitespace());
+    names
+        .zip(values)
+        .find(|(n, _)| *n == "RetransSegs")
+        .and_then(|(_, v)| v.parse().ok())
+        .expect("RetransSegs in /proc/net/snmp")
+}
+
+/// The neighbours published in the routing slot of `inst`, as
+/// (address, mac) pairs.
+pub fn published_neighbours(inst: &str) -> Vec<(String, String)> {
+    let v = crate::shmdump_json(inst, &[]);
+    v["routing"]["neighbours"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .map(|n| {
+                    (
+                        n["address"].as_str().unwrap_or("-").to_string(),
+                        n["mac"].as_str().unwrap_or("-").to_string(),
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Waits (bounded by `limit`) until `cond` holds of the neighbours
+/// published for `inst`; panics with them if it does not.
+pub fn wait_neighbours(
+    inst: &str,
+    limit: std::time::Duration,
+    what: &str,
+    cond: impl Fn(&[(String, String)]) -> bool,
+) {
+    let deadline = std::time::Instant::now() + limit;
+    loop {
+        let n = published_neighbours(inst);
+        if cond(&n) {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{what}: not published within {limit:?}: {n:?}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
 impl Drop for Bed {
     fn drop(&mut self) {
         for c in &mut self.children {

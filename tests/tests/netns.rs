@@ -1,13 +1,16 @@
 //! Namespace test bed with real programs (curl, wrk, python3 sockets,
 //! testbackend, lb-agent, lbctl): the bed itself, the afpacket port, every
 //! forwarding mode end to end, the init script, and in submodules the
-//! routing mirror, health checks, load agents, lbctl and controlled
-//! loading, all through switchyard on AF_PACKET ports.
+//! routing mirror, health checks, load agents, lbctl, controlled loading,
+//! first contact and L2 hygiene, all through switchyard on AF_PACKET
+//! ports.
 
 #[path = "netns/admin.rs"]
 mod admin;
 #[path = "netns/agents.rs"]
 mod agents;
+#[path = "netns/first_contact.rs"]
+mod first_contact;
 #[path = "netns/flood.rs"]
 mod flood;
 #[path = "netns/health.rs"]

@@ -201,6 +201,24 @@ impl<K: Kernel> Mirror<K> {
                 cfg.limits.neighbours
             );
         }
+        if !b.neighbours_refused.is_empty() && b.neighbours_refused != self.last.neighbours_refused
+        {
+            // Once per change of the set, not per rebuild.
+            let list: Vec<String> = b
+                .neighbours_refused
+                .iter()
+                .map(|(ip, m)| {
+                    format!(
+                        "{ip} at {:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
+                        m[0], m[1], m[2], m[3], m[4], m[5]
+                    )
+                })
+                .collect();
+            log::warn!(
+                "routing: kernel neighbours with a MAC no host can have (broadcast, multicast or zero; a forged ARP?) not published: {}",
+                list.join(", ")
+            );
+        }
         self.last = b;
     }
 

@@ -130,6 +130,11 @@ pub struct Built {
     pub routes_dropped: usize,
     /// Mirrored neighbours that did not fit `limits.neighbours`.
     pub neighbours_dropped: usize,
+    /// Kernel neighbours on switch ports, learned (reachable, stale,
+    /// delay, probe), whose MAC no host can have (broadcast, multicast,
+    /// zero: what one forged ARP request teaches the kernel), with that
+    /// MAC. Like every neighbour without a unicast MAC, never published.
+    pub neighbours_refused: Vec<(Ipv4Addr, [u8; 6])>,
     /// Next hops, by address.
     pub hops: Vec<Hop>,
 }
@@ -218,11 +223,19 @@ pub fn build(cfg: &Config, kernel: &KernelTables) -> Built {
     let statics: BTreeSet<u32> = neighbours.iter().map(|n| n.ip).collect();
     let mut learned: BTreeMap<u32, (u8, NeighbourRec)> = BTreeMap::new();
     let mut stale: BTreeSet<u32> = BTreeSet::new();
+    let mut neighbours_refused = Vec::new();
     for k in &kernel.neighbours {
         let (Some(&port), Some(mac)) = (ports.get(&k.ifindex), k.mac) else {
             continue;
         };
         let ip = u32::from(k.address);
+        // The kernel's own NOARP entries of broadcast and multicast
+        // addresses hold group MACs by right; a learned one never does.
+        let learned_state =
+            k.state.usable() && !matches!(k.state, NeighState::Noarp | NeighState::Permanent);
+        if learned_state && !unicast_mac(&mac) {
+            neighbours_refused.push((k.address, mac));
+        }
         if !k.state.usable() || !unicast_mac(&mac) || statics.contains(&ip) {
             continue;
         }
@@ -299,6 +312,7 @@ pub fn build(cfg: &Config, kernel: &KernelTables) -> Built {
         snapshot: RoutingSnapshot { routes, neighbours },
         routes_dropped,
         neighbours_dropped,
+        neighbours_refused,
         hops,
     }
 }
@@ -569,6 +583,31 @@ protocol = "tcp"
             neigh("198.19.0.53", 2, Some(MAC_GW), NeighState::Reachable),
         ];
         assert_eq!(build(&cfg(""), &k).snapshot.neighbours, vec![]);
+    }
+
+    /// A client's address the kernel learned with a group MAC (one forged
+    /// ARP request does it) is not published and is reported; the
+    /// kernel's own NOARP entries of broadcast addresses are not reported.
+    #[test]
+    fn learned_group_macs_are_refused_and_reported() {
+        let mut k = bed();
+        let mcast = [0x01, 0, 0x5e, 0, 0, 1];
+        k.neighbours = vec![
+            neigh("198.19.0.50", 7, Some([0xff; 6]), NeighState::Stale),
+            neigh("198.19.0.51", 7, Some(mcast), NeighState::Reachable),
+            neigh("198.19.0.52", 7, Some(MAC_GW), NeighState::Reachable),
+            neigh("198.19.0.255", 7, Some([0xff; 6]), NeighState::Noarp),
+        ];
+        let b = build(&cfg(""), &k);
+        let published: Vec<u32> = b.snapshot.neighbours.iter().map(|n| n.ip).collect();
+        assert_eq!(published, vec![u32::from(Ipv4Addr::new(198, 19, 0, 52))]);
+        assert_eq!(
+            b.neighbours_refused,
+            vec![
+                (Ipv4Addr::new(198, 19, 0, 50), [0xff; 6]),
+                (Ipv4Addr::new(198, 19, 0, 51), mcast)
+            ]
+        );
     }
 
     #[test]

@@ -29,6 +29,9 @@ pub(super) fn arp(
     let Ok(arp) = wire::ArpPacket::new_checked(&frame[ETH..len]) else {
         return ctx.drop(Counter::DropMalformed);
     };
+    if let Some(c) = super::l2::bad_arp_sender(arp.sender_hardware_addr()) {
+        return ctx.drop(c);
+    }
     if arp.operation() != wire::ARP_REQUEST
         || !is_vip(&ctx.cfg, u32::from_be_bytes(arp.target_protocol_addr()))
     {

@@ -6,8 +6,8 @@ use core::sync::atomic::Ordering;
 
 use shm_layout::config_slot::{ConfigView, MODE_NAT, ON_DOWN_KEEP, ON_DOWN_RESET, ServiceRec};
 use shm_layout::conntrack::{
-    CONN_MIDFLOW, Conn, ConnTable, Direction, Evicted, FlowKey, Hit, InsertError, STATE_ACTIVE,
-    STATE_CLOSING, STATE_PROVISIONAL, STATE_SYN, holds_reservation,
+    CONN_MIDFLOW, ClientHop, Conn, ConnTable, Direction, Evicted, FlowKey, Hit, InsertError,
+    STATE_ACTIVE, STATE_CLOSING, STATE_PROVISIONAL, STATE_SYN, holds_reservation,
 };
 use shm_layout::ring::midflow_event;
 use shm_layout::switch_slot::Counter;
@@ -15,6 +15,7 @@ use shm_layout::switch_slot::Counter;
 use crate::sched::{self, Pick};
 
 use super::answers::{Fill, answer_with_rst, refuse};
+use super::client_hop;
 use super::parse::L4;
 use super::rewrite::{forward, reverse};
 use super::state::{Moved, touch};
@@ -188,7 +189,14 @@ pub(super) fn new_flow(
         (true, true) => STATE_SYN,
         (true, false) => STATE_PROVISIONAL,
     };
-    let conn = match insert(&conn, state, reserved, ctx) {
+    // A NAT connection keeps the client-side hop of the frame that opened
+    // it, for replies to a client not resolved yet (see `client_hop`).
+    let hop = if svc.mode == MODE_NAT {
+        client_hop::of_frame(frame, in_port)
+    } else {
+        ClientHop::NONE
+    };
+    let conn = match insert(&conn, hop, state, reserved, ctx) {
         Ok(c) => c,
         Err(v) => return v,
     };
@@ -284,16 +292,18 @@ pub(super) fn reset_down(
 /// `drop_table_full`), never sent with an entry that is not its own.
 pub(super) fn insert(
     conn: &Conn,
+    hop: ClientHop,
     state: u32,
     reserved: bool,
     ctx: &mut Ctx<'_>,
 ) -> Result<Conn, Verdict> {
-    insert_tries(conn, state, reserved, INSERT_TRIES, ctx)
+    insert_tries(conn, hop, state, reserved, INSERT_TRIES, ctx)
 }
 
 /// [`insert`] with `tries` left.
 pub(super) fn insert_tries(
     conn: &Conn,
+    hop: ClientHop,
     state: u32,
     reserved: bool,
     tries: usize,
@@ -302,7 +312,9 @@ pub(super) fn insert_tries(
     let with_reply = conn.mode == MODE_NAT;
     let res = {
         let c = &*ctx;
-        c.ct.insert(conn, with_reply, c.now_ms, state, c.pid, |s| c.expired(s))
+        c.ct.insert_with_hop(conn, with_reply, hop, c.now_ms, state, c.pid, |s| {
+            c.expired(s)
+        })
     };
     let b = ctx.backends.get(conn.backend_id as usize);
     match res {
@@ -335,7 +347,7 @@ pub(super) fn insert_tries(
             }
             // Gone or changing: the insert goes round again, keeping
             // the reservation.
-            None if tries > 1 => insert_tries(conn, state, reserved, tries - 1, ctx),
+            None if tries > 1 => insert_tries(conn, hop, state, reserved, tries - 1, ctx),
             None => {
                 if let (Some(b), true) = (b, reserved) {
                     sched::release(b);

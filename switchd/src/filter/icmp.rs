@@ -21,7 +21,7 @@
 //! big to encapsulate is dropped, not answered with fragmentation-needed).
 
 use shm_layout::config_slot::{MODE_NAT, MODE_TUNNEL};
-use shm_layout::conntrack::{Conn, Direction, FlowKey};
+use shm_layout::conntrack::{ClientHop, Conn, Direction, FlowKey};
 use shm_layout::switch_slot::Counter;
 use wire::icmp::{self, End, Quote};
 use wire::{checksum, ipip};
@@ -255,7 +255,7 @@ fn route(
     port_mac: &impl Fn(u32) -> Option<[u8; 6]>,
     ctx: &mut Ctx<'_>,
 ) -> Result<Verdict, Verdict> {
-    let (port, dst_mac, src_mac) = next_hop(route_to, port_mac, ctx)?;
+    let (port, dst_mac, src_mac) = next_hop(route_to, ClientHop::NONE, port_mac, ctx)?;
     decrement_ttl(frame, ctx)?;
     let (addr_at, new) = match outer {
         Outer::Keep => (None, 0),
@@ -291,7 +291,7 @@ fn tunnel(
     port_mac: &impl Fn(u32) -> Option<[u8; 6]>,
     ctx: &mut Ctx<'_>,
 ) -> Verdict {
-    let (port, dst_mac, src_mac) = match next_hop(backend_ip, port_mac, ctx) {
+    let (port, dst_mac, src_mac) = match next_hop(backend_ip, ClientHop::NONE, port_mac, ctx) {
         Ok(h) => h,
         Err(v) => return v,
     };

@@ -265,6 +265,10 @@ fn port_unreachable_from_a_nat_backend_goes_to_the_client_as_from_the_vip() {
         unreachable.clone(),
         &fwd,
     );
+    // Sent to the backend-side port's own MAC (the L2 rules drop a frame
+    // to another host's).
+    let mut frame = frame;
+    frame[..6].copy_from_slice(&port_mac(1).unwrap());
     let (v, buf) = run(&fx, &mut c, 1, &frame);
     let Verdict::Tx { port: 0, len } = v else {
         panic!("{v:?}")

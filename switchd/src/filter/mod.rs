@@ -22,8 +22,10 @@
 //! together). [`process`] runs one frame the whole way in one call.
 
 mod answers;
+mod client_hop;
 mod decide;
 mod icmp;
+mod l2;
 mod parse;
 mod rewrite;
 mod state;
@@ -169,7 +171,10 @@ pub struct Parsed(Option<L4>);
 #[inline(always)]
 pub fn parse_and_prefetch(frame: &[u8], ct: &ConnTable<'_>, flows: &FlowCache, out: &mut Parsed) {
     out.0 = None;
-    if frame.get(12..14) != Some(&[0x08, 0x00]) {
+    // A frame to or from a group MAC is left to the full path (which
+    // drops it, see `l2`): the flow cache only ever answers frames
+    // between unicast MACs.
+    if frame.get(12..14) != Some(&[0x08, 0x00]) || l2_group_bits(frame) {
         return;
     }
     let Some(mut l4) = parse::parse_ip_common(frame) else {
@@ -191,6 +196,13 @@ pub fn parse_and_prefetch(frame: &[u8], ct: &ConnTable<'_>, flows: &FlowCache, o
     }
     l4.home = home as u32;
     out.0 = Some(l4);
+}
+
+/// Whether the destination or the source MAC of `frame` (at least 14
+/// bytes: the caller read its ethertype) has its group bit set.
+#[inline(always)]
+fn l2_group_bits(frame: &[u8]) -> bool {
+    (frame[0] | frame[6]) & 1 != 0
 }
 
 /// Second pass over a burst (the engine skips it when the flow cache
@@ -271,7 +283,12 @@ pub fn switch_after_cache_miss(
     ctx: &mut Ctx<'_>,
 ) -> Verdict {
     match &parsed.0 {
-        Some(l4) => full_path(frame, l4, in_port, port_mac, ctx),
+        Some(l4) => {
+            if let Some(c) = l2::refused(frame, port_mac(in_port)) {
+                return ctx.drop(c);
+            }
+            full_path(frame, l4, in_port, port_mac, ctx)
+        }
         None => process(frame, len, in_port, port_mac, ctx),
     }
 }
@@ -312,21 +329,41 @@ pub fn process(
     let Ok(eth) = wire::EthernetFrame::new_checked(&frame[..frame_len]) else {
         return ctx.drop(Counter::DropMalformed);
     };
+    // The L2 rules (see `l2`): at once for anything but IPv4; for IPv4
+    // as the passes apply them, the flow cache answering only frames
+    // between unicast MACs and the full path checking the rest.
+    let refused = |frame: &[u8]| l2::refused(&frame[..frame_len], port_mac(in_port));
     match eth.ethertype() {
         wire::ETHERTYPE_IPV4 => {}
-        wire::ETHERTYPE_ARP => return answers::arp(frame, frame_len, in_port, port_mac, ctx),
-        _ => return ctx.drop(Counter::DropNonIp),
+        wire::ETHERTYPE_ARP => {
+            if let Some(c) = refused(frame) {
+                return ctx.drop(c);
+            }
+            return answers::arp(frame, frame_len, in_port, port_mac, ctx);
+        }
+        _ => return ctx.drop(refused(frame).unwrap_or(Counter::DropNonIp)),
     }
     let mut l4 = match parse::parse_ip(&frame[..frame_len]) {
         Ok(l4) => l4,
         Err(wire::WireError::NotTcpUdp) if icmp::is_icmp(frame) => {
+            if let Some(c) = refused(frame) {
+                return ctx.drop(c);
+            }
             return icmp::switch_icmp(frame, frame_len, in_port, port_mac, ctx);
         }
         Err(rule) => return parse::dropped_as(rule, ctx),
     };
-    l4.home = ctx.ct.home_of(l4.words) as u32;
-    match answers::cached(frame, &l4, ctx) {
-        Some((port, len)) => Verdict::Tx { port, len },
-        None => full_path(frame, &l4, in_port, port_mac, ctx),
+    if l2::has_ip_options(l4.l4_off as usize - wire::ETHERNET_HEADER_LEN) {
+        return ctx.drop(Counter::DropIpOptions);
     }
+    l4.home = ctx.ct.home_of(l4.words) as u32;
+    if !l2_group_bits(frame)
+        && let Some((port, len)) = answers::cached(frame, &l4, ctx)
+    {
+        return Verdict::Tx { port, len };
+    }
+    if let Some(c) = refused(frame) {
+        return ctx.drop(c);
+    }
+    full_path(frame, &l4, in_port, port_mac, ctx)
 }

@@ -2,7 +2,7 @@
 //! egress of a packet the decision forwards.
 
 use shm_layout::config_slot::{MODE_NAT, MODE_TUNNEL, PROTO_TCP};
-use shm_layout::conntrack::{Conn, Hit};
+use shm_layout::conntrack::{ClientHop, Conn, Hit};
 use shm_layout::routing_slot::NoRoute;
 use shm_layout::switch_slot::Counter;
 
@@ -10,6 +10,7 @@ use crate::flowcache;
 use wire::{checksum, ipip};
 
 use super::answers::{Fill, answer_too_big, cache_answer};
+use super::client_hop;
 use super::parse::L4;
 use super::{Ctx, Verdict};
 
@@ -27,11 +28,29 @@ pub(super) fn forward(
     match conn.mode {
         MODE_NAT => {
             let nat = Nat::Dst(conn.backend_ip, conn.backend_port);
-            egress(frame, l4, nat, conn.backend_ip, port_mac, fill, ctx)
+            egress(
+                frame,
+                l4,
+                nat,
+                conn.backend_ip,
+                ClientHop::NONE,
+                port_mac,
+                fill,
+                ctx,
+            )
         }
         MODE_TUNNEL => tunnel(frame, l4, conn.backend_ip, in_port, port_mac, ctx),
         // Direct routing: only the MACs change.
-        _ => egress(frame, l4, Nat::None, conn.backend_ip, port_mac, fill, ctx),
+        _ => egress(
+            frame,
+            l4,
+            Nat::None,
+            conn.backend_ip,
+            ClientHop::NONE,
+            port_mac,
+            fill,
+            ctx,
+        ),
     }
 }
 
@@ -46,7 +65,8 @@ pub(super) fn reverse(
     ctx: &mut Ctx<'_>,
 ) -> Verdict {
     let nat = Nat::Src(hit.conn().vip, hit.conn().vip_port);
-    egress(frame, l4, nat, hit.conn().client_ip, port_mac, fill, ctx)
+    let (client, hop) = (hit.conn().client_ip, hit.client_hop);
+    egress(frame, l4, nat, client, hop, port_mac, fill, ctx)
 }
 
 /// IP-in-IP to the backend: route to it, check that the encapsulated packet
@@ -63,7 +83,7 @@ pub(super) fn tunnel(
     port_mac: &impl Fn(u32) -> Option<[u8; 6]>,
     ctx: &mut Ctx<'_>,
 ) -> Verdict {
-    let (port, dst_mac, src_mac) = match next_hop(backend_ip, port_mac, ctx) {
+    let (port, dst_mac, src_mac) = match next_hop(backend_ip, ClientHop::NONE, port_mac, ctx) {
         Ok(h) => h,
         Err(v) => return v,
     };
@@ -155,16 +175,26 @@ pub(super) fn decrement_ttl(frame: &mut [u8], ctx: &mut Ctx<'_>) -> Result<(), V
 }
 
 /// The egress port toward `route_to`, the next hop's MAC and the port's MAC.
+/// `learned`: the client-side hop of the connection (replies only; see
+/// [`client_hop`](super::client_hop)), used when the routing table has no
+/// neighbour for an on-link `route_to`.
 #[inline]
 pub(super) fn next_hop(
     route_to: u32,
+    learned: ClientHop,
     port_mac: &impl Fn(u32) -> Option<[u8; 6]>,
     ctx: &mut Ctx<'_>,
 ) -> Result<(u32, [u8; 6], [u8; 6]), Verdict> {
     let hop = match ctx.hops.next_hop(&ctx.rt, route_to) {
         Ok(h) => h,
         Err(NoRoute::NoRoute) => return Err(ctx.drop(Counter::DropNoRoute)),
-        Err(NoRoute::NoNeighbour) => return Err(ctx.drop(Counter::DropNoNeighbour)),
+        Err(NoRoute::NoNeighbour) => match client_hop::learned(&ctx.rt, route_to, learned) {
+            Some(h) => {
+                ctx.count(Counter::ClientHopUsed);
+                h
+            }
+            None => return Err(ctx.drop(Counter::DropNoNeighbour)),
+        },
     };
     let Some(src) = port_mac(hop.port) else {
         return Err(ctx.drop(Counter::DropEgressPort));
@@ -183,11 +213,13 @@ pub(super) fn set_macs(frame: &mut [u8], dst: [u8; 6], src: [u8; 6]) {
 /// translation `nat`, the next hop's MACs. The IPv4 checksum is adjusted
 /// once for the TTL and the address together (RFC 1624 differences add).
 #[inline(always)]
+#[allow(clippy::too_many_arguments)]
 pub(super) fn egress(
     frame: &mut [u8],
     l4: &L4,
     nat: Nat,
     route_to: u32,
+    learned: ClientHop,
     port_mac: &impl Fn(u32) -> Option<[u8; 6]>,
     fill: Option<Fill>,
     ctx: &mut Ctx<'_>,
@@ -201,7 +233,7 @@ pub(super) fn egress(
     if ttl <= 1 {
         return ctx.drop(Counter::DropTtl);
     }
-    let (port, dst, src) = match next_hop(route_to, port_mac, ctx) {
+    let (port, dst, src) = match next_hop(route_to, learned, port_mac, ctx) {
         Ok(h) => h,
         Err(v) => return v,
     };
