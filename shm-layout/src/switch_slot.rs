@@ -58,7 +58,7 @@ counters! {
     DropNoRoute = 14, "drop_no_route", "frames without a route to their destination";
     DropNoNeighbour = 15, "drop_no_neighbour", "frames whose next hop has no known MAC";
     DropTtl = 16, "drop_ttl", "frames whose TTL expired";
-    DropFragment = 17, "drop_fragment", "IPv4 fragments (fragment policy: drop)";
+    DropFragment = 17, "drop_fragment", "IPv4 fragments dropped: malformed, not TCP/UDP, or a later fragment neither to a VIP nor from a backend with no first fragment seen";
     DropTxFull = 18, "drop_tx_full", "frames dropped because a TX ring was full";
     DropTableFull = 19, "drop_table_full", "new connections dropped because the connection table had no free slot";
     DropNonIp = 20, "drop_non_ip", "non-IPv4, non-ARP frames";
@@ -80,12 +80,17 @@ counters! {
     BusyNs = 36, "busy_ns", "nanoseconds the switch spent in poll loops that moved frames (its utilisation is the growth of busy_ns over wall time; while it is saturated, busy_ns over rx_packets is its cost per frame)";
     FlowCacheHit = 37, "flow_cache_hit", "packets of known connections answered from the switch's flow cache (the full path's cached rewrite; counted in fwd_hit or reply_hit as well)";
     BadChecksum = 38, "bad_checksum", "published configuration or routing generations the switch refused because the slot's checksum did not match its contents (must stay 0; its frames count in drop_no_config)";
+    FragForwarded = 39, "frag_forwarded", "IPv4 fragments of TCP/UDP datagrams forwarded (first fragments switched like whole packets, later ones by their first fragment's decision)";
+    FragHeld = 40, "frag_held", "later fragments held because they arrived before their datagram's first fragment";
+    DropFragTimeout = 41, "drop_frag_timeout", "held fragments dropped because their first fragment did not pass within 2 s";
+    DropFragOverflow = 42, "drop_frag_overflow", "later fragments dropped because the switch's holding area was full";
 }
 
 /// Number of counter words per switch (room to grow without a layout change).
 pub const N_COUNTERS: usize = 64;
 
 const _: () = assert!((Counter::BadChecksum as usize) < N_COUNTERS);
+const _: () = assert!((Counter::DropFragOverflow as usize) < N_COUNTERS);
 
 /// One switch's slot. Two cache lines of identity and liveness, then counters.
 #[repr(C, align(64))]

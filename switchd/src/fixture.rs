@@ -146,6 +146,7 @@ impl Fixture {
             flows: Default::default(),
             icmp_tokens: crate::filter::IcmpBudget::BURST,
             sched: SchedState::new(cfg.backends.len()),
+            frags: Default::default(),
         }
     }
 }

@@ -21,12 +21,14 @@
 
 mod answers;
 mod decide;
+mod fragments;
 mod parse;
 mod rewrite;
 #[cfg(test)]
 mod tests;
 
 pub use answers::{answer_fingerprint, refuse};
+pub use fragments::release_fragments;
 pub use parse::flow_key;
 
 use shm_layout::config_slot::ConfigView;
@@ -36,6 +38,7 @@ use shm_layout::routing_slot::RoutingView;
 use shm_layout::switch_slot::{BackendCounters, Counter, N_COUNTERS};
 
 use crate::flowcache::FlowCache;
+use crate::frag::FragTable;
 use crate::hops::HopCache;
 use crate::sched::SchedState;
 
@@ -46,7 +49,9 @@ use parse::L4;
 pub enum Verdict {
     /// Transmit `len` bytes on global port `port`.
     Tx { port: u32, len: usize },
-    /// Drop it; the reason was counted.
+    /// Drop it (the buffer goes back); the reason was counted. (Or a
+    /// fragment that came before its first one, of which the filter kept
+    /// a copy, counted `frag_held`: see [`release_fragments`].)
     Drop,
     /// A new connection whose eligible backends are all at their
     /// `max_conns`: the engine may hold the frame (a copy) for up to
@@ -79,6 +84,9 @@ pub struct Ctx<'a> {
     /// ICMP answers this switch may still send (a token bucket the engine
     /// refills between loops; see [`IcmpBudget`]).
     pub icmp_tokens: u32,
+    /// Where later fragments find their first fragment's decision, or
+    /// wait for it (see [`crate::frag`]; fragments only).
+    pub frags: FragTable,
 }
 
 /// The rate limit of ICMP answers per switch: a token bucket of
@@ -314,6 +322,9 @@ pub fn process(
     }
     let mut l4 = match parse::parse_ip(&frame[..frame_len]) {
         Ok(l4) => l4,
+        Err(wire::WireError::Fragment) => {
+            return fragments::switch_fragment(frame, frame_len, in_port, port_mac, ctx);
+        }
         Err(rule) => return parse::dropped_as(rule, ctx),
     };
     l4.home = ctx.ct.home_of(l4.words) as u32;
