@@ -217,8 +217,7 @@ impl FragTable {
     /// arrived for a held fragment, or a held fragment waited its time.
     #[inline]
     pub fn needs_release(&self, now_ms: u32) -> bool {
-        !self.held.is_empty()
-            && (self.ready || now_ms.wrapping_sub(self.next_deadline) as i32 >= 0)
+        !self.held.is_empty() && (self.ready || now_ms.wrapping_sub(self.next_deadline) as i32 >= 0)
     }
 
     /// Offers every held fragment whose datagram has a decision now
@@ -321,8 +320,15 @@ mod tests {
         assert_eq!(t.follow(k, (2960, 1048, false), 100), Some(d(1)));
         assert_eq!(t.follow(k, (2960, 1048, false), 100), None, "forgotten");
         t.decide(k, d(2), 1480, 100);
-        assert_eq!(t.follow(k, (2960, 8, true), 100 + TIMEOUT_MS - 1), Some(d(2)));
-        assert_eq!(t.follow(k, (2968, 8, true), 100 + TIMEOUT_MS), None, "timed out");
+        assert_eq!(
+            t.follow(k, (2960, 8, true), 100 + TIMEOUT_MS - 1),
+            Some(d(2))
+        );
+        assert_eq!(
+            t.follow(k, (2968, 8, true), 100 + TIMEOUT_MS),
+            None,
+            "timed out"
+        );
         // The oldest place is overwritten.
         for i in 0..5u32 {
             t.decide((9, i), d(i), 8, 200);

@@ -139,7 +139,8 @@ fn follow(
     if ttl <= 1 {
         return drop(Counter::DropTtl);
     }
-    let old = |h: &[u8; 20], at: usize| u32::from_be_bytes([h[at], h[at + 1], h[at + 2], h[at + 3]]);
+    let old =
+        |h: &[u8; 20], at: usize| u32::from_be_bytes([h[at], h[at + 1], h[at + 2], h[at + 3]]);
     let (at, new) = match d.translation {
         Translation::Dst(a) => (16, a),
         Translation::Src(a) => (12, a),
@@ -184,12 +185,295 @@ pub fn release_fragments(ctx: &mut Ctx<'_>, mut send: impl FnMut(&[u8], u32)) {
         return;
     }
     let (cfg, counters) = (&ctx.cfg, &mut *ctx.counters);
-    ctx.frags.release(ctx.now_ms, |buf, len, offer| match offer {
-        Offer::Release(d) => {
-            if let Verdict::Tx { port, len } = follow(buf, len, &d, cfg, counters) {
-                send(&buf[..len], port);
+    ctx.frags
+        .release(ctx.now_ms, |buf, len, offer| match offer {
+            Offer::Release(d) => {
+                if let Verdict::Tx { port, len } = follow(buf, len, &d, cfg, counters) {
+                    send(&buf[..len], port);
+                }
             }
+            Offer::Expired => counters[Counter::DropFragTimeout as usize] += 1,
+        });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::filter::process;
+    use crate::fixture::{CLIENT_GW_MAC, Fixture, VIP, port_mac};
+    use crate::frag::{DEFAULT_HELD, TIMEOUT_MS};
+    use etherparse::{Ipv4HeaderSlice, PacketBuilder, UdpHeader};
+
+    const CLIENT: [u8; 4] = [198, 18, 100, 1];
+    const BACKEND_MACS: [[u8; 6]; 3] = [[2, 0, 0, 0, 1, 1], [2, 0, 0, 0, 1, 2], [2, 0, 0, 0, 1, 3]];
+
+    /// A UDP datagram of `len` payload bytes (a pattern) from `src:sport`
+    /// to `dst:dport`, IP id `id`, cut into fragments of at most 1480
+    /// payload bytes (as a kernel at MTU 1500 cuts it), as Ethernet frames
+    /// from `mac`.
+    fn fragments(
+        (src, sport): ([u8; 4], u16),
+        (dst, dport): ([u8; 4], u16),
+        id: u16,
+        len: usize,
+        mac: [u8; 6],
+    ) -> Vec<Vec<u8>> {
+        let payload: Vec<u8> = (0..len).map(|i| (i * 7 + 3) as u8).collect();
+        let mut whole = Vec::new();
+        PacketBuilder::ethernet2(mac, [2, 0, 0, 0, 0, 9])
+            .ipv4(src, dst, 64)
+            .udp(sport, dport)
+            .write(&mut whole, &payload)
+            .unwrap();
+        let (eth_ip, data) = whole.split_at(34);
+        data.chunks(1480)
+            .enumerate()
+            .map(|(i, chunk)| {
+                let mut f = eth_ip.to_vec();
+                f.extend_from_slice(chunk);
+                let more = (i + 1) * 1480 < data.len();
+                let word = (i * 1480 / 8) as u16 | if more { 0x2000 } else { 0 };
+                f[16..18].copy_from_slice(&((20 + chunk.len()) as u16).to_be_bytes());
+                f[18..20].copy_from_slice(&id.to_be_bytes());
+                f[20..22].copy_from_slice(&word.to_be_bytes());
+                f[24..26].copy_from_slice(&[0, 0]);
+                let c = checksum::ipv4_header(&f[14..34]);
+                f[24..26].copy_from_slice(&c.to_be_bytes());
+                f
+            })
+            .collect()
+    }
+
+    /// One frame through the filter with `ctx` (kept across frames: its
+    /// fragment table is the switch's).
+    fn run(ctx: &mut Ctx<'_>, in_port: u32, frame: &[u8]) -> Option<(u32, Vec<u8>)> {
+        let mut buf = vec![0u8; 2048];
+        buf[..frame.len()].copy_from_slice(frame);
+        match process(&mut buf, frame.len(), in_port, &port_mac, ctx) {
+            Verdict::Tx { port, len } => Some((port, buf[..len].to_vec())),
+            _ => None,
         }
-        Offer::Expired => counters[Counter::DropFragTimeout as usize] += 1,
-    });
+    }
+
+    fn released(ctx: &mut Ctx<'_>) -> Vec<(u32, Vec<u8>)> {
+        let mut out = Vec::new();
+        release_fragments(ctx, |f, port| out.push((port, f.to_vec())));
+        out
+    }
+
+    /// Checks one fragment that went out: a valid IPv4 header with TTL
+    /// 63, the given addresses and the input's id and offset, its payload
+    /// (past any UDP header) unchanged. Returns (offset, payload).
+    fn check(out: &[u8], input: &[u8], src: [u8; 4], dst: [u8; 4]) -> (usize, Vec<u8>) {
+        let h = Ipv4HeaderSlice::from_slice(&out[14..]).unwrap().to_header();
+        let inh = Ipv4HeaderSlice::from_slice(&input[14..])
+            .unwrap()
+            .to_header();
+        assert_eq!(h.header_checksum, h.calc_header_checksum());
+        assert_eq!((h.source, h.destination, h.time_to_live), (src, dst, 63));
+        assert_eq!(
+            (h.identification, h.more_fragments, h.fragment_offset),
+            (inh.identification, inh.more_fragments, inh.fragment_offset)
+        );
+        assert_eq!(out.len(), input.len());
+        let offset = h.fragment_offset.byte_offset() as usize;
+        let skip = if offset == 0 { 34 + 8 } else { 34 };
+        assert_eq!(out[skip..], input[skip..], "payload");
+        (offset, out[34..].to_vec())
+    }
+
+    /// The UDP datagram the fragments make up: its ports, its checksum
+    /// checked over the whole of it, its payload.
+    fn reassembled(
+        mut parts: Vec<(usize, Vec<u8>)>,
+        src: [u8; 4],
+        dst: [u8; 4],
+    ) -> (u16, u16, Vec<u8>) {
+        parts.sort();
+        let mut d = Vec::new();
+        for (offset, p) in parts {
+            assert_eq!(offset, d.len(), "contiguous");
+            d.extend_from_slice(&p);
+        }
+        let (u, rest) = UdpHeader::from_slice(&d).unwrap();
+        assert_eq!(u.length as usize, d.len());
+        assert_eq!(
+            u.checksum,
+            u.calc_checksum_ipv4_raw(src, dst, rest).unwrap(),
+            "UDP checksum"
+        );
+        (u.source_port, u.destination_port, rest.to_vec())
+    }
+
+    fn pattern(len: usize) -> Vec<u8> {
+        (0..len).map(|i| (i * 7 + 3) as u8).collect()
+    }
+
+    /// A 4000-byte datagram to the UDP NAT service (VIP:53) and its
+    /// 4000-byte answer from the backend, both in three fragments in
+    /// order: every fragment goes to (or comes back from) the backend of
+    /// the first, rewritten so that the datagrams check out whole.
+    #[test]
+    fn later_fragments_follow_the_first_both_ways() {
+        let fx = Fixture::new("frag-inorder", 1 << 12);
+        let mut c = [0u64; N_COUNTERS];
+        let mut ctx = fx.ctx(&mut c);
+        let vip = VIP.to_be_bytes();
+        let ask = fragments((CLIENT, 40_000), (vip, 53), 0x4242, 4000, CLIENT_GW_MAC);
+        assert_eq!(ask.len(), 3);
+        let outs: Vec<_> = ask
+            .iter()
+            .map(|f| run(&mut ctx, 0, f).expect("sent"))
+            .collect();
+        let backend = {
+            let h = Ipv4HeaderSlice::from_slice(&outs[0].1[14..]).unwrap();
+            h.destination()
+        };
+        assert_eq!(backend[..3], [198, 19, 1]);
+        let mac = BACKEND_MACS[backend[3] as usize - 1];
+        let mut parts = Vec::new();
+        for ((port, out), input) in outs.iter().zip(&ask) {
+            assert_eq!(*port, 1);
+            assert_eq!(
+                (&out[..6], &out[6..12]),
+                (&mac[..], &port_mac(1).unwrap()[..])
+            );
+            parts.push(check(out, input, CLIENT, backend));
+        }
+        assert_eq!(
+            reassembled(parts, CLIENT, backend),
+            (40_000, 5353, pattern(4000))
+        );
+        // The answer, fragmented by the backend's kernel.
+        let answer = fragments((backend, 5353), (CLIENT, 40_000), 0x0707, 4000, mac);
+        let mut parts = Vec::new();
+        for input in &answer {
+            let (port, out) = run(&mut ctx, 1, input).expect("sent");
+            assert_eq!(port, 0);
+            assert_eq!(&out[..6], &CLIENT_GW_MAC[..]);
+            parts.push(check(&out, input, vip, CLIENT));
+        }
+        assert_eq!(reassembled(parts, vip, CLIENT), (53, 40_000, pattern(4000)));
+        assert!(released(&mut ctx).is_empty());
+        drop(ctx);
+        assert_eq!(c[Counter::FragForwarded as usize], 6);
+        assert_eq!(
+            (c[Counter::ConnNew as usize], c[Counter::ReplyHit as usize]),
+            (1, 1)
+        );
+        assert_eq!(
+            c[Counter::FragHeld as usize] + c[Counter::DropFragment as usize],
+            0
+        );
+    }
+
+    /// Fragments in reverse order, both ways: the later ones wait in the
+    /// switch's table and go out, rewritten as the first, once it passed.
+    #[test]
+    fn later_fragments_that_come_first_wait_for_the_first() {
+        let fx = Fixture::new("frag-reverse", 1 << 12);
+        let mut c = [0u64; N_COUNTERS];
+        let mut ctx = fx.ctx(&mut c);
+        let vip = VIP.to_be_bytes();
+        let ask = fragments((CLIENT, 40_001), (vip, 53), 0x4243, 4000, CLIENT_GW_MAC);
+        assert_eq!(run(&mut ctx, 0, &ask[2]), None);
+        assert_eq!(run(&mut ctx, 0, &ask[1]), None);
+        assert!(released(&mut ctx).is_empty(), "nothing to release yet");
+        let (port, first) = run(&mut ctx, 0, &ask[0]).expect("sent");
+        assert_eq!(port, 1);
+        let backend = Ipv4HeaderSlice::from_slice(&first[14..])
+            .unwrap()
+            .destination();
+        let later = released(&mut ctx);
+        assert_eq!(later.len(), 2);
+        let mut parts = vec![check(&first, &ask[0], CLIENT, backend)];
+        for ((port, out), input) in later.iter().zip([&ask[2], &ask[1]]) {
+            assert_eq!(*port, 1);
+            assert_eq!(out[..12], first[..12], "the first's MACs");
+            parts.push(check(out, input, CLIENT, backend));
+        }
+        assert_eq!(
+            reassembled(parts, CLIENT, backend),
+            (40_001, 5353, pattern(4000))
+        );
+        let mac: [u8; 6] = first[..6].try_into().unwrap();
+        let answer = fragments((backend, 5353), (CLIENT, 40_001), 0x0708, 4000, mac);
+        assert_eq!(run(&mut ctx, 1, &answer[1]), None);
+        let (_, first) = run(&mut ctx, 1, &answer[0]).expect("sent");
+        let (_, last) = run(&mut ctx, 1, &answer[2]).expect("sent");
+        let later = released(&mut ctx);
+        assert_eq!(later.len(), 1);
+        let parts = vec![
+            check(&first, &answer[0], vip, CLIENT),
+            check(&last, &answer[2], vip, CLIENT),
+            check(&later[0].1, &answer[1], vip, CLIENT),
+        ];
+        assert_eq!(reassembled(parts, vip, CLIENT), (53, 40_001, pattern(4000)));
+        drop(ctx);
+        assert_eq!(c[Counter::FragHeld as usize], 3);
+        assert_eq!(c[Counter::FragForwarded as usize], 6);
+        assert_eq!(c[Counter::DropFragTimeout as usize], 0);
+    }
+
+    /// A held fragment whose first never comes is dropped after
+    /// `TIMEOUT_MS`; a first fragment that comes later has no one waiting.
+    #[test]
+    fn a_held_fragment_times_out() {
+        let fx = Fixture::new("frag-timeout", 1 << 12);
+        let mut c = [0u64; N_COUNTERS];
+        let mut ctx = fx.ctx(&mut c);
+        let ask = fragments(
+            (CLIENT, 40_002),
+            (VIP.to_be_bytes(), 53),
+            9,
+            4000,
+            CLIENT_GW_MAC,
+        );
+        ctx.now_ms = 5_000;
+        assert_eq!(run(&mut ctx, 0, &ask[1]), None);
+        ctx.now_ms += TIMEOUT_MS - 1;
+        assert!(released(&mut ctx).is_empty());
+        ctx.now_ms += 1;
+        assert!(released(&mut ctx).is_empty());
+        assert_eq!(ctx.frags.held(), 0);
+        assert!(run(&mut ctx, 0, &ask[0]).is_some());
+        assert!(released(&mut ctx).is_empty());
+        drop(ctx);
+        assert_eq!(c[Counter::FragHeld as usize], 1);
+        assert_eq!(c[Counter::DropFragTimeout as usize], 1);
+        assert_eq!(c[Counter::FragForwarded as usize], 1);
+    }
+
+    /// The holding area is bounded: past its places a later fragment is
+    /// dropped (`drop_frag_overflow`); one neither to a VIP nor from a
+    /// backend is not held at all (`drop_fragment`).
+    #[test]
+    fn the_holding_area_overflows_and_holds_only_ours() {
+        let fx = Fixture::new("frag-overflow", 1 << 12);
+        let mut c = [0u64; N_COUNTERS];
+        let mut ctx = fx.ctx(&mut c);
+        for id in 0..=DEFAULT_HELD as u16 {
+            let ask = fragments(
+                (CLIENT, 40_003),
+                (VIP.to_be_bytes(), 53),
+                id,
+                4000,
+                CLIENT_GW_MAC,
+            );
+            assert_eq!(run(&mut ctx, 0, &ask[1]), None);
+        }
+        let stray = fragments(
+            (CLIENT, 40_003),
+            ([198, 18, 7, 7], 53),
+            1,
+            4000,
+            CLIENT_GW_MAC,
+        );
+        assert_eq!(run(&mut ctx, 0, &stray[1]), None);
+        assert_eq!(ctx.frags.held(), DEFAULT_HELD);
+        drop(ctx);
+        assert_eq!(c[Counter::FragHeld as usize], DEFAULT_HELD as u64);
+        assert_eq!(c[Counter::DropFragOverflow as usize], 1);
+        assert_eq!(c[Counter::DropFragment as usize], 1);
+    }
 }
