@@ -8,6 +8,8 @@
 mod admin;
 #[path = "netns/agents.rs"]
 mod agents;
+#[path = "netns/fragments.rs"]
+mod fragments;
 #[path = "netns/health.rs"]
 mod health;
 #[path = "netns/routing.rs"]
