@@ -146,7 +146,9 @@ impl Fixture {
             flows: Default::default(),
             icmp_tokens: crate::filter::IcmpBudget::BURST,
             sched: SchedState::new(cfg.backends.len()),
-            frags: Default::default(),
+            // Allocates nothing (a context per frame stays cheap); tests of
+            // fragments give it a table.
+            frags: crate::frag::FragTable::new(0, 0),
         }
     }
 }

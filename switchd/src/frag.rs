@@ -114,7 +114,8 @@ impl Default for FragTable {
 
 impl FragTable {
     /// A table of `decisions` datagrams and `held` fragments (at most
-    /// 65535).
+    /// 65535). `new(0, 0)` allocates nothing (and remembers and holds
+    /// nothing: every later fragment is dropped, counted).
     pub fn new(decisions: usize, held: usize) -> Self {
         let held = held.min(u16::MAX as usize);
         Self {
@@ -123,7 +124,14 @@ impl FragTable {
             held: Vec::with_capacity(held),
             bufs: vec![0; held * SLOT_BYTES],
             free: (0..held as u16).rev().collect(),
-            scratch: vec![0; SLOT_BYTES + SCRATCH_EXTRA],
+            scratch: vec![
+                0;
+                if held > 0 {
+                    SLOT_BYTES + SCRATCH_EXTRA
+                } else {
+                    0
+                }
+            ],
             ready: false,
             next_deadline: 0,
         }

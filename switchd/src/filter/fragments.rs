@@ -201,7 +201,7 @@ mod tests {
     use super::*;
     use crate::filter::process;
     use crate::fixture::{CLIENT_GW_MAC, Fixture, VIP, port_mac};
-    use crate::frag::{DEFAULT_HELD, TIMEOUT_MS};
+    use crate::frag::{DEFAULT_HELD, FragTable, TIMEOUT_MS};
     use etherparse::{Ipv4HeaderSlice, PacketBuilder, UdpHeader};
 
     const CLIENT: [u8; 4] = [198, 18, 100, 1];
@@ -318,6 +318,7 @@ mod tests {
         let fx = Fixture::new("frag-inorder", 1 << 12);
         let mut c = [0u64; N_COUNTERS];
         let mut ctx = fx.ctx(&mut c);
+        ctx.frags = FragTable::default();
         let vip = VIP.to_be_bytes();
         let ask = fragments((CLIENT, 40_000), (vip, 53), 0x4242, 4000, CLIENT_GW_MAC);
         assert_eq!(ask.len(), 3);
@@ -374,6 +375,7 @@ mod tests {
         let fx = Fixture::new("frag-reverse", 1 << 12);
         let mut c = [0u64; N_COUNTERS];
         let mut ctx = fx.ctx(&mut c);
+        ctx.frags = FragTable::default();
         let vip = VIP.to_be_bytes();
         let ask = fragments((CLIENT, 40_001), (vip, 53), 0x4243, 4000, CLIENT_GW_MAC);
         assert_eq!(run(&mut ctx, 0, &ask[2]), None);
@@ -422,6 +424,7 @@ mod tests {
         let fx = Fixture::new("frag-timeout", 1 << 12);
         let mut c = [0u64; N_COUNTERS];
         let mut ctx = fx.ctx(&mut c);
+        ctx.frags = FragTable::default();
         let ask = fragments(
             (CLIENT, 40_002),
             (VIP.to_be_bytes(), 53),
@@ -452,6 +455,7 @@ mod tests {
         let fx = Fixture::new("frag-overflow", 1 << 12);
         let mut c = [0u64; N_COUNTERS];
         let mut ctx = fx.ctx(&mut c);
+        ctx.frags = FragTable::default();
         for id in 0..=DEFAULT_HELD as u16 {
             let ask = fragments(
                 (CLIENT, 40_003),
