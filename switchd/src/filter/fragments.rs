@@ -212,11 +212,23 @@ mod tests {
     /// payload bytes (as a kernel at MTU 1500 cuts it), as Ethernet frames
     /// from `mac`.
     fn fragments(
+        src: ([u8; 4], u16),
+        dst: ([u8; 4], u16),
+        id: u16,
+        len: usize,
+        mac: [u8; 6],
+    ) -> Vec<Vec<u8>> {
+        fragments_of(src, dst, id, len, mac, 1480)
+    }
+
+    /// [`fragments`] of at most `cut` payload bytes (a multiple of 8).
+    fn fragments_of(
         (src, sport): ([u8; 4], u16),
         (dst, dport): ([u8; 4], u16),
         id: u16,
         len: usize,
         mac: [u8; 6],
+        cut: usize,
     ) -> Vec<Vec<u8>> {
         let payload: Vec<u8> = (0..len).map(|i| (i * 7 + 3) as u8).collect();
         let mut whole = Vec::new();
@@ -226,13 +238,13 @@ mod tests {
             .write(&mut whole, &payload)
             .unwrap();
         let (eth_ip, data) = whole.split_at(34);
-        data.chunks(1480)
+        data.chunks(cut)
             .enumerate()
             .map(|(i, chunk)| {
                 let mut f = eth_ip.to_vec();
                 f.extend_from_slice(chunk);
-                let more = (i + 1) * 1480 < data.len();
-                let word = (i * 1480 / 8) as u16 | if more { 0x2000 } else { 0 };
+                let more = (i + 1) * cut < data.len();
+                let word = (i * cut / 8) as u16 | if more { 0x2000 } else { 0 };
                 f[16..18].copy_from_slice(&((20 + chunk.len()) as u16).to_be_bytes());
                 f[18..20].copy_from_slice(&id.to_be_bytes());
                 f[20..22].copy_from_slice(&word.to_be_bytes());
@@ -479,5 +491,54 @@ mod tests {
         assert_eq!(c[Counter::FragHeld as usize], DEFAULT_HELD as u64);
         assert_eq!(c[Counter::DropFragOverflow as usize], 1);
         assert_eq!(c[Counter::DropFragment as usize], 1);
+    }
+
+    /// Direct routing and tunnel: later fragments go to the first's
+    /// backend MAC with the VIP kept (DR), or in IP-in-IP from the tunnel
+    /// source to the first's backend (tunnel), the inner fragment intact
+    /// but for its TTL.
+    #[test]
+    fn later_fragments_follow_the_first_in_dr_and_tunnel_modes() {
+        use crate::fixture::TUNNEL_SRC;
+        use shm_layout::config_slot::{MODE_DR, MODE_TUNNEL};
+        for mode in [MODE_DR, MODE_TUNNEL] {
+            let fx = Fixture::new(&format!("frag-mode{mode}"), 1 << 12);
+            fx.configure(|s| s.services[1].mode = mode);
+            let mut c = [0u64; N_COUNTERS];
+            let mut ctx = fx.ctx(&mut c);
+            ctx.frags = FragTable::default();
+            let vip = VIP.to_be_bytes();
+            // 1000-byte fragments: room for the tunnel header at MTU 1500.
+            let ask = fragments_of((CLIENT, 40_004), (vip, 53), 77, 2500, CLIENT_GW_MAC, 1000);
+            assert_eq!(ask.len(), 3);
+            assert_eq!(run(&mut ctx, 0, &ask[2]), None, "held");
+            let mut outs = vec![run(&mut ctx, 0, &ask[0]).expect("sent")];
+            outs.push(run(&mut ctx, 0, &ask[1]).expect("sent"));
+            outs.extend(released(&mut ctx));
+            let mac = &outs[0].1[..6];
+            assert!(BACKEND_MACS.iter().any(|m| m == mac), "{mac:x?}");
+            let mut parts = Vec::new();
+            for ((port, out), input) in outs.iter().zip([&ask[0], &ask[1], &ask[2]]) {
+                assert_eq!((*port, &out[..12]), (1, &outs[0].1[..12]));
+                if mode == MODE_TUNNEL {
+                    let outer = Ipv4HeaderSlice::from_slice(&out[14..]).unwrap().to_header();
+                    assert_eq!(outer.header_checksum, outer.calc_header_checksum());
+                    assert_eq!(outer.protocol, etherparse::IpNumber::IPV4);
+                    assert_eq!(outer.source, TUNNEL_SRC.to_be_bytes());
+                    assert_eq!(outer.destination[..3], [198, 19, 1]);
+                    assert_eq!(
+                        outer.destination[3] as usize,
+                        BACKEND_MACS.iter().position(|m| m == mac).unwrap() + 1
+                    );
+                    let inner = [&out[..14], &out[34..]].concat();
+                    parts.push(check(&inner, input, CLIENT, vip));
+                } else {
+                    parts.push(check(out, input, CLIENT, vip));
+                }
+            }
+            assert_eq!(reassembled(parts, CLIENT, vip), (40_004, 53, pattern(2500)));
+            drop(ctx);
+            assert_eq!(c[Counter::FragForwarded as usize], 3, "mode {mode}");
+        }
     }
 }
