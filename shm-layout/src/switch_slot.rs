@@ -60,7 +60,7 @@ counters! {
     DropNoRoute = 14, "drop_no_route", "frames without a route to their destination";
     DropNoNeighbour = 15, "drop_no_neighbour", "frames whose next hop has no known MAC";
     DropTtl = 16, "drop_ttl", "frames whose TTL expired";
-    DropFragment = 17, "drop_fragment", "IPv4 fragments (fragment policy: drop)";
+    DropFragment = 17, "drop_fragment", "IPv4 fragments dropped: malformed, not TCP/UDP, or a later fragment neither to a VIP nor from a backend with no first fragment seen";
     DropTxFull = 18, "drop_tx_full", "frames dropped because a TX ring was full";
     DropTableFull = 19, "drop_table_full", "new connections dropped because the connection table had no free slot";
     DropNonIp = 20, "drop_non_ip", "non-IPv4, non-ARP frames";
@@ -100,12 +100,16 @@ counters! {
     DropL2Src = 54, "drop_l2_src", "frames from a broadcast, multicast or zero MAC or from the port's own MAC, and ARP whose sender MAC is one of those";
     DropIpOptions = 55, "drop_ip_options", "IPv4 TCP/UDP packets with IP options (source routing included), dropped as Katran does";
     ClientHopUsed = 56, "client_hop_used", "NAT replies sent to the client MAC learned from the frame that opened the connection (on-link client the routing table has no neighbour for)";
+    FragForwarded = 57, "frag_forwarded", "IPv4 fragments of TCP/UDP datagrams forwarded (first fragments switched like whole packets, later ones by their first fragment's decision)";
+    FragHeld = 58, "frag_held", "later fragments held because they arrived before their datagram's first fragment";
+    DropFragTimeout = 59, "drop_frag_timeout", "held fragments dropped because their first fragment did not pass within 2 s";
+    DropFragOverflow = 60, "drop_frag_overflow", "later fragments dropped because the switch's holding area was full";
 }
 
 /// Number of counter words per switch (room to grow without a layout change).
 pub const N_COUNTERS: usize = 64;
 
-const _: () = assert!((Counter::ClientHopUsed as usize) < N_COUNTERS);
+const _: () = assert!((Counter::DropFragOverflow as usize) < N_COUNTERS);
 
 /// One switch's slot. Two cache lines of identity and liveness, then counters.
 #[repr(C, align(64))]

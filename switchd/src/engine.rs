@@ -16,6 +16,7 @@ use shm_layout::time::mono_ns;
 
 use crate::filter::{self, Ctx, IcmpBudget, Verdict};
 use crate::flowcache::FlowCache;
+use crate::frag::FragTable;
 use crate::hops::HopCache;
 use crate::sched;
 use crate::sched::SchedState;
@@ -159,6 +160,7 @@ pub fn run<N: Nic>(
         hops: HopCache::default(),
         flows: FlowCache::new(settings.flow_cache)?,
         icmp_tokens: 0,
+        frags: FragTable::default(),
     };
 
     me.pid.store(pid, Ordering::Relaxed);
@@ -246,6 +248,7 @@ pub fn run<N: Nic>(
                 );
             }
             serve_queue(nic, &mut synq, map, &port_mac, ctok.stamp, &mut ctx);
+            serve_fragments(nic, map, &mut ctx);
             // Counts that wait in the flow cache reach their slots.
             let sweep = if moved > 0 { SWEEP_BUSY } else { SWEEP_IDLE };
             ctx.flows.sweep(sweep, &ctx.ct, ctx.now_ms);
@@ -563,6 +566,45 @@ fn serve_queue<N: Nic>(
         run_queue(nic, synq, map, port_mac, false, ctx);
     } else if synq.due(ctx.now_ms) {
         run_queue(nic, synq, map, port_mac, true, ctx);
+    }
+}
+
+/// Once per loop: the held fragments whose first fragment passed go out
+/// (copies, as the queue's frames), those that waited too long are
+/// dropped (see [`filter::release_fragments`]).
+fn serve_fragments<N: Nic>(nic: &mut N, map: &PortMap, ctx: &mut Ctx<'_>) {
+    let mut tx_dirty = [false; MAX_PORTS];
+    let mut sent = [0u64; 4];
+    const PACKETS: usize = 0;
+    const BYTES: usize = 1;
+    const FULL: usize = 2;
+    const EGRESS: usize = 3;
+    filter::release_fragments(ctx, |frame, port| {
+        match map.local.get(port as usize).copied().flatten() {
+            Some(out) if nic.tx_copy(out as usize, frame) => {
+                sent[PACKETS] += 1;
+                sent[BYTES] += frame.len() as u64;
+                tx_dirty[out as usize] = true;
+            }
+            Some(_) => sent[FULL] += 1,
+            None => sent[EGRESS] += 1,
+        }
+    });
+    for (c, n) in [
+        Counter::TxPackets,
+        Counter::TxBytes,
+        Counter::DropTxFull,
+        Counter::DropEgressPort,
+    ]
+    .into_iter()
+    .zip(sent)
+    {
+        ctx.counters[c as usize] += n;
+    }
+    for (p, dirty) in tx_dirty.iter().enumerate() {
+        if *dirty {
+            nic.flush(p);
+        }
     }
 }
 

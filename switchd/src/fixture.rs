@@ -182,6 +182,9 @@ impl Fixture {
             flows: Default::default(),
             icmp_tokens: crate::filter::IcmpBudget::BURST,
             sched: SchedState::new(cfg.backends.len()),
+            // Allocates nothing (a context per frame stays cheap); tests of
+            // fragments give it a table.
+            frags: crate::frag::FragTable::new(0, 0),
         }
     }
 }

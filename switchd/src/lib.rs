@@ -5,6 +5,7 @@ pub mod engine;
 pub mod filter;
 pub mod fixture;
 pub mod flowcache;
+pub mod frag;
 pub mod hash;
 pub mod hops;
 pub mod sched;

@@ -13,6 +13,8 @@ mod agents;
 mod first_contact;
 #[path = "netns/flood.rs"]
 mod flood;
+#[path = "netns/fragments.rs"]
+mod fragments;
 #[path = "netns/health.rs"]
 mod health;
 #[path = "netns/icmp.rs"]

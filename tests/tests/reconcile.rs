@@ -9,6 +9,7 @@ use std::collections::BTreeMap;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
+use controld::supervisor::{RESTART_LIMIT, RESTART_WINDOW};
 use shm_layout::Region;
 use shm_layout::conntrack::STATE_CLOSING;
 
@@ -86,10 +87,19 @@ fn killed_switches_leave_no_reservation_behind() {
         time_limit: Duration::from_secs(120),
         ..web(&inst)
     });
+    // Each switch is killed at most once per `spacing`: more often, and
+    // the supervisor's crash-loop limit (RESTART_LIMIT restarts within
+    // RESTART_WINDOW) would rightly give up on it.
+    let spacing = RESTART_WINDOW / RESTART_LIMIT as u32 + Duration::from_millis(500);
+    let mut last_kill = [None::<Instant>; 2];
     for kill in 0..20usize {
         // Let connections come and go (a fresh switch counts from 0).
         wait_new_conns(&app, &region, &[0, 1], new_conns(&region, &[0, 1]) + 300);
         let sw = kill % 2;
+        if let Some(t) = last_kill[sw] {
+            std::thread::sleep((t + spacing).saturating_duration_since(Instant::now()));
+        }
+        last_kill[sw] = Some(Instant::now());
         let before = kill_switch(&region, sw);
         wait_restarted(&app, &region, sw, before, String::new);
     }

@@ -152,6 +152,27 @@ pub fn ipv4_l4_common(ip: &[u8], csum: HeaderChecksum) -> Option<Ipv4L4> {
 #[cold]
 #[inline(never)]
 fn ipv4_l4_any(ip: &[u8], csum: HeaderChecksum) -> Result<Ipv4L4, WireError> {
+    let (hl, total) = ipv4_header(ip, csum)?;
+    if be16(ip, 6) & 0x3fff != 0 {
+        return Err(WireError::Fragment);
+    }
+    let protocol = ip[9];
+    let (ports, tcp_flags, l4_len) = l4_header(protocol, &ip[hl..total], true)?;
+    Ok(Ipv4L4 {
+        header_len: hl,
+        total_len: total,
+        protocol,
+        tcp_flags,
+        addrs: addrs(ip),
+        ports,
+        l4_len,
+    })
+}
+
+/// Rules 1 and 2 of [`ipv4_l4`] (the IPv4 header alone): the header
+/// length and total length, both within `ip`.
+#[inline]
+pub(crate) fn ipv4_header(ip: &[u8], csum: HeaderChecksum) -> Result<(usize, usize), WireError> {
     let Some(h) = ip.first_chunk::<{ ipv4::MIN_HEADER_LEN }>() else {
         return Err(WireError::Truncated);
     };
@@ -169,12 +190,29 @@ fn ipv4_l4_any(ip: &[u8], csum: HeaderChecksum) -> Result<Ipv4L4, WireError> {
     if csum == HeaderChecksum::Verify && checksum::fold(checksum::sum(&ip[..hl], 0)) != 0xffff {
         return Err(WireError::BadChecksum);
     }
-    if be16(h, 6) & 0x3fff != 0 {
-        return Err(WireError::Fragment);
-    }
-    let protocol = h[9];
-    let l4 = &ip[hl..total];
-    let (ports, tcp_flags, l4_len) = match protocol {
+    Ok((hl, total))
+}
+
+/// Source then destination address of a header [`ipv4_header`] accepted.
+#[inline]
+pub(crate) fn addrs(ip: &[u8]) -> [u8; 8] {
+    let mut a = [0; 8];
+    a.copy_from_slice(&ip[12..20]);
+    a
+}
+
+/// Rules 4 and 5 of [`ipv4_l4`]: the TCP or UDP header at the start of
+/// `l4` (the IP payload), as (ports, TCP flags, the length the checksum
+/// covers). `whole`: `l4` is the whole datagram; otherwise it is a first
+/// fragment's payload, which must hold the whole TCP header, and a UDP
+/// length that reaches past it (the rest follows in later fragments).
+#[inline]
+pub(crate) fn l4_header(
+    protocol: u8,
+    l4: &[u8],
+    whole: bool,
+) -> Result<([u8; 4], u8, usize), WireError> {
+    match protocol {
         PROTO_TCP => {
             let t = l4
                 .first_chunk::<{ tcp::MIN_HEADER_LEN }>()
@@ -183,29 +221,25 @@ fn ipv4_l4_any(ip: &[u8], csum: HeaderChecksum) -> Result<Ipv4L4, WireError> {
             if doff < tcp::MIN_HEADER_LEN || doff > l4.len() {
                 return Err(WireError::BadDataOffset);
             }
-            ([t[0], t[1], t[2], t[3]], t[13], l4.len())
+            Ok(([t[0], t[1], t[2], t[3]], t[13], l4.len()))
         }
         PROTO_UDP => {
             let u = l4
                 .first_chunk::<{ udp::HEADER_LEN }>()
                 .ok_or(WireError::Truncated)?;
             let ulen = be16(u, 4) as usize;
-            if ulen < udp::HEADER_LEN || ulen > l4.len() {
+            let fits = if whole {
+                ulen <= l4.len()
+            } else {
+                ulen > l4.len()
+            };
+            if ulen < udp::HEADER_LEN || !fits {
                 return Err(WireError::BadUdpLength);
             }
-            ([u[0], u[1], u[2], u[3]], 0, ulen)
+            Ok(([u[0], u[1], u[2], u[3]], 0, ulen))
         }
-        _ => return Err(WireError::NotTcpUdp),
-    };
-    Ok(Ipv4L4 {
-        header_len: hl,
-        total_len: total,
-        protocol,
-        tcp_flags,
-        addrs: [h[12], h[13], h[14], h[15], h[16], h[17], h[18], h[19]],
-        ports,
-        l4_len,
-    })
+        _ => Err(WireError::NotTcpUdp),
+    }
 }
 
 #[cfg(test)]

@@ -18,6 +18,7 @@ pub mod ethernet;
 pub mod icmp;
 pub mod ipip;
 pub mod ipv4;
+pub mod ipv4_frag;
 pub mod ipv4_l4;
 pub mod reply;
 pub mod tcp;
@@ -26,6 +27,7 @@ pub mod udp;
 pub use arp::{ARP_REPLY, ARP_REQUEST, ArpPacket};
 pub use ethernet::{ETHERNET_HEADER_LEN, ETHERTYPE_ARP, ETHERTYPE_IPV4, EthernetFrame};
 pub use ipv4::Ipv4Packet;
+pub use ipv4_frag::{Ipv4Fragment, ipv4_fragment};
 pub use ipv4_l4::{HeaderChecksum, Ipv4L4, PROTO_TCP, PROTO_UDP, ipv4_l4, ipv4_l4_common};
 pub use reply::{arp_reply_in_place, icmp_frag_needed_in_place, tcp_rst_in_place};
 pub use tcp::TcpSegment;
@@ -70,6 +72,10 @@ pub enum WireError {
     BadQuote,
     #[error("ICMP message is not an echo request")]
     NotEchoRequest,
+    #[error(
+        "an IPv4 fragment without payload, not 8-byte aligned before the last, past 65535 bytes, or TCP at offset 8"
+    )]
+    BadFragment,
 }
 
 #[inline]

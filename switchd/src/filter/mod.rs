@@ -24,6 +24,7 @@
 mod answers;
 mod client_hop;
 mod decide;
+mod fragments;
 mod icmp;
 mod l2;
 mod parse;
@@ -33,6 +34,7 @@ mod state;
 mod tests;
 
 pub use answers::{answer_fingerprint, refuse};
+pub use fragments::release_fragments;
 pub use parse::flow_key;
 pub use state::CONFIRM_AFTER_MS;
 
@@ -43,6 +45,7 @@ use shm_layout::routing_slot::RoutingView;
 use shm_layout::switch_slot::{BackendCounters, Counter, N_COUNTERS};
 
 use crate::flowcache::FlowCache;
+use crate::frag::FragTable;
 use crate::hops::HopCache;
 use crate::sched::SchedState;
 
@@ -53,7 +56,9 @@ use parse::L4;
 pub enum Verdict {
     /// Transmit `len` bytes on global port `port`.
     Tx { port: u32, len: usize },
-    /// Drop it; the reason was counted.
+    /// Drop it (the buffer goes back); the reason was counted. (Or a
+    /// fragment that came before its first one, of which the filter kept
+    /// a copy, counted `frag_held`: see [`release_fragments`].)
     Drop,
     /// A new connection whose eligible backends are all at their
     /// `max_conns`: the engine may hold the frame (a copy) for up to
@@ -86,6 +91,9 @@ pub struct Ctx<'a> {
     /// ICMP answers this switch may still send (a token bucket the engine
     /// refills between loops; see [`IcmpBudget`]).
     pub icmp_tokens: u32,
+    /// Where later fragments find their first fragment's decision, or
+    /// wait for it (see [`crate::frag`]; fragments only).
+    pub frags: FragTable,
 }
 
 /// The rate limit of ICMP answers per switch: a token bucket of
@@ -350,6 +358,12 @@ pub fn process(
                 return ctx.drop(c);
             }
             return icmp::switch_icmp(frame, frame_len, in_port, port_mac, ctx);
+        }
+        Err(wire::WireError::Fragment) => {
+            if let Some(c) = refused(frame) {
+                return ctx.drop(c);
+            }
+            return fragments::switch_fragment(frame, frame_len, in_port, port_mac, ctx);
         }
         Err(rule) => return parse::dropped_as(rule, ctx),
     };

@@ -141,7 +141,7 @@ fn parse_ip_uncommon(ip: &[u8]) -> Result<L4, WireError> {
 
 /// The facts of a valid packet.
 #[inline(always)]
-fn facts(p: &Ipv4L4) -> L4 {
+pub(super) fn facts(p: &Ipv4L4) -> L4 {
     // FlowKey::words straight from the bytes: both addresses, then both
     // ports and the protocol.
     let words = (
@@ -156,10 +156,11 @@ fn facts(p: &Ipv4L4) -> L4 {
     )
 }
 
-/// The counted verdict of a frame [`parse_ip`] refused: a fragment goes
-/// to the fragment policy (dropped, counted apart), a packet neither TCP
-/// nor UDP is not ours, impossible TCP flags and a UDP length other than
-/// the payload's have their own counters, anything else is malformed.
+/// The counted verdict of a frame [`parse_ip`] refused: a packet neither
+/// TCP nor UDP is not ours, impossible TCP flags and a UDP length other
+/// than the payload's have their own counters, anything else is malformed.
+/// (Fragments go to `fragments::switch_fragment` before this; one that
+/// comes here anyway is counted apart.)
 #[cold]
 pub(super) fn dropped_as(rule: WireError, ctx: &mut Ctx<'_>) -> Verdict {
     ctx.drop(match rule {
