@@ -47,6 +47,10 @@ case ${1:-smoke} in
     run) build; run "$2" "${3:-60}" ;;
     smoke)
         build
-        for t in $(targets); do echo "fuzz $t"; run "$t" "${2:-15}"; done ;;
+        failed=0
+        for t in $(targets); do
+            if run "$t" "${2:-15}"; then echo "fuzz $t: ok"; else echo "fuzz $t: FAILED"; failed=1; fi
+        done
+        exit "$failed" ;;
     *) echo "usage: $0 build|list|run TARGET SECONDS|smoke [SECONDS]" >&2; exit 2 ;;
 esac
