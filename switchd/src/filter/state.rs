@@ -39,12 +39,21 @@ pub(super) enum Moved {
 #[inline]
 pub(super) fn touch(ctx: &Ctx<'_>, slot: &ConnSlot, hit: &Hit, l4: &L4) -> Moved {
     let (dir, now_ms) = (hit.dir, ctx.now_ms);
-    if slot.last_seen.load(Ordering::Relaxed) != now_ms {
+    let tcp = l4.key().proto == PROTO_TCP;
+    let cur = if tcp {
+        slot.tcp_state.load(Ordering::Relaxed)
+    } else {
+        0
+    };
+    // A half-open entry's `tcp_syn` runs from the client's last packet:
+    // the backend's retransmitted SYN-ACKs (to a spoofed client that never
+    // answers) do not keep it alive.
+    let refresh = dir == Direction::Forward || !(tcp && matches!(cur, STATE_SYN | STATE_SYN_ACKED));
+    if refresh && slot.last_seen.load(Ordering::Relaxed) != now_ms {
         slot.last_seen.store(now_ms, Ordering::Relaxed);
     }
     let mut moved = Moved::Stay;
-    if l4.key().proto == PROTO_TCP {
-        let cur = slot.tcp_state.load(Ordering::Relaxed);
+    if tcp {
         let next = next_state(cur, dir, l4.flags, hit, now_ms);
         if next != cur {
             moved = change_state(ctx, hit, cur, next);

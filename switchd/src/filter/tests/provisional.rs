@@ -316,3 +316,31 @@ fn rsts_for_unserved_ports_are_rate_limited() {
     assert_eq!(c[Counter::RstRateLimited as usize], 1);
     assert_eq!(c[Counter::RstSent as usize], 1);
 }
+
+/// A backend retransmits its SYN-ACK to a client that never answers (a
+/// spoofed SYN): the retransmissions must not keep the half-open entry
+/// alive, or a flood's entries outlive `tcp_syn` by the backend's whole
+/// retry span (about a minute on Linux). The client's own packets do
+/// refresh it.
+#[test]
+fn backend_syn_ack_retransmissions_do_not_keep_a_half_open_entry() {
+    let fx = Fixture::new("unit-synack-rexmit", 1 << 12);
+    let mut c = [0u64; N_COUNTERS];
+    let syn = tcp_seg(46_101, "S");
+    let (v, buf) = run_at(&fx, &mut c, 0, &syn, 1_000, 0);
+    let backend = sent_to(v, &buf).1;
+    let last_seen = |fx: &Fixture| {
+        let ct = fx.region.conntrack();
+        let hit = ct.lookup(&parse_ip_common(&syn).unwrap().key()).unwrap();
+        ct.slot(hit.idx).last_seen.load(Ordering::Relaxed)
+    };
+    for at in [2_000, 4_000, 8_000] {
+        let (v, _) = run_at(&fx, &mut c, 1, &reply(backend, 46_101, true), at, 0);
+        assert!(matches!(v, Verdict::Tx { port: 0, .. }), "{v:?}");
+        assert_eq!(last_seen(&fx), 1_000, "SYN-ACK at {at} ms refreshed it");
+    }
+    assert_eq!(state_of(&fx, &syn), STATE_SYN_ACKED);
+    // The client's retransmitted SYN does.
+    run_at(&fx, &mut c, 0, &syn, 9_000, 0);
+    assert_eq!(last_seen(&fx), 9_000);
+}
