@@ -29,7 +29,7 @@ cargo build --release --workspace --bins
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 set +e
-cargo test --release --workspace -- --test-threads=1 2>&1 | tee "$log"
+cargo test --release --workspace --no-fail-fast -- --test-threads=1 2>&1 | tee "$log"
 status=${PIPESTATUS[0]}
 set -e
 # The fuzz targets' smoke run (scripts/fuzz.sh): each target from its seeds
