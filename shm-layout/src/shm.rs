@@ -178,14 +178,11 @@ fn check_owner(name: &str, meta: &std::fs::Metadata) -> Result<(), ShmError> {
     Ok(())
 }
 
-/// Only a regular file is a region (checked on the open descriptor).
-fn check_regular(name: &str, meta: &std::fs::Metadata) -> Result<(), ShmError> {
+/// What a file that is not a regular file is, in words (for errors that
+/// refuse it: a region here, a configuration or secret file in controld).
+pub fn file_kind(t: std::fs::FileType) -> &'static str {
     use std::os::unix::fs::FileTypeExt;
-    let t = meta.file_type();
-    if t.is_file() {
-        return Ok(());
-    }
-    let found = if t.is_fifo() {
+    if t.is_fifo() {
         "a FIFO"
     } else if t.is_char_device() {
         "a character device"
@@ -197,7 +194,16 @@ fn check_regular(name: &str, meta: &std::fs::Metadata) -> Result<(), ShmError> {
         "a directory"
     } else {
         "not a file"
-    };
+    }
+}
+
+/// Only a regular file is a region (checked on the open descriptor).
+fn check_regular(name: &str, meta: &std::fs::Metadata) -> Result<(), ShmError> {
+    let t = meta.file_type();
+    if t.is_file() {
+        return Ok(());
+    }
+    let found = file_kind(t);
     Err(ShmError::NotRegular {
         name: name.to_string(),
         found,

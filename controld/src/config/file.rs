@@ -5,7 +5,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::Read;
-use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 /// Largest configuration file read (a real one is a few KiB).
@@ -32,23 +32,6 @@ pub enum FileError {
     },
 }
 
-/// What a file that is not a regular file is, in words.
-fn kind(t: std::fs::FileType) -> &'static str {
-    if t.is_fifo() {
-        "a FIFO"
-    } else if t.is_char_device() {
-        "a character device"
-    } else if t.is_block_device() {
-        "a block device"
-    } else if t.is_socket() {
-        "a socket"
-    } else if t.is_dir() {
-        "a directory"
-    } else {
-        "not a file"
-    }
-}
-
 /// Opens `path` without blocking (O_NONBLOCK: opening a FIFO waits for a
 /// writer otherwise) and checks on the open descriptor (fstat, so the file
 /// checked is the file read) that it is a regular file. Symbolic links are
@@ -69,7 +52,7 @@ pub fn open_regular(path: &Path) -> Result<File, FileError> {
     if !meta.file_type().is_file() {
         return Err(FileError::NotRegular {
             path: path.to_path_buf(),
-            found: kind(meta.file_type()),
+            found: shm_layout::shm::file_kind(meta.file_type()),
         });
     }
     Ok(file)

@@ -132,13 +132,7 @@ fn error_to_vip(
     if q.src_addr != vip {
         return ctx.drop(Counter::DropIcmpMalformed);
     }
-    let key = FlowKey {
-        proto: q.protocol,
-        src_ip: q.dst_addr,
-        dst_ip: q.src_addr,
-        src_port: q.dst_port,
-        dst_port: q.src_port,
-    };
+    let key = reversed(q);
     let Some(conn) = live_conn(&key, Direction::Forward, ctx) else {
         return ctx.drop(Counter::DropIcmpNoFlow);
     };
@@ -182,13 +176,7 @@ fn error_to_client(
     ctx: &mut Ctx<'_>,
 ) -> Verdict {
     // The quoted packet reversed is the connection's reply key.
-    let key = FlowKey {
-        proto: q.protocol,
-        src_ip: q.dst_addr,
-        dst_ip: q.src_addr,
-        src_port: q.dst_port,
-        dst_port: q.src_port,
-    };
+    let key = reversed(q);
     let Some(conn) = live_conn(&key, Direction::Reply, ctx) else {
         return ctx.drop(Counter::DropNotOurs);
     };
@@ -311,6 +299,20 @@ fn tunnel(
             Verdict::Tx { port, len: n }
         }
         Err(_) => ctx.drop(Counter::DropTooBig),
+    }
+}
+
+/// The flow key of the quoted packet's other direction (the quote's ends
+/// swapped): the forward key for an error about a packet from a VIP, the
+/// reply key for an error about a packet to a NAT backend.
+#[inline]
+fn reversed(q: &Quote) -> FlowKey {
+    FlowKey {
+        proto: q.protocol,
+        src_ip: q.dst_addr,
+        dst_ip: q.src_addr,
+        src_port: q.dst_port,
+        dst_port: q.src_port,
     }
 }
 
