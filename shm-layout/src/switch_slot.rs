@@ -107,7 +107,7 @@ counters! {
 }
 
 /// Number of counter words per switch (room to grow without a layout change).
-pub const N_COUNTERS: usize = 64;
+pub const N_COUNTERS: usize = 128;
 
 const _: () = assert!((Counter::DropFragOverflow as usize) < N_COUNTERS);
 
