@@ -72,6 +72,9 @@ impl Default for GenConfig {
     }
 }
 
+/// An address and port.
+type Endpoint = ([u8; 4], u16);
+
 /// What happened.
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct Report {
@@ -194,7 +197,7 @@ pub struct Generator {
     /// Every configuration generation seen, oldest first, with each
     /// service's backends in it: a new flow may only reach a backend of the
     /// generation in force when it started or a later one.
-    backend_history: Vec<(u64, Vec<Vec<([u8; 4], u16)>>)>,
+    backend_history: Vec<(u64, Vec<Vec<Endpoint>>)>,
     client_queues: Vec<usize>,
     client_port: u32,
     client_gw_mac: [u8; 6],
@@ -438,7 +441,7 @@ impl Generator {
     /// generation `since` may open on backend `b`: `b` belongs to the
     /// generation before `since` (a switch may finish a burst it began on
     /// it), to `since`, or to any later one.
-    fn backend_allowed(&self, svc: usize, since: u64, b: ([u8; 4], u16)) -> bool {
+    fn backend_allowed(&self, svc: usize, since: u64, b: Endpoint) -> bool {
         let floor = since.saturating_sub(1);
         let first = self
             .backend_history
