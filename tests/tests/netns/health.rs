@@ -307,9 +307,38 @@ fn tcp_and_udp_checks_reset_tcp_and_move_udp_flows_of_a_down_backend() {
             "  [service.backend.health]\n  port = 5354\n  expect = \"probe3 health\"\n",
         )
     });
-    // Let a few rounds of checks pass: everything stays UP.
+    // Let three rounds of checks pass (probe3 counts the TCP connections
+    // and UDP datagrams they leave): everything stays UP.
     let gen_before = app.region().generation(shm_layout::Table::Config);
-    std::thread::sleep(Duration::from_millis(600));
+    let probe_stats = |bed: &Bed| -> (u64, u64) {
+        let out = bed
+            .exec(
+                "lb",
+                &[
+                    "curl",
+                    "-sS",
+                    "--max-time",
+                    "5",
+                    "http://198.19.0.13:8081/stats",
+                ],
+            )
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        let field = |k: &str| -> u64 {
+            text.lines()
+                .find_map(|l| l.strip_prefix(k))
+                .and_then(|v| v.trim().parse().ok())
+                .unwrap_or_else(|| panic!("{k} in {text:?}"))
+        };
+        (field("connections "), field("datagrams "))
+    };
+    let start = probe_stats(&bed);
+    switchyard_tests::wait_for(Duration::from_secs(10), || match probe_stats(&bed) {
+        (c, d) if c >= start.0 + 3 && d >= start.1 + 3 => Ok(()),
+        (c, d) => Err(format!(
+            "probe3 saw {c} connections, {d} datagrams since {start:?}"
+        )),
+    });
     assert_eq!(
         app.region().generation(shm_layout::Table::Config),
         gen_before,

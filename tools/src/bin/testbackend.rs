@@ -6,7 +6,9 @@
 //! `GET /health` answers `200 ok\n` (with `--health-file F`: only while F
 //! exists, else `503 unhealthy\n`, so a test can fail its health checks
 //! while it keeps serving); `GET /stats` answers
-//! `health_ok <n>\nhealth_fail <n>\n`, the /health answers so far;
+//! `health_ok <n>\nhealth_fail <n>\nconnections <n>\ndatagrams <n>\n`,
+//! the /health answers, the TCP connections accepted (not counting /stats
+//! requests) and the UDP datagrams answered so far;
 //! `POST /upload` reads a body of Content-Length bytes of the `/bytes`
 //! pattern and answers `<n> intact\n` or `<n> corrupt at <offset>\n`, for
 //! integrity-checked uploads. Keep-alive unless the client says close.
@@ -73,6 +75,11 @@ struct Shared {
     requests: AtomicU64,
     slow: AtomicU64,
     busy_max: AtomicU64,
+    /// TCP connections accepted, /stats requests among them, UDP
+    /// datagrams answered: what a TCP or UDP health check leaves behind.
+    accepted: AtomicU64,
+    stats_requests: AtomicU64,
+    datagrams: AtomicU64,
 }
 
 /// One request in progress (counted in `busy` until dropped).
@@ -202,10 +209,13 @@ fn serve(stream: TcpStream, sh: Arc<Shared>) -> std::io::Result<()> {
                     ("503 Service Unavailable", "unhealthy\n".to_string())
                 }
                 "/stats" => {
+                    let stats = sh.stats_requests.fetch_add(1, Ordering::Relaxed) + 1;
                     let mut body = format!(
-                        "health_ok {}\nhealth_fail {}\n",
+                        "health_ok {}\nhealth_fail {}\nconnections {}\ndatagrams {}\n",
                         sh.health_ok.load(Ordering::Relaxed),
                         sh.health_fail.load(Ordering::Relaxed),
+                        sh.accepted.load(Ordering::Relaxed).saturating_sub(stats),
+                        sh.datagrams.load(Ordering::Relaxed),
                     );
                     if sh.slow_above.is_some() {
                         body += &format!(
@@ -326,22 +336,6 @@ fn main() -> ExitCode {
     }
     println!("{line}");
     let _ = std::io::stdout().flush();
-    if let Some(u) = udp {
-        let name = Arc::clone(&name);
-        std::thread::spawn(move || {
-            let mut buf = [0u8; 65536];
-            let prefix = format!("{name} ");
-            loop {
-                let Ok((n, from)) = u.recv_from(&mut buf) else {
-                    continue;
-                };
-                let mut reply = Vec::with_capacity(prefix.len() + n);
-                reply.extend_from_slice(prefix.as_bytes());
-                reply.extend_from_slice(&buf[..n]);
-                let _ = u.send_to(&reply, from);
-            }
-        });
-    }
     let shared = Arc::new(Shared {
         name: a.name,
         chunk: pattern_chunk(),
@@ -355,7 +349,29 @@ fn main() -> ExitCode {
         requests: AtomicU64::new(0),
         slow: AtomicU64::new(0),
         busy_max: AtomicU64::new(0),
+        accepted: AtomicU64::new(0),
+        stats_requests: AtomicU64::new(0),
+        datagrams: AtomicU64::new(0),
     });
+    if let Some(u) = udp {
+        let name = Arc::clone(&name);
+        let sh = Arc::clone(&shared);
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 65536];
+            let prefix = format!("{name} ");
+            loop {
+                let Ok((n, from)) = u.recv_from(&mut buf) else {
+                    continue;
+                };
+                let mut reply = Vec::with_capacity(prefix.len() + n);
+                reply.extend_from_slice(prefix.as_bytes());
+                reply.extend_from_slice(&buf[..n]);
+                if u.send_to(&reply, from).is_ok() {
+                    sh.datagrams.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        });
+    }
     let Some(l) = http else {
         loop {
             std::thread::park();
@@ -369,6 +385,7 @@ fn main() -> ExitCode {
             }
         }
         let Ok((s, _)) = l.accept() else { continue };
+        shared.accepted.fetch_add(1, Ordering::Relaxed);
         let sh = Arc::clone(&shared);
         std::thread::spawn(move || {
             let _ = serve(s, sh);
