@@ -1236,7 +1236,14 @@ fn a_reused_backend_id_starts_from_zero_totals() {
     // web3 leaves; controld frees its id on its next once-a-second pass.
     cfg.web.truncate(2);
     app.reload_and_wait(&render(&inst, &cfg));
-    std::thread::sleep(Duration::from_millis(2500));
+    let freed = format!("backend id {} freed", web3["id"]);
+    switchyard_tests::wait_for(Duration::from_secs(10), || {
+        if app.log().contains(&freed) {
+            Ok(())
+        } else {
+            Err(format!("no {freed:?} in the log"))
+        }
+    });
 
     // A new backend comes: it gets the freed id, with zero totals.
     cfg.web.push(B {

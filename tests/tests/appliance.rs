@@ -306,13 +306,27 @@ fn a_neighbour_that_changes_mac_is_followed_by_the_next_packet() {
         frames::parse_checked(&got[0].1).unwrap()
     };
     let r = app.region();
-    let cache_hits = || {
-        r.switch_slots()[0].counters[shm_layout::switch_slot::Counter::FlowCacheHit as usize]
-            .load(std::sync::atomic::Ordering::Relaxed)
+    let rx0 = r.switch_slots()[0].counters[shm_layout::switch_slot::Counter::RxPackets as usize]
+        .load(std::sync::atomic::Ordering::Relaxed);
+    let mut received = 0;
+    // The switch publishes its counters together, after the burst that
+    // answered: wait until they include the `received`-th frame, then read.
+    let mut cache_hits = || {
+        use shm_layout::switch_slot::Counter;
+        received += 1;
+        let c = &r.switch_slots()[0].counters;
+        let load = |k: Counter| c[k as usize].load(std::sync::atomic::Ordering::Relaxed);
+        wait_for(Duration::from_secs(5), || {
+            match load(Counter::RxPackets) - rx0 {
+                n if n >= received => Ok(load(Counter::FlowCacheHit)),
+                n => Err(format!("{n} frames received published, {received} sent")),
+            }
+        })
     };
     // The SYN; a data packet (its next hop cached, the connection's
     // rewrite filled into the flow cache); one answered from the flow cache.
     assert_eq!(send(true).dst_mac, [2, 0, 0, 0, 1, 1]);
+    cache_hits();
     assert_eq!(send(false).dst_mac, [2, 0, 0, 0, 1, 1]);
     let hits = cache_hits();
     assert_eq!(send(false).dst_mac, [2, 0, 0, 0, 1, 1]);

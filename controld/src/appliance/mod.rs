@@ -445,6 +445,11 @@ impl Appliance {
         for c in released.iter().filter_map(|&id| counters.get(id as usize)) {
             c.reset_totals();
         }
+        for id in released {
+            log::info!(
+                "backend id {id} freed: its backend left the configuration and its last connection is gone"
+            );
+        }
     }
 }
 
