@@ -87,7 +87,7 @@ pub enum ConfigError {
     /// A key of more dotted parts than the TOML parser allows (toml says
     /// only "recursion limit", without a line).
     #[error(
-        "line {line}: key of {parts} dotted parts is nested too deep (the parser allows {}; the deepest table of this file is [service.backend.health])",
+        "line {line}: key of {parts} dotted parts is nested too deep (the TOML parser allows at most {})",
         raw::MAX_KEY_PARTS
     )]
     TooDeep { line: usize, parts: usize },

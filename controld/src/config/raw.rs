@@ -305,3 +305,24 @@ fn longest_dotted_run(line: &str) -> usize {
     }
     longest
 }
+
+#[cfg(test)]
+mod tests {
+    use super::longest_dotted_run;
+
+    #[test]
+    fn dotted_runs_count_quoted_parts_and_stop_at_comments() {
+        assert_eq!(longest_dotted_run("[service.backend.health]"), 3);
+        assert_eq!(longest_dotted_run("a . \"b.c\" . 'd' = 1"), 3);
+        assert_eq!(
+            longest_dotted_run("address = \"198.19.1.1\"  # a.b.c.d.e"),
+            1
+        );
+        assert_eq!(longest_dotted_run("x = 1.5"), 2);
+        // Unterminated quotes and a trailing escape end the line, no panic.
+        assert_eq!(longest_dotted_run("a.\"b\\"), 2);
+        assert_eq!(longest_dotted_run("a.'b"), 2);
+        assert_eq!(longest_dotted_run(""), 0);
+        assert_eq!(longest_dotted_run(".."), 0);
+    }
+}
