@@ -633,6 +633,11 @@ pub struct ReloadReply {
     pub overrides_kept: Vec<String>,
     /// `service/backend: override` dropped (backend no longer configured).
     pub overrides_dropped: Vec<String>,
+    /// What the new file probably does not mean (the configuration was
+    /// published anyway), as `controld --check` prints it. Absent from a
+    /// controld that predates it.
+    #[serde(default)]
+    pub warnings: Vec<String>,
 }
 
 #[cfg(test)]

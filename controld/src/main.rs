@@ -32,9 +32,13 @@ struct Args {
     /// Configuration file (TOML).
     #[arg(long, short = 'c', default_value = "/etc/switchyard/switchyard.toml")]
     config: PathBuf,
-    /// Validate the configuration and exit (0 = valid).
+    /// Validate the configuration and exit (0 = valid). Warnings (valid,
+    /// but probably not meant) are printed on stderr as `warning: ...`.
     #[arg(long)]
     check: bool,
+    /// With --check: a configuration with warnings is refused too (exit 1).
+    #[arg(long, requires = "check")]
+    strict: bool,
     /// Path of the switchd binary (default: next to controld).
     #[arg(long)]
     switchd: Option<PathBuf>,
@@ -88,7 +92,10 @@ impl Drop for Cleanup {
 
 fn run(args: &Args) -> Result<()> {
     // The error names the file already (and its cause: no chain to add).
-    let mut cfg = config::load(&args.config).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let config::Checked {
+        config: mut cfg,
+        warnings,
+    } = config::load_checked(&args.config).map_err(|e| anyhow::anyhow!("{e}"))?;
     host::resolve_interfaces(&mut cfg).with_context(|| format!("{}", args.config.display()))?;
     host::check_machine(&cfg).with_context(|| format!("{}", args.config.display()))?;
     if args.check {
@@ -96,6 +103,16 @@ fn run(args: &Args) -> Result<()> {
         let mut ids = IdAllocator::new(cfg.limits.backends.saturating_mul(4));
         master::file_snapshot(&cfg, &mut ids)
             .with_context(|| format!("{}", args.config.display()))?;
+        for w in &warnings {
+            eprintln!("warning: {}: {w}", args.config.display());
+        }
+        if args.strict && !warnings.is_empty() {
+            bail!(
+                "{}: refused: {} warning(s) and --strict",
+                args.config.display(),
+                warnings.len()
+            );
+        }
         let backends: usize = cfg.services.iter().map(|s| s.backends.len()).sum();
         println!(
             "{}: OK ({} services, {} backends, {} switches, {} ports)",
@@ -106,6 +123,9 @@ fn run(args: &Args) -> Result<()> {
             cfg.ports.len()
         );
         return Ok(());
+    }
+    for w in &warnings {
+        log::warn!("{}: {w}", args.config.display());
     }
     let switchd = match &args.switchd {
         Some(p) => p.clone(),

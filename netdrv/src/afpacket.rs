@@ -196,6 +196,35 @@ impl Port {
         Ok(port)
     }
 
+    /// The socket's receive statistics since the last read (TPACKET_V2:
+    /// `struct tpacket_stats`; the kernel zeroes them on each read). Zero
+    /// if the read fails (a closed socket: never while the port exists).
+    fn take_stats(&self) -> libc::tpacket_stats {
+        let mut st = libc::tpacket_stats {
+            tp_packets: 0,
+            tp_drops: 0,
+        };
+        let mut len = size_of::<libc::tpacket_stats>() as libc::socklen_t;
+        // SAFETY: `st` is a live tpacket_stats and `len` its size; the
+        // kernel writes at most `len` bytes and stores the length it wrote.
+        let rc = unsafe {
+            libc::getsockopt(
+                self.fd,
+                libc::SOL_PACKET,
+                libc::PACKET_STATISTICS,
+                (&mut st as *mut libc::tpacket_stats).cast(),
+                &mut len,
+            )
+        };
+        if rc != 0 {
+            return libc::tpacket_stats {
+                tp_packets: 0,
+                tp_drops: 0,
+            };
+        }
+        st
+    }
+
     fn slot(&self, tx: bool, i: usize) -> *mut u8 {
         let base = if tx { self.slots * FRAME_SIZE } else { 0 };
         // SAFETY: i < slots (callers mask), inside the mapping.
@@ -502,6 +531,17 @@ impl Nic for AfPacket {
     }
 
     fn reclaim(&mut self) {}
+
+    /// The kernel's count of frames it dropped because a port's RX ring
+    /// had no free slot (`PACKET_STATISTICS`, `tp_drops`), summed over the
+    /// ports. Reading the statistics resets them, so each call returns the
+    /// drops since the previous one. A port whose read fails adds nothing.
+    fn take_rx_ring_drops(&mut self) -> u64 {
+        self.ports
+            .iter()
+            .map(|p| p.take_stats().tp_drops as u64)
+            .sum()
+    }
 
     /// Sleeps in ppoll(2) on every port's socket: the first frame to arrive
     /// wakes the switch at once instead of at the end of its nap.

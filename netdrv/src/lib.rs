@@ -55,6 +55,14 @@ pub trait Nic {
     fn idle_wait(&mut self, max: core::time::Duration) {
         std::thread::sleep(max);
     }
+    /// Frames the ports dropped on receive since the last call because a
+    /// receive ring was full (the switch fell behind), over all ports. May
+    /// cost a system call per port: call it when counters are published,
+    /// not per burst. A NIC whose other end sees a full ring itself (vnic:
+    /// the wire end counts what it could not queue) answers 0.
+    fn take_rx_ring_drops(&mut self) -> u64 {
+        0
+    }
 }
 
 /// Errors of the port backends.

@@ -104,12 +104,13 @@ counters! {
     FragHeld = 58, "frag_held", "later fragments held because they arrived before their datagram's first fragment";
     DropFragTimeout = 59, "drop_frag_timeout", "held fragments dropped because their first fragment did not pass within 2 s";
     DropFragOverflow = 60, "drop_frag_overflow", "later fragments dropped because the switch's holding area was full";
+    DropRxRing = 61, "drop_rx_ring", "frames the kernel dropped on receive because an AF_PACKET port's RX ring was full (the switch fell behind)";
 }
 
 /// Number of counter words per switch (room to grow without a layout change).
 pub const N_COUNTERS: usize = 128;
 
-const _: () = assert!((Counter::DropFragOverflow as usize) < N_COUNTERS);
+const _: () = assert!((Counter::DropRxRing as usize) < N_COUNTERS);
 
 /// One switch's slot. Two cache lines of identity and liveness, then counters.
 #[repr(C, align(64))]

@@ -12,6 +12,13 @@ use tools::frames::{self, Spec, TcpFlags};
 use tools::traffic::{GenConfig, Generator};
 
 fn check(config: &str) -> (bool, String) {
+    let (ok, stdout, stderr, _) = check_with(config, &[]);
+    (ok, stdout + &stderr)
+}
+
+/// `controld --config FILE --check ARGS...`: success, stdout, stderr, and
+/// the file's path (removed by then).
+fn check_with(config: &str, args: &[&str]) -> (bool, String, String, String) {
     let dir = std::env::temp_dir().join(unique("check"));
     std::fs::create_dir_all(&dir).unwrap();
     let path = dir.join("c.toml");
@@ -20,12 +27,50 @@ fn check(config: &str) -> (bool, String) {
         .arg("--config")
         .arg(&path)
         .arg("--check")
+        .args(args)
         .output()
         .unwrap();
     let _ = std::fs::remove_dir_all(&dir);
-    let text =
-        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
-    (out.status.success(), text)
+    let text = |b: &[u8]| String::from_utf8_lossy(b).to_string();
+    let path = path.display().to_string();
+    (
+        out.status.success(),
+        text(&out.stdout),
+        text(&out.stderr),
+        path,
+    )
+}
+
+/// A valid file with warnings passes `--check` (exit 0) and prints each
+/// on stderr; `--strict` refuses it. Before, nothing was said at all.
+#[test]
+fn check_prints_warnings_and_strict_refuses_them() {
+    let inst = unique("chkw");
+    let good = render(&inst, &Cfg::default());
+    let drained = good
+        .replace("weight = 1\n", "weight = 0\n")
+        .replace("weight = 2\n", "weight = 0\n")
+        .replace("weight = 3\n", "weight = 0\n");
+    let (ok, stdout, stderr, path) = check_with(&drained, &[]);
+    assert!(ok, "{stdout}{stderr}");
+    assert!(stdout.contains(": OK ("), "{stdout}");
+    let warn = |svc: &str| {
+        format!(
+            "warning: {path}: service \"{svc}\": every backend has weight 0 (it refuses every new connection; existing ones continue)\n"
+        )
+    };
+    assert_eq!(stderr, warn("web") + &warn("dns"));
+    let (ok, _, stderr, path) = check_with(&drained, &["--strict"]);
+    assert!(!ok);
+    assert!(
+        stderr.ends_with(&format!(
+            "controld: {path}: refused: 2 warning(s) and --strict\n"
+        )),
+        "{stderr}"
+    );
+    let (ok, _, stderr, _) = check_with(&good, &["--strict"]);
+    assert!(ok, "{stderr}");
+    assert_eq!(stderr, "");
 }
 
 #[test]

@@ -21,6 +21,8 @@ mod health;
 mod icmp;
 #[path = "netns/routing.rs"]
 mod routing;
+#[path = "netns/rx_ring.rs"]
+mod rx_ring;
 #[path = "netns/sched.rs"]
 mod sched;
 

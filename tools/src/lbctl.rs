@@ -444,6 +444,9 @@ pub fn render_reload(v: &ReloadReply) -> String {
     for d in &v.overrides_dropped {
         let _ = writeln!(out, "dropped override {d} (backend no longer configured)");
     }
+    for w in &v.warnings {
+        let _ = writeln!(out, "warning: {w}");
+    }
     out
 }
 
@@ -473,6 +476,21 @@ mod tests {
             seen_generation: 1,
             set,
         }
+    }
+
+    #[test]
+    fn reload_shows_the_new_files_warnings() {
+        let r = ReloadReply {
+            generation: 3,
+            routing_generation: 2,
+            overrides_kept: vec![],
+            overrides_dropped: vec![],
+            warnings: vec!["service \"web\": has no backends".into()],
+        };
+        assert_eq!(
+            render_reload(&r),
+            "reloaded: configuration generation 3, routing generation 2\nwarning: service \"web\": has no backends\n"
+        );
     }
 
     #[test]

@@ -71,6 +71,9 @@ impl Appliance {
         match &result {
             Ok(r) => {
                 self.reloads_ok += 1;
+                for w in &r.warnings {
+                    log::warn!("{}: {w}", path.display());
+                }
                 for k in &r.overrides_kept {
                     log::info!("reload keeps runtime override {k}");
                 }
@@ -94,7 +97,10 @@ impl Appliance {
     }
 
     fn try_reload(&mut self, path: &Path) -> Result<ReloadReply, Refusal> {
-        let mut new = config::load(path)?;
+        let config::Checked {
+            config: mut new,
+            warnings,
+        } = config::load_checked(path)?;
         resolve_interfaces(&mut new)?;
         let changed = restart_only_changes(&self.cfg, &new);
         if !changed.is_empty() {
@@ -110,6 +116,7 @@ impl Appliance {
             routing_generation,
             overrides_kept: fmt(carried.kept),
             overrides_dropped: fmt(carried.dropped),
+            warnings: warnings.iter().map(|w| w.to_string()).collect(),
         })
     }
 }

@@ -205,6 +205,7 @@ fn a_valid_reload_publishes_a_new_generation_with_the_new_backends() {
             routing_generation: 2,
             overrides_kept: vec![],
             overrides_dropped: vec![],
+            warnings: vec![],
         }
     );
     assert_eq!(f.config_words(), (1 - active, 2));
@@ -215,6 +216,23 @@ fn a_valid_reload_publishes_a_new_generation_with_the_new_backends() {
     assert_ne!(published[1].1, web1);
     assert_eq!(f.app.config().services[0].backends.len(), 2);
     assert_eq!((f.app.reloads_ok, f.app.reloads_refused), (1, 0));
+}
+
+/// A valid file with a warning is published, and the reply (which lbctl
+/// prints) carries the warning; before, only `--check` could have said it.
+#[test]
+fn a_reload_with_warnings_is_published_and_replies_them() {
+    let mut f = Fixture::new("warn");
+    f.write("  weight = 0\n");
+    let r = f.app.reload(&f.path.clone()).unwrap();
+    assert_eq!(r.generation, 2);
+    assert_eq!(
+        r.warnings,
+        [
+            "service \"web\": every backend has weight 0 (it refuses every new connection; existing ones continue)"
+        ]
+    );
+    assert_eq!(f.app.config().services[0].backends[0].weight, 0);
 }
 
 #[test]

@@ -18,12 +18,14 @@ pub mod file;
 mod health;
 mod raw;
 mod validate;
+mod warnings;
 
 pub use agents::{
     Agents, DEFAULT_FLOOR_PERCENT, DEFAULT_MAX_SKEW_MS, DEFAULT_SILENT_MS, DEFAULT_STEP_PERCENT,
     Secret,
 };
 pub use health::{HealthCheck, OnDown, Probe};
+pub use warnings::Warning;
 
 #[cfg(test)]
 mod tests;
@@ -82,6 +84,13 @@ pub enum ConfigError {
     /// key, wrong type). toml's message names the key and its line.
     #[error("{}", .0.to_string().trim_end())]
     Syntax(#[from] toml::de::Error),
+    /// A key of more dotted parts than the TOML parser allows (toml says
+    /// only "recursion limit", without a line).
+    #[error(
+        "line {line}: key of {parts} dotted parts is nested too deep (the TOML parser allows at most {})",
+        raw::MAX_KEY_PARTS
+    )]
+    TooDeep { line: usize, parts: usize },
     /// A value breaks a rule; the message names the thing, the value and the rule.
     #[error("{0}")]
     Invalid(String),
@@ -524,15 +533,36 @@ pub struct Neighbour {
     pub port_name: String,
 }
 
+/// A valid configuration and what it probably does not mean (see [`Warning`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Checked {
+    pub config: Config,
+    pub warnings: Vec<Warning>,
+}
+
 /// Parses and validates a configuration text.
 pub fn parse(text: &str) -> Result<Config, ConfigError> {
-    let raw: raw::RawConfig = toml::from_str(text)?;
-    validate::validate(raw).map_err(ConfigError::Invalid)
+    parse_checked(text).map(|c| c.config)
+}
+
+/// Parses and validates a configuration text, and says what in it is
+/// valid but probably not meant.
+pub fn parse_checked(text: &str) -> Result<Checked, ConfigError> {
+    let raw: raw::RawConfig = toml::from_str(text).map_err(|e| raw::locate_too_deep(text, e))?;
+    let config = validate::validate(raw).map_err(ConfigError::Invalid)?;
+    warnings::check_addresses(&config).map_err(ConfigError::Invalid)?;
+    let warnings = warnings::warnings(&config);
+    Ok(Checked { config, warnings })
 }
 
 /// Reads, parses and validates the file `path`, and reads the files it
 /// names (`[agents] secret_file`); the error names the file.
 pub fn load(path: &Path) -> Result<Config, ConfigError> {
+    load_checked(path).map(|c| c.config)
+}
+
+/// [`load`], with the warnings of [`parse_checked`].
+pub fn load_checked(path: &Path) -> Result<Checked, ConfigError> {
     let bytes = file::read_regular(path, file::MAX_CONFIG_BYTES)?;
     let text = String::from_utf8(bytes).map_err(|e| ConfigError::NotText {
         path: path.to_path_buf(),
@@ -542,11 +572,11 @@ pub fn load(path: &Path) -> Result<Config, ConfigError> {
         path: path.to_path_buf(),
         source: Box::new(e),
     };
-    let mut cfg = parse(&text).map_err(in_file)?;
-    if let Some(a) = cfg.agents.as_mut() {
+    let mut checked = parse_checked(&text).map_err(in_file)?;
+    if let Some(a) = checked.config.agents.as_mut() {
         agents::read_secret(a).map_err(|e| in_file(ConfigError::Invalid(e)))?;
     }
-    Ok(cfg)
+    Ok(checked)
 }
 
 /// Formats a MAC address as `02:00:00:00:00:01`.

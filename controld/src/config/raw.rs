@@ -239,3 +239,90 @@ pub(super) struct RawNeighbour {
     /// `port` (required): see [`super::Neighbour::port`].
     pub port: String,
 }
+
+/// The most dotted parts toml accepts in one key (its recursion limit
+/// counts the parts before the last, and stops at 80).
+pub(super) const MAX_KEY_PARTS: usize = 80;
+
+/// toml reports a key of too many dotted parts as "recursion limit" with
+/// no position; this finds the first line holding such a key (a key never
+/// spans lines) and names it. Any other error is returned as it is.
+pub(super) fn locate_too_deep(text: &str, e: toml::de::Error) -> super::ConfigError {
+    if e.span().is_some() || e.message() != "recursion limit" {
+        return super::ConfigError::Syntax(e);
+    }
+    text.lines()
+        .enumerate()
+        .map(|(i, line)| (i + 1, longest_dotted_run(line)))
+        .find(|&(_, parts)| parts > MAX_KEY_PARTS)
+        .map_or(super::ConfigError::Syntax(e), |(line, parts)| {
+            super::ConfigError::TooDeep { line, parts }
+        })
+}
+
+/// The most parts of a dotted run on one line (`a.b."c".d` has 4),
+/// outside comments; a quoted part counts as one.
+fn longest_dotted_run(line: &str) -> usize {
+    let bytes = line.as_bytes();
+    let (mut i, mut run, mut longest, mut after_dot) = (0, 0usize, 0usize, false);
+    while i < bytes.len() {
+        let c = bytes[i];
+        let part_end = match c {
+            b'"' | b'\'' => {
+                // A quoted part: up to its closing quote (escapes skipped in "").
+                let mut j = i + 1;
+                while j < bytes.len() && bytes[j] != c {
+                    j += if c == b'"' && bytes[j] == b'\\' { 2 } else { 1 };
+                }
+                Some(j + 1)
+            }
+            c if c.is_ascii_alphanumeric() || c == b'_' || c == b'-' => {
+                let n = bytes[i..]
+                    .iter()
+                    .take_while(|c| c.is_ascii_alphanumeric() || **c == b'_' || **c == b'-')
+                    .count();
+                Some(i + n)
+            }
+            _ => None,
+        };
+        match (part_end, c) {
+            (Some(end), _) => {
+                run = if after_dot { run + 1 } else { 1 };
+                longest = longest.max(run);
+                after_dot = false;
+                i = end;
+                continue;
+            }
+            (None, b'.') => after_dot = run > 0,
+            (None, b' ' | b'\t') => {}
+            (None, b'#') => break,
+            (None, _) => {
+                run = 0;
+                after_dot = false;
+            }
+        }
+        i += 1;
+    }
+    longest
+}
+
+#[cfg(test)]
+mod tests {
+    use super::longest_dotted_run;
+
+    #[test]
+    fn dotted_runs_count_quoted_parts_and_stop_at_comments() {
+        assert_eq!(longest_dotted_run("[service.backend.health]"), 3);
+        assert_eq!(longest_dotted_run("a . \"b.c\" . 'd' = 1"), 3);
+        assert_eq!(
+            longest_dotted_run("address = \"198.19.1.1\"  # a.b.c.d.e"),
+            1
+        );
+        assert_eq!(longest_dotted_run("x = 1.5"), 2);
+        // Unterminated quotes and a trailing escape end the line, no panic.
+        assert_eq!(longest_dotted_run("a.\"b\\"), 2);
+        assert_eq!(longest_dotted_run("a.'b"), 2);
+        assert_eq!(longest_dotted_run(""), 0);
+        assert_eq!(longest_dotted_run(".."), 0);
+    }
+}

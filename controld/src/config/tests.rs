@@ -1846,3 +1846,128 @@ fn tunnel_source_and_neighbours_are_not_backends_or_vips() {
         "neighbour \"198.18.0.10\" is the VIP of service \"web\" (switchd answers ARP for VIPs; a neighbour entry would send the VIP's traffic away)"
     );
 }
+
+// ---- warnings and address rules ----
+
+/// The warnings `parse_checked` returns for `text`, as the operator reads them.
+fn warnings_of(text: &str) -> Vec<String> {
+    parse_checked(text)
+        .unwrap_or_else(|e| panic!("{e}"))
+        .warnings
+        .iter()
+        .map(|w| w.to_string())
+        .collect()
+}
+
+const WEB1: &str =
+    "\n  [[service.backend]]\n  name = \"web1\"\n  address = \"198.19.1.1\"\n  port = 8080\n";
+
+/// A service being staged (no backends yet) and a service whose every
+/// backend is drained (weight 0) are legitimate, but can take no new
+/// connection: both were accepted without a word.
+#[test]
+fn a_service_that_can_take_no_connection_is_accepted_with_a_warning() {
+    assert_eq!(warnings_of(BASE), Vec::<String>::new());
+    let c = parse_checked(&with(WEB1, "")).unwrap();
+    assert!(c.config.services[0].backends.is_empty());
+    assert_eq!(
+        c.warnings,
+        vec![Warning::NoBackends {
+            service: "web".into()
+        }]
+    );
+    assert_eq!(
+        warnings_of(&with(WEB1, "")),
+        ["service \"web\": has no backends (it refuses every new connection until one is added)"]
+    );
+    let zero = with("port = 8080", "port = 8080\n  weight = 0")
+        + "\n  [[service.backend]]\n  name = \"web2\"\n  address = \"198.19.1.2\"\n  weight = 0\n";
+    assert_eq!(
+        warnings_of(&zero),
+        [
+            "service \"web\": every backend has weight 0 (it refuses every new connection; existing ones continue)"
+        ]
+    );
+    // One backend with a weight is enough.
+    let one = with("port = 8080", "port = 8080\n  weight = 0")
+        + "\n  [[service.backend]]\n  name = \"web2\"\n  address = \"198.19.1.2\"\n";
+    assert_eq!(warnings_of(&one), Vec::<String>::new());
+}
+
+/// 127.0.0.0/8 never arrives from a wire and no host on one answers for
+/// it: on an appliance with AF_PACKET ports a loopback VIP or backend is
+/// refused; on vnic ports (whose "wire" is a program) it is a warning.
+#[test]
+fn loopback_vips_and_backends_are_refused_on_afpacket_and_warned_on_vnic() {
+    let vip = |t: &str| t.replace("vip = \"198.18.0.10\"", "vip = \"127.0.0.5\"");
+    let backend = |t: &str| t.replace("address = \"198.19.1.1\"", "address = \"127.0.0.1\"");
+    assert_eq!(
+        err(&vip(&afpacket_base())),
+        "service \"web\": vip 127.0.0.5 is a loopback address (127.0.0.0/8 never arrives from or leaves through an afpacket port)"
+    );
+    assert_eq!(
+        err(&backend(&afpacket_base())),
+        "service \"web\": backend \"web1\": address 127.0.0.1 is a loopback address (127.0.0.0/8 never arrives from or leaves through an afpacket port)"
+    );
+    assert_eq!(
+        warnings_of(&vip(BASE)),
+        [
+            "service \"web\": vip 127.0.0.5 is a loopback address (no real network delivers 127.0.0.0/8; only a vnic wire can)"
+        ]
+    );
+    assert_eq!(
+        warnings_of(&backend(BASE)),
+        [
+            "service \"web\": backend \"web1\": address 127.0.0.1 is a loopback address (no real network delivers 127.0.0.0/8; only a vnic wire can)"
+        ]
+    );
+}
+
+/// A route to a VIP, or through a VIP, sends the appliance's traffic to
+/// itself: both were accepted.
+#[test]
+fn routes_to_or_through_a_vip_are_refused() {
+    assert_eq!(
+        err(&plus(
+            "[[route]]\nprefix = \"198.18.0.10/32\"\nport = \"client\""
+        )),
+        "route \"198.18.0.10/32\": prefix is the VIP of service \"web\" (the VIP is the appliance's own address; nothing is routed to it)"
+    );
+    assert_eq!(
+        err(&plus(
+            "[[route]]\nprefix = \"0.0.0.0/0\"\nport = \"client\"\nvia = \"198.18.0.10\""
+        )),
+        "route \"0.0.0.0/0\": via 198.18.0.10 is the VIP of service \"web\" (a gateway must be another host; the appliance would send packets to itself)"
+    );
+    // A route that merely covers a VIP is ordinary.
+    parse(&plus(
+        "[[route]]\nprefix = \"198.18.0.0/24\"\nport = \"client\"",
+    ))
+    .unwrap();
+}
+
+/// A key of hundreds of dotted parts made toml fail with "recursion limit"
+/// and no line; nested inline arrays already name theirs.
+#[test]
+fn a_key_nested_too_deep_is_refused_with_its_line() {
+    let deep = vec!["a"; 300].join(".");
+    assert_eq!(
+        err(&format!("{BASE}\n[{deep}]\nx = 1\n")),
+        "line 30: key of 300 dotted parts is nested too deep (the TOML parser allows at most 80)"
+    );
+    assert_eq!(
+        err(&format!("{BASE}\n{deep} = 1\n")),
+        "line 30: key of 300 dotted parts is nested too deep (the TOML parser allows at most 80)"
+    );
+    // The limit is exact: 80 parts reach the schema (an unknown key), 81 do not.
+    let at = |n: usize| err(&format!("{BASE}\n[{}]\n", vec!["a"; n].join(" . ")));
+    assert!(at(80).contains("unknown field `a`"), "{}", at(80));
+    assert!(
+        at(81).starts_with("line 30: key of 81 dotted parts"),
+        "{}",
+        at(81)
+    );
+    let arrays = format!("{BASE}\nx = {}{}\n", "[".repeat(300), "]".repeat(300));
+    let e = err(&arrays);
+    assert!(e.starts_with("TOML parse error at line 30, column"), "{e}");
+}

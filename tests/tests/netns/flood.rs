@@ -133,6 +133,8 @@ fn a_spoofed_flood_of_syns_and_acks_does_not_exhaust_the_table() {
         "evicted_half_open",
         "drop_table_full",
         "drop_martian",
+        "rx_packets",
+        "drop_rx_ring",
     ]
     .map(|n| (n, counter_sum(&dump, n)));
     eprintln!(
