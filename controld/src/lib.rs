@@ -14,6 +14,7 @@ pub mod fence;
 pub mod gc;
 pub mod health;
 pub mod ids;
+pub mod l7;
 pub mod loading;
 pub mod maglev;
 pub mod master;
