@@ -222,6 +222,11 @@ pub(super) fn service(
             "{ctx}scheduler is not set for mode \"l7\" (each [[service.pool]] has its own scheduler)"
         ));
     }
+    if raw.latency_target_ms.is_some() {
+        return Err(format!(
+            "{ctx}latency_target_ms is not supported for mode \"l7\" yet (controlled loading adjusts L4 NAT services)"
+        ));
+    }
     if raw.pool.len() > MAX_POOLS {
         return Err(format!(
             "{ctx}{} pools are defined, at most {MAX_POOLS} are supported",

@@ -297,6 +297,12 @@ fn l7_needs_tcp_and_no_service_scheduler() {
         "service \"web\": scheduler is not set for mode \"l7\" (each [[service.pool]] has its own scheduler)"
     );
     assert_eq!(
+        err(&one(
+            "protocol = \"tcp\"\nmode = \"l7\"\nlatency_target_ms = 50"
+        )),
+        "service \"web\": latency_target_ms is not supported for mode \"l7\" yet (controlled loading adjusts L4 NAT services)"
+    );
+    assert_eq!(
         err(&one("protocol = \"tcp\"\nmode = \"l8\"")),
         "service \"web\": mode \"l8\" is not supported (supported: nat, dr, tunnel, l7)"
     );

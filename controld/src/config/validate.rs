@@ -602,8 +602,8 @@ fn service(raw: &RawService, limits: &Limits) -> R<Service> {
         }
         backends.push(be);
     }
-    let loading = loading(&ctx, raw, mode, &backends)?;
     let l7 = super::l7::service(&ctx, raw, mode, protocol, &backends)?;
+    let loading = loading(&ctx, raw, mode, &backends)?;
     Ok(Service {
         name: raw.name.clone(),
         vip,
