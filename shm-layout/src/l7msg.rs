@@ -448,6 +448,7 @@ impl Decision {
             BYTES_LEN_AT,
             MAX_DECISION_BYTES,
         )?;
+        // `len` is at most 8: the value must fit the error's u64.
         let zero = |field, at: usize, len: usize| {
             let v = b[at..at + len]
                 .iter()
@@ -477,7 +478,9 @@ impl Decision {
                         value: status.into(),
                     });
                 }
-                zero("backend", BACKEND_ID_AT, 10)?;
+                zero("backend id", BACKEND_ID_AT, 4)?;
+                zero("backend ip", BACKEND_IP_AT, 4)?;
+                zero("backend port", BACKEND_PORT_AT, 2)?;
                 Verdict::Reject { status }
             }
             v => {
@@ -690,6 +693,30 @@ mod tests {
             })
         );
         assert_eq!(bad(1, 1), Err(MsgError::Kind { want: 2, got: 1 }));
+        // A reject carries no backend: every byte of it is checked (the
+        // second byte of the id once slipped through a 10-byte fold).
+        let mut r = decision();
+        r.verdict = Verdict::Reject { status: 503 };
+        let good = encoded_decision(&r);
+        for at in BACKEND_ID_AT..ZERO16_AT {
+            let mut b = good.clone();
+            b[at] = 1;
+            assert!(Decision::decode(&b).is_err(), "byte {at} accepted");
+        }
+        for (at, field) in [
+            (32, "backend id"),
+            (33, "backend id"),
+            (36, "backend ip"),
+            (40, "backend port"),
+            (41, "backend port"),
+        ] {
+            let mut b = good.clone();
+            b[at] = 1;
+            assert!(
+                matches!(Decision::decode(&b), Err(MsgError::Field { field: f, .. }) if f == field),
+                "byte {at}"
+            );
+        }
     }
 
     #[test]
