@@ -3,6 +3,8 @@
 //! service asks for one, then the head as the client sent it), or the
 //! HTTP error response for the client.
 
+use std::net::Ipv4Addr;
+
 use shm_layout::l7msg::{Bundle, Decision, Verdict};
 
 use super::HttpReject;
@@ -14,14 +16,16 @@ use crate::config::Config;
 use crate::master::ConfigSnapshot;
 
 /// The bundle names a service that is not (or no longer) an l7 service
-/// with that VIP: the configuration changed while the switch held it.
-pub const NOT_L7: HttpReject = HttpReject::new(503, "service is not an l7 service");
+/// with the bundle's VIP and port: the configuration changed while the
+/// switch held it.
+pub const NOT_L7: HttpReject = HttpReject::new(503, "no l7 service at this address");
 
 /// The routers of a configuration generation, by service index (the
-/// index a bundle's `service` carries, as in the configuration slot).
+/// index a bundle's `service` carries, as in the configuration slot),
+/// each with its service's VIP and port.
 #[derive(Debug, Clone, Default)]
 pub struct Decider {
-    routers: Vec<Option<Router>>,
+    routers: Vec<Option<(Ipv4Addr, u16, Router)>>,
 }
 
 impl Decider {
@@ -39,7 +43,7 @@ impl Decider {
                 .backends
                 .get(start..start + rec.backend_count as usize)
                 .unwrap_or_default();
-            routers.push(Some(Router::new(s, &cfg.l7, recs)?));
+            routers.push(Some((s.vip, s.port, Router::new(s, &cfg.l7, recs)?)));
         }
         Ok(Decider { routers })
     }
@@ -81,11 +85,10 @@ impl Decider {
         b: &Bundle,
         conns: &(impl Conns + ?Sized),
     ) -> Result<(Verdict, bool), HttpReject> {
-        let router = self
-            .routers
-            .get_mut(b.service as usize)
-            .and_then(Option::as_mut)
-            .ok_or(NOT_L7)?;
+        let router = match self.routers.get_mut(b.service as usize) {
+            Some(Some((vip, port, r))) if (*vip, *port) == (b.ends.vip, b.ends.vip_port) => r,
+            _ => return Err(NOT_L7),
+        };
         let route = router.route(&b.head)?;
         let p = router.pick(route.pool, conns)?;
         Ok((
@@ -107,7 +110,6 @@ mod tests {
     use crate::l7::pick::tests::FakeConns;
     use crate::master::file_snapshot;
     use shm_layout::l7msg::{ConnRef, Endpoints};
-    use std::net::Ipv4Addr;
 
     const FILE: &str = r#"
 instance = "t"
@@ -275,9 +277,28 @@ proxy_protocol = true
             assert_eq!(got.verdict, Verdict::Reject { status: 503 }, "{service}");
             assert!(
                 got.bytes
-                    .ends_with(b"503 Service Unavailable: service is not an l7 service\n")
+                    .ends_with(b"503 Service Unavailable: no l7 service at this address\n")
             );
         }
+    }
+
+    #[test]
+    fn a_bundle_whose_vip_is_not_its_services_gets_503() {
+        // Service indexes may move on a reload while a switch holds a
+        // bundle: the VIP and port must still be the service's.
+        let mut d = decider(FILE);
+        let c = FakeConns::default();
+        for (vip, port) in [
+            (Ipv4Addr::new(198, 18, 0, 10), 81),
+            (Ipv4Addr::new(198, 18, 0, 11), 80),
+        ] {
+            let mut b = bundle(1, "GET /api/ HTTP/1.1\r\nHost: a\r\n\r\n");
+            b.ends.vip = vip;
+            b.ends.vip_port = port;
+            let got = d.decide(&b, &c);
+            assert_eq!(got.verdict, Verdict::Reject { status: 503 }, "{vip}:{port}");
+        }
+        assert!(c.0.borrow().is_empty(), "no slot reserved");
     }
 
     #[test]
