@@ -475,9 +475,44 @@ mod tests {
             prop_assert_eq!(open(&seal(&r, &ep(), SECRET), &ep(), SECRET), Ok(r));
         }
 
+        /// Any other length is refused for its length, before anything else.
         #[test]
-        fn arbitrary_bytes_never_panic(d in proptest::collection::vec(any::<u8>(), 0..100)) {
-            let _ = open(&d, &ep(), SECRET);
+        fn a_datagram_of_another_length_is_malformed_by_length(
+            d in proptest::collection::vec(any::<u8>(), 0..200),
+        ) {
+            prop_assume!(d.len() != REPORT_LEN);
+            prop_assert_eq!(
+                open(&d, &ep(), SECRET),
+                Err(OpenError::Malformed(WireError::Length(d.len())))
+            );
+        }
+
+        /// Arbitrary bytes of the right length with the right magic and
+        /// version: refused by the field check that fails, and when every
+        /// field is valid, as forged (nobody guesses the tag).
+        #[test]
+        fn arbitrary_reports_are_refused_by_their_fields_or_as_forged(
+            mut d in proptest::collection::vec(any::<u8>(), REPORT_LEN),
+        ) {
+            d[0..4].copy_from_slice(&MAGIC);
+            d[4] = VERSION;
+            let got = open(&d, &ep(), SECRET);
+            match ReportView::new_checked(&d) {
+                Err(e) => prop_assert_eq!(got, Err(OpenError::Malformed(e))),
+                Ok(_) => prop_assert_eq!(got, Err(OpenError::Forged)),
+            }
+        }
+
+        /// A genuine report with any one byte changed is never accepted.
+        #[test]
+        fn a_changed_byte_is_never_accepted(at in 0..REPORT_LEN, x in 1u8..=255) {
+            let mut d = seal(&report(), &ep(), SECRET);
+            d[at] ^= x;
+            let got = open(&d, &ep(), SECRET);
+            match ReportView::new_checked(&d) {
+                Err(e) => prop_assert_eq!(got, Err(OpenError::Malformed(e))),
+                Ok(_) => prop_assert_eq!(got, Err(OpenError::Forged)),
+            }
         }
     }
 }

@@ -197,10 +197,10 @@ fn wlc<'a>(bs: &'a [BackendRec], key: &FlowKey, counters: &[BackendCounters]) ->
                 continue;
             }
             any = true;
-            let a = active(counters, b);
-            if b.max_conns != 0 && a >= b.max_conns {
+            if full(counters, b) {
                 continue;
             }
+            let a = active(counters, b);
             let better = match best {
                 None => true,
                 Some((c, ca)) => u64::from(a) * u64::from(c.weight) < ca * u64::from(b.weight),

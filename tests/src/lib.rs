@@ -202,6 +202,53 @@ impl Wire {
     }
 }
 
+/// The client-side router of [`render`]'s appliance: its address and MAC.
+pub const CLIENT_GW_IP: [u8; 4] = [198, 18, 0, 1];
+pub const CLIENT_GW_MAC: [u8; 6] = [2, 0, 0, 0, 2, 1];
+/// [`render`]'s VIP.
+pub const VIP: [u8; 4] = [198, 18, 0, 10];
+
+impl Wire {
+    /// Proves that the switch serving `nic` has handled every frame
+    /// injected into it before: asks for [`VIP`]'s MAC on the client port
+    /// as [`CLIENT_GW_IP`] and waits for the answer, twice (the second
+    /// answer leaves in a later burst than anything the first one's burst
+    /// transmitted, on any port). Returns every other frame that arrived
+    /// meanwhile, for the caller to check that nothing (else) came out.
+    /// The switch counts two `arp_replies`.
+    pub fn settle(&mut self, nic: usize) -> Vec<(String, Vec<u8>)> {
+        let mut req = vec![0xff; 6];
+        req.extend_from_slice(&CLIENT_GW_MAC);
+        req.extend_from_slice(&[0x08, 0x06, 0, 1, 8, 0, 6, 4, 0, 1]);
+        req.extend_from_slice(&CLIENT_GW_MAC);
+        req.extend_from_slice(&CLIENT_GW_IP);
+        req.extend_from_slice(&[0; 6]);
+        req.extend_from_slice(&VIP);
+        let is_answer = |(port, f): &(String, Vec<u8>)| {
+            port == "client"
+                && f.len() >= 42
+                && f[12..14] == [8, 6]
+                && f[20..22] == [0, 2]
+                && f[28..32] == VIP
+        };
+        let mut other = Vec::new();
+        for _ in 0..2 {
+            self.send_on(nic, "client", &req);
+            let deadline = Instant::now() + Duration::from_secs(10);
+            loop {
+                assert!(Instant::now() < deadline, "no ARP answer from switch {nic}");
+                let got = self.recv(1, Duration::from_millis(50));
+                let (answers, rest): (Vec<_>, Vec<_>) = got.into_iter().partition(is_answer);
+                other.extend(rest);
+                if !answers.is_empty() {
+                    break;
+                }
+            }
+        }
+        other
+    }
+}
+
 /// Reads one switch counter by name from shmdump's JSON.
 pub fn counter(dump: &serde_json::Value, switch: usize, name: &str) -> u64 {
     dump["switches"][switch]["counters"][name]

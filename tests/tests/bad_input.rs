@@ -238,10 +238,8 @@ fn malformed_frames_are_dropped_and_counted_never_a_crash() {
     for (_, f) in &bad {
         wire.send("client", f);
     }
-    assert!(
-        wire.recv(1, Duration::from_millis(500)).is_empty(),
-        "nothing forwarded"
-    );
+    let other = wire.settle(0);
+    assert!(other.is_empty(), "nothing forwarded: {other:?}");
     let dump = shmdump_json(&inst, &[]);
     assert_eq!(counter_sum(&dump, "drop_malformed"), malformed);
     assert_eq!(counter_sum(&dump, "drop_fragment"), 1);

@@ -72,6 +72,9 @@ impl Default for GenConfig {
     }
 }
 
+/// An address and port.
+type Endpoint = ([u8; 4], u16);
+
 /// What happened.
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct Report {
@@ -134,6 +137,8 @@ struct Flow {
     sent_at: Instant,
     retries: u32,
     pending_send: bool,
+    /// The configuration generation published when the flow started.
+    config_gen: u64,
 }
 
 /// The wire ends of every queue, with each NIC's local ports mapped to global ids.
@@ -189,8 +194,10 @@ pub struct Generator {
     services: Vec<usize>,
     flows: Vec<Flow>,
     by_client: HashMap<([u8; 4], u16), usize>,
-    /// All backends ever seen configured, per service (reloads add to it).
-    known_backends: Vec<Vec<([u8; 4], u16)>>,
+    /// Every configuration generation seen, oldest first, with each
+    /// service's backends in it: a new flow may only reach a backend of the
+    /// generation in force when it started or a later one.
+    backend_history: Vec<(u64, Vec<Vec<Endpoint>>)>,
     client_queues: Vec<usize>,
     client_port: u32,
     client_gw_mac: [u8; 6],
@@ -243,7 +250,10 @@ impl Generator {
         if client_queues.is_empty() {
             bail!("no virtual NIC serves the client-side port {client_port}");
         }
-        let known_backends = topo.services.iter().map(|s| s.backends.clone()).collect();
+        let backend_history = vec![(
+            topo.config_generation,
+            topo.services.iter().map(|s| s.backends.clone()).collect(),
+        )];
         Ok(Self {
             cfg,
             region,
@@ -252,7 +262,7 @@ impl Generator {
             services,
             flows: Vec::new(),
             by_client: HashMap::new(),
-            known_backends,
+            backend_history,
             client_queues,
             client_port,
             client_gw_mac,
@@ -392,6 +402,8 @@ impl Generator {
         let client = client_addr(&self.cfg, n);
         let steps = Self::steps_for(&self.topo.services[svc], self.cfg.data_packets);
         let queue = self.client_queues[(hash2(client) % self.client_queues.len() as u64) as usize];
+        self.refresh_topology();
+        let config_gen = self.topo.config_generation;
         let fi = self.flows.len();
         self.flows.push(Flow {
             svc,
@@ -403,6 +415,7 @@ impl Generator {
             sent_at: Instant::now(),
             retries: 0,
             pending_send: true,
+            config_gen,
         });
         self.by_client.insert(client, fi);
         self.report.flows_started += 1;
@@ -413,20 +426,31 @@ impl Generator {
         let g = self.region.generation(shm_layout::Table::Config);
         if g != self.topo.config_generation {
             let t = Topology::read(&self.region);
-            for (i, s) in t.services.iter().enumerate() {
-                if let Some(k) = self.known_backends.get_mut(i) {
-                    for b in &s.backends {
-                        if !k.contains(b) {
-                            k.push(*b);
-                        }
-                    }
-                }
-            }
+            self.backend_history.push((
+                t.config_generation,
+                t.services.iter().map(|s| s.backends.clone()).collect(),
+            ));
             // Keep service indexes stable: only refresh routes/neighbours and backends.
             self.topo.routes = t.routes;
             self.topo.neighbours = t.neighbours;
             self.topo.config_generation = t.config_generation;
         }
+    }
+
+    /// Whether a flow of service `svc` started under configuration
+    /// generation `since` may open on backend `b`: `b` belongs to the
+    /// generation before `since` (a switch may finish a burst it began on
+    /// it), to `since`, or to any later one.
+    fn backend_allowed(&self, svc: usize, since: u64, b: Endpoint) -> bool {
+        let floor = since.saturating_sub(1);
+        let first = self
+            .backend_history
+            .iter()
+            .rposition(|(g, _)| *g <= floor)
+            .unwrap_or(0);
+        self.backend_history[first..]
+            .iter()
+            .any(|(_, s)| s.get(svc).is_some_and(|v| v.contains(&b)))
     }
 
     /// Checks one frame that came out of global port `port`.
@@ -530,15 +554,17 @@ impl Generator {
                 };
                 match f.backend {
                     None => {
-                        if !self.known_backends[f.svc].contains(&(bip, bport)) {
+                        let (fsvc, since) = (f.svc, f.config_gen);
+                        if !self.backend_allowed(fsvc, since, (bip, bport)) {
                             // A reload may have added it since our last look.
                             self.refresh_topology();
                         }
-                        let f = &self.flows[fi];
-                        if !self.known_backends[f.svc].contains(&(bip, bport)) {
+                        if !self.backend_allowed(fsvc, since, (bip, bport)) {
                             return Err(format!(
-                                "sent to {bip:?}:{bport}, which is not a backend of {}",
-                                svc.name
+                                "new flow sent to {bip:?}:{bport}, which is not a backend of {} \
+                                 in configuration generation {} or later",
+                                svc.name,
+                                since.saturating_sub(1)
                             ));
                         }
                         self.flows[fi].backend = Some((bip, bport));

@@ -393,6 +393,62 @@ mod tests {
         UdpSocket::bind(&listen).expect("the listener closed its socket");
     }
 
+    /// A reload that moves `listen` binds the new address and frees the
+    /// old one; a reload whose address cannot be bound is refused and the
+    /// old socket keeps receiving, checked against the old address.
+    #[test]
+    fn a_reload_moves_listen_and_a_bind_error_keeps_the_old_socket() {
+        let free = || {
+            let s = UdpSocket::bind("127.0.0.1:0").unwrap();
+            s.local_addr().unwrap().to_string()
+        };
+        let (a, b) = (free(), free());
+        let sealed = |listen: &str, seq| {
+            seal(
+                &Report {
+                    timestamp_ms: now_ms(),
+                    seq,
+                    load: Load {
+                        cpu_permille: 100,
+                        ..Default::default()
+                    },
+                },
+                &Endpoints {
+                    agent: Ipv4Addr::LOCALHOST,
+                    controller: listen.parse().unwrap(),
+                },
+                b"0123456789abcdef",
+            )
+        };
+        let accepted = |m: &Monitor| m.status(Instant::now()).counters.accepted;
+        let mut m = Monitor::new();
+        m.configure(&config(&a, "")).unwrap();
+        m.configure(&config(&b, "")).unwrap();
+        assert_eq!(m.status(Instant::now()).listen, Some(b.parse().unwrap()));
+        drop(UdpSocket::bind(&a).expect("the old address was freed"));
+        let send = UdpSocket::bind("127.0.0.1:0").unwrap();
+        send.send_to(&sealed(&b, 1), &b).unwrap();
+        until(&mut m, |m| accepted(m) == 1);
+
+        let taken = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let t = taken.local_addr().unwrap().to_string();
+        let e = m.configure(&config(&t, "")).unwrap_err();
+        assert!(
+            e.to_string().starts_with(&format!("agents: listen {t}: ")),
+            "{e}"
+        );
+        assert_eq!(m.status(Instant::now()).listen, Some(b.parse().unwrap()));
+        send.send_to(&sealed(&b, 2), &b).unwrap();
+        until(&mut m, |m| accepted(m) == 2);
+        assert_eq!(
+            m.status(Instant::now()).counters,
+            Counters {
+                accepted: 2,
+                ..Default::default()
+            }
+        );
+    }
+
     #[test]
     fn a_listen_address_that_cannot_be_bound_is_an_error_and_changes_nothing() {
         let taken = UdpSocket::bind("127.0.0.1:0").unwrap();

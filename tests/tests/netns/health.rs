@@ -133,7 +133,10 @@ impl Drop for TempFile {
 /// readmitted only once `rise` checks have passed; then it answers again.
 #[test]
 fn http_check_takes_a_dead_backend_out_and_readmits_it_after_rise_passes() {
-    const RISE: u64 = 3;
+    // Five passes to readmit at a 100 ms transition interval: the window
+    // in which the backend is DOWN with 1..RISE passes is about 400 ms, long
+    // beside one poll below, and the test requires seeing it.
+    const RISE: u64 = 5;
     let mut bed = Bed::build();
     let port = prepare(&mut bed, "nat");
     let (inst, app) = afpacket_appliance(&bed, "nat", port);
@@ -239,7 +242,10 @@ fn http_check_takes_a_dead_backend_out_and_readmits_it_after_rise_passes() {
         assert!(Instant::now() < deadline, "not readmitted:\n{}", app.log());
         std::thread::sleep(Duration::from_millis(10));
     }
-    eprintln!("observed DOWN with 1..{RISE} passed checks {down_while_passing} times");
+    assert!(
+        down_while_passing > 0,
+        "never saw backend2 DOWN with 1..{RISE} passed checks: the readmission rule went unobserved"
+    );
     let seen = curl_vip(&bed, &app, 60);
     assert!(seen.iter().any(|s| s == "backend2"), "{seen:?}");
     assert!(
