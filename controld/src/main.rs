@@ -127,6 +127,7 @@ fn run(args: &Args) -> Result<()> {
     for w in &warnings {
         log::warn!("{}: {w}", args.config.display());
     }
+    controld::l7::refuse_to_run(&cfg).with_context(|| format!("{}", args.config.display()))?;
     let switchd = match &args.switchd {
         Some(p) => p.clone(),
         None => std::env::current_exe()?.with_file_name("switchd"),

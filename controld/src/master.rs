@@ -6,9 +6,9 @@
 //! connections, ports, timeouts, routes and neighbours). Pure: no I/O.
 
 use shm_layout::config_slot::{
-    BACKEND_CHECKED, BACKEND_DOWN, BACKEND_DRAINED, BackendRec, MODE_DR, MODE_NAT, MODE_TUNNEL,
-    ON_DOWN_KEEP, ON_DOWN_RESCHEDULE, ON_DOWN_RESET, PortRec, SCHED_MAGLEV, SCHED_SH, SCHED_WLC,
-    SCHED_WRR, ServiceRec,
+    BACKEND_CHECKED, BACKEND_DOWN, BACKEND_DRAINED, BackendRec, MODE_DR, MODE_L7, MODE_NAT,
+    MODE_TUNNEL, ON_DOWN_KEEP, ON_DOWN_RESCHEDULE, ON_DOWN_RESET, PortRec, SCHED_MAGLEV, SCHED_SH,
+    SCHED_WLC, SCHED_WRR, ServiceRec,
 };
 use shm_layout::names;
 use shm_layout::routing_slot::{NeighbourRec, RouteRec};
@@ -171,6 +171,7 @@ pub fn config_snapshot(
                 Mode::Nat => MODE_NAT,
                 Mode::Dr => MODE_DR,
                 Mode::Tunnel => MODE_TUNNEL,
+                Mode::L7 => MODE_L7,
             },
             scheduler: match s.scheduler {
                 Scheduler::Maglev => SCHED_MAGLEV,

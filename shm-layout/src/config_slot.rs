@@ -23,6 +23,10 @@ pub const PROTO_UDP: u8 = 17;
 pub const MODE_NAT: u8 = 0;
 pub const MODE_DR: u8 = 1;
 pub const MODE_TUNNEL: u8 = 2;
+/// Layer 7 (HTTP/1.x, handshake offload and splice). No switch handles it
+/// yet: controld refuses to run a configuration with an l7 service, so no
+/// published slot holds this value until the switch side exists.
+pub const MODE_L7: u8 = 3;
 
 /// Schedulers (`ServiceRec::scheduler`).
 /// Weighted Maglev over the 5-tuple (the service's table).

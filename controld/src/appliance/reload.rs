@@ -33,6 +33,9 @@ pub enum Refusal {
     /// Settings that shape the region or the processes changed.
     #[error("[{}] changed, which needs a restart", .0.join("], ["))]
     RestartOnly(Vec<&'static str>),
+    /// A service the switches cannot run yet (see [`crate::l7::refuse_to_run`]).
+    #[error(transparent)]
+    NotBuilt(#[from] crate::l7::NotBuilt),
     #[error(transparent)]
     Publish(#[from] PublishError),
 }
@@ -101,6 +104,7 @@ impl Appliance {
             config: mut new,
             warnings,
         } = config::load_checked(path)?;
+        crate::l7::refuse_to_run(&new)?;
         resolve_interfaces(&mut new)?;
         let changed = restart_only_changes(&self.cfg, &new);
         if !changed.is_empty() {

@@ -171,6 +171,33 @@ fn an_invalid_file_is_refused_and_the_running_configuration_stays() {
 }
 
 #[test]
+fn a_reload_with_an_l7_service_is_refused_until_the_switch_side_exists() {
+    let mut f = Fixture::new("l7");
+    let running = f.app.config().clone();
+    let words = f.config_words();
+    std::fs::write(
+        &f.path,
+        text(&f.instance, "")
+            .replace("protocol = \"tcp\"", "protocol = \"tcp\"\nmode = \"l7\"")
+            .replace("[publish]", "[l7]\nsource = \"198.18.0.200\"\n\n[publish]"),
+    )
+    .unwrap();
+    // The file itself is valid (what --check says).
+    assert_eq!(
+        config::load(&f.path).unwrap().services[0].mode,
+        config::Mode::L7
+    );
+    let e = f.app.reload(&f.path.clone()).unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        "reload refused, running configuration (generation 1) kept: service \"web\": mode \"l7\" cannot run yet: the switch side of layer 7 (handshake offload, request buffering, splice) is not built; `controld --check` validates the file"
+    );
+    assert_eq!(f.config_words(), words);
+    assert_eq!(f.app.config(), &running);
+    assert_eq!((f.app.reloads_ok, f.app.reloads_refused), (0, 1));
+}
+
+#[test]
 fn a_reload_that_changes_restart_only_settings_is_refused_naming_them() {
     let mut f = Fixture::new("rst");
     let words = f.config_words();

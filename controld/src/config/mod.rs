@@ -16,6 +16,7 @@ use std::path::{Path, PathBuf};
 mod agents;
 pub mod file;
 mod health;
+mod l7;
 mod raw;
 mod validate;
 mod warnings;
@@ -25,8 +26,14 @@ pub use agents::{
     Secret,
 };
 pub use health::{HealthCheck, OnDown, Probe};
+pub use l7::{
+    DEFAULT_HEAD_LIMIT, DEFAULT_HEAD_TIMEOUT_MS, DEFAULT_POOL, HeaderMatch, HostMatch, L7,
+    L7Service, MAX_HEAD_LIMIT, MIN_HEAD_LIMIT, Pool, PoolScheduler, REFUSED_METHODS, Rule,
+};
 pub use warnings::Warning;
 
+#[cfg(test)]
+mod l7_tests;
 #[cfg(test)]
 mod tests;
 
@@ -135,6 +142,8 @@ pub struct Config {
     pub routes: Vec<Route>,
     /// `[[neighbour]]`, in file order; at most `limits.neighbours`.
     pub neighbours: Vec<Neighbour>,
+    /// `[l7]`.
+    pub l7: L7,
 }
 
 /// `[limits]`: capacities fixed when the region is created; a reload may
@@ -382,6 +391,8 @@ pub struct Service {
     /// `[[service.backend]]`, in file order; may be empty (the service then
     /// drops new connections). At most `limits.maglev_table_size`.
     pub backends: Vec<Backend>,
+    /// Pools and rules of mode `"l7"` (`None` for every other mode).
+    pub l7: Option<L7Service>,
 }
 
 /// `[[service]] protocol`.
@@ -423,6 +434,12 @@ pub enum Mode {
     /// `"tunnel"`: IP-in-IP to the backend, which decapsulates and replies
     /// directly; the inner packet is unchanged, so neither can it change ports.
     Tunnel,
+    /// `"l7"`: HTTP/1.x over TCP; the switch completes the client's
+    /// handshake, controld routes the request head to a pool by the
+    /// service's rules, the switch connects to the backend from
+    /// `[l7] source` and splices the two connections. Validated by
+    /// `--check`; not run yet (see [`crate::l7`]).
+    L7,
 }
 
 impl Mode {
@@ -432,6 +449,7 @@ impl Mode {
             Mode::Nat => "nat",
             Mode::Dr => "dr",
             Mode::Tunnel => "tunnel",
+            Mode::L7 => "l7",
         }
     }
 }
@@ -489,7 +507,8 @@ pub struct Backend {
     /// port)` is unique within the service.
     pub address: Ipv4Addr,
     /// `port` (default: the service's port): `1..=65535`; with mode `"dr"`
-    /// or `"tunnel"` it must equal the service's port.
+    /// or `"tunnel"` it must equal the service's port (`"nat"` and `"l7"`
+    /// may change it).
     pub port: u16,
     /// `weight` (default 1): share of new connections, `0..=65535`; 0 drains
     /// the backend (no new connections, existing ones continue).

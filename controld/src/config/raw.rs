@@ -51,6 +51,9 @@ pub(super) struct RawConfig {
     /// `[[neighbour]]`: see [`super::Neighbour`].
     #[serde(default)]
     pub neighbour: Vec<RawNeighbour>,
+    /// `[l7]`: see [`super::L7`].
+    #[serde(default)]
+    pub l7: RawL7,
 }
 
 /// `[limits]`; every key optional.
@@ -196,6 +199,16 @@ pub(super) struct RawService {
     /// `[[service.backend]]`: see [`super::Backend`].
     #[serde(default)]
     pub backend: Vec<RawBackend>,
+    /// `[[service.pool]]` (mode `"l7"`): see [`super::Pool`].
+    #[serde(default)]
+    pub pool: Vec<RawPool>,
+    /// `[[service.rule]]` (mode `"l7"`): see [`super::Rule`].
+    #[serde(default)]
+    pub rule: Vec<RawRule>,
+    /// `default_pool` (mode `"l7"`): see [`super::L7Service::default_pool`].
+    pub default_pool: Option<String>,
+    /// `proxy_protocol` (mode `"l7"`): see [`super::L7Service::proxy_protocol`].
+    pub proxy_protocol: Option<bool>,
 }
 
 /// One `[[service.backend]]`.
@@ -214,6 +227,8 @@ pub(super) struct RawBackend {
     pub max_conns: Option<i64>,
     /// `[service.backend.health]`: see [`super::Backend::health`].
     pub health: Option<RawHealth>,
+    /// `pool` (mode `"l7"`): see [`super::Pool::backends`].
+    pub pool: Option<String>,
 }
 
 /// One `[[route]]`.
@@ -325,4 +340,52 @@ mod tests {
         assert_eq!(longest_dotted_run(""), 0);
         assert_eq!(longest_dotted_run(".."), 0);
     }
+}
+
+/// `[l7]`; every key optional.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawL7 {
+    /// `source`: see [`super::L7::source`].
+    pub source: Option<String>,
+    /// `head_limit`: see [`super::L7::head_limit`].
+    pub head_limit: Option<i64>,
+    /// `head_timeout_ms`: see [`super::L7::head_timeout_ms`].
+    pub head_timeout_ms: Option<i64>,
+}
+
+/// One `[[service.pool]]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawPool {
+    /// `name` (required): see [`super::Pool::name`].
+    pub name: String,
+    /// `scheduler`: see [`super::Pool::scheduler`].
+    pub scheduler: Option<String>,
+}
+
+/// One `[[service.rule]]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawRule {
+    /// `pool` (required): see [`super::Rule::pool`].
+    pub pool: String,
+    /// `host`: see [`super::Rule::host`].
+    pub host: Option<String>,
+    /// `path_prefix`: see [`super::Rule::path_prefix`].
+    pub path_prefix: Option<String>,
+    /// `method`: see [`super::Rule::method`].
+    pub method: Option<String>,
+    /// `header`: see [`super::Rule::header`].
+    pub header: Option<RawHeaderMatch>,
+}
+
+/// `header = { name = "...", value = "..." }` of a `[[service.rule]]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawHeaderMatch {
+    /// `name` (required): see [`super::HeaderMatch::name`].
+    pub name: String,
+    /// `value` (required): see [`super::HeaderMatch::value`].
+    pub value: String,
 }

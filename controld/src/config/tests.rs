@@ -153,6 +153,7 @@ fn demo_example_parses_with_all_fields() {
                         health: None,
                     })
                     .collect(),
+                l7: None,
             },
             Service {
                 name: "dns".into(),
@@ -174,6 +175,7 @@ fn demo_example_parses_with_all_fields() {
                         health: None,
                     })
                     .collect(),
+                l7: None,
             },
         ],
         routes: vec![
@@ -218,6 +220,7 @@ fn demo_example_parses_with_all_fields() {
                 port_name: "client".into(),
             },
         ],
+        l7: L7::default(),
     };
     assert_eq!(c, want);
     assert_eq!(c.services[1].protocol.number(), 17);
@@ -421,7 +424,7 @@ fn unknown_key_at_top_level() {
         err(&format!("colour = 1\n{BASE}")),
         "TOML parse error at line 1, column 1\n  |\n1 | colour = 1\n  | ^^^^^^\n\
          unknown field `colour`, expected one of `instance`, `limits`, `timeouts`, `publish`, `tunnel`, \
-         `routing`, `admin`, `agents`, `port`, `switch`, `service`, `route`, `neighbour`"
+         `routing`, `admin`, `agents`, `port`, `switch`, `service`, `route`, `neighbour`, `l7`"
     );
 }
 
@@ -430,7 +433,7 @@ fn unknown_key_in_backend() {
     assert_eq!(
         err(&with("  port = 8080\n", "  port = 8080\n  wieght = 2\n")),
         "TOML parse error at line 29, column 3\n   |\n29 |   wieght = 2\n   |   ^^^^^^\n\
-         unknown field `wieght`, expected one of `name`, `address`, `port`, `weight`, `max_conns`, `health`"
+         unknown field `wieght`, expected one of `name`, `address`, `port`, `weight`, `max_conns`, `health`, `pool`"
     );
 }
 
@@ -897,7 +900,7 @@ fn service_rules() {
             "protocol = \"tcp\"",
             "protocol = \"tcp\"\nmode = \"fullnat\""
         )),
-        "service \"web\": mode \"fullnat\" is not supported (supported: nat, dr, tunnel)"
+        "service \"web\": mode \"fullnat\" is not supported (supported: nat, dr, tunnel, l7)"
     );
     assert_eq!(
         err(&with(

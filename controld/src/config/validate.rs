@@ -29,6 +29,7 @@ pub(super) fn validate(raw: RawConfig) -> R<Config> {
     };
 
     let admin = admin(&raw.admin)?;
+    let l7 = super::l7::l7(&raw.l7)?;
 
     if raw.port.is_empty() {
         return Err("no [[port]] is defined (at least one is required)".into());
@@ -144,6 +145,7 @@ pub(super) fn validate(raw: RawConfig) -> R<Config> {
             }
         }
     }
+    super::l7::check_source(&l7, &services, &tunnel)?;
     let total: usize = services.iter().map(|s| s.backends.len()).sum();
     if total > limits.backends as usize {
         return Err(format!(
@@ -225,6 +227,7 @@ pub(super) fn validate(raw: RawConfig) -> R<Config> {
         services,
         routes,
         neighbours,
+        l7,
     })
 }
 
@@ -547,9 +550,10 @@ fn service(raw: &RawService, limits: &Limits) -> R<Service> {
         None | Some("nat") => Mode::Nat,
         Some("dr") => Mode::Dr,
         Some("tunnel") => Mode::Tunnel,
+        Some("l7") => Mode::L7,
         Some(other) => {
             return Err(format!(
-                "{ctx}mode {other:?} is not supported (supported: nat, dr, tunnel)"
+                "{ctx}mode {other:?} is not supported (supported: nat, dr, tunnel, l7)"
             ));
         }
     };
@@ -598,6 +602,7 @@ fn service(raw: &RawService, limits: &Limits) -> R<Service> {
         }
         backends.push(be);
     }
+    let l7 = super::l7::service(&ctx, raw, mode, protocol, &backends)?;
     let loading = loading(&ctx, raw, mode, &backends)?;
     Ok(Service {
         name: raw.name.clone(),
@@ -610,6 +615,7 @@ fn service(raw: &RawService, limits: &Limits) -> R<Service> {
         queue_timeout_ms,
         loading,
         backends,
+        l7,
     })
 }
 
@@ -665,7 +671,7 @@ fn backend(
     let ctx = format!("{service_ctx}backend {:?}: ", raw.name);
     let address = unicast(&ctx, "address", &raw.address)?;
     let port: u16 = int(&ctx, "port", raw.port, service_port, 1, 65535)?;
-    if port != service_port && mode != Mode::Nat {
+    if port != service_port && !matches!(mode, Mode::Nat | Mode::L7) {
         return Err(format!(
             "{ctx}port {port} differs from the service port {service_port} (mode {:?} cannot change ports)",
             mode.as_str()
@@ -756,7 +762,7 @@ where
 }
 
 /// A name: 1 to `max` characters from `A-Z a-z 0-9 _ -`.
-fn check_name(what: &str, name: &str, max: usize) -> R<()> {
+pub(super) fn check_name(what: &str, name: &str, max: usize) -> R<()> {
     let ok = !name.is_empty()
         && name.len() <= max
         && name
@@ -783,7 +789,7 @@ fn port_ref(ctx: &str, name: &str, ports: &[Port]) -> R<usize> {
 }
 
 /// A unicast IPv4 host address.
-fn unicast(ctx: &str, key: &str, text: &str) -> R<Ipv4Addr> {
+pub(super) fn unicast(ctx: &str, key: &str, text: &str) -> R<Ipv4Addr> {
     let a: Ipv4Addr = text.parse().map_err(|_| {
         format!("{ctx}{key} {text:?} is not an IPv4 address (expected like 198.18.0.10)")
     })?;
