@@ -9,6 +9,7 @@ pub mod conntrack;
 pub mod fingerprint;
 pub mod header;
 pub mod inspect;
+pub mod msgring;
 pub mod names;
 pub mod publish;
 pub mod region;
