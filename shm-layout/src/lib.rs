@@ -12,6 +12,7 @@ pub mod inspect;
 pub mod msgring;
 pub mod names;
 pub mod publish;
+pub mod records;
 pub mod region;
 pub mod ring;
 pub mod routing_slot;
