@@ -197,7 +197,12 @@ pub(super) fn new_flow(
         ClientHop::NONE
     };
     let conn = match insert(&conn, hop, state, reserved, ctx) {
-        Ok(c) => c,
+        Ok((c, idx)) => {
+            // The opening packet is the connection's first (its record
+            // counts it).
+            ctx.ct.slot(idx).add_counts(1, u64::from(l4.ip_len));
+            c
+        }
         Err(v) => return v,
     };
     if conn.flags & CONN_MIDFLOW != 0 {
@@ -296,7 +301,7 @@ pub(super) fn insert(
     state: u32,
     reserved: bool,
     ctx: &mut Ctx<'_>,
-) -> Result<Conn, Verdict> {
+) -> Result<(Conn, u32), Verdict> {
     insert_tries(conn, hop, state, reserved, INSERT_TRIES, ctx)
 }
 
@@ -308,7 +313,7 @@ pub(super) fn insert_tries(
     reserved: bool,
     tries: usize,
     ctx: &mut Ctx<'_>,
-) -> Result<Conn, Verdict> {
+) -> Result<(Conn, u32), Verdict> {
     let with_reply = conn.mode == MODE_NAT;
     let res = {
         let c = &*ctx;
@@ -336,14 +341,14 @@ pub(super) fn insert_tries(
                     Evicted::HalfOpen => Counter::EvictedHalfOpen,
                 });
             }
-            Ok(*conn)
+            Ok((*conn, ins.idx))
         }
         Err(InsertError::Exists(idx)) => match existing(&ctx.ct, idx, conn) {
             Some(c) => {
                 if let (Some(b), true) = (b, reserved) {
                     sched::release(b);
                 }
-                Ok(c)
+                Ok((c, idx))
             }
             // Gone or changing: the insert goes round again, keeping
             // the reservation.
