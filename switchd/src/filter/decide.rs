@@ -9,6 +9,7 @@ use shm_layout::conntrack::{
     CONN_MIDFLOW, ClientHop, Conn, ConnTable, Direction, Evicted, FlowKey, Hit, InsertError,
     STATE_ACTIVE, STATE_CLOSING, STATE_PROVISIONAL, STATE_SYN, holds_reservation,
 };
+use shm_layout::records::CloseReason;
 use shm_layout::ring::midflow_event;
 use shm_layout::switch_slot::Counter;
 
@@ -94,11 +95,16 @@ pub(super) fn to_vip(
                 // gave its slot back), or of an unconfirmed pickup (which
                 // never took one): it is scheduled afresh.
                 stale_answers(l4, hit, ctx);
-                retire(hit, ctx);
+                // Either held no backend slot (closed already, or never
+                // confirmed): no close happens here, so no record.
+                retire(hit, CloseReason::IdleTimeout, ctx);
             } else {
                 ctx.count(Counter::FwdHit);
                 match touch(ctx, slot, hit, l4) {
-                    Moved::Closed => release_backend(ctx, hit.conn().backend_id),
+                    Moved::Closed => {
+                        release_backend(ctx, hit.conn().backend_id);
+                        record_close(hit, l4, ctx);
+                    }
                     Moved::Confirmed => ctx.count(Counter::ConnConfirmed),
                     Moved::Stay | Moved::SynAcked => {}
                 }
@@ -233,15 +239,15 @@ pub(super) fn stale_answers(l4: &L4, hit: &Hit, ctx: &mut Ctx<'_>) {
 /// NAT reply slot is left to the GC; late replies from the old backend no
 /// longer match. If another switch changed the entry first, nothing is done.
 pub(super) fn move_off_down(hit: &Hit, ctx: &mut Ctx<'_>) {
-    if retire(hit, ctx) {
+    if retire(hit, CloseReason::BackendDown, ctx) {
         ctx.count(Counter::DownMoved);
     }
 }
 
 /// Removes a connection's entry (if no other switch changed it first) and
-/// gives back its backend slot if it still held one. Returns whether it
-/// removed the entry.
-pub(super) fn retire(hit: &Hit, ctx: &mut Ctx<'_>) -> bool {
+/// gives back its backend slot if it still held one (then the retire is
+/// its close, recorded with `reason`). Returns whether it removed the entry.
+pub(super) fn retire(hit: &Hit, reason: CloseReason, ctx: &mut Ctx<'_>) -> bool {
     // Only the entry the lookup read: its lock word unchanged.
     let res = ctx
         .ct
@@ -250,8 +256,35 @@ pub(super) fn retire(hit: &Hit, ctx: &mut Ctx<'_>) -> bool {
         .and_then(|s| ctx.ct.retire(hit.idx, &s, ctx.pid));
     if res == Some(true) {
         release_backend(ctx, hit.conn().backend_id);
+        let (ct, now) = (ctx.ct, ctx.now_ms);
+        ctx.closed
+            .closed(&ct, hit.conn(), hit.idx, None, reason, now, ctx.counters);
     }
     res.is_some()
+}
+
+/// Records the close this switch just made of the connection `hit` found,
+/// in place, by `l4`'s FIN or RST (see [`crate::closed`]).
+#[cold]
+#[inline(never)]
+pub(super) fn record_close(hit: &Hit, l4: &L4, ctx: &mut Ctx<'_>) {
+    let rst = l4.flags & wire::tcp::RST != 0;
+    let reason = match (hit.dir, rst) {
+        (Direction::Forward, false) => CloseReason::FinClient,
+        (Direction::Forward, true) => CloseReason::RstClient,
+        (Direction::Reply, false) => CloseReason::FinBackend,
+        (Direction::Reply, true) => CloseReason::RstBackend,
+    };
+    let (ct, now) = (ctx.ct, ctx.now_ms);
+    ctx.closed.closed(
+        &ct,
+        hit.conn(),
+        hit.idx,
+        Some(hit.lock),
+        reason,
+        now,
+        ctx.counters,
+    );
 }
 
 /// Gives back one connection slot of backend `id`.
@@ -280,6 +313,16 @@ pub(super) fn reset_down(
         }) == Some(true)
     {
         release_backend(ctx, hit.conn().backend_id);
+        let (ct, now) = (ctx.ct, ctx.now_ms);
+        ctx.closed.closed(
+            &ct,
+            hit.conn(),
+            hit.idx,
+            Some(hit.lock),
+            CloseReason::BackendDown,
+            now,
+            ctx.counters,
+        );
     }
     answer_with_rst(frame, l4, in_port, Counter::DownRst, ctx)
 }
@@ -334,6 +377,17 @@ pub(super) fn insert_tries(
             }
             for id in ins.evicted_backends.into_iter().flatten() {
                 release_backend(ctx, id);
+            }
+            // Each connection the insert closed gets its record.
+            for (gone, live) in ins.evicted_conns.iter().zip(ins.evicted_live) {
+                if let Some(g) = gone {
+                    let reason = match live {
+                        Some(_) => CloseReason::Evicted,
+                        None => CloseReason::IdleTimeout,
+                    };
+                    let (ct, now) = (ctx.ct, ctx.now_ms);
+                    ctx.closed.gone(&ct, g, reason, now, ctx.counters);
+                }
             }
             for kind in ins.evicted_live.into_iter().flatten() {
                 ctx.count(match kind {
@@ -428,7 +482,10 @@ pub(super) fn from_backend(
     ctx.count(Counter::ReplyHit);
     match touch(ctx, slot, hit, l4) {
         Moved::Stay => {}
-        Moved::Closed => release_backend(ctx, hit.conn().backend_id),
+        Moved::Closed => {
+            release_backend(ctx, hit.conn().backend_id);
+            record_close(hit, l4, ctx);
+        }
         Moved::SynAcked => syn_ack_sample(&hit.conn(), ctx),
         Moved::Confirmed => ctx.count(Counter::ConnConfirmed),
     }
