@@ -1029,14 +1029,35 @@ fn scrape(port: u16) -> Scrape {
     assert_eq!(status, "HTTP/1.1 200 OK");
     assert_eq!(ctype, "text/plain; version=0.0.4; charset=utf-8");
     let scrape = prometheus_parse::Scrape::parse(body.lines().map(|l| Ok(l.to_string()))).unwrap();
+    // Histogram families: the parser gathers each one's `_bucket` lines
+    // into one sample (and reads `_sum` and `_count` as their own).
+    let histograms: BTreeSet<&str> = body
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE ")?.strip_suffix(" histogram"))
+        .collect();
+    let of_histogram = |m: &str| {
+        histograms.iter().any(|h| {
+            m.strip_prefix(h)
+                .is_some_and(|rest| ["", "_sum", "_count"].contains(&rest))
+        })
+    };
     // The parser skips what it cannot read: every sample line must be there.
     let sample_lines = body
         .lines()
         .filter(|l| !l.is_empty() && !l.starts_with('#'))
-        .count();
+        .filter(|l| {
+            !histograms
+                .iter()
+                .any(|h| l.starts_with(&format!("{h}_bucket{{")))
+        })
+        .count()
+        + histograms.len();
     assert_eq!(scrape.samples.len(), sample_lines);
     // Every family has its HELP, and a TYPE (the parser types its samples).
     for s in &scrape.samples {
+        if of_histogram(&s.metric) {
+            continue;
+        }
         assert!(
             scrape.docs.contains_key(&s.metric),
             "{} has no HELP",
@@ -1049,6 +1070,14 @@ fn scrape(port: u16) -> Scrape {
             ),
             "{} has no TYPE",
             s.metric
+        );
+    }
+    for h in &histograms {
+        assert!(scrape.docs.contains_key(*h), "{h} has no HELP");
+        assert!(
+            scrape.samples.iter().any(|s| s.metric == *h
+                && matches!(s.value, prometheus_parse::Value::Histogram(_))),
+            "{h} is not read as a histogram"
         );
     }
     Scrape { scrape }
