@@ -158,7 +158,10 @@ fn show_backends(show: &Value) -> BTreeMap<String, Value> {
 }
 
 /// Counters that move while the appliance is idle.
-const MOVING: [&str; 2] = ["loops", "idle_sleeps"];
+/// Counters that move while no frame does: the loop's, and the
+/// closed-connection records a switch sends up to `[records] batch_ms`
+/// after the last close.
+const MOVING: [&str; 4] = ["loops", "idle_sleeps", "records_sent", "records_batches"];
 
 /// show, stats and conns (each filter) report what the region holds after
 /// real traffic; the default socket derived from --instance works; the
@@ -869,7 +872,7 @@ fn socket_rules_bad_requests_and_exit_codes() {
         ),
         (
             r#"{"cmd":"restart"}"#,
-            "unknown command \"restart\" (one of: show, stats, conns, drain, enable, weight, reload)",
+            "unknown command \"restart\" (one of: show, stats, conns, drain, enable, weight, reload, flows, reopen)",
         ),
         (
             r#"{"cmd":"drain","backend":"web/web9"}"#,
