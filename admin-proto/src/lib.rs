@@ -722,6 +722,8 @@ pub struct ConnView {
     pub idle_ms: u32,
     pub expired: bool,
     pub midflow: bool,
+    /// Packets and IP bytes from the client (the forward slot's counts;
+    /// NAT replies count in the reply slot: see `lbctl flows`).
     pub packets: u64,
     pub bytes: u64,
 }

@@ -39,10 +39,10 @@ struct Bed {
     metrics: u16,
 }
 
-/// A vnic appliance (one switch) with `[records] batch`, a connection log
+/// A vnic appliance (one switch) with `[records] batch` and `batch_ms`, a connection log
 /// in the appliance's directory, the admin socket and metrics, and
 /// `timeouts` lines replacing the test bed's.
-fn start(tag: &str, batch: u32, timeouts: &str) -> Bed {
+fn start(tag: &str, batch: u32, batch_ms: u32, timeouts: &str) -> Bed {
     let inst = unique(tag);
     let dir = dir_for(&inst);
     let (socket, log, metrics) = (dir.join("admin.sock"), dir.join("flows.jsonl"), free_port());
@@ -51,7 +51,7 @@ fn start(tag: &str, batch: u32, timeouts: &str) -> Bed {
     assert!(text.contains(from));
     let text = text.replace(from, &format!("[timeouts]\n{timeouts}\n"))
         + &format!(
-            "\n[admin]\nsocket = \"{}\"\nmetrics = \"127.0.0.1:{metrics}\"\n\n[records]\nbatch = {batch}\nbatch_ms = 100\nlog = \"{}\"\n",
+            "\n[admin]\nsocket = \"{}\"\nmetrics = \"127.0.0.1:{metrics}\"\n\n[records]\nbatch = {batch}\nbatch_ms = {batch_ms}\nlog = \"{}\"\n",
             socket.display(),
             log.display()
         );
@@ -130,7 +130,10 @@ fn fin_closes_give_one_record_each_in_batches_with_exact_counts() {
     const BATCH: u64 = 64;
     const DATA: u64 = 2;
     const PAYLOAD: u64 = 100;
-    let bed = start("rec-fin", BATCH as u32, "tcp_fin = 2\nudp = 5");
+    // A batch leaves when full, or 5 s after its oldest record: the
+    // connections close well within that, so the bound below holds
+    // however slowly the machine runs them.
+    let bed = start("rec-fin", BATCH as u32, 5000, "tcp_fin = 2\nudp = 5");
     let run = |flows: u64, seed: u64| {
         let report = Generator::new(GenConfig {
             instance: bed.app.instance.clone(),
@@ -269,7 +272,7 @@ fn open(wire: &mut Wire, client: ([u8; 4], u16)) -> ([u8; 4], u16) {
 /// their timeouts (reason idle_timeout). One record each, exact counts.
 #[test]
 fn rst_and_idle_closes_are_recorded_with_their_reason() {
-    let bed = start("rec-rst", 64, "tcp_syn = 1\ntcp_fin = 60\nudp = 1");
+    let bed = start("rec-rst", 64, 100, "tcp_syn = 1\ntcp_fin = 60\nudp = 1");
     let mut wire = Wire::attach(&bed.app.instance);
     let c1 = ([198, 18, 100, 251], 41_001);
     let b1 = open(&mut wire, c1);
