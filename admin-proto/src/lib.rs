@@ -12,6 +12,8 @@
 //! {"cmd":"enable", "backend":"SVC/BACKEND"}
 //! {"cmd":"weight", "backend":"SVC/BACKEND", "weight":N|null}   (null: back to the file's weight)
 //! {"cmd":"reload"}
+//! {"cmd":"flows", "service":"SVC", "backend":"IP"|"SVC/BACKEND", "client":"IP", "limit":N}   (all optional)
+//! {"cmd":"reopen"}
 //! ```
 //!
 //! Replies: `{"ok":true,"result":{...}}` with the command's result type
@@ -56,8 +58,31 @@ pub const MAX_WEIGHT: u32 = 65535;
 
 /// The commands, for error messages and lbctl's help.
 pub const COMMANDS: &[&str] = &[
-    "show", "stats", "conns", "drain", "enable", "weight", "reload",
+    "show", "stats", "conns", "drain", "enable", "weight", "reload", "flows", "reopen",
 ];
+
+/// Closed connections `flows` lists when no `limit` is given.
+pub const DEFAULT_FLOWS_LIMIT: usize = 100;
+
+/// `flows`: which recent closed connections, how many (newest first).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FlowsQuery {
+    pub service: Option<String>,
+    pub backend: Option<BackendSel>,
+    pub client: Option<Ipv4Addr>,
+    pub limit: usize,
+}
+
+impl Default for FlowsQuery {
+    fn default() -> Self {
+        Self {
+            service: None,
+            backend: None,
+            client: None,
+            limit: DEFAULT_FLOWS_LIMIT,
+        }
+    }
+}
 
 /// A backend named `service/backend`.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -218,6 +243,10 @@ pub enum Request {
     /// `None`: back to the file's weight.
     Weight(BackendRef, Option<u32>),
     Reload,
+    /// Recent closed connections.
+    Flows(FlowsQuery),
+    /// Reopen the connection log (after rotation).
+    Reopen,
 }
 
 impl Request {
@@ -239,7 +268,8 @@ impl Request {
             None => return Err(RequestError::NoCmd),
         };
         let allowed: &'static [&'static str] = match cmd {
-            "show" | "stats" | "reload" => &[],
+            "show" | "stats" | "reload" | "reopen" => &[],
+            "flows" => &["service", "backend", "client", "limit"],
             "conns" => &["vip", "client", "backend", "limit"],
             "drain" | "enable" => &["backend"],
             "weight" => &["backend", "weight"],
@@ -259,6 +289,22 @@ impl Request {
             "show" => Request::Show,
             "stats" => Request::Stats,
             "reload" => Request::Reload,
+            "reopen" => Request::Reopen,
+            "flows" => Request::Flows(FlowsQuery {
+                service: opt_str(&obj, cmd, "service")?.map(str::to_string),
+                backend: opt_str(&obj, cmd, "backend")?
+                    .map(|s| {
+                        s.parse().map_err(|error| RequestError::Name {
+                            cmd: cmd.to_string(),
+                            error,
+                        })
+                    })
+                    .transpose()?,
+                client: opt_str(&obj, cmd, "client")?
+                    .map(|s| ipv4(cmd, "client", s))
+                    .transpose()?,
+                limit: limit(&obj, cmd, DEFAULT_FLOWS_LIMIT)?,
+            }),
             "conns" => Request::Conns(ConnsQuery {
                 vip: opt_str(&obj, cmd, "vip")?
                     .map(|s| ipv4(cmd, "vip", s))
@@ -274,18 +320,7 @@ impl Request {
                         })
                     })
                     .transpose()?,
-                limit: match obj.get("limit") {
-                    None => DEFAULT_CONNS_LIMIT,
-                    Some(l) => match l.as_u64() {
-                        Some(n) if (1..=MAX_CONNS_LIMIT as u64).contains(&n) => n as usize,
-                        _ => {
-                            return Err(RequestError::Limit {
-                                cmd: cmd.to_string(),
-                                value: short(l),
-                            });
-                        }
-                    },
-                },
+                limit: limit(&obj, cmd, DEFAULT_CONNS_LIMIT)?,
             }),
             "drain" => Request::Drain(backend(&obj, cmd)?),
             "enable" => Request::Enable(backend(&obj, cmd)?),
@@ -321,6 +356,20 @@ impl Request {
             Request::Show => "show",
             Request::Stats => "stats",
             Request::Reload => "reload",
+            Request::Reopen => "reopen",
+            Request::Flows(q) => {
+                if let Some(v) = &q.service {
+                    m.insert("service".into(), v.clone().into());
+                }
+                if let Some(v) = &q.backend {
+                    m.insert("backend".into(), v.to_string().into());
+                }
+                if let Some(v) = q.client {
+                    m.insert("client".into(), v.to_string().into());
+                }
+                m.insert("limit".into(), q.limit.into());
+                "flows"
+            }
             Request::Conns(q) => {
                 if let Some(v) = q.vip {
                     m.insert("vip".into(), v.to_string().into());
@@ -422,6 +471,20 @@ fn ipv4(cmd: &str, key: &'static str, s: &str) -> Result<Ipv4Addr, RequestError>
         key,
         value: s.to_string(),
     })
+}
+
+/// A `limit` (1..=[`MAX_CONNS_LIMIT`]), `default` if absent.
+fn limit(obj: &Map<String, Value>, cmd: &str, default: usize) -> Result<usize, RequestError> {
+    match obj.get("limit") {
+        None => Ok(default),
+        Some(l) => match l.as_u64() {
+            Some(n) if (1..=MAX_CONNS_LIMIT as u64).contains(&n) => Ok(n as usize),
+            _ => Err(RequestError::Limit {
+                cmd: cmd.to_string(),
+                value: short(l),
+            }),
+        },
+    }
 }
 
 fn backend(obj: &Map<String, Value>, cmd: &str) -> Result<BackendRef, RequestError> {
@@ -589,6 +652,54 @@ pub struct BackendStats {
     pub conns_per_s: Option<f64>,
 }
 
+/// One closed connection: a line of `flows` and of the connection log.
+/// Bytes are IP bytes (headers included) as the switch forwarded them;
+/// `to_client_*` is zero in DR and tunnel mode (replies bypass the switch).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FlowView {
+    /// Wall-clock milliseconds since 1970 of the connection's first packet
+    /// and of its close.
+    pub created_unix_ms: u64,
+    pub closed_unix_ms: u64,
+    pub duration_ms: u64,
+    pub protocol: String,
+    /// The service's name (`None`: not in the running configuration).
+    pub service: Option<String>,
+    /// `SERVICE/BACKEND` (`None`: not in the running configuration).
+    pub backend: Option<String>,
+    pub backend_id: u32,
+    /// `ip:port` each.
+    pub client: String,
+    pub vip: String,
+    pub backend_address: String,
+    /// fin_client, fin_backend, rst_client, rst_backend, idle_timeout,
+    /// evicted, backend_down.
+    pub reason: String,
+    pub to_backend_packets: u64,
+    pub to_backend_bytes: u64,
+    pub to_client_packets: u64,
+    pub to_client_bytes: u64,
+}
+
+/// `flows`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FlowsReply {
+    /// Records controld has received since it started.
+    pub records: u64,
+    /// Recent records it keeps, and how many of them the filter kept.
+    pub kept: u64,
+    pub matched: u64,
+    /// Newest first, at most `limit`.
+    pub list: Vec<FlowView>,
+}
+
+/// `reopen`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReopenReply {
+    /// The connection log's path (`None`: `[records] log` is not set).
+    pub log: Option<String>,
+}
+
 /// `conns`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct ConnsReply {
@@ -611,6 +722,8 @@ pub struct ConnView {
     pub idle_ms: u32,
     pub expired: bool,
     pub midflow: bool,
+    /// Packets and IP bytes from the client (the forward slot's counts;
+    /// NAT replies count in the reply slot: see `lbctl flows`).
     pub packets: u64,
     pub bytes: u64,
 }
@@ -670,6 +783,14 @@ mod tests {
             Request::Weight(b("web/web1"), Some(0)),
             Request::Weight(b("web/web1"), Some(65535)),
             Request::Weight(b("web/web1"), None),
+            Request::Reopen,
+            Request::Flows(FlowsQuery::default()),
+            Request::Flows(FlowsQuery {
+                service: Some("web".into()),
+                backend: Some(BackendSel::Name(b("web/web1"))),
+                client: Some(Ipv4Addr::new(198, 18, 100, 1)),
+                limit: 7,
+            }),
         ];
         for r in all {
             assert_eq!(
@@ -721,15 +842,15 @@ mod tests {
             ),
             (
                 "{}",
-                "request has no \"cmd\" (one of: show, stats, conns, drain, enable, weight, reload)",
+                "request has no \"cmd\" (one of: show, stats, conns, drain, enable, weight, reload, flows, reopen)",
             ),
             (
                 r#"{"cmd":3}"#,
-                "cmd 3 is not a string (one of: show, stats, conns, drain, enable, weight, reload)",
+                "cmd 3 is not a string (one of: show, stats, conns, drain, enable, weight, reload, flows, reopen)",
             ),
             (
                 r#"{"cmd":"frob"}"#,
-                "unknown command \"frob\" (one of: show, stats, conns, drain, enable, weight, reload)",
+                "unknown command \"frob\" (one of: show, stats, conns, drain, enable, weight, reload, flows, reopen)",
             ),
             (
                 r#"{"cmd":"show","x":1}"#,

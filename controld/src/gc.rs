@@ -34,6 +34,7 @@
 
 use shm_layout::Region;
 use shm_layout::conntrack::{KIND_FWD, KIND_REPLY, KIND_TOMB, Timeouts, holds_reservation};
+use shm_layout::records::{CloseReason, ClosedRecord, Counts};
 use shm_layout::switch_slot::{BackendCounters, release};
 use std::sync::atomic::Ordering;
 
@@ -161,6 +162,9 @@ pub struct Gc {
     cursor: u32,
     pub totals: GcStats,
     round: Round,
+    /// Records of the connections this GC closed (expired while holding
+    /// their backend slot), for the caller to take (`crate::records`).
+    pub closed: Vec<ClosedRecord>,
 }
 
 impl Gc {
@@ -237,6 +241,24 @@ impl Gc {
                 {
                     release(b);
                 }
+                // The retire closed it (it still held its backend slot):
+                // its record. (Closed earlier, by a FIN or RST, it was
+                // recorded by the switch that closed it.) The counts stay
+                // in the slots after the retire.
+                if reserved && let Some(conn) = snap.conn() {
+                    let s = ct.slot(idx);
+                    let (packets, bytes) = ct.reply_counts(&conn, idx);
+                    self.closed.push(ClosedRecord {
+                        conn,
+                        reason: CloseReason::IdleTimeout,
+                        closed_ms: now,
+                        forward: Counts {
+                            packets: s.packets.load(Ordering::Relaxed),
+                            bytes: s.bytes.load(Ordering::Relaxed),
+                        },
+                        reply: Counts { packets, bytes },
+                    });
+                }
             }
             KIND_FWD => {
                 if holds_reservation(ct.slot(idx).tcp_state.load(Ordering::Relaxed))
@@ -249,10 +271,18 @@ impl Gc {
                 let (rkey, fwd) = snap.reply().expect("reply slot");
                 // A busy target may be an insert in progress (the reply slot
                 // is published first): leave it for the next sweep.
+                // An expired connection that still holds its backend slot
+                // keeps its reply slot until its forward entry is retired:
+                // the record of that close reads the reply direction's
+                // counts there.
                 let live = match ct.snapshot(fwd) {
                     None => true,
                     Some(s) => s.conn().is_some_and(|c| {
-                        c.reply_key() == rkey && !ct.slot(fwd).expired(now, timeouts)
+                        c.reply_key() == rkey
+                            && (!ct.slot(fwd).expired(now, timeouts)
+                                || holds_reservation(
+                                    ct.slot(fwd).tcp_state.load(Ordering::Relaxed),
+                                ))
                     }),
                 };
                 if !live && ct.remove(idx, &snap, pid) {
@@ -385,6 +415,69 @@ mod tests {
     /// released) and one released twice: after quiet rounds each backend's
     /// `active` equals its open connections, and the corrections are
     /// counted where shmdump shows them.
+    /// Connections the GC expires while they hold their backend slot get
+    /// one record each, with both directions' counts (the reply slot is
+    /// kept until the forward entry is retired, whichever the sweep meets
+    /// first); one closed earlier by a FIN (recorded by its switch) gets none.
+    #[test]
+    fn expired_connections_holding_their_slot_are_recorded_once() {
+        let t = temp("records");
+        let r = &t.0;
+        open(r, 1, 0, 3);
+        let ct = r.conntrack();
+        let now = r.now_ms();
+        let mut want = Vec::new();
+        for i in 0..3u32 {
+            let c = conn(i, 1);
+            let h = ct.lookup(&c.forward_key()).unwrap();
+            let s = ct.slot(h.idx);
+            s.add_counts(u64::from(i) + 2, 100 * u64::from(i) + 80);
+            let rs = ct.slot(ct.reply_slot(&c, h.idx).unwrap());
+            rs.add_counts(u64::from(i) + 1, 1000 * u64::from(i) + 40);
+            s.last_seen.store(now.wrapping_sub(5), Ordering::Relaxed);
+            if i == 2 {
+                // Closed by a FIN: its switch released and recorded it.
+                assert!(ct.close(h.idx));
+                release(&r.backend_counters()[1]);
+            } else {
+                want.push((
+                    c.client_port,
+                    u64::from(i) + 2,
+                    u64::from(i) + 1,
+                    1000 * u64::from(i) + 40,
+                ));
+            }
+        }
+        let zero = Timeouts {
+            tcp_syn_ms: 0,
+            tcp_established_ms: 0,
+            tcp_fin_ms: 0,
+            udp_ms: 0,
+            tcp_provisional_ms: 0,
+        };
+        let mut gc = Gc::default();
+        let cap = ct.capacity() as u32;
+        gc.step(r, &zero, cap);
+        gc.step(r, &zero, cap);
+        let mut got: Vec<_> = gc
+            .closed
+            .iter()
+            .map(|x| {
+                assert_eq!(x.reason, CloseReason::IdleTimeout);
+                (
+                    x.conn.client_port,
+                    x.forward.packets,
+                    x.reply.packets,
+                    x.reply.bytes,
+                )
+            })
+            .collect();
+        got.sort();
+        assert_eq!(got, want);
+        assert_eq!(active(r, 1), 0);
+        assert_eq!(gc.totals.expired, 3);
+    }
+
     #[test]
     fn leaked_and_double_released_reservations_are_reconciled() {
         let t = temp("leak");

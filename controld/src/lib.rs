@@ -21,6 +21,7 @@ pub mod master;
 pub mod overrides;
 pub mod procs;
 pub mod publisher;
+pub mod records;
 pub mod routing;
 pub mod supervisor;
 pub mod takeover;

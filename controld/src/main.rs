@@ -167,6 +167,7 @@ fn run(args: &Args) -> Result<()> {
     // over an adopted region it is there already.
     let socket = admin::socket_path(&cfg);
     app.save_overrides_at(saved::path_beside(&socket), was_adopted);
+    app.open_connection_log()?;
     let (cg, rg) = app.publish_initial()?;
     if app.health_checked() > 0 {
         log::info!(
@@ -217,6 +218,8 @@ fn run(args: &Args) -> Result<()> {
     while !term.load(Ordering::Relaxed) {
         if hup.swap(false, Ordering::Relaxed) {
             let _ = app.reload(&args.config);
+            // SIGHUP also rotates the connection log.
+            app.reopen_connection_log();
         }
         sup.poll(app.region());
         app.tick();

@@ -31,6 +31,9 @@ pub struct SwitchSpec {
     pub syn_queue: u32,
     /// Entries of the switch's flow cache.
     pub flow_cache: u32,
+    /// `[records] batch` and `batch_ms`.
+    pub record_batch: u32,
+    pub record_batch_ms: u32,
 }
 
 /// A running switch process: our child, or a switch of a previous controld
@@ -214,6 +217,8 @@ impl Supervisor {
             ("--engine", s.engine.to_string()),
             ("--syn-queue", s.syn_queue.to_string()),
             ("--flow-cache", s.flow_cache.to_string()),
+            ("--record-batch", s.record_batch.to_string()),
+            ("--record-batch-ms", s.record_batch_ms.to_string()),
         ] {
             v.push(k.into());
             v.push(val);

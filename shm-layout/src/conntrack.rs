@@ -441,6 +441,19 @@ pub struct Inserted {
     pub evicted_backends: [Option<u32>; 2],
     /// Per claimed slot (forward, reply): the live entry it evicted.
     pub evicted_live: [Option<Evicted>; 2],
+    /// Per `evicted_backends` entry: the connection this insert closed
+    /// (for its closed-connection record).
+    pub evicted_conns: [Option<Gone>; 2],
+}
+
+/// A connection an insert closed when it displaced it: its entry, its
+/// forward slot then and that slot's counts (the client's direction).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Gone {
+    pub conn: Conn,
+    pub idx: u32,
+    pub packets: u64,
+    pub bytes: u64,
 }
 
 /// A slot [`ConnTable::reclaim_abandoned`] took back from a dead writer.
@@ -509,6 +522,8 @@ struct Claim {
     /// already retired (a reply claim evicting a connection whole), if
     /// that entry held a reservation.
     retired: Option<u32>,
+    /// That retired connection, with its forward slot's counts.
+    retired_conn: Option<Gone>,
 }
 
 /// A live entry a claim may evict when its window has no free or expired
@@ -762,13 +777,20 @@ impl<'a> ConnTable<'a> {
             idx: fidx,
             evicted_backends: [None, None],
             evicted_live: [fwd.live, None],
+            evicted_conns: [None, None],
         };
         if with_reply {
             let rkey = conn.reply_key();
             match self.claim(&rkey, KIND_REPLY, pid, Some(fidx), now_ms, &expired) {
                 Ok(r) => {
+                    let gone = self.gone(&r);
                     out.evicted_backends[1] = self.evict(&r).or(r.retired);
+                    out.evicted_conns[1] = out.evicted_backends[1].and(gone.or(r.retired_conn));
                     out.evicted_live[1] = r.live;
+                    // The reply direction's counts of the new connection.
+                    let rs = self.slot(r.idx);
+                    rs.packets.store(0, Ordering::Relaxed);
+                    rs.bytes.store(0, Ordering::Relaxed);
                     self.publish(r.idx, r.held, &encode_reply(&conn.reply_key(), fidx, hop));
                 }
                 Err(e) => {
@@ -783,7 +805,9 @@ impl<'a> ConnTable<'a> {
             }
         }
         // Only now, when nothing can fail, is a displaced entry closed.
+        let gone = self.gone(&fwd);
         out.evicted_backends[0] = self.evict(&fwd).or(fwd.retired);
+        out.evicted_conns[0] = out.evicted_backends[0].and(gone.or(fwd.retired_conn));
         let s = self.slot(fidx);
         s.last_seen.store(now_ms, Ordering::Relaxed);
         s.tcp_state.store(tcp_state, Ordering::Relaxed);
@@ -896,6 +920,7 @@ impl<'a> ConnTable<'a> {
                 evicts,
                 live: live.map(|v| v.kind),
                 retired: None,
+                retired_conn: None,
             };
             if !self.reachable(home, idx) {
                 // A slot before ours is empty, or may become so: probe again.
@@ -914,6 +939,7 @@ impl<'a> ConnTable<'a> {
                 Some((fwd, t)) => {
                     if let Some(reserved) = self.retire_evictable(fwd, &t, v.kind, pid) {
                         claim.retired = reserved.then_some(v.backend);
+                        claim.retired_conn = t.conn().map(|conn| self.gone_at(conn, fwd));
                         return Ok(claim);
                     }
                 }
@@ -975,6 +1001,59 @@ impl<'a> ConnTable<'a> {
         let reserved = self.close(fwd);
         self.publish(fwd, held, &[(KIND_TOMB as u64) << 56, 0, 0, 0]);
         Some(reserved)
+    }
+
+    /// The forward entry a claim displaces (if it holds one), with its
+    /// slot's counts as they are before the insert resets them.
+    fn gone(&self, c: &Claim) -> Option<Gone> {
+        c.evicts?;
+        (kind(&c.was) == KIND_FWD).then(|| self.gone_at(Conn::decode(&c.was), c.idx))
+    }
+
+    fn gone_at(&self, conn: Conn, idx: u32) -> Gone {
+        let s = self.slot(idx);
+        Gone {
+            conn,
+            idx,
+            packets: s.packets.load(Ordering::Relaxed),
+            bytes: s.bytes.load(Ordering::Relaxed),
+        }
+    }
+
+    /// The reply slot of connection `conn` whose forward entry is (or was)
+    /// in slot `fwd`: a reply slot with `conn`'s reply key pointing at
+    /// `fwd`, found by probing from the key's home. Unlike
+    /// [`lookup`](Self::lookup), it does not need the forward slot to
+    /// still hold the connection (it is read for a closed connection's
+    /// reply-direction counts, also after its entry was retired).
+    pub fn reply_slot(&self, conn: &Conn, fwd: u32) -> Option<u32> {
+        let key = conn.reply_key();
+        let home = self.home(&key);
+        for i in 0..MAX_PROBE {
+            let idx = ((home + i) & self.mask) as u32;
+            let Some(snap) = self.snapshot(idx) else {
+                continue;
+            };
+            match snap.reply() {
+                Some((k, f)) if k == key && f == fwd => return Some(idx),
+                _ if snap.kind() == KIND_EMPTY => return None,
+                _ => {}
+            }
+        }
+        None
+    }
+
+    /// The reply-direction counts of connection `conn` whose forward entry
+    /// is (or was) in slot `fwd` (see [`reply_slot`](Self::reply_slot)):
+    /// (packets, bytes), zero if it has no reply slot.
+    pub fn reply_counts(&self, conn: &Conn, fwd: u32) -> (u64, u64) {
+        self.reply_slot(conn, fwd).map_or((0, 0), |r| {
+            let s = self.slot(r);
+            (
+                s.packets.load(Ordering::Relaxed),
+                s.bytes.load(Ordering::Relaxed),
+            )
+        })
     }
 
     /// Closes the expired entry a claim displaces, if it still held its
@@ -1429,6 +1508,54 @@ mod tests {
     /// the one in slot `home + i` last seen at `10 + i` (so the one in
     /// `home + oldest` is made the oldest: last seen at 1), backend 4 for
     /// every entry but the oldest (backend 5). Returns the oldest's slot.
+    /// An insert that reuses an expired entry's slot hands back the
+    /// closed connection with its counts as they were (for its record),
+    /// and the new connection starts from zero in both directions, its
+    /// reply slot's counts included (a reused reply slot kept the old ones).
+    #[test]
+    fn an_evicting_insert_reports_the_closed_connection_and_counts_start_at_zero() {
+        let t = temp("ct-gone");
+        let ct = t.0.conntrack();
+        let mut a = conn(1);
+        a.backend_id = 5;
+        let home = ct.home(&a.forward_key());
+        let ia = fill_window(&ct, &a, 6);
+        ct.slot(ia).add_counts(3, 300);
+        let b = homed_at(&ct, home, 2_000_000, 1)[0];
+        let ins = ct
+            .insert(&b, false, 1, STATE_SYN, PID, |s| {
+                core::ptr::eq(s, ct.slot(ia))
+            })
+            .unwrap();
+        assert_eq!(
+            ins.evicted_conns,
+            [
+                Some(Gone {
+                    conn: a,
+                    idx: ia,
+                    packets: 3,
+                    bytes: 300
+                }),
+                None
+            ]
+        );
+        assert_eq!(ct.slot(ia).packets.load(Ordering::Relaxed), 0);
+        // A NAT connection: its reply slot is found by `reply_slot`, also
+        // after its forward entry is retired; a new connection reusing
+        // that reply slot starts its reply counts at zero.
+        let c = conn(77);
+        let ic = ct.insert(&c, true, 1, STATE_SYN, PID, |_| false).unwrap();
+        let r = ct.lookup(&c.reply_key()).unwrap().via;
+        assert_eq!(ct.reply_slot(&c, ic.idx), Some(r));
+        ct.slot(r).add_counts(4, 400);
+        assert_eq!(ct.reply_counts(&c, ic.idx), (4, 400));
+        let snap = ct.snapshot(ic.idx).unwrap();
+        assert_eq!(ct.retire(ic.idx, &snap, PID), Some(true));
+        assert_eq!(ct.reply_counts(&c, ic.idx), (4, 400));
+        let ic2 = ct.insert(&c, true, 2, STATE_SYN, PID, |_| false).unwrap();
+        assert_eq!(ct.reply_counts(&c, ic2.idx), (0, 0));
+    }
+
     fn fill_window_in(ct: &ConnTable<'_>, home: usize, state: u32, oldest: usize) -> u32 {
         for (i, mut c) in homed_at(ct, home, 100_000, MAX_PROBE)
             .into_iter()

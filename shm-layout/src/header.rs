@@ -67,9 +67,11 @@ pub enum Section {
     RoutingB = 6,
     ConnTable = 7,
     Rings = 8,
+    /// Message rings ([`crate::msgring`]), `MSG_RINGS_PER_SWITCH` per switch.
+    MsgRings = 9,
 }
 
-pub const N_SECTIONS: usize = 9;
+pub const N_SECTIONS: usize = 10;
 
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -115,7 +117,7 @@ pub struct RegionHeader {
     /// Wall-clock seconds at creation (for humans).
     pub created_unix: u64,
     pub instance: [u8; 32],
-    pub _pad1: [u8; 48],
+    pub _pad1: [u8; 32],
     // --- mutable words ---
     pub state: AtomicU32,
     pub controld_pid: AtomicU32,

@@ -13,6 +13,7 @@ use crate::config_slot::{
 use crate::conntrack::{ConnReader, ConnSlot, ConnTable};
 use crate::fingerprint::{Fingerprint, checksum};
 use crate::header::*;
+use crate::msgring::{self, MSG_RING_BYTES, MSG_RINGS_PER_SWITCH, MsgRing, MsgRingHeader};
 use crate::publish::Table;
 use crate::ring::{Ring, RingHeader, RingSlot};
 use crate::routing_slot::{NeighbourRec, RouteRec, RoutingHeader, RoutingSlotMut, RoutingView};
@@ -29,6 +30,7 @@ pub const FINGERPRINT: u64 = {
     let fp = crate::switch_slot::fingerprint(fp);
     let fp = crate::switch_slot::backend_fingerprint(fp);
     let fp = crate::conntrack::fingerprint(fp);
+    let fp = crate::msgring::fingerprint(fp);
     crate::ring::fingerprint(fp).value()
 };
 
@@ -178,6 +180,7 @@ pub fn layout(c: &Capacities) -> Result<([SectionRec; N_SECTIONS], u64), RegionE
         routing_layout(c).len,
         c.conn_slots as u64 * size_of::<ConnSlot>() as u64,
         c.switches as u64 * ring_len(c),
+        c.switches as u64 * MSG_RINGS_PER_SWITCH as u64 * msgring::ring_bytes(),
     ];
     let mut sections = [SectionRec::default(); N_SECTIONS];
     let mut off = 0u64;
@@ -421,6 +424,22 @@ impl Region {
                 self.caps.ring_slots as usize,
             ),
         }
+    }
+
+    /// Message ring `which` (`msgring::RING_RECORDS`, ...) of switch `switch`.
+    pub fn msg_ring(&self, switch: usize, which: usize) -> MsgRing<'_> {
+        assert!(switch < self.caps.switches as usize && which < MSG_RINGS_PER_SWITCH);
+        let base = (switch * MSG_RINGS_PER_SWITCH + which) as u64 * msgring::ring_bytes();
+        MsgRing::new(
+            // SAFETY: in bounds (`ptr` asserts); MsgRingHeader is atomics
+            // and padding only, valid for any bits.
+            unsafe { &*self.ptr::<MsgRingHeader>(Section::MsgRings, base, 1) },
+            self.slice(
+                Section::MsgRings,
+                base + size_of::<MsgRingHeader>() as u64,
+                (MSG_RING_BYTES / 8) as usize,
+            ),
+        )
     }
 
     fn config_section(ab: usize) -> Section {
@@ -826,6 +845,24 @@ pub(crate) mod tests {
             e,
             "invalid capacities: conn_slots 1000 must be a power of two >= 64"
         );
+    }
+
+    /// Each switch's message ring is its own: a message pushed to one is
+    /// seen there alone, and by another mapping of the region.
+    #[test]
+    fn message_rings_are_per_switch_and_shared_between_mappings() {
+        let t = temp("msgring");
+        let other = Region::attach_name(&t.1, Access::ReadWrite).unwrap();
+        for sw in 0..4 {
+            assert!(t.0.msg_ring(sw, 0).push(&[sw as u8; 13]));
+        }
+        let mut out = Vec::new();
+        for sw in 0..4 {
+            let r = other.msg_ring(sw, 0);
+            assert!(r.pop(&mut out));
+            assert_eq!(out, [sw as u8; 13]);
+            assert!(r.is_empty());
+        }
     }
 
     #[test]

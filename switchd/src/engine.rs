@@ -14,6 +14,7 @@ use shm_layout::region::{Region, ms_since};
 use shm_layout::switch_slot::{Counter, N_COUNTERS, SW_RUNNING, SwitchSlot};
 use shm_layout::time::mono_ns;
 
+use crate::closed::ClosedLog;
 use crate::filter::{self, Ctx, IcmpBudget, Verdict};
 use crate::flowcache::FlowCache;
 use crate::frag::FragTable;
@@ -21,6 +22,7 @@ use crate::hops::HopCache;
 use crate::sched;
 use crate::sched::SchedState;
 use crate::synq::{NO_SERVICE, Retry, SynQueue};
+use shm_layout::msgring::RING_RECORDS;
 
 /// How the loop waits when there is no traffic.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -45,6 +47,10 @@ pub struct Settings {
     pub syn_queue: usize,
     /// Entries of the flow cache (0: every packet takes the full path).
     pub flow_cache: usize,
+    /// Closed-connection records per batch message to controld, and the
+    /// longest a record waits for its batch (see [`crate::closed`]).
+    pub record_batch: usize,
+    pub record_batch_ms: u32,
 }
 
 /// Which global port each of the NIC's local ports is, and back.
@@ -161,7 +167,13 @@ pub fn run<N: Nic>(
         flows: FlowCache::new(settings.flow_cache)?,
         icmp_tokens: 0,
         frags: FragTable::default(),
+        closed: ClosedLog::new(
+            settings.switch_index as u16,
+            settings.record_batch,
+            settings.record_batch_ms,
+        ),
     };
+    let records_ring = region.msg_ring(settings.switch_index, RING_RECORDS);
 
     me.pid.store(pid, Ordering::Relaxed);
     if let Some(start) = shm_layout::time::process_start(pid) {
@@ -252,6 +264,18 @@ pub fn run<N: Nic>(
             // Counts that wait in the flow cache reach their slots.
             let sweep = if moved > 0 { SWEEP_BUSY } else { SWEEP_IDLE };
             ctx.flows.sweep(sweep, &ctx.ct, ctx.now_ms);
+            // Closed connections go to controld in batches.
+            if !ctx.closed.is_empty() {
+                let ct = ctx.ct;
+                ctx.closed.tick(
+                    &ct,
+                    &mut ctx.flows,
+                    Some(&records_ring),
+                    ctx.now_ms,
+                    false,
+                    ctx.counters,
+                );
+            }
             icmp.put_back(core::mem::take(&mut ctx.icmp_tokens));
         }
         nic.reclaim();
@@ -292,6 +316,17 @@ pub fn run<N: Nic>(
             (published_ns, unpublished) = (now, false);
         }
     }
+    // What waits goes out now (the counts as they are).
+    let ct = ctx.ct;
+    let now_ms = ms_since(epoch, mono_ns());
+    ctx.closed.tick(
+        &ct,
+        &mut ctx.flows,
+        Some(&records_ring),
+        now_ms,
+        true,
+        ctx.counters,
+    );
     ctx.flows.flush_all(&ctx.ct);
     drop(ctx);
     publish_counters(nic, me, &mut counters);

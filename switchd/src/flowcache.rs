@@ -471,18 +471,23 @@ impl FlowCache {
         }
     }
 
-    /// Adds an entry's pending counts to its connection's slot, if the
-    /// slot still holds the connection it was filled for (its lock word
-    /// unchanged: no insert, retire or removal since); otherwise the
-    /// connection is gone, and so are its counts.
+    /// Adds an entry's pending counts to its connection's slot of their
+    /// direction (the forward slot for the client's packets, the reply
+    /// slot a reply was found through), if the slots still hold the
+    /// connection it was filled for (their lock words unchanged: no
+    /// insert, retire or removal since); otherwise the connection is gone,
+    /// and so are its counts.
     #[inline]
     pub fn flush(e: &mut Entry, ct: &ConnTable<'_>) {
         if e.pend_pkts == 0 {
             return;
         }
         let s = ct.slot(e.idx);
-        if s.lock.load(Ordering::Acquire) == e.lock as u64 {
-            s.add_counts(u64::from(e.pend_pkts), u64::from(e.pend_bytes));
+        let via = ct.slot(e.via);
+        if s.lock.load(Ordering::Acquire) == e.lock as u64
+            && (e.via == e.idx || via.lock.load(Ordering::Acquire) == e.via_lock as u64)
+        {
+            via.add_counts(u64::from(e.pend_pkts), u64::from(e.pend_bytes));
         }
         (e.pend_pkts, e.pend_bytes) = (0, 0);
     }
@@ -748,6 +753,40 @@ mod tests {
         b
     }
 
+    /// Each direction of a NAT connection has its own counts: the
+    /// client's packets in the forward slot, the backend's in the reply
+    /// slot, whether the full path or the cache answered them (the
+    /// cache's pending counts reach the slot of their direction).
+    #[test]
+    fn each_direction_counts_in_its_own_slot_full_path_or_cached() {
+        let mut sw = Switch::new("dir-counts", 1 << 10);
+        let (b, bport) = sw.open(10, 5000);
+        let data = client(false, 5000, ACK, 64);
+        let ans = reply(false, b, bport, 5000, ACK);
+        for ms in [11, 11, 12] {
+            sw.send(ms, 0, &data);
+        }
+        for ms in [11, 11, 11, 12] {
+            sw.send(ms, 1, &ans);
+        }
+        assert!(sw.hits() >= 3, "the cache answered some");
+        sw.sweep(20);
+        let ct = sw.fx.region.conntrack();
+        let hit = ct.lookup(&tcp_key(5000)).unwrap();
+        let conn = hit.conn();
+        let f = ct.slot(hit.idx);
+        let ld = |a: &core::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
+        // SYN and ACK of the handshake, three data packets.
+        assert_eq!(
+            (ld(&f.packets), ld(&f.bytes)),
+            (5, 5 * (data.len() as u64 - 14))
+        );
+        assert_eq!(
+            ct.reply_counts(&conn, hit.idx),
+            (4, 4 * (ans.len() as u64 - 14))
+        );
+    }
+
     /// The backend a forwarded frame went to (address, port), from its bytes.
     fn backend_of(v: Verdict, buf: &[u8]) -> Option<([u8; 4], u16)> {
         match v {
@@ -872,12 +911,13 @@ mod tests {
         let mut ca = cached.c;
         ca[Counter::FlowCacheHit as usize] = 0;
         assert_eq!(ca, full.c, "every other counter as the full path counts it");
-        // All in one millisecond: the slot counted the packets the full
-        // path handled (the ACK that filled, the first reply); the three
-        // TCP hits and the reply's wait in the entries until a sweep in a
+        // All in one millisecond: the forward slot counted the client's
+        // packets the full path handled (the SYN that opened, the ACK that
+        // filled; the first reply is in the reply slot); the three TCP
+        // hits and the reply's wait in the entries until a sweep in a
         // later millisecond (or the next check).
         let slot = cached.entry(&tcp_key(40_000), now).unwrap();
-        assert_eq!((slot.1, slot.2), (2, 84));
+        assert_eq!((slot.1, slot.2), (2, 88));
         cached.sweep(now);
         assert_eq!(cached.entry(&tcp_key(40_000), now), Some(slot), "not in it");
         cached.sweep(now.wrapping_add(1));
@@ -887,8 +927,8 @@ mod tests {
         );
         assert_eq!(
             cached.entry(&tcp_key(40_000), now).unwrap().1,
-            6,
-            "every packet counted but the SYN that made the entry"
+            5,
+            "every client packet counted, the SYN that made the entry included (the replies count in the reply slot)"
         );
         assert_eq!(
             cached.entry(&tcp_key(40_000), now).unwrap().0,
@@ -1105,15 +1145,16 @@ mod tests {
         for port in [40_010, 40_011] {
             sw.open_cached(now, port);
         }
-        // The ACK that filled (counted by the full path), the hit waiting.
-        assert_eq!(sw.entry(&tcp_key(40_010), now).unwrap().1, 1);
+        // The SYN and the ACK that filled (counted by the full path), the
+        // hit waiting.
+        assert_eq!(sw.entry(&tcp_key(40_010), now).unwrap().1, 2);
         sw.open_cached(now, 40_012);
         assert_eq!(
             sw.entry(&tcp_key(40_010), now).unwrap().1,
-            2,
+            3,
             "flushed as it left"
         );
-        assert_eq!(sw.entry(&tcp_key(40_011), now).unwrap().1, 1, "still in");
+        assert_eq!(sw.entry(&tcp_key(40_011), now).unwrap().1, 2, "still in");
     }
 
     /// Waiting counts go to the slot only while it holds the same
@@ -1127,10 +1168,10 @@ mod tests {
         let ct = sw.fx.region.conntrack();
         let slot = ct.slot(ct.lookup(&tcp_key(40_020)).unwrap().idx);
         let ord = core::sync::atomic::Ordering::Relaxed;
-        assert_eq!(slot.packets.load(ord), 1, "two hits waiting");
+        assert_eq!(slot.packets.load(ord), 2, "two hits waiting");
         sw.retire_elsewhere(40_020);
         sw.flows.sweep(DEFAULT_ENTRIES, &ct, now.wrapping_add(1));
-        assert_eq!(slot.packets.load(ord), 1, "not added to a retired slot");
+        assert_eq!(slot.packets.load(ord), 2, "not added to a retired slot");
     }
 
     /// A flow's 65,535th packet waiting in its entry is the last: the
@@ -1154,7 +1195,8 @@ mod tests {
         let e = sw.flows.get_mut(home, words.0, words.1).unwrap();
         assert_eq!((e.pend_pkts, e.pend_bytes), (0, 0), "checked");
         let (_, packets, bytes, _) = sw.entry(&tcp_key(40_030), now).unwrap();
-        assert_eq!((packets, bytes), (1 + 65_535 + 1, 44 + 88 + 44));
+        // SYN, ACK, the waiting ones, the last.
+        assert_eq!((packets, bytes), (2 + 65_535 + 1, 44 + 44 + 88 + 44));
         assert_eq!(sw.hits(), 3);
     }
 

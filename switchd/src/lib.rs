@@ -1,6 +1,7 @@
 //! switchd: the switching processor. The packet filter is pure functions over
 //! byte slices and table views; the engine moves bursts between ports and it.
 
+pub mod closed;
 pub mod engine;
 pub mod filter;
 pub mod fixture;

@@ -50,6 +50,12 @@ struct Args {
     /// filter (the load balancer) or null (descriptor handover only: a benchmark ceiling).
     #[arg(long, default_value = "filter")]
     engine: String,
+    /// Closed-connection records per batch message to controld (1..=900).
+    #[arg(long, default_value_t = switchd::closed::DEFAULT_BATCH)]
+    record_batch: usize,
+    /// The longest a closed-connection record waits for its batch, in ms.
+    #[arg(long, default_value_t = switchd::closed::DEFAULT_BATCH_MS)]
+    record_batch_ms: u32,
     /// Lock all memory (mlockall).
     #[arg(long)]
     mlock: bool,
@@ -199,6 +205,8 @@ fn main() -> Result<()> {
         null,
         syn_queue: args.syn_queue,
         flow_cache: args.flow_cache,
+        record_batch: args.record_batch,
+        record_batch_ms: args.record_batch_ms,
     };
     let res = match (&args.vnic, args.afpacket.is_empty()) {
         (Some(name), true) => {

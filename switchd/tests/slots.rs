@@ -74,6 +74,8 @@ fn run(
         null: false,
         syn_queue: 0,
         flow_cache: 0,
+        record_batch: 64,
+        record_batch_ms: 100,
     };
     let stop = AtomicBool::new(false);
     let me = &fx.region.switch_slots()[0];

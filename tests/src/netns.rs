@@ -371,6 +371,18 @@ pub fn afpacket_appliance_sized(
     backend_port: u16,
     connections: u32,
 ) -> (String, crate::Appliance) {
+    afpacket_appliance_with(bed, mode, backend_port, connections, |_| String::new())
+}
+
+/// [`afpacket_appliance_sized`] with `extra(instance)` appended to the
+/// configuration (tables of its own, like `[records]`).
+pub fn afpacket_appliance_with(
+    bed: &Bed,
+    mode: &str,
+    backend_port: u16,
+    connections: u32,
+    extra: impl Fn(&str) -> String,
+) -> (String, crate::Appliance) {
     let inst = crate::unique(&format!("af{mode}"));
     let cpus = std::thread::available_parallelism()
         .map(|n| n.get())
@@ -403,6 +415,7 @@ pub fn afpacket_appliance_sized(
     if mode == "tunnel" {
         cfg += &format!("[tunnel]\nsource = \"{APPLIANCE_BACKEND_ADDR}\"\n");
     }
+    cfg += &extra(&inst);
     // No [[route]] or [[neighbour]]: controld mirrors the namespace's
     // routes and neighbours (on by default with afpacket ports) and has the
     // kernel resolve the backends.

@@ -158,7 +158,10 @@ fn show_backends(show: &Value) -> BTreeMap<String, Value> {
 }
 
 /// Counters that move while the appliance is idle.
-const MOVING: [&str; 2] = ["loops", "idle_sleeps"];
+/// Counters that move while no frame does: the loop's, and the
+/// closed-connection records a switch sends up to `[records] batch_ms`
+/// after the last close.
+const MOVING: [&str; 4] = ["loops", "idle_sleeps", "records_sent", "records_batches"];
 
 /// show, stats and conns (each filter) report what the region holds after
 /// real traffic; the default socket derived from --instance works; the
@@ -869,7 +872,7 @@ fn socket_rules_bad_requests_and_exit_codes() {
         ),
         (
             r#"{"cmd":"restart"}"#,
-            "unknown command \"restart\" (one of: show, stats, conns, drain, enable, weight, reload)",
+            "unknown command \"restart\" (one of: show, stats, conns, drain, enable, weight, reload, flows, reopen)",
         ),
         (
             r#"{"cmd":"drain","backend":"web/web9"}"#,
@@ -1029,14 +1032,35 @@ fn scrape(port: u16) -> Scrape {
     assert_eq!(status, "HTTP/1.1 200 OK");
     assert_eq!(ctype, "text/plain; version=0.0.4; charset=utf-8");
     let scrape = prometheus_parse::Scrape::parse(body.lines().map(|l| Ok(l.to_string()))).unwrap();
+    // Histogram families: the parser gathers each one's `_bucket` lines
+    // into one sample (and reads `_sum` and `_count` as their own).
+    let histograms: BTreeSet<&str> = body
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE ")?.strip_suffix(" histogram"))
+        .collect();
+    let of_histogram = |m: &str| {
+        histograms.iter().any(|h| {
+            m.strip_prefix(h)
+                .is_some_and(|rest| ["", "_sum", "_count"].contains(&rest))
+        })
+    };
     // The parser skips what it cannot read: every sample line must be there.
     let sample_lines = body
         .lines()
         .filter(|l| !l.is_empty() && !l.starts_with('#'))
-        .count();
+        .filter(|l| {
+            !histograms
+                .iter()
+                .any(|h| l.starts_with(&format!("{h}_bucket{{")))
+        })
+        .count()
+        + histograms.len();
     assert_eq!(scrape.samples.len(), sample_lines);
     // Every family has its HELP, and a TYPE (the parser types its samples).
     for s in &scrape.samples {
+        if of_histogram(&s.metric) {
+            continue;
+        }
         assert!(
             scrape.docs.contains_key(&s.metric),
             "{} has no HELP",
@@ -1049,6 +1073,14 @@ fn scrape(port: u16) -> Scrape {
             ),
             "{} has no TYPE",
             s.metric
+        );
+    }
+    for h in &histograms {
+        assert!(scrape.docs.contains_key(*h), "{h} has no HELP");
+        assert!(
+            scrape.samples.iter().any(|s| s.metric == *h
+                && matches!(s.value, prometheus_parse::Value::Histogram(_))),
+            "{h} is not read as a histogram"
         );
     }
     Scrape { scrape }

@@ -19,6 +19,8 @@ mod fragments;
 mod health;
 #[path = "netns/icmp.rs"]
 mod icmp;
+#[path = "netns/records.rs"]
+mod records;
 #[path = "netns/routing.rs"]
 mod routing;
 #[path = "netns/rx_ring.rs"]

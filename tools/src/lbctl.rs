@@ -9,7 +9,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use admin_proto::{
-    BackendView, ChangeReply, ConnsReply, CounterSet, ReloadReply, Request, ShowReply, StatsReply,
+    BackendView, ChangeReply, ConnsReply, CounterSet, FlowsReply, ReloadReply, Request, ShowReply,
+    StatsReply,
 };
 
 /// Why a call failed before controld could answer.
@@ -410,6 +411,46 @@ pub fn render_conns(v: &ConnsReply) -> String {
         "{} connections in {} slots; {} match, {} listed\n{}",
         v.connections,
         v.slots,
+        v.matched,
+        v.list.len(),
+        t.render()
+    )
+}
+
+/// `flows`.
+pub fn render_flows(v: &FlowsReply) -> String {
+    let mut t = Table::new(&[
+        ("Prot", L),
+        ("Client", L),
+        ("VIP", L),
+        ("Backend", L),
+        ("BackendAddress", L),
+        ("Reason", L),
+        ("DurMs", R),
+        ("PktsIn", R),
+        ("BytesIn", R),
+        ("PktsOut", R),
+        ("BytesOut", R),
+    ]);
+    for f in &v.list {
+        t.row(vec![
+            f.protocol.clone(),
+            f.client.clone(),
+            f.vip.clone(),
+            f.backend.clone().unwrap_or_else(|| "(removed)".into()),
+            f.backend_address.clone(),
+            f.reason.clone(),
+            f.duration_ms.to_string(),
+            f.to_backend_packets.to_string(),
+            f.to_backend_bytes.to_string(),
+            f.to_client_packets.to_string(),
+            f.to_client_bytes.to_string(),
+        ]);
+    }
+    format!(
+        "{} closed connections recorded, {} kept; {} match, {} listed (In: client to backend, Out: backend to client; IP bytes)\n{}",
+        v.records,
+        v.kept,
         v.matched,
         v.list.len(),
         t.render()

@@ -83,6 +83,20 @@ pub fn find_backend(cfg: &Config, b: &BackendRef) -> Result<(usize, usize), View
 /// The published record of backend `bi` of service `si`. The snapshot is
 /// built from `ctx.cfg`, so it always exists; a default record (id 0,
 /// weight 0) stands in rather than a panic if that ever broke.
+/// What names closed-connection records: each published backend id's
+/// service and backend, and the services by index.
+pub fn record_names(ctx: &Ctx) -> crate::records::Names {
+    let mut n = crate::records::Names::default();
+    for (si, s) in ctx.cfg.services.iter().enumerate() {
+        n.services.push(s.name.clone());
+        for (bi, b) in s.backends.iter().enumerate() {
+            n.backends
+                .insert(rec(ctx, si, bi).id, (s.name.clone(), b.name.clone()));
+        }
+    }
+    n
+}
+
 fn rec(ctx: &Ctx, si: usize, bi: usize) -> BackendRec {
     ctx.snap
         .services

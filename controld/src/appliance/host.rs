@@ -163,6 +163,8 @@ pub fn switch_specs(cfg: &Config) -> Vec<SwitchSpec> {
                 config::Engine::Null => "null",
             },
             syn_queue: s.syn_queue,
+            record_batch: cfg.records.batch,
+            record_batch_ms: cfg.records.batch_ms,
             flow_cache: s.flow_cache,
         })
         .collect()

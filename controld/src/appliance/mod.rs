@@ -85,6 +85,8 @@ pub struct Appliance {
     reloads_refused: u64,
     rates: Rates,
     gc: Gc,
+    /// Closed-connection records (`crate::records`).
+    records: crate::records::Records,
     /// Slots the GC visits per tick.
     gc_per_tick: u32,
     events: EventDrain,
@@ -140,6 +142,7 @@ impl Appliance {
             agents_dirty: false,
             loading: Loading::new(),
             gc: Gc::default(),
+            records: crate::records::Records::default(),
             gc_per_tick,
             events: EventDrain::default(),
             last_release: Instant::now(),
@@ -211,6 +214,36 @@ impl Appliance {
     /// Whether the kernel routing mirror is open.
     pub fn mirroring(&self) -> bool {
         self.mirror.is_some()
+    }
+
+    /// Opens the connection log `[records] log` names (if any).
+    pub fn open_connection_log(&mut self) -> std::io::Result<()> {
+        self.records.open_log(self.cfg.records.log.clone())
+    }
+
+    /// Reopens the connection log (SIGHUP, `lbctl reopen`): its path, if any.
+    pub fn reopen_connection_log(&self) -> Option<PathBuf> {
+        self.records.reopen_log()
+    }
+
+    /// The closed-connection records' state.
+    pub fn records(&self) -> &crate::records::Records {
+        &self.records
+    }
+
+    /// Drains the switches' records rings and takes the GC's records.
+    fn take_records(&mut self) {
+        let ctx = view::Ctx {
+            cfg: &self.cfg,
+            overrides: &self.overrides,
+            snap: &self.snap,
+            counters: self.region.backend_counters(),
+            health: Box::new(|_, _| None),
+        };
+        let names = || view::record_names(&ctx);
+        let gc_closed = std::mem::take(&mut self.gc.closed);
+        self.records.add_all(&gc_closed, &self.region, &names);
+        self.records.drain(&self.region, &names);
     }
 
     /// The GC's totals since this controld started.
@@ -317,6 +350,16 @@ impl Appliance {
                 let path = self.config_path.clone();
                 proto::ok_line(&self.reload(&path)?)
             }
+            Request::Flows(q) => proto::ok_line(&self.records.flows(&q)),
+            Request::Reopen => {
+                let log = self.reopen_connection_log();
+                if let Some(p) = &log {
+                    log::info!("connection log {}: reopening", p.display());
+                }
+                proto::ok_line(&proto::ReopenReply {
+                    log: log.map(|p| p.display().to_string()),
+                })
+            }
         };
         Ok(line)
     }
@@ -358,7 +401,9 @@ impl Appliance {
                 .is_some()
                 .then(|| self.agents.status(Instant::now()).counters),
         };
-        metrics::render(&show, &self.stats(), &extra)
+        let mut text = metrics::render(&show, &self.stats(), &extra);
+        text.push_str(&self.records.render_metrics());
+        text
     }
 
     /// Answers one job of the admin server. `conns` is planned here and
@@ -420,6 +465,7 @@ impl Appliance {
             }
         }
         self.gc.step(&self.region, &self.timeouts, self.gc_per_tick);
+        self.take_records();
         self.events.drain(&self.region);
         if self.last_release.elapsed() > Duration::from_secs(1) {
             self.release_idle_ids();

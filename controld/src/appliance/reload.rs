@@ -59,6 +59,9 @@ pub fn restart_only_changes(old: &Config, new: &Config) -> Vec<&'static str> {
     if old.admin != new.admin {
         v.push("admin");
     }
+    if old.records != new.records {
+        v.push("records");
+    }
     v
 }
 

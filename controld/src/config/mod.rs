@@ -131,6 +131,8 @@ pub struct Config {
     pub admin: Admin,
     /// `[agents]`; `None` (no table): no load agents.
     pub agents: Option<Agents>,
+    /// `[records]`.
+    pub records: Records,
     /// `[[port]]`, in file order; other items refer to a port by its index here.
     /// At least one, at most [`MAX_PORTS`].
     pub ports: Vec<Port>,
@@ -256,6 +258,37 @@ pub struct Admin {
     /// `metrics` (default: off): `"IP:PORT"` where controld serves the
     /// Prometheus text format at `/metrics` over HTTP; port 1..=65535.
     pub metrics: Option<SocketAddr>,
+}
+
+/// Largest `[records] batch`.
+pub const MAX_RECORD_BATCH: u32 = shm_layout::records::MAX_BATCH as u32;
+/// Largest `[records] batch_ms`.
+pub const MAX_RECORD_BATCH_MS: u32 = 60_000;
+
+/// `[records]`: closed-connection records (docs/OPERATIONS.md, "Closed
+/// connections"). Fixed at start: a reload may not change them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Records {
+    /// `batch` (default 64, `1..=900`): records per message a switch sends
+    /// controld.
+    pub batch: u32,
+    /// `batch_ms` (default 100, `1..=60000`): the longest a record waits
+    /// in its switch for its batch to fill.
+    pub batch_ms: u32,
+    /// `log` (default: none): an absolute file path; controld appends one
+    /// JSON line per closed connection, and reopens it on SIGHUP and
+    /// `lbctl reopen` (log rotation).
+    pub log: Option<PathBuf>,
+}
+
+impl Default for Records {
+    fn default() -> Self {
+        Self {
+            batch: 64,
+            batch_ms: 100,
+            log: None,
+        }
+    }
 }
 
 /// Default of `[[port]] mtu` for vnic ports.

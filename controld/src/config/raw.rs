@@ -36,6 +36,9 @@ pub(super) struct RawConfig {
     pub admin: RawAdmin,
     /// `[agents]`: see [`super::Agents`].
     pub agents: Option<RawAgents>,
+    /// `[records]`: see [`super::Records`].
+    #[serde(default)]
+    pub records: RawRecords,
     /// `[[port]]`: see [`super::Port`].
     #[serde(default)]
     pub port: Vec<RawPort>,
@@ -124,6 +127,18 @@ pub(super) struct RawAdmin {
     pub socket: Option<String>,
     /// `metrics`: see [`super::Admin::metrics`].
     pub metrics: Option<String>,
+}
+
+/// `[records]`; every key optional.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawRecords {
+    /// `batch`: see [`super::Records::batch`].
+    pub batch: Option<i64>,
+    /// `batch_ms`: see [`super::Records::batch_ms`].
+    pub batch_ms: Option<i64>,
+    /// `log`: see [`super::Records::log`].
+    pub log: Option<String>,
 }
 
 /// One `[[port]]`.

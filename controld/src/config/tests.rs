@@ -100,6 +100,7 @@ fn demo_example_parses_with_all_fields() {
             resolve: false,
         },
         admin: Admin::default(),
+        records: Records::default(),
         agents: None,
         ports: vec![
             Port {
@@ -419,12 +420,46 @@ fn load_names_the_file() {
 // ---- the schema (toml's messages) ----
 
 #[test]
+fn records_section_defaults_values_and_errors() {
+    let c = parse(BASE).unwrap();
+    assert_eq!(c.records, Records::default());
+    assert_eq!(
+        (c.records.batch, c.records.batch_ms, c.records.log),
+        (64, 100, None)
+    );
+    let c = parse(&format!(
+        "{BASE}\n[records]\nbatch = 900\nbatch_ms = 5\nlog = \"/var/log/flows.jsonl\"\n"
+    ))
+    .unwrap();
+    assert_eq!(
+        c.records,
+        Records {
+            batch: 900,
+            batch_ms: 5,
+            log: Some("/var/log/flows.jsonl".into())
+        }
+    );
+    assert_eq!(
+        err(&format!("{BASE}\n[records]\nbatch = 0\n")),
+        "records: batch 0 is not between 1 and 900"
+    );
+    assert_eq!(
+        err(&format!("{BASE}\n[records]\nbatch_ms = 60001\n")),
+        "records: batch_ms 60001 is not between 1 and 60000"
+    );
+    assert_eq!(
+        err(&format!("{BASE}\n[records]\nlog = \"flows.jsonl\"\n")),
+        "records: log \"flows.jsonl\" is not an absolute file path (expected like /var/log/switchyard/flows.jsonl)"
+    );
+}
+
+#[test]
 fn unknown_key_at_top_level() {
     assert_eq!(
         err(&format!("colour = 1\n{BASE}")),
         "TOML parse error at line 1, column 1\n  |\n1 | colour = 1\n  | ^^^^^^\n\
          unknown field `colour`, expected one of `instance`, `limits`, `timeouts`, `publish`, `tunnel`, \
-         `routing`, `admin`, `agents`, `port`, `switch`, `service`, `route`, `neighbour`, `l7`"
+         `routing`, `admin`, `agents`, `records`, `port`, `switch`, `service`, `route`, `neighbour`, `l7`"
     );
 }
 

@@ -30,6 +30,7 @@ pub(super) fn validate(raw: RawConfig) -> R<Config> {
 
     let admin = admin(&raw.admin)?;
     let l7 = super::l7::l7(&raw.l7)?;
+    let records = records(&raw.records)?;
 
     if raw.port.is_empty() {
         return Err("no [[port]] is defined (at least one is required)".into());
@@ -222,6 +223,7 @@ pub(super) fn validate(raw: RawConfig) -> R<Config> {
         routing,
         admin,
         agents,
+        records,
         ports,
         switches,
         services,
@@ -343,6 +345,34 @@ fn routing(raw: &RawRouting, ports: &[Port]) -> R<Routing> {
         );
     }
     Ok(Routing { mirror, resolve })
+}
+
+fn records(raw: &super::raw::RawRecords) -> R<Records> {
+    let ctx = "records: ";
+    let d = Records::default();
+    let range = |key: &str, v: Option<i64>, default: u32, max: u32| -> R<u32> {
+        match v {
+            None => Ok(default),
+            Some(v) if (1..=i64::from(max)).contains(&v) => Ok(v as u32),
+            Some(v) => Err(format!("{ctx}{key} {v} is not between 1 and {max}")),
+        }
+    };
+    let log = match &raw.log {
+        None => None,
+        Some(p) if p.starts_with('/') && !p.ends_with('/') && !p.contains('\0') => {
+            Some(PathBuf::from(p))
+        }
+        Some(p) => {
+            return Err(format!(
+                "{ctx}log {p:?} is not an absolute file path (expected like /var/log/switchyard/flows.jsonl)"
+            ));
+        }
+    };
+    Ok(Records {
+        batch: range("batch", raw.batch, d.batch, MAX_RECORD_BATCH)?,
+        batch_ms: range("batch_ms", raw.batch_ms, d.batch_ms, MAX_RECORD_BATCH_MS)?,
+        log,
+    })
 }
 
 fn admin(raw: &RawAdmin) -> R<Admin> {

@@ -302,7 +302,9 @@ pub(super) fn cached(frame: &mut [u8], l4: &L4, ctx: &mut Ctx<'_>) -> Option<(u3
         if last != now {
             slot.last_seen.store(now, Ordering::Relaxed);
         }
-        slot.add_counts(
+        // A reply's counts go to its reply slot (see `state::touch`).
+        let counted = if e.via != e.idx { via } else { slot };
+        counted.add_counts(
             1 + u64::from(e.pend_pkts),
             u64::from(l4.ip_len) + u64::from(e.pend_bytes),
         );

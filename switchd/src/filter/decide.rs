@@ -9,6 +9,7 @@ use shm_layout::conntrack::{
     CONN_MIDFLOW, ClientHop, Conn, ConnTable, Direction, Evicted, FlowKey, Hit, InsertError,
     STATE_ACTIVE, STATE_CLOSING, STATE_PROVISIONAL, STATE_SYN, holds_reservation,
 };
+use shm_layout::records::CloseReason;
 use shm_layout::ring::midflow_event;
 use shm_layout::switch_slot::Counter;
 
@@ -94,11 +95,16 @@ pub(super) fn to_vip(
                 // gave its slot back), or of an unconfirmed pickup (which
                 // never took one): it is scheduled afresh.
                 stale_answers(l4, hit, ctx);
-                retire(hit, ctx);
+                // Either held no backend slot (closed already, or never
+                // confirmed): no close happens here, so no record.
+                retire(hit, CloseReason::IdleTimeout, ctx);
             } else {
                 ctx.count(Counter::FwdHit);
                 match touch(ctx, slot, hit, l4) {
-                    Moved::Closed => release_backend(ctx, hit.conn().backend_id),
+                    Moved::Closed => {
+                        release_backend(ctx, hit.conn().backend_id);
+                        record_close(hit, l4, ctx);
+                    }
                     Moved::Confirmed => ctx.count(Counter::ConnConfirmed),
                     Moved::Stay | Moved::SynAcked => {}
                 }
@@ -197,7 +203,12 @@ pub(super) fn new_flow(
         ClientHop::NONE
     };
     let conn = match insert(&conn, hop, state, reserved, ctx) {
-        Ok(c) => c,
+        Ok((c, idx)) => {
+            // The opening packet is the connection's first (its record
+            // counts it).
+            ctx.ct.slot(idx).add_counts(1, u64::from(l4.ip_len));
+            c
+        }
         Err(v) => return v,
     };
     if conn.flags & CONN_MIDFLOW != 0 {
@@ -228,15 +239,15 @@ pub(super) fn stale_answers(l4: &L4, hit: &Hit, ctx: &mut Ctx<'_>) {
 /// NAT reply slot is left to the GC; late replies from the old backend no
 /// longer match. If another switch changed the entry first, nothing is done.
 pub(super) fn move_off_down(hit: &Hit, ctx: &mut Ctx<'_>) {
-    if retire(hit, ctx) {
+    if retire(hit, CloseReason::BackendDown, ctx) {
         ctx.count(Counter::DownMoved);
     }
 }
 
 /// Removes a connection's entry (if no other switch changed it first) and
-/// gives back its backend slot if it still held one. Returns whether it
-/// removed the entry.
-pub(super) fn retire(hit: &Hit, ctx: &mut Ctx<'_>) -> bool {
+/// gives back its backend slot if it still held one (then the retire is
+/// its close, recorded with `reason`). Returns whether it removed the entry.
+pub(super) fn retire(hit: &Hit, reason: CloseReason, ctx: &mut Ctx<'_>) -> bool {
     // Only the entry the lookup read: its lock word unchanged.
     let res = ctx
         .ct
@@ -245,8 +256,35 @@ pub(super) fn retire(hit: &Hit, ctx: &mut Ctx<'_>) -> bool {
         .and_then(|s| ctx.ct.retire(hit.idx, &s, ctx.pid));
     if res == Some(true) {
         release_backend(ctx, hit.conn().backend_id);
+        let (ct, now) = (ctx.ct, ctx.now_ms);
+        ctx.closed
+            .closed(&ct, hit.conn(), hit.idx, None, reason, now, ctx.counters);
     }
     res.is_some()
+}
+
+/// Records the close this switch just made of the connection `hit` found,
+/// in place, by `l4`'s FIN or RST (see [`crate::closed`]).
+#[cold]
+#[inline(never)]
+pub(super) fn record_close(hit: &Hit, l4: &L4, ctx: &mut Ctx<'_>) {
+    let rst = l4.flags & wire::tcp::RST != 0;
+    let reason = match (hit.dir, rst) {
+        (Direction::Forward, false) => CloseReason::FinClient,
+        (Direction::Forward, true) => CloseReason::RstClient,
+        (Direction::Reply, false) => CloseReason::FinBackend,
+        (Direction::Reply, true) => CloseReason::RstBackend,
+    };
+    let (ct, now) = (ctx.ct, ctx.now_ms);
+    ctx.closed.closed(
+        &ct,
+        hit.conn(),
+        hit.idx,
+        Some(hit.lock),
+        reason,
+        now,
+        ctx.counters,
+    );
 }
 
 /// Gives back one connection slot of backend `id`.
@@ -275,6 +313,16 @@ pub(super) fn reset_down(
         }) == Some(true)
     {
         release_backend(ctx, hit.conn().backend_id);
+        let (ct, now) = (ctx.ct, ctx.now_ms);
+        ctx.closed.closed(
+            &ct,
+            hit.conn(),
+            hit.idx,
+            Some(hit.lock),
+            CloseReason::BackendDown,
+            now,
+            ctx.counters,
+        );
     }
     answer_with_rst(frame, l4, in_port, Counter::DownRst, ctx)
 }
@@ -296,7 +344,7 @@ pub(super) fn insert(
     state: u32,
     reserved: bool,
     ctx: &mut Ctx<'_>,
-) -> Result<Conn, Verdict> {
+) -> Result<(Conn, u32), Verdict> {
     insert_tries(conn, hop, state, reserved, INSERT_TRIES, ctx)
 }
 
@@ -308,7 +356,7 @@ pub(super) fn insert_tries(
     reserved: bool,
     tries: usize,
     ctx: &mut Ctx<'_>,
-) -> Result<Conn, Verdict> {
+) -> Result<(Conn, u32), Verdict> {
     let with_reply = conn.mode == MODE_NAT;
     let res = {
         let c = &*ctx;
@@ -330,20 +378,31 @@ pub(super) fn insert_tries(
             for id in ins.evicted_backends.into_iter().flatten() {
                 release_backend(ctx, id);
             }
+            // Each connection the insert closed gets its record.
+            for (gone, live) in ins.evicted_conns.iter().zip(ins.evicted_live) {
+                if let Some(g) = gone {
+                    let reason = match live {
+                        Some(_) => CloseReason::Evicted,
+                        None => CloseReason::IdleTimeout,
+                    };
+                    let (ct, now) = (ctx.ct, ctx.now_ms);
+                    ctx.closed.gone(&ct, g, reason, now, ctx.counters);
+                }
+            }
             for kind in ins.evicted_live.into_iter().flatten() {
                 ctx.count(match kind {
                     Evicted::Provisional => Counter::EvictedProvisional,
                     Evicted::HalfOpen => Counter::EvictedHalfOpen,
                 });
             }
-            Ok(*conn)
+            Ok((*conn, ins.idx))
         }
         Err(InsertError::Exists(idx)) => match existing(&ctx.ct, idx, conn) {
             Some(c) => {
                 if let (Some(b), true) = (b, reserved) {
                     sched::release(b);
                 }
-                Ok(c)
+                Ok((c, idx))
             }
             // Gone or changing: the insert goes round again, keeping
             // the reservation.
@@ -423,7 +482,10 @@ pub(super) fn from_backend(
     ctx.count(Counter::ReplyHit);
     match touch(ctx, slot, hit, l4) {
         Moved::Stay => {}
-        Moved::Closed => release_backend(ctx, hit.conn().backend_id),
+        Moved::Closed => {
+            release_backend(ctx, hit.conn().backend_id);
+            record_close(hit, l4, ctx);
+        }
         Moved::SynAcked => syn_ack_sample(&hit.conn(), ctx),
         Moved::Confirmed => ctx.count(Counter::ConnConfirmed),
     }

@@ -94,6 +94,9 @@ pub struct Ctx<'a> {
     /// Where later fragments find their first fragment's decision, or
     /// wait for it (see [`crate::frag`]; fragments only).
     pub frags: FragTable,
+    /// Connections this switch closed, waiting to go to controld as
+    /// records (see [`crate::closed`]).
+    pub closed: crate::closed::ClosedLog,
 }
 
 /// The rate limit of ICMP answers per switch: a token bucket of

@@ -59,7 +59,14 @@ pub(super) fn touch(ctx: &Ctx<'_>, slot: &ConnSlot, hit: &Hit, l4: &L4) -> Moved
             moved = change_state(ctx, hit, cur, next);
         }
     }
-    slot.add_counts(1, u64::from(l4.ip_len));
+    // Each direction has its own counts: a reply's go to the reply slot it
+    // was found through (NAT), the client's to the forward slot.
+    let counted = if dir == Direction::Reply {
+        ctx.ct.slot(hit.via)
+    } else {
+        slot
+    };
+    counted.add_counts(1, u64::from(l4.ip_len));
     moved
 }
 

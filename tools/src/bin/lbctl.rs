@@ -11,7 +11,8 @@ use std::time::Duration;
 use admin_proto::default_socket_path;
 use admin_proto::{
     BackendRef, BackendSel, ChangeReply, ConnsQuery, ConnsReply, DEFAULT_CONNS_LIMIT,
-    MAX_CONNS_LIMIT, MAX_WEIGHT, ReloadReply, Reply, Request, ShowReply, StatsReply,
+    DEFAULT_FLOWS_LIMIT, FlowsQuery, FlowsReply, MAX_CONNS_LIMIT, MAX_WEIGHT, ReloadReply,
+    ReopenReply, Reply, Request, ShowReply, StatsReply,
 };
 use clap::builder::TypedValueParser;
 use clap::{Parser, Subcommand};
@@ -32,8 +33,8 @@ struct Args {
     /// The admin socket ([admin] socket in controld's configuration).
     #[arg(long, short = 's')]
     socket: Option<PathBuf>,
-    /// Print controld's JSON answer as it came.
-    #[arg(long)]
+    /// Print controld's JSON answer as it came (before or after the command).
+    #[arg(long, global = true)]
     json: bool,
     /// Seconds to wait for the answer (a reload waits for the switches).
     #[arg(long, default_value_t = 150)]
@@ -84,6 +85,24 @@ enum Cmd {
     },
     /// Re-read the configuration file (like SIGHUP) and report the result.
     Reload,
+    /// Recently closed connections, newest first (filtered, at most --limit).
+    Flows {
+        /// Only connections of this service.
+        #[arg(long)]
+        service: Option<String>,
+        /// Only connections to this backend (an address or SERVICE/BACKEND).
+        #[arg(long)]
+        backend: Option<BackendSel>,
+        /// Only connections from this client address.
+        #[arg(long)]
+        client: Option<Ipv4Addr>,
+        /// At most this many listed.
+        #[arg(long, default_value_t = DEFAULT_FLOWS_LIMIT,
+              value_parser = clap::value_parser!(u64).range(1..=MAX_CONNS_LIMIT as u64).map(|n| n as usize))]
+        limit: usize,
+    },
+    /// Reopen the connection log ([records] log) after rotating it (SIGHUP does too).
+    Reopen,
 }
 
 #[derive(Clone, Debug)]
@@ -129,6 +148,18 @@ fn main() -> ExitCode {
         Cmd::Enable { backend } => Request::Enable(backend.clone()),
         Cmd::Weight { backend, weight } => Request::Weight(backend.clone(), weight.0),
         Cmd::Reload => Request::Reload,
+        Cmd::Flows {
+            service,
+            backend,
+            client,
+            limit,
+        } => Request::Flows(FlowsQuery {
+            service: service.clone(),
+            backend: backend.clone(),
+            client: *client,
+            limit: *limit,
+        }),
+        Cmd::Reopen => Request::Reopen,
     };
     let line = match lbctl::call(&path, &req, Duration::from_secs(a.timeout)) {
         Ok(l) => l,
@@ -173,6 +204,11 @@ fn main() -> ExitCode {
             decode::<ChangeReply>(result).map(|v| lbctl::render_change(&v))
         }
         Cmd::Reload => decode::<ReloadReply>(result).map(|v| lbctl::render_reload(&v)),
+        Cmd::Flows { .. } => decode::<FlowsReply>(result).map(|v| lbctl::render_flows(&v)),
+        Cmd::Reopen => decode::<ReopenReply>(result).map(|v| match v.log {
+            Some(p) => format!("connection log {p} reopened\n"),
+            None => "no connection log configured ([records] log)\n".to_string(),
+        }),
     };
     match text {
         Ok(t) => {
