@@ -53,7 +53,9 @@ struct Port {
 pub struct AfPacket {
     ports: Vec<Port>,
     /// Frames dropped on receive because they exceeded a ring slot (GRO/GSO
-    /// super-frames: turn those offloads off on switchyard's interfaces).
+    /// super-frames: turn those offloads off on switchyard's interfaces) or
+    /// carried a VLAN tag that could not be restored, since the last
+    /// [`Nic::take_rx_truncated`].
     pub truncated: u64,
 }
 
@@ -536,6 +538,10 @@ impl Nic for AfPacket {
     /// had no free slot (`PACKET_STATISTICS`, `tp_drops`), summed over the
     /// ports. Reading the statistics resets them, so each call returns the
     /// drops since the previous one. A port whose read fails adds nothing.
+    fn take_rx_truncated(&mut self) -> u64 {
+        core::mem::take(&mut self.truncated)
+    }
+
     fn take_rx_ring_drops(&mut self) -> u64 {
         self.ports
             .iter()

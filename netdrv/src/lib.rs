@@ -63,6 +63,14 @@ pub trait Nic {
     fn take_rx_ring_drops(&mut self) -> u64 {
         0
     }
+
+    /// Frames received but dropped by the driver itself since the last
+    /// call because they did not fit a buffer (or could not be restored
+    /// whole): never forwarded. Call it where
+    /// [`Nic::take_rx_ring_drops`] is called.
+    fn take_rx_truncated(&mut self) -> u64 {
+        0
+    }
 }
 
 /// Errors of the port backends.

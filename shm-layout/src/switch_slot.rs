@@ -105,6 +105,7 @@ counters! {
     DropFragTimeout = 59, "drop_frag_timeout", "held fragments dropped because their first fragment did not pass within 2 s";
     DropFragOverflow = 60, "drop_frag_overflow", "later fragments dropped because the switch's holding area was full";
     DropRxRing = 61, "drop_rx_ring", "frames the kernel dropped on receive because an AF_PACKET port's RX ring was full (the switch fell behind)";
+    DropRxTruncated = 62, "drop_rx_truncated", "frames an AF_PACKET port received larger than a ring slot (GRO/GSO super-frames: turn those offloads off) or with a VLAN tag it could not restore; never forwarded";
     RecordsSent = 72, "records_sent", "closed-connection records sent to controld (in batches over the switch's records ring)";
     RecordsBatches = 73, "records_batches", "batches of closed-connection records sent to controld (one ring message each)";
     DropRecordsRingFull = 74, "drop_records_ring_full", "closed-connection records lost because the records ring to controld was full (controld not draining it)";

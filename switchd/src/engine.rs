@@ -722,10 +722,11 @@ fn null_forward<N: Nic>(
 
 #[inline]
 /// Stores the counters in the switch's slot, with the NIC's receive-ring
-/// drops since the last publication added first (a system call per port
+/// drops and oversized frames since the last publication added first (a system call per port
 /// for afpacket: here, not per burst).
 fn publish_counters<N: Nic>(nic: &mut N, me: &SwitchSlot, counters: &mut [u64; N_COUNTERS]) {
     counters[Counter::DropRxRing as usize] += nic.take_rx_ring_drops();
+    counters[Counter::DropRxTruncated as usize] += nic.take_rx_truncated();
     for (w, c) in me.counters.iter().zip(counters) {
         w.store(*c, Ordering::Relaxed);
     }

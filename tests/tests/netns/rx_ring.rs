@@ -99,3 +99,66 @@ fn frames_a_full_rx_ring_drops_are_counted() {
     );
     assert!(dropped >= SENT - RING, "dropped {dropped}");
 }
+
+/// A frame larger than a ring slot (what GRO or GSO super-frames look
+/// like) is never forwarded, and is counted as `drop_rx_truncated`; the
+/// port goes on receiving.
+#[test]
+fn frames_larger_than_a_ring_slot_are_dropped_and_counted() {
+    let bed = Bed::build();
+    for role in ["cl", "lb"] {
+        bed.exec(role, &["sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=1"])
+            .unwrap();
+        bed.exec(
+            role,
+            &["sysctl", "-qw", "net.ipv6.conf.default.disable_ipv6=1"],
+        )
+        .unwrap();
+    }
+    // Room on the link for 3000-byte frames; the switch's ring slots hold 2048.
+    bed.exec("cl", &["ip", "link", "set", "c0", "mtu", "4000"])
+        .unwrap();
+    bed.exec("lb", &["ip", "link", "set", "l0", "mtu", "4000"])
+        .unwrap();
+    let inst = unique("rxbig");
+    let cpus = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
+    let cfg = format!(
+        "instance = \"{inst}\"\n[limits]\nconnections = 1024\n[routing]\nmirror = false\n\n\
+         [[port]]\nname = \"client\"\ndriver = \"afpacket\"\ninterface = \"l0\"\n\n\
+         [[switch]]\nname = \"sw0\"\ncpu = {}\nports = [\"client\"]\nidle = \"adaptive\"\n\n\
+         [[service]]\nname = \"web\"\nvip = \"198.18.0.10\"\nport = 80\nprotocol = \"tcp\"\n\
+         [[service.backend]]\nname = \"b1\"\naddress = \"198.19.0.11\"\nport = 8080\n",
+        cpus - 1
+    );
+    let app = Appliance::start_in(Some(&bed.ns("lb")), &inst, &cfg);
+    let (rx0, _) = settled(&inst);
+    let frame = |payload: usize| {
+        format!(
+            "{}{}88b5{}",
+            mac_of(&bed, "lb", "l0").replace(':', ""),
+            mac_of(&bed, "cl", "c0").replace(':', ""),
+            "00".repeat(payload)
+        )
+    };
+    let py = format!(
+        "import socket; s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW); \
+         s.bind(('c0', 0)); big = bytes.fromhex('{}'); small = bytes.fromhex('{}'); \
+         [s.send(f) for _ in range(5) for f in (big, small)]",
+        frame(2986),
+        frame(46)
+    );
+    bed.exec("cl", &["python3", "-c", &py]).unwrap();
+    let truncated = wait_for(Duration::from_secs(10), || {
+        let d = shmdump_json(&inst, &[]);
+        match (
+            counter_sum(&d, "rx_packets") - rx0,
+            counter_sum(&d, "drop_rx_truncated"),
+        ) {
+            (5, t) if t >= 5 => Ok(t),
+            (rx, t) => Err(format!("received {rx}, truncated {t}")),
+        }
+    });
+    assert_eq!(truncated, 5, "{}", app.log());
+}
