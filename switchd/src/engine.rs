@@ -161,6 +161,7 @@ pub fn run<N: Nic>(
         flows: FlowCache::new(settings.flow_cache)?,
         icmp_tokens: 0,
         frags: FragTable::default(),
+        syn_auto: filter::SynAuto::default(),
     };
 
     me.pid.store(pid, Ordering::Relaxed);

@@ -185,6 +185,7 @@ impl Fixture {
             // Allocates nothing (a context per frame stays cheap); tests of
             // fragments give it a table.
             frags: crate::frag::FragTable::new(0, 0),
+            syn_auto: Default::default(),
         }
     }
 }

@@ -451,17 +451,17 @@ impl Appliance {
     /// every 10 s.
     fn rotate_cookie_secret(&mut self) -> bool {
         let now = Instant::now();
-        if self.cookies.due(now) {
-            if let Err(e) = self.cookies.rotate(now) {
-                if self
-                    .last_publish_error
-                    .is_none_or(|t: Instant| t.elapsed() >= Duration::from_secs(10))
-                {
-                    log::error!("rotating the SYN cookie secret (reading /dev/urandom): {e}");
-                    self.last_publish_error = Some(now);
-                }
-                return false;
+        if self.cookies.due(now)
+            && let Err(e) = self.cookies.rotate(now)
+        {
+            if self
+                .last_publish_error
+                .is_none_or(|t: Instant| t.elapsed() >= Duration::from_secs(10))
+            {
+                log::error!("rotating the SYN cookie secret (reading /dev/urandom): {e}");
+                self.last_publish_error = Some(now);
             }
+            return false;
         }
         self.snap.cookie_secrets != self.cookies.pair()
     }

@@ -17,6 +17,7 @@ use proptest::prelude::*;
 use shm_layout::config_slot::ON_DOWN_RESCHEDULE;
 
 mod provisional;
+mod synproxy;
 
 fn syn(client_port: u16) -> Vec<u8> {
     let mut v = Vec::new();
