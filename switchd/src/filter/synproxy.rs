@@ -59,7 +59,7 @@ fn secrets(cfg: &ConfigView<'_>) -> Secrets {
 /// switch's SYN rate or the table's occupancy is over its threshold (see
 /// [`SynAuto`]); and controld published a secret (without one, every
 /// service forwards SYNs as plain NAT).
-#[inline]
+#[inline(always)]
 pub(super) fn proxied(svc: &ServiceRec, syn: bool, ctx: &mut Ctx<'_>) -> bool {
     if svc.flags & (SVC_SYN_PROXY | SVC_SYN_PROXY_AUTO) == 0
         || ctx.cfg.header.cookie_secrets[0] == [0, 0]
@@ -69,6 +69,13 @@ pub(super) fn proxied(svc: &ServiceRec, syn: bool, ctx: &mut Ctx<'_>) -> bool {
     if svc.flags & SVC_SYN_PROXY != 0 {
         return true;
     }
+    auto_on(syn, ctx)
+}
+
+/// [`proxied`] for a service with `syn_proxy = "auto"`.
+#[cold]
+#[inline(never)]
+fn auto_on(syn: bool, ctx: &mut Ctx<'_>) -> bool {
     let cfg = ctx.cfg;
     let on = ctx.syn_auto.on(syn, &cfg, &ctx.ct, ctx.now_ms);
     if on && syn {
@@ -210,6 +217,7 @@ fn offered_mss(cfg: &ConfigView<'_>) -> u16 {
 
 /// A client's SYN to a proxied service: answered with the cookie SYN-ACK
 /// from the VIP, out of the port it came in on. Nothing is stored.
+#[inline(never)]
 pub(super) fn answer_syn(frame: &mut [u8], l4: &L4, in_port: u32, ctx: &mut Ctx<'_>) -> Verdict {
     let Some((seq, _, _, opts, _)) = client_segment(frame, l4) else {
         return ctx.drop(Counter::DropMalformed);
@@ -251,6 +259,7 @@ fn swap_macs(frame: &mut [u8]) {
 /// creates the connection (scheduled as any new connection: scheduler,
 /// `max_conns`, queue) and becomes the SYN to its backend; anything else
 /// is answered with a RST within the answer budget.
+#[inline(never)]
 pub(super) fn accept_ack(
     frame: &mut [u8],
     l4: &L4,
@@ -430,6 +439,7 @@ fn shift(frame: &mut [u8], l4: &L4, at: usize, by: u32) {
 /// `slot`): a SYN gets the cookie SYN-ACK again; while the backend's
 /// SYN-ACK is due the segment is turned into the backend's SYN again;
 /// after it, `ack += delta` and NAT as usual.
+#[inline(never)]
 pub(super) fn forward_hit(
     frame: &mut [u8],
     l4: &L4,
@@ -488,6 +498,7 @@ pub(super) fn forward_hit(
 /// SYN-ACK completes the splice (delta kept, entry established) and is
 /// answered by the switch with the ACK of the client's side; any other
 /// segment gets `seq -= delta` and NAT as usual.
+#[inline(never)]
 pub(super) fn reply_hit(
     frame: &mut [u8],
     l4: &L4,
