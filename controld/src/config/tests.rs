@@ -444,7 +444,8 @@ fn unknown_key_in_limits() {
         err(&head("[limits]\nconnection = 1024")),
         "TOML parse error at line 5, column 1\n  |\n5 | connection = 1024\n  | ^^^^^^^^^^\n\
          unknown field `connection`, expected one of `services`, `backends`, `connections`, \
-         `routes`, `neighbours`, `maglev_table_size`"
+         `routes`, `neighbours`, `maglev_table_size`, `syn_proxy_auto_syn_rate`, \
+         `syn_proxy_auto_occupancy`"
     );
 }
 
