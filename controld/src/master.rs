@@ -8,7 +8,7 @@
 use shm_layout::config_slot::{
     BACKEND_CHECKED, BACKEND_DOWN, BACKEND_DRAINED, BackendRec, MODE_DR, MODE_L7, MODE_NAT,
     MODE_TUNNEL, ON_DOWN_KEEP, ON_DOWN_RESCHEDULE, ON_DOWN_RESET, PortRec, SCHED_MAGLEV, SCHED_SH,
-    SCHED_WLC, SCHED_WRR, ServiceRec,
+    SCHED_WLC, SCHED_WRR, SVC_SYN_PROXY, SVC_SYN_PROXY_AUTO, ServiceRec,
 };
 use shm_layout::names;
 use shm_layout::routing_slot::{NeighbourRec, RouteRec};
@@ -16,7 +16,7 @@ use shm_layout::routing_slot::{NeighbourRec, RouteRec};
 use std::net::Ipv4Addr;
 
 use crate::agents::{Steer, effective_weight};
-use crate::config::{Config, Mode, OnDown, Scheduler};
+use crate::config::{Config, Mode, OnDown, Scheduler, SynProxy};
 use crate::ids::{BackendIdentity, IdAllocator, IdError};
 use crate::maglev;
 use crate::overrides::Overrides;
@@ -52,6 +52,14 @@ pub struct ConfigSnapshot {
     pub udp_ms: u32,
     /// Outer source of IP-in-IP packets (0: no tunnel service).
     pub tunnel_src: u32,
+    /// `[limits] syn_proxy_auto_syn_rate`.
+    pub syn_proxy_auto_syn_rate: u32,
+    /// `[limits] syn_proxy_auto_occupancy`, in per mille of the table's
+    /// slots (see `ConfigHeader::syn_proxy_auto_occupancy_permille`).
+    pub syn_proxy_auto_occupancy_permille: u32,
+    /// SYN cookie secrets `[current, previous]`: not from the file; the
+    /// appliance sets them (see `crate::appliance::cookies`).
+    pub cookie_secrets: [[u64; 2]; 2],
 }
 
 /// Everything published in one routing generation.
@@ -99,6 +107,10 @@ pub fn config_snapshot(
         tcp_fin_ms: cfg.timeouts.tcp_fin.saturating_mul(1000),
         udp_ms: cfg.timeouts.udp.saturating_mul(1000),
         tunnel_src: cfg.tunnel.source.map_or(0, u32::from),
+        syn_proxy_auto_syn_rate: cfg.limits.syn_proxy_auto_syn_rate,
+        // The percent of `connections` as a share of the table's slots:
+        // four slots per connection, two used by a NAT connection.
+        syn_proxy_auto_occupancy_permille: cfg.limits.syn_proxy_auto_occupancy * 5,
         ..Default::default()
     };
     for p in &cfg.ports {
@@ -184,6 +196,11 @@ pub fn config_snapshot(
                 .loading
                 .map_or(0, |l| l.latency_target_ms.min(u16::MAX as u32) as u16),
             on_down,
+            flags: match s.syn_proxy {
+                SynProxy::Off => 0,
+                SynProxy::On => SVC_SYN_PROXY,
+                SynProxy::Auto => SVC_SYN_PROXY_AUTO,
+            },
             backend_start: start,
             backend_count: s.backends.len() as u32,
             table_start: si as u32 * m,

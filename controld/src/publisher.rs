@@ -90,6 +90,9 @@ pub fn publish_config(
             h.tcp_fin_ms = snap.tcp_fin_ms;
             h.udp_ms = snap.udp_ms;
             h.tunnel_src = snap.tunnel_src;
+            h.syn_proxy_auto_syn_rate = snap.syn_proxy_auto_syn_rate;
+            h.syn_proxy_auto_occupancy_permille = snap.syn_proxy_auto_occupancy_permille;
+            h.cookie_secrets = snap.cookie_secrets;
             h.ports = Default::default();
             h.ports[..snap.ports.len()].copy_from_slice(&snap.ports);
             slot.services.fill(Default::default());

@@ -72,6 +72,18 @@ pub struct ConfigHeader {
     /// `conntrack::STATE_PROVISIONAL`).
     pub tcp_provisional_ms: u32,
     pub ports: [PortRec; MAX_PORTS],
+    /// `syn_proxy = "auto"`: a switch answers a service's SYNs with cookies
+    /// while it sees more than this many SYNs per second to the service's
+    /// VIPs (all services with `auto` together, per switch; 0: never by rate).
+    pub syn_proxy_auto_syn_rate: u32,
+    /// ... or while the connection table's occupancy, as the insert that
+    /// found no room first sees it, is over this many per mille (0: never
+    /// by occupancy). See `SynAuto` in switchd.
+    pub syn_proxy_auto_occupancy_permille: u32,
+    /// SYN cookie secrets (128-bit SipHash keys): `[current, previous]`;
+    /// `[0, 0]` is none. controld makes them at start and rotates them.
+    pub cookie_secrets: [[u64; 2]; 2],
+    pub _pad_cookies: [u8; 32],
 }
 
 /// One NIC port as the configuration knows it. Its index in
@@ -138,6 +150,14 @@ pub struct BackendRec {
     pub name: [u8; NAME_LEN],
 }
 
+/// `ServiceRec::flags`: `syn_proxy = true`: every SYN is answered with a
+/// SYN cookie (NAT TCP services only).
+pub const SVC_SYN_PROXY: u8 = 1;
+/// `ServiceRec::flags`: `syn_proxy = "auto"`: SYNs are answered with a
+/// cookie while the switch's SYN rate or the table's occupancy is over
+/// the configured threshold.
+pub const SVC_SYN_PROXY_AUTO: u8 = 2;
+
 /// `BackendRec::flags`: weight 0 — no new connections.
 pub const BACKEND_DRAINED: u16 = 1;
 /// `BackendRec::flags`: failed its health checks — left out of its
@@ -152,7 +172,8 @@ const _: () = {
     assert!(size_of::<ServiceRec>() == 64);
     assert!(size_of::<BackendRec>() == 64);
     assert!(offset_of!(ConfigHeader, ports) == 56);
-    assert!(size_of::<ConfigHeader>() == 576);
+    assert!(size_of::<ConfigHeader>() == 640);
+    assert!(offset_of!(ConfigHeader, cookie_secrets) == 576);
     assert!(align_of::<ConfigHeader>() == 64);
     assert!(offset_of!(ServiceRec, name) == 32);
     assert!(offset_of!(BackendRec, name) == 32);
@@ -205,7 +226,10 @@ pub(crate) const fn fingerprint(fp: Fingerprint) -> Fingerprint {
         udp_ms,
         tunnel_src,
         tcp_provisional_ms,
-        ports
+        ports,
+        syn_proxy_auto_syn_rate,
+        syn_proxy_auto_occupancy_permille,
+        cookie_secrets
     );
     let fp = fp_type!(fp, PortRec, mac, driver, mtu, name);
     let fp = fp_type!(

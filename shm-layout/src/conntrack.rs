@@ -70,6 +70,11 @@ pub const STATE_SYN_ACKED: u32 = 5;
 /// yet confirmed (see docs/ARCHITECTURE.md, "Provisional entries"). Holds
 /// no reservation of its backend's `active` count; short timeout.
 pub const STATE_PROVISIONAL: u32 = 6;
+/// SYN proxy (NAT): the client completed the handshake with the switch's
+/// SYN cookie; the switch sent the backend its SYN and waits for its
+/// SYN-ACK. Half-open (timeout `tcp_syn`, evictable), holds a reservation.
+/// The connection's `Conn::flags` carry [`CONN_SYNPROXY`].
+pub const STATE_SYNPROXY: u32 = 7;
 
 /// Idle timeouts per state, in milliseconds (from the configuration slot).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -105,7 +110,7 @@ impl Evicted {
     pub fn of_state(state: u32) -> Option<Evicted> {
         match state {
             STATE_PROVISIONAL => Some(Evicted::Provisional),
-            STATE_SYN | STATE_SYN_ACKED => Some(Evicted::HalfOpen),
+            STATE_SYN | STATE_SYN_ACKED | STATE_SYNPROXY => Some(Evicted::HalfOpen),
             _ => None,
         }
     }
@@ -119,7 +124,7 @@ impl Timeouts {
             return self.udp_ms;
         }
         match state {
-            STATE_SYN | STATE_SYN_ACKED => self.tcp_syn_ms,
+            STATE_SYN | STATE_SYN_ACKED | STATE_SYNPROXY => self.tcp_syn_ms,
             STATE_PROVISIONAL => self.tcp_provisional_ms,
             STATE_CLOSING => self.tcp_fin_ms,
             _ => self.tcp_established_ms,
@@ -157,6 +162,40 @@ impl ConnSlot {
 
 /// `Conn::flags`: created from a mid-connection packet (no SYN seen).
 pub const CONN_MIDFLOW: u8 = 1;
+/// `Conn::flags`: a SYN-proxied connection (see the filter's `synproxy`):
+/// the client's handshake was with the switch's SYN cookie, the backend's
+/// with the switch, and every segment is translated by the sequence delta
+/// kept in the reply slot ([`Splice`]).
+pub const CONN_SYNPROXY: u8 = 2;
+
+/// The splice state of a SYN-proxied connection, in its reply slot's
+/// words outside the seqlock (which a reply slot does not otherwise use):
+/// `last_seen` holds the cookie (the ISN the switch gave the client), set
+/// once after the insert; `tcp_state` holds the client's ISN while the
+/// forward entry is `STATE_SYNPROXY`, then the delta (backend ISN minus
+/// cookie), stored before the forward entry leaves `STATE_SYNPROXY`.
+#[derive(Clone, Copy, Debug)]
+pub struct Splice<'a>(pub &'a ConnSlot);
+
+impl Splice<'_> {
+    #[inline]
+    pub fn cookie(&self) -> u32 {
+        self.0.last_seen.load(Ordering::Relaxed)
+    }
+    #[inline]
+    pub fn set_cookie(&self, cookie: u32) {
+        self.0.last_seen.store(cookie, Ordering::Relaxed);
+    }
+    /// The client's ISN (while `STATE_SYNPROXY`) or the delta (after).
+    #[inline]
+    pub fn word(&self) -> u32 {
+        self.0.tcp_state.load(Ordering::Acquire)
+    }
+    #[inline]
+    pub fn set_word(&self, v: u32) {
+        self.0.tcp_state.store(v, Ordering::Release);
+    }
+}
 
 /// One slot: a cache line.
 #[repr(C, align(64))]

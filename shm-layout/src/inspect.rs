@@ -12,7 +12,7 @@ use crate::config_slot::{
 };
 use crate::conntrack::{
     CONN_MIDFLOW, Conn, KIND_FWD, KIND_REPLY, KIND_TOMB, STATE_ACTIVE, STATE_CLOSING,
-    STATE_ESTABLISHED, STATE_PROVISIONAL, STATE_SYN, STATE_SYN_ACKED, Timeouts,
+    STATE_ESTABLISHED, STATE_PROVISIONAL, STATE_SYN, STATE_SYN_ACKED, STATE_SYNPROXY, Timeouts,
 };
 use crate::header::{REGION_INIT, REGION_READY, REGION_STOPPING};
 use crate::routing_slot::RoutingView;
@@ -57,6 +57,7 @@ pub fn conn_state_name(s: u32) -> &'static str {
         STATE_ACTIVE => "active",
         STATE_SYN_ACKED => "syn_acked",
         STATE_PROVISIONAL => "provisional",
+        STATE_SYNPROXY => "synproxy",
         _ => "?",
     }
 }
@@ -287,7 +288,7 @@ pub fn scan_conns(r: &Region, timeouts: &Timeouts, filter: &ConnFilter) -> ConnC
                 if !expired {
                     match ct.reading(idx).tcp_state {
                         STATE_PROVISIONAL => out.provisional += 1,
-                        STATE_SYN | STATE_SYN_ACKED => out.half_open += 1,
+                        STATE_SYN | STATE_SYN_ACKED | STATE_SYNPROXY => out.half_open += 1,
                         _ => {}
                     }
                 }

@@ -106,6 +106,14 @@ counters! {
     DropFragOverflow = 60, "drop_frag_overflow", "later fragments dropped because the switch's holding area was full";
     DropRxRing = 61, "drop_rx_ring", "frames the kernel dropped on receive because an AF_PACKET port's RX ring was full (the switch fell behind)";
     DropRxTruncated = 62, "drop_rx_truncated", "frames an AF_PACKET port received larger than a ring slot (GRO/GSO super-frames: turn those offloads off) or with a VLAN tag it could not restore; never forwarded";
+    SyncookieSent = 64, "syncookie_sent", "SYNs to a SYN-proxied service answered with a SYN cookie (no table entry made)";
+    SyncookieOk = 65, "syncookie_ok", "ACKs with a valid SYN cookie: connection entry made and SYN sent to the backend";
+    DropSyncookieBad = 66, "drop_syncookie_bad", "ACKs without an entry to a SYN-proxied service whose cookie did not check (bad, expired or of an older secret); answered with a RST within the answer budget";
+    SyncookieDataDropped = 67, "syncookie_data_dropped", "client segments with payload dropped while their SYN-proxied connection waited for the backend's SYN-ACK (the cookie ACK itself, or data before the splice; the client retransmits)";
+    SynproxySynAck = 68, "synproxy_syn_ack", "backend SYN-ACKs of SYN-proxied connections answered by the switch with the ACK that completes the backend's handshake (first or retransmitted)";
+    SynproxySynResent = 69, "synproxy_syn_resent", "SYNs sent to the backend again because the client sent a segment while its SYN-proxied connection still waited for the backend's SYN-ACK";
+    SyncookieRstLimited = 70, "syncookie_rst_limited", "RSTs for bad SYN cookies not sent because the answer budget (shared with ICMP and unserved-port RSTs) was spent";
+    SynproxyAutoBursts = 71, "synproxy_auto_bursts", "SYNs to a service with syn_proxy = \"auto\" answered with a cookie because the SYN rate or table occupancy was over its threshold";
     RecordsSent = 72, "records_sent", "closed-connection records sent to controld (in batches over the switch's records ring)";
     RecordsBatches = 73, "records_batches", "batches of closed-connection records sent to controld (one ring message each)";
     DropRecordsRingFull = 74, "drop_records_ring_full", "closed-connection records lost because the records ring to controld was full (controld not draining it)";
@@ -115,7 +123,13 @@ counters! {
 /// Number of counter words per switch (room to grow without a layout change).
 pub const N_COUNTERS: usize = 128;
 
-const _: () = assert!((Counter::DropRxRing as usize) < N_COUNTERS);
+const _: () = {
+    let mut i = 0;
+    while i < Counter::ALL.len() {
+        assert!((Counter::ALL[i] as usize) < N_COUNTERS);
+        i += 1;
+    }
+};
 
 /// One switch's slot. Two cache lines of identity and liveness, then counters.
 #[repr(C, align(64))]

@@ -172,6 +172,7 @@ pub fn run<N: Nic>(
             settings.record_batch,
             settings.record_batch_ms,
         ),
+        syn_auto: filter::SynAuto::default(),
     };
     let records_ring = region.msg_ring(settings.switch_index, RING_RECORDS);
 

@@ -186,6 +186,7 @@ impl Fixture {
             // fragments give it a table.
             frags: crate::frag::FragTable::new(0, 0),
             closed: Default::default(),
+            syn_auto: Default::default(),
         }
     }
 }

@@ -2,7 +2,7 @@
 //! testbackend, lb-agent, lbctl): the bed itself, the afpacket port, every
 //! forwarding mode end to end, the init script, and in submodules the
 //! routing mirror, health checks, load agents, lbctl, controlled loading,
-//! first contact and L2 hygiene, all through switchyard on AF_PACKET
+//! first contact and L2 hygiene, the SYN proxy, all through switchyard on AF_PACKET
 //! ports.
 
 #[path = "netns/admin.rs"]
@@ -27,6 +27,8 @@ mod routing;
 mod rx_ring;
 #[path = "netns/sched.rs"]
 mod sched;
+#[path = "netns/synproxy.rs"]
+mod synproxy;
 
 use std::io::{BufRead, BufReader};
 

@@ -21,7 +21,10 @@ pub mod ipv4;
 pub mod ipv4_frag;
 pub mod ipv4_l4;
 pub mod reply;
+pub mod siphash;
+pub mod syncookie;
 pub mod tcp;
+pub mod tcpopt;
 pub mod udp;
 
 pub use arp::{ARP_REPLY, ARP_REQUEST, ArpPacket};
@@ -29,7 +32,10 @@ pub use ethernet::{ETHERNET_HEADER_LEN, ETHERTYPE_ARP, ETHERTYPE_IPV4, EthernetF
 pub use ipv4::Ipv4Packet;
 pub use ipv4_frag::{Ipv4Fragment, ipv4_fragment};
 pub use ipv4_l4::{HeaderChecksum, Ipv4L4, PROTO_TCP, PROTO_UDP, ipv4_l4, ipv4_l4_common};
-pub use reply::{arp_reply_in_place, icmp_frag_needed_in_place, tcp_rst_in_place};
+pub use reply::{
+    Handshake, arp_reply_in_place, icmp_frag_needed_in_place, tcp_handshake_in_place,
+    tcp_rst_in_place,
+};
 pub use tcp::TcpSegment;
 pub use udp::UdpDatagram;
 

@@ -120,6 +120,66 @@ fn answer_headers(
     put16(ip, 10, c);
 }
 
+/// A TCP segment without payload the switch writes itself (a SYN
+/// proxy's SYN-ACK to a client, SYN and ACK to a backend): addresses,
+/// ports, numbers, flags, window and at most the MSS option.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Handshake {
+    pub src: [u8; 4],
+    pub dst: [u8; 4],
+    pub src_port: u16,
+    pub dst_port: u16,
+    pub seq: u32,
+    pub ack: u32,
+    pub flags: u8,
+    pub window: u16,
+    pub mss: Option<u16>,
+}
+
+/// Writes `seg` over the IPv4 packet after the Ethernet header of `frame`
+/// (the Ethernet header is left to the caller): a fresh 20-byte IPv4
+/// header (TTL 64, DF, ident 0) and a TCP header of 20 bytes, or 24 with
+/// the MSS option; full checksums. Returns the frame's length (54 or 58).
+pub fn tcp_handshake_in_place(frame: &mut [u8], seg: &Handshake) -> Result<usize, WireError> {
+    let tcp_len = if seg.mss.is_some() { 24 } else { 20 };
+    let out_len = ETH + 20 + tcp_len;
+    if frame.len() < out_len {
+        return Err(WireError::NoRoom);
+    }
+    EthernetFrame::new_unchecked(&mut frame[..ETH]).set_ethertype(ETHERTYPE_IPV4);
+    let ip = &mut frame[ETH..ETH + 20];
+    ip[0] = 0x45;
+    ip[1] = 0;
+    put16(ip, 2, (20 + tcp_len) as u16);
+    put16(ip, 4, 0);
+    put16(ip, 6, 0x4000);
+    ip[8] = 64;
+    ip[9] = 6;
+    put16(ip, 10, 0);
+    ip[12..16].copy_from_slice(&seg.src);
+    ip[16..20].copy_from_slice(&seg.dst);
+    let c = checksum::ipv4_header(ip);
+    put16(ip, 10, c);
+    let t = &mut frame[ETH + 20..out_len];
+    put16(t, 0, seg.src_port);
+    put16(t, 2, seg.dst_port);
+    put32(t, 4, seg.seq);
+    put32(t, 8, seg.ack);
+    t[12] = ((tcp_len / 4) as u8) << 4;
+    t[13] = seg.flags;
+    put16(t, 14, seg.window);
+    put16(t, 16, 0);
+    put16(t, 18, 0);
+    if let Some(mss) = seg.mss {
+        t[20] = 2;
+        t[21] = 4;
+        put16(t, 22, mss);
+    }
+    let c = checksum::tcp_udp_ipv4(seg.src, seg.dst, 6, t);
+    put16(t, 16, c);
+    Ok(out_len)
+}
+
 /// ICMP type "destination unreachable" and its code "fragmentation needed
 /// and DF set" (RFC 792, RFC 1191).
 pub const ICMP_UNREACHABLE: u8 = 3;
@@ -276,6 +336,53 @@ mod tests {
         assert_eq!(icmp.checksum(), want.checksum);
         assert_eq!(icmp.payload(), &orig[14..14 + 28]);
         assert_eq!(&f[0..6], &orig[6..12]);
+    }
+
+    #[test]
+    fn handshake_segment_fields_and_checksums() {
+        let mut f = segment(false, Some(5), false, &[0xab; 100]);
+        let seg = Handshake {
+            src: [198, 18, 0, 10],
+            dst: [198, 18, 100, 1],
+            src_port: 81,
+            dst_port: 40000,
+            seq: 0x8000_0001,
+            ack: 1001,
+            flags: tcp::SYN | tcp::ACK,
+            window: 65535,
+            mss: Some(1460),
+        };
+        assert_eq!(tcp_handshake_in_place(&mut f, &seg), Ok(58));
+        let (ip, t) = parse(&f[..58]);
+        assert_eq!(
+            (ip.source, ip.destination, ip.time_to_live),
+            (seg.src, seg.dst, 64)
+        );
+        assert!(ip.dont_fragment);
+        assert_eq!((t.source_port, t.destination_port), (81, 40000));
+        assert_eq!(
+            (t.sequence_number, t.acknowledgment_number),
+            (0x8000_0001, 1001)
+        );
+        assert!(t.syn && t.ack && !t.rst && !t.fin && !t.psh);
+        assert_eq!(t.window_size, 65535);
+        assert_eq!(
+            t.options.elements_iter().collect::<Vec<_>>(),
+            vec![Ok(etherparse::TcpOptionElement::MaximumSegmentSize(1460))]
+        );
+        let no_mss = Handshake {
+            mss: None,
+            flags: tcp::ACK,
+            ..seg
+        };
+        assert_eq!(tcp_handshake_in_place(&mut f, &no_mss), Ok(54));
+        let (_, t) = parse(&f[..54]);
+        assert!(t.ack && !t.syn);
+        assert_eq!(t.options.elements_iter().count(), 0);
+        assert_eq!(
+            tcp_handshake_in_place(&mut [0u8; 57], &seg),
+            Err(WireError::NoRoom)
+        );
     }
 
     #[test]

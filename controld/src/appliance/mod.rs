@@ -33,6 +33,7 @@ use crate::overrides::Overrides;
 use crate::routing::{Mirror, Netlink};
 use crate::takeover;
 
+mod cookies;
 pub mod host;
 pub mod publish;
 pub mod reload;
@@ -97,6 +98,8 @@ pub struct Appliance {
     saved: Option<PathBuf>,
     /// Overrides a crashed controld saved, for the first publication.
     restored: Overrides,
+    /// The SYN cookie secrets published with every configuration.
+    cookies: cookies::CookieSecrets,
 }
 
 impl Appliance {
@@ -118,7 +121,15 @@ impl Appliance {
         };
         // A full sweep every ~128 ticks (2.5 s): expiry to the second, little CPU.
         let gc_per_tick = (region.caps().conn_slots / 128).clamp(1024, 1 << 15);
+        let adopted = cookies::published_secret(&region);
+        let cookies = cookies::CookieSecrets::new(adopted, Instant::now()).unwrap_or_else(|e| {
+            log::error!(
+                "no SYN cookie secret (reading /dev/urandom: {e}): services with syn_proxy forward SYNs to their backends until a secret is made (retried every tick)"
+            );
+            cookies::CookieSecrets::none(adopted, Instant::now())
+        });
         Self {
+            cookies,
             region,
             config_path,
             ids,
@@ -446,11 +457,14 @@ impl Appliance {
         if self.poll_loading() {
             self.health_dirty = true;
         }
-        if self.health_dirty || self.agents_dirty {
+        let cookies_due = self.rotate_cookie_secret();
+        if self.health_dirty || self.agents_dirty || cookies_due {
             // Within this tick of the deciding result: out of (or back in)
             // the tables one publication later.
             let what = if self.health_dirty {
                 "health or limit"
+            } else if cookies_due {
+                "SYN cookie secret"
             } else {
                 "agent"
             };
@@ -475,6 +489,27 @@ impl Appliance {
             let s = view::sample(&self.region, &self.snap);
             self.rates.push(s);
         }
+    }
+
+    /// Rotates the SYN cookie secret if it is due; whether the rotation
+    /// (or a secret not published yet) needs a publication. A failed
+    /// rotation keeps the secrets and is retried next tick, logged at most
+    /// every 10 s.
+    fn rotate_cookie_secret(&mut self) -> bool {
+        let now = Instant::now();
+        if self.cookies.due(now)
+            && let Err(e) = self.cookies.rotate(now)
+        {
+            if self
+                .last_publish_error
+                .is_none_or(|t: Instant| t.elapsed() >= Duration::from_secs(10))
+            {
+                log::error!("rotating the SYN cookie secret (reading /dev/urandom): {e}");
+                self.last_publish_error = Some(now);
+            }
+            return false;
+        }
+        self.snap.cookie_secrets != self.cookies.pair()
     }
 
     /// Frees the ids of departed backends whose last connection is gone.

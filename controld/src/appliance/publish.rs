@@ -70,7 +70,7 @@ impl Appliance {
         overrides: &Overrides,
     ) -> Result<u64, PublishError> {
         let (health, agents, loading) = (&self.health, &self.agents, &self.loading);
-        let snap = master::config_snapshot(
+        let mut snap = master::config_snapshot(
             cfg,
             &mut self.ids,
             overrides,
@@ -78,6 +78,7 @@ impl Appliance {
             |a| agents.steer(a),
             |b| loading.limit(b),
         )?;
+        snap.cookie_secrets = self.cookies.pair();
         let region = &self.region;
         let ack = ack_timeout(cfg);
         let rep =

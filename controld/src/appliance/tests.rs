@@ -407,3 +407,33 @@ fn overrides_survive_a_crashed_controld_and_a_fresh_start_forgets_them() {
     next.save_overrides_at(saved.clone(), false);
     assert!(!saved.exists());
 }
+
+/// The SYN cookie secret: published with the configuration (never zero);
+/// a due rotation republishes with the old secret as the previous one; a
+/// controld that adopts the region keeps the published secret as its
+/// previous one.
+#[test]
+fn cookie_secrets_are_published_rotated_and_kept_across_a_takeover() {
+    let mut f = Fixture::new("cookies");
+    let published = |app: &Appliance| cookies::published_secret(app.region());
+    let first = published(&f.app).expect("a secret is published");
+    assert_eq!(f.app.snap.cookie_secrets, [first, [0, 0]]);
+    // Due: rotated and republished by the next tick.
+    f.app.cookies = cookies::CookieSecrets::none(Some(first), std::time::Instant::now());
+    f.app.cookies.rotate(std::time::Instant::now()).unwrap();
+    f.app.tick();
+    let second = published(&f.app).unwrap();
+    assert_ne!(second, first);
+    assert_eq!(f.app.snap.cookie_secrets, [second, first]);
+    let region = Region::attach_name(
+        &shm_layout::region_name(&f.instance),
+        shm_layout::Access::ReadWrite,
+    )
+    .unwrap();
+    let mut next = Appliance::new(region, f.app.config().clone(), f.path.clone());
+    next.publish_initial().unwrap();
+    let [cur, prev] = next.snap.cookie_secrets;
+    assert_eq!(prev, second);
+    assert_ne!(cur, second);
+    assert_eq!(published(&next), Some(cur));
+}

@@ -169,7 +169,20 @@ pub struct Limits {
     /// backends (for an even spread it should be at least 100 times the
     /// number of backends of the largest service).
     pub maglev_table_size: u32,
+    /// `syn_proxy_auto_syn_rate` (default 20000, `0..=100000000`): a
+    /// service with `syn_proxy = "auto"` is SYN-proxied while a switch sees
+    /// more SYNs per second than this to such services; 0: never by rate.
+    pub syn_proxy_auto_syn_rate: u32,
+    /// `syn_proxy_auto_occupancy` (default 50, `0..=100`): ... or while the
+    /// connection table holds more than this percent of
+    /// `connections` (as a switch samples it); 0: never by occupancy.
+    pub syn_proxy_auto_occupancy: u32,
 }
+
+/// Default of `limits.syn_proxy_auto_syn_rate`.
+pub const DEFAULT_SYN_PROXY_AUTO_SYN_RATE: u32 = 20_000;
+/// Default of `limits.syn_proxy_auto_occupancy`.
+pub const DEFAULT_SYN_PROXY_AUTO_OCCUPANCY: u32 = 50;
 
 impl Default for Limits {
     fn default() -> Self {
@@ -180,6 +193,8 @@ impl Default for Limits {
             routes: DEFAULT_ROUTES,
             neighbours: DEFAULT_NEIGHBOURS,
             maglev_table_size: DEFAULT_MAGLEV_TABLE_SIZE,
+            syn_proxy_auto_syn_rate: DEFAULT_SYN_PROXY_AUTO_SYN_RATE,
+            syn_proxy_auto_occupancy: DEFAULT_SYN_PROXY_AUTO_OCCUPANCY,
         }
     }
 }
@@ -421,6 +436,12 @@ pub struct Service {
     /// Controlled server loading (`latency_target_ms` and friends); `None`
     /// without `latency_target_ms`: `max_conns` stay as configured.
     pub loading: Option<Loading>,
+    /// `syn_proxy` (default `false`; `true`, `false` or `"auto"`; TCP
+    /// services in mode `"nat"` only): the switch answers SYNs with SYN
+    /// cookies and opens the backend connection itself once the client's
+    /// ACK proves the handshake (docs/ARCHITECTURE.md, "SYN cookies and
+    /// the SYN proxy").
+    pub syn_proxy: SynProxy,
     /// `[[service.backend]]`, in file order; may be empty (the service then
     /// drops new connections). At most `limits.maglev_table_size`.
     pub backends: Vec<Backend>,
@@ -453,6 +474,19 @@ impl Protocol {
             Protocol::Udp => "udp",
         }
     }
+}
+
+/// `[[service]] syn_proxy`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum SynProxy {
+    /// `false`: SYNs go to the backend.
+    #[default]
+    Off,
+    /// `true`: every SYN is answered with a cookie.
+    On,
+    /// `"auto"`: answered with a cookie while the SYN rate or the table's
+    /// occupancy is over `[limits]`' thresholds.
+    Auto,
 }
 
 /// `[[service]] mode`.

@@ -75,6 +75,10 @@ pub(super) struct RawLimits {
     pub neighbours: Option<i64>,
     /// `maglev_table_size`: see [`super::Limits::maglev_table_size`].
     pub maglev_table_size: Option<i64>,
+    /// `syn_proxy_auto_syn_rate`: see [`super::Limits::syn_proxy_auto_syn_rate`].
+    pub syn_proxy_auto_syn_rate: Option<i64>,
+    /// `syn_proxy_auto_occupancy`: see [`super::Limits::syn_proxy_auto_occupancy`].
+    pub syn_proxy_auto_occupancy: Option<i64>,
 }
 
 /// `[timeouts]`; every key optional, in seconds.
@@ -211,6 +215,8 @@ pub(super) struct RawService {
     pub min_conns: Option<i64>,
     /// `[service.health]`: see [`super::HealthCheck`].
     pub health: Option<RawHealth>,
+    /// `syn_proxy`: see [`super::Service::syn_proxy`].
+    pub syn_proxy: Option<RawSynProxy>,
     /// `[[service.backend]]`: see [`super::Backend`].
     #[serde(default)]
     pub backend: Vec<RawBackend>,
@@ -224,6 +230,14 @@ pub(super) struct RawService {
     pub default_pool: Option<String>,
     /// `proxy_protocol` (mode `"l7"`): see [`super::L7Service::proxy_protocol`].
     pub proxy_protocol: Option<bool>,
+}
+
+/// `[[service]] syn_proxy`: `true`, `false` or a word (`"auto"`).
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub(super) enum RawSynProxy {
+    Bool(bool),
+    Word(String),
 }
 
 /// One `[[service.backend]]`.

@@ -83,6 +83,8 @@ fn demo_example_parses_with_all_fields() {
             routes: 256,
             neighbours: 256,
             maglev_table_size: 65537,
+            syn_proxy_auto_syn_rate: 20_000,
+            syn_proxy_auto_occupancy: 50,
         },
         timeouts: Timeouts {
             tcp_syn: 10,
@@ -144,6 +146,7 @@ fn demo_example_parses_with_all_fields() {
                 on_backend_down: OnDown::Reschedule,
                 queue_timeout_ms: 1000,
                 loading: None,
+                syn_proxy: SynProxy::Off,
                 backends: (1..=3)
                     .map(|i| Backend {
                         name: format!("web{i}"),
@@ -166,6 +169,7 @@ fn demo_example_parses_with_all_fields() {
                 on_backend_down: OnDown::Reschedule,
                 queue_timeout_ms: 1000,
                 loading: None,
+                syn_proxy: SynProxy::Off,
                 backends: (1..=2)
                     .map(|i| Backend {
                         name: format!("dns{i}"),
@@ -478,7 +482,8 @@ fn unknown_key_in_limits() {
         err(&head("[limits]\nconnection = 1024")),
         "TOML parse error at line 5, column 1\n  |\n5 | connection = 1024\n  | ^^^^^^^^^^\n\
          unknown field `connection`, expected one of `services`, `backends`, `connections`, \
-         `routes`, `neighbours`, `maglev_table_size`"
+         `routes`, `neighbours`, `maglev_table_size`, `syn_proxy_auto_syn_rate`, \
+         `syn_proxy_auto_occupancy`"
     );
 }
 
@@ -2008,4 +2013,72 @@ fn a_key_nested_too_deep_is_refused_with_its_line() {
     let arrays = format!("{BASE}\nx = {}{}\n", "[".repeat(300), "]".repeat(300));
     let e = err(&arrays);
     assert!(e.starts_with("TOML parse error at line 30, column"), "{e}");
+}
+
+/// `syn_proxy`: true, false or "auto"; TCP NAT services only. The
+/// thresholds of "auto" in `[limits]`.
+#[test]
+fn syn_proxy_rules() {
+    let sp = |v: &str| {
+        with(
+            "protocol = \"tcp\"",
+            &format!("protocol = \"tcp\"\nsyn_proxy = {v}"),
+        )
+    };
+    assert_eq!(
+        parse(&sp("true")).unwrap().services[0].syn_proxy,
+        SynProxy::On
+    );
+    assert_eq!(
+        parse(&sp("false")).unwrap().services[0].syn_proxy,
+        SynProxy::Off
+    );
+    assert_eq!(
+        parse(&sp("\"auto\"")).unwrap().services[0].syn_proxy,
+        SynProxy::Auto
+    );
+    assert_eq!(parse(BASE).unwrap().services[0].syn_proxy, SynProxy::Off);
+    assert_eq!(
+        err(&sp("\"on\"")),
+        "service \"web\": syn_proxy \"on\" is not supported (supported: true, false, \"auto\")"
+    );
+    assert_eq!(
+        err(&with(
+            "protocol = \"tcp\"",
+            "protocol = \"udp\"\nsyn_proxy = true"
+        )),
+        "service \"web\": syn_proxy needs protocol \"tcp\" (SYN cookies answer TCP handshakes; this service is \"udp\")"
+    );
+    for mode in ["dr", "tunnel"] {
+        let text = head("[tunnel]\nsource = \"198.18.0.2\"")
+            .replacen(
+                "protocol = \"tcp\"",
+                &format!("protocol = \"tcp\"\nmode = \"{mode}\"\nsyn_proxy = \"auto\""),
+                1,
+            )
+            .replace("port = 8080", "port = 80");
+        assert_eq!(
+            err(&text),
+            format!(
+                "service \"web\": syn_proxy needs mode \"nat\" (the switch must see the backend's replies to splice the two connections; mode \"{mode}\" sends them past it)"
+            )
+        );
+    }
+    let l = parse(&head(
+        "[limits]\nsyn_proxy_auto_syn_rate = 0\nsyn_proxy_auto_occupancy = 100",
+    ))
+    .unwrap()
+    .limits;
+    assert_eq!(
+        (l.syn_proxy_auto_syn_rate, l.syn_proxy_auto_occupancy),
+        (0, 100)
+    );
+    assert_eq!(
+        err(&head("[limits]\nsyn_proxy_auto_occupancy = 101")),
+        "limits: syn_proxy_auto_occupancy 101 exceeds 100"
+    );
+    assert_eq!(
+        err(&head("[limits]\nsyn_proxy_auto_syn_rate = -1")),
+        "limits: syn_proxy_auto_syn_rate -1 is less than 0"
+    );
 }

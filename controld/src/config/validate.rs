@@ -8,7 +8,7 @@ use std::net::Ipv4Addr;
 use super::health::{self, RawHealth};
 use super::raw::{
     RawAdmin, RawBackend, RawConfig, RawLimits, RawNeighbour, RawPort, RawPublish, RawRoute,
-    RawRouting, RawService, RawSwitch, RawTimeouts,
+    RawRouting, RawService, RawSwitch, RawSynProxy, RawTimeouts,
 };
 use super::*;
 
@@ -277,6 +277,7 @@ fn limits(raw: &RawLimits) -> R<Limits> {
             near.join(", ")
         ));
     }
+    let (syn_proxy_auto_syn_rate, syn_proxy_auto_occupancy) = syn_proxy_limits(raw)?;
     Ok(Limits {
         services,
         backends,
@@ -284,7 +285,59 @@ fn limits(raw: &RawLimits) -> R<Limits> {
         routes,
         neighbours,
         maglev_table_size,
+        syn_proxy_auto_syn_rate,
+        syn_proxy_auto_occupancy,
     })
+}
+
+/// `[limits]`' thresholds of `syn_proxy = "auto"`.
+fn syn_proxy_limits(raw: &RawLimits) -> R<(u32, u32)> {
+    let ctx = "limits: ";
+    let rate = int(
+        ctx,
+        "syn_proxy_auto_syn_rate",
+        raw.syn_proxy_auto_syn_rate,
+        super::DEFAULT_SYN_PROXY_AUTO_SYN_RATE,
+        0,
+        100_000_000,
+    )?;
+    let occupancy = int(
+        ctx,
+        "syn_proxy_auto_occupancy",
+        raw.syn_proxy_auto_occupancy,
+        super::DEFAULT_SYN_PROXY_AUTO_OCCUPANCY,
+        0,
+        100,
+    )?;
+    Ok((rate, occupancy))
+}
+
+/// A service's `syn_proxy`: only for TCP services in mode `"nat"` (the
+/// proxy splices two connections whose every segment passes the switch).
+fn syn_proxy(ctx: &str, raw: Option<&RawSynProxy>, protocol: Protocol, mode: Mode) -> R<SynProxy> {
+    let v = match raw {
+        None | Some(RawSynProxy::Bool(false)) => return Ok(SynProxy::Off),
+        Some(RawSynProxy::Bool(true)) => SynProxy::On,
+        Some(RawSynProxy::Word(w)) if w == "auto" => SynProxy::Auto,
+        Some(RawSynProxy::Word(w)) => {
+            return Err(format!(
+                "{ctx}syn_proxy {w:?} is not supported (supported: true, false, \"auto\")"
+            ));
+        }
+    };
+    if protocol != Protocol::Tcp {
+        return Err(format!(
+            "{ctx}syn_proxy needs protocol \"tcp\" (SYN cookies answer TCP handshakes; this service is {:?})",
+            protocol.as_str()
+        ));
+    }
+    if mode != Mode::Nat {
+        return Err(format!(
+            "{ctx}syn_proxy needs mode \"nat\" (the switch must see the backend's replies to splice the two connections; mode {:?} sends them past it)",
+            mode.as_str()
+        ));
+    }
+    Ok(v)
 }
 
 fn timeouts(raw: &RawTimeouts) -> R<Timeouts> {
@@ -634,7 +687,9 @@ fn service(raw: &RawService, limits: &Limits) -> R<Service> {
     }
     let l7 = super::l7::service(&ctx, raw, mode, protocol, &backends)?;
     let loading = loading(&ctx, raw, mode, &backends)?;
+    let syn_proxy = syn_proxy(&ctx, raw.syn_proxy.as_ref(), protocol, mode)?;
     Ok(Service {
+        syn_proxy,
         name: raw.name.clone(),
         vip,
         port,

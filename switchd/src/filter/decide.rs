@@ -6,8 +6,8 @@ use core::sync::atomic::Ordering;
 
 use shm_layout::config_slot::{ConfigView, MODE_NAT, ON_DOWN_KEEP, ON_DOWN_RESET, ServiceRec};
 use shm_layout::conntrack::{
-    CONN_MIDFLOW, ClientHop, Conn, ConnTable, Direction, Evicted, FlowKey, Hit, InsertError,
-    STATE_ACTIVE, STATE_CLOSING, STATE_PROVISIONAL, STATE_SYN, holds_reservation,
+    CONN_MIDFLOW, CONN_SYNPROXY, ClientHop, Conn, ConnTable, Direction, Evicted, FlowKey, Hit,
+    InsertError, STATE_ACTIVE, STATE_CLOSING, STATE_PROVISIONAL, STATE_SYN, holds_reservation,
 };
 use shm_layout::records::CloseReason;
 use shm_layout::ring::midflow_event;
@@ -20,6 +20,7 @@ use super::client_hop;
 use super::parse::L4;
 use super::rewrite::{forward, reverse};
 use super::state::{Moved, touch};
+use super::synproxy;
 use super::{Ctx, Verdict};
 
 #[inline]
@@ -98,6 +99,8 @@ pub(super) fn to_vip(
                 // Either held no backend slot (closed already, or never
                 // confirmed): no close happens here, so no record.
                 retire(hit, CloseReason::IdleTimeout, ctx);
+            } else if hit.conn().flags & CONN_SYNPROXY != 0 {
+                return synproxy::forward_hit(frame, l4, hit, slot, in_port, port_mac, ctx);
             } else {
                 ctx.count(Counter::FwdHit);
                 match touch(ctx, slot, hit, l4) {
@@ -154,6 +157,21 @@ pub(super) fn new_flow(
     };
     if backend_spoofed(ctx, svc, key.src_ip, in_port) {
         return ctx.drop(Counter::DropMartian);
+    }
+    if is_tcp && synproxy::proxied(svc, syn, ctx) {
+        if syn {
+            return synproxy::answer_syn(frame, l4, in_port, ctx);
+        }
+        if rst {
+            // No connection exists anywhere to send it to.
+            return ctx.drop(Counter::DropTcpNoEntry);
+        }
+        return synproxy::accept_ack(frame, l4, svc_idx, svc, in_port, port_mac, ctx);
+    }
+    if is_tcp && !syn && !rst && synproxy::returns_cookie(svc, frame, l4, ctx) {
+        // `auto`, switched off since the cookie was sent: the ACK still
+        // completes its handshake through the proxy.
+        return synproxy::accept_ack(frame, l4, svc_idx, svc, in_port, port_mac, ctx);
     }
     let (backend, reserved) = match schedule(svc, &key, syn || !is_tcp, ctx) {
         Ok(b) => b,
@@ -478,6 +496,9 @@ pub(super) fn from_backend(
     let slot = ctx.ct.slot(hit.idx);
     if ctx.expired(slot) {
         return ctx.drop(Counter::DropNotOurs);
+    }
+    if hit.conn().flags & CONN_SYNPROXY != 0 {
+        return synproxy::reply_hit(frame, l4, hit, slot, port_mac, ctx);
     }
     ctx.count(Counter::ReplyHit);
     match touch(ctx, slot, hit, l4) {

@@ -12,6 +12,8 @@
 //!   egress;
 //! - [`answers`]: frames the switch answers itself (ARP, TCP RST,
 //!   ICMP fragmentation-needed) and the flow cache's answers;
+//! - [`synproxy`]: SYN cookies and the SYN proxy of NAT services with
+//!   `syn_proxy` (the handshakes and the sequence translation);
 //! - [`icmp`]: ICMP for VIP flows (errors relayed to the flow's backend
 //!   or client, echo requests to a VIP answered), off the TCP/UDP path.
 //!
@@ -30,6 +32,7 @@ mod l2;
 mod parse;
 mod rewrite;
 mod state;
+mod synproxy;
 #[cfg(test)]
 mod tests;
 
@@ -37,6 +40,7 @@ pub use answers::{answer_fingerprint, refuse};
 pub use fragments::release_fragments;
 pub use parse::flow_key;
 pub use state::CONFIRM_AFTER_MS;
+pub use synproxy::SynAuto;
 
 use shm_layout::config_slot::ConfigView;
 use shm_layout::conntrack::{ConnSlot, ConnTable, Timeouts};
@@ -97,6 +101,9 @@ pub struct Ctx<'a> {
     /// Connections this switch closed, waiting to go to controld as
     /// records (see [`crate::closed`]).
     pub closed: crate::closed::ClosedLog,
+    /// Whether services with `syn_proxy = "auto"` are proxied now (see
+    /// [`SynAuto`]).
+    pub syn_auto: SynAuto,
 }
 
 /// The rate limit of ICMP answers per switch: a token bucket of

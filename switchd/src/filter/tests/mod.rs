@@ -17,6 +17,7 @@ use proptest::prelude::*;
 use shm_layout::config_slot::ON_DOWN_RESCHEDULE;
 
 mod provisional;
+mod synproxy;
 
 fn syn(client_port: u16) -> Vec<u8> {
     let mut v = Vec::new();
@@ -659,8 +660,8 @@ fn weight_zero_drains_under_every_scheduler() {
 
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(3000))]
-    /// Any bytes, any claimed length: runts and frames to another MAC are
-    /// dropped for exactly that; anything else gets a verdict that keeps
+    /// Any bytes, any claimed length: runts, and frames other than IPv4
+    /// from or to a MAC the port refuses, are dropped for exactly that; anything else gets a verdict that keeps
     /// the filter's promises (see [`check_verdict`]).
     #[test]
     fn random_frames_get_a_sound_verdict(bytes in proptest::collection::vec(any::<u8>(), 0..200), extra in 0usize..64) {
@@ -676,9 +677,14 @@ proptest! {
             let (dst, src) = (&buf[..6], &buf[6..12]);
             if len < 14 {
                 prop_assert_eq!(moved, vec![Counter::DropMalformed.name()]);
+            } else if buf[12..14] == [8, 0] {
+                // IPv4 meets the L2 rules where each pass applies them
+                // (a malformed header may be refused first).
+            } else if [[0x81, 0], [0x88, 0xa8], [0x91, 0]].contains(&[buf[12], buf[13]]) {
+                prop_assert_eq!(moved, vec![Counter::DropVlan.name()]);
             } else if src[0] & 1 == 1 || src == [0; 6] || src == own {
                 prop_assert_eq!(moved, vec![Counter::DropL2Src.name()]);
-            } else if dst != own && dst != [0xff; 6] {
+            } else if dst != own && !(buf[12..14] == [8, 6] && dst == [0xff; 6]) {
                 prop_assert_eq!(moved, vec![Counter::DropL2Dest.name()]);
             }
             Ok(())
