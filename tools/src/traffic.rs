@@ -10,7 +10,7 @@
 //! backend its first packet reached. The step number travels in the IPv4
 //! identification field, so retransmitted and late frames are recognised.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
@@ -139,6 +139,9 @@ struct Flow {
     pending_send: bool,
     /// The configuration generation published when the flow started.
     config_gen: u64,
+    /// Whether any of its frames was sent again (a late copy may follow
+    /// the flow's end).
+    resent: bool,
 }
 
 /// The wire ends of every queue, with each NIC's local ports mapped to global ids.
@@ -194,6 +197,9 @@ pub struct Generator {
     services: Vec<usize>,
     flows: Vec<Flow>,
     by_client: HashMap<([u8; 4], u16), usize>,
+    /// Clients of completed flows that resent a frame: their late copies
+    /// are duplicates, not frames for no flow.
+    finished_resent: HashSet<Endpoint>,
     /// Every configuration generation seen, oldest first, with each
     /// service's backends in it: a new flow may only reach a backend of the
     /// generation in force when it started or a later one.
@@ -262,6 +268,7 @@ impl Generator {
             services,
             flows: Vec::new(),
             by_client: HashMap::new(),
+            finished_resent: HashSet::new(),
             backend_history,
             client_queues,
             client_port,
@@ -416,6 +423,7 @@ impl Generator {
             retries: 0,
             pending_send: true,
             config_gen,
+            resent: false,
         });
         self.by_client.insert(client, fi);
         self.report.flows_started += 1;
@@ -474,6 +482,11 @@ impl Generator {
             (Dir::ToVip, p.src)
         };
         let Some(&fi) = self.by_client.get(&client) else {
+            if self.finished_resent.contains(&client) {
+                // A late copy of a resent frame of a flow that completed.
+                self.report.duplicate_frames += 1;
+                return;
+            }
             self.report.unexpected_frames += 1;
             self.report.error(format!(
                 "frame for no flow: {:?} -> {:?} out of port {port}",
@@ -515,6 +528,9 @@ impl Generator {
                 .or_default()
                 .entry(format!("{}:{}", ip(b.0), b.1))
                 .or_default() += 1;
+            if f.resent {
+                self.finished_resent.insert(client);
+            }
             self.by_client.remove(&client);
         } else {
             self.send_step(fi);
@@ -660,6 +676,7 @@ impl Generator {
                 continue;
             }
             self.flows[fi].retries += 1;
+            self.flows[fi].resent = true;
             self.report.retransmits += 1;
             self.send_step(fi);
         }
