@@ -129,7 +129,8 @@ fn health_file_switches_health_and_stats_count_answers() {
     std::fs::remove_file(&file).unwrap();
     assert_eq!(
         curl(&format!("http://{}/stats", b.http)),
-        b"health_ok 2\nhealth_fail 1\n"
+        b"health_ok 2\nhealth_fail 1\nconnections 4\ndatagrams 0\n",
+        "three /health and one / (each its own connection; /stats not counted)"
     );
 }
 
