@@ -174,7 +174,18 @@ pub const STALL_LIMIT: Duration = Duration::from_secs(3);
 pub const RESTART_LIMIT: usize = 5;
 pub const RESTART_WINDOW: Duration = Duration::from_secs(10);
 /// The wait before another attempt after a start that failed (fork/exec).
-const START_RETRY: Duration = Duration::from_secs(1);
+pub const START_RETRY: Duration = Duration::from_secs(1);
+
+/// Whether a live switch whose heartbeat is `age` old is stalled (to be
+/// killed): a running one past [`STALL_LIMIT`]; one not yet running (its
+/// start takes longer: mapping, pinning, opening ports) past twice that.
+pub fn stalled(running: bool, age: Duration) -> bool {
+    if running {
+        age > STALL_LIMIT
+    } else {
+        age > STALL_LIMIT * 2
+    }
+}
 
 #[derive(Debug)]
 pub struct Supervisor {
@@ -361,8 +372,7 @@ impl Supervisor {
                         let hb = slot.heartbeat_ns.load(Ordering::Relaxed);
                         let age = Duration::from_nanos(mono_ns().saturating_sub(hb));
                         let running = slot.state.load(Ordering::SeqCst) == SW_RUNNING;
-                        let starting_too_long = !running && age > STALL_LIMIT * 2;
-                        if (running && age > STALL_LIMIT) || starting_too_long {
+                        if stalled(running, age) {
                             log::error!(
                                 "switch {idx} (pid {}) heartbeat is {:.1}s old: killing it",
                                 h.pid(),
@@ -450,6 +460,59 @@ mod tests {
             StartHistory::adopted().record(t0),
             "an adopted switch was started before"
         );
+    }
+
+    #[test]
+    fn a_running_switch_stalls_past_three_seconds_a_starting_one_past_six() {
+        let ms = Duration::from_millis;
+        assert_eq!(STALL_LIMIT, ms(3000));
+        for (running, age, want) in [
+            (true, ms(0), false),
+            (true, ms(3000), false),
+            (true, ms(3001), true),
+            (true, ms(6001), true),
+            (false, ms(3001), false),
+            (false, ms(6000), false),
+            (false, ms(6001), true),
+        ] {
+            assert_eq!(
+                stalled(running, age),
+                want,
+                "running {running}, age {age:?}"
+            );
+        }
+        assert!(!stalled(true, STALL_LIMIT));
+        assert!(stalled(true, STALL_LIMIT + Duration::from_nanos(1)));
+    }
+
+    #[test]
+    fn the_window_is_ten_seconds_and_a_restart_leaves_it_after_exactly_that() {
+        assert_eq!(
+            (RESTART_LIMIT, RESTART_WINDOW),
+            (5, Duration::from_secs(10))
+        );
+        assert_eq!(START_RETRY, Duration::from_secs(1));
+        let t0 = Instant::now();
+        let mut h = StartHistory::default();
+        h.record(t0);
+        for _ in 0..RESTART_LIMIT {
+            h.record(t0);
+        }
+        let ns = Duration::from_nanos(1);
+        assert!(h.exhausted(t0 + RESTART_WINDOW - ns), "inside the window");
+        assert!(
+            !h.exhausted(t0 + RESTART_WINDOW),
+            "restarts exactly RESTART_WINDOW old are out of it"
+        );
+        // Four within the window are one short of the limit.
+        let mut h = StartHistory::default();
+        h.record(t0);
+        for _ in 0..RESTART_LIMIT - 1 {
+            h.record(t0);
+        }
+        assert!(!h.exhausted(t0));
+        h.record_failure(t0);
+        assert!(h.exhausted(t0), "a failed start completes the limit");
     }
 
     #[test]
