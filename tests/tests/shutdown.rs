@@ -65,9 +65,24 @@ fn controld_that_gives_up_after_starting_its_switches_stops_them() {
         ),
     )
     .unwrap();
+    // A "switchd" that runs until killed, whatever becomes of the region
+    // (a real one may not have attached yet when controld gives up, and
+    // exit on its own); its output goes nowhere, so no pipe waits on it.
+    let switchd = dir.join("switchd");
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::write(
+            &switchd,
+            "#!/bin/sh\nexec >/dev/null 2>&1\nwhile :; do sleep 1; done\n",
+        )
+        .unwrap();
+        std::fs::set_permissions(&switchd, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
     let out = Command::new(bin("controld"))
         .arg("--config")
         .arg(&config)
+        .arg("--switchd")
+        .arg(&switchd)
         .arg("--pidfile")
         .arg(dir.join("no-such-dir/controld.pid"))
         .output()
