@@ -411,12 +411,23 @@ impl Supervisor {
 
     /// SIGTERM to every switch, SIGKILL after `grace`, and reap all.
     pub fn stop_all(&mut self, region: &Region, grace: Duration) {
+        for index in self.stop_processes(grace) {
+            region.switch_slots()[index]
+                .state
+                .store(SW_STOPPED, Ordering::SeqCst);
+        }
+    }
+
+    /// SIGTERM to every switch, SIGKILL after `grace`, and reap all: the
+    /// indexes of those it stopped.
+    fn stop_processes(&mut self, grace: Duration) -> Vec<usize> {
         for p in &self.procs {
             if let Some(h) = &p.handle {
                 h.terminate();
             }
         }
         let deadline = Instant::now() + grace;
+        let mut stopped = Vec::new();
         for p in &mut self.procs {
             let Some(mut h) = p.handle.take() else {
                 continue;
@@ -429,10 +440,9 @@ impl Supervisor {
                 h.kill();
                 h.wait(Duration::from_secs(5));
             }
-            region.switch_slots()[p.spec.index]
-                .state
-                .store(SW_STOPPED, Ordering::SeqCst);
+            stopped.push(p.spec.index);
         }
+        stopped
     }
 
     /// Current pids, by switch index (`None` while not running).
@@ -441,6 +451,22 @@ impl Supervisor {
             .iter()
             .map(|p| (p.spec.index, p.handle.as_ref().map(Handle::pid)))
             .collect()
+    }
+}
+
+/// The grace a switch gets between SIGTERM and SIGKILL when controld stops.
+pub const STOP_GRACE: Duration = Duration::from_secs(3);
+
+impl Drop for Supervisor {
+    /// A controld that leaves on an error after starting switches (not on
+    /// SIGTERM, which stops them first; not when killed, which runs no
+    /// drop and leaves them for the next controld) stops them: it removes
+    /// the region they work on as it goes.
+    fn drop(&mut self) {
+        if self.procs.iter().any(|p| p.handle.is_some()) {
+            log::warn!("leaving with switches running: stopping them");
+            self.stop_processes(STOP_GRACE);
+        }
     }
 }
 
