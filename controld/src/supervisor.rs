@@ -174,7 +174,18 @@ pub const STALL_LIMIT: Duration = Duration::from_secs(3);
 pub const RESTART_LIMIT: usize = 5;
 pub const RESTART_WINDOW: Duration = Duration::from_secs(10);
 /// The wait before another attempt after a start that failed (fork/exec).
-const START_RETRY: Duration = Duration::from_secs(1);
+pub const START_RETRY: Duration = Duration::from_secs(1);
+
+/// Whether a live switch whose heartbeat is `age` old is stalled (to be
+/// killed): a running one past [`STALL_LIMIT`]; one not yet running (its
+/// start takes longer: mapping, pinning, opening ports) past twice that.
+pub fn stalled(running: bool, age: Duration) -> bool {
+    if running {
+        age > STALL_LIMIT
+    } else {
+        age > STALL_LIMIT * 2
+    }
+}
 
 #[derive(Debug)]
 pub struct Supervisor {
@@ -361,8 +372,7 @@ impl Supervisor {
                         let hb = slot.heartbeat_ns.load(Ordering::Relaxed);
                         let age = Duration::from_nanos(mono_ns().saturating_sub(hb));
                         let running = slot.state.load(Ordering::SeqCst) == SW_RUNNING;
-                        let starting_too_long = !running && age > STALL_LIMIT * 2;
-                        if (running && age > STALL_LIMIT) || starting_too_long {
+                        if stalled(running, age) {
                             log::error!(
                                 "switch {idx} (pid {}) heartbeat is {:.1}s old: killing it",
                                 h.pid(),
@@ -401,12 +411,23 @@ impl Supervisor {
 
     /// SIGTERM to every switch, SIGKILL after `grace`, and reap all.
     pub fn stop_all(&mut self, region: &Region, grace: Duration) {
+        for index in self.stop_processes(grace) {
+            region.switch_slots()[index]
+                .state
+                .store(SW_STOPPED, Ordering::SeqCst);
+        }
+    }
+
+    /// SIGTERM to every switch, SIGKILL after `grace`, and reap all: the
+    /// indexes of those it stopped.
+    fn stop_processes(&mut self, grace: Duration) -> Vec<usize> {
         for p in &self.procs {
             if let Some(h) = &p.handle {
                 h.terminate();
             }
         }
         let deadline = Instant::now() + grace;
+        let mut stopped = Vec::new();
         for p in &mut self.procs {
             let Some(mut h) = p.handle.take() else {
                 continue;
@@ -419,10 +440,9 @@ impl Supervisor {
                 h.kill();
                 h.wait(Duration::from_secs(5));
             }
-            region.switch_slots()[p.spec.index]
-                .state
-                .store(SW_STOPPED, Ordering::SeqCst);
+            stopped.push(p.spec.index);
         }
+        stopped
     }
 
     /// Current pids, by switch index (`None` while not running).
@@ -431,6 +451,22 @@ impl Supervisor {
             .iter()
             .map(|p| (p.spec.index, p.handle.as_ref().map(Handle::pid)))
             .collect()
+    }
+}
+
+/// The grace a switch gets between SIGTERM and SIGKILL when controld stops.
+pub const STOP_GRACE: Duration = Duration::from_secs(3);
+
+impl Drop for Supervisor {
+    /// A controld that leaves on an error after starting switches (not on
+    /// SIGTERM, which stops them first; not when killed, which runs no
+    /// drop and leaves them for the next controld) stops them: it removes
+    /// the region they work on as it goes.
+    fn drop(&mut self) {
+        if self.procs.iter().any(|p| p.handle.is_some()) {
+            log::warn!("leaving with switches running: stopping them");
+            self.stop_processes(STOP_GRACE);
+        }
     }
 }
 
@@ -450,6 +486,59 @@ mod tests {
             StartHistory::adopted().record(t0),
             "an adopted switch was started before"
         );
+    }
+
+    #[test]
+    fn a_running_switch_stalls_past_three_seconds_a_starting_one_past_six() {
+        let ms = Duration::from_millis;
+        assert_eq!(STALL_LIMIT, ms(3000));
+        for (running, age, want) in [
+            (true, ms(0), false),
+            (true, ms(3000), false),
+            (true, ms(3001), true),
+            (true, ms(6001), true),
+            (false, ms(3001), false),
+            (false, ms(6000), false),
+            (false, ms(6001), true),
+        ] {
+            assert_eq!(
+                stalled(running, age),
+                want,
+                "running {running}, age {age:?}"
+            );
+        }
+        assert!(!stalled(true, STALL_LIMIT));
+        assert!(stalled(true, STALL_LIMIT + Duration::from_nanos(1)));
+    }
+
+    #[test]
+    fn the_window_is_ten_seconds_and_a_restart_leaves_it_after_exactly_that() {
+        assert_eq!(
+            (RESTART_LIMIT, RESTART_WINDOW),
+            (5, Duration::from_secs(10))
+        );
+        assert_eq!(START_RETRY, Duration::from_secs(1));
+        let t0 = Instant::now();
+        let mut h = StartHistory::default();
+        h.record(t0);
+        for _ in 0..RESTART_LIMIT {
+            h.record(t0);
+        }
+        let ns = Duration::from_nanos(1);
+        assert!(h.exhausted(t0 + RESTART_WINDOW - ns), "inside the window");
+        assert!(
+            !h.exhausted(t0 + RESTART_WINDOW),
+            "restarts exactly RESTART_WINDOW old are out of it"
+        );
+        // Four within the window are one short of the limit.
+        let mut h = StartHistory::default();
+        h.record(t0);
+        for _ in 0..RESTART_LIMIT - 1 {
+            h.record(t0);
+        }
+        assert!(!h.exhausted(t0));
+        h.record_failure(t0);
+        assert!(h.exhausted(t0), "a failed start completes the limit");
     }
 
     #[test]

@@ -60,7 +60,18 @@ impl Appliance {
     /// Like [`Appliance::start`], with controld (and so its switches) in a
     /// network namespace (`ip netns exec NS controld ...`: same pid).
     pub fn start_in(netns: Option<&str>, instance: &str, config: &str) -> Self {
-        let mut a = Self::spawn(netns, instance, config).unwrap_or_else(|e| panic!("{e}"));
+        Self::start_with_args(netns, instance, config, &[])
+    }
+
+    /// Like [`Appliance::start_in`], with more arguments for controld
+    /// (`--switchd PATH`).
+    pub fn start_with_args(
+        netns: Option<&str>,
+        instance: &str,
+        config: &str,
+        args: &[&std::ffi::OsStr],
+    ) -> Self {
+        let mut a = Self::spawn(netns, instance, config, args).unwrap_or_else(|e| panic!("{e}"));
         a.wait_ready(Duration::from_secs(20));
         a
     }
@@ -70,13 +81,25 @@ impl Appliance {
     /// its drop, which a `panic = "abort"` build would never run) and the
     /// reason is returned.
     pub fn try_start(instance: &str, config: &str) -> Result<Self, String> {
-        let mut a = Self::spawn(None, instance, config)?;
-        a.poll_ready(Duration::from_secs(20))?;
+        let mut a = Self::spawn(None, instance, config, &[])?;
+        if let Err(e) = a.poll_ready(Duration::from_secs(20)) {
+            // It did not come up: the reason is the error; clean up
+            // without judging its shutdown.
+            a.stop();
+            a.clean_up();
+            a.armed = false;
+            return Err(e);
+        }
         Ok(a)
     }
 
     /// Writes the configuration and starts controld (not waiting for it).
-    fn spawn(netns: Option<&str>, instance: &str, config: &str) -> Result<Self, String> {
+    fn spawn(
+        netns: Option<&str>,
+        instance: &str,
+        config: &str,
+        args: &[&std::ffi::OsStr],
+    ) -> Result<Self, String> {
         let controld = bin_dir().join("controld");
         if !controld.exists() {
             return Err(format!(
@@ -103,6 +126,7 @@ impl Appliance {
         let child = cmd
             .arg("--config")
             .arg(&config_path)
+            .args(args)
             .env("RUST_LOG", "info")
             .stdout(Stdio::from(log2))
             .stderr(Stdio::from(log))
@@ -243,39 +267,157 @@ impl Appliance {
     pub fn disarm(mut self) {
         self.armed = false;
     }
+
+    /// The admin socket controld said it serves (its log names it), or the
+    /// instance's default.
+    fn admin_socket(&self) -> PathBuf {
+        self.log()
+            .lines()
+            .filter_map(|l| l.split_once("] admin socket ").map(|(_, p)| p.trim()))
+            .next_back()
+            .map(PathBuf::from)
+            .unwrap_or_else(|| admin_proto::default_socket_path(&self.instance))
+    }
+
+    /// Pids of processes (other than this one) started with `--instance
+    /// INSTANCE`: the instance's switches.
+    fn instance_pids(&self) -> Vec<u32> {
+        let me = std::process::id();
+        let Ok(rd) = std::fs::read_dir("/proc") else {
+            return Vec::new();
+        };
+        rd.flatten()
+            .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+            .filter(|&pid| pid != me)
+            .filter(|pid| {
+                let Ok(cmd) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+                    return false;
+                };
+                let args: Vec<&[u8]> = cmd.split(|&b| b == 0).collect();
+                args.windows(2)
+                    .any(|w| w[0] == b"--instance" && w[1] == self.instance.as_bytes())
+            })
+            .collect()
+    }
+
+    /// The instance's files in /dev/shm: the region and its virtual NICs.
+    fn shm_files(&self) -> Vec<PathBuf> {
+        let prefix = format!("switchyard.{}", self.instance);
+        let Ok(rd) = std::fs::read_dir("/dev/shm") else {
+            return Vec::new();
+        };
+        rd.flatten()
+            .filter(|e| {
+                let n = e.file_name().to_string_lossy().to_string();
+                n == prefix || n.starts_with(&format!("{prefix}."))
+            })
+            .map(|e| e.path())
+            .collect()
+    }
+
+    /// What of the instance is left: its switch processes, its region and
+    /// vnic files, its admin socket and the overrides saved beside it. A
+    /// controld stopped by SIGTERM leaves none of them.
+    pub fn leftovers(&self) -> Vec<String> {
+        let mut left: Vec<String> = self
+            .instance_pids()
+            .into_iter()
+            .map(|pid| {
+                let cmd = std::fs::read(format!("/proc/{pid}/cmdline"))
+                    .map(|c| String::from_utf8_lossy(&c).replace('\0', " "))
+                    .unwrap_or_default();
+                format!("process {pid}: {}", cmd.trim_end())
+            })
+            .collect();
+        left.extend(
+            self.shm_files()
+                .into_iter()
+                .map(|p| format!("file {}", p.display())),
+        );
+        let socket = self.admin_socket();
+        for p in [socket.clone(), socket.with_extension("overrides")] {
+            if std::fs::symlink_metadata(&p).is_ok() {
+                left.push(format!("file {}", p.display()));
+            }
+        }
+        left
+    }
+
+    /// Kills what is left of the instance and removes its files, asking
+    /// nothing of controld (which is stopped, or killed here).
+    fn clean_up(&mut self) {
+        if let Some(mut c) = self.controld.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        for pid in self.instance_pids() {
+            // SAFETY: kill(2) on a process started with `--instance
+            // INSTANCE` (this test's unique instance name).
+            unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+        }
+        let socket = self.admin_socket();
+        let _ = std::fs::remove_file(socket.with_extension("overrides"));
+        let _ = std::fs::remove_file(socket);
+        for p in self.shm_files() {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+
+    /// Stops controld with SIGTERM (bounded) and checks that it stopped
+    /// cleanly (exit 0) and left nothing of the instance; then removes
+    /// whatever is left either way. The problems found, if any.
+    pub fn shut_down(&mut self) -> Result<(), String> {
+        let mut problems = Vec::new();
+        // What a controld taken away by its test (to kill it) never stopped.
+        let ours = self.controld.is_some();
+        let pid = self.controld.as_ref().map(|c| c.id());
+        match self.stop() {
+            Some(st) if st.success() => {}
+            Some(st) => problems.push(format!(
+                "controld (pid {}) did not exit cleanly within 10 s of SIGTERM: {st}",
+                pid.unwrap_or(0)
+            )),
+            None if ours => problems.push("controld: status unknown".into()),
+            None => {}
+        }
+        if ours {
+            problems.extend(self.leftovers());
+        }
+        self.clean_up();
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(format!(
+                "controld's SIGTERM shutdown of instance {} left: {}",
+                self.instance,
+                problems.join("; ")
+            ))
+        }
+    }
 }
 
 impl Drop for Appliance {
+    /// Stops the appliance. Outside a panic, a controld that did not stop
+    /// cleanly or left anything behind fails the test (after everything
+    /// is cleaned up); during a panic, it only cleans up.
     fn drop(&mut self) {
         if !self.armed {
             let _ = std::fs::remove_dir_all(&self.dir);
             return;
         }
-        self.stop();
-        // Anything left (a switch orphaned by a failure) is killed by instance name.
-        let _ = Command::new("pkill")
-            .args([
-                "-KILL",
-                "-f",
-                "--",
-                &format!("--instance {} ", self.instance),
-            ])
-            .status();
-        // A controld that could not stop cleanly leaves its default admin socket.
-        let _ = std::fs::remove_file(admin_proto::default_socket_path(&self.instance));
-        if let Ok(rd) = std::fs::read_dir("/dev/shm") {
-            let prefix = format!("switchyard.{}", self.instance);
-            for e in rd.flatten() {
-                let n = e.file_name().to_string_lossy().to_string();
-                if n == prefix || n.starts_with(&format!("{prefix}.")) {
-                    let _ = std::fs::remove_file(e.path());
-                }
-            }
-        }
-        if !std::thread::panicking() {
-            let _ = std::fs::remove_dir_all(&self.dir);
-        } else {
+        if std::thread::panicking() {
+            self.stop();
+            self.clean_up();
             eprintln!("controld log kept in {}", self.log_path.display());
+            return;
         }
+        if let Err(e) = self.shut_down() {
+            panic!(
+                "{e}\ncontrold log kept in {}:\n{}",
+                self.log_path.display(),
+                self.log()
+            );
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
