@@ -141,7 +141,10 @@ mod tests {
             let want: Vec<_> = (0..n).map(|i| event(s, i)).collect();
             assert_eq!(got[s], want, "switch {s}");
             assert_eq!(dropped(r, s), 0);
-            assert!(r.ring(s).header.tail.load(Ordering::Relaxed) > SLOTS, "wrapped");
+            assert!(
+                r.ring(s).header.tail.load(Ordering::Relaxed) > SLOTS,
+                "wrapped"
+            );
         }
         assert!(got[1].is_empty());
         assert_eq!(drain.midflow, 2 * (n - n / 5));

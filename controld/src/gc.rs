@@ -317,14 +317,14 @@ mod tests {
     use super::*;
     use shm_layout::Capacities;
     use shm_layout::config_slot::PROTO_UDP;
+    use shm_layout::conntrack::STATE_ESTABLISHED;
     use shm_layout::conntrack::{
         Conn, KIND_EMPTY, STATE_ACTIVE, STATE_CLOSING, STATE_PROVISIONAL, STATE_SYN,
         STATE_SYN_ACKED,
     };
-    use shm_layout::conntrack::STATE_ESTABLISHED;
-    use std::collections::BTreeSet;
     use shm_layout::shm::Mapping;
     use shm_layout::switch_slot::reserve;
+    use std::collections::BTreeSet;
 
     const T: Timeouts = Timeouts {
         tcp_syn_ms: 60_000,
@@ -583,7 +583,6 @@ mod tests {
         assert_eq!(gc.totals.reconciled_down, 0, "released, not reconciled");
     }
 
-
     /// Every timeout differs, so a state judged by another's shows.
     const BY_STATE: Timeouts = Timeouts {
         tcp_syn_ms: 100,
@@ -698,8 +697,11 @@ mod tests {
             let got: BTreeSet<u16> = gc.closed.iter().map(|x| x.conn.client_port).collect();
             assert_eq!(got, goes_recorded);
             assert_eq!(gc.closed.len(), 4);
-            assert!(gc.closed.iter().all(|x| x.reason == CloseReason::IdleTimeout
-                && x.closed_ms == now));
+            assert!(
+                gc.closed
+                    .iter()
+                    .all(|x| x.reason == CloseReason::IdleTimeout && x.closed_ms == now)
+            );
         }
         // Later: every entry is past its timeout.
         not_quiet(r);
@@ -765,7 +767,11 @@ mod tests {
         assert_eq!(ct.retire(f, &ct.snapshot(f).unwrap(), pid), Some(true));
         release(&r.backend_counters()[3]);
         let taker = conn_at_home(r, f, 4);
-        assert_eq!(put(r, &taker, false, est, now), f, "the taker reuses the slot");
+        assert_eq!(
+            put(r, &taker, false, est, now),
+            f,
+            "the taker reuses the slot"
+        );
         let reused_fwd = f;
         // Closed by a FIN and idle past tcp_fin.
         let fin = conn(5, 5);
@@ -808,7 +814,10 @@ mod tests {
         // The idle connection's record carries its reply counts.
         assert_eq!(gc.closed.len(), 1);
         assert_eq!(gc.closed[0].conn, idle);
-        assert_eq!((gc.closed[0].reply.packets, gc.closed[0].reply.bytes), (3, 300));
+        assert_eq!(
+            (gc.closed[0].reply.packets, gc.closed[0].reply.bytes),
+            (3, 300)
+        );
         assert!(freed(r).contains(&idle_fwd));
         // Only the live connection and the taker remain.
         assert_eq!(freed(r).len(), cap as usize - 3);
@@ -836,7 +845,10 @@ mod tests {
             }
         }
         let cap = ct.capacity() as u32;
-        assert!(expired.iter().any(|&i| i >= 900), "entries all over the table");
+        assert!(
+            expired.iter().any(|&i| i >= 900),
+            "entries all over the table"
+        );
         let mut gc = Gc::default();
         let mut at = 0u32;
         while at < cap {
