@@ -786,10 +786,12 @@ mod tests {
         ct.slot(idle_reply).add_counts(3, 300);
 
         let cap = ct.capacity() as u32;
-        let mut gc = Gc::default();
         // The idle connection's reply slot alone: kept, its forward entry
         // still holds the backend slot.
-        gc.cursor = idle_reply;
+        let mut gc = Gc {
+            cursor: idle_reply,
+            ..Gc::default()
+        };
         let st = gc.step_at(r, &BY_STATE, 1, now);
         assert_eq!((st.visited, st.orphans, st.expired), (1, 0, 0));
         assert_eq!(ct.snapshot(idle_reply).unwrap().kind(), KIND_REPLY);

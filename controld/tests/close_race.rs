@@ -144,7 +144,7 @@ fn run_switch(r: &Region, clock: &AtomicU32, t: u32) -> Switch {
         }
         let k = (rng.next() % open.len() as u64) as usize;
         let c = open[k];
-        let dir = if rng.next() % 2 == 0 {
+        let dir = if rng.next().is_multiple_of(2) {
             Direction::Forward
         } else {
             Direction::Reply
@@ -162,7 +162,7 @@ fn run_switch(r: &Region, clock: &AtomicU32, t: u32) -> Switch {
             continue;
         }
         let now = clock.load(Ordering::Relaxed);
-        if rng.next() % 2 == 0 {
+        if rng.next().is_multiple_of(2) {
             let closed = ct.update_state(&hit, pid, |s| {
                 holds_reservation(s.swap(STATE_CLOSING, Ordering::AcqRel))
             });
