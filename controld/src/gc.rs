@@ -170,9 +170,14 @@ pub struct Gc {
 impl Gc {
     /// Visits `n` slots starting where the last step stopped.
     pub fn step(&mut self, region: &Region, timeouts: &Timeouts, n: u32) -> GcStats {
+        self.step_at(region, timeouts, n, region.now_ms())
+    }
+
+    /// [`step`](Self::step) judging expiry at `now` (milliseconds since
+    /// the region's creation, as `Region::now_ms`): tests drive the clock.
+    pub fn step_at(&mut self, region: &Region, timeouts: &Timeouts, n: u32, now: u32) -> GcStats {
         let ct = region.conntrack();
         let pid = std::process::id();
-        let now = region.now_ms();
         let cap = ct.capacity() as u32;
         let counters = region.backend_counters();
         let mut st = GcStats::default();
@@ -311,9 +316,15 @@ fn writer_alive(region: &Region, owner: u32) -> bool {
 mod tests {
     use super::*;
     use shm_layout::Capacities;
-    use shm_layout::conntrack::{Conn, STATE_ESTABLISHED};
+    use shm_layout::config_slot::PROTO_UDP;
+    use shm_layout::conntrack::STATE_ESTABLISHED;
+    use shm_layout::conntrack::{
+        Conn, KIND_EMPTY, STATE_ACTIVE, STATE_CLOSING, STATE_PROVISIONAL, STATE_SYN,
+        STATE_SYN_ACKED,
+    };
     use shm_layout::shm::Mapping;
     use shm_layout::switch_slot::reserve;
+    use std::collections::BTreeSet;
 
     const T: Timeouts = Timeouts {
         tcp_syn_ms: 60_000,
@@ -570,5 +581,293 @@ mod tests {
         assert_eq!(gc.totals.abandoned, 1);
         assert_eq!(active(r, 3), 0);
         assert_eq!(gc.totals.reconciled_down, 0, "released, not reconciled");
+    }
+
+    /// Every timeout differs, so a state judged by another's shows.
+    const BY_STATE: Timeouts = Timeouts {
+        tcp_syn_ms: 100,
+        tcp_established_ms: 1000,
+        tcp_fin_ms: 50,
+        udp_ms: 300,
+        tcp_provisional_ms: 30,
+    };
+
+    /// Inserts `c` as a switch would (reserving first if `state` holds a
+    /// reservation), last seen at `seen`; returns its forward slot.
+    fn put(r: &Region, c: &Conn, nat: bool, state: u32, seen: u32) -> u32 {
+        let b = &r.backend_counters()[c.backend_id as usize];
+        if holds_reservation(state) {
+            assert!(reserve(b, 0));
+        }
+        let ins = r
+            .conntrack()
+            .insert(c, nat, seen, state, 7, |_| false)
+            .unwrap();
+        assert_eq!(ins.evicted_backends, [None, None]);
+        ins.idx
+    }
+
+    /// Slots whose entry is gone (a tombstone, or compacted back to empty).
+    fn freed(r: &Region) -> BTreeSet<u32> {
+        let ct = r.conntrack();
+        (0..ct.capacity() as u32)
+            .filter(|&i| matches!(ct.snapshot(i).unwrap().kind(), KIND_TOMB | KIND_EMPTY))
+            .collect()
+    }
+
+    fn released(r: &Region, b: usize) -> u64 {
+        r.backend_counters()[b].released.load(Ordering::Relaxed)
+    }
+
+    /// Moves every backend's `total`, so no sweep round is quiet and the
+    /// reconciliation stays out of a test about expiry.
+    fn not_quiet(r: &Region) {
+        for c in r.backend_counters() {
+            c.total.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// One connection per state and age: idle exactly its state's timeout
+    /// (stays) and one millisecond more (expires). Each state's entries
+    /// are on their own backend, which also holds 10 reservations of
+    /// connections in flight, so a release that should not happen shows
+    /// in `active` (it never goes below 0). Only the expired entries that
+    /// held their backend slot give it back, once, with one record each;
+    /// further sweeps at the same time change nothing, and once every
+    /// entry is past its timeout the rest go, CLOSING and PROVISIONAL
+    /// again without a release or a record.
+    #[test]
+    fn each_state_expires_past_its_own_timeout_and_gives_back_its_slot_once() {
+        let t = temp("bystate");
+        let r = &t.0;
+        let now = 50_000u32;
+        // (state, proto, timeout, backend)
+        let cases = [
+            (STATE_SYN, 6, 100, 1u32),
+            (STATE_SYN_ACKED, 6, 100, 2),
+            (STATE_PROVISIONAL, 6, 30, 3),
+            (STATE_ESTABLISHED, 6, 1000, 4),
+            (STATE_CLOSING, 6, 50, 5),
+            (STATE_ACTIVE, PROTO_UDP, 300, 6),
+        ];
+        let mut stays = BTreeSet::new();
+        let mut goes = BTreeSet::new();
+        let mut goes_recorded = BTreeSet::new();
+        for (n, &(state, proto, timeout, b)) in cases.iter().enumerate() {
+            for _ in 0..10 {
+                assert!(reserve(&r.backend_counters()[b as usize], 0));
+            }
+            for extra in [0u32, 1] {
+                let c = Conn {
+                    proto,
+                    ..conn(n as u32 * 2 + extra, b)
+                };
+                let idx = put(r, &c, false, state, now - timeout - extra);
+                if extra == 0 {
+                    stays.insert(idx);
+                } else {
+                    goes.insert(idx);
+                    if holds_reservation(state) {
+                        goes_recorded.insert(c.client_port);
+                    }
+                }
+            }
+        }
+        let cap = r.conntrack().capacity() as u32;
+        let mut gc = Gc::default();
+        for sweep in 0..3 {
+            not_quiet(r);
+            let st = gc.step_at(r, &BY_STATE, cap, now);
+            assert_eq!(st.visited, u64::from(cap));
+            assert_eq!(st.expired, if sweep == 0 { 6 } else { 0 }, "sweep {sweep}");
+            assert_eq!(freed(r), (0..cap).filter(|i| !stays.contains(i)).collect());
+            assert!(goes.iter().all(|i| freed(r).contains(i)));
+            for &(state, _, _, b) in &cases {
+                let (want_active, want_released) = if holds_reservation(state) {
+                    (11, 1)
+                } else {
+                    (10, 0)
+                };
+                assert_eq!(
+                    (active(r, b as usize), released(r, b as usize)),
+                    (want_active, want_released),
+                    "state {state}, sweep {sweep}"
+                );
+            }
+            let got: BTreeSet<u16> = gc.closed.iter().map(|x| x.conn.client_port).collect();
+            assert_eq!(got, goes_recorded);
+            assert_eq!(gc.closed.len(), 4);
+            assert!(
+                gc.closed
+                    .iter()
+                    .all(|x| x.reason == CloseReason::IdleTimeout && x.closed_ms == now)
+            );
+        }
+        // Later: every entry is past its timeout.
+        not_quiet(r);
+        let st = gc.step_at(r, &BY_STATE, cap, now + 1001);
+        assert_eq!(st.expired, 6);
+        assert_eq!(freed(r).len(), cap as usize);
+        for &(state, _, _, b) in &cases {
+            let want = if holds_reservation(state) { 2 } else { 0 };
+            assert_eq!(
+                (active(r, b as usize), released(r, b as usize)),
+                (10, want),
+                "state {state}"
+            );
+        }
+        assert_eq!(gc.closed.len(), 8);
+        assert_eq!(gc.totals.expired, 12);
+        assert_eq!((gc.totals.reconciled_down, gc.totals.reconciled_up), (0, 0));
+    }
+
+    /// A connection whose client port makes its forward key's home `home`.
+    fn conn_at_home(r: &Region, home: u32, backend: u32) -> Conn {
+        let ct = r.conntrack();
+        (0..=u16::MAX)
+            .map(|p| Conn {
+                client_ip: 0xc612_6500,
+                ..conn(u32::from(p), backend)
+            })
+            .find(|c| ct.home(&c.forward_key()) == home as usize)
+            .expect("some port hashes there")
+    }
+
+    /// Reply slots (NAT) whose connection is gone are removed: the forward
+    /// entry retired by a switch, its slot reused by another connection,
+    /// or closed by a FIN and expired. A live connection's reply slot
+    /// stays, and so does an expired one's that still holds its backend
+    /// slot, until its forward entry is retired (its record reads the
+    /// reply direction's counts there).
+    #[test]
+    fn orphaned_reply_slots_are_removed_and_live_ones_kept() {
+        let t = temp("orphans");
+        let r = &t.0;
+        let ct = r.conntrack();
+        let pid = std::process::id();
+        let now = 50_000u32;
+        let est = STATE_ESTABLISHED;
+        let reply_of = |c: &Conn| {
+            let h = ct.lookup(&c.forward_key()).unwrap();
+            ct.reply_slot(c, h.idx).unwrap()
+        };
+        let live = conn(1, 1);
+        put(r, &live, true, est, now);
+        let live_reply = reply_of(&live);
+        // Retired by a switch (a RST, say): its reply slot is an orphan.
+        let retired = conn(2, 2);
+        let f = put(r, &retired, true, est, now);
+        let retired_reply = reply_of(&retired);
+        assert_eq!(ct.retire(f, &ct.snapshot(f).unwrap(), pid), Some(true));
+        release(&r.backend_counters()[2]);
+        // Its forward slot retired and taken by another connection.
+        let reused = conn(3, 3);
+        let f = put(r, &reused, true, est, now);
+        let reused_reply = reply_of(&reused);
+        assert_eq!(ct.retire(f, &ct.snapshot(f).unwrap(), pid), Some(true));
+        release(&r.backend_counters()[3]);
+        let taker = conn_at_home(r, f, 4);
+        assert_eq!(
+            put(r, &taker, false, est, now),
+            f,
+            "the taker reuses the slot"
+        );
+        let reused_fwd = f;
+        // Closed by a FIN and idle past tcp_fin.
+        let fin = conn(5, 5);
+        let f = put(r, &fin, true, est, now - 60);
+        let fin_reply = reply_of(&fin);
+        assert!(ct.close(f));
+        release(&r.backend_counters()[5]);
+        // Expired while holding its backend slot.
+        let idle = conn(6, 6);
+        let idle_fwd = put(r, &idle, true, est, now - 1001);
+        let idle_reply = reply_of(&idle);
+        ct.slot(idle_reply).add_counts(3, 300);
+
+        let cap = ct.capacity() as u32;
+        // The idle connection's reply slot alone: kept, its forward entry
+        // still holds the backend slot.
+        let mut gc = Gc {
+            cursor: idle_reply,
+            ..Gc::default()
+        };
+        let st = gc.step_at(r, &BY_STATE, 1, now);
+        assert_eq!((st.visited, st.orphans, st.expired), (1, 0, 0));
+        assert_eq!(ct.snapshot(idle_reply).unwrap().kind(), KIND_REPLY);
+        // Two sweeps: whichever the sweep meets first, every orphan goes.
+        gc.step_at(r, &BY_STATE, cap, now);
+        gc.step_at(r, &BY_STATE, cap, now);
+        let gone: BTreeSet<u32> = [retired_reply, reused_reply, fin_reply, idle_reply]
+            .into_iter()
+            .collect();
+        assert!(gone.is_subset(&freed(r)), "{gone:?}");
+        assert_eq!(gc.totals.orphans, 4);
+        assert_eq!(ct.snapshot(live_reply).unwrap().kind(), KIND_REPLY);
+        assert_eq!(
+            ct.lookup(&live.reply_key()).map(|h| h.conn()),
+            Some(live),
+            "the live connection is still found by its reply key"
+        );
+        assert_eq!(
+            ct.lookup(&taker.forward_key()).map(|h| (h.idx, h.conn())),
+            Some((reused_fwd, taker))
+        );
+        // The idle connection's record carries its reply counts.
+        assert_eq!(gc.closed.len(), 1);
+        assert_eq!(gc.closed[0].conn, idle);
+        assert_eq!(
+            (gc.closed[0].reply.packets, gc.closed[0].reply.bytes),
+            (3, 300)
+        );
+        assert!(freed(r).contains(&idle_fwd));
+        // Only the live connection and the taker remain.
+        assert_eq!(freed(r).len(), cap as usize - 3);
+    }
+
+    /// A step of `n` slots resumes where the last one stopped: after each
+    /// step exactly the expired entries before the cursor are gone; steps
+    /// adding up to the capacity visit every slot once (one round), and a
+    /// step larger than the table visits each slot once, not more.
+    #[test]
+    fn bounded_steps_resume_where_they_stopped() {
+        let t = temp("resume");
+        let r = &t.0;
+        let ct = r.conntrack();
+        let now = 50_000u32;
+        let mut expired = BTreeSet::new();
+        let mut occupied = BTreeSet::new();
+        for i in 0..120u32 {
+            let old = i % 2 == 0;
+            let seen = if old { now - 1001 } else { now };
+            let idx = put(r, &conn(i, 1), false, STATE_ESTABLISHED, seen);
+            occupied.insert(idx);
+            if old {
+                expired.insert(idx);
+            }
+        }
+        let cap = ct.capacity() as u32;
+        assert!(
+            expired.iter().any(|&i| i >= 900),
+            "entries all over the table"
+        );
+        let mut gc = Gc::default();
+        let mut at = 0u32;
+        while at < cap {
+            let n = 100.min(cap - at);
+            let st = gc.step_at(r, &BY_STATE, n, now);
+            at += n;
+            assert_eq!(st.visited, u64::from(n));
+            let want: BTreeSet<u32> = expired.iter().copied().filter(|&i| i < at).collect();
+            let got: BTreeSet<u32> = freed(r).intersection(&occupied).copied().collect();
+            assert_eq!(got, want, "after {at} slots");
+            assert_eq!(st.rounds, u64::from(at == cap));
+        }
+        assert_eq!(gc.totals.visited, u64::from(cap));
+        assert_eq!(gc.totals.expired, 60);
+        assert_eq!(gc.totals.rounds, 1);
+        // Larger than the table: one slot each, one round.
+        let st = gc.step_at(r, &BY_STATE, 5 * cap, now);
+        assert_eq!((st.visited, st.rounds, st.expired), (u64::from(cap), 1, 0));
     }
 }

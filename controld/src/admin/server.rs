@@ -810,4 +810,259 @@ mod tests {
         drop(srv);
         std::fs::remove_dir_all(&dir).unwrap();
     }
+
+    fn temp_dir(tag: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("sy-admin-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        dir
+    }
+
+    /// Takes the next job, which must be a `show` request: its reply channel.
+    fn show_job(srv: &Server) -> Sender<String> {
+        match srv.next_job(Instant::now() + Duration::from_secs(30)) {
+            Some(Job::Request { req, reply }) => {
+                assert_eq!(req, Request::Show);
+                reply
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    fn read_line(c: &UnixStream) -> String {
+        c.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        let mut line = String::new();
+        BufReader::new(c).read_line(&mut line).unwrap();
+        line
+    }
+
+    /// With `MAX_CLIENTS` (32) clients whose requests are being answered,
+    /// the 33rd is told why and closed; once one of the 32 has its answer
+    /// and leaves, a new client is admitted and answered, and the others
+    /// still get theirs.
+    #[test]
+    fn the_33rd_client_is_refused_while_32_are_answered_and_a_leaver_frees_a_slot() {
+        let dir = temp_dir("cap");
+        let path = dir.join("t.sock");
+        let srv = Server::start(&path, None).unwrap();
+        let mut held = Vec::new();
+        for _ in 0..MAX_CLIENTS {
+            let mut c = UnixStream::connect(&path).unwrap();
+            writeln!(c, "{{\"cmd\":\"show\"}}").unwrap();
+            // Its request is with the main loop from now on.
+            held.push((c, show_job(&srv)));
+        }
+        let extra = UnixStream::connect(&path).unwrap();
+        assert_eq!(
+            read_line(&extra),
+            format!(
+                "{}\n",
+                error_line("too many admin clients (32 requests being answered); try again")
+            )
+        );
+        assert_eq!((&extra).read(&mut [0u8; 8]).unwrap(), 0, "then closed");
+
+        // One is answered and leaves.
+        let (c, reply) = held.remove(0);
+        reply.send("{\"ok\":1}".into()).unwrap();
+        assert_eq!(read_line(&c), "{\"ok\":1}\n");
+        drop(c);
+        // Its thread notices the client left: a new one gets its slot (a
+        // connection made before that is refused; bounded retries).
+        let mut admitted = None;
+        for _ in 0..300 {
+            let mut c = UnixStream::connect(&path).unwrap();
+            writeln!(c, "{{\"cmd\":\"show\"}}").unwrap();
+            c.set_read_timeout(Some(Duration::from_millis(100)))
+                .unwrap();
+            let mut b = [0u8; 256];
+            match (&c).read(&mut b) {
+                Ok(n) if n > 0 => {
+                    let text = String::from_utf8_lossy(&b[..n]).into_owned();
+                    assert!(text.contains("too many admin clients"), "{text}");
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                // No answer yet: its request went to the main loop.
+                _ => {
+                    admitted = Some(c);
+                    break;
+                }
+            }
+        }
+        let c = admitted.expect("a client admitted once one left");
+        let reply = show_job(&srv);
+        reply.send("{\"ok\":\"new\"}".into()).unwrap();
+        assert_eq!(read_line(&c), "{\"ok\":\"new\"}\n");
+        for (i, (c, reply)) in held.into_iter().enumerate() {
+            reply.send(format!("{{\"ok\":{i}}}")).unwrap();
+            assert_eq!(read_line(&c), format!("{{\"ok\":{i}}}\n"));
+        }
+        drop(srv);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// The socket file is removed on exit only while it is still the one
+    /// this server bound: a successor's socket (another controld that
+    /// replaced it) or another file put there is left alone.
+    #[test]
+    fn only_our_own_socket_file_is_removed() {
+        let dir = temp_dir("inode");
+        let path = dir.join("t.sock");
+        // A successor's socket in our place.
+        let srv = Server::start(&path, None).unwrap();
+        std::fs::remove_file(&path).unwrap();
+        let successor = UnixListener::bind(&path).unwrap();
+        let ino = std::fs::symlink_metadata(&path).unwrap().ino();
+        drop(srv);
+        assert_eq!(std::fs::symlink_metadata(&path).unwrap().ino(), ino);
+        let _c = UnixStream::connect(&path).expect("the successor still serves");
+        drop(successor);
+        std::fs::remove_file(&path).unwrap();
+        // A regular file in our place.
+        let srv = Server::start(&path, None).unwrap();
+        std::fs::remove_file(&path).unwrap();
+        std::fs::write(&path, "theirs").unwrap();
+        drop(srv);
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "theirs");
+        std::fs::remove_file(&path).unwrap();
+        // Our own: removed.
+        let srv = Server::start(&path, None).unwrap();
+        drop(srv);
+        assert!(std::fs::symlink_metadata(&path).is_err());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// Answers every scrape job until `stop`, with `body`.
+    fn answer_scrapes(srv: &Server, stop: &std::sync::atomic::AtomicBool, body: &str) {
+        while !stop.load(Ordering::Relaxed) {
+            if let Some(Job::Metrics { reply }) =
+                srv.next_job(Instant::now() + Duration::from_millis(20))
+            {
+                let _ = reply.send(body.to_string());
+            }
+        }
+    }
+
+    fn get_metrics(addr: SocketAddr) -> String {
+        let mut s = TcpStream::connect(addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        write!(s, "GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+        let mut raw = String::new();
+        s.read_to_string(&mut raw).unwrap();
+        raw
+    }
+
+    /// Runs `f` with a server whose metrics listener answers every
+    /// scrape with `m 1`, and the full answer a scrape gets.
+    fn with_scrapes(tag: &str, f: impl FnOnce(SocketAddr, &str)) {
+        use std::sync::atomic::AtomicBool;
+        let dir = temp_dir(tag);
+        let srv = Server::start(&dir.join("t.sock"), Some("127.0.0.1:0".parse().unwrap())).unwrap();
+        let addr = srv.metrics_addr().unwrap();
+        let stop = AtomicBool::new(false);
+        let ok = format!(
+            "HTTP/1.1 200 OK\r\nContent-Type: {CONTENT_TYPE}\r\nContent-Length: 5\r\n\
+             Connection: close\r\n\r\nm 1\n\n"
+        );
+        std::thread::scope(|sc| {
+            let stop = &stop;
+            // The main loop's part, on its own thread (which owns the server).
+            sc.spawn(move || answer_scrapes(&srv, stop, "m 1\n\n"));
+            // Stops it however `f` ends (a failed assertion too).
+            struct Stop<'a>(&'a AtomicBool);
+            impl Drop for Stop<'_> {
+                fn drop(&mut self) {
+                    self.0.store(true, Ordering::Relaxed);
+                }
+            }
+            let _stop = Stop(stop);
+            f(addr, &ok);
+        });
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// An HTTP client that sends part of a request head holds no one up:
+    /// others are served meanwhile, and it is eventually closed without an
+    /// answer however it drips bytes (`HTTP_TIMEOUT` bounds the whole
+    /// head, not each read).
+    #[test]
+    fn a_partial_http_request_is_cut_off_and_blocks_no_one() {
+        with_scrapes("http", |addr, ok| {
+            let mut slow = TcpStream::connect(addr).unwrap();
+            slow.write_all(b"GET /metrics HTTP/1.1\r\nHost:").unwrap();
+            for _ in 0..5 {
+                assert_eq!(get_metrics(addr), ok);
+            }
+            slow.set_read_timeout(Some(Duration::from_millis(500)))
+                .unwrap();
+            let mut b = [0u8; 64];
+            let mut cut = false;
+            // At most a minute of dripping.
+            for _ in 0..120 {
+                if slow.write_all(b"x").is_err() {
+                    cut = true;
+                    break;
+                }
+                match slow.read(&mut b) {
+                    Ok(0) => {
+                        cut = true;
+                        break;
+                    }
+                    Ok(n) => panic!("answered: {:?}", String::from_utf8_lossy(&b[..n])),
+                    Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {
+                        cut = true;
+                        break;
+                    }
+                    Err(_) => {}
+                }
+                assert_eq!(get_metrics(addr), ok, "others are served meanwhile");
+            }
+            assert!(cut, "a dripping client was never closed");
+        });
+    }
+
+    /// With `MAX_CLIENTS` HTTP clients holding partial requests, one more
+    /// is told 503 at once; when they are cut off, scrapes are answered
+    /// again.
+    ///
+    /// Fails today (seen: the refused client's read gets ECONNRESET
+    /// instead of the 503): the listener writes the 503 and closes the
+    /// connection without reading the request the client already sent,
+    /// and a TCP close with unread input resets the connection, which can
+    /// discard the answer. Fix: read what the client sent (non-blocking,
+    /// bounded) and shut down the write side before closing.
+    #[test]
+    #[ignore = "defect: the HTTP 503 refusal is lost to a reset (see the doc)"]
+    fn the_33rd_http_client_is_refused_with_503() {
+        with_scrapes("http33", |addr, ok| {
+            let partial: Vec<TcpStream> = (0..MAX_CLIENTS)
+                .map(|_| {
+                    let mut s = TcpStream::connect(addr).unwrap();
+                    s.write_all(b"GET /met").unwrap();
+                    s
+                })
+                .collect();
+            let raw = get_metrics(addr);
+            assert_eq!(
+                raw,
+                "HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain\r\n\
+                 Content-Length: 5\r\nConnection: close\r\n\r\nbusy\n"
+            );
+            for mut s in partial {
+                s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+                let mut rest = Vec::new();
+                assert_eq!(s.read_to_end(&mut rest).unwrap(), 0, "closed unanswered");
+            }
+            // Served again (bounded: a closed client's slot goes back as
+            // its thread ends).
+            let mut served = false;
+            for _ in 0..300 {
+                if get_metrics(addr) == ok {
+                    served = true;
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            assert!(served);
+        });
+    }
 }
