@@ -5,12 +5,15 @@
 #   scripts/mutants.sh conntrack       # one target (names below)
 #   scripts/mutants.sh --list conntrack   # list the mutants, build nothing
 #   MUTANTS_REV=<commit> scripts/mutants.sh conntrack   # measure a commit
+#   MUTANTS_TEST_ARGS="--skip view_tests" scripts/mutants.sh config_slot
+#       # extra test-binary arguments (e.g. leave new tests out to see what
+#       # they add); MUTANTS_OUT=<dir> writes elsewhere than mutants.out/
 #
 # Results go to mutants.out/<target>/mutants.out/ (caught.txt, missed.txt,
 # unviable.txt, timeout.txt, outcomes.json); mutants.out/ is gitignored.
 #
 # Run narrowly: one source file per run, only the owning crate's unit tests
-# (`--lib`), one job, release profile so the seeded target/ is reused. The
+# (`--lib`), one job (`--in-place` implies it), release profile so the seeded target/ is reused. The
 # mutated tree is a copy of the sources under target/mutants-src (mutated in
 # place there, never in the worktree), built into the worktree's own target/
 # so that dependencies are not rebuilt.
@@ -29,11 +32,13 @@ if [ "${1:-}" = "--list" ]; then
     shift
 fi
 
-# name | package | file | per-mutant timeout (s) | extra test-binary args
+# name | package | file | per-mutant timeout (s) | test-binary filters
+# A filter narrows the tests to the modules that use the file (checked with
+# grep: conntrack, msgring and ring, the slow ones, use only its constants).
 targets=(
     "conntrack|shm-layout|shm-layout/src/conntrack.rs|120|"
     "publish|shm-layout|shm-layout/src/publish.rs|120|"
-    "config_slot|shm-layout|shm-layout/src/config_slot.rs|120|"
+    "config_slot|shm-layout|shm-layout/src/config_slot.rs|120|config_slot:: publish:: region:: inspect::"
     "routing_slot|shm-layout|shm-layout/src/routing_slot.rs|120|"
     "switchd-decide|switchd|switchd/src/filter/decide.rs|180|"
     "switchd-state|switchd|switchd/src/filter/state.rs|180|"
@@ -70,7 +75,7 @@ for t in "${targets[@]}"; do
     IFS='|' read -r name pkg file timeout extra <<<"$t"
     selected "$name" || continue
     sync_copy
-    out="$root/mutants.out/$name"
+    out="$root/${MUTANTS_OUT:-mutants.out}/$name"
     mkdir -p "$out"
     echo "== $name: $file (tests: -p $pkg --lib)"
     # --baseline=skip: the unmutated tests are run by the normal suite; a
@@ -79,12 +84,12 @@ for t in "${targets[@]}"; do
     (
         cd "$work"
         CARGO_TARGET_DIR="$root/target" cargo mutants "${list[@]}" \
-            --in-place --no-shuffle -j 1 \
+            --in-place --no-shuffle \
             --baseline=skip --timeout "$timeout" --build-timeout 600 \
             --profile release \
             --package "$pkg" --file "$file" \
             --test-package "$pkg" \
             --output "$out" \
-            -- --lib ${extra:+-- $extra}
+            -- --lib -- ${extra} ${MUTANTS_TEST_ARGS:-}
     ) || echo "== $name: cargo-mutants exit $?"
 done

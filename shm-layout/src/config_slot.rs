@@ -417,3 +417,6 @@ impl ConfigSlotMut<'_> {
         }
     }
 }
+
+#[cfg(test)]
+mod view_tests;

@@ -1,0 +1,191 @@
+//! The read view's accessors: published counts clip the arrays, ranges out
+//! of bounds give empty slices, unknown ids keep connections, the header's
+//! timeouts reach the connection table, and the index sizes.
+//! (Written against the mutants cargo-mutants left alive; see docs/TESTING.md.)
+
+use core::sync::atomic::AtomicU64;
+
+use super::*;
+
+fn header(n_services: u32, n_backends: u32, n_ports: u32) -> ConfigHeader {
+    ConfigHeader {
+        stamp: AtomicU64::new(1),
+        checksum: 0,
+        n_services,
+        n_backends,
+        n_ports,
+        maglev_m: 7,
+        tcp_syn_ms: 11,
+        tcp_established_ms: 22,
+        tcp_fin_ms: 33,
+        udp_ms: 44,
+        tunnel_src: 0,
+        tcp_provisional_ms: 55,
+        ports: [PortRec::default(); MAX_PORTS],
+    }
+}
+
+fn service(vip: u32, port: u16, backend_start: u32, backend_count: u32) -> ServiceRec {
+    ServiceRec {
+        vip,
+        port,
+        proto: PROTO_TCP,
+        backend_start,
+        backend_count,
+        table_start: backend_start * 7,
+        table_len: 7,
+        ..ServiceRec::default()
+    }
+}
+
+fn backend(id: u32) -> BackendRec {
+    BackendRec {
+        id,
+        ip: 0xc612_0000 + id,
+        ..BackendRec::default()
+    }
+}
+
+const VIP: u32 = 0xc612_0101; // 198.18.1.1
+
+#[test]
+fn header_timeouts_are_handed_to_the_connection_table_field_by_field() {
+    let t = header(0, 0, 0).timeouts();
+    assert_eq!(
+        (t.tcp_syn_ms, t.tcp_established_ms, t.tcp_fin_ms, t.udp_ms, t.tcp_provisional_ms),
+        (11, 22, 33, 44, 55)
+    );
+}
+
+#[test]
+fn index_length_is_a_power_of_two_at_least_twice_the_services_and_at_least_16() {
+    assert_eq!(index_len(0), 16);
+    assert_eq!(index_len(8), 16);
+    assert_eq!(index_len(9), 32);
+    assert_eq!(index_len(16), 32);
+    assert_eq!(index_len(17), 64);
+    assert_eq!(index_len(1000), 2048);
+}
+
+#[test]
+fn published_counts_clip_services_backends_and_ports() {
+    let mut h = header(2, 3, 2);
+    h.ports[1].mtu = 9000;
+    let services = [service(VIP, 80, 0, 2), service(VIP, 443, 2, 1), service(VIP, 22, 0, 0)];
+    let backends = [backend(1), backend(2), backend(3), backend(4)];
+    let v = ConfigView {
+        header: &h,
+        services: &services,
+        backends: &backends,
+        maglev: &[],
+        down_action: &[],
+        service_index: &[],
+        vip_index: &[],
+    };
+    assert_eq!(v.services().len(), 2);
+    assert_eq!(v.backends().iter().map(|b| b.id).collect::<Vec<_>>(), [1, 2, 3]);
+    assert_eq!(v.ports().len(), 2);
+    assert_eq!(v.ports()[1].mtu, 9000);
+    // The unpublished third service is not found, even by a scan.
+    assert!(v.find_service(VIP, 22, PROTO_TCP).is_none());
+    assert_eq!(v.find_service(VIP, 443, PROTO_TCP).map(|(i, _)| i), Some(1));
+
+    // Counts that lie are bounded by the arrays (and MAX_PORTS).
+    let h = header(99, 99, 99);
+    let v = ConfigView { header: &h, ..v };
+    assert_eq!(v.services().len(), 3);
+    assert_eq!(v.backends().len(), 4);
+    assert_eq!(v.ports().len(), MAX_PORTS);
+}
+
+#[test]
+fn a_service_sees_exactly_its_backends_and_its_maglev_table() {
+    let h = header(2, 3, 0);
+    let services = [service(VIP, 80, 0, 2), service(VIP, 443, 2, 1)];
+    let backends = [backend(1), backend(2), backend(3)];
+    let maglev: Vec<u16> = (0..21).collect();
+    let v = ConfigView {
+        header: &h,
+        services: &services,
+        backends: &backends,
+        maglev: &maglev,
+        down_action: &[],
+        service_index: &[],
+        vip_index: &[],
+    };
+    let ids = |s: &ServiceRec| v.service_backends(s).iter().map(|b| b.id).collect::<Vec<_>>();
+    assert_eq!(ids(&services[0]), [1, 2]);
+    assert_eq!(ids(&services[1]), [3]);
+    assert_eq!(v.service_table(&services[0]), &maglev[..7]);
+    assert_eq!(v.service_table(&services[1]), &maglev[14..21]); // table_start 2 * 7
+}
+
+#[test]
+fn ranges_past_the_published_arrays_are_empty() {
+    let h = header(1, 2, 0);
+    let backends = [backend(1), backend(2), backend(3)];
+    let maglev = [0u16; 7];
+    // The third backend exists in the array but is not published.
+    let s = service(VIP, 80, 1, 2);
+    let v = ConfigView {
+        header: &h,
+        services: core::slice::from_ref(&s),
+        backends: &backends,
+        maglev: &maglev,
+        down_action: &[],
+        service_index: &[],
+        vip_index: &[],
+    };
+    assert!(v.service_backends(&s).is_empty());
+    assert!(v.service_table(&s).is_empty()); // table 7..14 of 7 entries
+    // A range whose end overflows is empty, not a panic.
+    let huge = ServiceRec {
+        backend_start: u32::MAX,
+        backend_count: u32::MAX,
+        table_start: u32::MAX,
+        table_len: u32::MAX,
+        ..s
+    };
+    assert!(v.service_backends(&huge).is_empty());
+    assert!(v.service_table(&huge).is_empty());
+}
+
+#[test]
+fn down_action_is_read_per_id_and_unknown_ids_keep_their_connections() {
+    let h = header(0, 0, 0);
+    let actions = [ON_DOWN_KEEP, ON_DOWN_RESET, ON_DOWN_RESCHEDULE];
+    let v = ConfigView {
+        header: &h,
+        services: &[],
+        backends: &[],
+        maglev: &[],
+        down_action: &actions,
+        service_index: &[],
+        vip_index: &[],
+    };
+    assert_eq!(v.down_action(1), ON_DOWN_RESET);
+    assert_eq!(v.down_action(2), ON_DOWN_RESCHEDULE);
+    assert_eq!(v.down_action(3), ON_DOWN_KEEP);
+    assert_eq!(v.down_action(u32::MAX), ON_DOWN_KEEP);
+}
+
+#[test]
+fn without_indexes_vips_and_services_are_found_by_scanning() {
+    let h = header(2, 0, 0);
+    let services = [service(VIP, 80, 0, 0), service(VIP + 1, 53, 0, 0)];
+    let v = ConfigView {
+        header: &h,
+        services: &services,
+        backends: &[],
+        maglev: &[],
+        down_action: &[],
+        service_index: &[],
+        vip_index: &[],
+    };
+    assert!(v.is_vip(VIP));
+    assert!(v.is_vip(VIP + 1));
+    assert!(!v.is_vip(VIP + 2));
+    assert!(!v.is_vip(0));
+    assert_eq!(v.find_service(VIP + 1, 53, PROTO_TCP).map(|(i, _)| i), Some(1));
+    assert!(v.find_service(VIP + 1, 53, PROTO_UDP).is_none());
+}
