@@ -13,7 +13,9 @@
 # unviable.txt, timeout.txt, outcomes.json); mutants.out/ is gitignored.
 #
 # Run narrowly: one source file per run, only the owning crate's unit tests
-# (`--lib`), one job (`--in-place` implies it), release profile so the seeded target/ is reused. The
+# (`--lib`), one job (`--in-place` implies it). Profile `mutants` (the dev
+# profile under its own name, added to the copy's Cargo.toml): a mutant of
+# shm-layout rebuilds in ~4 s there against ~15 s in release. The
 # mutated tree is a copy of the sources under target/mutants-src (mutated in
 # place there, never in the worktree), built into the worktree's own target/
 # so that dependencies are not rebuilt.
@@ -37,8 +39,8 @@ fi
 # grep: conntrack, msgring and ring, the slow ones, use only its constants).
 targets=(
     "conntrack|shm-layout|shm-layout/src/conntrack.rs|120|"
-    "publish|shm-layout|shm-layout/src/publish.rs|120|"
-    "config_slot|shm-layout|shm-layout/src/config_slot.rs|120|config_slot:: publish:: region:: inspect::"
+    "publish|shm-layout|shm-layout/src/publish.rs|30|publish:: region:: inspect:: switch_slot::"
+    "config_slot|shm-layout|shm-layout/src/config_slot.rs|20|config_slot:: publish:: region:: inspect::"
     "routing_slot|shm-layout|shm-layout/src/routing_slot.rs|120|"
     "switchd-decide|switchd|switchd/src/filter/decide.rs|180|"
     "switchd-state|switchd|switchd/src/filter/state.rs|180|"
@@ -58,7 +60,7 @@ selected() {
 }
 
 # A private copy of the sources: cargo-mutants edits it in place.
-work="$root/target/mutants-src"
+work="${MUTANTS_WORK:-$root/target/mutants-src}"
 sync_copy() {
     mkdir -p "$work"
     find "$work" -mindepth 1 -maxdepth 1 -exec rm -rf {} +
@@ -69,12 +71,18 @@ sync_copy() {
         tar -C "$root" --exclude=./target --exclude='./target-*' --exclude=./.git \
             --exclude=./mutants.out --exclude=./fuzz/target -cf - . | tar -C "$work" -xf -
     fi
+    # A profile of its own: the copy's crates have the same artifact names as
+    # the worktree's (cargo's hash ignores the workspace path), so a build in
+    # the worktree in the same profile would be taken as fresh for a mutant,
+    # or a mutant's build as fresh for the worktree.
+    printf '\n[profile.mutants]\ninherits = "dev"\n' >>"$work/Cargo.toml"
 }
 
 for t in "${targets[@]}"; do
     IFS='|' read -r name pkg file timeout extra <<<"$t"
     selected "$name" || continue
     sync_copy
+    stamp=$(mktemp)
     out="$root/${MUTANTS_OUT:-mutants.out}/$name"
     mkdir -p "$out"
     echo "== $name: $file (tests: -p $pkg --lib)"
@@ -86,10 +94,20 @@ for t in "${targets[@]}"; do
         CARGO_TARGET_DIR="$root/target" cargo mutants "${list[@]}" \
             --in-place --no-shuffle \
             --baseline=skip --timeout "$timeout" --build-timeout 600 \
-            --profile release \
+            --profile "${MUTANTS_PROFILE:-mutants}" \
             --package "$pkg" --file "$file" \
             --test-package "$pkg" \
             --output "$out" \
             -- --lib -- ${extra} ${MUTANTS_TEST_ARGS:-}
     ) || echo "== $name: cargo-mutants exit $?"
+    # A test killed at the timeout cannot remove the region it created
+    # (/dev/shm/switchyard.t-<name>-<pid>): remove those of this run whose
+    # process is gone.
+    find /dev/shm -maxdepth 1 -name 'switchyard.t-*' -newer "$stamp" 2>/dev/null |
+        while read -r f; do
+            pid=${f##*-}
+            case $pid in '' | *[!0-9]*) continue ;; esac
+            kill -0 "$pid" 2>/dev/null || rm -f "$f"
+        done
+    rm -f "$stamp"
 done

@@ -189,3 +189,65 @@ fn without_indexes_vips_and_services_are_found_by_scanning() {
     assert_eq!(v.find_service(VIP + 1, 53, PROTO_TCP).map(|(i, _)| i), Some(1));
     assert!(v.find_service(VIP + 1, 53, PROTO_UDP).is_none());
 }
+
+/// Builds the indexes of `services` in slot-sized arrays.
+fn indexes(services: &mut [ServiceRec]) -> (Vec<u16>, Vec<u32>) {
+    let mut h = header(services.len() as u32, 0, 0);
+    let len = index_len(services.len() as u32);
+    let (mut si, mut vi) = (vec![0u16; len], vec![0u32; len]);
+    ConfigSlotMut {
+        header: &mut h,
+        services,
+        backends: &mut [],
+        maglev: &mut [],
+        down_action: &mut [],
+        service_index: &mut si,
+        vip_index: &mut vi,
+    }
+    .build_indexes();
+    (si, vi)
+}
+
+/// 300 services as a real configuration has them: consecutive VIPs, a few
+/// ports each, TCP and UDP.
+fn clustered_services() -> Vec<ServiceRec> {
+    (0..300u32)
+        .map(|i| ServiceRec {
+            vip: VIP + i / 6,
+            port: [80, 443, 53][(i % 3) as usize],
+            proto: if i % 6 < 3 { PROTO_TCP } else { PROTO_UDP },
+            ..ServiceRec::default()
+        })
+        .collect()
+}
+
+/// `index_len` promises that "a probe sequence ends at an empty entry
+/// within a few steps": that holds only if keys that differ in the VIP, the
+/// port or the protocol alone get different home entries. Bound: no entry
+/// sits more than 16 places past its home (a hash that ignored a field
+/// would pile the services up in runs of hundreds).
+#[test]
+fn index_probes_stay_short_for_consecutive_vips_ports_and_protocols() {
+    let mut services = clustered_services();
+    let (si, vi) = indexes(&mut services);
+    let len = si.len();
+    let mut worst = 0;
+    for (pos, &e) in si.iter().enumerate() {
+        if e != 0 {
+            let s = &services[e as usize - 1];
+            let home = service_home(s.vip, s.port, s.proto, len);
+            worst = worst.max(pos.wrapping_sub(home) & (len - 1));
+        }
+    }
+    assert!(worst <= 16, "a service sits {worst} entries past its home");
+    let mut worst = 0;
+    for (pos, &v) in vi.iter().enumerate() {
+        if v != 0 {
+            worst = worst.max(pos.wrapping_sub(vip_home(v, len)) & (len - 1));
+        }
+    }
+    assert!(worst <= 16, "a VIP sits {worst} entries past its home");
+    // And every service and VIP is found through them.
+    assert_eq!(si.iter().filter(|&&e| e != 0).count(), 300);
+    assert_eq!(vi.iter().filter(|&&v| v != 0).count(), 50);
+}
