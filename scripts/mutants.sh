@@ -8,6 +8,7 @@
 #   MUTANTS_TEST_ARGS="--skip view_tests" scripts/mutants.sh config_slot
 #       # extra test-binary arguments (e.g. leave new tests out to see what
 #       # they add); MUTANTS_OUT=<dir> writes elsewhere than mutants.out/
+#   MUTANTS_ARGS="-F is_vip" scripts/mutants.sh config_slot   # re-run some mutants
 #
 # Results go to mutants.out/<target>/mutants.out/ (caught.txt, missed.txt,
 # unviable.txt, timeout.txt, outcomes.json); mutants.out/ is gitignored.
@@ -97,7 +98,7 @@ for t in "${targets[@]}"; do
             --profile "${MUTANTS_PROFILE:-mutants}" \
             --package "$pkg" --file "$file" \
             --test-package "$pkg" \
-            --output "$out" \
+            --output "$out" ${MUTANTS_ARGS:-} \
             -- --lib -- ${extra} ${MUTANTS_TEST_ARGS:-}
     ) || echo "== $name: cargo-mutants exit $?"
     # A test killed at the timeout cannot remove the region it created

@@ -251,3 +251,83 @@ fn index_probes_stay_short_for_consecutive_vips_ports_and_protocols() {
     assert_eq!(si.iter().filter(|&&e| e != 0).count(), 300);
     assert_eq!(vi.iter().filter(|&&v| v != 0).count(), 50);
 }
+
+/// A VIP whose home entry in an index of `len` is `home`.
+fn vip_with_home(home: usize, len: usize, skip: u32) -> u32 {
+    (VIP + skip..).find(|&v| vip_home(v, len) == home).unwrap()
+}
+
+/// Linear probing, as the index is specified, walked independently of
+/// `is_vip`: where `vip` is found from its home, stopping at an empty entry.
+fn probe_position(index: &[u32], vip: u32) -> Option<usize> {
+    let len = index.len();
+    let mut i = vip_home(vip, len);
+    for _ in 0..len {
+        if index[i] == vip {
+            return Some(i);
+        }
+        if index[i] == 0 {
+            return None;
+        }
+        i = (i + 1) % len;
+    }
+    None
+}
+
+#[test]
+fn vip_lookup_probes_past_a_taken_home_and_wraps_at_the_end() {
+    let len = 16;
+    // `a` and `b` both live at home 15: `b` wraps round to entry 0.
+    let a = vip_with_home(15, len, 0);
+    let b = vip_with_home(15, len, a - VIP + 1);
+    // `c` lives at home 0 and finds it taken by `b`: entry 1.
+    let c = vip_with_home(0, len, 0);
+    // `d` has home 15 too but is absent: the probe passes a, b, c and stops
+    // at the empty entry 2.
+    let d = vip_with_home(15, len, b - VIP + 1);
+    let mut index = vec![0u32; len];
+    index[15] = a;
+    index[0] = b;
+    index[1] = c;
+    let h = header(0, 0, 0);
+    let v = ConfigView {
+        header: &h,
+        services: &[],
+        backends: &[],
+        maglev: &[],
+        down_action: &[],
+        service_index: &[],
+        vip_index: &index,
+    };
+    assert!(v.is_vip(a) && v.is_vip(b) && v.is_vip(c));
+    assert!(!v.is_vip(d));
+    // Address 0 marks empty entries: it is never a VIP.
+    assert!(!v.is_vip(0));
+}
+
+#[test]
+fn built_vip_index_places_colliding_vips_where_linear_probing_finds_them() {
+    // In the smallest index (16 entries): three VIPs at home 15 (two wrap
+    // round), one at home 0, one at home 7.
+    let a = vip_with_home(15, 16, 0);
+    let b = vip_with_home(15, 16, a - VIP + 1);
+    let c = vip_with_home(15, 16, b - VIP + 1);
+    let d = vip_with_home(0, 16, 0);
+    let e = vip_with_home(7, 16, 0);
+    let mut services: Vec<ServiceRec> = [a, b, c, d, e]
+        .iter()
+        .map(|&v| service(v, 80, 0, 0))
+        .collect();
+    let (_, vi) = indexes(&mut services);
+    assert_eq!(vi.len(), 16);
+    let displaced = services
+        .iter()
+        .filter(|s| probe_position(&vi, s.vip) != Some(vip_home(s.vip, vi.len())))
+        .count();
+    assert!(displaced > 0, "the test needs a collision");
+    for s in &services {
+        assert!(probe_position(&vi, s.vip).is_some(), "VIP {:#x} not reachable", s.vip);
+    }
+    assert_eq!(vi.iter().filter(|&&v| v != 0).count(), 5);
+    assert_eq!((vi[15], vi[0], vi[1], vi[2]), (a, b, c, d));
+}
