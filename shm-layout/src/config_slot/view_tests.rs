@@ -331,3 +331,30 @@ fn built_vip_index_places_colliding_vips_where_linear_probing_finds_them() {
     assert_eq!(vi.iter().filter(|&&v| v != 0).count(), 5);
     assert_eq!((vi[15], vi[0], vi[1], vi[2]), (a, b, c, d));
 }
+
+#[test]
+fn a_slot_without_index_arrays_builds_nothing_and_is_answered_by_scanning() {
+    let mut h = header(2, 0, 0);
+    let mut services = [service(VIP, 80, 0, 0), service(0, 53, 0, 0)];
+    ConfigSlotMut {
+        header: &mut h,
+        services: &mut services,
+        backends: &mut [],
+        maglev: &mut [],
+        down_action: &mut [],
+        service_index: &mut [],
+        vip_index: &mut [],
+    }
+    .build_indexes();
+    let v = ConfigView {
+        header: &h,
+        services: &services,
+        backends: &[],
+        maglev: &[],
+        down_action: &[],
+        service_index: &[],
+        vip_index: &[],
+    };
+    assert!(v.is_vip(VIP));
+    assert_eq!(v.find_service(VIP, 80, PROTO_TCP).map(|(i, _)| i), Some(0));
+}
