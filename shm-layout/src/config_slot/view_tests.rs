@@ -358,3 +358,39 @@ fn a_slot_without_index_arrays_builds_nothing_and_is_answered_by_scanning() {
     assert!(v.is_vip(VIP));
     assert_eq!(v.find_service(VIP, 80, PROTO_TCP).map(|(i, _)| i), Some(0));
 }
+
+#[test]
+fn built_service_index_places_colliding_services_where_linear_probing_finds_them() {
+    // Five services (index of 16 entries), three of them at home 15 (two
+    // wrap round to entries 0 and 1).
+    let at_home = |home: usize, from: u16| {
+        (from..)
+            .find(|&p| service_home(VIP, p, PROTO_TCP, 16) == home)
+            .unwrap()
+    };
+    let p1 = at_home(15, 1);
+    let p2 = at_home(15, p1 + 1);
+    let p3 = at_home(15, p2 + 1);
+    let p4 = at_home(7, 1);
+    let p5 = at_home(3, 1);
+    let mut services: Vec<ServiceRec> = [p1, p2, p3, p4, p5]
+        .iter()
+        .map(|&p| service(VIP, p, 0, 0))
+        .collect();
+    let (si, vi) = indexes(&mut services);
+    assert_eq!(si.len(), 16);
+    assert_eq!((si[15], si[0], si[1]), (1, 2, 3));
+    let h = header(5, 0, 0);
+    let v = ConfigView {
+        header: &h,
+        services: &services,
+        backends: &[],
+        maglev: &[],
+        down_action: &[],
+        service_index: &si,
+        vip_index: &vi,
+    };
+    for (i, &p) in [p1, p2, p3, p4, p5].iter().enumerate() {
+        assert_eq!(v.find_service(VIP, p, PROTO_TCP).map(|(i, _)| i), Some(i));
+    }
+}
