@@ -52,7 +52,13 @@ const VIP: u32 = 0xc612_0101; // 198.18.1.1
 fn header_timeouts_are_handed_to_the_connection_table_field_by_field() {
     let t = header(0, 0, 0).timeouts();
     assert_eq!(
-        (t.tcp_syn_ms, t.tcp_established_ms, t.tcp_fin_ms, t.udp_ms, t.tcp_provisional_ms),
+        (
+            t.tcp_syn_ms,
+            t.tcp_established_ms,
+            t.tcp_fin_ms,
+            t.udp_ms,
+            t.tcp_provisional_ms
+        ),
         (11, 22, 33, 44, 55)
     );
 }
@@ -71,7 +77,11 @@ fn index_length_is_a_power_of_two_at_least_twice_the_services_and_at_least_16() 
 fn published_counts_clip_services_backends_and_ports() {
     let mut h = header(2, 3, 2);
     h.ports[1].mtu = 9000;
-    let services = [service(VIP, 80, 0, 2), service(VIP, 443, 2, 1), service(VIP, 22, 0, 0)];
+    let services = [
+        service(VIP, 80, 0, 2),
+        service(VIP, 443, 2, 1),
+        service(VIP, 22, 0, 0),
+    ];
     let backends = [backend(1), backend(2), backend(3), backend(4)];
     let v = ConfigView {
         header: &h,
@@ -83,7 +93,10 @@ fn published_counts_clip_services_backends_and_ports() {
         vip_index: &[],
     };
     assert_eq!(v.services().len(), 2);
-    assert_eq!(v.backends().iter().map(|b| b.id).collect::<Vec<_>>(), [1, 2, 3]);
+    assert_eq!(
+        v.backends().iter().map(|b| b.id).collect::<Vec<_>>(),
+        [1, 2, 3]
+    );
     assert_eq!(v.ports().len(), 2);
     assert_eq!(v.ports()[1].mtu, 9000);
     // The unpublished third service is not found, even by a scan.
@@ -113,7 +126,12 @@ fn a_service_sees_exactly_its_backends_and_its_maglev_table() {
         service_index: &[],
         vip_index: &[],
     };
-    let ids = |s: &ServiceRec| v.service_backends(s).iter().map(|b| b.id).collect::<Vec<_>>();
+    let ids = |s: &ServiceRec| {
+        v.service_backends(s)
+            .iter()
+            .map(|b| b.id)
+            .collect::<Vec<_>>()
+    };
     assert_eq!(ids(&services[0]), [1, 2]);
     assert_eq!(ids(&services[1]), [3]);
     assert_eq!(v.service_table(&services[0]), &maglev[..7]);
@@ -186,7 +204,10 @@ fn without_indexes_vips_and_services_are_found_by_scanning() {
     assert!(v.is_vip(VIP + 1));
     assert!(!v.is_vip(VIP + 2));
     assert!(!v.is_vip(0));
-    assert_eq!(v.find_service(VIP + 1, 53, PROTO_TCP).map(|(i, _)| i), Some(1));
+    assert_eq!(
+        v.find_service(VIP + 1, 53, PROTO_TCP).map(|(i, _)| i),
+        Some(1)
+    );
     assert!(v.find_service(VIP + 1, 53, PROTO_UDP).is_none());
 }
 
@@ -326,7 +347,11 @@ fn built_vip_index_places_colliding_vips_where_linear_probing_finds_them() {
         .count();
     assert!(displaced > 0, "the test needs a collision");
     for s in &services {
-        assert!(probe_position(&vi, s.vip).is_some(), "VIP {:#x} not reachable", s.vip);
+        assert!(
+            probe_position(&vi, s.vip).is_some(),
+            "VIP {:#x} not reachable",
+            s.vip
+        );
     }
     assert_eq!(vi.iter().filter(|&&v| v != 0).count(), 5);
     assert_eq!((vi[15], vi[0], vi[1], vi[2]), (a, b, c, d));

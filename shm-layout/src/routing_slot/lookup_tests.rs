@@ -63,33 +63,54 @@ fn neighbours() -> [NeighbourRec; 4] {
 #[test]
 fn next_hop_of_a_connected_destination_is_the_destination_itself() {
     let (h, r, n) = (header(3, 4), routes(), neighbours());
-    let v = RoutingView { header: &h, routes: &r, neighbours: &n };
+    let v = RoutingView {
+        header: &h,
+        routes: &r,
+        neighbours: &n,
+    };
     assert_eq!(
         v.next_hop(ip(198, 18, 1, 5)),
-        Ok(NextHop { port: 1, mac: [2, 0, 0, 0, 0, 0x15] })
+        Ok(NextHop {
+            port: 1,
+            mac: [2, 0, 0, 0, 0, 0x15]
+        })
     );
 }
 
 #[test]
 fn next_hop_through_a_gateway_uses_the_gateway_mac_and_the_route_port() {
     let (h, r, n) = (header(3, 4), routes(), neighbours());
-    let v = RoutingView { header: &h, routes: &r, neighbours: &n };
+    let v = RoutingView {
+        header: &h,
+        routes: &r,
+        neighbours: &n,
+    };
     // 198.18.2.3 matches only the /16: via 198.18.9.1 on port 2.
     assert_eq!(
         v.next_hop(ip(198, 18, 2, 3)),
-        Ok(NextHop { port: 2, mac: [2, 0, 0, 0, 0, 0x91] })
+        Ok(NextHop {
+            port: 2,
+            mac: [2, 0, 0, 0, 0, 0x91]
+        })
     );
     // Anything else takes the default route.
     assert_eq!(
         v.next_hop(ip(203, 0, 113, 1)),
-        Ok(NextHop { port: 3, mac: [2, 0, 0, 0, 0, 0x92] })
+        Ok(NextHop {
+            port: 3,
+            mac: [2, 0, 0, 0, 0, 0x92]
+        })
     );
 }
 
 #[test]
 fn the_longest_matching_prefix_wins() {
     let (h, r, n) = (header(3, 4), routes(), neighbours());
-    let v = RoutingView { header: &h, routes: &r, neighbours: &n };
+    let v = RoutingView {
+        header: &h,
+        routes: &r,
+        neighbours: &n,
+    };
     assert_eq!(v.route(ip(198, 18, 1, 200)), Some(&r[0]));
     assert_eq!(v.route(ip(198, 18, 200, 1)), Some(&r[1]));
     assert_eq!(v.route(ip(10, 0, 0, 1)), Some(&r[2]));
@@ -98,7 +119,11 @@ fn the_longest_matching_prefix_wins() {
 #[test]
 fn missing_or_invalid_neighbour_is_no_neighbour() {
     let (h, r, n) = (header(3, 4), routes(), neighbours());
-    let v = RoutingView { header: &h, routes: &r, neighbours: &n };
+    let v = RoutingView {
+        header: &h,
+        routes: &r,
+        neighbours: &n,
+    };
     // Connected, but nobody at .6.
     assert_eq!(v.next_hop(ip(198, 18, 1, 6)), Err(NoRoute::NoNeighbour));
     // Present in the table, but not valid.
@@ -111,7 +136,11 @@ fn missing_or_invalid_neighbour_is_no_neighbour() {
 fn no_matching_route_is_no_route() {
     let (h, r, n) = (header(2, 4), routes(), neighbours());
     // The header publishes only the two specific routes: no default.
-    let v = RoutingView { header: &h, routes: &r, neighbours: &n };
+    let v = RoutingView {
+        header: &h,
+        routes: &r,
+        neighbours: &n,
+    };
     assert_eq!(v.routes().len(), 2);
     assert_eq!(v.route(ip(10, 0, 0, 1)), None);
     assert_eq!(v.next_hop(ip(10, 0, 0, 1)), Err(NoRoute::NoRoute));
@@ -121,14 +150,22 @@ fn no_matching_route_is_no_route() {
 fn header_counts_clip_the_arrays_and_never_reach_past_them() {
     let (r, n) = (routes(), neighbours());
     let h = header(1, 2);
-    let v = RoutingView { header: &h, routes: &r, neighbours: &n };
+    let v = RoutingView {
+        header: &h,
+        routes: &r,
+        neighbours: &n,
+    };
     assert_eq!(v.routes(), &r[..1]);
     assert_eq!(v.neighbours(), &n[..2]);
     // 198.18.9.1 is beyond the published neighbour count.
     assert_eq!(v.neighbour(ip(198, 18, 9, 1)), None);
     // Counts larger than the arrays are clipped to the arrays.
     let h = header(99, 99);
-    let v = RoutingView { header: &h, routes: &r, neighbours: &n };
+    let v = RoutingView {
+        header: &h,
+        routes: &r,
+        neighbours: &n,
+    };
     assert_eq!(v.routes().len(), 3);
     assert_eq!(v.neighbours().len(), 4);
 }
