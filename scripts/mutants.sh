@@ -62,6 +62,7 @@ selected() {
 
 # A private copy of the sources: cargo-mutants edits it in place.
 work="${MUTANTS_WORK:-$root/target/mutants-src}"
+profile="${MUTANTS_PROFILE:-mutants}"
 sync_copy() {
     mkdir -p "$work"
     find "$work" -mindepth 1 -maxdepth 1 -exec rm -rf {} +
@@ -76,7 +77,12 @@ sync_copy() {
     # the worktree's (cargo's hash ignores the workspace path), so a build in
     # the worktree in the same profile would be taken as fresh for a mutant,
     # or a mutant's build as fresh for the worktree.
-    printf '\n[profile.mutants]\ninherits = "dev"\n' >>"$work/Cargo.toml"
+    # Two runs at once (MUTANTS_WORK) need two profile names, for the same
+    # reason: MUTANTS_PROFILE=mutants2.
+    case $profile in
+        dev | release | test | bench) ;;
+        *) printf '\n[profile.%s]\ninherits = "dev"\n' "$profile" >>"$work/Cargo.toml" ;;
+    esac
 }
 
 for t in "${targets[@]}"; do
@@ -95,7 +101,7 @@ for t in "${targets[@]}"; do
         CARGO_TARGET_DIR="$root/target" cargo mutants "${list[@]}" \
             --in-place --no-shuffle \
             --baseline=skip --timeout "$timeout" --build-timeout 600 \
-            --profile "${MUTANTS_PROFILE:-mutants}" \
+            --profile "$profile" \
             --package "$pkg" --file "$file" \
             --test-package "$pkg" \
             --output "$out" ${MUTANTS_ARGS:-} \
