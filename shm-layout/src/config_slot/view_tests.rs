@@ -273,6 +273,33 @@ fn index_probes_stay_short_for_consecutive_vips_ports_and_protocols() {
     assert_eq!(vi.iter().filter(|&&v| v != 0).count(), 50);
 }
 
+/// As above for one VIP listening on 200 consecutive ports (a port range
+/// published as services): ports that differ only in their low byte must
+/// not share a home.
+#[test]
+fn index_probes_stay_short_for_consecutive_ports_of_one_vip() {
+    let mut services: Vec<ServiceRec> = (0..200u16)
+        .map(|i| ServiceRec {
+            vip: VIP,
+            port: 8000 + i,
+            proto: PROTO_TCP,
+            ..ServiceRec::default()
+        })
+        .collect();
+    let (si, _) = indexes(&mut services);
+    let len = si.len();
+    let mut worst = 0;
+    for (pos, &e) in si.iter().enumerate() {
+        if e != 0 {
+            let s = &services[e as usize - 1];
+            let home = service_home(s.vip, s.port, s.proto, len);
+            worst = worst.max(pos.wrapping_sub(home) & (len - 1));
+        }
+    }
+    assert!(worst <= 16, "a service sits {worst} entries past its home");
+    assert_eq!(si.iter().filter(|&&e| e != 0).count(), 200);
+}
+
 /// A VIP whose home entry in an index of `len` is `home`.
 fn vip_with_home(home: usize, len: usize, skip: u32) -> u32 {
     (VIP + skip..).find(|&v| vip_home(v, len) == home).unwrap()
