@@ -441,3 +441,6 @@ impl ConfigSlotMut<'_> {
         }
     }
 }
+
+#[cfg(test)]
+mod view_tests;
