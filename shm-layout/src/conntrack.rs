@@ -468,6 +468,18 @@ pub enum InsertError {
     Exists(u32),
     /// A live connection already owns the reply key.
     ReplyConflict,
+    /// The reply claim failed (`conflict`: as [`InsertError::ReplyConflict`],
+    /// else as [`InsertError::Full`]) after the forward claim had evicted a
+    /// live connection whole (through its reply slot), whose forward entry
+    /// is already retired and cannot be put back: the caller gives back
+    /// `backend` (if it held a reservation) and records `gone`, as for an
+    /// eviction of a successful insert. `live`: the kind it was.
+    ReplyFailedAfterEviction {
+        conflict: bool,
+        backend: Option<u32>,
+        gone: Option<Gone>,
+        live: Option<Evicted>,
+    },
 }
 
 /// What an insert displaced: an expired connection, or a live provisional
@@ -834,11 +846,23 @@ impl<'a> ConnTable<'a> {
                 }
                 Err(e) => {
                     // The forward slot goes back as it was: an expired
-                    // entry in it keeps its reservation (for the GC).
+                    // entry in it keeps its reservation (for the GC). A
+                    // connection the forward claim evicted whole is closed
+                    // already: the caller must close it.
                     self.give_back(&fwd);
-                    return Err(match e {
-                        InsertError::Exists(_) => InsertError::ReplyConflict,
-                        e => e,
+                    let conflict = matches!(e, InsertError::Exists(_) | InsertError::ReplyConflict);
+                    if fwd.retired.is_some() || fwd.retired_conn.is_some() {
+                        return Err(InsertError::ReplyFailedAfterEviction {
+                            conflict,
+                            backend: fwd.retired,
+                            gone: fwd.retired.and(fwd.retired_conn),
+                            live: fwd.live,
+                        });
+                    }
+                    return Err(if conflict {
+                        InsertError::ReplyConflict
+                    } else {
+                        e
                     });
                 }
             }

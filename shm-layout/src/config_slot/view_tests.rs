@@ -22,6 +22,10 @@ fn header(n_services: u32, n_backends: u32, n_ports: u32) -> ConfigHeader {
         tunnel_src: 0,
         tcp_provisional_ms: 55,
         ports: [PortRec::default(); MAX_PORTS],
+        syn_proxy_auto_syn_rate: 0,
+        syn_proxy_auto_occupancy_permille: 0,
+        cookie_secrets: [[0; 2]; 2],
+        _pad_cookies: [0; 32],
     }
 }
 

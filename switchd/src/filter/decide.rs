@@ -432,7 +432,31 @@ pub(super) fn insert_tries(
                 Err(ctx.drop(Counter::DropTableFull))
             }
         },
-        Err(InsertError::Full | InsertError::ReplyConflict) => {
+        Err(e) => {
+            if let InsertError::ReplyFailedAfterEviction {
+                backend,
+                gone,
+                live,
+                ..
+            } = e
+            {
+                // The insert failed, but a connection it evicted is
+                // closed: its slot back and its record, as above.
+                if let Some(id) = backend {
+                    release_backend(ctx, id);
+                }
+                if let Some(g) = gone {
+                    let (ct, now) = (ctx.ct, ctx.now_ms);
+                    ctx.closed
+                        .gone(&ct, &g, CloseReason::Evicted, now, ctx.counters);
+                }
+                if let Some(kind) = live {
+                    ctx.count(match kind {
+                        Evicted::Provisional => Counter::EvictedProvisional,
+                        Evicted::HalfOpen => Counter::EvictedHalfOpen,
+                    });
+                }
+            }
             if let (Some(b), true) = (b, reserved) {
                 sched::release(b);
             }
