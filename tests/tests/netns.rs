@@ -9,6 +9,8 @@
 mod admin;
 #[path = "netns/agents.rs"]
 mod agents;
+#[path = "netns/fanout.rs"]
+mod fanout;
 #[path = "netns/first_contact.rs"]
 mod first_contact;
 #[path = "netns/flood.rs"]
