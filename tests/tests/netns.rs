@@ -21,6 +21,8 @@ mod fragments;
 mod health;
 #[path = "netns/icmp.rs"]
 mod icmp;
+#[path = "netns/offload.rs"]
+mod offload;
 #[path = "netns/records.rs"]
 mod records;
 #[path = "netns/routing.rs"]
