@@ -142,3 +142,96 @@ pub fn publish_routing(
         })
         .map_err(PublishError::from)
 }
+
+#[cfg(test)]
+mod tests {
+    //! The capacity checks at their boundaries (cargo-mutants found them
+    //! untested by controld's unit tests: docs/TESTING.md).
+    use super::*;
+    use shm_layout::Capacities;
+    use shm_layout::config_slot::{BackendRec, PortRec, ServiceRec};
+    use shm_layout::shm::Mapping;
+
+    struct Temp(Region, String);
+    impl Drop for Temp {
+        fn drop(&mut self) {
+            let _ = Mapping::unlink(&self.1);
+        }
+    }
+
+    fn temp(tag: &str) -> Temp {
+        let inst = format!("pub-{tag}-{}", std::process::id());
+        let caps = Capacities {
+            services: 4,
+            backends: 8,
+            backend_ids: 8,
+            routes: 3,
+            neighbours: 2,
+            conn_slots: 1 << 10,
+            maglev_m: 251,
+            ..Capacities::default()
+        };
+        Temp(
+            Region::create(&inst, caps).unwrap(),
+            shm_layout::region_name(&inst),
+        )
+    }
+
+    fn snap(services: usize, backends: usize, ports: usize, m: u32) -> ConfigSnapshot {
+        ConfigSnapshot {
+            services: vec![ServiceRec::default(); services],
+            backends: vec![BackendRec::default(); backends],
+            ports: vec![PortRec::default(); ports],
+            maglev_m: m,
+            ..ConfigSnapshot::default()
+        }
+    }
+
+    #[test]
+    fn a_snapshot_fits_up_to_each_capacity_and_not_one_past_it() {
+        let t = temp("fits");
+        let r = &t.0;
+        assert!(check_fits(r, &snap(4, 8, MAX_PORTS, 251)).is_ok());
+        assert_eq!(
+            check_fits(r, &snap(5, 8, 1, 251)).unwrap_err().to_string(),
+            "5 services exceed the region's capacity of 4"
+        );
+        assert_eq!(
+            check_fits(r, &snap(4, 9, 1, 251)).unwrap_err().to_string(),
+            "9 backends exceed the region's capacity of 8"
+        );
+        assert_eq!(
+            check_fits(r, &snap(1, 1, MAX_PORTS + 1, 251))
+                .unwrap_err()
+                .to_string(),
+            format!("{} ports exceed the maximum of {MAX_PORTS}", MAX_PORTS + 1)
+        );
+        assert_eq!(
+            check_fits(r, &snap(1, 1, 1, 257)).unwrap_err().to_string(),
+            "maglev_table_size 257 differs from the region's 251 (changing it needs a restart)"
+        );
+    }
+
+    #[test]
+    fn routing_past_either_capacity_is_refused_and_at_it_published() {
+        let t = temp("routes");
+        let r = &t.0;
+        let rs = |routes: usize, neighbours: usize| RoutingSnapshot {
+            routes: vec![Default::default(); routes],
+            neighbours: vec![Default::default(); neighbours],
+        };
+        let mut no_fence = |_: usize, _: u32| true;
+        let wait = Duration::from_millis(10);
+        assert!(publish_routing(r, &rs(3, 2), wait, &mut no_fence).is_ok());
+        for (routes, neighbours) in [(4, 2), (3, 3)] {
+            assert_eq!(
+                publish_routing(r, &rs(routes, neighbours), wait, &mut no_fence)
+                    .unwrap_err()
+                    .to_string(),
+                format!(
+                    "{routes} routes / {neighbours} neighbours exceed the region's capacity of 3 / 2"
+                )
+            );
+        }
+    }
+}
