@@ -108,9 +108,9 @@ for t in "${targets[@]}"; do
             -- --lib -- ${extra} ${MUTANTS_TEST_ARGS:-}
     ) || echo "== $name: cargo-mutants exit $?"
     # A test killed at the timeout cannot remove the region it created
-    # (/dev/shm/switchyard.t-<name>-<pid>): remove those of this run whose
+    # (/dev/shm/switchyard.<test>-<pid>: shm-layout's t-*, controld's ap-*, gc-*...): remove those of this run whose
     # process is gone.
-    find /dev/shm -maxdepth 1 -name 'switchyard.t-*' -newer "$stamp" 2>/dev/null |
+    find /dev/shm -maxdepth 1 -name 'switchyard.*-[0-9]*' -newer "$stamp" 2>/dev/null |
         while read -r f; do
             pid=${f##*-}
             case $pid in '' | *[!0-9]*) continue ;; esac
