@@ -429,16 +429,29 @@ pub fn afpacket_appliance_with(
 /// [`afpacket_appliance`] does; `vip` may be on the clients' own subnet
 /// (198.18.1.0/24).
 pub fn afpacket_appliance_vip(bed: &Bed, vip: &str) -> (String, crate::Appliance) {
-    let inst = crate::unique("afvip");
+    afpacket_web_appliance(bed, "afvip", vip, 65536, "")
+}
+
+/// [`afpacket_appliance_vip`]'s appliance with `connections` table slots
+/// and `service_extra` (lines of the "web" service, such as
+/// `syn_proxy = true\n`); the instance name starts with `tag`.
+pub fn afpacket_web_appliance(
+    bed: &Bed,
+    tag: &str,
+    vip: &str,
+    connections: u32,
+    service_extra: &str,
+) -> (String, crate::Appliance) {
+    let inst = crate::unique(tag);
     let cpus = std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(1);
     let mut cfg = format!(
-        "instance = \"{inst}\"\n[limits]\nconnections = 65536\n\n\
+        "instance = \"{inst}\"\n[limits]\nconnections = {connections}\n\n\
          [[port]]\nname = \"client\"\ndriver = \"afpacket\"\ninterface = \"l0\"\n\n\
          [[port]]\nname = \"backend\"\ndriver = \"afpacket\"\ninterface = \"br0\"\n\n\
          [[switch]]\nname = \"sw0\"\ncpu = {}\nports = [\"client\", \"backend\"]\nidle = \"adaptive\"\n\n\
-         [[service]]\nname = \"web\"\nvip = \"{vip}\"\nport = 80\nprotocol = \"tcp\"\nmode = \"nat\"\n",
+         [[service]]\nname = \"web\"\nvip = \"{vip}\"\nport = 80\nprotocol = \"tcp\"\nmode = \"nat\"\n{service_extra}",
         cpus - 1
     );
     for (i, addr) in BACKEND_ADDRS.iter().enumerate() {

@@ -13,7 +13,7 @@
 
 use std::time::{Duration, Instant};
 
-use switchyard_tests::netns::{BACKEND_ADDRS, Bed, VIP, prepare};
+use switchyard_tests::netns::{Bed, VIP, prepare};
 use switchyard_tests::{counter_sum, shmdump_json, wait_for};
 
 /// The flood's bound in time if the test dies before it stops it.
@@ -26,27 +26,7 @@ const DOWNLOAD: u64 = 20 << 20;
 /// service "web" (VIP:80 to the backends' :8080, weights 1:2:3) and
 /// `syn_proxy = true`.
 fn proxied_appliance(bed: &Bed) -> (String, switchyard_tests::Appliance) {
-    let inst = switchyard_tests::unique("afsynp");
-    let cpus = std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(1);
-    let mut cfg = format!(
-        "instance = \"{inst}\"\n[limits]\nconnections = 4096\n\n\
-         [[port]]\nname = \"client\"\ndriver = \"afpacket\"\ninterface = \"l0\"\n\n\
-         [[port]]\nname = \"backend\"\ndriver = \"afpacket\"\ninterface = \"br0\"\n\n\
-         [[switch]]\nname = \"sw0\"\ncpu = {}\nports = [\"client\", \"backend\"]\nidle = \"adaptive\"\n\n\
-         [[service]]\nname = \"web\"\nvip = \"{VIP}\"\nport = 80\nprotocol = \"tcp\"\nmode = \"nat\"\nsyn_proxy = true\n",
-        cpus - 1
-    );
-    for (i, addr) in BACKEND_ADDRS.iter().enumerate() {
-        cfg += &format!(
-            "  [[service.backend]]\n  name = \"backend{}\"\n  address = \"{addr}\"\n  port = 8080\n  weight = {}\n",
-            i + 1,
-            i + 1
-        );
-    }
-    let app = switchyard_tests::Appliance::start_in(Some(&bed.ns("lb")), &inst, &cfg);
-    (inst, app)
+    switchyard_tests::netns::afpacket_web_appliance(bed, "afsynp", VIP, 4096, "syn_proxy = true\n")
 }
 
 /// SYNs the backends' listening sockets answered, over the three backend
